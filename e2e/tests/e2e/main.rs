@@ -1,0 +1,8 @@
+//! End-to-end tests: ingress and egress in-process on ephemeral ports, the
+//! real Tarantool and S3 server that scripts/test.sh started, real clients.
+
+mod bad_input;
+mod concurrency;
+mod grpcurl;
+mod restart;
+mod system;

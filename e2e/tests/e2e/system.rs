@@ -1,0 +1,42 @@
+//! Both services started together against one configuration.
+
+use mts_proto::pb::egress_service_client::EgressServiceClient;
+use mts_proto::pb::ingress_service_client::IngressServiceClient;
+use mts_proto::service_names::{EGRESS, INGRESS};
+use mts_shared::config::Config;
+use mts_shared::testing::Running;
+use tonic::transport::Channel;
+
+pub struct System {
+    pub ingress: Running,
+    pub egress: Running,
+}
+
+impl System {
+    pub async fn start(config: Config) -> Self {
+        Self {
+            ingress: Running::start(INGRESS, config.clone(), mts_ingress::run).await,
+            egress: Running::start(EGRESS, config, mts_egress::run).await,
+        }
+    }
+
+    pub async fn publisher(&self) -> IngressServiceClient<Channel> {
+        IngressServiceClient::connect(self.ingress.endpoint())
+            .await
+            .unwrap()
+            .max_decoding_message_size(128 << 20)
+            .max_encoding_message_size(128 << 20)
+    }
+
+    pub async fn subscriber(&self) -> EgressServiceClient<Channel> {
+        EgressServiceClient::connect(self.egress.endpoint())
+            .await
+            .unwrap()
+            .max_decoding_message_size(128 << 20)
+    }
+
+    pub async fn stop(self) {
+        self.ingress.stop().await.unwrap();
+        self.egress.stop().await.unwrap();
+    }
+}

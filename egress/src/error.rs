@@ -1,0 +1,155 @@
+//! Everything that can fail in the egress, and the one mapping of those
+//! failures to gRPC status codes.
+
+use mts_shared::{blob, dependencies, store, validate};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// An egress failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request breaks a rule.
+    #[error("invalid request: {0}")]
+    Invalid(#[from] validate::Error),
+    /// Tarantool failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The object store failed while reading a payload.
+    #[error(transparent)]
+    Blob(blob::Error),
+    /// Metadata names an object that is gone.
+    #[error("payload of {subject} #{sequence} is missing from the object store (object {key})")]
+    MissingPayload {
+        /// The message's subject.
+        subject: String,
+        /// The message's sequence.
+        sequence: u64,
+        /// The object key in its metadata.
+        key: String,
+    },
+    /// An ack for a sequence the subject has not reached.
+    #[error("cannot ack sequence {sequence}: the last sequence of {subject} is {last}")]
+    AckBeyondLast {
+        /// The subject.
+        subject: String,
+        /// The sequence acked.
+        sequence: u64,
+        /// The subject's last sequence.
+        last: u64,
+    },
+    /// A dependency stayed unreachable during start-up.
+    #[error(transparent)]
+    Startup(#[from] dependencies::Error),
+    /// The gRPC server could not run.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// Socket trouble at start-up.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Invalid(violation) => tonic::Status::with_error_details(
+                tonic::Code::InvalidArgument,
+                violation.to_string(),
+                ErrorDetails::with_bad_request_violation(violation.field, violation.reason),
+            ),
+            Error::Store(source) => source.into(),
+            Error::Blob(source) => source.into(),
+            Error::MissingPayload { .. } => tonic::Status::data_loss(err.to_string()),
+            Error::AckBeyondLast { .. } => tonic::Status::failed_precondition(err.to_string()),
+            Error::Startup(_) | Error::Transport(_) | Error::Reflection(_) | Error::Io(_) => {
+                tonic::Status::internal(err.to_string())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn each_failure_has_a_deliberate_code() {
+        let cases = [
+            (
+                Error::Invalid(validate::Error::new("batch_size", "too big")),
+                Code::InvalidArgument,
+            ),
+            (
+                Error::Store(store::Error::Timeout(std::time::Duration::from_secs(1))),
+                Code::Unavailable,
+            ),
+            (
+                Error::Store(store::Error::Unavailable(tarant::Error::Closed)),
+                Code::Unavailable,
+            ),
+            (
+                Error::Store(store::Error::Protocol(tarant::Error::Protocol("x".into()))),
+                Code::Internal,
+            ),
+            (
+                Error::Blob(blob::Error::Unavailable("refused".into())),
+                Code::Unavailable,
+            ),
+            (
+                Error::Blob(blob::Error::NotFound("k".into())),
+                Code::NotFound,
+            ),
+            (
+                Error::MissingPayload {
+                    subject: "s".into(),
+                    sequence: 3,
+                    key: "s/k".into(),
+                },
+                Code::DataLoss,
+            ),
+            (
+                Error::AckBeyondLast {
+                    subject: "s".into(),
+                    sequence: 9,
+                    last: 3,
+                },
+                Code::FailedPrecondition,
+            ),
+        ];
+        for (err, code) in cases {
+            let text = err.to_string();
+            let status = tonic::Status::from(err);
+            assert_eq!(status.code(), code, "{text}");
+            assert!(!status.message().is_empty());
+        }
+    }
+
+    #[test]
+    fn ack_beyond_last_says_what_the_last_sequence_is() {
+        let status = tonic::Status::from(Error::AckBeyondLast {
+            subject: "orders".into(),
+            sequence: 9,
+            last: 3,
+        });
+        assert!(
+            status.message().contains("last sequence of orders is 3"),
+            "{}",
+            status.message()
+        );
+    }
+
+    #[test]
+    fn invalid_arguments_carry_field_violations() {
+        let status = tonic::Status::from(Error::Invalid(validate::Error::new(
+            "durable_name",
+            "must not be empty",
+        )));
+        let details = status.get_error_details();
+        assert_eq!(
+            details.bad_request().unwrap().field_violations[0].field,
+            "durable_name"
+        );
+    }
+}

@@ -1,0 +1,369 @@
+//! Subscribe, Fetch, AckMessage and GetLastSequence against the real
+//! Tarantool and S3 server that scripts/test.sh runs. Messages are published
+//! straight through the store, so these tests need only the egress.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::StreamExt;
+use mts_proto::pb::egress_service_client::EgressServiceClient;
+use mts_proto::pb::{AckRequest, FetchRequest, GetLastSequenceRequest, Message, SubscribeRequest};
+use mts_proto::service_names::EGRESS;
+use mts_shared::blob::BlobStore;
+use mts_shared::store::Store;
+use mts_shared::testing::{self, Running};
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Fixture {
+    service: Running,
+    client: EgressServiceClient<Channel>,
+    store: Store,
+    subject: String,
+}
+
+async fn fixture(name: &str) -> Fixture {
+    let config = testing::config();
+    let service = Running::start(EGRESS, config.clone(), mts_egress::run).await;
+    let client = EgressServiceClient::connect(service.endpoint())
+        .await
+        .unwrap();
+    Fixture {
+        service,
+        client,
+        store: Store::connect(&config).await.unwrap(),
+        subject: testing::unique_subject(name),
+    }
+}
+
+impl Fixture {
+    async fn publish(&self, data: &[u8]) -> u64 {
+        let headers = HashMap::from([("n".to_string(), data.len().to_string())]);
+        self.store
+            .publish(&self.subject, &headers, Some(data), None, data.len() as u64)
+            .await
+            .unwrap()
+    }
+
+    async fn fetch(&mut self, durable: &str, batch_size: i32) -> Vec<Message> {
+        let stream = self
+            .client
+            .fetch(FetchRequest {
+                subject: self.subject.clone(),
+                durable_name: durable.into(),
+                batch_size,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        stream.map(|m| m.unwrap()).collect().await
+    }
+
+    async fn ack(&mut self, durable: &str, sequence: u64) -> Result<bool, tonic::Status> {
+        self.client
+            .ack_message(AckRequest {
+                durable_name: durable.into(),
+                subject: self.subject.clone(),
+                sequence,
+            })
+            .await
+            .map(|r| r.into_inner().success)
+    }
+
+    async fn last(&mut self) -> u64 {
+        self.client
+            .get_last_sequence(GetLastSequenceRequest {
+                subject: self.subject.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .last_sequence
+    }
+}
+
+fn sequences(messages: &[Message]) -> Vec<u64> {
+    messages.iter().map(|m| m.sequence).collect()
+}
+
+#[tokio::test]
+async fn fetch_reads_after_the_ack_position_and_ack_moves_it_forward_only() {
+    let mut f = fixture("fetch-ack").await;
+    assert_eq!(f.last().await, 0);
+    for i in 0..25u8 {
+        f.publish(&[i; 3]).await;
+    }
+    assert_eq!(f.last().await, 25);
+
+    let first = f.fetch("worker", 0).await;
+    assert_eq!(
+        sequences(&first),
+        (1..=10).collect::<Vec<_>>(),
+        "batch_size 0 means 10"
+    );
+    assert_eq!(first[4].data.as_ref(), &[4u8; 3]);
+    assert_eq!(first[4].headers["n"], "3");
+    let ts = first[0].timestamp.unwrap();
+    assert!(ts.seconds > 1_700_000_000, "commit timestamp: {ts:?}");
+
+    assert_eq!(
+        sequences(&f.fetch("worker", 5).await),
+        vec![1, 2, 3, 4, 5],
+        "fetch does not move the position"
+    );
+    assert!(f.ack("worker", 7).await.unwrap());
+    assert_eq!(sequences(&f.fetch("worker", 3).await), vec![8, 9, 10]);
+    assert!(
+        f.ack("worker", 3).await.unwrap(),
+        "an older ack is accepted"
+    );
+    assert_eq!(
+        sequences(&f.fetch("worker", 1).await),
+        vec![8],
+        "but does not move the position back"
+    );
+    assert_eq!(
+        sequences(&f.fetch("worker", 1000).await),
+        (8..=25).collect::<Vec<_>>()
+    );
+    assert_eq!(
+        sequences(&f.fetch("someone-else", 2).await),
+        vec![1, 2],
+        "durables are independent"
+    );
+
+    let beyond = f.ack("worker", 26).await.unwrap_err();
+    assert_eq!(beyond.code(), Code::FailedPrecondition);
+    assert!(beyond.message().contains("is 25"), "{}", beyond.message());
+    assert!(f.ack("worker", 25).await.unwrap());
+    assert!(f.fetch("worker", 10).await.is_empty());
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn fetch_reads_offloaded_payloads_from_s3() {
+    let mut f = fixture("fetch-s3").await;
+    let config = testing::config();
+    let blobs = BlobStore::new(&config);
+    let key = format!("{}/object", f.subject);
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    blobs.put(&key, payload.clone().into()).await.unwrap();
+    f.store
+        .publish(
+            &f.subject,
+            &HashMap::new(),
+            None,
+            Some(&key),
+            payload.len() as u64,
+        )
+        .await
+        .unwrap();
+    let fetched = f.fetch("d", 1).await;
+    assert_eq!(fetched[0].data.as_ref(), payload.as_slice());
+
+    // Metadata pointing at an object that is gone is reported, not hidden.
+    blobs.delete(&key).await.unwrap();
+    let mut stream = f
+        .client
+        .fetch(FetchRequest {
+            subject: f.subject.clone(),
+            durable_name: "d".into(),
+            batch_size: 1,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let status = stream.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::DataLoss);
+    assert!(status.message().contains(&key));
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn subscribe_notifies_at_once_and_then_on_every_commit() {
+    let mut f = fixture("subscribe").await;
+    f.publish(b"a").await;
+    f.publish(b"b").await;
+    let mut stream = f
+        .client
+        .subscribe(SubscribeRequest {
+            subject: f.subject.clone(),
+            start_sequence: None,
+            durable_name: "watcher".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    assert_eq!(
+        (first.subject.as_str(), first.sequence),
+        (f.subject.as_str(), 2)
+    );
+
+    f.publish(b"c").await;
+    assert_eq!(next(&mut stream).await.sequence, 3);
+
+    // Acked up to the end: a new stream for the same durable has nothing to announce.
+    f.ack("watcher", 3).await.unwrap();
+    let mut quiet = f
+        .client
+        .subscribe(SubscribeRequest {
+            subject: f.subject.clone(),
+            start_sequence: None,
+            durable_name: "watcher".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), quiet.next())
+            .await
+            .is_err(),
+        "nothing new, so no notification"
+    );
+    f.publish(b"d").await;
+    assert_eq!(next(&mut quiet).await.sequence, 4);
+    assert_eq!(next(&mut stream).await.sequence, 4);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn start_sequence_seeds_a_new_durable() {
+    let mut f = fixture("start-seq").await;
+    for _ in 0..5 {
+        f.publish(b"x").await;
+    }
+    let mut stream = f
+        .client
+        .subscribe(SubscribeRequest {
+            subject: f.subject.clone(),
+            start_sequence: Some(4),
+            durable_name: "late".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(next(&mut stream).await.sequence, 5);
+    assert_eq!(sequences(&f.fetch("late", 10).await), vec![4, 5]);
+
+    // Beyond the end: nothing to announce until the subject gets there.
+    let mut ahead = f
+        .client
+        .subscribe(SubscribeRequest {
+            subject: f.subject.clone(),
+            start_sequence: Some(7),
+            durable_name: "ahead".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    f.publish(b"6").await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), ahead.next())
+            .await
+            .is_err()
+    );
+    f.publish(b"7").await;
+    assert_eq!(next(&mut ahead).await.sequence, 7);
+    assert_eq!(sequences(&f.fetch("ahead", 10).await), vec![7]);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn streams_on_one_subject_share_one_waiter_in_tarantool() {
+    let mut f = fixture("one-waiter").await;
+    let mut streams = Vec::new();
+    for i in 0..5 {
+        streams.push(
+            f.client
+                .subscribe(SubscribeRequest {
+                    subject: f.subject.clone(),
+                    start_sequence: None,
+                    durable_name: format!("d{i}"),
+                })
+                .await
+                .unwrap()
+                .into_inner(),
+        );
+    }
+    let admin = tarant::Client::connect(&format!(
+        "tarantool://{}:{}@{}",
+        std::env::var("MTS_TEST_TARANTOOL_USER").unwrap(),
+        std::env::var("MTS_TEST_TARANTOOL_PASSWORD").unwrap(),
+        std::env::var("MTS_TEST_TARANTOOL_ADDRESS").unwrap()
+    ))
+    .await
+    .unwrap();
+    let waiters = |subject: String| {
+        let admin = admin.clone();
+        async move {
+            let (n,): (u64,) = admin
+                .eval(
+                    "local w = mts_conds[...]; return w and w.waiters or 0",
+                    (subject,),
+                )
+                .await
+                .unwrap();
+            n
+        }
+    };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while waiters(f.subject.clone()).await != 1 {
+        assert!(tokio::time::Instant::now() < deadline, "no waiter appeared");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        waiters(f.subject.clone()).await,
+        1,
+        "five streams, one waiter"
+    );
+
+    f.publish(b"x").await;
+    for stream in &mut streams {
+        assert_eq!(next(stream).await.sequence, 1);
+    }
+    assert_eq!(f.last().await, 1);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn draining_ends_open_streams_with_unavailable() {
+    let f = fixture("drain").await;
+    let mut client = f.client.clone();
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            subject: f.subject.clone(),
+            start_sequence: None,
+            durable_name: "d".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stopping = tokio::spawn(f.service.stop());
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("stream ended on drain");
+    let status = ended.expect("a status, not a silent end").unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable);
+    assert!(
+        status.message().contains("reconnect"),
+        "{}",
+        status.message()
+    );
+    tokio::time::timeout(Duration::from_secs(10), stopping)
+        .await
+        .expect("egress stopped within the grace period")
+        .unwrap()
+        .unwrap();
+}
+
+async fn next(
+    stream: &mut tonic::Streaming<mts_proto::pb::Notification>,
+) -> mts_proto::pb::Notification {
+    tokio::time::timeout(Duration::from_secs(10), stream.next())
+        .await
+        .expect("a notification within 10 s")
+        .expect("stream still open")
+        .expect("no error")
+}

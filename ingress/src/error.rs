@@ -1,0 +1,112 @@
+//! Everything that can fail in the ingress, and the one mapping of those
+//! failures to gRPC status codes.
+
+use mts_shared::{blob, dependencies, store, validate};
+use tonic_types::{ErrorDetails, StatusExt};
+
+/// An ingress failure.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request breaks a rule; nothing was stored.
+    #[error("invalid request: {0}")]
+    Invalid(#[from] validate::Error),
+    /// The payload could not be uploaded; nothing was stored.
+    #[error("payload upload failed: {0}")]
+    Upload(#[source] blob::Error),
+    /// The metadata could not be committed; the upload (if any) was removed.
+    #[error("metadata commit failed: {0}")]
+    Commit(#[source] store::Error),
+    /// A dependency stayed unreachable during start-up.
+    #[error(transparent)]
+    Startup(#[from] dependencies::Error),
+    /// The gRPC server could not run.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// Socket trouble at start-up.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl From<Error> for tonic::Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Invalid(violation) => tonic::Status::with_error_details(
+                tonic::Code::InvalidArgument,
+                violation.to_string(),
+                ErrorDetails::with_bad_request_violation(violation.field, violation.reason),
+            ),
+            Error::Upload(source) => tonic::Status::unavailable(format!(
+                "payload upload failed, nothing was stored; retry later: {source}"
+            )),
+            Error::Commit(source) => {
+                let status = tonic::Status::from(source);
+                tonic::Status::new(
+                    status.code(),
+                    format!("message not stored: {}", status.message()),
+                )
+            }
+            Error::Startup(_) | Error::Transport(_) | Error::Reflection(_) | Error::Io(_) => {
+                tonic::Status::internal(err.to_string())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn validation_failures_name_the_field() {
+        let status = tonic::Status::from(Error::Invalid(validate::Error::new(
+            "subject",
+            "must not be empty",
+        )));
+        assert_eq!(status.code(), Code::InvalidArgument);
+        assert!(status.message().contains("subject: must not be empty"));
+        let details = status.get_error_details();
+        let bad = details.bad_request().expect("bad request details");
+        assert_eq!(bad.field_violations[0].field, "subject");
+    }
+
+    #[test]
+    fn dependency_failures_are_retryable() {
+        let upload = tonic::Status::from(Error::Upload(blob::Error::Unavailable(
+            "connection refused".into(),
+        )));
+        assert_eq!(upload.code(), Code::Unavailable);
+        assert!(upload.message().contains("nothing was stored"));
+
+        let commit = tonic::Status::from(Error::Commit(store::Error::Timeout(
+            std::time::Duration::from_secs(5),
+        )));
+        assert_eq!(commit.code(), Code::Unavailable);
+        assert!(commit.message().contains("message not stored"));
+
+        let closed = tonic::Status::from(Error::Commit(store::Error::Unavailable(
+            tarant::Error::Closed,
+        )));
+        assert_eq!(closed.code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn no_failure_maps_to_unknown() {
+        let errors = [
+            Error::Invalid(validate::Error::new("data", "too big")),
+            Error::Upload(blob::Error::Rejected("AccessDenied".into())),
+            Error::Upload(blob::Error::NotFound("k".into())),
+            Error::Commit(store::Error::Protocol(tarant::Error::Protocol(
+                "bad".into(),
+            ))),
+            Error::Io(std::io::Error::other("x")),
+        ];
+        for err in errors {
+            let text = err.to_string();
+            assert_ne!(tonic::Status::from(err).code(), Code::Unknown, "{text}");
+        }
+    }
+}

@@ -1,0 +1,228 @@
+//! Publish against the real Tarantool and S3 server that scripts/test.sh runs.
+
+use std::collections::HashMap;
+
+use mts_ingress::Ingress;
+use mts_proto::pb::PublishRequest;
+use mts_proto::pb::ingress_service_client::IngressServiceClient;
+use mts_proto::pb::ingress_service_server::IngressService;
+use mts_proto::service_names::INGRESS;
+use mts_shared::blob::BlobStore;
+use mts_shared::store::Store;
+use mts_shared::testing::{self, Running, TarantoolProcess};
+use tonic::Code;
+
+async fn start() -> (Running, IngressServiceClient<tonic::transport::Channel>) {
+    let service = Running::start(INGRESS, testing::config(), mts_ingress::run).await;
+    let client = IngressServiceClient::connect(service.endpoint())
+        .await
+        .unwrap();
+    (service, client)
+}
+
+fn request(subject: &str, data: Vec<u8>) -> PublishRequest {
+    PublishRequest {
+        subject: subject.into(),
+        data: data.into(),
+        headers: HashMap::from([("content-type".into(), "application/octet-stream".into())]),
+    }
+}
+
+#[tokio::test]
+async fn small_payloads_stay_inline_and_large_ones_go_to_s3() {
+    let (service, mut client) = start().await;
+    let config = testing::config();
+    let blobs = BlobStore::new(&config);
+    let subject = testing::unique_subject("inline-vs-s3");
+
+    let empty = client
+        .publish(request(&subject, vec![]))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (
+            empty.sequence,
+            empty.status_code,
+            empty.object_name.as_str()
+        ),
+        (1, 0, "")
+    );
+
+    let at_threshold = vec![7u8; config.inline_threshold_bytes as usize];
+    let inline = client
+        .publish(request(&subject, at_threshold))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((inline.sequence, inline.object_name.as_str()), (2, ""));
+
+    let above = vec![9u8; config.inline_threshold_bytes as usize + 1];
+    let offloaded = client
+        .publish(request(&subject, above.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(offloaded.sequence, 3);
+    assert!(
+        offloaded.object_name.starts_with(&format!("{subject}/")),
+        "{}",
+        offloaded.object_name
+    );
+    assert_eq!(blobs.get(&offloaded.object_name).await.unwrap(), above);
+    assert_eq!(
+        blobs.list_keys(&format!("{subject}/")).await.unwrap().len(),
+        1
+    );
+
+    let store = Store::connect(&config).await.unwrap();
+    let stored = store.fetch(&subject, "inspector", 10).await.unwrap();
+    assert_eq!(stored.len(), 3);
+    assert_eq!(stored[0].data.as_deref().map(|d| d.len()), Some(0));
+    assert_eq!(stored[1].size, config.inline_threshold_bytes);
+    assert!(stored[1].object_key.is_none());
+    assert_eq!(
+        stored[2].object_key.as_deref(),
+        Some(offloaded.object_name.as_str())
+    );
+    assert!(stored[2].data.is_none());
+    assert_eq!(
+        stored[0].headers["content-type"],
+        "application/octet-stream"
+    );
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn binary_payloads_round_trip_through_tarantool_unchanged() {
+    let (service, mut client) = start().await;
+    let subject = testing::unique_subject("binary");
+    let every_byte: Vec<u8> = (0..=255u8).cycle().take(4096).collect();
+    client
+        .publish(request(&subject, every_byte.clone()))
+        .await
+        .unwrap();
+    let store = Store::connect(&testing::config()).await.unwrap();
+    let stored = store.fetch(&subject, "d", 1).await.unwrap();
+    assert_eq!(
+        stored[0].data.as_deref().map(|d| d.as_slice()),
+        Some(every_byte.as_slice())
+    );
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn oversized_payload_is_refused_before_anything_is_stored() {
+    let mut config = testing::config();
+    config.max_payload_bytes = 512 * 1024;
+    let service = Running::start(INGRESS, config.clone(), mts_ingress::run).await;
+    let mut client = IngressServiceClient::connect(service.endpoint())
+        .await
+        .unwrap();
+    let subject = testing::unique_subject("too-big");
+    let status = client
+        .publish(request(&subject, vec![0; 512 * 1024 + 1]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("data"), "{}", status.message());
+    let store = Store::connect(&config).await.unwrap();
+    assert_eq!(store.last_seq(&subject).await.unwrap(), 0);
+    assert!(
+        BlobStore::new(&config)
+            .list_keys(&format!("{subject}/"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn failed_upload_is_unavailable_and_stores_no_metadata() {
+    let config = testing::config();
+    let store = Store::connect(&config).await.unwrap();
+    let mut unreachable = config.clone();
+    unreachable.minio_endpoint = format!("http://127.0.0.1:{}", testing::free_port());
+    unreachable.minio_timeout_ms = 2000;
+    let ingress = Ingress::new(store.clone(), BlobStore::new(&unreachable), &config);
+    let subject = testing::unique_subject("upload-fails");
+    let big = vec![1u8; config.inline_threshold_bytes as usize + 10];
+    let status = ingress
+        .publish(tonic::Request::new(request(&subject, big)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("nothing was stored"),
+        "{}",
+        status.message()
+    );
+    assert_eq!(store.last_seq(&subject).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn refused_commit_removes_the_uploaded_object() {
+    let tarantool = TarantoolProcess::start();
+    let config = tarantool.config();
+    let store = Store::connect(&config).await.unwrap();
+    // A stand-in for any refusal (space full, permission): the real procedure
+    // replaced in this test's own Tarantool by one that always raises.
+    let _: Vec<tarant::Value> = raw_client(&tarantool)
+        .await
+        .eval(
+            "rawset(_G, 'mts_publish', function() error('commit refused for the test') end)",
+            (),
+        )
+        .await
+        .unwrap();
+    let blobs = BlobStore::new(&config);
+    let ingress = Ingress::new(store.clone(), blobs.clone(), &config);
+    let subject = testing::unique_subject("commit-refused");
+    let big = vec![2u8; config.inline_threshold_bytes as usize + 10];
+    let status = ingress
+        .publish(tonic::Request::new(request(&subject, big)))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Internal, "{status:?}");
+    assert!(status.message().contains("commit refused for the test"));
+    assert!(
+        blobs
+            .list_keys(&format!("{subject}/"))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert_eq!(store.last_seq(&subject).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn a_settled_object_can_never_be_committed_late() {
+    let config = testing::config();
+    let store = Store::connect(&config).await.unwrap();
+    let subject = testing::unique_subject("settle");
+    let key = format!("{subject}/late");
+    assert_eq!(store.settle_object(&key).await.unwrap(), None);
+    let late = store
+        .publish(&subject, &HashMap::new(), None, Some(&key), 10)
+        .await
+        .unwrap_err();
+    assert_eq!(tonic::Status::from(late).code(), Code::Aborted);
+    assert_eq!(store.last_seq(&subject).await.unwrap(), 0);
+
+    let committed = format!("{subject}/committed");
+    let seq = store
+        .publish(&subject, &HashMap::new(), None, Some(&committed), 10)
+        .await
+        .unwrap();
+    assert_eq!(store.settle_object(&committed).await.unwrap(), Some(seq));
+}
+
+async fn raw_client(tarantool: &TarantoolProcess) -> tarant::Client {
+    tarant::Client::connect(&format!(
+        "tarantool://minitoolstream_connector:minitoolstream@{}",
+        tarantool.address()
+    ))
+    .await
+    .unwrap()
+}

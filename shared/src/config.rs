@@ -1,0 +1,350 @@
+//! Service configuration: defaults in code, then an optional file
+//! (`--config PATH`, TOML), then environment variables. Every key's env name
+//! is the key in upper case (`tarantool_address` ← `TARANTOOL_ADDRESS`), which
+//! gives exactly the names of the deployment guide.
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Every configuration key. The env name of a key is the key in upper case.
+pub const KEYS: &[&str] = &[
+    "server_host",
+    "server_port",
+    "tarantool_address",
+    "tarantool_user",
+    "tarantool_password",
+    "tarantool_timeout_ms",
+    "minio_endpoint",
+    "minio_access_key_id",
+    "minio_secret_access_key",
+    "minio_bucket_name",
+    "minio_use_ssl",
+    "minio_region",
+    "minio_timeout_ms",
+    "log_level",
+    "log_format",
+    "inline_threshold_bytes",
+    "max_payload_bytes",
+    "shutdown_grace_seconds",
+    "health_check_interval_ms",
+    "startup_timeout_seconds",
+];
+
+/// Tarantool keeps whole tuples in memory and caps a tuple at 1 MiB by
+/// default; inline payloads must stay well below that.
+const MAX_INLINE_THRESHOLD: u64 = 768 * 1024;
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line.
+    Json,
+    /// Human-readable lines.
+    Console,
+}
+
+/// The configuration of one service process.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Address the gRPC server binds.
+    pub server_host: String,
+    /// gRPC port: 50051 for ingress, 50052 for egress.
+    pub server_port: u16,
+    /// `host:port` of Tarantool.
+    pub tarantool_address: String,
+    /// Tarantool user; `guest` connects without credentials.
+    pub tarantool_user: String,
+    /// Tarantool password.
+    pub tarantool_password: String,
+    /// Deadline of one Tarantool call, in milliseconds.
+    pub tarantool_timeout_ms: u64,
+    /// `host:port` (or URL) of the S3-compatible store.
+    pub minio_endpoint: String,
+    /// S3 access key.
+    pub minio_access_key_id: String,
+    /// S3 secret key.
+    pub minio_secret_access_key: String,
+    /// Bucket for offloaded payloads; created if missing.
+    pub minio_bucket_name: String,
+    /// Use https when the endpoint has no scheme.
+    pub minio_use_ssl: bool,
+    /// Region the S3 server expects in signatures.
+    pub minio_region: String,
+    /// Deadline of one S3 call, in milliseconds.
+    pub minio_timeout_ms: u64,
+    /// Default log level when `RUST_LOG` is not set.
+    pub log_level: String,
+    /// `json` or `console`.
+    pub log_format: LogFormat,
+    /// Payloads up to this size are stored inline in Tarantool.
+    pub inline_threshold_bytes: u64,
+    /// Largest payload a unary publish accepts.
+    pub max_payload_bytes: u64,
+    /// How long a draining process waits for in-flight calls.
+    pub shutdown_grace_seconds: u64,
+    /// How often dependencies are probed for the health status.
+    pub health_check_interval_ms: u64,
+    /// How long start-up waits for Tarantool and S3 before giving up.
+    pub startup_timeout_seconds: u64,
+}
+
+/// A configuration that cannot be used; the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The file or a value could not be read or has the wrong type.
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    /// A value has the right type but is out of range.
+    #[error("configuration key `{key}` (env {env}): {reason}")]
+    Invalid {
+        /// The key.
+        key: &'static str,
+        /// Its environment variable.
+        env: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+impl Config {
+    /// Loads defaults for a service listening on `default_port`, then the
+    /// optional `file`, then the known keys found in `env`.
+    pub fn load(
+        default_port: u16,
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Error> {
+        let mut builder = config::Config::builder();
+        for (key, value) in defaults(default_port) {
+            builder = builder.set_default(key, value)?;
+        }
+        if let Some(path) = file {
+            builder = builder.add_source(config::File::from(path).required(true));
+        }
+        let env: HashMap<String, String> = env.into_iter().collect();
+        for key in KEYS {
+            if let Some(value) = env.get(&key.to_uppercase()) {
+                builder = builder.set_override(*key, value.as_str())?;
+            }
+        }
+        let config: Config = builder.build()?.try_deserialize()?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Defaults for a service listening on `port`, as `load` would give them
+    /// without file or environment. Tests start from this.
+    pub fn defaults(port: u16) -> Self {
+        Self::load(port, None, std::iter::empty()).expect("built-in defaults are valid")
+    }
+
+    fn check(&self) -> Result<(), Error> {
+        let invalid = |key: &'static str, reason: String| Error::Invalid {
+            key,
+            env: key.to_uppercase(),
+            reason,
+        };
+        if self.inline_threshold_bytes > MAX_INLINE_THRESHOLD {
+            return Err(invalid(
+                "inline_threshold_bytes",
+                format!(
+                    "{} is above the {MAX_INLINE_THRESHOLD}-byte limit that keeps a message within one Tarantool tuple",
+                    self.inline_threshold_bytes
+                ),
+            ));
+        }
+        for (key, value) in [
+            ("tarantool_timeout_ms", self.tarantool_timeout_ms),
+            ("minio_timeout_ms", self.minio_timeout_ms),
+            ("health_check_interval_ms", self.health_check_interval_ms),
+            ("max_payload_bytes", self.max_payload_bytes),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be greater than 0".into()));
+            }
+        }
+        for (key, value) in [
+            ("tarantool_address", &self.tarantool_address),
+            ("minio_endpoint", &self.minio_endpoint),
+            ("minio_bucket_name", &self.minio_bucket_name),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(key, "must not be empty".into()));
+            }
+        }
+        Ok(())
+    }
+
+    /// Deadline of one Tarantool call.
+    pub fn tarantool_timeout(&self) -> Duration {
+        Duration::from_millis(self.tarantool_timeout_ms)
+    }
+
+    /// Deadline of one S3 call.
+    pub fn minio_timeout(&self) -> Duration {
+        Duration::from_millis(self.minio_timeout_ms)
+    }
+
+    /// The S3 endpoint as a URL, honouring `minio_use_ssl` when no scheme is given.
+    pub fn minio_url(&self) -> String {
+        if self.minio_endpoint.contains("://") {
+            self.minio_endpoint.clone()
+        } else if self.minio_use_ssl {
+            format!("https://{}", self.minio_endpoint)
+        } else {
+            format!("http://{}", self.minio_endpoint)
+        }
+    }
+}
+
+fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
+    vec![
+        ("server_host", "0.0.0.0".into()),
+        ("server_port", i64::from(port).into()),
+        ("tarantool_address", "127.0.0.1:3301".into()),
+        ("tarantool_user", "guest".into()),
+        ("tarantool_password", "".into()),
+        ("tarantool_timeout_ms", 5000_i64.into()),
+        ("minio_endpoint", "127.0.0.1:9000".into()),
+        ("minio_access_key_id", "minioadmin".into()),
+        ("minio_secret_access_key", "minioadmin".into()),
+        ("minio_bucket_name", "minitoolstream".into()),
+        ("minio_use_ssl", false.into()),
+        ("minio_region", "us-east-1".into()),
+        ("minio_timeout_ms", 30_000_i64.into()),
+        ("log_level", "info".into()),
+        ("log_format", "json".into()),
+        ("inline_threshold_bytes", (256 * 1024_i64).into()),
+        ("max_payload_bytes", (64 * 1024 * 1024_i64).into()),
+        ("shutdown_grace_seconds", 20_i64.into()),
+        ("health_check_interval_ms", 1000_i64.into()),
+        ("startup_timeout_seconds", 60_i64.into()),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn defaults_match_the_deployment_guide() {
+        let c = Config::defaults(50051);
+        assert_eq!(c.server_port, 50051);
+        assert_eq!(c.tarantool_address, "127.0.0.1:3301");
+        assert_eq!(c.minio_bucket_name, "minitoolstream");
+        assert_eq!(c.inline_threshold_bytes, 256 * 1024);
+        assert_eq!(c.max_payload_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.log_format, LogFormat::Json);
+        assert_eq!(c.minio_url(), "http://127.0.0.1:9000");
+    }
+
+    #[test]
+    fn guide_env_names_override_defaults() {
+        let c = Config::load(
+            50052,
+            None,
+            env(&[
+                ("SERVER_PORT", "6000"),
+                ("TARANTOOL_ADDRESS", "tt:3302"),
+                ("TARANTOOL_USER", "minitoolstream_connector"),
+                ("TARANTOOL_PASSWORD", "pw"),
+                ("MINIO_ENDPOINT", "minio:9000"),
+                ("MINIO_ACCESS_KEY_ID", "ak"),
+                ("MINIO_SECRET_ACCESS_KEY", "sk"),
+                ("MINIO_BUCKET_NAME", "b"),
+                ("MINIO_USE_SSL", "true"),
+                ("LOG_LEVEL", "debug"),
+                ("LOG_FORMAT", "console"),
+                ("PATH", "/usr/bin"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.server_port, 6000);
+        assert_eq!(c.tarantool_address, "tt:3302");
+        assert_eq!(c.tarantool_user, "minitoolstream_connector");
+        assert_eq!(c.tarantool_password, "pw");
+        assert_eq!(c.minio_access_key_id, "ak");
+        assert_eq!(c.minio_secret_access_key, "sk");
+        assert_eq!(c.minio_bucket_name, "b");
+        assert_eq!(c.minio_url(), "https://minio:9000");
+        assert_eq!(c.log_level, "debug");
+        assert_eq!(c.log_format, LogFormat::Console);
+    }
+
+    #[test]
+    fn file_sits_between_defaults_and_env() {
+        let dir = std::env::temp_dir().join(format!("mts-config-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(
+            &path,
+            "server_port = 7000\nminio_bucket_name = \"from-file\"\n",
+        )
+        .unwrap();
+        let c = Config::load(
+            50051,
+            Some(&path),
+            env(&[("MINIO_BUCKET_NAME", "from-env")]),
+        )
+        .unwrap();
+        assert_eq!(c.server_port, 7000);
+        assert_eq!(c.minio_bucket_name, "from-env");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_the_key() {
+        let err = Config::load(1, None, env(&[("SERVER_PORT", "many")])).unwrap_err();
+        assert!(err.to_string().contains("server_port"), "{err}");
+        let err = Config::load(1, None, env(&[("LOG_FORMAT", "xml")])).unwrap_err();
+        assert!(err.to_string().contains("log_format"), "{err}");
+        let err = Config::load(1, None, env(&[("INLINE_THRESHOLD_BYTES", "2000000")])).unwrap_err();
+        assert!(err.to_string().contains("INLINE_THRESHOLD_BYTES"), "{err}");
+        let err = Config::load(1, None, env(&[("TARANTOOL_TIMEOUT_MS", "0")])).unwrap_err();
+        assert!(err.to_string().contains("tarantool_timeout_ms"), "{err}");
+    }
+
+    #[test]
+    fn unknown_file_keys_are_refused() {
+        let dir = std::env::temp_dir().join(format!("mts-config-unknown-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "sever_port = 1\n").unwrap();
+        let err = Config::load(1, Some(&path), std::iter::empty()).unwrap_err();
+        assert!(err.to_string().contains("sever_port"), "{err}");
+        std::fs::remove_dir_all(dir).unwrap();
+    }
+}
+
+/// Loads the configuration of this process: `--config PATH` from the command
+/// line, then the process environment.
+pub fn from_process(default_port: u16) -> Result<Config, Error> {
+    let mut args = std::env::args().skip(1);
+    let mut file = None;
+    while let Some(arg) = args.next() {
+        if let Some(path) = arg.strip_prefix("--config=") {
+            file = Some(std::path::PathBuf::from(path));
+        } else if arg == "--config" {
+            file = args.next().map(std::path::PathBuf::from);
+        } else {
+            return Err(Error::Invalid {
+                key: "command line",
+                env: "-".into(),
+                reason: format!("unknown argument {arg:?}; the only option is --config PATH"),
+            });
+        }
+    }
+    Config::load(default_port, file.as_deref(), std::env::vars())
+}

@@ -1,0 +1,75 @@
+//! Start-up connection to Tarantool and the object store. Both may come up
+//! after the service (compose, a fresh cluster), so start-up retries with
+//! backoff until `startup_timeout_seconds`, then fails with the last cause.
+
+use std::time::{Duration, Instant};
+
+use crate::blob::{self, BlobStore};
+use crate::config::Config;
+use crate::store::{self, Store};
+
+/// A dependency that stayed unreachable for the whole start-up window.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// Tarantool could not be used.
+    #[error(
+        "cannot use Tarantool at {address} (check TARANTOOL_ADDRESS, TARANTOOL_USER, TARANTOOL_PASSWORD): {source}"
+    )]
+    Tarantool {
+        /// Where we tried.
+        address: String,
+        /// The last failure.
+        source: store::Error,
+    },
+    /// The object store could not be used.
+    #[error(
+        "cannot use the object store at {endpoint}, bucket {bucket} (check MINIO_ENDPOINT, MINIO_ACCESS_KEY_ID, MINIO_SECRET_ACCESS_KEY, MINIO_BUCKET_NAME): {source}"
+    )]
+    ObjectStore {
+        /// Where we tried.
+        endpoint: String,
+        /// The bucket.
+        bucket: String,
+        /// The last failure.
+        source: blob::Error,
+    },
+}
+
+/// Connects to Tarantool (applying the schema) and makes sure the bucket exists.
+pub async fn connect(config: &Config) -> Result<(Store, BlobStore), Error> {
+    let deadline = Instant::now() + Duration::from_secs(config.startup_timeout_seconds);
+    let store = retry(deadline, "tarantool", || Store::connect(config))
+        .await
+        .map_err(|source| Error::Tarantool {
+            address: config.tarantool_address.clone(),
+            source,
+        })?;
+    let blobs = BlobStore::new(config);
+    retry(deadline, "object store", || blobs.ensure_bucket())
+        .await
+        .map_err(|source| Error::ObjectStore {
+            endpoint: config.minio_url(),
+            bucket: config.minio_bucket_name.clone(),
+            source,
+        })?;
+    Ok((store, blobs))
+}
+
+async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
+    deadline: Instant,
+    what: &str,
+    mut attempt: impl FnMut() -> F,
+) -> Result<T, E> {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        match attempt().await {
+            Ok(value) => return Ok(value),
+            Err(err) if Instant::now() + backoff < deadline => {
+                tracing::warn!(dependency = what, %err, retry_in = ?backoff, "dependency not ready");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+            }
+            Err(err) => return Err(err),
+        }
+    }
+}

@@ -1,0 +1,100 @@
+//! `grpc.health.v1` status driven by the dependencies: SERVING only while
+//! Tarantool and the object store answer, NOT_SERVING from the moment the
+//! process starts draining.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use tonic_health::ServingStatus;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::{HealthReporter, HealthService};
+
+use crate::blob::BlobStore;
+use crate::store::Store;
+
+/// The health status of one gRPC service (and of the server as a whole).
+#[derive(Clone)]
+pub struct Health {
+    reporter: HealthReporter,
+    service: &'static str,
+    draining: Arc<AtomicBool>,
+}
+
+impl Health {
+    /// A reporter for `service` (fully qualified) and the gRPC health service
+    /// it feeds. Starts NOT_SERVING.
+    pub async fn new(service: &'static str) -> (Self, HealthServer<HealthService>) {
+        let reporter = HealthReporter::new();
+        let server = HealthServer::new(HealthService::from_health_reporter(reporter.clone()));
+        let health = Self {
+            reporter,
+            service,
+            draining: Arc::default(),
+        };
+        health.report(false).await;
+        (health, server)
+    }
+
+    async fn report(&self, serving: bool) {
+        let status = if serving {
+            ServingStatus::Serving
+        } else {
+            ServingStatus::NotServing
+        };
+        self.reporter.set_service_status("", status).await;
+        self.reporter.set_service_status(self.service, status).await;
+    }
+
+    /// Reports SERVING or NOT_SERVING, unless draining has begun.
+    pub async fn set(&self, serving: bool) {
+        let draining = self.draining.load(Ordering::Acquire);
+        self.report(serving && !draining).await;
+    }
+
+    /// Turns NOT_SERVING for good: the process is shutting down.
+    pub async fn drain(&self) {
+        self.draining.store(true, Ordering::Release);
+        self.report(false).await;
+    }
+
+    /// Probes both dependencies every `interval` and reports the result.
+    /// Runs until dropped; the store re-applies its schema when Tarantool
+    /// comes back empty-handed after a restart.
+    pub async fn monitor(self, store: Store, blobs: BlobStore, interval: Duration) {
+        let mut was_serving = None;
+        loop {
+            let (tarantool, s3) = tokio::join!(
+                tokio::time::timeout(interval.max(Duration::from_secs(2)), store.check()),
+                tokio::time::timeout(interval.max(Duration::from_secs(2)), blobs.check()),
+            );
+            let problems: Vec<String> = [
+                tarantool
+                    .map_err(|_| "Tarantool health check timed out".to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .err(),
+                s3.map_err(|_| "object store health check timed out".to_string())
+                    .and_then(|r| r.map_err(|e| e.to_string()))
+                    .err(),
+            ]
+            .into_iter()
+            .flatten()
+            .collect();
+            let serving = problems.is_empty();
+            if was_serving != Some(serving) {
+                if serving {
+                    tracing::info!(service = self.service, "dependencies reachable; SERVING");
+                } else {
+                    tracing::warn!(
+                        service = self.service,
+                        ?problems,
+                        "dependency down; NOT_SERVING"
+                    );
+                }
+                was_serving = Some(serving);
+            }
+            self.set(serving).await;
+            tokio::time::sleep(interval).await;
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The gRPC server both services run: health, reflection (v1 and v1alpha, so
+//! grpcurl 1.8 works) and a tracing span per call, on a listener bound here or
+//! handed in by a test.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use tonic::transport::server::Router;
+use tonic_health::pb::health_server::HealthServer;
+use tonic_health::server::HealthService;
+
+use crate::config::Config;
+
+/// Everything but the service itself: health and reflection.
+pub fn router(
+    health: HealthServer<HealthService>,
+) -> Result<Router, tonic_reflection::server::Error> {
+    let reflection = || {
+        tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(mts_proto::FILE_DESCRIPTOR_SET)
+            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+    };
+    Ok(Server::builder()
+        .tcp_nodelay(true)
+        // Keeps idle subscriber streams alive through proxies and finds dead peers.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+        .trace_fn(|request| tracing::info_span!("grpc", rpc = %request.uri().path()))
+        .add_service(health)
+        .add_service(reflection().build_v1()?)
+        .add_service(reflection().build_v1alpha()?))
+}
+
+/// Binds the configured host and port.
+pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
+    let host: std::net::IpAddr = config.server_host.parse().map_err(|e| {
+        std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("server_host: {e}"),
+        )
+    })?;
+    TcpListener::bind(SocketAddr::new(host, config.server_port)).await
+}
+
+/// Serves `router` on `listener` until `shutdown` completes and in-flight
+/// calls have finished.
+pub async fn serve(
+    router: Router,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    router
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// Runs a service until `shutdown` completes, then drains: health turns
+/// NOT_SERVING, `on_drain` tells long-lived streams to end, the listener
+/// stops accepting and in-flight calls get up to `grace` to finish.
+pub async fn run(
+    router: Router,
+    listener: TcpListener,
+    health: crate::health::Health,
+    grace: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+    on_drain: impl FnOnce() + Send + 'static,
+) -> Result<(), tonic::transport::Error> {
+    let (drain_started, draining) = tokio::sync::oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        tracing::info!("draining");
+        health.drain().await;
+        on_drain();
+        let _ = drain_started.send(());
+    };
+    let serving = serve(router, listener, signal);
+    tokio::pin!(serving);
+    tokio::select! {
+        result = &mut serving => result,
+        () = async {
+            if draining.await.is_ok() {
+                tokio::time::sleep(grace).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        } => {
+            tracing::warn!(?grace, "grace period over; exiting with calls still in flight");
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,249 @@
+//! Test support: the real Tarantool and S3 server that `scripts/test.sh`
+//! started, a Tarantool process a test owns (to kill and restart it), and
+//! waiting for a service to report SERVING. Tests build `Config` values here;
+//! they read the environment `scripts/test.sh` set but never change it.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::config::Config;
+
+/// The Tarantool init script of local and test instances.
+pub const LOCAL_TARANTOOL_INIT: &str = include_str!("../../scripts/tarantool/init.lua");
+
+fn required(name: &str) -> String {
+    std::env::var(name).unwrap_or_else(|_| {
+        panic!("{name} is not set: run the tests with scripts/test.sh, which starts Tarantool and an S3 server")
+    })
+}
+
+/// A service config pointing at the test Tarantool and S3 server, listening
+/// on an ephemeral port.
+pub fn config() -> Config {
+    let mut config = Config::defaults(0);
+    config.server_host = "127.0.0.1".into();
+    config.tarantool_address = required("MTS_TEST_TARANTOOL_ADDRESS");
+    config.tarantool_user = required("MTS_TEST_TARANTOOL_USER");
+    config.tarantool_password = required("MTS_TEST_TARANTOOL_PASSWORD");
+    config.minio_endpoint = required("MTS_TEST_S3_ENDPOINT");
+    config.minio_access_key_id = required("MTS_TEST_S3_ACCESS_KEY");
+    config.minio_secret_access_key = required("MTS_TEST_S3_SECRET_KEY");
+    config.minio_bucket_name = required("MTS_TEST_S3_BUCKET");
+    config.log_format = crate::config::LogFormat::Console;
+    config.health_check_interval_ms = 200;
+    config.startup_timeout_seconds = 20;
+    config
+}
+
+/// A subject no other test uses.
+pub fn unique_subject(prefix: &str) -> String {
+    format!("test.{prefix}.{}", uuid::Uuid::now_v7().simple())
+}
+
+/// Waits until the gRPC health of `service` at `addr` is SERVING.
+pub async fn wait_serving(addr: SocketAddr, service: &str, within: Duration) {
+    wait_status(addr, service, true, within).await;
+}
+
+/// Waits until the gRPC health of `service` at `addr` is (or is not) SERVING.
+pub async fn wait_status(addr: SocketAddr, service: &str, serving: bool, within: Duration) {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let deadline = Instant::now() + within;
+    let mut last = String::from("no answer yet");
+    while Instant::now() < deadline {
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .expect("valid endpoint")
+            .connect()
+            .await;
+        if let Ok(channel) = channel {
+            let mut client = HealthClient::new(channel);
+            match client
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+            {
+                Ok(reply) => {
+                    let status = reply.into_inner().status;
+                    if (status == ServingStatus::Serving as i32) == serving {
+                        return;
+                    }
+                    last = format!("status {status}");
+                }
+                Err(status) => last = status.to_string(),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("{service} at {addr} did not become serving={serving} within {within:?}: {last}");
+}
+
+/// A port that was free a moment ago.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("bind an ephemeral port")
+}
+
+/// A Tarantool process owned by one test, on its own port and data
+/// directory, that the test can crash and start again.
+pub struct TarantoolProcess {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl TarantoolProcess {
+    /// Starts Tarantool on a free port with its data under a new directory.
+    pub fn start() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("mts-tarantool-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(&dir).expect("create tarantool dir");
+        std::fs::write(dir.join("init.lua"), LOCAL_TARANTOOL_INIT).expect("write init.lua");
+        let mut process = Self {
+            dir,
+            port: free_port(),
+            child: None,
+        };
+        process.spawn();
+        process
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("stdout.log"))
+            .expect("open tarantool log");
+        let child = Command::new("tarantool")
+            .arg(self.dir.join("init.lua"))
+            .current_dir(&self.dir)
+            .env("MTS_TARANTOOL_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("MTS_TARANTOOL_DIR", &self.dir)
+            .env("MTS_TARANTOOL_PASSWORD", "minitoolstream")
+            .stdout(Stdio::from(log.try_clone().expect("clone log handle")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start tarantool (is it installed? scripts/test.sh installs it)");
+        self.child = Some(child);
+        wait_listening(self.address(), &self.dir);
+    }
+
+    /// `host:port` it listens on.
+    pub fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Its data directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// A service config using this Tarantool and the shared S3 server.
+    pub fn config(&self) -> Config {
+        let mut config = config();
+        config.tarantool_address = self.address();
+        config.tarantool_user = "minitoolstream_connector".into();
+        config.tarantool_password = "minitoolstream".into();
+        config
+    }
+
+    /// Kills the process without warning, as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again on the same port and data directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for TarantoolProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_listening(address: String, dir: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(&address).is_ok() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(dir.join("tarantool.log")).unwrap_or_default();
+    panic!("tarantool did not listen on {address} within 15 s; its log:\n{log}");
+}
+
+/// A service running in-process on `127.0.0.1:0`, stopped through the same
+/// shutdown path a signal takes.
+pub struct Running {
+    /// Where it listens.
+    pub addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<Result<(), String>>,
+}
+
+/// The shutdown future handed to a service's `run`.
+pub type Shutdown = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
+impl Running {
+    /// Binds an ephemeral port, starts `run` on it and waits until the
+    /// service `name` (e.g. `minitoolstream.IngressService`) is SERVING.
+    pub async fn start<Fut, E>(
+        name: &str,
+        config: Config,
+        run: impl FnOnce(Config, tokio::net::TcpListener, Shutdown) -> Fut,
+    ) -> Self
+    where
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind an ephemeral port");
+        let addr = listener.local_addr().expect("local addr");
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let shutdown: Shutdown = Box::pin(async move {
+            let _ = stopped.await;
+        });
+        let service = run(config, listener, shutdown);
+        let task = tokio::spawn(async move { service.await.map_err(|e| e.to_string()) });
+        wait_serving(addr, name, Duration::from_secs(30)).await;
+        Self {
+            addr,
+            stop: Some(stop),
+            task,
+        }
+    }
+
+    /// `http://addr`, for tonic clients.
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Signals shutdown and waits for `run` to return.
+    pub async fn stop(mut self) -> Result<(), String> {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        (&mut self.task).await.map_err(|e| e.to_string())?
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}

@@ -139,7 +139,7 @@ impl BlobStore {
             .send()
             .await
             .map(|_| ())
-            .map_err(|e| Error::from_sdk(e, |e| e.is_not_found().then(|| bucket)))
+            .map_err(|e| Error::from_sdk(e, |e| e.is_not_found().then_some(bucket)))
     }
 
     /// Stores `data` under `key`.

@@ -227,6 +227,27 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
     ]
 }
 
+/// Loads the configuration of this process: `--config PATH` from the command
+/// line, then the process environment.
+pub fn from_process(default_port: u16) -> Result<Config, Error> {
+    let mut args = std::env::args().skip(1);
+    let mut file = None;
+    while let Some(arg) = args.next() {
+        if let Some(path) = arg.strip_prefix("--config=") {
+            file = Some(std::path::PathBuf::from(path));
+        } else if arg == "--config" {
+            file = args.next().map(std::path::PathBuf::from);
+        } else {
+            return Err(Error::Invalid {
+                key: "command line",
+                env: "-".into(),
+                reason: format!("unknown argument {arg:?}; the only option is --config PATH"),
+            });
+        }
+    }
+    Config::load(default_port, file.as_deref(), std::env::vars())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -326,25 +347,4 @@ mod tests {
         assert!(err.to_string().contains("sever_port"), "{err}");
         std::fs::remove_dir_all(dir).unwrap();
     }
-}
-
-/// Loads the configuration of this process: `--config PATH` from the command
-/// line, then the process environment.
-pub fn from_process(default_port: u16) -> Result<Config, Error> {
-    let mut args = std::env::args().skip(1);
-    let mut file = None;
-    while let Some(arg) = args.next() {
-        if let Some(path) = arg.strip_prefix("--config=") {
-            file = Some(std::path::PathBuf::from(path));
-        } else if arg == "--config" {
-            file = args.next().map(std::path::PathBuf::from);
-        } else {
-            return Err(Error::Invalid {
-                key: "command line",
-                env: "-".into(),
-                reason: format!("unknown argument {arg:?}; the only option is --config PATH"),
-            });
-        }
-    }
-    Config::load(default_port, file.as_deref(), std::env::vars())
 }

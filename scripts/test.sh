@@ -45,4 +45,4 @@ if [ "${SKIP_LINT:-0}" != 1 ]; then
     scripts/lint.sh
 fi
 log "cargo test"
-cargo test --workspace --locked "$@"
+cargo test --workspace --locked --no-fail-fast "$@"

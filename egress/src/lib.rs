@@ -24,9 +24,6 @@ pub use service::Egress;
 /// The gRPC port of the deployment guide.
 pub const DEFAULT_PORT: u16 = 50052;
 
-/// How long one long-poll in Tarantool waits before it is renewed.
-const WAIT_SLICE: Duration = Duration::from_secs(10);
-
 /// Connects to the dependencies and serves the egress RPCs on `listener`
 /// until `shutdown` completes, then drains: open Subscribe streams end with
 /// UNAVAILABLE so clients reconnect elsewhere.
@@ -43,7 +40,10 @@ pub async fn run(
         Duration::from_millis(config.health_check_interval_ms),
     ));
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
-    let watchers = Arc::new(notify::SubjectWatchers::new(store.clone(), WAIT_SLICE));
+    let watchers = Arc::new(notify::SubjectWatchers::new(
+        store.clone(),
+        Duration::from_secs(config.long_poll_seconds),
+    ));
     let egress = Egress::new(store, blobs, watchers, draining);
     let router = server::router(health_server)?.add_service(EgressServiceServer::new(egress));
     tracing::info!(addr = %listener.local_addr()?, "egress listening");

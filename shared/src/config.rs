@@ -31,6 +31,7 @@ pub const KEYS: &[&str] = &[
     "shutdown_grace_seconds",
     "health_check_interval_ms",
     "startup_timeout_seconds",
+    "long_poll_seconds",
 ];
 
 /// Tarantool keeps whole tuples in memory and caps a tuple at 1 MiB by
@@ -91,6 +92,9 @@ pub struct Config {
     pub health_check_interval_ms: u64,
     /// How long start-up waits for Tarantool and S3 before giving up.
     pub startup_timeout_seconds: u64,
+    /// How long one wait for new commits blocks in Tarantool before it is
+    /// renewed. Commits wake it at once; this only bounds an idle wait.
+    pub long_poll_seconds: u64,
 }
 
 /// A configuration that cannot be used; the message names the key.
@@ -163,6 +167,7 @@ impl Config {
             ("minio_timeout_ms", self.minio_timeout_ms),
             ("health_check_interval_ms", self.health_check_interval_ms),
             ("max_payload_bytes", self.max_payload_bytes),
+            ("long_poll_seconds", self.long_poll_seconds),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));
@@ -224,6 +229,7 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
         ("shutdown_grace_seconds", 20_i64.into()),
         ("health_check_interval_ms", 1000_i64.into()),
         ("startup_timeout_seconds", 60_i64.into()),
+        ("long_poll_seconds", 30_i64.into()),
     ]
 }
 

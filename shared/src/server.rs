@@ -22,6 +22,8 @@ pub fn router(
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(mts_proto::FILE_DESCRIPTOR_SET)
             .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+            // So grpcurl can print the google.rpc.BadRequest of a refused call.
+            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
     };
     Ok(Server::builder()
         .tcp_nodelay(true)

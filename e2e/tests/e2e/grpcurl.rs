@@ -267,6 +267,11 @@ async fn a_person_with_grpcurl_can_do_everything() {
     .unwrap()
     .unwrap_err();
     assert!(refused.contains("InvalidArgument"), "{refused}");
-    assert!(refused.contains("subject"), "{refused}");
+    assert!(refused.contains("whitespace at byte 3"), "{refused}");
+    assert!(
+        refused
+            .contains(r#"{"field":"subject","description":"whitespace at byte 3 is not allowed"}"#),
+        "the BadRequest detail is readable: {refused}"
+    );
     system.stop().await;
 }

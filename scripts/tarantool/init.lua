@@ -3,8 +3,9 @@
 -- says, keeps its WAL and snapshots in MTS_TARANTOOL_DIR and creates the
 -- user the services connect as. The schema itself is applied by the services
 -- from shared/lua/minitoolstream.lua.
+-- Listening starts only after the user exists, so a client that sees the
+-- port open can log in.
 box.cfg({
-    listen = os.getenv('MTS_TARANTOOL_LISTEN') or '127.0.0.1:3301',
     work_dir = os.getenv('MTS_TARANTOOL_DIR') or '.',
     log = 'tarantool.log',
     memtx_memory = 256 * 1024 * 1024,
@@ -23,3 +24,5 @@ box.once('minitoolstream-local-user', function()
     box.schema.user.grant('minitoolstream_connector', 'read,write,execute,create,alter,drop',
         'universe', nil, {if_not_exists = true})
 end)
+
+box.cfg({listen = os.getenv('MTS_TARANTOOL_LISTEN') or '127.0.0.1:3301'})

@@ -226,3 +226,48 @@ async fn raw_client(tarantool: &TarantoolProcess) -> tarant::Client {
     .await
     .unwrap()
 }
+
+#[tokio::test]
+async fn a_publish_reaching_tarantool_after_its_deadline_is_refused() {
+    // What a client library does when it replays requests held back during a
+    // reconnect: the publisher already got UNAVAILABLE, so nothing may be stored.
+    let config = testing::config();
+    let store = Store::connect(&config).await.unwrap();
+    let client = tarant::Client::connect(&format!(
+        "tarantool://{}:{}@{}",
+        config.tarantool_user, config.tarantool_password, config.tarantool_address
+    ))
+    .await
+    .unwrap();
+    let subject = testing::unique_subject("late");
+    let past = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        - 1_000_000_000;
+    let no_headers: HashMap<String, String> = HashMap::new();
+    let late = client
+        .call::<(u64,)>(
+            "mts_publish",
+            (
+                &subject,
+                &no_headers,
+                serde_bytes::Bytes::new(b"x"),
+                Option::<&str>::None,
+                1u64,
+                past,
+            ),
+        )
+        .await
+        .unwrap_err();
+    assert!(late.to_string().contains("after its deadline"), "{late}");
+    assert_eq!(store.last_seq(&subject).await.unwrap(), 0);
+    // The service's own publishes carry a deadline in the future.
+    assert_eq!(
+        store
+            .publish(&subject, &no_headers, Some(b"x"), None, 1)
+            .await
+            .unwrap(),
+        1
+    );
+}

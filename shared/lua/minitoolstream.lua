@@ -105,8 +105,18 @@ rawset(_G, 'mts_schema_version', function()
 end)
 
 -- Assigns the next sequence of `subject` and stores the message in the same
--- transaction, so sequences are gap-free and in commit order.
-rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size)
+-- transaction, so sequences are gap-free and in commit order. `deadline_ns`
+-- (wall clock) is when the caller stops waiting: a request that arrives later
+-- (held back by a reconnecting client, say) is refused rather than stored
+-- behind the back of a publisher that was told it failed.
+rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, deadline_ns)
+    if deadline_ns ~= nil and deadline_ns > 0 and now_ns() > deadline_ns then
+        box.error({
+            reason = 'publish reached Tarantool after its deadline; nothing was stored'
+                .. ' (if this persists, check clock sync between the services and Tarantool)',
+            code = 10002,
+        })
+    end
     if object_key ~= nil and box.space.mts_abandoned:get(object_key) ~= nil then
         box.error({reason = 'object ' .. object_key .. ' was abandoned; publish again', code = 10001})
     end

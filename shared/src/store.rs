@@ -21,6 +21,8 @@ pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
 /// Raised by `mts_publish` for an object key that was given up on.
 const ABANDONED: ErrorCode = ErrorCode(10001);
+/// Raised by `mts_publish` when the request arrived after its deadline.
+const LATE: ErrorCode = ErrorCode(10002);
 
 /// What can go wrong talking to Tarantool.
 #[derive(Debug, thiserror::Error)]
@@ -186,10 +188,14 @@ impl Store {
         size: u64,
     ) -> Result<u64, Error> {
         let data = data.map(serde_bytes::Bytes::new);
+        let deadline_ns = std::time::SystemTime::now()
+            .checked_add(self.timeout)
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let (seq,): (u64,) = self
             .call(
                 "mts_publish",
-                (subject, headers, data, object_key, size),
+                (subject, headers, data, object_key, size, deadline_ns),
                 self.timeout,
             )
             .await?;
@@ -278,6 +284,11 @@ impl From<Error> for tonic::Status {
             Error::Full(_) => tonic::Status::resource_exhausted(format!(
                 "metadata store is full; free space or raise memtx_memory: {err}"
             )),
+            Error::Rejected(tarant::Error::Server(server)) if server.code() == LATE => {
+                tonic::Status::unavailable(format!(
+                    "metadata store was too slow, retry later: {err}"
+                ))
+            }
             Error::Rejected(tarant::Error::Server(server)) if server.code() == ABANDONED => {
                 tonic::Status::aborted(format!(
                     "publish was abandoned after a timeout; publish again: {err}"

@@ -1,7 +1,7 @@
 //! Everything that can fail in the egress, and the one mapping of those
 //! failures to gRPC status codes.
 
-use mts_shared::{blob, dependencies, store, validate};
+use mts_shared::{blob, server, store, validate};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// An egress failure.
@@ -36,18 +36,9 @@ pub enum Error {
         /// The subject's last sequence.
         last: u64,
     },
-    /// A dependency stayed unreachable during start-up.
+    /// The service could not start or keep serving.
     #[error(transparent)]
-    Startup(#[from] dependencies::Error),
-    /// The gRPC server could not run.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    /// The reflection service could not be built.
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// Socket trouble at start-up.
-    #[error("listener: {0}")]
-    Io(#[from] std::io::Error),
+    Server(#[from] server::Error),
 }
 
 impl From<Error> for tonic::Status {
@@ -62,9 +53,7 @@ impl From<Error> for tonic::Status {
             Error::Blob(source) => source.into(),
             Error::MissingPayload { .. } => tonic::Status::data_loss(err.to_string()),
             Error::AckBeyondLast { .. } => tonic::Status::failed_precondition(err.to_string()),
-            Error::Startup(_) | Error::Transport(_) | Error::Reflection(_) | Error::Io(_) => {
-                tonic::Status::internal(err.to_string())
-            }
+            Error::Server(_) => tonic::Status::internal(err.to_string()),
         }
     }
 }

@@ -32,7 +32,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let (store, blobs) = dependencies::connect(&config).await?;
+    let (store, blobs) = dependencies::connect(&config)
+        .await
+        .map_err(server::Error::from)?;
     let (health, health_server) = Health::new(service_names::EGRESS).await;
     let monitor = tokio::spawn(health.clone().monitor(
         store.clone(),
@@ -46,7 +48,7 @@ pub async fn run(
     ));
     let egress = Egress::new(store, blobs, watchers, draining);
     let router = server::router(health_server)?.add_service(EgressServiceServer::new(egress));
-    tracing::info!(addr = %listener.local_addr()?, "egress listening");
+    tracing::info!(addr = %listener.local_addr().map_err(server::Error::from)?, "egress listening");
     let grace = Duration::from_secs(config.shutdown_grace_seconds);
     let result = server::run(router, listener, health, grace, shutdown, move || {
         draining_tx.send_replace(true);

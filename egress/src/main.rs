@@ -1,31 +1,6 @@
-//! The egress binary: load config, start logging, serve until SIGTERM.
-
-use std::process::ExitCode;
-
-use mts_shared::{config, server, shutdown, telemetry};
+//! The egress binary: configuration, logging, serve until SIGTERM.
 
 #[tokio::main]
-async fn main() -> ExitCode {
-    let config = match config::from_process(mts_egress::DEFAULT_PORT) {
-        Ok(config) => config,
-        Err(err) => {
-            eprintln!("egress: {err}");
-            return ExitCode::from(2);
-        }
-    };
-    telemetry::init(&config);
-    let listener = match server::bind(&config).await {
-        Ok(listener) => listener,
-        Err(err) => {
-            tracing::error!(%err, port = config.server_port, "cannot bind the gRPC port");
-            return ExitCode::FAILURE;
-        }
-    };
-    match mts_egress::run(config, listener, shutdown::signal()).await {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(err) => {
-            tracing::error!(%err, "egress stopped");
-            ExitCode::FAILURE
-        }
-    }
+async fn main() -> std::process::ExitCode {
+    mts_shared::server::main("egress", mts_egress::DEFAULT_PORT, mts_egress::run).await
 }

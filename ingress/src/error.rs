@@ -1,7 +1,7 @@
 //! Everything that can fail in the ingress, and the one mapping of those
 //! failures to gRPC status codes.
 
-use mts_shared::{blob, dependencies, store, validate};
+use mts_shared::{blob, server, store, validate};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// An ingress failure.
@@ -16,18 +16,9 @@ pub enum Error {
     /// The metadata could not be committed; the upload (if any) was removed.
     #[error("metadata commit failed: {0}")]
     Commit(#[source] store::Error),
-    /// A dependency stayed unreachable during start-up.
+    /// The service could not start or keep serving.
     #[error(transparent)]
-    Startup(#[from] dependencies::Error),
-    /// The gRPC server could not run.
-    #[error("gRPC server: {0}")]
-    Transport(#[from] tonic::transport::Error),
-    /// The reflection service could not be built.
-    #[error("reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// Socket trouble at start-up.
-    #[error("listener: {0}")]
-    Io(#[from] std::io::Error),
+    Server(#[from] server::Error),
 }
 
 impl From<Error> for tonic::Status {
@@ -48,9 +39,7 @@ impl From<Error> for tonic::Status {
                     format!("message not stored: {}", status.message()),
                 )
             }
-            Error::Startup(_) | Error::Transport(_) | Error::Reflection(_) | Error::Io(_) => {
-                tonic::Status::internal(err.to_string())
-            }
+            Error::Server(_) => tonic::Status::internal(err.to_string()),
         }
     }
 }
@@ -102,7 +91,7 @@ mod tests {
             Error::Commit(store::Error::Protocol(tarant::Error::Protocol(
                 "bad".into(),
             ))),
-            Error::Io(std::io::Error::other("x")),
+            Error::Server(server::Error::Io(std::io::Error::other("x"))),
         ];
         for err in errors {
             let text = err.to_string();

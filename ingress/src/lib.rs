@@ -30,7 +30,9 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let (store, blobs) = dependencies::connect(&config).await?;
+    let (store, blobs) = dependencies::connect(&config)
+        .await
+        .map_err(server::Error::from)?;
     let (health, health_server) = Health::new(service_names::INGRESS).await;
     let monitor = tokio::spawn(health.clone().monitor(
         store.clone(),
@@ -43,7 +45,7 @@ pub async fn run(
         .saturating_add(ENVELOPE_BYTES);
     let router = server::router(health_server)?
         .add_service(IngressServiceServer::new(ingress).max_decoding_message_size(max_message));
-    tracing::info!(addr = %listener.local_addr()?, "ingress listening");
+    tracing::info!(addr = %listener.local_addr().map_err(server::Error::from)?, "ingress listening");
     let grace = std::time::Duration::from_secs(config.shutdown_grace_seconds);
     let result = server::run(router, listener, health, grace, shutdown, || {}).await;
     monitor.abort();

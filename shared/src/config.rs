@@ -103,6 +103,9 @@ pub enum Error {
     /// The file or a value could not be read or has the wrong type.
     #[error("configuration: {0}")]
     Load(#[from] config::ConfigError),
+    /// The command line is not `[--config PATH]`.
+    #[error("usage: [--config PATH] ({0})")]
+    Usage(String),
     /// A value has the right type but is out of range.
     #[error("configuration key `{key}` (env {env}): {reason}")]
     Invalid {
@@ -244,11 +247,7 @@ pub fn from_process(default_port: u16) -> Result<Config, Error> {
         } else if arg == "--config" {
             file = args.next().map(std::path::PathBuf::from);
         } else {
-            return Err(Error::Invalid {
-                key: "command line",
-                env: "-".into(),
-                reason: format!("unknown argument {arg:?}; the only option is --config PATH"),
-            });
+            return Err(Error::Usage(format!("unknown argument {arg:?}")));
         }
     }
     Config::load(default_port, file.as_deref(), std::env::vars())

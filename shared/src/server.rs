@@ -13,11 +13,27 @@ use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;
 
 use crate::config::Config;
+use crate::dependencies;
+
+/// Why a service could not start or keep serving.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// A dependency stayed unreachable during start-up.
+    #[error(transparent)]
+    Dependencies(#[from] dependencies::Error),
+    /// The gRPC server failed.
+    #[error("gRPC server: {0}")]
+    Transport(#[from] tonic::transport::Error),
+    /// The reflection service could not be built.
+    #[error("reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The listener failed.
+    #[error("listener: {0}")]
+    Io(#[from] std::io::Error),
+}
 
 /// Everything but the service itself: health and reflection.
-pub fn router(
-    health: HealthServer<HealthService>,
-) -> Result<Router, tonic_reflection::server::Error> {
+pub fn router(health: HealthServer<HealthService>) -> Result<Router, Error> {
     let reflection = || {
         tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(mts_proto::FILE_DESCRIPTOR_SET)
@@ -69,7 +85,7 @@ pub async fn run(
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_drain: impl FnOnce() + Send + 'static,
-) -> Result<(), tonic::transport::Error> {
+) -> Result<(), Error> {
     let (drain_started, draining) = tokio::sync::oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
@@ -81,7 +97,7 @@ pub async fn run(
     let serving = serve(router, listener, signal);
     tokio::pin!(serving);
     tokio::select! {
-        result = &mut serving => result,
+        result = &mut serving => Ok(result?),
         () = async {
             if draining.await.is_ok() {
                 tokio::time::sleep(grace).await;
@@ -91,6 +107,45 @@ pub async fn run(
         } => {
             tracing::warn!(?grace, "grace period over; exiting with calls still in flight");
             Ok(())
+        }
+    }
+}
+
+/// The whole life of a service binary: configuration (defaults, `--config
+/// FILE`, environment), logging, binding, `run` until SIGTERM, exit code.
+pub async fn main<Fut, E>(
+    name: &str,
+    default_port: u16,
+    run: impl FnOnce(Config, TcpListener, crate::shutdown::Signal) -> Fut,
+) -> std::process::ExitCode
+where
+    Fut: Future<Output = Result<(), E>>,
+    E: std::fmt::Display,
+{
+    use std::process::ExitCode;
+    let config = match crate::config::from_process(default_port) {
+        Ok(config) => config,
+        Err(err) => {
+            eprintln!("{name}: {err}");
+            return ExitCode::from(2);
+        }
+    };
+    crate::telemetry::init(&config);
+    let listener = match bind(&config).await {
+        Ok(listener) => listener,
+        Err(err) => {
+            tracing::error!(%err, port = config.server_port, "cannot bind the gRPC port");
+            return ExitCode::FAILURE;
+        }
+    };
+    match run(config, listener, crate::shutdown::signal()).await {
+        Ok(()) => {
+            tracing::info!("{name} stopped");
+            ExitCode::SUCCESS
+        }
+        Err(err) => {
+            tracing::error!(%err, "{name} stopped");
+            ExitCode::FAILURE
         }
     }
 }

@@ -1,7 +1,14 @@
 //! The shutdown signal: SIGTERM (what Kubernetes sends) or Ctrl-C.
 
+/// The future `signal` returns.
+pub type Signal = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
+
 /// Completes when the process is asked to stop.
-pub async fn signal() {
+pub fn signal() -> Signal {
+    Box::pin(wait_for_signal())
+}
+
+async fn wait_for_signal() {
     let ctrl_c = async {
         if let Err(err) = tokio::signal::ctrl_c().await {
             tracing::error!(%err, "cannot listen for Ctrl-C");

@@ -13,7 +13,9 @@ pub fn init(config: &Config) {
             config.log_level
         ))
     });
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     match config.log_format {
         LogFormat::Json => builder.json().with_current_span(true).init(),
         LogFormat::Console => builder.init(),

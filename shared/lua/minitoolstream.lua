@@ -101,7 +101,22 @@ local function notify(subject)
 end
 
 rawset(_G, 'mts_schema_version', function()
-    return SCHEMA_VERSION
+    -- A role with exactly what the services need, so a production user can be
+-- granted it instead of universe rights (the Kubernetes init does that).
+local PROCEDURES = {
+    'mts_schema_version', 'mts_publish', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
+    'mts_fetch', 'mts_ack', 'mts_settle_object',
+}
+box.schema.role.create('minitoolstream', {if_not_exists = true})
+for _, name in ipairs(PROCEDURES) do
+    box.schema.func.create(name, {if_not_exists = true})
+    box.schema.role.grant('minitoolstream', 'execute', 'function', name, {if_not_exists = true})
+end
+for _, space in ipairs({'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_abandoned'}) do
+    box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
+end
+
+return SCHEMA_VERSION
 end)
 
 -- Assigns the next sequence of `subject` and stores the message in the same
@@ -229,5 +244,20 @@ rawset(_G, 'mts_settle_object', function(object_key)
     box.space.mts_abandoned:replace({object_key, now_ns()})
     return 0
 end)
+
+-- A role with exactly what the services need, so a production user can be
+-- granted it instead of universe rights (the Kubernetes init does that).
+local PROCEDURES = {
+    'mts_schema_version', 'mts_publish', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
+    'mts_fetch', 'mts_ack', 'mts_settle_object',
+}
+box.schema.role.create('minitoolstream', {if_not_exists = true})
+for _, name in ipairs(PROCEDURES) do
+    box.schema.func.create(name, {if_not_exists = true})
+    box.schema.role.grant('minitoolstream', 'execute', 'function', name, {if_not_exists = true})
+end
+for _, space in ipairs({'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_abandoned'}) do
+    box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
+end
 
 return SCHEMA_VERSION

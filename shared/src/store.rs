@@ -16,6 +16,8 @@ use crate::config::Config;
 
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
+/// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
+pub const SCHEMA_VERSION: u64 = 1;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
@@ -106,7 +108,7 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects once and applies the schema.
+    /// Connects once and makes sure the schema is in place.
     pub async fn connect(config: &Config) -> Result<Self, Error> {
         let mut options = ConnectOptions::new(config.tarantool_address.clone())
             .connect_timeout(config.tarantool_timeout());
@@ -123,8 +125,22 @@ impl Store {
             timeout: config.tarantool_timeout(),
             schema_lock: Arc::default(),
         };
-        store.apply_schema().await?;
+        store.ensure_schema().await?;
         Ok(store)
+    }
+
+    /// Applies the schema unless Tarantool already runs this version, as it
+    /// does when its own init script loaded the file: then the service user
+    /// needs only the `minitoolstream` role, not the right to `eval`.
+    async fn ensure_schema(&self) -> Result<(), Error> {
+        let installed: Result<(u64,), Error> = self
+            .deadline(self.timeout, self.client.call("mts_schema_version", ()))
+            .await;
+        match installed {
+            Ok((version,)) if version == SCHEMA_VERSION => Ok(()),
+            Ok(_) | Err(Error::Rejected(_)) => self.apply_schema().await.map(drop),
+            Err(other) => Err(other),
+        }
     }
 
     /// Applies `SCHEMA_LUA`; returns the schema version.
@@ -298,5 +314,18 @@ impl From<Error> for tonic::Status {
                 tonic::Status::internal(format!("metadata store error: {err}"))
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_and_lua_agree_on_the_schema_version() {
+        assert!(
+            SCHEMA_LUA.contains(&format!("local SCHEMA_VERSION = {SCHEMA_VERSION}\n")),
+            "bump SCHEMA_VERSION in store.rs together with the Lua file"
+        );
     }
 }

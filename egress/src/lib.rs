@@ -14,8 +14,7 @@ use std::time::Duration;
 use mts_proto::pb::egress_service_server::EgressServiceServer;
 use mts_proto::service_names;
 use mts_shared::config::Config;
-use mts_shared::health::Health;
-use mts_shared::{dependencies, server};
+use mts_shared::server;
 use tokio::net::TcpListener;
 
 pub use error::Error;
@@ -32,28 +31,19 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let (store, blobs) = dependencies::connect(&config)
-        .await
-        .map_err(server::Error::from)?;
-    let (health, health_server) = Health::new(service_names::EGRESS).await;
-    let monitor = tokio::spawn(health.clone().monitor(
-        store.clone(),
-        blobs.clone(),
-        Duration::from_millis(config.health_check_interval_ms),
-    ));
+    let mut setup = server::Setup::new(&config, service_names::EGRESS).await?;
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let watchers = Arc::new(notify::SubjectWatchers::new(
-        store.clone(),
+        setup.store.clone(),
         Duration::from_secs(config.long_poll_seconds),
     ));
-    let egress = Egress::new(store, blobs, watchers, draining);
-    let router = server::router(health_server)?.add_service(EgressServiceServer::new(egress));
-    tracing::info!(addr = %listener.local_addr().map_err(server::Error::from)?, "egress listening");
-    let grace = Duration::from_secs(config.shutdown_grace_seconds);
-    let result = server::run(router, listener, health, grace, shutdown, move || {
-        draining_tx.send_replace(true);
-    })
-    .await;
-    monitor.abort();
-    result.map_err(Error::from)
+    let egress = Egress::new(setup.store.clone(), setup.blobs.clone(), watchers, draining);
+    let router = setup
+        .router()?
+        .add_service(EgressServiceServer::new(egress));
+    Ok(setup
+        .serve(router, listener, shutdown, move || {
+            draining_tx.send_replace(true);
+        })
+        .await?)
 }

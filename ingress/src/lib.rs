@@ -10,8 +10,7 @@ mod service;
 use mts_proto::pb::ingress_service_server::IngressServiceServer;
 use mts_proto::service_names;
 use mts_shared::config::Config;
-use mts_shared::health::Health;
-use mts_shared::{dependencies, server};
+use mts_shared::server;
 use tokio::net::TcpListener;
 
 pub use error::Error;
@@ -30,24 +29,13 @@ pub async fn run(
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
-    let (store, blobs) = dependencies::connect(&config)
-        .await
-        .map_err(server::Error::from)?;
-    let (health, health_server) = Health::new(service_names::INGRESS).await;
-    let monitor = tokio::spawn(health.clone().monitor(
-        store.clone(),
-        blobs.clone(),
-        std::time::Duration::from_millis(config.health_check_interval_ms),
-    ));
-    let ingress = Ingress::new(store, blobs, &config);
+    let mut setup = server::Setup::new(&config, service_names::INGRESS).await?;
+    let ingress = Ingress::new(setup.store.clone(), setup.blobs.clone(), &config);
     let max_message = usize::try_from(config.max_payload_bytes)
         .unwrap_or(usize::MAX)
         .saturating_add(ENVELOPE_BYTES);
-    let router = server::router(health_server)?
+    let router = setup
+        .router()?
         .add_service(IngressServiceServer::new(ingress).max_decoding_message_size(max_message));
-    tracing::info!(addr = %listener.local_addr().map_err(server::Error::from)?, "ingress listening");
-    let grace = std::time::Duration::from_secs(config.shutdown_grace_seconds);
-    let result = server::run(router, listener, health, grace, shutdown, || {}).await;
-    monitor.abort();
-    result.map_err(Error::from)
+    Ok(setup.serve(router, listener, shutdown, || {}).await?)
 }

@@ -13,6 +13,7 @@ use serde::Deserialize;
 pub const KEYS: &[&str] = &[
     "server_host",
     "server_port",
+    "metrics_port",
     "tarantool_address",
     "tarantool_user",
     "tarantool_password",
@@ -56,6 +57,8 @@ pub struct Config {
     pub server_host: String,
     /// gRPC port: 50051 for ingress, 50052 for egress.
     pub server_port: u16,
+    /// Port of the admin HTTP server (`/metrics`); 0 picks a free one.
+    pub metrics_port: u16,
     /// `host:port` of Tarantool.
     pub tarantool_address: String,
     /// Tarantool user; `guest` connects without credentials.
@@ -214,6 +217,7 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
     vec![
         ("server_host", "0.0.0.0".into()),
         ("server_port", i64::from(port).into()),
+        ("metrics_port", 9090_i64.into()),
         ("tarantool_address", "127.0.0.1:3301".into()),
         ("tarantool_user", "guest".into()),
         ("tarantool_password", "".into()),

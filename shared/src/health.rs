@@ -13,6 +13,9 @@ use tonic_health::server::{HealthReporter, HealthService};
 use crate::blob::BlobStore;
 use crate::store::Store;
 
+/// The health service name that is SERVING for as long as the process runs.
+pub const LIVENESS: &str = "liveness";
+
 /// The health status of one gRPC service (and of the server as a whole).
 #[derive(Clone)]
 pub struct Health {
@@ -33,6 +36,11 @@ impl Health {
             draining: Arc::default(),
         };
         health.report(false).await;
+        // For liveness probes: the process answers, whatever its dependencies do.
+        health
+            .reporter
+            .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
         (health, server)
     }
 
@@ -61,13 +69,21 @@ impl Health {
     /// Probes both dependencies every `interval` and reports the result.
     /// Runs until dropped; the store re-applies its schema when Tarantool
     /// comes back empty-handed after a restart.
-    pub async fn monitor(self, store: Store, blobs: BlobStore, interval: Duration) {
+    pub async fn monitor(
+        self,
+        store: Store,
+        blobs: BlobStore,
+        metrics: std::sync::Arc<crate::metrics::Metrics>,
+        interval: Duration,
+    ) {
         let mut was_serving = None;
         loop {
             let (tarantool, s3) = tokio::join!(
                 tokio::time::timeout(interval.max(Duration::from_secs(2)), store.check()),
                 tokio::time::timeout(interval.max(Duration::from_secs(2)), blobs.check()),
             );
+            metrics.set_dependency_up("tarantool", matches!(tarantool, Ok(Ok(()))));
+            metrics.set_dependency_up("s3", matches!(s3, Ok(Ok(()))));
             let problems: Vec<String> = [
                 tarantool
                     .map_err(|_| "Tarantool health check timed out".to_string())

@@ -9,6 +9,7 @@ pub mod blob;
 pub mod config;
 pub mod dependencies;
 pub mod health;
+pub mod metrics;
 pub mod server;
 pub mod shutdown;
 pub mod store;

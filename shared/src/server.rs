@@ -1,6 +1,6 @@
-//! The gRPC server both services run: health, reflection (v1 and v1alpha, so
-//! grpcurl 1.8 works) and a tracing span per call, on a listener bound here or
-//! handed in by a test.
+//! The gRPC server both services run: dependencies, health, reflection (v1
+//! and v1alpha, so grpcurl 1.8 works), metrics and a tracing span per call, on
+//! a listener bound here or handed in by a test, drained on shutdown.
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -12,8 +12,16 @@ use tonic::transport::server::Router;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;
 
+use std::sync::Arc;
+
+use tower::layer::util::{Identity, Stack};
+
+use crate::blob::BlobStore;
 use crate::config::Config;
 use crate::dependencies;
+use crate::health::Health;
+use crate::metrics::{Metrics, MetricsLayer};
+use crate::store::Store;
 
 /// Why a service could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
@@ -30,26 +38,117 @@ pub enum Error {
     /// The listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// `Setup::router` was called twice.
+    #[error("the router was already built")]
+    RouterTwice,
 }
 
-/// Everything but the service itself: health and reflection.
-pub fn router(health: HealthServer<HealthService>) -> Result<Router, Error> {
-    let reflection = || {
-        tonic_reflection::server::Builder::configure()
-            .register_encoded_file_descriptor_set(mts_proto::FILE_DESCRIPTOR_SET)
-            .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-            // So grpcurl can print the google.rpc.BadRequest of a refused call.
-            .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
-    };
-    Ok(Server::builder()
-        .tcp_nodelay(true)
-        // Keeps idle subscriber streams alive through proxies and finds dead peers.
-        .http2_keepalive_interval(Some(Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-        .trace_fn(|request| tracing::info_span!("grpc", rpc = %request.uri().path()))
-        .add_service(health)
-        .add_service(reflection().build_v1()?)
-        .add_service(reflection().build_v1alpha()?))
+/// The router type every service serves: gRPC routes behind the metrics layer.
+pub type ServiceRouter = Router<Stack<MetricsLayer, Identity>>;
+
+/// What both services set up before adding their own gRPC service: the
+/// dependencies, health, metrics and the admin listener.
+pub struct Setup {
+    /// The Tarantool store.
+    pub store: Store,
+    /// The S3 blob store.
+    pub blobs: BlobStore,
+    /// This process's metrics.
+    pub metrics: Arc<Metrics>,
+    health: Health,
+    health_server: Option<HealthServer<HealthService>>,
+    admin: TcpListener,
+    config: Config,
+}
+
+impl Setup {
+    /// Connects to Tarantool and the object store (retrying until
+    /// `startup_timeout_seconds`) and binds the admin port, for the gRPC
+    /// service `name`.
+    pub async fn new(config: &Config, name: &'static str) -> Result<Self, Error> {
+        let (store, blobs) = dependencies::connect(config).await?;
+        let admin = TcpListener::bind(SocketAddr::new(host(config)?, config.metrics_port)).await?;
+        let (health, health_server) = Health::new(name).await;
+        Ok(Self {
+            store,
+            blobs,
+            metrics: Metrics::new(),
+            health,
+            health_server: Some(health_server),
+            admin,
+            config: config.clone(),
+        })
+    }
+
+    /// Health, reflection (v1 and v1alpha, so grpcurl 1.8 works) and the
+    /// metrics layer; the caller adds its service.
+    pub fn router(&mut self) -> Result<ServiceRouter, Error> {
+        let reflection = || {
+            tonic_reflection::server::Builder::configure()
+                .register_encoded_file_descriptor_set(mts_proto::FILE_DESCRIPTOR_SET)
+                .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+                // So grpcurl can print the google.rpc.BadRequest of a refused call.
+                .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
+        };
+        let health = self.health_server.take().ok_or(Error::RouterTwice)?;
+        Ok(Server::builder()
+            .tcp_nodelay(true)
+            // Keeps idle subscriber streams alive through proxies and finds dead peers.
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .trace_fn(|request| tracing::info_span!("grpc", rpc = %request.uri().path()))
+            .layer(MetricsLayer(Arc::clone(&self.metrics)))
+            .add_service(health)
+            .add_service(reflection().build_v1()?)
+            .add_service(reflection().build_v1alpha()?))
+    }
+
+    /// Serves `router` on `listener` until `shutdown` completes, then drains:
+    /// health turns NOT_SERVING, `on_drain` tells long-lived streams to end,
+    /// the listener stops accepting and in-flight calls get up to
+    /// `shutdown_grace_seconds` to finish.
+    pub async fn serve(
+        self,
+        router: ServiceRouter,
+        listener: TcpListener,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+        on_drain: impl FnOnce() + Send + 'static,
+    ) -> Result<(), Error> {
+        tracing::info!(
+            grpc = %listener.local_addr()?,
+            metrics = %self.admin.local_addr()?,
+            "listening"
+        );
+        let monitor = tokio::spawn(self.health.clone().monitor(
+            self.store.clone(),
+            self.blobs.clone(),
+            Arc::clone(&self.metrics),
+            Duration::from_millis(self.config.health_check_interval_ms),
+        ));
+        let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin = tokio::spawn(crate::metrics::serve(
+            self.admin,
+            Arc::clone(&self.metrics),
+            async {
+                let _ = admin_stopped.await;
+            },
+        ));
+        let grace = Duration::from_secs(self.config.shutdown_grace_seconds);
+        let result = run(router, listener, self.health, grace, shutdown, on_drain).await;
+        monitor.abort();
+        let _ = admin_stop.send(());
+        let _ = admin.await;
+        result
+    }
+}
+
+fn host(config: &Config) -> Result<std::net::IpAddr, Error> {
+    config.server_host.parse().map_err(|e| {
+        Error::Io(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("server_host {:?}: {e}", config.server_host),
+        ))
+    })
 }
 
 /// Binds the configured host and port.
@@ -65,8 +164,8 @@ pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
 
 /// Serves `router` on `listener` until `shutdown` completes and in-flight
 /// calls have finished.
-pub async fn serve(
-    router: Router,
+async fn serve(
+    router: ServiceRouter,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -75,13 +174,10 @@ pub async fn serve(
         .await
 }
 
-/// Runs a service until `shutdown` completes, then drains: health turns
-/// NOT_SERVING, `on_drain` tells long-lived streams to end, the listener
-/// stops accepting and in-flight calls get up to `grace` to finish.
-pub async fn run(
-    router: Router,
+async fn run(
+    router: ServiceRouter,
     listener: TcpListener,
-    health: crate::health::Health,
+    health: Health,
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
     on_drain: impl FnOnce() + Send + 'static,

@@ -33,6 +33,7 @@ pub fn config() -> Config {
     config.minio_bucket_name = required("MTS_TEST_S3_BUCKET");
     config.log_format = crate::config::LogFormat::Console;
     config.health_check_interval_ms = 200;
+    config.metrics_port = 0;
     config.startup_timeout_seconds = 20;
     config
 }

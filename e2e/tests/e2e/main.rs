@@ -4,5 +4,6 @@
 mod bad_input;
 mod concurrency;
 mod grpcurl;
+mod metrics;
 mod restart;
 mod system;

@@ -9,6 +9,7 @@ use mts_proto::pb::{
     AckRequest, FetchRequest, GetLastSequenceRequest, PublishRequest, SubscribeRequest,
 };
 use mts_proto::service_names::{EGRESS, INGRESS};
+use mts_shared::health::LIVENESS;
 use mts_shared::testing::{self, TarantoolProcess};
 use tonic::Code;
 
@@ -63,6 +64,9 @@ async fn services_recover_after_tarantool_is_killed_and_restarted() {
     assert_eq!(down.code(), Code::Unavailable, "{down:?}");
     testing::wait_status(system.ingress.addr, INGRESS, false, Duration::from_secs(10)).await;
     testing::wait_status(system.egress.addr, EGRESS, false, Duration::from_secs(10)).await;
+    // Liveness does not follow dependencies: no pod restarts during an outage.
+    testing::wait_serving(system.ingress.addr, LIVENESS, Duration::from_secs(1)).await;
+    testing::wait_serving(system.egress.addr, LIVENESS, Duration::from_secs(1)).await;
 
     tarantool.restart();
     testing::wait_serving(system.ingress.addr, INGRESS, Duration::from_secs(30)).await;

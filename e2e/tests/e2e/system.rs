@@ -14,9 +14,13 @@ pub struct System {
 
 impl System {
     pub async fn start(config: Config) -> Self {
+        Self::start_with(config.clone(), config).await
+    }
+
+    pub async fn start_with(ingress: Config, egress: Config) -> Self {
         Self {
-            ingress: Running::start(INGRESS, config.clone(), mts_ingress::run).await,
-            egress: Running::start(EGRESS, config, mts_egress::run).await,
+            ingress: Running::start(INGRESS, ingress, mts_ingress::run).await,
+            egress: Running::start(EGRESS, egress, mts_egress::run).await,
         }
     }
 

@@ -1,0 +1,30 @@
+-- Tarantool init for Kubernetes and docker-compose: WAL and snapshots on the
+-- data volume, the MiniToolStream schema loaded from minitoolstream.lua (the
+-- same file the services carry), the service user created with the
+-- `minitoolstream` role only, and the port opened last so that a client that
+-- can connect finds the procedures in place.
+local schema = os.getenv('MTS_SCHEMA_FILE') or '/opt/minitoolstream/minitoolstream.lua'
+local password = os.getenv('TARANTOOL_PASSWORD')
+if password == nil or password == '' then
+    error('TARANTOOL_PASSWORD must be set')
+end
+local user = os.getenv('TARANTOOL_USER') or 'minitoolstream_connector'
+
+box.cfg({
+    work_dir = os.getenv('TARANTOOL_WORK_DIR') or '/var/lib/tarantool',
+    memtx_memory = tonumber(os.getenv('TARANTOOL_MEMTX_MEMORY')) or 512 * 1024 * 1024,
+    -- Every commit reaches the WAL file before a publish is answered.
+    wal_mode = 'write',
+    checkpoint_interval = 3600,
+    checkpoint_count = 2,
+    log_format = 'json',
+})
+
+dofile(schema)
+
+box.schema.user.create(user, {password = password, if_not_exists = true})
+-- Follow the Secret when it changes.
+box.schema.user.passwd(user, password)
+box.schema.user.grant(user, 'execute', 'role', 'minitoolstream', {if_not_exists = true})
+
+box.cfg({listen = os.getenv('TARANTOOL_LISTEN') or '0.0.0.0:3301'})

@@ -1,0 +1,260 @@
+//! Prometheus metrics, declared in one place and served in the text format on
+//! the admin port (`metrics_port`, `/metrics`): gRPC calls by method and
+//! status code with their durations, and whether each dependency answers.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+use tokio::net::TcpListener;
+
+/// Labels of a gRPC call.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct CallLabels {
+    /// `/package.Service/Method`
+    pub method: String,
+    /// The gRPC status code name, e.g. `OK`, `INVALID_ARGUMENT`.
+    pub code: &'static str,
+}
+
+/// Labels naming a gRPC method.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MethodLabels {
+    /// `/package.Service/Method`
+    pub method: String,
+}
+
+/// Labels naming a dependency.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DependencyLabels {
+    /// `tarantool` or `s3`.
+    pub dependency: &'static str,
+}
+
+/// Every metric one service process exports.
+pub struct Metrics {
+    registry: Registry,
+    /// `minitoolstream_grpc_requests_total`
+    pub requests: Family<CallLabels, Counter>,
+    /// `minitoolstream_grpc_request_duration_seconds`
+    pub durations: Family<MethodLabels, Histogram>,
+    /// `minitoolstream_dependency_up`
+    pub dependency_up: Family<DependencyLabels, Gauge>,
+}
+
+impl Metrics {
+    /// A registry with every metric declared.
+    pub fn new() -> Arc<Self> {
+        let mut registry = Registry::with_prefix("minitoolstream");
+        let requests = Family::<CallLabels, Counter>::default();
+        registry.register(
+            "grpc_requests",
+            "gRPC calls by method and status code (streams: the code they started with)",
+            requests.clone(),
+        );
+        let durations = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new([
+                0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+            ])
+        });
+        registry.register(
+            "grpc_request_duration_seconds",
+            "Time to the response headers of a gRPC call",
+            durations.clone(),
+        );
+        let dependency_up = Family::<DependencyLabels, Gauge>::default();
+        registry.register(
+            "dependency_up",
+            "1 while the dependency answers health probes, else 0",
+            dependency_up.clone(),
+        );
+        Arc::new(Self {
+            registry,
+            requests,
+            durations,
+            dependency_up,
+        })
+    }
+
+    /// The Prometheus text exposition of every metric.
+    pub fn render(&self) -> String {
+        let mut text = String::new();
+        // Writing to a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
+        text
+    }
+
+    /// Records whether `dependency` answered its last probe.
+    pub fn set_dependency_up(&self, dependency: &'static str, up: bool) {
+        self.dependency_up
+            .get_or_create(&DependencyLabels { dependency })
+            .set(i64::from(up));
+    }
+}
+
+/// Serves `/metrics` on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || {
+            let metrics = Arc::clone(&metrics);
+            async move {
+                (
+                    [(
+                        http::header::CONTENT_TYPE,
+                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    )],
+                    metrics.render(),
+                )
+            }
+        }),
+    );
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn code_name(code: &[u8]) -> &'static str {
+    match code {
+        b"0" => "OK",
+        b"1" => "CANCELLED",
+        b"2" => "UNKNOWN",
+        b"3" => "INVALID_ARGUMENT",
+        b"4" => "DEADLINE_EXCEEDED",
+        b"5" => "NOT_FOUND",
+        b"6" => "ALREADY_EXISTS",
+        b"7" => "PERMISSION_DENIED",
+        b"8" => "RESOURCE_EXHAUSTED",
+        b"9" => "FAILED_PRECONDITION",
+        b"10" => "ABORTED",
+        b"11" => "OUT_OF_RANGE",
+        b"12" => "UNIMPLEMENTED",
+        b"13" => "INTERNAL",
+        b"14" => "UNAVAILABLE",
+        b"15" => "DATA_LOSS",
+        b"16" => "UNAUTHENTICATED",
+        _ => "INVALID_CODE",
+    }
+}
+
+/// A tower layer that counts and times every gRPC call.
+#[derive(Clone)]
+pub struct MetricsLayer(pub Arc<Metrics>);
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = MetricsService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        MetricsService {
+            inner,
+            metrics: Arc::clone(&self.0),
+        }
+    }
+}
+
+/// The service `MetricsLayer` wraps around the gRPC routes.
+#[derive(Clone)]
+pub struct MetricsService<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, ReqBody, ResBody> tower::Service<http::Request<ReqBody>> for MetricsService<S>
+where
+    S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
+    S::Future: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
+        let method = request.uri().path().to_owned();
+        let metrics = Arc::clone(&self.metrics);
+        let started = Instant::now();
+        let response = self.inner.call(request);
+        Box::pin(async move {
+            let response = response.await;
+            // An error before the handler ran is a transport failure; a
+            // status in the headers is a trailers-only (usually error) reply;
+            // otherwise the call started fine.
+            let code = match &response {
+                Ok(reply) => reply
+                    .headers()
+                    .get("grpc-status")
+                    .map_or("OK", |code| code_name(code.as_bytes())),
+                Err(_) => "UNAVAILABLE",
+            };
+            metrics
+                .durations
+                .get_or_create(&MethodLabels {
+                    method: method.clone(),
+                })
+                .observe(started.elapsed().as_secs_f64());
+            metrics
+                .requests
+                .get_or_create(&CallLabels { method, code })
+                .inc();
+            response
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_prometheus_names() {
+        let metrics = Metrics::new();
+        metrics
+            .requests
+            .get_or_create(&CallLabels {
+                method: "/minitoolstream.IngressService/Publish".into(),
+                code: "OK",
+            })
+            .inc();
+        metrics
+            .durations
+            .get_or_create(&MethodLabels {
+                method: "/minitoolstream.IngressService/Publish".into(),
+            })
+            .observe(0.003);
+        metrics.set_dependency_up("tarantool", true);
+        let text = metrics.render();
+        assert!(
+            text.contains(r#"minitoolstream_grpc_requests_total{method="/minitoolstream.IngressService/Publish",code="OK"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"minitoolstream_dependency_up{dependency="tarantool"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains("# TYPE minitoolstream_grpc_request_duration_seconds histogram"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn status_codes_have_their_names() {
+        assert_eq!(code_name(b"3"), "INVALID_ARGUMENT");
+        assert_eq!(code_name(b"14"), "UNAVAILABLE");
+        assert_eq!(code_name(b"99"), "INVALID_CODE");
+    }
+}

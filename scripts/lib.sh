@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Helpers sourced by the scripts in this folder: install what a fresh Debian
 # machine lacks, and start Tarantool and an S3 server (Garage) as plain
 # background processes with their state in a directory of the caller's.
@@ -71,7 +72,7 @@ start_tarantool() {
     mkdir -p "$dir"
     cp "$here/tarantool/init.lua" "$dir/init.lua"
     (
-        cd "$dir"
+        cd "$dir" || exit 1
         MTS_TARANTOOL_LISTEN="127.0.0.1:$port" MTS_TARANTOOL_DIR="$dir" MTS_TARANTOOL_PASSWORD="$password" \
             exec tarantool init.lua >>"$dir/stdout.log" 2>&1
     ) &
@@ -114,4 +115,23 @@ stop_pidfile() { # PIDFILE — SIGTERM, then SIGKILL after 10 s
         kill -KILL "$pid" 2>/dev/null || true
     fi
     rm -f "$1"
+}
+
+# checkov pins libraries other tools need, so it lives in its own virtualenv.
+checkov_bin() { echo "${XDG_CACHE_HOME:-$HOME/.cache}/minitoolstream/checkov/bin/checkov"; }
+
+ensure_deploy_validators() {
+    command -v kubectl >/dev/null || die "kubectl is needed to render the kustomizations (kubectl kustomize)"
+    if ! command -v kubernetes-validate >/dev/null || ! command -v yamllint >/dev/null || ! command -v check-jsonschema >/dev/null; then
+        log "installing kubernetes-validate, yamllint, check-jsonschema (pip)"
+        python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate yamllint check-jsonschema 2>/dev/null \
+            || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages kubernetes-validate yamllint check-jsonschema
+    fi
+    if [ ! -x "$(checkov_bin)" ]; then
+        log "installing checkov (pip, own virtualenv)"
+        local venv
+        venv=$(dirname "$(dirname "$(checkov_bin)")")
+        python3 -m venv "$venv"
+        "$venv/bin/pip" install --quiet --disable-pip-version-check checkov
+    fi
 }

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Runs every check and test: formatting, clippy, unit tests, and the service
+# Runs every check and test: formatting, clippy, the deployment files
+# (schemas, lint, policy scan), unit tests, and the service
 # and end-to-end tests against a real Tarantool and a real S3 server (Garage)
 # that this script starts on free ports and stops afterwards.
 set -euo pipefail
@@ -43,6 +44,7 @@ export GRPCURL
 
 if [ "${SKIP_LINT:-0}" != 1 ]; then
     scripts/lint.sh
+    scripts/validate-deploy.sh
 fi
 log "cargo test"
 cargo test --workspace --locked --no-fail-fast "$@"

@@ -55,14 +55,14 @@ for service in ingress egress; do
 done
 
 grpcurl=$(grpcurl_bin)
-for target in "50051 minitoolstream.IngressService" "50052 minitoolstream.EgressService"; do
-    set -- $target
+for target in 50051:minitoolstream.IngressService 50052:minitoolstream.EgressService; do
+    port=${target%%:*} service=${target#*:}
     deadline=$((SECONDS + 90))
-    until "$grpcurl" -plaintext -d "{\"service\":\"$2\"}" "127.0.0.1:$1" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; do
-        [ $SECONDS -lt $deadline ] || die "$2 on port $1 is not SERVING after 90 s; see .local/logs/"
+    until "$grpcurl" -plaintext -d "{\"service\":\"$service\"}" "127.0.0.1:$port" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; do
+        [ $SECONDS -lt $deadline ] || die "$service on port $port is not SERVING after 90 s; see .local/logs/"
         sleep 0.2
     done
-    log "$2 on 127.0.0.1:$1 is SERVING"
+    log "$service on 127.0.0.1:$port is SERVING"
 done
 
 cat <<MSG

@@ -1,0 +1,185 @@
+"""Validates the deployment files: every kustomization rendered and checked
+against the Kubernetes schemas (strict), yamllint, the checkov policy scan
+with zero failures, the compose file against the Compose specification, the
+figures the deployment guide requires, and that Tarantool's ConfigMap carries
+exactly the Lua the services apply. Exits non-zero on the first problem set."""
+
+import json
+import os
+import pathlib
+import re
+import subprocess
+import sys
+import tempfile
+
+import yaml
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/dev", "k8s/overlays/prod", "k8s/overlays/external-s3"]
+K8S_VERSION = "1.29.0"
+CHECKOV = os.environ.get("CHECKOV", "checkov")
+problems = []
+
+
+def run(*args, **kwargs):
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, **kwargs)
+
+
+def render(path):
+    done = run("kubectl", "kustomize", path)
+    if done.returncode != 0:
+        problems.append(f"{path}: kustomize failed: {done.stderr.strip()[:2000]}")
+        return None, []
+    return done.stdout, [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def objects(docs, kind):
+    return {d["metadata"]["name"]: d for d in docs if d["kind"] == kind}
+
+
+def check_schema(name, text, out_dir):
+    path = out_dir / f"{name.replace('/', '_')}.yaml"
+    path.write_text(text)
+    done = run("kubernetes-validate", "--strict", "--quiet", "-k", K8S_VERSION, str(path))
+    if done.returncode != 0:
+        problems.append(f"{name}: kubernetes-validate --strict -k {K8S_VERSION}:\n{done.stdout}{done.stderr}")
+    return path
+
+
+def check_policy(name, path):
+    done = run(CHECKOV, "-f", str(path), "--framework", "kubernetes", "-o", "json", "--quiet", "--compact")
+    try:
+        reports = json.loads(done.stdout)
+    except json.JSONDecodeError:
+        problems.append(f"{name}: checkov did not run: {done.stderr[-2000:]}")
+        return
+    for report in reports if isinstance(reports, list) else [reports]:
+        for failed in report.get("results", {}).get("failed_checks", []):
+            problems.append(f"{name}: checkov {failed['check_id']} ({failed['check_name']}) fails on {failed['resource']}")
+        summary = report.get("summary", {})
+        print(f"  {name}: checkov passed {summary.get('passed')}, failed {summary.get('failed')}, skipped {summary.get('skipped')}")
+
+
+def check_skip_reasons(name, docs):
+    for doc in docs:
+        for key, value in (doc["metadata"].get("annotations") or {}).items():
+            if key.startswith("checkov.io/skip") and not re.fullmatch(r"CKV2?_K8S_\d+=\S.{10,}", value):
+                problems.append(f"{name}: {doc['kind']}/{doc['metadata']['name']} skips a check without a reason: {value!r}")
+
+
+def check_service_monitors(name, docs):
+    services = [d for d in docs if d["kind"] == "Service"]
+    for monitor in objects(docs, "ServiceMonitor").values():
+        expressions = monitor["spec"]["selector"].get("matchExpressions", [])
+        labels = monitor["spec"]["selector"].get("matchLabels", {})
+        selected = [
+            s for s in services
+            if all(s["metadata"].get("labels", {}).get(k) == v for k, v in labels.items())
+            and all(s["metadata"].get("labels", {}).get(e["key"]) in e["values"] for e in expressions)
+        ]
+        if not selected:
+            problems.append(f"{name}: ServiceMonitor {monitor['metadata']['name']} selects no Service")
+        for endpoint in monitor["spec"]["endpoints"]:
+            for service in selected:
+                ports = {p.get("name") for p in service["spec"]["ports"]}
+                if endpoint["port"] not in ports:
+                    problems.append(f"{name}: Service {service['metadata']['name']} has no port named {endpoint['port']}")
+
+
+def check_guide_figures(docs):
+    """The deployment guide's numbers are requirements."""
+    deployments = objects(docs, "Deployment")
+    hpas = objects(docs, "HorizontalPodAutoscaler")
+    pdbs = objects(docs, "PodDisruptionBudget")
+    config = objects(docs, "ConfigMap")["minitoolstream-config"]["data"]
+    grace = int(config["SHUTDOWN_GRACE_SECONDS"])
+    for service, port in (("ingress", 50051), ("egress", 50052)):
+        name = f"minitoolstream-{service}"
+        deployment = deployments[name]
+        spec = deployment["spec"]
+        pod = spec["template"]["spec"]
+        container = pod["containers"][0]
+        expect = {
+            "replicas": (spec["replicas"], 3),
+            "maxUnavailable": (spec["strategy"]["rollingUpdate"]["maxUnavailable"], 0),
+            "requests": (container["resources"]["requests"], {"cpu": "250m", "memory": "256Mi"}),
+            "limits": (container["resources"]["limits"], {"cpu": "500m", "memory": "512Mi"}),
+            "grpc port": (container["ports"][0]["containerPort"], port),
+            "runAsUser": (pod["securityContext"]["runAsUser"], 1000),
+            "runAsGroup": (pod["securityContext"]["runAsGroup"], 1000),
+            "hpa min": (hpas[f"{name}-hpa"]["spec"]["minReplicas"], 3),
+            "hpa max": (hpas[f"{name}-hpa"]["spec"]["maxReplicas"], 10),
+            "hpa targets": (
+                sorted((m["resource"]["name"], m["resource"]["target"]["averageUtilization"]) for m in hpas[f"{name}-hpa"]["spec"]["metrics"]),
+                [("cpu", 70), ("memory", 80)],
+            ),
+            "pdb": (pdbs[f"{name}-pdb"]["spec"]["minAvailable"], 2),
+        }
+        for what, (got, want) in expect.items():
+            if got != want:
+                problems.append(f"{name}: {what} is {got!r}, the deployment guide requires {want!r}")
+        pre_stop = container["lifecycle"]["preStop"]["sleep"]["seconds"]
+        if pod["terminationGracePeriodSeconds"] <= pre_stop + grace:
+            problems.append(f"{name}: terminationGracePeriodSeconds must exceed preStop ({pre_stop}) + drain ({grace})")
+        for probe in ("startupProbe", "livenessProbe", "readinessProbe"):
+            if "grpc" not in container.get(probe, {}):
+                problems.append(f"{name}: {probe} is not a native gRPC probe")
+        security = container["securityContext"]
+        if not (security["readOnlyRootFilesystem"] and not security["allowPrivilegeEscalation"]
+                and security["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
+                and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"):
+            problems.append(f"{name}: pod security settings are weaker than required")
+    for key in ("TARANTOOL_ADDRESS", "TARANTOOL_USER", "MINIO_ENDPOINT", "MINIO_BUCKET_NAME", "LOG_LEVEL", "LOG_FORMAT"):
+        if key not in config:
+            problems.append(f"ConfigMap lacks {key}")
+    secret = objects(docs, "Secret")["minitoolstream-secrets"]
+    for key, value in secret["stringData"].items():
+        if not value.startswith("change-me"):
+            problems.append(f"Secret {key} holds something other than a placeholder")
+
+
+def check_one_schema_source(docs):
+    """The Lua Tarantool loads in Kubernetes and compose is the services' own."""
+    source = (ROOT / "shared/lua/minitoolstream.lua").read_text()
+    init = objects(docs, "ConfigMap")
+    rendered = [cm for name, cm in init.items() if name.startswith("tarantool-init")]
+    if len(rendered) != 1 or rendered[0]["data"].get("minitoolstream.lua") != source:
+        problems.append("the tarantool-init ConfigMap's minitoolstream.lua differs from shared/lua/minitoolstream.lua "
+                        "(copy it: cp shared/lua/minitoolstream.lua k8s/base/tarantool/)")
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = compose["services"]["tarantool"]["volumes"]
+    if "./shared/lua/minitoolstream.lua:/opt/minitoolstream/minitoolstream.lua:ro" not in mounts:
+        problems.append("docker-compose.yml does not mount shared/lua/minitoolstream.lua into Tarantool")
+
+
+def main():
+    done = run("yamllint", "-s", "k8s", "docker-compose.yml", "monitoring", ".yamllint.yaml")
+    if done.returncode != 0:
+        problems.append(f"yamllint:\n{done.stdout}{done.stderr}")
+    done = run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", "docker-compose.yml")
+    if done.returncode != 0:
+        problems.append(f"docker-compose.yml against the Compose specification:\n{done.stdout}{done.stderr}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out_dir = pathlib.Path(tmp)
+        for path in KUSTOMIZATIONS:
+            text, docs = render(path)
+            if text is None:
+                continue
+            print(f"  {path}: {len(docs)} objects")
+            rendered = check_schema(path, text, out_dir)
+            check_policy(path, rendered)
+            check_skip_reasons(path, docs)
+            check_service_monitors(path, docs)
+            if path == "k8s/base":
+                check_guide_figures(docs)
+                check_one_schema_source(docs)
+    if problems:
+        print("deployment validation failed:", file=sys.stderr)
+        for problem in problems:
+            print(f"- {problem}", file=sys.stderr)
+        sys.exit(1)
+    print("deployment files valid")
+
+
+if __name__ == "__main__":
+    main()

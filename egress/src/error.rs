@@ -36,6 +36,26 @@ pub enum Error {
         /// The subject's last sequence.
         last: u64,
     },
+    /// An ack or nack names sequences the consumer does not hold.
+    #[error(
+        "durable {durable} on {subject} does not hold sequences {sequences:?}: they were acked already, never delivered to it, or dead-lettered"
+    )]
+    NotHeld {
+        /// The subject.
+        subject: String,
+        /// The durable name.
+        durable: String,
+        /// The sequences not held.
+        sequences: Vec<u64>,
+    },
+    /// The consumer does not exist.
+    #[error("there is no consumer {durable} on {subject}")]
+    ConsumerNotFound {
+        /// The subject.
+        subject: String,
+        /// The durable name.
+        durable: String,
+    },
     /// The service could not start or keep serving.
     #[error(transparent)]
     Server(#[from] server::Error),
@@ -52,7 +72,10 @@ impl From<Error> for tonic::Status {
             Error::Store(source) => source.into(),
             Error::Blob(source) => source.into(),
             Error::MissingPayload { .. } => tonic::Status::data_loss(err.to_string()),
-            Error::AckBeyondLast { .. } => tonic::Status::failed_precondition(err.to_string()),
+            Error::AckBeyondLast { .. } | Error::NotHeld { .. } => {
+                tonic::Status::failed_precondition(err.to_string())
+            }
+            Error::ConsumerNotFound { .. } => tonic::Status::not_found(err.to_string()),
             Error::Server(_) => tonic::Status::internal(err.to_string()),
         }
     }
@@ -105,6 +128,21 @@ mod tests {
                     last: 3,
                 },
                 Code::FailedPrecondition,
+            ),
+            (
+                Error::NotHeld {
+                    subject: "s".into(),
+                    durable: "d".into(),
+                    sequences: vec![4],
+                },
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::ConsumerNotFound {
+                    subject: "s".into(),
+                    durable: "d".into(),
+                },
+                Code::NotFound,
             ),
         ];
         for (err, code) in cases {

@@ -4,6 +4,9 @@
 
 #![forbid(unsafe_code)]
 
+mod consume;
+mod consumer;
+mod delivery;
 mod error;
 mod notify;
 mod service;

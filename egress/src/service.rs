@@ -7,19 +7,21 @@ use std::sync::Arc;
 use futures::{Stream, StreamExt};
 use mts_proto::pb::egress_service_server::EgressService;
 use mts_proto::pb::{
-    AckRequest, AckResponse, FetchRequest, GetLastSequenceRequest, GetLastSequenceResponse,
-    Message, Notification, SubscribeRequest,
+    AckRequest, AckResponse, AckSequencesRequest, AckSequencesResponse, ConsumeRequest,
+    ConsumerInfo, ConsumerRequest, CreateOrUpdateConsumerRequest, DeleteConsumerResponse,
+    FetchRequest, GetLastSequenceRequest, GetLastSequenceResponse, Message, NackRequest,
+    NackResponse, Notification, SubscribeRequest,
 };
-use mts_shared::blob::{self, BlobStore};
-use mts_shared::store::{AckOutcome, Store, StoredMessage};
+use mts_shared::blob::BlobStore;
+use mts_shared::store::{AckOutcome, Leased, NotHeld, Store};
 use mts_shared::validate;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
-use crate::Error;
 use crate::notify::SubjectWatchers;
+use crate::{Error, consume, consumer, delivery};
 
 /// Batch size when the client asks for 0 or less.
 const DEFAULT_BATCH: u32 = 10;
@@ -27,16 +29,78 @@ const DEFAULT_BATCH: u32 = 10;
 const MAX_BATCH: i32 = 1000;
 /// Offloaded payloads read from the object store at once per Fetch.
 const PAYLOAD_READS_IN_FLIGHT: usize = 4;
+/// Most sequences one Ack or Nack may name.
+const MAX_SEQUENCES: usize = 10_000;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
 /// The egress service state; cheap to clone.
 #[derive(Clone)]
 pub struct Egress {
-    store: Store,
+    pub(crate) store: Store,
+    pub(crate) blobs: BlobStore,
+    pub(crate) watchers: Arc<SubjectWatchers>,
+    pub(crate) draining: watch::Receiver<bool>,
+}
+
+/// Checks a subject and durable name pair.
+pub(crate) fn consumer_names(subject: &str, durable: &str) -> Result<(), validate::Error> {
+    validate::subject(subject)?;
+    validate::durable_name(durable)
+}
+
+/// Checks a list of sequences to ack or nack.
+pub(crate) fn sequence_list(sequences: &[u64]) -> Result<(), validate::Error> {
+    if sequences.is_empty() {
+        return Err(validate::Error::new(
+            "sequences",
+            "name at least one sequence",
+        ));
+    }
+    if sequences.len() > MAX_SEQUENCES {
+        return Err(validate::Error::new(
+            "sequences",
+            format!(
+                "{} sequences; the limit is {MAX_SEQUENCES}",
+                sequences.len()
+            ),
+        ));
+    }
+    if sequences.contains(&0) {
+        return Err(validate::Error::new("sequences", "sequences start at 1"));
+    }
+    Ok(())
+}
+
+/// Maps "the consumer does not hold these" to the service error.
+pub(crate) fn held<T>(
+    subject: &str,
+    durable: &str,
+    verdict: Result<T, NotHeld>,
+) -> Result<T, Error> {
+    verdict.map_err(|NotHeld(sequences)| Error::NotHeld {
+        subject: subject.to_owned(),
+        durable: durable.to_owned(),
+        sequences,
+    })
+}
+
+/// The wire messages of a batch, payloads read a few at a time, ending at
+/// the first failure so that no later message arrives without an earlier one.
+pub(crate) fn wire_messages(
     blobs: BlobStore,
-    watchers: Arc<SubjectWatchers>,
-    draining: watch::Receiver<bool>,
+    batch: Vec<Leased>,
+) -> impl Stream<Item = Result<Message, Error>> + Send {
+    futures::stream::iter(batch)
+        .map(move |leased| delivery::deliver(blobs.clone(), leased))
+        .buffered(PAYLOAD_READS_IN_FLIGHT)
+        .scan(false, |failed, item| {
+            let out = if *failed { None } else { Some(item) };
+            if let Some(Err(_)) = &out {
+                *failed = true;
+            }
+            std::future::ready(out)
+        })
 }
 
 impl Egress {
@@ -60,8 +124,7 @@ impl Egress {
         &self,
         request: SubscribeRequest,
     ) -> Result<mpsc::Receiver<Result<Notification, Status>>, Error> {
-        validate::subject(&request.subject)?;
-        validate::durable_name(&request.durable_name)?;
+        consumer_names(&request.subject, &request.durable_name)?;
         let start = request.start_sequence.unwrap_or(0);
         let (notified, last) = self
             .store
@@ -80,9 +143,8 @@ impl Egress {
         Ok(receiver)
     }
 
-    async fn fetch_batch(&self, request: FetchRequest) -> Result<Vec<StoredMessage>, Error> {
-        validate::subject(&request.subject)?;
-        validate::durable_name(&request.durable_name)?;
+    async fn lease_batch(&self, request: &FetchRequest) -> Result<Vec<Leased>, Error> {
+        consumer_names(&request.subject, &request.durable_name)?;
         let limit = match request.batch_size {
             n if n <= 0 => DEFAULT_BATCH,
             n if n > MAX_BATCH => {
@@ -96,13 +158,13 @@ impl Egress {
         };
         Ok(self
             .store
-            .fetch(&request.subject, &request.durable_name, limit)
-            .await?)
+            .consume(&request.subject, &request.durable_name, limit)
+            .await?
+            .messages)
     }
 
-    async fn ack(&self, request: AckRequest) -> Result<u64, Error> {
-        validate::subject(&request.subject)?;
-        validate::durable_name(&request.durable_name)?;
+    async fn cumulative_ack(&self, request: AckRequest) -> Result<u64, Error> {
+        consumer_names(&request.subject, &request.durable_name)?;
         if request.sequence == 0 {
             return Err(validate::Error::new("sequence", "must be at least 1").into());
         }
@@ -118,6 +180,61 @@ impl Egress {
                 last,
             }),
         }
+    }
+
+    async fn put_consumer(
+        &self,
+        request: CreateOrUpdateConsumerRequest,
+    ) -> Result<ConsumerInfo, Error> {
+        consumer_names(&request.subject, &request.durable_name)?;
+        let settings = consumer::settings(&request.subject, request.config)?;
+        let created = self
+            .store
+            .put_consumer(&request.subject, &request.durable_name, &settings)
+            .await?;
+        let state = self
+            .consumer_state(&request.subject, &request.durable_name)
+            .await?;
+        Ok(consumer::info(state, created))
+    }
+
+    async fn consumer_state(
+        &self,
+        subject: &str,
+        durable: &str,
+    ) -> Result<mts_shared::store::ConsumerState, Error> {
+        self.store
+            .consumer_info(subject, durable)
+            .await?
+            .ok_or_else(|| Error::ConsumerNotFound {
+                subject: subject.to_owned(),
+                durable: durable.to_owned(),
+            })
+    }
+
+    async fn ack_sequences(&self, request: AckSequencesRequest) -> Result<u64, Error> {
+        consumer_names(&request.subject, &request.durable_name)?;
+        sequence_list(&request.sequences)?;
+        let verdict = self
+            .store
+            .ack_each(&request.subject, &request.durable_name, &request.sequences)
+            .await?;
+        held(&request.subject, &request.durable_name, verdict)
+    }
+
+    async fn nack_sequences(&self, request: NackRequest) -> Result<(), Error> {
+        consumer_names(&request.subject, &request.durable_name)?;
+        sequence_list(&request.sequences)?;
+        let verdict = self
+            .store
+            .nack(
+                &request.subject,
+                &request.durable_name,
+                &request.sequences,
+                request.delay_ms,
+            )
+            .await?;
+        held(&request.subject, &request.durable_name, verdict)
     }
 }
 
@@ -153,54 +270,23 @@ async fn push_notifications(
             () = sender.closed() => return,
             // The watch guard must not live across the send below.
             () = async { let _ = draining.wait_for(|draining| *draining).await; } => {
-                let _ = sender
-                    .send(Err(Status::unavailable(
-                        "egress is shutting down; reconnect to continue the subscription",
-                    )))
-                    .await;
+                let _ = sender.send(Err(draining_status())).await;
                 return;
             }
         }
     }
 }
 
-fn timestamp(ts_ns: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: i64::try_from(ts_ns / 1_000_000_000).unwrap_or(i64::MAX),
-        nanos: i32::try_from(ts_ns % 1_000_000_000).unwrap_or(0),
-    }
-}
-
-/// Completes a stored message with its payload.
-async fn deliver(blobs: BlobStore, stored: StoredMessage) -> Result<Message, Error> {
-    let data = match (&stored.object_key, stored.data) {
-        (Some(key), _) => match blobs.get(key).await {
-            Ok(bytes) => bytes,
-            Err(blob::Error::NotFound(_)) => {
-                return Err(Error::MissingPayload {
-                    subject: stored.subject,
-                    sequence: stored.seq,
-                    key: key.clone(),
-                });
-            }
-            Err(err) => return Err(Error::Blob(err)),
-        },
-        (None, Some(inline)) => inline.into_vec().into(),
-        (None, None) => Default::default(),
-    };
-    Ok(Message {
-        subject: stored.subject,
-        sequence: stored.seq,
-        data,
-        headers: stored.headers,
-        timestamp: Some(timestamp(stored.ts_ns)),
-    })
+/// How open streams end when the server drains.
+pub(crate) fn draining_status() -> Status {
+    Status::unavailable("egress is shutting down; reconnect to continue the subscription")
 }
 
 #[tonic::async_trait]
 impl EgressService for Egress {
     type SubscribeStream = ResponseStream<Notification>;
     type FetchStream = ResponseStream<Message>;
+    type ConsumeStream = ResponseStream<Message>;
 
     #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name))]
     async fn subscribe(
@@ -220,29 +306,16 @@ impl EgressService for Egress {
         request: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
         let batch = self
-            .fetch_batch(request.into_inner())
+            .lease_batch(request.get_ref())
             .await
             .inspect_err(|err| tracing::warn!(%err, "fetch failed"))?;
         tracing::debug!(messages = batch.len(), "fetched");
-        let blobs = self.blobs.clone();
-        let messages = futures::stream::iter(batch)
-            .map(move |stored| deliver(blobs.clone(), stored))
-            .buffered(PAYLOAD_READS_IN_FLIGHT)
-            .map(|delivered| {
-                delivered
-                    .inspect_err(|err| tracing::warn!(%err, "fetch failed mid-batch"))
-                    .map_err(Status::from)
-            });
-        // A failed payload read ends the batch: later messages must not
-        // arrive without the earlier one, or an ack could skip it.
-        let until_first_error = messages.scan(false, |failed, item| {
-            let out = if *failed { None } else { Some(item) };
-            if let Some(Err(_)) = &out {
-                *failed = true;
-            }
-            std::future::ready(out)
+        let messages = wire_messages(self.blobs.clone(), batch).map(|delivered| {
+            delivered
+                .inspect_err(|err| tracing::warn!(%err, "fetch failed mid-batch"))
+                .map_err(Status::from)
         });
-        Ok(Response::new(Box::pin(until_first_error)))
+        Ok(Response::new(Box::pin(messages)))
     }
 
     #[instrument(skip_all, fields(subject = %request.get_ref().subject))]
@@ -267,14 +340,101 @@ impl EgressService for Egress {
         &self,
         request: Request<AckRequest>,
     ) -> Result<Response<AckResponse>, Status> {
-        let position = self
-            .ack(request.into_inner())
+        let floor = self
+            .cumulative_ack(request.into_inner())
             .await
             .inspect_err(|err| tracing::warn!(%err, "ack failed"))?;
-        tracing::debug!(position, "acked");
+        tracing::debug!(floor, "acked");
         Ok(Response::new(AckResponse {
             success: true,
             error_message: String::new(),
         }))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name))]
+    async fn create_or_update_consumer(
+        &self,
+        request: Request<CreateOrUpdateConsumerRequest>,
+    ) -> Result<Response<ConsumerInfo>, Status> {
+        let info = self
+            .put_consumer(request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "create or update consumer failed"))?;
+        tracing::info!(created = info.created_now, "consumer configured");
+        Ok(Response::new(info))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name))]
+    async fn get_consumer_info(
+        &self,
+        request: Request<ConsumerRequest>,
+    ) -> Result<Response<ConsumerInfo>, Status> {
+        let request = request.into_inner();
+        let state = async {
+            consumer_names(&request.subject, &request.durable_name)?;
+            self.consumer_state(&request.subject, &request.durable_name)
+                .await
+        }
+        .await
+        .inspect_err(|err| tracing::debug!(%err, "consumer info failed"))?;
+        Ok(Response::new(consumer::info(state, false)))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name))]
+    async fn delete_consumer(
+        &self,
+        request: Request<ConsumerRequest>,
+    ) -> Result<Response<DeleteConsumerResponse>, Status> {
+        let request = request.into_inner();
+        let deleted = async {
+            consumer_names(&request.subject, &request.durable_name)?;
+            Ok::<_, Error>(
+                self.store
+                    .delete_consumer(&request.subject, &request.durable_name)
+                    .await?,
+            )
+        }
+        .await
+        .inspect_err(|err| tracing::warn!(%err, "delete consumer failed"))?;
+        if !deleted {
+            return Err(Error::ConsumerNotFound {
+                subject: request.subject,
+                durable: request.durable_name,
+            }
+            .into());
+        }
+        tracing::info!("consumer deleted");
+        Ok(Response::new(DeleteConsumerResponse { deleted }))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name, count = request.get_ref().sequences.len()))]
+    async fn ack(
+        &self,
+        request: Request<AckSequencesRequest>,
+    ) -> Result<Response<AckSequencesResponse>, Status> {
+        let ack_floor = self
+            .ack_sequences(request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "ack failed"))?;
+        Ok(Response::new(AckSequencesResponse { ack_floor }))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name, count = request.get_ref().sequences.len()))]
+    async fn nack(&self, request: Request<NackRequest>) -> Result<Response<NackResponse>, Status> {
+        self.nack_sequences(request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "nack failed"))?;
+        Ok(Response::new(NackResponse {}))
+    }
+
+    #[instrument(skip_all)]
+    async fn consume(
+        &self,
+        request: Request<Streaming<ConsumeRequest>>,
+    ) -> Result<Response<Self::ConsumeStream>, Status> {
+        let receiver = consume::open(self.clone(), request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "consume failed"))?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 }

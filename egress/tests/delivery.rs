@@ -90,7 +90,7 @@ fn sequences(messages: &[Message]) -> Vec<u64> {
 }
 
 #[tokio::test]
-async fn fetch_reads_after_the_ack_position_and_ack_moves_it_forward_only() {
+async fn an_old_style_client_fetches_and_acks_cumulatively() {
     let mut f = fixture("fetch-ack").await;
     assert_eq!(f.last().await, 0);
     for i in 0..25u8 {
@@ -106,28 +106,36 @@ async fn fetch_reads_after_the_ack_position_and_ack_moves_it_forward_only() {
     );
     assert_eq!(first[4].data.as_ref(), &[4u8; 3]);
     assert_eq!(first[4].headers["n"], "3");
+    assert_eq!(first[4].delivery_count, 1);
+    assert_eq!(
+        first[4].headers["mts-delivery-count"], "1",
+        "old clients see the count as a header"
+    );
     let ts = first[0].timestamp.unwrap();
     assert!(ts.seconds > 1_700_000_000, "commit timestamp: {ts:?}");
 
-    assert_eq!(
-        sequences(&f.fetch("worker", 5).await),
-        vec![1, 2, 3, 4, 5],
-        "fetch does not move the position"
+    // Leased messages are not handed out twice: the next fetch continues.
+    assert_eq!(sequences(&f.fetch("worker", 3).await), vec![11, 12, 13]);
+    assert!(
+        f.ack("worker", 13).await.unwrap(),
+        "acks everything handed out up to 13"
     );
-    assert!(f.ack("worker", 7).await.unwrap());
-    assert_eq!(sequences(&f.fetch("worker", 3).await), vec![8, 9, 10]);
     assert!(
         f.ack("worker", 3).await.unwrap(),
         "an older ack is accepted"
     );
     assert_eq!(
-        sequences(&f.fetch("worker", 1).await),
-        vec![8],
-        "but does not move the position back"
+        sequences(&f.fetch("worker", 2).await),
+        vec![14, 15],
+        "and moves nothing back"
+    );
+    assert!(
+        f.ack("worker", 20).await.unwrap(),
+        "acking ahead skips, as it always did"
     );
     assert_eq!(
         sequences(&f.fetch("worker", 1000).await),
-        (8..=25).collect::<Vec<_>>()
+        (21..=25).collect::<Vec<_>>()
     );
     assert_eq!(
         sequences(&f.fetch("someone-else", 2).await),
@@ -170,7 +178,7 @@ async fn fetch_reads_offloaded_payloads_from_s3() {
         .client
         .fetch(FetchRequest {
             subject: f.subject.clone(),
-            durable_name: "d".into(),
+            durable_name: "another".into(),
             batch_size: 1,
         })
         .await

@@ -277,7 +277,7 @@ async fn every_rule_maps_to_its_status() {
         let fetched: Vec<_> = subscriber
             .fetch(FetchRequest {
                 subject: good.clone(),
-                durable_name: "d".into(),
+                durable_name: format!("batch{batch_size}"),
                 batch_size,
             })
             .await

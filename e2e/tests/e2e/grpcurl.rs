@@ -84,6 +84,26 @@ fn as_u64(value: &Value) -> u64 {
     }
 }
 
+/// `grpcurl` off the async runtime.
+async fn call(
+    addr: SocketAddr,
+    extra: &'static [&'static str],
+    method: &'static str,
+    body: Value,
+) -> Result<String, String> {
+    tokio::task::spawn_blocking(move || grpcurl(addr, extra, method, Some(&body)))
+        .await
+        .unwrap()
+}
+
+/// A unary call that must succeed, parsed.
+async fn ok(addr: SocketAddr, method: &'static str, body: Value) -> Value {
+    let text = call(addr, &[], method, body)
+        .await
+        .unwrap_or_else(|e| panic!("{method}: {e}"));
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method}: {e}: {text}"))
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_person_with_grpcurl_can_do_everything() {
     let config = testing::config();
@@ -122,18 +142,7 @@ async fn a_person_with_grpcurl_can_do_everything() {
     for (i, payload) in payloads.iter().enumerate() {
         let body =
             json!({"subject": subject, "data": b64(payload), "headers": {"index": i.to_string()}});
-        let reply = tokio::task::spawn_blocking(move || {
-            grpcurl(
-                ingress,
-                &[],
-                "minitoolstream.IngressService/Publish",
-                Some(&body),
-            )
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        let reply: Value = serde_json::from_str(&reply).unwrap();
+        let reply = ok(ingress, "minitoolstream.IngressService/Publish", body).await;
         assert_eq!(as_u64(&reply["sequence"]), i as u64 + 1, "{reply}");
         object_names.push(reply["objectName"].as_str().unwrap_or("").to_string());
     }
@@ -147,38 +156,29 @@ async fn a_person_with_grpcurl_can_do_everything() {
             .unwrap()
     );
 
+    // The stream stays open; -max-time ends grpcurl after the first notification arrived.
     let subscribe = json!({"subject": subject, "durable_name": "person"});
-    let notifications = tokio::task::spawn_blocking(move || {
-        // The stream stays open; -max-time ends grpcurl after the first notification arrived.
-        grpcurl(
-            egress,
-            &["-max-time", "2"],
-            "minitoolstream.EgressService/Subscribe",
-            Some(&subscribe),
-        )
-    })
+    let notifications = call(
+        egress,
+        &["-max-time", "2"],
+        "minitoolstream.EgressService/Subscribe",
+        subscribe,
+    )
     .await
-    .unwrap()
     .unwrap_err();
     let first = json_stream(notifications.split("ERROR").next().unwrap());
     assert_eq!(as_u64(&first[0]["sequence"]), 3, "{notifications}");
     assert_eq!(first[0]["subject"], subject);
 
     let fetch = json!({"subject": subject, "durable_name": "person", "batch_size": 10});
-    let fetched = {
-        let fetch = fetch.clone();
-        tokio::task::spawn_blocking(move || {
-            grpcurl(
-                egress,
-                &[],
-                "minitoolstream.EgressService/Fetch",
-                Some(&fetch),
-            )
-        })
-        .await
-        .unwrap()
-        .unwrap()
-    };
+    let fetched = call(
+        egress,
+        &[],
+        "minitoolstream.EgressService/Fetch",
+        fetch.clone(),
+    )
+    .await
+    .unwrap();
     let messages = json_stream(&fetched);
     assert_eq!(messages.len(), 3);
     for (i, message) in messages.iter().enumerate() {
@@ -186,85 +186,89 @@ async fn a_person_with_grpcurl_can_do_everything() {
         let data = unb64(message["data"].as_str().unwrap_or(""));
         assert_eq!(sha256(&data), sha256(&payloads[i]), "payload {i}");
         assert_eq!(message["headers"]["index"], i.to_string());
+        assert_eq!(message["deliveryCount"], 1);
         assert!(message["timestamp"].is_string(), "{message}");
     }
 
-    let ack = json!({"subject": subject, "durable_name": "person", "sequence": 2});
-    let acked = tokio::task::spawn_blocking(move || {
-        grpcurl(
-            egress,
-            &[],
-            "minitoolstream.EgressService/AckMessage",
-            Some(&ack),
+    let acked = ok(
+        egress,
+        "minitoolstream.EgressService/AckMessage",
+        json!({"subject": subject, "durable_name": "person", "sequence": 2}),
+    )
+    .await;
+    assert_eq!(acked["success"], true);
+    // Sequence 3 is still leased to "person": nothing to fetch until it is nacked.
+    assert!(
+        json_stream(
+            &call(
+                egress,
+                &[],
+                "minitoolstream.EgressService/Fetch",
+                fetch.clone()
+            )
+            .await
+            .unwrap()
         )
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(
-        serde_json::from_str::<Value>(&acked).unwrap()["success"],
-        true
+        .is_empty()
     );
-    let after_ack = tokio::task::spawn_blocking(move || {
-        grpcurl(
-            egress,
-            &[],
-            "minitoolstream.EgressService/Fetch",
-            Some(&fetch),
-        )
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    let remaining = json_stream(&after_ack);
-    assert_eq!(remaining.len(), 1);
-    assert_eq!(as_u64(&remaining[0]["sequence"]), 3);
+    ok(
+        egress,
+        "minitoolstream.EgressService/Nack",
+        json!({"subject": subject, "durable_name": "person", "sequences": [3]}),
+    )
+    .await;
+    let again = json_stream(
+        &call(egress, &[], "minitoolstream.EgressService/Fetch", fetch)
+            .await
+            .unwrap(),
+    );
+    assert_eq!(again.len(), 1);
+    assert_eq!(as_u64(&again[0]["sequence"]), 3);
+    assert_eq!(again[0]["deliveryCount"], 2, "redelivered");
+    let floor = ok(
+        egress,
+        "minitoolstream.EgressService/Ack",
+        json!({"subject": subject, "durable_name": "person", "sequences": [3]}),
+    )
+    .await;
+    assert_eq!(as_u64(&floor["ackFloor"]), 3);
+    let info = ok(
+        egress,
+        "minitoolstream.EgressService/GetConsumerInfo",
+        json!({"subject": subject, "durable_name": "person"}),
+    )
+    .await;
+    assert_eq!(as_u64(&info["ackFloor"]), 3, "{info}");
+    assert_eq!(as_u64(&info["numAckPending"]), 0, "{info}");
 
-    let last = json!({"subject": subject});
-    let last = tokio::task::spawn_blocking(move || {
-        grpcurl(
-            egress,
-            &[],
-            "minitoolstream.EgressService/GetLastSequence",
-            Some(&last),
-        )
-    })
-    .await
-    .unwrap()
-    .unwrap();
-    assert_eq!(
-        as_u64(&serde_json::from_str::<Value>(&last).unwrap()["lastSequence"]),
-        3
-    );
+    let last = ok(
+        egress,
+        "minitoolstream.EgressService/GetLastSequence",
+        json!({"subject": subject}),
+    )
+    .await;
+    assert_eq!(as_u64(&last["lastSequence"]), 3);
 
     for (addr, service) in [
         (ingress, "minitoolstream.IngressService"),
         (egress, "minitoolstream.EgressService"),
     ] {
-        let body = json!({"service": service});
-        let health = tokio::task::spawn_blocking(move || {
-            grpcurl(addr, &[], "grpc.health.v1.Health/Check", Some(&body))
-        })
-        .await
-        .unwrap()
-        .unwrap();
-        assert_eq!(
-            serde_json::from_str::<Value>(&health).unwrap()["status"],
-            "SERVING"
-        );
+        let health = ok(
+            addr,
+            "grpc.health.v1.Health/Check",
+            json!({"service": service}),
+        )
+        .await;
+        assert_eq!(health["status"], "SERVING");
     }
 
-    let bad = json!({"subject": "has space", "data": ""});
-    let refused = tokio::task::spawn_blocking(move || {
-        grpcurl(
-            ingress,
-            &[],
-            "minitoolstream.IngressService/Publish",
-            Some(&bad),
-        )
-    })
+    let refused = call(
+        ingress,
+        &[],
+        "minitoolstream.IngressService/Publish",
+        json!({"subject": "has space", "data": ""}),
+    )
     .await
-    .unwrap()
     .unwrap_err();
     assert!(refused.contains("InvalidArgument"), "{refused}");
     assert!(refused.contains("whitespace at byte 3"), "{refused}");

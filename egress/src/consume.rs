@@ -1,0 +1,250 @@
+//! The bidirectional Consume stream. The client opens it with a start frame
+//! and then sends acks and nacks; the server pushes messages as they are
+//! committed (woken by the subject's watcher, no polling) or become due for
+//! redelivery, never with more than `max_in_flight` of them outstanding —
+//! sent and neither acked, nacked nor past their lease. When the stream
+//! ends, its leases are given back for immediate redelivery.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use futures::StreamExt;
+use mts_proto::pb::consume_request::Request as Frame;
+use mts_proto::pb::{ConsumeRequest, ConsumeStart, Message};
+use mts_shared::validate;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::{Status, Streaming};
+
+use crate::Error;
+use crate::service::{Egress, consumer_names, draining_status, held, sequence_list, wire_messages};
+
+/// `max_in_flight` when the client gives 0.
+const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
+/// Highest `max_in_flight`.
+const MAX_IN_FLIGHT: u32 = 10_000;
+
+/// Reads the start frame, checks it and starts the stream's task.
+pub async fn open(
+    egress: Egress,
+    mut inbound: Streaming<ConsumeRequest>,
+) -> Result<mpsc::Receiver<Result<Message, Status>>, Status> {
+    let start = match inbound.next().await {
+        Some(Ok(ConsumeRequest {
+            request: Some(Frame::Start(start)),
+        })) => start,
+        Some(Ok(_)) => {
+            return Err(Error::from(validate::Error::new(
+                "start",
+                "the first frame of a Consume stream must be a start frame",
+            ))
+            .into());
+        }
+        Some(Err(status)) => return Err(status),
+        None => {
+            return Err(Error::from(validate::Error::new(
+                "start",
+                "the stream closed before its start frame",
+            ))
+            .into());
+        }
+    };
+    let max_in_flight = checked_start(&start).map_err(Error::from)?;
+    let (sender, receiver) = mpsc::channel(max_in_flight as usize + 1);
+    let session = Session {
+        egress,
+        subject: start.subject,
+        durable: start.durable_name,
+        max_in_flight: max_in_flight as usize,
+        outstanding: HashMap::new(),
+        sender,
+    };
+    tokio::spawn(session.run(inbound));
+    Ok(receiver)
+}
+
+fn checked_start(start: &ConsumeStart) -> Result<u32, validate::Error> {
+    consumer_names(&start.subject, &start.durable_name)?;
+    match start.max_in_flight {
+        0 => Ok(DEFAULT_MAX_IN_FLIGHT),
+        n if n > MAX_IN_FLIGHT => Err(validate::Error::new(
+            "max_in_flight",
+            format!("{n} is above the limit of {MAX_IN_FLIGHT}"),
+        )),
+        n => Ok(n),
+    }
+}
+
+fn now_ns() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// The monotonic instant of a wall-clock deadline.
+fn instant_of(deadline_ns: u64) -> Instant {
+    Instant::now() + Duration::from_nanos(deadline_ns.saturating_sub(now_ns()))
+}
+
+/// Why a session ends.
+enum End {
+    /// The client went away or finished; nothing to send.
+    Quiet,
+    /// End the stream with this status.
+    With(Status),
+}
+
+struct Session {
+    egress: Egress,
+    subject: String,
+    durable: String,
+    max_in_flight: usize,
+    /// Sent and not yet acked or nacked: sequence → lease deadline (ns).
+    outstanding: HashMap<u64, u64>,
+    sender: mpsc::Sender<Result<Message, Status>>,
+}
+
+impl Session {
+    async fn run(mut self, mut inbound: Streaming<ConsumeRequest>) {
+        let end = self.serve(&mut inbound).await;
+        if let End::With(status) = end {
+            let _ = self.sender.send(Err(status)).await;
+        }
+        let held: Vec<u64> = self.outstanding.keys().copied().collect();
+        if !held.is_empty() {
+            if let Err(err) = self
+                .egress
+                .store
+                .release(&self.subject, &self.durable, &held)
+                .await
+            {
+                tracing::debug!(%err, "could not release leases; they expire instead");
+            }
+        }
+    }
+
+    async fn serve(&mut self, inbound: &mut Streaming<ConsumeRequest>) -> End {
+        let mut commits = self.egress.watchers.watch(&self.subject, 0);
+        let mut draining = self.egress.draining.clone();
+        let mut redelivery_due: Option<Instant> = None;
+        loop {
+            // A lease that ran out is no longer this stream's to count.
+            let now = now_ns();
+            self.outstanding.retain(|_, deadline| *deadline > now);
+            let room = self.max_in_flight.saturating_sub(self.outstanding.len());
+            if room > 0 {
+                match self.push(room).await {
+                    Ok((sent, due)) => {
+                        redelivery_due = due;
+                        if sent == room {
+                            continue;
+                        }
+                    }
+                    Err(end) => return end,
+                }
+            }
+            let lease_ends = self.outstanding.values().min().map(|d| instant_of(*d));
+            let wake = match (redelivery_due, lease_ends) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
+            tokio::select! {
+                frame = inbound.next() => match frame {
+                    Some(Ok(ConsumeRequest { request: Some(frame) })) => {
+                        if let Err(end) = self.answer(frame).await {
+                            return end;
+                        }
+                    }
+                    Some(Ok(ConsumeRequest { request: None })) => {}
+                    // The client finished sending, or went away.
+                    None | Some(Err(_)) => return End::Quiet,
+                },
+                changed = commits.changed() => {
+                    if changed.is_err() {
+                        return End::With(Status::unavailable("notifications stopped; reconnect"));
+                    }
+                }
+                () = async {
+                    match wake {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => {}
+                () = self.sender.closed() => return End::Quiet,
+                () = async { let _ = draining.wait_for(|draining| *draining).await; } => {
+                    return End::With(draining_status());
+                }
+            }
+        }
+    }
+
+    /// Leases up to `room` messages and sends them. Returns how many were
+    /// sent and when redeliveries can next be due.
+    async fn push(&mut self, room: usize) -> Result<(usize, Option<Instant>), End> {
+        let limit = u32::try_from(room).unwrap_or(u32::MAX);
+        let batch = self
+            .egress
+            .store
+            .consume(&self.subject, &self.durable, limit)
+            .await
+            .map_err(|err| End::With(Error::from(err).into()))?;
+        let due = (batch.next_deadline_ns > 0).then(|| instant_of(batch.next_deadline_ns));
+        let sent = batch.messages.len();
+        for leased in &batch.messages {
+            self.outstanding
+                .insert(leased.message.seq, leased.deadline_ns);
+        }
+        let mut messages = std::pin::pin!(wire_messages(self.egress.blobs.clone(), batch.messages));
+        while let Some(message) = messages.next().await {
+            match message {
+                Ok(message) => {
+                    if self.sender.send(Ok(message)).await.is_err() {
+                        return Err(End::Quiet);
+                    }
+                }
+                Err(err) => {
+                    tracing::warn!(%err, "consume failed mid-batch");
+                    return Err(End::With(err.into()));
+                }
+            }
+        }
+        Ok((sent, due))
+    }
+
+    /// Applies an ack or nack frame.
+    async fn answer(&mut self, frame: Frame) -> Result<(), End> {
+        let store = &self.egress.store;
+        let (sequences, verdict) = match frame {
+            Frame::Ack(ack) => {
+                sequence_list(&ack.sequences).map_err(|e| End::With(Error::from(e).into()))?;
+                let verdict = store
+                    .ack_each(&self.subject, &self.durable, &ack.sequences)
+                    .await
+                    .map(|v| v.map(drop));
+                (ack.sequences, verdict)
+            }
+            Frame::Nack(nack) => {
+                sequence_list(&nack.sequences).map_err(|e| End::With(Error::from(e).into()))?;
+                let verdict = store
+                    .nack(&self.subject, &self.durable, &nack.sequences, nack.delay_ms)
+                    .await;
+                (nack.sequences, verdict)
+            }
+            Frame::Start(_) => {
+                return Err(End::With(
+                    Error::from(validate::Error::new(
+                        "start",
+                        "a stream takes one start frame",
+                    ))
+                    .into(),
+                ));
+            }
+        };
+        let verdict = verdict.map_err(|err| End::With(Error::from(err).into()))?;
+        held(&self.subject, &self.durable, verdict).map_err(|err| End::With(err.into()))?;
+        for seq in sequences {
+            self.outstanding.remove(&seq);
+        }
+        Ok(())
+    }
+}

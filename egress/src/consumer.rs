@@ -1,0 +1,245 @@
+//! Consumer settings and state between the wire and the store, with the
+//! validation of settings a client sends.
+
+use mts_proto::pb::{ConsumerConfig, ConsumerInfo, DeliverPolicy as WirePolicy};
+use mts_shared::store::{ConsumerSettings, ConsumerState, DeliverPolicy};
+use mts_shared::validate;
+
+use crate::delivery::timestamp;
+
+/// Longest lease a consumer may ask for.
+const MAX_ACK_WAIT_MS: u32 = 12 * 60 * 60 * 1000;
+/// Shortest lease: anything less redelivers before a client could answer.
+const MIN_ACK_WAIT_MS: u32 = 10;
+/// Highest `max_ack_pending`; bounded so one fetch stays a short transaction.
+const MAX_ACK_PENDING: u32 = 100_000;
+
+/// Checks `config` for `subject` and turns it into store settings.
+pub fn settings(
+    subject: &str,
+    config: Option<ConsumerConfig>,
+) -> Result<ConsumerSettings, validate::Error> {
+    let config = config.unwrap_or_default();
+    if let Some(ms) = config.ack_wait_ms {
+        if !(MIN_ACK_WAIT_MS..=MAX_ACK_WAIT_MS).contains(&ms) {
+            return Err(validate::Error::new(
+                "config.ack_wait_ms",
+                format!("{ms} is outside {MIN_ACK_WAIT_MS}..={MAX_ACK_WAIT_MS}"),
+            ));
+        }
+    }
+    if let Some(n) = config.max_ack_pending {
+        if n > MAX_ACK_PENDING {
+            return Err(validate::Error::new(
+                "config.max_ack_pending",
+                format!("{n} is above the limit of {MAX_ACK_PENDING} (0 means unlimited)"),
+            ));
+        }
+    }
+    if let Some(dlq) = config.dead_letter_subject.as_deref() {
+        if !dlq.is_empty() {
+            validate::subject(dlq)
+                .map_err(|e| validate::Error::new("config.dead_letter_subject", e.reason))?;
+            if dlq == subject {
+                return Err(validate::Error::new(
+                    "config.dead_letter_subject",
+                    "must differ from the subject itself",
+                ));
+            }
+        }
+    }
+    let policy = match WirePolicy::try_from(config.deliver_policy) {
+        Ok(WirePolicy::Unspecified) => None,
+        Ok(WirePolicy::DeliverAll) => Some(DeliverPolicy::All),
+        Ok(WirePolicy::DeliverNew) => Some(DeliverPolicy::New),
+        Ok(WirePolicy::DeliverByStartSequence) => Some(DeliverPolicy::ByStartSequence),
+        Ok(WirePolicy::DeliverByStartTime) => Some(DeliverPolicy::ByStartTime),
+        Err(_) => {
+            return Err(validate::Error::new(
+                "config.deliver_policy",
+                format!("{} is not a known policy", config.deliver_policy),
+            ));
+        }
+    };
+    let mut settings = ConsumerSettings {
+        ack_wait_ms: config.ack_wait_ms,
+        max_deliver: config.max_deliver,
+        max_ack_pending: config.max_ack_pending,
+        deliver_policy: policy,
+        start_seq: None,
+        start_time_ns: None,
+        dlq_subject: config.dead_letter_subject,
+    };
+    match policy {
+        Some(DeliverPolicy::ByStartSequence) => {
+            if config.start_sequence == 0 {
+                return Err(validate::Error::new(
+                    "config.start_sequence",
+                    "DELIVER_BY_START_SEQUENCE needs a start_sequence of at least 1",
+                ));
+            }
+            settings.start_seq = Some(config.start_sequence);
+        }
+        Some(DeliverPolicy::ByStartTime) => {
+            let time = config.start_time.ok_or_else(|| {
+                validate::Error::new(
+                    "config.start_time",
+                    "DELIVER_BY_START_TIME needs a start_time",
+                )
+            })?;
+            let ns = u64::try_from(time.seconds)
+                .ok()
+                .and_then(|s| s.checked_mul(1_000_000_000))
+                .and_then(|ns| ns.checked_add(u64::try_from(time.nanos).ok()?))
+                .ok_or_else(|| validate::Error::new("config.start_time", "must be after 1970"))?;
+            settings.start_time_ns = Some(ns);
+        }
+        _ => {}
+    }
+    Ok(settings)
+}
+
+/// The wire form of a consumer's state.
+pub fn info(state: ConsumerState, created_now: bool) -> ConsumerInfo {
+    let policy = match DeliverPolicy::from_name(&state.deliver_policy) {
+        Some(DeliverPolicy::All) | None => WirePolicy::DeliverAll,
+        Some(DeliverPolicy::New) => WirePolicy::DeliverNew,
+        Some(DeliverPolicy::ByStartSequence) => WirePolicy::DeliverByStartSequence,
+        Some(DeliverPolicy::ByStartTime) => WirePolicy::DeliverByStartTime,
+    };
+    let clamp = |v: u64| u32::try_from(v).unwrap_or(u32::MAX);
+    ConsumerInfo {
+        subject: state.subject,
+        durable_name: state.durable,
+        config: Some(ConsumerConfig {
+            ack_wait_ms: Some(clamp(state.ack_wait_ms)),
+            max_deliver: Some(clamp(state.max_deliver)),
+            max_ack_pending: Some(clamp(state.max_ack_pending)),
+            deliver_policy: policy.into(),
+            start_sequence: state.start_seq,
+            start_time: (state.start_time_ns > 0).then(|| timestamp(state.start_time_ns)),
+            dead_letter_subject: Some(state.dlq_subject),
+        }),
+        created: Some(timestamp(state.created_ns)),
+        ack_floor: state.ack_floor,
+        last_delivered: state.last_delivered,
+        num_pending: state.num_pending,
+        num_ack_pending: state.num_ack_pending,
+        num_redelivered: state.num_redelivered,
+        oldest_unacked_age_ms: state.oldest_unacked_age_ns / 1_000_000,
+        last_sequence: state.last_seq,
+        created_now,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config() -> ConsumerConfig {
+        ConsumerConfig::default()
+    }
+
+    #[test]
+    fn empty_config_keeps_defaults() {
+        assert_eq!(settings("s", None).unwrap(), ConsumerSettings::default());
+    }
+
+    #[test]
+    fn refuses_out_of_range_settings_naming_the_field() {
+        let cases = [
+            (
+                ConsumerConfig {
+                    ack_wait_ms: Some(5),
+                    ..config()
+                },
+                "config.ack_wait_ms",
+            ),
+            (
+                ConsumerConfig {
+                    ack_wait_ms: Some(MAX_ACK_WAIT_MS + 1),
+                    ..config()
+                },
+                "config.ack_wait_ms",
+            ),
+            (
+                ConsumerConfig {
+                    max_ack_pending: Some(MAX_ACK_PENDING + 1),
+                    ..config()
+                },
+                "config.max_ack_pending",
+            ),
+            (
+                ConsumerConfig {
+                    dead_letter_subject: Some("s".into()),
+                    ..config()
+                },
+                "config.dead_letter_subject",
+            ),
+            (
+                ConsumerConfig {
+                    dead_letter_subject: Some("bad dlq".into()),
+                    ..config()
+                },
+                "config.dead_letter_subject",
+            ),
+            (
+                ConsumerConfig {
+                    deliver_policy: 99,
+                    ..config()
+                },
+                "config.deliver_policy",
+            ),
+            (
+                ConsumerConfig {
+                    deliver_policy: WirePolicy::DeliverByStartSequence.into(),
+                    ..config()
+                },
+                "config.start_sequence",
+            ),
+            (
+                ConsumerConfig {
+                    deliver_policy: WirePolicy::DeliverByStartTime.into(),
+                    ..config()
+                },
+                "config.start_time",
+            ),
+        ];
+        for (config, field) in cases {
+            assert_eq!(
+                settings("s", Some(config.clone())).unwrap_err().field,
+                field,
+                "{config:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn start_points_and_an_empty_dlq_pass_through() {
+        let by_seq = settings(
+            "s",
+            Some(ConsumerConfig {
+                deliver_policy: WirePolicy::DeliverByStartSequence.into(),
+                start_sequence: 7,
+                dead_letter_subject: Some(String::new()),
+                ..config()
+            }),
+        )
+        .unwrap();
+        assert_eq!(by_seq.start_seq, Some(7));
+        assert_eq!(by_seq.dlq_subject.as_deref(), Some(""));
+        let by_time = settings(
+            "s",
+            Some(ConsumerConfig {
+                deliver_policy: WirePolicy::DeliverByStartTime.into(),
+                start_time: Some(prost_types::Timestamp {
+                    seconds: 2,
+                    nanos: 5,
+                }),
+                ..config()
+            }),
+        )
+        .unwrap();
+        assert_eq!(by_time.start_time_ns, Some(2_000_000_005));
+    }
+}

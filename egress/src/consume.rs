@@ -111,15 +111,14 @@ impl Session {
             let _ = self.sender.send(Err(status)).await;
         }
         let held: Vec<u64> = self.outstanding.keys().copied().collect();
-        if !held.is_empty() {
-            if let Err(err) = self
+        if !held.is_empty()
+            && let Err(err) = self
                 .egress
                 .store
                 .release(&self.subject, &self.durable, &held)
                 .await
-            {
-                tracing::debug!(%err, "could not release leases; they expire instead");
-            }
+        {
+            tracing::debug!(%err, "could not release leases; they expire instead");
         }
     }
 

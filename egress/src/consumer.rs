@@ -20,32 +20,32 @@ pub fn settings(
     config: Option<ConsumerConfig>,
 ) -> Result<ConsumerSettings, validate::Error> {
     let config = config.unwrap_or_default();
-    if let Some(ms) = config.ack_wait_ms {
-        if !(MIN_ACK_WAIT_MS..=MAX_ACK_WAIT_MS).contains(&ms) {
-            return Err(validate::Error::new(
-                "config.ack_wait_ms",
-                format!("{ms} is outside {MIN_ACK_WAIT_MS}..={MAX_ACK_WAIT_MS}"),
-            ));
-        }
+    if let Some(ms) = config.ack_wait_ms
+        && !(MIN_ACK_WAIT_MS..=MAX_ACK_WAIT_MS).contains(&ms)
+    {
+        return Err(validate::Error::new(
+            "config.ack_wait_ms",
+            format!("{ms} is outside {MIN_ACK_WAIT_MS}..={MAX_ACK_WAIT_MS}"),
+        ));
     }
-    if let Some(n) = config.max_ack_pending {
-        if n > MAX_ACK_PENDING {
-            return Err(validate::Error::new(
-                "config.max_ack_pending",
-                format!("{n} is above the limit of {MAX_ACK_PENDING} (0 means unlimited)"),
-            ));
-        }
+    if let Some(n) = config.max_ack_pending
+        && n > MAX_ACK_PENDING
+    {
+        return Err(validate::Error::new(
+            "config.max_ack_pending",
+            format!("{n} is above the limit of {MAX_ACK_PENDING} (0 means unlimited)"),
+        ));
     }
-    if let Some(dlq) = config.dead_letter_subject.as_deref() {
-        if !dlq.is_empty() {
-            validate::subject(dlq)
-                .map_err(|e| validate::Error::new("config.dead_letter_subject", e.reason))?;
-            if dlq == subject {
-                return Err(validate::Error::new(
-                    "config.dead_letter_subject",
-                    "must differ from the subject itself",
-                ));
-            }
+    if let Some(dlq) = config.dead_letter_subject.as_deref()
+        && !dlq.is_empty()
+    {
+        validate::subject(dlq)
+            .map_err(|e| validate::Error::new("config.dead_letter_subject", e.reason))?;
+        if dlq == subject {
+            return Err(validate::Error::new(
+                "config.dead_letter_subject",
+                "must differ from the subject itself",
+            ));
         }
     }
     let policy = match WirePolicy::try_from(config.deliver_policy) {

@@ -1,93 +1,16 @@
-//! Subscribe, Fetch, AckMessage and GetLastSequence against the real
-//! Tarantool and S3 server that scripts/test.sh runs. Messages are published
-//! straight through the store, so these tests need only the egress.
+//! Subscribe, Fetch, AckMessage and GetLastSequence: what the original
+//! clients use.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use mts_proto::pb::egress_service_client::EgressServiceClient;
-use mts_proto::pb::{AckRequest, FetchRequest, GetLastSequenceRequest, Message, SubscribeRequest};
-use mts_proto::service_names::EGRESS;
+use mts_proto::pb::{FetchRequest, SubscribeRequest};
 use mts_shared::blob::BlobStore;
-use mts_shared::store::Store;
-use mts_shared::testing::{self, Running};
+use mts_shared::testing;
 use tonic::Code;
-use tonic::transport::Channel;
 
-struct Fixture {
-    service: Running,
-    client: EgressServiceClient<Channel>,
-    store: Store,
-    subject: String,
-}
-
-async fn fixture(name: &str) -> Fixture {
-    let mut config = testing::config();
-    // Far above the 10 s a test waits for a notification: only a commit
-    // waking the waiter in Tarantool can deliver one in time.
-    config.long_poll_seconds = 300;
-    let service = Running::start(EGRESS, config.clone(), mts_egress::run).await;
-    let client = EgressServiceClient::connect(service.endpoint())
-        .await
-        .unwrap();
-    Fixture {
-        service,
-        client,
-        store: Store::connect(&config).await.unwrap(),
-        subject: testing::unique_subject(name),
-    }
-}
-
-impl Fixture {
-    async fn publish(&self, data: &[u8]) -> u64 {
-        let headers = HashMap::from([("n".to_string(), data.len().to_string())]);
-        self.store
-            .publish(&self.subject, &headers, Some(data), None, data.len() as u64)
-            .await
-            .unwrap()
-    }
-
-    async fn fetch(&mut self, durable: &str, batch_size: i32) -> Vec<Message> {
-        let stream = self
-            .client
-            .fetch(FetchRequest {
-                subject: self.subject.clone(),
-                durable_name: durable.into(),
-                batch_size,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        stream.map(|m| m.unwrap()).collect().await
-    }
-
-    async fn ack(&mut self, durable: &str, sequence: u64) -> Result<bool, tonic::Status> {
-        self.client
-            .ack_message(AckRequest {
-                durable_name: durable.into(),
-                subject: self.subject.clone(),
-                sequence,
-            })
-            .await
-            .map(|r| r.into_inner().success)
-    }
-
-    async fn last(&mut self) -> u64 {
-        self.client
-            .get_last_sequence(GetLastSequenceRequest {
-                subject: self.subject.clone(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .last_sequence
-    }
-}
-
-fn sequences(messages: &[Message]) -> Vec<u64> {
-    messages.iter().map(|m| m.sequence).collect()
-}
+use crate::support::{fixture, next, sequences};
 
 #[tokio::test]
 async fn an_old_style_client_fetches_and_acks_cumulatively() {
@@ -367,14 +290,4 @@ async fn draining_ends_open_streams_with_unavailable() {
         .expect("egress stopped within the grace period")
         .unwrap()
         .unwrap();
-}
-
-async fn next(
-    stream: &mut tonic::Streaming<mts_proto::pb::Notification>,
-) -> mts_proto::pb::Notification {
-    tokio::time::timeout(Duration::from_secs(10), stream.next())
-        .await
-        .expect("a notification within 10 s")
-        .expect("stream still open")
-        .expect("no error")
 }

@@ -1,0 +1,231 @@
+//! The bidirectional Consume stream: push on commit, flow control, acks and
+//! nacks on the stream, and what happens to a broken stream's messages.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use futures::StreamExt;
+use mts_proto::pb::consume_request::Request as Frame;
+use mts_proto::pb::{
+    AckSequences, ConsumeRequest, ConsumeStart, ConsumerConfig, CreateOrUpdateConsumerRequest,
+    Message, NackSequences,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Streaming};
+
+use crate::support::{Fixture, fixture, sequences};
+
+struct Stream {
+    frames: mpsc::Sender<ConsumeRequest>,
+    messages: Streaming<Message>,
+}
+
+impl Stream {
+    async fn open(f: &mut Fixture, durable: &str, max_in_flight: u32) -> Self {
+        let (frames, outbound) = mpsc::channel(16);
+        frames
+            .send(ConsumeRequest {
+                request: Some(Frame::Start(ConsumeStart {
+                    subject: f.subject.clone(),
+                    durable_name: durable.into(),
+                    max_in_flight,
+                })),
+            })
+            .await
+            .unwrap();
+        let messages = f
+            .client
+            .consume(ReceiverStream::new(outbound))
+            .await
+            .unwrap()
+            .into_inner();
+        Self { frames, messages }
+    }
+
+    async fn next(&mut self) -> Message {
+        tokio::time::timeout(Duration::from_secs(10), self.messages.next())
+            .await
+            .expect("a message within 10 s")
+            .expect("stream open")
+            .expect("no error")
+    }
+
+    /// Nothing more arrives for a while.
+    async fn quiet(&mut self) -> bool {
+        tokio::time::timeout(Duration::from_millis(400), self.messages.next())
+            .await
+            .is_err()
+    }
+
+    async fn ack(&self, sequences: Vec<u64>) {
+        let frame = ConsumeRequest {
+            request: Some(Frame::Ack(AckSequences { sequences })),
+        };
+        self.frames.send(frame).await.unwrap();
+    }
+
+    async fn nack(&self, sequences: Vec<u64>, delay_ms: u32) {
+        let frame = ConsumeRequest {
+            request: Some(Frame::Nack(NackSequences {
+                sequences,
+                delay_ms,
+            })),
+        };
+        self.frames.send(frame).await.unwrap();
+    }
+}
+
+async fn create(f: &mut Fixture, durable: &str, ack_wait_ms: u32) {
+    f.client
+        .create_or_update_consumer(CreateOrUpdateConsumerRequest {
+            subject: f.subject.clone(),
+            durable_name: durable.into(),
+            config: Some(ConsumerConfig {
+                ack_wait_ms: Some(ack_wait_ms),
+                ..ConsumerConfig::default()
+            }),
+        })
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn flow_control_never_exceeds_max_in_flight() {
+    let mut f = fixture("consume-flow").await;
+    create(&mut f, "flow", 60_000).await;
+    for i in 0..30u8 {
+        f.publish(&[i]).await;
+    }
+    let mut stream = Stream::open(&mut f, "flow", 4).await;
+    let mut outstanding = HashSet::new();
+    let mut received = Vec::new();
+    while received.len() < 30 {
+        // Take everything the server is willing to send now.
+        while outstanding.len() < 4 {
+            let message = stream.next().await;
+            assert_eq!(message.delivery_count, 1);
+            outstanding.insert(message.sequence);
+            received.push(message.sequence);
+            if received.len() == 30 {
+                break;
+            }
+        }
+        if received.len() < 30 {
+            assert!(
+                stream.quiet().await,
+                "a fifth message arrived with 4 unacked"
+            );
+        }
+        // Ack two, keep the rest outstanding.
+        let mut batch: Vec<u64> = outstanding.iter().copied().collect();
+        batch.sort_unstable();
+        batch.truncate(2);
+        for seq in &batch {
+            outstanding.remove(seq);
+        }
+        stream.ack(batch).await;
+    }
+    assert_eq!(
+        received,
+        (1..=30).collect::<Vec<u64>>(),
+        "in order, each once"
+    );
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn commits_are_pushed_and_nacks_come_back_on_the_stream() {
+    let mut f = fixture("consume-push").await;
+    create(&mut f, "push", 60_000).await;
+    let mut stream = Stream::open(&mut f, "push", 10).await;
+    assert!(stream.quiet().await, "nothing published yet");
+    // The long-poll slice is 300 s: only a commit waking the waiter gets this here in time.
+    f.publish(b"first").await;
+    let first = stream.next().await;
+    assert_eq!(
+        (first.sequence, first.data.as_ref()),
+        (1, b"first".as_slice())
+    );
+
+    stream.nack(vec![1], 0).await;
+    let again = stream.next().await;
+    assert_eq!((again.sequence, again.delivery_count), (1, 2));
+    stream.ack(vec![1]).await;
+    f.publish(b"second").await;
+    assert_eq!(stream.next().await.sequence, 2);
+    stream.ack(vec![2]).await;
+    // The ack was applied: nothing left for another fetcher.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let info = f
+            .client
+            .get_consumer_info(mts_proto::pb::ConsumerRequest {
+                subject: f.subject.clone(),
+                durable_name: "push".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if info.ack_floor == 2 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "acks on the stream were not applied: {info:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_broken_streams_messages_come_back() {
+    let mut f = fixture("consume-broken").await;
+    create(&mut f, "broken", 2000).await;
+    for i in 0..3u8 {
+        f.publish(&[i]).await;
+    }
+    let mut stream = Stream::open(&mut f, "broken", 10).await;
+    for seq in 1..=3 {
+        assert_eq!(stream.next().await.sequence, seq);
+    }
+    drop(stream);
+    let back = f.fetch_within("broken", 10, Duration::from_secs(10)).await;
+    assert_eq!(sequences(&back), vec![1, 2, 3]);
+    assert!(back.iter().all(|m| m.delivery_count == 2), "{back:?}");
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_must_start_with_a_start_frame() {
+    let mut f = fixture("consume-start").await;
+    let (frames, outbound) = mpsc::channel(4);
+    frames
+        .send(ConsumeRequest {
+            request: Some(Frame::Ack(AckSequences { sequences: vec![1] })),
+        })
+        .await
+        .unwrap();
+    let refused = f
+        .client
+        .consume(ReceiverStream::new(outbound))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("start frame"),
+        "{}",
+        refused.message()
+    );
+
+    let mut stream = Stream::open(&mut f, "acks-unknown", 10).await;
+    stream.ack(vec![42]).await;
+    let ended = tokio::time::timeout(Duration::from_secs(10), stream.messages.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap_err();
+    assert_eq!(ended.code(), Code::FailedPrecondition, "{ended:?}");
+    f.service.stop().await.unwrap();
+}

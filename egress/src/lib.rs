@@ -8,6 +8,7 @@ mod consume;
 mod consumer;
 mod delivery;
 mod error;
+mod maintenance;
 mod notify;
 mod service;
 
@@ -41,12 +42,17 @@ pub async fn run(
         Duration::from_secs(config.long_poll_seconds),
     ));
     let egress = Egress::new(setup.store.clone(), setup.blobs.clone(), watchers, draining);
+    let maintenance = tokio::spawn(
+        maintenance::Maintenance::new(setup.store.clone(), setup.blobs.clone(), &config).run(),
+    );
     let router = setup
         .router()?
         .add_service(EgressServiceServer::new(egress));
-    Ok(setup
+    let served = setup
         .serve(router, listener, shutdown, move || {
             draining_tx.send_replace(true);
         })
-        .await?)
+        .await;
+    maintenance.abort();
+    Ok(served?)
 }

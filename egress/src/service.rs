@@ -12,8 +12,9 @@ use mts_proto::pb::{
     FetchRequest, GetLastSequenceRequest, GetLastSequenceResponse, Message, NackRequest,
     NackResponse, Notification, SubscribeRequest,
 };
+use mts_proto::pb::{SetSubjectLimitsRequest, SubjectInfo, SubjectLimits, SubjectRequest};
 use mts_shared::blob::BlobStore;
-use mts_shared::store::{AckOutcome, Leased, NotHeld, Store};
+use mts_shared::store::{AckOutcome, Leased, Limits, NotHeld, Store, SubjectState};
 use mts_shared::validate;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
@@ -238,6 +239,21 @@ impl Egress {
     }
 }
 
+fn subject_info(state: SubjectState) -> SubjectInfo {
+    SubjectInfo {
+        subject: state.subject,
+        first_sequence: state.first_seq,
+        last_sequence: state.last_seq,
+        messages: state.count,
+        bytes: state.bytes,
+        limits: Some(SubjectLimits {
+            max_age_ms: state.limits.max_age_ms,
+            max_messages: state.limits.max_messages,
+            max_bytes: state.limits.max_bytes,
+        }),
+    }
+}
+
 /// Sends a notification whenever the last sequence passes what the
 /// subscriber was last told, until the client leaves or the server drains.
 async fn push_notifications(
@@ -425,6 +441,44 @@ impl EgressService for Egress {
             .await
             .inspect_err(|err| tracing::warn!(%err, "nack failed"))?;
         Ok(Response::new(NackResponse {}))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject))]
+    async fn set_subject_limits(
+        &self,
+        request: Request<SetSubjectLimitsRequest>,
+    ) -> Result<Response<SubjectInfo>, Status> {
+        let request = request.into_inner();
+        let state = async {
+            validate::subject(&request.subject)?;
+            let limits = request.limits.unwrap_or_default();
+            let limits = Limits {
+                max_age_ms: limits.max_age_ms,
+                max_messages: limits.max_messages,
+                max_bytes: limits.max_bytes,
+            };
+            self.store.set_limits(&request.subject, limits).await?;
+            Ok::<_, Error>(self.store.subject_state(&request.subject).await?)
+        }
+        .await
+        .inspect_err(|err| tracing::warn!(%err, "set subject limits failed"))?;
+        tracing::info!(limits = ?state.limits, "subject limits set");
+        Ok(Response::new(subject_info(state)))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject))]
+    async fn get_subject_info(
+        &self,
+        request: Request<SubjectRequest>,
+    ) -> Result<Response<SubjectInfo>, Status> {
+        let subject = request.into_inner().subject;
+        let state = async {
+            validate::subject(&subject)?;
+            Ok::<_, Error>(self.store.subject_state(&subject).await?)
+        }
+        .await
+        .inspect_err(|err| tracing::warn!(%err, "subject info failed"))?;
+        Ok(Response::new(subject_info(state)))
     }
 
     #[instrument(skip_all)]

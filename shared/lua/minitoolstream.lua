@@ -8,17 +8,23 @@
 local fiber = require('fiber')
 local clock = require('clock')
 
-local SCHEMA_VERSION = 2
+local SCHEMA_VERSION = 3
 local MAP = {__serialize = 'map'}
 
-box.schema.space.create('mts_subjects', {
-    if_not_exists = true,
-    format = {
-        {name = 'name', type = 'string'},
-        -- Highest sequence ever assigned; never lowered, so never reused.
-        {name = 'last_seq', type = 'unsigned'},
-    },
-})
+local SUBJECT_FORMAT = {
+    {name = 'name', type = 'string'},
+    -- Highest sequence ever assigned; never lowered, so never reused.
+    {name = 'last_seq', type = 'unsigned'},
+    -- Messages stored and their payload bytes (nil only before schema 3's backfill).
+    {name = 'count', type = 'unsigned', is_nullable = true},
+    {name = 'bytes', type = 'unsigned', is_nullable = true},
+    -- Retention limits of this subject; nil = the service default, 0 = unlimited.
+    {name = 'max_age_ms', type = 'unsigned', is_nullable = true},
+    {name = 'max_messages', type = 'unsigned', is_nullable = true},
+    {name = 'max_bytes', type = 'unsigned', is_nullable = true},
+}
+box.schema.space.create('mts_subjects', {if_not_exists = true, format = SUBJECT_FORMAT})
+box.space.mts_subjects:format(SUBJECT_FORMAT)
 box.space.mts_subjects:create_index('primary', {parts = {'name'}, if_not_exists = true})
 
 box.schema.space.create('mts_messages', {
@@ -97,6 +103,47 @@ box.schema.space.create('mts_abandoned', {
 })
 box.space.mts_abandoned:create_index('primary', {parts = {'object_key'}, if_not_exists = true})
 
+-- Object keys whose last message is gone: the maintenance worker deletes
+-- the object, then the row. Written in the transaction that removes the
+-- metadata, so an object is never deleted while metadata still names it.
+box.schema.space.create('mts_gc', {
+    if_not_exists = true,
+    format = {
+        {name = 'object_key', type = 'string'},
+        {name = 'ts_ns', type = 'unsigned'},
+    },
+})
+box.space.mts_gc:create_index('primary', {parts = {'object_key'}, if_not_exists = true})
+
+-- Named leases, so that one replica at a time runs maintenance.
+box.schema.space.create('mts_leases', {
+    if_not_exists = true,
+    format = {
+        {name = 'name', type = 'string'},
+        {name = 'holder', type = 'string'},
+        {name = 'expires_ns', type = 'unsigned'},
+    },
+})
+box.space.mts_leases:create_index('primary', {parts = {'name'}, if_not_exists = true})
+
+-- Schema 3 counts messages and bytes per subject; fill in rows written before.
+do
+    local uncounted = {}
+    for _, row in box.space.mts_subjects:pairs() do
+        if row[3] == nil then
+            uncounted[#uncounted + 1] = row[1]
+        end
+    end
+    for _, name in ipairs(uncounted) do
+        local count, bytes = 0, 0
+        for _, m in box.space.mts_messages.index.primary:pairs({name}, {iterator = 'EQ'}) do
+            count = count + 1
+            bytes = bytes + m[7]
+        end
+        box.space.mts_subjects:update({name}, {{'=', 3, count}, {'=', 4, bytes}})
+    end
+end
+
 -- Per-subject condition variables for long-polling waiters. Kept in a global
 -- so that re-applying this file does not orphan fibers already waiting.
 local conds = rawget(_G, 'mts_conds')
@@ -131,7 +178,11 @@ end)
 -- Inside a transaction: the next sequence of `subject` and the message row.
 local function store_message(subject, headers, data, object_key, size)
     local seq = last_seq(subject) + 1
-    box.space.mts_subjects:replace({subject, seq})
+    if seq == 1 and box.space.mts_subjects:get(subject) == nil then
+        box.space.mts_subjects:insert({subject, seq, 1, size})
+    else
+        box.space.mts_subjects:update({subject}, {{'=', 2, seq}, {'+', 3, 1}, {'+', 4, size}})
+    end
     box.space.mts_messages:insert({
         subject, seq, now_ns(), setmetatable(headers or {}, MAP), data, object_key, size,
     })
@@ -610,6 +661,167 @@ rawset(_G, 'mts_consumer_delete', function(subject, durable)
     return existed
 end)
 
+------------------------------------------------------------------------------
+-- Retention: per-subject limits on age, count and bytes, enforced from the
+-- oldest message forward in bounded steps.
+------------------------------------------------------------------------------
+
+-- Sets a subject's limits (a map of max_age_ms, max_messages, max_bytes; 0 =
+-- unlimited), creating the subject row if it has never been published to.
+rawset(_G, 'mts_subject_limits', function(subject, limits)
+    box.atomic(function()
+        if box.space.mts_subjects:get(subject) == nil then
+            box.space.mts_subjects:insert({subject, 0, 0, 0})
+        end
+        local ops = {}
+        if limits.max_age_ms ~= nil then ops[#ops + 1] = {'=', 5, limits.max_age_ms} end
+        if limits.max_messages ~= nil then ops[#ops + 1] = {'=', 6, limits.max_messages} end
+        if limits.max_bytes ~= nil then ops[#ops + 1] = {'=', 7, limits.max_bytes} end
+        if #ops > 0 then
+            -- Later fields can only be set once the earlier ones exist.
+            local row = box.space.mts_subjects:get(subject)
+            box.space.mts_subjects:update({subject}, {
+                {'=', 5, row[5] or box.NULL}, {'=', 6, row[6] or box.NULL}, {'=', 7, row[7] or box.NULL},
+            })
+            box.space.mts_subjects:update({subject}, ops)
+        end
+    end)
+    return true
+end)
+
+-- What is stored for a subject, and its limits (nil = the service default).
+rawset(_G, 'mts_subject_info', function(subject)
+    local row = box.space.mts_subjects:get(subject)
+    if row == nil then
+        return {subject = subject, first_seq = 0, last_seq = 0, count = 0, bytes = 0}
+    end
+    local first = box.space.mts_messages.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
+    return {
+        subject = subject,
+        first_seq = first and first[2] or 0,
+        last_seq = row[2],
+        count = row[3] or 0,
+        bytes = row[4] or 0,
+        max_age_ms = row[5],
+        max_messages = row[6],
+        max_bytes = row[7],
+    }
+end)
+
+-- Inside a transaction: removes a message's metadata and, when no other
+-- message shares its object, queues the object for deletion.
+local function remove_message(m)
+    box.space.mts_messages:delete({m[1], m[2]})
+    box.space.mts_subjects:update({m[1]}, {{'-', 3, 1}, {'-', 4, m[7]}})
+    local key = m[6]
+    if key ~= nil and box.space.mts_messages.index.object_key:select({key}, {limit = 1})[1] == nil then
+        box.space.mts_gc:replace({key, now_ns()})
+    end
+end
+
+-- nil for both nil and box.NULL (which is truthy in Lua).
+local function present(value)
+    if value == nil then
+        return nil
+    end
+    return value
+end
+
+-- Whether the oldest message `m` of a subject with these limits must go.
+local function expired(m, row, limits, now)
+    local max_age = present(row[5]) or limits.max_age_ms or 0
+    local max_messages = present(row[6]) or limits.max_messages or 0
+    local max_bytes = present(row[7]) or limits.max_bytes or 0
+    return (max_messages > 0 and row[3] > max_messages)
+        or (max_bytes > 0 and row[4] > max_bytes)
+        or (max_age > 0 and m[3] + max_age * 1000000 < now)
+end
+
+-- One bounded step of retention, from subject `cursor` on: deletes at most
+-- `budget` messages and stops after about `budget_ms` of work, looking only
+-- at each subject's oldest messages. `limits` holds the service defaults.
+-- Returns the subject to resume from ('' when every subject was visited) and
+-- how many messages were deleted.
+rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
+    local started = fiber.clock()
+    local deleted = 0
+    local resume = ''
+    local now = now_ns()
+    box.atomic(function()
+        for _, row in box.space.mts_subjects:pairs({cursor}, {iterator = 'GE'}) do
+            if deleted >= budget or (fiber.clock() - started) * 1000 >= budget_ms then
+                resume = row[1]
+                return
+            end
+            local subject = row[1]
+            while deleted < budget do
+                local oldest = box.space.mts_messages.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
+                if oldest == nil or not expired(oldest, row, limits, now) then
+                    break
+                end
+                remove_message(oldest)
+                deleted = deleted + 1
+                row = box.space.mts_subjects:get(subject)
+            end
+            if deleted >= budget then
+                resume = subject
+                return
+            end
+        end
+        -- Fences of abandoned uploads only matter while a late commit could arrive.
+        local stale = {}
+        for _, a in box.space.mts_abandoned:pairs() do
+            if a[2] + 86400 * 1000000000 < now then
+                stale[#stale + 1] = a[1]
+            end
+            if #stale >= 100 then
+                break
+            end
+        end
+        for _, key in ipairs(stale) do
+            box.space.mts_abandoned:delete(key)
+        end
+    end)
+    return resume, deleted
+end)
+
+-- Up to `limit` object keys waiting for deletion.
+rawset(_G, 'mts_gc_take', function(limit)
+    local keys = {}
+    for _, row in box.space.mts_gc:pairs() do
+        if #keys >= limit then
+            break
+        end
+        keys[#keys + 1] = row[1]
+    end
+    return keys
+end)
+
+-- Forgets keys whose objects were deleted.
+rawset(_G, 'mts_gc_done', function(keys)
+    box.atomic(function()
+        for _, key in ipairs(keys) do
+            box.space.mts_gc:delete(key)
+        end
+    end)
+    return true
+end)
+
+-- Takes or renews lease `name` for `holder` for `ttl_ms`; returns whether
+-- `holder` holds it now.
+rawset(_G, 'mts_lease', function(name, holder, ttl_ms)
+    local now = now_ns()
+    local held = false
+    box.atomic(function()
+        local row = box.space.mts_leases:get(name)
+        if row == nil or row[2] == holder or row[3] < now then
+            box.space.mts_leases:replace({name, holder, now + ttl_ms * 1000000})
+            held = true
+        end
+    end)
+    return held
+end)
+
 -- Settles a publish whose commit outcome is unknown: returns the sequence if
 -- the object's metadata was committed, otherwise marks the key abandoned (so
 -- a late commit is refused) and returns 0.
@@ -622,12 +834,29 @@ rawset(_G, 'mts_settle_object', function(object_key)
     return 0
 end)
 
+-- The orphan sweep's batch form of mts_settle_object: returns the keys that
+-- no message names, each now fenced against a late commit.
+rawset(_G, 'mts_settle_objects', function(keys)
+    local orphans = {}
+    box.atomic(function()
+        for _, key in ipairs(keys) do
+            if box.space.mts_messages.index.object_key:select({key}, {limit = 1})[1] == nil then
+                box.space.mts_abandoned:replace({key, now_ns()})
+                orphans[#orphans + 1] = key
+            end
+        end
+    end)
+    return orphans
+end)
+
 -- A role with exactly what the services need, so a production user can be
 -- granted it instead of universe rights (the Kubernetes init does that).
 local PROCEDURES = {
     'mts_schema_version', 'mts_publish', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
     'mts_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
-    'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object',
+    'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
+    'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
+    'mts_settle_objects',
 }
 box.schema.role.create('minitoolstream', {if_not_exists = true})
 -- Schema 1's non-leasing fetch, replaced by mts_consume.
@@ -638,7 +867,9 @@ for _, name in ipairs(PROCEDURES) do
     box.schema.func.create(name, {if_not_exists = true})
     box.schema.role.grant('minitoolstream', 'execute', 'function', name, {if_not_exists = true})
 end
-for _, space in ipairs({'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned'}) do
+for _, space in ipairs({
+    'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned', 'mts_gc', 'mts_leases',
+}) do
     box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
 end
 

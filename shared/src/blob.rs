@@ -208,6 +208,38 @@ impl BlobStore {
             .collect())
     }
 
+    /// Keys of the objects last modified before `cutoff`, page by page.
+    pub async fn keys_older_than(
+        &self,
+        cutoff: std::time::SystemTime,
+    ) -> Result<Vec<String>, Error> {
+        let mut keys = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let page = self
+                .client
+                .list_objects_v2()
+                .bucket(&self.bucket)
+                .set_continuation_token(token.take())
+                .send()
+                .await
+                .map_err(|e| Error::from_sdk(e, |_| None))?;
+            for object in page.contents() {
+                let old = object
+                    .last_modified()
+                    .and_then(|t| std::time::SystemTime::try_from(*t).ok())
+                    .is_some_and(|t| t < cutoff);
+                if let (true, Some(key)) = (old, object.key()) {
+                    keys.push(key.to_owned());
+                }
+            }
+            match page.next_continuation_token() {
+                Some(next) if page.is_truncated() == Some(true) => token = Some(next.to_owned()),
+                _ => return Ok(keys),
+            }
+        }
+    }
+
     /// Deletes the object under `key`; deleting a missing object succeeds.
     pub async fn delete(&self, key: &str) -> Result<(), Error> {
         self.client

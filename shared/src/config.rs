@@ -33,6 +33,12 @@ pub const KEYS: &[&str] = &[
     "health_check_interval_ms",
     "startup_timeout_seconds",
     "long_poll_seconds",
+    "retention_max_age_seconds",
+    "retention_max_messages",
+    "retention_max_bytes",
+    "maintenance_interval_ms",
+    "orphan_grace_seconds",
+    "orphan_sweep_interval_seconds",
 ];
 
 /// Tarantool keeps whole tuples in memory and caps a tuple at 1 MiB by
@@ -98,6 +104,20 @@ pub struct Config {
     /// How long one wait for new commits blocks in Tarantool before it is
     /// renewed. Commits wake it at once; this only bounds an idle wait.
     pub long_poll_seconds: u64,
+    /// Default longest a message is kept; 0 = forever. Subjects may override.
+    pub retention_max_age_seconds: u64,
+    /// Default most messages kept per subject; 0 = unlimited.
+    pub retention_max_messages: u64,
+    /// Default most payload bytes kept per subject; 0 = unlimited.
+    pub retention_max_bytes: u64,
+    /// How often the egress replica holding the maintenance lease enforces
+    /// retention and deletes released objects.
+    pub maintenance_interval_ms: u64,
+    /// Objects without metadata younger than this are left alone by the
+    /// orphan sweep (an upload may still be about to commit).
+    pub orphan_grace_seconds: u64,
+    /// How often the orphan sweep lists the bucket; 0 = never.
+    pub orphan_sweep_interval_seconds: u64,
 }
 
 /// A configuration that cannot be used; the message names the key.
@@ -174,6 +194,7 @@ impl Config {
             ("health_check_interval_ms", self.health_check_interval_ms),
             ("max_payload_bytes", self.max_payload_bytes),
             ("long_poll_seconds", self.long_poll_seconds),
+            ("maintenance_interval_ms", self.maintenance_interval_ms),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));
@@ -237,6 +258,12 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
         ("health_check_interval_ms", 1000_i64.into()),
         ("startup_timeout_seconds", 60_i64.into()),
         ("long_poll_seconds", 30_i64.into()),
+        ("retention_max_age_seconds", (7 * 24 * 3600_i64).into()),
+        ("retention_max_messages", 0_i64.into()),
+        ("retention_max_bytes", 0_i64.into()),
+        ("maintenance_interval_ms", 1000_i64.into()),
+        ("orphan_grace_seconds", 3600_i64.into()),
+        ("orphan_sweep_interval_seconds", 600_i64.into()),
     ]
 }
 

@@ -17,7 +17,7 @@ use crate::config::Config;
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 /// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
-pub const SCHEMA_VERSION: u64 = 2;
+pub const SCHEMA_VERSION: u64 = 3;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
@@ -231,6 +231,52 @@ pub struct Batch {
     pub next_deadline_ns: u64,
 }
 
+/// Retention limits; `None` = the service default, `Some(0)` = unlimited.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+pub struct Limits {
+    /// Longest a message is kept, in milliseconds.
+    pub max_age_ms: Option<u64>,
+    /// Most messages kept.
+    pub max_messages: Option<u64>,
+    /// Most payload bytes kept.
+    pub max_bytes: Option<u64>,
+}
+
+impl Limits {
+    fn to_lua_map(self) -> tarant::Value {
+        use tarant::Value;
+        let fields = [
+            ("max_age_ms", self.max_age_ms),
+            ("max_messages", self.max_messages),
+            ("max_bytes", self.max_bytes),
+        ];
+        Value::Map(
+            fields
+                .into_iter()
+                .filter_map(|(k, v)| v.map(|v| (Value::from(k), Value::from(v))))
+                .collect(),
+        )
+    }
+}
+
+/// What is stored for a subject.
+#[derive(Debug, Clone, Deserialize)]
+pub struct SubjectState {
+    /// The subject.
+    pub subject: String,
+    /// Oldest sequence still stored; 0 if none.
+    pub first_seq: u64,
+    /// Highest sequence ever assigned.
+    pub last_seq: u64,
+    /// Messages stored.
+    pub count: u64,
+    /// Their payload bytes.
+    pub bytes: u64,
+    /// The subject's own limits.
+    #[serde(flatten)]
+    pub limits: Limits,
+}
+
 /// An ack or nack naming sequences the consumer does not hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NotHeld(pub Vec<u64>);
@@ -379,6 +425,15 @@ impl Store {
         Ok((seq > 0).then_some(seq))
     }
 
+    /// Of `keys`, those no message names; each is fenced against a late
+    /// commit, so its object may be deleted.
+    pub async fn settle_objects(&self, keys: &[String]) -> Result<Vec<String>, Error> {
+        let (orphans,): (Vec<String>,) = self
+            .call("mts_settle_objects", (keys,), self.timeout)
+            .await?;
+        Ok(orphans)
+    }
+
     /// The subject's last sequence; 0 if nothing was ever published to it.
     pub async fn last_seq(&self, subject: &str) -> Result<u64, Error> {
         let (last,): (u64,) = self.call("mts_last_seq", (subject,), self.timeout).await?;
@@ -519,6 +574,65 @@ impl Store {
             .call("mts_consumer_delete", (subject, durable), self.timeout)
             .await?;
         Ok(existed)
+    }
+
+    /// Sets a subject's own retention limits (`None` fields stay as they are).
+    pub async fn set_limits(&self, subject: &str, limits: Limits) -> Result<(), Error> {
+        let _: (bool,) = self
+            .call(
+                "mts_subject_limits",
+                (subject, limits.to_lua_map()),
+                self.timeout,
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// What is stored for a subject.
+    pub async fn subject_state(&self, subject: &str) -> Result<SubjectState, Error> {
+        let (state,): (SubjectState,) = self
+            .call("mts_subject_info", (subject,), self.timeout)
+            .await?;
+        Ok(state)
+    }
+
+    /// One bounded step of retention from `cursor` with default `limits`:
+    /// returns where to resume ("" when every subject was visited) and how
+    /// many messages were removed.
+    pub async fn retention_step(
+        &self,
+        cursor: &str,
+        limits: Limits,
+        budget: u32,
+        budget_ms: u32,
+    ) -> Result<(String, u64), Error> {
+        self.call(
+            "mts_retention_step",
+            (cursor, limits.to_lua_map(), budget, budget_ms),
+            self.timeout,
+        )
+        .await
+    }
+
+    /// Up to `limit` object keys whose metadata is gone.
+    pub async fn released_objects(&self, limit: u32) -> Result<Vec<String>, Error> {
+        let (keys,): (Vec<String>,) = self.call("mts_gc_take", (limit,), self.timeout).await?;
+        Ok(keys)
+    }
+
+    /// Forgets released object keys once their objects are deleted.
+    pub async fn forget_objects(&self, keys: &[String]) -> Result<(), Error> {
+        let _: (bool,) = self.call("mts_gc_done", (keys,), self.timeout).await?;
+        Ok(())
+    }
+
+    /// Takes or renews lease `name` for `holder`; whether `holder` holds it.
+    pub async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, Error> {
+        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let (held,): (bool,) = self
+            .call("mts_lease", (name, holder, ttl_ms), self.timeout)
+            .await?;
+        Ok(held)
     }
 }
 

@@ -5,4 +5,5 @@
 mod consume_stream;
 mod consumers;
 mod delivery;
+mod maintenance;
 mod support;

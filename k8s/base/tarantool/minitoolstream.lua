@@ -8,17 +8,23 @@
 local fiber = require('fiber')
 local clock = require('clock')
 
-local SCHEMA_VERSION = 1
+local SCHEMA_VERSION = 3
 local MAP = {__serialize = 'map'}
 
-box.schema.space.create('mts_subjects', {
-    if_not_exists = true,
-    format = {
-        {name = 'name', type = 'string'},
-        -- Highest sequence ever assigned; never lowered, so never reused.
-        {name = 'last_seq', type = 'unsigned'},
-    },
-})
+local SUBJECT_FORMAT = {
+    {name = 'name', type = 'string'},
+    -- Highest sequence ever assigned; never lowered, so never reused.
+    {name = 'last_seq', type = 'unsigned'},
+    -- Messages stored and their payload bytes (nil only before schema 3's backfill).
+    {name = 'count', type = 'unsigned', is_nullable = true},
+    {name = 'bytes', type = 'unsigned', is_nullable = true},
+    -- Retention limits of this subject; nil = the service default, 0 = unlimited.
+    {name = 'max_age_ms', type = 'unsigned', is_nullable = true},
+    {name = 'max_messages', type = 'unsigned', is_nullable = true},
+    {name = 'max_bytes', type = 'unsigned', is_nullable = true},
+}
+box.schema.space.create('mts_subjects', {if_not_exists = true, format = SUBJECT_FORMAT})
+box.space.mts_subjects:format(SUBJECT_FORMAT)
 box.space.mts_subjects:create_index('primary', {parts = {'name'}, if_not_exists = true})
 
 box.schema.space.create('mts_messages', {
@@ -35,23 +41,55 @@ box.schema.space.create('mts_messages', {
     },
 })
 box.space.mts_messages:create_index('primary', {parts = {'subject', 'seq'}, if_not_exists = true})
+box.space.mts_messages:create_index('ts', {
+    parts = {'subject', 'ts_ns'}, unique = false, if_not_exists = true,
+})
 box.space.mts_messages:create_index('object_key', {
     parts = {{field = 'object_key', type = 'string', is_nullable = true}},
     unique = false,
     if_not_exists = true,
 })
 
-box.schema.space.create('mts_consumers', {
+local CONSUMER_FORMAT = {
+    {name = 'subject', type = 'string'},
+    {name = 'durable', type = 'string'},
+    -- The ack floor: everything up to and including it is acknowledged.
+    {name = 'ack_seq', type = 'unsigned'},
+    {name = 'created_ns', type = 'unsigned'},
+    -- Highest sequence ever handed out; nil on rows from schema 1 (= ack_seq).
+    {name = 'delivered_seq', type = 'unsigned', is_nullable = true},
+    {name = 'ack_wait_ms', type = 'unsigned', is_nullable = true},
+    -- 0 = unlimited.
+    {name = 'max_deliver', type = 'unsigned', is_nullable = true},
+    -- 0 = unlimited.
+    {name = 'max_ack_pending', type = 'unsigned', is_nullable = true},
+    {name = 'deliver_policy', type = 'string', is_nullable = true},
+    {name = 'start_seq', type = 'unsigned', is_nullable = true},
+    {name = 'start_time_ns', type = 'unsigned', is_nullable = true},
+    -- Dead-letter subject; '' = none.
+    {name = 'dlq_subject', type = 'string', is_nullable = true},
+}
+box.schema.space.create('mts_consumers', {if_not_exists = true, format = CONSUMER_FORMAT})
+box.space.mts_consumers:format(CONSUMER_FORMAT)
+box.space.mts_consumers:create_index('primary', {parts = {'subject', 'durable'}, if_not_exists = true})
+
+-- One row per message handed out and not yet acknowledged: leased until
+-- deadline_ns, or (after a nack) waiting until deadline_ns to be redelivered.
+box.schema.space.create('mts_pending', {
     if_not_exists = true,
     format = {
         {name = 'subject', type = 'string'},
         {name = 'durable', type = 'string'},
-        -- Everything up to and including ack_seq is acknowledged.
-        {name = 'ack_seq', type = 'unsigned'},
-        {name = 'created_ns', type = 'unsigned'},
+        {name = 'seq', type = 'unsigned'},
+        {name = 'deliveries', type = 'unsigned'},
+        {name = 'deadline_ns', type = 'unsigned'},
+        {name = 'first_delivered_ns', type = 'unsigned'},
     },
 })
-box.space.mts_consumers:create_index('primary', {parts = {'subject', 'durable'}, if_not_exists = true})
+box.space.mts_pending:create_index('primary', {parts = {'subject', 'durable', 'seq'}, if_not_exists = true})
+box.space.mts_pending:create_index('deadline', {
+    parts = {'subject', 'durable', 'deadline_ns', 'seq'}, if_not_exists = true,
+})
 
 -- Object keys whose publish was given up on: a late commit naming one of them
 -- is refused, so an object deleted after an ambiguous failure is never
@@ -64,6 +102,47 @@ box.schema.space.create('mts_abandoned', {
     },
 })
 box.space.mts_abandoned:create_index('primary', {parts = {'object_key'}, if_not_exists = true})
+
+-- Object keys whose last message is gone: the maintenance worker deletes
+-- the object, then the row. Written in the transaction that removes the
+-- metadata, so an object is never deleted while metadata still names it.
+box.schema.space.create('mts_gc', {
+    if_not_exists = true,
+    format = {
+        {name = 'object_key', type = 'string'},
+        {name = 'ts_ns', type = 'unsigned'},
+    },
+})
+box.space.mts_gc:create_index('primary', {parts = {'object_key'}, if_not_exists = true})
+
+-- Named leases, so that one replica at a time runs maintenance.
+box.schema.space.create('mts_leases', {
+    if_not_exists = true,
+    format = {
+        {name = 'name', type = 'string'},
+        {name = 'holder', type = 'string'},
+        {name = 'expires_ns', type = 'unsigned'},
+    },
+})
+box.space.mts_leases:create_index('primary', {parts = {'name'}, if_not_exists = true})
+
+-- Schema 3 counts messages and bytes per subject; fill in rows written before.
+do
+    local uncounted = {}
+    for _, row in box.space.mts_subjects:pairs() do
+        if row[3] == nil then
+            uncounted[#uncounted + 1] = row[1]
+        end
+    end
+    for _, name in ipairs(uncounted) do
+        local count, bytes = 0, 0
+        for _, m in box.space.mts_messages.index.primary:pairs({name}, {iterator = 'EQ'}) do
+            count = count + 1
+            bytes = bytes + m[7]
+        end
+        box.space.mts_subjects:update({name}, {{'=', 3, count}, {'=', 4, bytes}})
+    end
+end
 
 -- Per-subject condition variables for long-polling waiters. Kept in a global
 -- so that re-applying this file does not orphan fibers already waiting.
@@ -81,14 +160,6 @@ local function last_seq(subject)
     return row[2]
 end
 
-local function consumer_ack(subject, durable)
-    local row = box.space.mts_consumers:get({subject, durable})
-    if row == nil then
-        return nil
-    end
-    return row[3]
-end
-
 local function now_ns()
     return clock.realtime64()
 end
@@ -101,23 +172,22 @@ local function notify(subject)
 end
 
 rawset(_G, 'mts_schema_version', function()
-    -- A role with exactly what the services need, so a production user can be
--- granted it instead of universe rights (the Kubernetes init does that).
-local PROCEDURES = {
-    'mts_schema_version', 'mts_publish', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
-    'mts_fetch', 'mts_ack', 'mts_settle_object',
-}
-box.schema.role.create('minitoolstream', {if_not_exists = true})
-for _, name in ipairs(PROCEDURES) do
-    box.schema.func.create(name, {if_not_exists = true})
-    box.schema.role.grant('minitoolstream', 'execute', 'function', name, {if_not_exists = true})
-end
-for _, space in ipairs({'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_abandoned'}) do
-    box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
-end
-
-return SCHEMA_VERSION
+    return SCHEMA_VERSION
 end)
+
+-- Inside a transaction: the next sequence of `subject` and the message row.
+local function store_message(subject, headers, data, object_key, size)
+    local seq = last_seq(subject) + 1
+    if seq == 1 and box.space.mts_subjects:get(subject) == nil then
+        box.space.mts_subjects:insert({subject, seq, 1, size})
+    else
+        box.space.mts_subjects:update({subject}, {{'=', 2, seq}, {'+', 3, 1}, {'+', 4, size}})
+    end
+    box.space.mts_messages:insert({
+        subject, seq, now_ns(), setmetatable(headers or {}, MAP), data, object_key, size,
+    })
+    return seq
+end
 
 -- Assigns the next sequence of `subject` and stores the message in the same
 -- transaction, so sequences are gap-free and in commit order. `deadline_ns`
@@ -137,11 +207,7 @@ rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, dea
     end
     local seq
     box.atomic(function()
-        seq = last_seq(subject) + 1
-        box.space.mts_subjects:replace({subject, seq})
-        box.space.mts_messages:insert({
-            subject, seq, now_ns(), setmetatable(headers or {}, MAP), data, object_key, size,
-        })
+        seq = store_message(subject, headers, data, object_key, size)
     end)
     notify(subject)
     return seq
@@ -178,59 +244,582 @@ rawset(_G, 'mts_wait', function(subject, after, timeout)
     end
 end)
 
--- Creates the durable on first use; a new durable starts at start_seq - 1.
--- Returns the point after which the subscriber has not been told of
--- messages, and the subject's last sequence.
+------------------------------------------------------------------------------
+-- Durable consumers. A consumer hands out messages under leases: a message is
+-- delivered, then acknowledged, or its lease (ack_wait) runs out, or it is
+-- nacked, and then it is delivered again with its delivery count increased.
+-- At max_deliver deliveries it goes to the dead-letter subject instead.
+-- `ack_seq` (the floor) and `delivered_seq` bound what is in flight: every
+-- sequence <= floor is acked, every one in (floor, delivered] is acked or has
+-- a row in mts_pending, every one > delivered was never handed out.
+------------------------------------------------------------------------------
+
+local CONSUMER_DEFAULTS = {
+    ack_wait_ms = 30000,
+    max_deliver = 5,
+    max_ack_pending = 1000,
+    deliver_policy = 'all',
+}
+
+local F = {
+    floor = 3, created = 4, delivered = 5, ack_wait = 6, max_deliver = 7, max_ack_pending = 8,
+    policy = 9, start_seq = 10, start_time = 11, dlq = 12,
+}
+
+-- A consumer row as a table with every setting filled in.
+local function consumer_view(row)
+    local dlq = row[F.dlq]
+    if dlq == nil then
+        dlq = row[1] .. '.dlq'
+    end
+    return {
+        subject = row[1],
+        durable = row[2],
+        stored_floor = row[F.floor],
+        stored_delivered = row[F.delivered],
+        floor = row[F.floor],
+        created_ns = row[F.created],
+        delivered = row[F.delivered] or row[F.floor],
+        ack_wait_ms = row[F.ack_wait] or CONSUMER_DEFAULTS.ack_wait_ms,
+        max_deliver = row[F.max_deliver] or CONSUMER_DEFAULTS.max_deliver,
+        max_ack_pending = row[F.max_ack_pending] or CONSUMER_DEFAULTS.max_ack_pending,
+        deliver_policy = row[F.policy] or CONSUMER_DEFAULTS.deliver_policy,
+        start_seq = row[F.start_seq] or 0,
+        start_time_ns = row[F.start_time] or 0,
+        dlq_subject = dlq,
+    }
+end
+
+-- Where a new consumer starts: everything at or below it counts as acked.
+local function start_point(subject, policy, start_seq, start_time_ns)
+    if policy == 'new' then
+        return last_seq(subject)
+    elseif policy == 'by_start_sequence' then
+        return math.max((start_seq or 1) - 1, 0)
+    elseif policy == 'by_start_time' then
+        local first = box.space.mts_messages.index.ts:select(
+            {subject, start_time_ns or 0}, {iterator = 'GE', limit = 1})[1]
+        if first ~= nil and first[1] == subject then
+            return first[2] - 1
+        end
+        return last_seq(subject)
+    end
+    return 0
+end
+
+-- Creates the consumer with `cfg` (a map; missing settings take defaults)
+-- unless it exists; returns its view.
+local function ensure_consumer(subject, durable, cfg)
+    local row = box.space.mts_consumers:get({subject, durable})
+    if row ~= nil then
+        return consumer_view(row)
+    end
+    cfg = cfg or {}
+    local policy = cfg.deliver_policy or CONSUMER_DEFAULTS.deliver_policy
+    local start = start_point(subject, policy, cfg.start_seq, cfg.start_time_ns)
+    row = box.space.mts_consumers:insert({
+        subject, durable, start, now_ns(), start,
+        cfg.ack_wait_ms or CONSUMER_DEFAULTS.ack_wait_ms,
+        cfg.max_deliver or CONSUMER_DEFAULTS.max_deliver,
+        cfg.max_ack_pending or CONSUMER_DEFAULTS.max_ack_pending,
+        policy, cfg.start_seq or 0, cfg.start_time_ns or 0,
+        cfg.dlq_subject or (subject .. '.dlq'),
+    })
+    return consumer_view(row)
+end
+
+-- Moves the floor up to just below the lowest pending sequence (or to
+-- `delivered` when nothing is pending), and stores `delivered`.
+local function settle_floor(c)
+    local lowest = box.space.mts_pending.index.primary:select(
+        {c.subject, c.durable}, {iterator = 'GE', limit = 1})[1]
+    local floor = c.delivered
+    if lowest ~= nil and lowest[1] == c.subject and lowest[2] == c.durable then
+        floor = lowest[3] - 1
+    end
+    floor = math.max(floor, c.floor)
+    if floor ~= c.stored_floor or c.delivered ~= c.stored_delivered then
+        box.space.mts_consumers:update({c.subject, c.durable}, {
+            {'=', F.floor, floor}, {'=', F.delivered, c.delivered},
+        })
+        c.stored_floor, c.stored_delivered = floor, c.delivered
+    end
+    c.floor = floor
+end
+
+local function pending_count(c)
+    return box.space.mts_pending.index.primary:count({c.subject, c.durable})
+end
+
+-- Inside a transaction: publishes a copy of `message` to the consumer's
+-- dead-letter subject (sharing its object, never copying it) and drops the
+-- lease. Returns the dead-letter subject to notify, or nil.
+local function dead_letter(c, message, deliveries)
+    box.space.mts_pending:delete({c.subject, c.durable, message[2]})
+    if c.dlq_subject == '' then
+        return nil
+    end
+    local headers = {}
+    for k, v in pairs(message[4]) do
+        headers[k] = v
+    end
+    headers['mts-origin-subject'] = c.subject
+    headers['mts-origin-sequence'] = tostring(message[2])
+    headers['mts-origin-durable'] = c.durable
+    headers['mts-origin-delivery-count'] = tostring(deliveries)
+    store_message(c.dlq_subject, headers, message[5], message[6], message[7])
+    return c.dlq_subject
+end
+
+-- Hands out up to `limit` messages to the consumer: first those whose lease
+-- ran out or whose nack delay passed (dead-lettering any that reached
+-- max_deliver), then new ones, never more than max_ack_pending leased. All in
+-- one transaction, so competing fetchers get disjoint messages. Returns a
+-- list of {message tuple, delivery count, lease deadline} and the earliest deadline
+-- still ahead (0 if none): when redeliveries can next be due.
+rawset(_G, 'mts_consume', function(subject, durable, limit)
+    local out = {}
+    local notify_subjects = {}
+    local next_deadline = 0
+    box.atomic(function()
+        local c = ensure_consumer(subject, durable)
+        local now = now_ns()
+        local lease = c.ack_wait_ms * 1000000
+        local due = {}
+        for _, p in box.space.mts_pending.index.deadline:pairs({subject, durable}, {iterator = 'GE'}) do
+            if p[1] ~= subject or p[2] ~= durable then
+                break
+            end
+            if p[5] > now then
+                next_deadline = p[5]
+                break
+            end
+            if #due >= limit then
+                break
+            end
+            due[#due + 1] = p
+        end
+        for _, p in ipairs(due) do
+            local message = box.space.mts_messages:get({subject, p[3]})
+            if message == nil then
+                -- Removed by retention while pending: nothing left to deliver.
+                box.space.mts_pending:delete({subject, durable, p[3]})
+            elseif c.max_deliver > 0 and p[4] >= c.max_deliver then
+                local dlq = dead_letter(c, message, p[4])
+                if dlq ~= nil then
+                    notify_subjects[#notify_subjects + 1] = dlq
+                end
+            else
+                box.space.mts_pending:update({subject, durable, p[3]}, {
+                    {'=', 4, p[4] + 1}, {'=', 5, now + lease},
+                })
+                out[#out + 1] = {message, p[4] + 1, now + lease}
+            end
+        end
+        local room = limit - #out
+        if c.max_ack_pending > 0 then
+            room = math.min(room, c.max_ack_pending - pending_count(c))
+        end
+        if room > 0 then
+            for _, message in box.space.mts_messages.index.primary:pairs({subject, c.delivered}, {iterator = 'GT'}) do
+                if message[1] ~= subject or room <= 0 then
+                    break
+                end
+                box.space.mts_pending:insert({subject, durable, message[2], 1, now + lease, now})
+                out[#out + 1] = {message, 1, now + lease}
+                c.delivered = message[2]
+                room = room - 1
+            end
+        end
+        if #out > 0 and (next_deadline == 0 or next_deadline > now + lease) then
+            next_deadline = now + lease
+        end
+        settle_floor(c)
+    end)
+    for _, dlq in ipairs(notify_subjects) do
+        notify(dlq)
+    end
+    return out, next_deadline
+end)
+
+-- Per-message acks: every sequence must be pending for this consumer, or
+-- nothing is acked. Returns 'ok' and the new floor, or 'not_held' and the
+-- sequences that are not pending.
+rawset(_G, 'mts_ack_each', function(subject, durable, seqs)
+    local missing = {}
+    local floor = 0
+    box.atomic(function()
+        local row = box.space.mts_consumers:get({subject, durable})
+        for _, seq in ipairs(seqs) do
+            if row == nil or box.space.mts_pending:get({subject, durable, seq}) == nil then
+                missing[#missing + 1] = seq
+            end
+        end
+        if #missing > 0 then
+            return
+        end
+        for _, seq in ipairs(seqs) do
+            box.space.mts_pending:delete({subject, durable, seq})
+        end
+        local c = consumer_view(row)
+        settle_floor(c)
+        floor = c.floor
+    end)
+    if #missing > 0 then
+        return 'not_held', missing
+    end
+    return 'ok', floor
+end)
+
+-- Nacks: every sequence must be pending; each becomes deliverable again
+-- after `delay_ms`. Returns 'ok' or 'not_held' and the missing sequences.
+rawset(_G, 'mts_nack', function(subject, durable, seqs, delay_ms)
+    local missing = {}
+    box.atomic(function()
+        for _, seq in ipairs(seqs) do
+            if box.space.mts_pending:get({subject, durable, seq}) == nil then
+                missing[#missing + 1] = seq
+            end
+        end
+        if #missing > 0 then
+            return
+        end
+        local at = now_ns() + delay_ms * 1000000
+        for _, seq in ipairs(seqs) do
+            box.space.mts_pending:update({subject, durable, seq}, {{'=', 5, at}})
+        end
+    end)
+    if #missing > 0 then
+        return 'not_held', missing
+    end
+    return 'ok', {}
+end)
+
+-- The original cumulative ack: acknowledges every message <= seq, delivered
+-- or not (an old client may ack ahead to skip), and never moves back.
+-- Returns 'ok' and the floor, or 'beyond_last' and the last sequence.
+rawset(_G, 'mts_ack', function(subject, durable, seq)
+    local last = last_seq(subject)
+    if seq > last then
+        return 'beyond_last', last
+    end
+    local floor
+    box.atomic(function()
+        local c = ensure_consumer(subject, durable)
+        local held = {}
+        for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
+            if p[1] ~= subject or p[2] ~= durable or p[3] > seq then
+                break
+            end
+            held[#held + 1] = p[3]
+        end
+        for _, s in ipairs(held) do
+            box.space.mts_pending:delete({subject, durable, s})
+        end
+        c.delivered = math.max(c.delivered, seq)
+        c.floor = math.max(c.floor, seq)
+        settle_floor(c)
+        floor = c.floor
+    end)
+    return 'ok', floor
+end)
+
+-- Gives back leases early (a consume stream that ended): the messages are
+-- deliverable again at once, with their delivery count kept.
+rawset(_G, 'mts_release', function(subject, durable, seqs)
+    local now = now_ns()
+    box.atomic(function()
+        for _, seq in ipairs(seqs) do
+            if box.space.mts_pending:get({subject, durable, seq}) ~= nil then
+                box.space.mts_pending:update({subject, durable, seq}, {{'=', 5, now}})
+            end
+        end
+    end)
+    return true
+end)
+
+-- Registers a subscription: creates the durable on first use (a new durable
+-- starts at start_seq - 1 when given) and returns the point after which the
+-- subscriber has not been told of messages, and the subject's last sequence.
 rawset(_G, 'mts_subscribe', function(subject, durable, start_seq)
     local from = 0
     if start_seq > 0 then
         from = start_seq - 1
     end
-    local ack = consumer_ack(subject, durable)
-    if ack == nil then
-        ack = from
-        box.space.mts_consumers:insert({subject, durable, ack, now_ns()})
-    end
-    return math.max(ack, from), last_seq(subject)
+    local c
+    box.atomic(function()
+        local cfg = nil
+        if start_seq > 0 then
+            cfg = {deliver_policy = 'by_start_sequence', start_seq = start_seq}
+        end
+        c = ensure_consumer(subject, durable, cfg)
+    end)
+    return math.max(c.floor, from), last_seq(subject)
 end)
 
--- Up to `limit` messages after the durable's ack position, in order. Returns
--- whole tuples so binary payloads go back on the wire untouched.
-rawset(_G, 'mts_fetch', function(subject, durable, limit)
-    local ack = consumer_ack(subject, durable) or 0
-    local out = {}
-    if limit <= 0 then
-        return ack, out
-    end
-    for _, t in box.space.mts_messages.index.primary:pairs({subject, ack}, {iterator = 'GT'}) do
-        if t[1] ~= subject then
-            break
+-- Creates a consumer, or updates the settings of an existing one (the deliver
+-- policy and start point apply at creation only). Returns 'created' or
+-- 'updated'.
+rawset(_G, 'mts_consumer_put', function(subject, durable, cfg)
+    local outcome = 'updated'
+    box.atomic(function()
+        local row = box.space.mts_consumers:get({subject, durable})
+        if row == nil then
+            ensure_consumer(subject, durable, cfg)
+            outcome = 'created'
+            return
         end
-        out[#out + 1] = t
-        if #out >= limit then
-            break
+        local ops = {}
+        if cfg.ack_wait_ms ~= nil then ops[#ops + 1] = {'=', F.ack_wait, cfg.ack_wait_ms} end
+        if cfg.max_deliver ~= nil then ops[#ops + 1] = {'=', F.max_deliver, cfg.max_deliver} end
+        if cfg.max_ack_pending ~= nil then ops[#ops + 1] = {'=', F.max_ack_pending, cfg.max_ack_pending} end
+        if cfg.dlq_subject ~= nil then ops[#ops + 1] = {'=', F.dlq, cfg.dlq_subject} end
+        if #ops > 0 then
+            -- Rows from schema 1 lack the trailing fields; fill them first.
+            local view = consumer_view(row)
+            box.space.mts_consumers:update({subject, durable}, {
+                {'=', F.delivered, view.delivered}, {'=', F.ack_wait, view.ack_wait_ms},
+                {'=', F.max_deliver, view.max_deliver}, {'=', F.max_ack_pending, view.max_ack_pending},
+                {'=', F.policy, view.deliver_policy}, {'=', F.start_seq, view.start_seq},
+                {'=', F.start_time, view.start_time_ns}, {'=', F.dlq, view.dlq_subject},
+            })
+            box.space.mts_consumers:update({subject, durable}, ops)
         end
-    end
-    return ack, out
+    end)
+    return outcome
 end)
 
--- Cumulative ack: moves the durable's position forward to `seq`, never back.
--- Returns a status ('ok' | 'beyond_last'), the position and the last sequence.
-rawset(_G, 'mts_ack', function(subject, durable, seq)
+-- The consumer's settings and state, exact at one instant; nil if it does
+-- not exist.
+rawset(_G, 'mts_consumer_info', function(subject, durable)
+    local row = box.space.mts_consumers:get({subject, durable})
+    if row == nil then
+        return box.NULL
+    end
+    local c = consumer_view(row)
+    local now = now_ns()
     local last = last_seq(subject)
-    if seq > last then
-        return 'beyond_last', consumer_ack(subject, durable) or 0, last
+    local ack_pending, redelivered = 0, 0
+    for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
+        if p[1] ~= subject or p[2] ~= durable then
+            break
+        end
+        ack_pending = ack_pending + 1
+        if p[4] > 1 then
+            redelivered = redelivered + 1
+        end
     end
-    local ack = consumer_ack(subject, durable)
-    if ack == nil then
-        box.space.mts_consumers:insert({subject, durable, seq, now_ns()})
-        return 'ok', seq, last
+    local num_pending = 0
+    local next_new = box.space.mts_messages.index.primary:select(
+        {subject, c.delivered}, {iterator = 'GT', limit = 1})[1]
+    if next_new ~= nil and next_new[1] == subject then
+        num_pending = last - next_new[2] + 1
     end
-    if seq > ack then
-        box.space.mts_consumers:update({subject, durable}, {{'=', 3, seq}})
-        ack = seq
+    local oldest_unacked_age_ns = 0
+    local oldest = box.space.mts_messages.index.primary:select(
+        {subject, c.floor}, {iterator = 'GT', limit = 1})[1]
+    if oldest ~= nil and oldest[1] == subject and now > oldest[3] then
+        oldest_unacked_age_ns = now - oldest[3]
     end
-    return 'ok', ack, last
+    return {
+        subject = subject,
+        durable = durable,
+        created_ns = c.created_ns,
+        ack_wait_ms = c.ack_wait_ms,
+        max_deliver = c.max_deliver,
+        max_ack_pending = c.max_ack_pending,
+        deliver_policy = c.deliver_policy,
+        start_seq = c.start_seq,
+        start_time_ns = c.start_time_ns,
+        dlq_subject = c.dlq_subject,
+        ack_floor = c.floor,
+        last_delivered = c.delivered,
+        num_pending = num_pending,
+        num_ack_pending = ack_pending,
+        num_redelivered = redelivered,
+        oldest_unacked_age_ns = oldest_unacked_age_ns,
+        last_seq = last,
+    }
+end)
+
+-- Deletes a consumer and its leases. Returns whether it existed.
+rawset(_G, 'mts_consumer_delete', function(subject, durable)
+    local existed = false
+    box.atomic(function()
+        existed = box.space.mts_consumers:delete({subject, durable}) ~= nil
+        local seqs = {}
+        for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
+            if p[1] ~= subject or p[2] ~= durable then
+                break
+            end
+            seqs[#seqs + 1] = p[3]
+        end
+        for _, seq in ipairs(seqs) do
+            box.space.mts_pending:delete({subject, durable, seq})
+        end
+    end)
+    return existed
+end)
+
+------------------------------------------------------------------------------
+-- Retention: per-subject limits on age, count and bytes, enforced from the
+-- oldest message forward in bounded steps.
+------------------------------------------------------------------------------
+
+-- Sets a subject's limits (a map of max_age_ms, max_messages, max_bytes; 0 =
+-- unlimited), creating the subject row if it has never been published to.
+rawset(_G, 'mts_subject_limits', function(subject, limits)
+    box.atomic(function()
+        if box.space.mts_subjects:get(subject) == nil then
+            box.space.mts_subjects:insert({subject, 0, 0, 0})
+        end
+        local ops = {}
+        if limits.max_age_ms ~= nil then ops[#ops + 1] = {'=', 5, limits.max_age_ms} end
+        if limits.max_messages ~= nil then ops[#ops + 1] = {'=', 6, limits.max_messages} end
+        if limits.max_bytes ~= nil then ops[#ops + 1] = {'=', 7, limits.max_bytes} end
+        if #ops > 0 then
+            -- Later fields can only be set once the earlier ones exist.
+            local row = box.space.mts_subjects:get(subject)
+            box.space.mts_subjects:update({subject}, {
+                {'=', 5, row[5] or box.NULL}, {'=', 6, row[6] or box.NULL}, {'=', 7, row[7] or box.NULL},
+            })
+            box.space.mts_subjects:update({subject}, ops)
+        end
+    end)
+    return true
+end)
+
+-- What is stored for a subject, and its limits (nil = the service default).
+rawset(_G, 'mts_subject_info', function(subject)
+    local row = box.space.mts_subjects:get(subject)
+    if row == nil then
+        return {subject = subject, first_seq = 0, last_seq = 0, count = 0, bytes = 0}
+    end
+    local first = box.space.mts_messages.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
+    return {
+        subject = subject,
+        first_seq = first and first[2] or 0,
+        last_seq = row[2],
+        count = row[3] or 0,
+        bytes = row[4] or 0,
+        max_age_ms = row[5],
+        max_messages = row[6],
+        max_bytes = row[7],
+    }
+end)
+
+-- Inside a transaction: removes a message's metadata and, when no other
+-- message shares its object, queues the object for deletion.
+local function remove_message(m)
+    box.space.mts_messages:delete({m[1], m[2]})
+    box.space.mts_subjects:update({m[1]}, {{'-', 3, 1}, {'-', 4, m[7]}})
+    local key = m[6]
+    if key ~= nil and box.space.mts_messages.index.object_key:select({key}, {limit = 1})[1] == nil then
+        box.space.mts_gc:replace({key, now_ns()})
+    end
+end
+
+-- nil for both nil and box.NULL (which is truthy in Lua).
+local function present(value)
+    if value == nil then
+        return nil
+    end
+    return value
+end
+
+-- Whether the oldest message `m` of a subject with these limits must go.
+local function expired(m, row, limits, now)
+    local max_age = present(row[5]) or limits.max_age_ms or 0
+    local max_messages = present(row[6]) or limits.max_messages or 0
+    local max_bytes = present(row[7]) or limits.max_bytes or 0
+    return (max_messages > 0 and row[3] > max_messages)
+        or (max_bytes > 0 and row[4] > max_bytes)
+        or (max_age > 0 and m[3] + max_age * 1000000 < now)
+end
+
+-- One bounded step of retention, from subject `cursor` on: deletes at most
+-- `budget` messages and stops after about `budget_ms` of work, looking only
+-- at each subject's oldest messages. `limits` holds the service defaults.
+-- Returns the subject to resume from ('' when every subject was visited) and
+-- how many messages were deleted.
+rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
+    local started = fiber.clock()
+    local deleted = 0
+    local resume = ''
+    local now = now_ns()
+    box.atomic(function()
+        for _, row in box.space.mts_subjects:pairs({cursor}, {iterator = 'GE'}) do
+            if deleted >= budget or (fiber.clock() - started) * 1000 >= budget_ms then
+                resume = row[1]
+                return
+            end
+            local subject = row[1]
+            while deleted < budget do
+                local oldest = box.space.mts_messages.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
+                if oldest == nil or not expired(oldest, row, limits, now) then
+                    break
+                end
+                remove_message(oldest)
+                deleted = deleted + 1
+                row = box.space.mts_subjects:get(subject)
+            end
+            if deleted >= budget then
+                resume = subject
+                return
+            end
+        end
+        -- Fences of abandoned uploads only matter while a late commit could arrive.
+        local stale = {}
+        for _, a in box.space.mts_abandoned:pairs() do
+            if a[2] + 86400 * 1000000000 < now then
+                stale[#stale + 1] = a[1]
+            end
+            if #stale >= 100 then
+                break
+            end
+        end
+        for _, key in ipairs(stale) do
+            box.space.mts_abandoned:delete(key)
+        end
+    end)
+    return resume, deleted
+end)
+
+-- Up to `limit` object keys waiting for deletion.
+rawset(_G, 'mts_gc_take', function(limit)
+    local keys = {}
+    for _, row in box.space.mts_gc:pairs() do
+        if #keys >= limit then
+            break
+        end
+        keys[#keys + 1] = row[1]
+    end
+    return keys
+end)
+
+-- Forgets keys whose objects were deleted.
+rawset(_G, 'mts_gc_done', function(keys)
+    box.atomic(function()
+        for _, key in ipairs(keys) do
+            box.space.mts_gc:delete(key)
+        end
+    end)
+    return true
+end)
+
+-- Takes or renews lease `name` for `holder` for `ttl_ms`; returns whether
+-- `holder` holds it now.
+rawset(_G, 'mts_lease', function(name, holder, ttl_ms)
+    local now = now_ns()
+    local held = false
+    box.atomic(function()
+        local row = box.space.mts_leases:get(name)
+        if row == nil or row[2] == holder or row[3] < now then
+            box.space.mts_leases:replace({name, holder, now + ttl_ms * 1000000})
+            held = true
+        end
+    end)
+    return held
 end)
 
 -- Settles a publish whose commit outcome is unknown: returns the sequence if
@@ -245,18 +834,42 @@ rawset(_G, 'mts_settle_object', function(object_key)
     return 0
 end)
 
+-- The orphan sweep's batch form of mts_settle_object: returns the keys that
+-- no message names, each now fenced against a late commit.
+rawset(_G, 'mts_settle_objects', function(keys)
+    local orphans = {}
+    box.atomic(function()
+        for _, key in ipairs(keys) do
+            if box.space.mts_messages.index.object_key:select({key}, {limit = 1})[1] == nil then
+                box.space.mts_abandoned:replace({key, now_ns()})
+                orphans[#orphans + 1] = key
+            end
+        end
+    end)
+    return orphans
+end)
+
 -- A role with exactly what the services need, so a production user can be
 -- granted it instead of universe rights (the Kubernetes init does that).
 local PROCEDURES = {
     'mts_schema_version', 'mts_publish', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
-    'mts_fetch', 'mts_ack', 'mts_settle_object',
+    'mts_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
+    'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
+    'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
+    'mts_settle_objects',
 }
 box.schema.role.create('minitoolstream', {if_not_exists = true})
+-- Schema 1's non-leasing fetch, replaced by mts_consume.
+if box.func.mts_fetch ~= nil then
+    box.schema.func.drop('mts_fetch')
+end
 for _, name in ipairs(PROCEDURES) do
     box.schema.func.create(name, {if_not_exists = true})
     box.schema.role.grant('minitoolstream', 'execute', 'function', name, {if_not_exists = true})
 end
-for _, space in ipairs({'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_abandoned'}) do
+for _, space in ipairs({
+    'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned', 'mts_gc', 'mts_leases',
+}) do
     box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
 end
 

@@ -1,0 +1,142 @@
+//! Housekeeping run by the one egress replica that holds the `maintenance`
+//! lease in Tarantool: retention in bounded steps, deletion of objects whose
+//! metadata retention removed, and the sweep of objects that never got
+//! metadata (uploads whose commit failed or never came).
+
+use std::time::{Duration, Instant, SystemTime};
+
+use mts_shared::blob::BlobStore;
+use mts_shared::config::Config;
+use mts_shared::store::{Limits, Store};
+
+use crate::Error;
+
+/// Messages one retention step may delete.
+const STEP_BUDGET: u32 = 500;
+/// Milliseconds of Tarantool's time one retention step may use.
+const STEP_BUDGET_MS: u32 = 5;
+/// Objects handled per Tarantool call.
+const OBJECT_BATCH: usize = 100;
+
+/// The maintenance worker of one egress process.
+pub struct Maintenance {
+    store: Store,
+    blobs: BlobStore,
+    holder: String,
+    defaults: Limits,
+    interval: Duration,
+    orphan_grace: Duration,
+    sweep_interval: Option<Duration>,
+}
+
+impl Maintenance {
+    /// A worker with the retention defaults and intervals of `config`.
+    pub fn new(store: Store, blobs: BlobStore, config: &Config) -> Self {
+        Self {
+            store,
+            blobs,
+            holder: format!("egress-{}", uuid::Uuid::now_v7()),
+            // 0 means unlimited, in the config as in Tarantool.
+            defaults: Limits {
+                max_age_ms: Some(config.retention_max_age_seconds.saturating_mul(1000)),
+                max_messages: Some(config.retention_max_messages),
+                max_bytes: Some(config.retention_max_bytes),
+            },
+            interval: Duration::from_millis(config.maintenance_interval_ms),
+            orphan_grace: Duration::from_secs(config.orphan_grace_seconds),
+            sweep_interval: (config.orphan_sweep_interval_seconds > 0)
+                .then(|| Duration::from_secs(config.orphan_sweep_interval_seconds)),
+        }
+    }
+
+    /// Runs until dropped.
+    pub async fn run(self) {
+        let mut ticker = tokio::time::interval(self.interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sweep: Option<Instant> = None;
+        loop {
+            ticker.tick().await;
+            match self
+                .store
+                .lease("maintenance", &self.holder, self.interval * 3)
+                .await
+            {
+                Ok(true) => {}
+                Ok(false) => continue,
+                Err(err) => {
+                    tracing::debug!(%err, "maintenance lease unavailable");
+                    continue;
+                }
+            }
+            match self.enforce_retention().await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "retention removed messages"),
+                Err(err) => tracing::warn!(%err, "retention step failed"),
+            }
+            if let Err(err) = self.delete_released().await {
+                tracing::warn!(%err, "deleting released objects failed");
+            }
+            if let Some(every) = self.sweep_interval {
+                if last_sweep.is_none_or(|at| at.elapsed() >= every) {
+                    match self.sweep_orphans().await {
+                        Ok(0) => {}
+                        Ok(removed) => tracing::info!(removed, "orphan sweep deleted objects"),
+                        Err(err) => tracing::warn!(%err, "orphan sweep failed"),
+                    }
+                    last_sweep = Some(Instant::now());
+                }
+            }
+        }
+    }
+
+    /// Visits every subject once, in bounded steps.
+    async fn enforce_retention(&self) -> Result<u64, Error> {
+        let mut cursor = String::new();
+        let mut removed = 0;
+        loop {
+            let (next, deleted) = self
+                .store
+                .retention_step(&cursor, self.defaults, STEP_BUDGET, STEP_BUDGET_MS)
+                .await?;
+            removed += deleted;
+            if next.is_empty() {
+                return Ok(removed);
+            }
+            cursor = next;
+        }
+    }
+
+    /// Deletes the objects retention released, then forgets them.
+    async fn delete_released(&self) -> Result<(), Error> {
+        loop {
+            let keys = self.store.released_objects(OBJECT_BATCH as u32).await?;
+            if keys.is_empty() {
+                return Ok(());
+            }
+            for key in &keys {
+                self.blobs.delete(key).await.map_err(Error::Blob)?;
+            }
+            self.store.forget_objects(&keys).await?;
+        }
+    }
+
+    /// Deletes objects older than the grace period that no message names.
+    async fn sweep_orphans(&self) -> Result<usize, Error> {
+        let cutoff = SystemTime::now()
+            .checked_sub(self.orphan_grace)
+            .unwrap_or(SystemTime::UNIX_EPOCH);
+        let candidates = self
+            .blobs
+            .keys_older_than(cutoff)
+            .await
+            .map_err(Error::Blob)?;
+        let mut removed = 0;
+        for chunk in candidates.chunks(OBJECT_BATCH) {
+            for key in self.store.settle_objects(chunk).await? {
+                self.blobs.delete(&key).await.map_err(Error::Blob)?;
+                removed += 1;
+            }
+        }
+        Ok(removed)
+    }
+}

@@ -1,0 +1,295 @@
+//! Retention and the orphan sweep. Each test runs its own Tarantool and its
+//! own bucket, so its egress holds the maintenance lease and its sweep sees
+//! no other test's objects.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::time::Duration;
+
+use mts_proto::pb::egress_service_client::EgressServiceClient;
+use mts_proto::pb::{SetSubjectLimitsRequest, SubjectInfo, SubjectLimits, SubjectRequest};
+use mts_proto::service_names::EGRESS;
+use mts_shared::blob::BlobStore;
+use mts_shared::config::Config;
+use mts_shared::store::Store;
+use mts_shared::testing::{self, Running, TarantoolProcess};
+use tonic::Code;
+use tonic::transport::Channel;
+
+struct Isolated {
+    tarantool: TarantoolProcess,
+    config: Config,
+    service: Running,
+    client: EgressServiceClient<Channel>,
+    store: Store,
+    blobs: BlobStore,
+}
+
+async fn isolated(tweak: impl FnOnce(&mut Config)) -> Isolated {
+    let tarantool = TarantoolProcess::start();
+    let mut config = tarantool.config();
+    config.minio_bucket_name = format!("mts-{}", uuid_hex());
+    config.maintenance_interval_ms = 100;
+    config.orphan_sweep_interval_seconds = 0;
+    tweak(&mut config);
+    let service = Running::start(EGRESS, config.clone(), mts_egress::run).await;
+    Isolated {
+        client: EgressServiceClient::connect(service.endpoint())
+            .await
+            .unwrap(),
+        store: Store::connect(&config).await.unwrap(),
+        blobs: BlobStore::new(&config),
+        service,
+        tarantool,
+        config,
+    }
+}
+
+fn uuid_hex() -> String {
+    testing::unique_subject("x")
+        .rsplit('.')
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// Polls `check` until it holds, for at most 20 s.
+async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+impl Isolated {
+    /// Publishes `size` bytes; offloaded ones go to S3 first, as the ingress does.
+    async fn publish(&self, subject: &str, size: usize, offload: bool) -> (u64, Option<String>) {
+        let data = vec![7u8; size];
+        if offload {
+            let key = format!("{subject}/{}", uuid_hex());
+            self.blobs.put(&key, data.into()).await.unwrap();
+            let seq = self
+                .store
+                .publish(subject, &HashMap::new(), None, Some(&key), size as u64)
+                .await
+                .unwrap();
+            (seq, Some(key))
+        } else {
+            let seq = self
+                .store
+                .publish(subject, &HashMap::new(), Some(&data), None, size as u64)
+                .await
+                .unwrap();
+            (seq, None)
+        }
+    }
+
+    async fn limit(&mut self, subject: &str, limits: SubjectLimits) -> SubjectInfo {
+        self.client
+            .set_subject_limits(SetSubjectLimitsRequest {
+                subject: subject.into(),
+                limits: Some(limits),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+
+    async fn info(&self, subject: &str) -> SubjectInfo {
+        self.client
+            .clone()
+            .get_subject_info(SubjectRequest {
+                subject: subject.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+#[tokio::test]
+async fn retention_by_count_removes_metadata_and_objects_together() {
+    let mut t = isolated(|c| c.retention_max_messages = 2).await;
+    let limited = testing::unique_subject("by-count");
+    let info = t
+        .limit(
+            &limited,
+            SubjectLimits {
+                max_messages: Some(3),
+                ..SubjectLimits::default()
+            },
+        )
+        .await;
+    assert_eq!(info.limits.unwrap().max_messages, Some(3));
+    let mut keys = Vec::new();
+    for i in 0..6 {
+        let (_, key) = t.publish(&limited, 10, i % 2 == 0).await;
+        keys.push(key);
+    }
+    let defaulted = testing::unique_subject("by-default");
+    for _ in 0..4 {
+        t.publish(&defaulted, 10, false).await;
+    }
+    eventually("the subject keeps its own 3 messages", || async {
+        let info = t.info(&limited).await;
+        (info.messages, info.first_sequence, info.last_sequence) == (3, 4, 6)
+    })
+    .await;
+    eventually("the service default keeps 2", || async {
+        t.info(&defaulted).await.first_sequence == 3
+    })
+    .await;
+    // Sequences 1, 3 and 5 were offloaded: 1 and 3 are gone with their metadata, 5 stays.
+    eventually("released objects are deleted", || async {
+        t.blobs
+            .list_keys(&format!("{limited}/"))
+            .await
+            .unwrap()
+            .len()
+            == 1
+    })
+    .await;
+    assert!(t.blobs.exists(keys[4].as_ref().unwrap()).await.unwrap());
+    assert!(!t.blobs.exists(keys[0].as_ref().unwrap()).await.unwrap());
+    let info = t.info(&limited).await;
+    assert_eq!((info.bytes, info.messages), (30, 3));
+    t.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_by_bytes_keeps_the_newest_that_fit() {
+    let mut t = isolated(|_| {}).await;
+    let subject = testing::unique_subject("by-bytes");
+    t.limit(
+        &subject,
+        SubjectLimits {
+            max_bytes: Some(250),
+            ..SubjectLimits::default()
+        },
+    )
+    .await;
+    for _ in 0..5 {
+        t.publish(&subject, 100, true).await;
+    }
+    eventually("200 of 500 bytes kept", || async {
+        let info = t.info(&subject).await;
+        (info.messages, info.bytes, info.first_sequence) == (2, 200, 4)
+    })
+    .await;
+    eventually("three objects deleted", || async {
+        t.blobs
+            .list_keys(&format!("{subject}/"))
+            .await
+            .unwrap()
+            .len()
+            == 2
+    })
+    .await;
+    t.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn retention_by_age_empties_a_subject_and_sequences_are_not_reused() {
+    let mut t = isolated(|_| {}).await;
+    let subject = testing::unique_subject("by-age");
+    t.limit(
+        &subject,
+        SubjectLimits {
+            max_age_ms: Some(300),
+            ..SubjectLimits::default()
+        },
+    )
+    .await;
+    for _ in 0..3 {
+        t.publish(&subject, 10, true).await;
+    }
+    eventually("every message aged out", || async {
+        t.info(&subject).await.messages == 0
+    })
+    .await;
+    eventually("and every object", || async {
+        t.blobs
+            .list_keys(&format!("{subject}/"))
+            .await
+            .unwrap()
+            .is_empty()
+    })
+    .await;
+    assert_eq!(
+        t.publish(&subject, 10, false).await.0,
+        4,
+        "the next sequence is 4, not 1"
+    );
+    let info = t.info(&subject).await;
+    assert_eq!(info.last_sequence, 4);
+    t.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_orphan_sweep_deletes_objects_without_metadata_only() {
+    let t = isolated(|c| {
+        c.orphan_grace_seconds = 1;
+        c.orphan_sweep_interval_seconds = 1;
+    })
+    .await;
+    let subject = testing::unique_subject("orphans");
+    let (_, committed) = t.publish(&subject, 50, true).await;
+    let committed = committed.unwrap();
+    // An upload whose commit never came.
+    let orphan = format!("{subject}/never-committed");
+    t.blobs.put(&orphan, vec![1u8; 50].into()).await.unwrap();
+    eventually("the orphan is swept", || async {
+        !t.blobs.exists(&orphan).await.unwrap()
+    })
+    .await;
+    assert!(
+        t.blobs.exists(&committed).await.unwrap(),
+        "an object with metadata stays"
+    );
+    // The sweep fenced the key: a commit arriving now is refused.
+    let late = t
+        .store
+        .publish(&subject, &HashMap::new(), None, Some(&orphan), 50)
+        .await
+        .unwrap_err();
+    assert_eq!(tonic::Status::from(late).code(), Code::Aborted);
+    t.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_replica_at_a_time_holds_the_maintenance_lease() {
+    let t = isolated(|_| {}).await;
+    let second = Running::start(EGRESS, t.config.clone(), mts_egress::run).await;
+    let holder = || async {
+        let (holders,): (Vec<String>,) = t
+            .raw()
+            .await
+            .eval("local h = {} for _, l in box.space.mts_leases:pairs() do h[#h + 1] = l[2] end return h", ())
+            .await
+            .unwrap();
+        holders
+    };
+    eventually("a holder", || async { holder().await.len() == 1 }).await;
+    let first = holder().await;
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(holder().await, first, "the lease stays with one replica");
+    }
+    second.stop().await.unwrap();
+    t.service.stop().await.unwrap();
+}
+
+impl Isolated {
+    async fn raw(&self) -> tarant::Client {
+        tarant::Client::connect(&format!(
+            "tarantool://minitoolstream_connector:minitoolstream@{}",
+            self.tarantool.address()
+        ))
+        .await
+        .unwrap()
+    }
+}

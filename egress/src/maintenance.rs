@@ -76,15 +76,15 @@ impl Maintenance {
             if let Err(err) = self.delete_released().await {
                 tracing::warn!(%err, "deleting released objects failed");
             }
-            if let Some(every) = self.sweep_interval {
-                if last_sweep.is_none_or(|at| at.elapsed() >= every) {
-                    match self.sweep_orphans().await {
-                        Ok(0) => {}
-                        Ok(removed) => tracing::info!(removed, "orphan sweep deleted objects"),
-                        Err(err) => tracing::warn!(%err, "orphan sweep failed"),
-                    }
-                    last_sweep = Some(Instant::now());
+            if let Some(every) = self.sweep_interval
+                && last_sweep.is_none_or(|at| at.elapsed() >= every)
+            {
+                match self.sweep_orphans().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "orphan sweep deleted objects"),
+                    Err(err) => tracing::warn!(%err, "orphan sweep failed"),
                 }
+                last_sweep = Some(Instant::now());
             }
         }
     }

@@ -193,7 +193,11 @@ impl Session {
             self.outstanding
                 .insert(leased.message.seq, leased.deadline_ns);
         }
-        let mut messages = std::pin::pin!(wire_messages(self.egress.blobs.clone(), batch.messages));
+        let mut messages = std::pin::pin!(wire_messages(
+            self.egress.blobs.clone(),
+            batch.messages,
+            self.egress.max_inline_delivery,
+        ));
         while let Some(message) = messages.next().await {
             match message {
                 Ok(message) => {

@@ -19,10 +19,28 @@ pub fn timestamp(ns: u64) -> prost_types::Timestamp {
     }
 }
 
-/// Completes a leased message with its payload.
-pub async fn deliver(blobs: BlobStore, leased: Leased) -> Result<Message, Error> {
+/// Headers that tell clients without the newer fields about the payload.
+pub const PAYLOAD_SIZE_HEADER: &str = "mts-payload-size";
+/// Hex SHA-256 of the payload.
+pub const PAYLOAD_SHA256_HEADER: &str = "mts-payload-sha256";
+/// "true" when the payload was left out; read it with FetchPayload.
+pub const PAYLOAD_OMITTED_HEADER: &str = "mts-payload-omitted";
+
+/// Completes a leased message with its payload, or marks the payload as
+/// left out when it is larger than `max_inline` bytes.
+pub async fn deliver(blobs: BlobStore, leased: Leased, max_inline: u64) -> Result<Message, Error> {
     let stored = leased.message;
+    let mut headers = stored.headers;
+    headers.insert(DELIVERY_COUNT_HEADER.into(), leased.deliveries.to_string());
+    let sha256 = stored.sha256.unwrap_or_default();
+    let omitted = stored.object_key.is_some() && stored.size > max_inline;
+    if omitted {
+        headers.insert(PAYLOAD_OMITTED_HEADER.into(), "true".into());
+        headers.insert(PAYLOAD_SIZE_HEADER.into(), stored.size.to_string());
+        headers.insert(PAYLOAD_SHA256_HEADER.into(), sha256.clone());
+    }
     let data = match (&stored.object_key, stored.data) {
+        _ if omitted => Default::default(),
         (Some(key), _) => match blobs.get(key).await {
             Ok(bytes) => bytes,
             Err(blob::Error::NotFound(_)) => {
@@ -37,8 +55,6 @@ pub async fn deliver(blobs: BlobStore, leased: Leased) -> Result<Message, Error>
         (None, Some(inline)) => inline.into_vec().into(),
         (None, None) => Default::default(),
     };
-    let mut headers = stored.headers;
-    headers.insert(DELIVERY_COUNT_HEADER.into(), leased.deliveries.to_string());
     Ok(Message {
         subject: stored.subject,
         sequence: stored.seq,
@@ -46,5 +62,8 @@ pub async fn deliver(blobs: BlobStore, leased: Leased) -> Result<Message, Error>
         headers,
         timestamp: Some(timestamp(stored.ts_ns)),
         delivery_count: leased.deliveries,
+        size: stored.size,
+        sha256,
+        payload_omitted: omitted,
     })
 }

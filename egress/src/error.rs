@@ -56,6 +56,14 @@ pub enum Error {
         /// The durable name.
         durable: String,
     },
+    /// No message has this subject and sequence (never published, or removed).
+    #[error("there is no message {sequence} on {subject}")]
+    MessageNotFound {
+        /// The subject.
+        subject: String,
+        /// The sequence.
+        sequence: u64,
+    },
     /// The service could not start or keep serving.
     #[error(transparent)]
     Server(#[from] server::Error),
@@ -75,7 +83,9 @@ impl From<Error> for tonic::Status {
             Error::AckBeyondLast { .. } | Error::NotHeld { .. } => {
                 tonic::Status::failed_precondition(err.to_string())
             }
-            Error::ConsumerNotFound { .. } => tonic::Status::not_found(err.to_string()),
+            Error::ConsumerNotFound { .. } | Error::MessageNotFound { .. } => {
+                tonic::Status::not_found(err.to_string())
+            }
             Error::Server(_) => tonic::Status::internal(err.to_string()),
         }
     }

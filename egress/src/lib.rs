@@ -10,6 +10,7 @@ mod delivery;
 mod error;
 mod maintenance;
 mod notify;
+mod payload;
 mod service;
 
 use std::sync::Arc;
@@ -41,7 +42,13 @@ pub async fn run(
         setup.store.clone(),
         Duration::from_secs(config.long_poll_seconds),
     ));
-    let egress = Egress::new(setup.store.clone(), setup.blobs.clone(), watchers, draining);
+    let egress = Egress::new(
+        setup.store.clone(),
+        setup.blobs.clone(),
+        watchers,
+        draining,
+        config.max_inline_delivery_bytes,
+    );
     let maintenance = tokio::spawn(
         maintenance::Maintenance::new(setup.store.clone(), setup.blobs.clone(), &config).run(),
     );

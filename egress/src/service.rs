@@ -12,7 +12,10 @@ use mts_proto::pb::{
     FetchRequest, GetLastSequenceRequest, GetLastSequenceResponse, Message, NackRequest,
     NackResponse, Notification, SubscribeRequest,
 };
-use mts_proto::pb::{SetSubjectLimitsRequest, SubjectInfo, SubjectLimits, SubjectRequest};
+use mts_proto::pb::{
+    FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectLimits,
+    SubjectRequest,
+};
 use mts_shared::blob::BlobStore;
 use mts_shared::store::{AckOutcome, Leased, Limits, NotHeld, Store, SubjectState};
 use mts_shared::validate;
@@ -42,6 +45,7 @@ pub struct Egress {
     pub(crate) blobs: BlobStore,
     pub(crate) watchers: Arc<SubjectWatchers>,
     pub(crate) draining: watch::Receiver<bool>,
+    pub(crate) max_inline_delivery: u64,
 }
 
 /// Checks a subject and durable name pair.
@@ -91,9 +95,10 @@ pub(crate) fn held<T>(
 pub(crate) fn wire_messages(
     blobs: BlobStore,
     batch: Vec<Leased>,
+    max_inline: u64,
 ) -> impl Stream<Item = Result<Message, Error>> + Send {
     futures::stream::iter(batch)
-        .map(move |leased| delivery::deliver(blobs.clone(), leased))
+        .map(move |leased| delivery::deliver(blobs.clone(), leased, max_inline))
         .buffered(PAYLOAD_READS_IN_FLIGHT)
         .scan(false, |failed, item| {
             let out = if *failed { None } else { Some(item) };
@@ -112,12 +117,14 @@ impl Egress {
         blobs: BlobStore,
         watchers: Arc<SubjectWatchers>,
         draining: watch::Receiver<bool>,
+        max_inline_delivery: u64,
     ) -> Self {
         Self {
             store,
             blobs,
             watchers,
             draining,
+            max_inline_delivery,
         }
     }
 
@@ -303,6 +310,7 @@ impl EgressService for Egress {
     type SubscribeStream = ResponseStream<Notification>;
     type FetchStream = ResponseStream<Message>;
     type ConsumeStream = ResponseStream<Message>;
+    type FetchPayloadStream = ResponseStream<PayloadChunk>;
 
     #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name))]
     async fn subscribe(
@@ -326,11 +334,12 @@ impl EgressService for Egress {
             .await
             .inspect_err(|err| tracing::warn!(%err, "fetch failed"))?;
         tracing::debug!(messages = batch.len(), "fetched");
-        let messages = wire_messages(self.blobs.clone(), batch).map(|delivered| {
-            delivered
-                .inspect_err(|err| tracing::warn!(%err, "fetch failed mid-batch"))
-                .map_err(Status::from)
-        });
+        let messages =
+            wire_messages(self.blobs.clone(), batch, self.max_inline_delivery).map(|delivered| {
+                delivered
+                    .inspect_err(|err| tracing::warn!(%err, "fetch failed mid-batch"))
+                    .map_err(Status::from)
+            });
         Ok(Response::new(Box::pin(messages)))
     }
 
@@ -441,6 +450,17 @@ impl EgressService for Egress {
             .await
             .inspect_err(|err| tracing::warn!(%err, "nack failed"))?;
         Ok(Response::new(NackResponse {}))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject, sequence = request.get_ref().sequence, offset = request.get_ref().offset))]
+    async fn fetch_payload(
+        &self,
+        request: Request<FetchPayloadRequest>,
+    ) -> Result<Response<Self::FetchPayloadStream>, Status> {
+        let receiver = crate::payload::open(self, request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "fetch payload failed"))?;
+        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
     }
 
     #[instrument(skip_all, fields(subject = %request.get_ref().subject))]

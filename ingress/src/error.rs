@@ -16,6 +16,21 @@ pub enum Error {
     /// The metadata could not be committed; the upload (if any) was removed.
     #[error("metadata commit failed: {0}")]
     Commit(#[source] store::Error),
+    /// Every streamed-upload slot of this process is taken.
+    #[error("{limit} streamed uploads are already running on this ingress; retry shortly")]
+    Busy {
+        /// The configured cap.
+        limit: usize,
+    },
+    /// The client broke off a streamed publish; nothing was stored.
+    #[error("the publish stream broke off, nothing was stored: {0}")]
+    ClientGone(tonic::Status),
+    /// The client stopped sending in the middle of a stream.
+    #[error("no frame for {0:?}; nothing was stored")]
+    Idle(std::time::Duration),
+    /// A publish task failed unexpectedly.
+    #[error("the publish failed unexpectedly: {0}")]
+    Panicked(String),
     /// The service could not start or keep serving.
     #[error(transparent)]
     Server(#[from] server::Error),
@@ -39,7 +54,14 @@ impl From<Error> for tonic::Status {
                     format!("message not stored: {}", status.message()),
                 )
             }
-            Error::Server(_) => tonic::Status::internal(err.to_string()),
+            Error::Busy { .. } => tonic::Status::with_error_details(
+                tonic::Code::ResourceExhausted,
+                err.to_string(),
+                ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
+            ),
+            Error::ClientGone(_) => tonic::Status::cancelled(err.to_string()),
+            Error::Idle(_) => tonic::Status::deadline_exceeded(err.to_string()),
+            Error::Server(_) | Error::Panicked(_) => tonic::Status::internal(err.to_string()),
         }
     }
 }

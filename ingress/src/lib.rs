@@ -6,6 +6,7 @@
 
 mod error;
 mod service;
+mod stream;
 
 use mts_proto::pb::ingress_service_server::IngressServiceServer;
 use mts_proto::service_names;

@@ -1,74 +1,209 @@
-//! The Publish RPC. Large payloads are uploaded before the metadata commit,
+//! The Publish RPCs. Large payloads are uploaded before the metadata commit,
 //! so a sequence is only ever handed out for a message whose bytes are safe.
 
+use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use mts_proto::pb::ingress_service_server::IngressService;
-use mts_proto::pb::{PublishRequest, PublishResponse};
+use mts_proto::pb::{PublishFrame, PublishRequest, PublishResponse};
 use mts_shared::blob::BlobStore;
 use mts_shared::config::Config;
-use mts_shared::store::{self, Store};
+use mts_shared::store::{self, NewMessage, Payload, Published, Store};
 use mts_shared::validate;
-use tonic::{Request, Response, Status};
-use tracing::instrument;
+use sha2::{Digest, Sha256};
+use tokio::sync::Semaphore;
+use tonic::{Request, Response, Status, Streaming};
+use tracing::{Instrument, instrument};
 
 use crate::Error;
+
+/// Longest message id, in bytes.
+const MAX_MESSAGE_ID_BYTES: usize = 256;
 
 /// The ingress service state; cheap to clone.
 #[derive(Clone)]
 pub struct Ingress {
-    store: Store,
-    blobs: BlobStore,
-    inline_threshold: u64,
-    max_payload: u64,
+    pub(crate) store: Store,
+    pub(crate) blobs: BlobStore,
+    pub(crate) inline_threshold: u64,
+    pub(crate) max_payload: u64,
+    pub(crate) part_size: usize,
+    pub(crate) dedup_window: Duration,
+    pub(crate) uploads: Arc<Semaphore>,
+    pub(crate) max_uploads: usize,
+}
+
+/// What a publish stores besides the payload.
+pub(crate) struct Envelope {
+    pub subject: String,
+    pub headers: HashMap<String, String>,
+    pub message_id: Option<String>,
+}
+
+impl Envelope {
+    /// Checks subject, headers and message id.
+    pub fn checked(
+        subject: String,
+        headers: HashMap<String, String>,
+        message_id: String,
+    ) -> Result<Self, Error> {
+        validate::subject(&subject)?;
+        validate::headers(&headers)?;
+        if message_id.len() > MAX_MESSAGE_ID_BYTES {
+            return Err(validate::Error::new(
+                "message_id",
+                format!(
+                    "is {} bytes long; the limit is {MAX_MESSAGE_ID_BYTES}",
+                    message_id.len()
+                ),
+            )
+            .into());
+        }
+        Ok(Self {
+            subject,
+            headers,
+            message_id: (!message_id.is_empty()).then_some(message_id),
+        })
+    }
+
+    /// A fresh object key under the subject.
+    pub fn object_key(&self) -> String {
+        format!("{}/{}", self.subject, uuid::Uuid::now_v7())
+    }
+}
+
+/// Hex SHA-256 of `data`.
+pub(crate) fn sha256_hex(data: &[u8]) -> String {
+    hex::encode(Sha256::digest(data))
 }
 
 impl Ingress {
     /// A service storing through `store` and `blobs` with the limits of `config`.
     pub fn new(store: Store, blobs: BlobStore, config: &Config) -> Self {
+        let max_uploads = usize::try_from(config.max_concurrent_uploads).unwrap_or(usize::MAX);
         Self {
             store,
             blobs,
             inline_threshold: config.inline_threshold_bytes,
             max_payload: config.max_payload_bytes,
+            part_size: usize::try_from(config.multipart_part_bytes).unwrap_or(usize::MAX),
+            dedup_window: Duration::from_millis(config.dedup_window_ms),
+            uploads: Arc::new(Semaphore::new(max_uploads)),
+            max_uploads,
         }
     }
 
     async fn publish_message(&self, request: PublishRequest) -> Result<PublishResponse, Error> {
-        validate::subject(&request.subject)?;
-        validate::headers(&request.headers)?;
+        let envelope = Envelope::checked(request.subject, request.headers, request.message_id)?;
         let size = request.data.len() as u64;
         validate::payload_size(
             request.data.len(),
             usize::try_from(self.max_payload).unwrap_or(usize::MAX),
         )?;
-
-        if size <= self.inline_threshold {
-            let sequence = self
-                .store
-                .publish(
-                    &request.subject,
-                    &request.headers,
-                    Some(&request.data),
-                    None,
-                    size,
-                )
-                .await
-                .map_err(Error::Commit)?;
-            return Ok(accepted(sequence, String::new()));
+        let sha256 = sha256_hex(&request.data);
+        if let Some(seq) = self.already_published(&envelope).await? {
+            return Ok(reply(
+                Published {
+                    seq,
+                    duplicate: true,
+                },
+                String::new(),
+                size,
+                sha256,
+            ));
         }
-
-        let key = format!("{}/{}", request.subject, uuid::Uuid::now_v7());
+        if size <= self.inline_threshold {
+            let published = self
+                .commit(&envelope, Payload::Inline(&request.data), size, &sha256)
+                .await?;
+            return Ok(reply(published, String::new(), size, sha256));
+        }
+        let key = envelope.object_key();
         self.blobs
             .put(&key, request.data)
             .await
             .map_err(Error::Upload)?;
+        let published = self
+            .commit_object(&envelope, key.clone(), size, &sha256)
+            .await?;
+        let object_name = if published.duplicate {
+            String::new()
+        } else {
+            key
+        };
+        Ok(reply(published, object_name, size, sha256))
+    }
+
+    /// The sequence of an earlier publish with the same message id, checked
+    /// before uploading anything.
+    pub(crate) async fn already_published(
+        &self,
+        envelope: &Envelope,
+    ) -> Result<Option<u64>, Error> {
+        match &envelope.message_id {
+            Some(id) => self
+                .store
+                .seen_message_id(&envelope.subject, id)
+                .await
+                .map_err(Error::Commit),
+            None => Ok(None),
+        }
+    }
+
+    fn new_message<'a>(
+        &self,
+        envelope: &'a Envelope,
+        payload: Payload<'a>,
+        size: u64,
+        sha256: &'a str,
+    ) -> NewMessage<'a> {
+        NewMessage {
+            subject: &envelope.subject,
+            headers: &envelope.headers,
+            payload,
+            size,
+            sha256: Some(sha256),
+            message_id: envelope.message_id.as_deref(),
+            dedup_window: self.dedup_window,
+        }
+    }
+
+    /// Commits a message whose payload is inline.
+    pub(crate) async fn commit(
+        &self,
+        envelope: &Envelope,
+        payload: Payload<'_>,
+        size: u64,
+        sha256: &str,
+    ) -> Result<Published, Error> {
+        self.store
+            .publish_message(self.new_message(envelope, payload, size, sha256))
+            .await
+            .map_err(Error::Commit)
+    }
+
+    /// Commits a message whose payload was uploaded under `key`. On a refusal
+    /// the object is deleted; when the outcome is unknown Tarantool is asked
+    /// first, and it fences the key against a late commit.
+    pub(crate) async fn commit_object(
+        &self,
+        envelope: &Envelope,
+        key: String,
+        size: u64,
+        sha256: &str,
+    ) -> Result<Published, Error> {
         match self
             .store
-            .publish(&request.subject, &request.headers, None, Some(&key), size)
+            .publish_message(self.new_message(envelope, Payload::Object(&key), size, sha256))
             .await
         {
-            Ok(sequence) => Ok(accepted(sequence, key)),
+            Ok(published) => {
+                if published.duplicate {
+                    self.discard(&key).await;
+                }
+                Ok(published)
+            }
             Err(err) if err.outcome_unknown() => self.settle(key, err).await,
             Err(err) => {
                 self.discard(&key).await;
@@ -77,15 +212,18 @@ impl Ingress {
         }
     }
 
-    /// The commit of `key` may or may not have happened. Ask Tarantool, which
-    /// also fences off a late commit, before deciding the object's fate.
-    async fn settle(&self, key: String, cause: store::Error) -> Result<PublishResponse, Error> {
+    async fn settle(&self, key: String, cause: store::Error) -> Result<Published, Error> {
         for attempt in 0..3 {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
             }
             match self.store.settle_object(&key).await {
-                Ok(Some(sequence)) => return Ok(accepted(sequence, key)),
+                Ok(Some(seq)) => {
+                    return Ok(Published {
+                        seq,
+                        duplicate: false,
+                    });
+                }
                 Ok(None) => {
                     self.discard(&key).await;
                     return Err(Error::Commit(cause));
@@ -98,19 +236,38 @@ impl Ingress {
     }
 
     /// Best effort: an object whose metadata will never be committed.
-    async fn discard(&self, key: &str) {
+    pub(crate) async fn discard(&self, key: &str) {
         if let Err(err) = self.blobs.delete(key).await {
             tracing::warn!(object = %key, %err, "could not delete an uncommitted object");
         }
     }
 }
 
-fn accepted(sequence: u64, object_name: String) -> PublishResponse {
+/// Runs a publish in its own task. A client that goes away makes the server
+/// drop the call's future; a publish cut off between upload and commit
+/// would leave an object behind, so it finishes (or cleans up) regardless.
+async fn detached(
+    publish: impl Future<Output = Result<PublishResponse, Error>> + Send + 'static,
+) -> Result<PublishResponse, Error> {
+    tokio::spawn(publish.in_current_span())
+        .await
+        .unwrap_or_else(|panic| Err(Error::Panicked(panic.to_string())))
+}
+
+pub(crate) fn reply(
+    published: Published,
+    object_name: String,
+    size: u64,
+    sha256: String,
+) -> PublishResponse {
     PublishResponse {
-        sequence,
+        sequence: published.seq,
         object_name,
         status_code: 0,
         error_message: String::new(),
+        duplicate: published.duplicate,
+        size,
+        sha256,
     }
 }
 
@@ -121,11 +278,34 @@ impl IngressService for Ingress {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let reply = self
-            .publish_message(request.into_inner())
+        let ingress = self.clone();
+        let reply = detached(async move { ingress.publish_message(request.into_inner()).await })
             .await
             .inspect_err(|err| tracing::warn!(%err, "publish failed"))?;
-        tracing::debug!(sequence = reply.sequence, "published");
+        tracing::debug!(
+            sequence = reply.sequence,
+            duplicate = reply.duplicate,
+            "published"
+        );
+        Ok(Response::new(reply))
+    }
+
+    #[instrument(skip_all)]
+    async fn publish_stream(
+        &self,
+        request: Request<Streaming<PublishFrame>>,
+    ) -> Result<Response<PublishResponse>, Status> {
+        let ingress = self.clone();
+        let frames = request.into_inner();
+        let reply = detached(async move { crate::stream::publish(&ingress, frames).await })
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "streamed publish failed"))?;
+        tracing::info!(
+            sequence = reply.sequence,
+            bytes = reply.size,
+            duplicate = reply.duplicate,
+            "streamed publish stored"
+        );
         Ok(Response::new(reply))
     }
 }

@@ -8,7 +8,7 @@
 local fiber = require('fiber')
 local clock = require('clock')
 
-local SCHEMA_VERSION = 3
+local SCHEMA_VERSION = 4
 local MAP = {__serialize = 'map'}
 
 local SUBJECT_FORMAT = {
@@ -27,19 +27,20 @@ box.schema.space.create('mts_subjects', {if_not_exists = true, format = SUBJECT_
 box.space.mts_subjects:format(SUBJECT_FORMAT)
 box.space.mts_subjects:create_index('primary', {parts = {'name'}, if_not_exists = true})
 
-box.schema.space.create('mts_messages', {
-    if_not_exists = true,
-    format = {
-        {name = 'subject', type = 'string'},
-        {name = 'seq', type = 'unsigned'},
-        {name = 'ts_ns', type = 'unsigned'},
-        {name = 'headers', type = 'map'},
-        -- Inline payload; nil when the payload lives in the object store.
-        {name = 'data', type = 'any', is_nullable = true},
-        {name = 'object_key', type = 'string', is_nullable = true},
-        {name = 'size', type = 'unsigned'},
-    },
-})
+local MESSAGE_FORMAT = {
+    {name = 'subject', type = 'string'},
+    {name = 'seq', type = 'unsigned'},
+    {name = 'ts_ns', type = 'unsigned'},
+    {name = 'headers', type = 'map'},
+    -- Inline payload; nil when the payload lives in the object store.
+    {name = 'data', type = 'any', is_nullable = true},
+    {name = 'object_key', type = 'string', is_nullable = true},
+    {name = 'size', type = 'unsigned'},
+    -- Hex SHA-256 of the payload; nil on messages stored before schema 4.
+    {name = 'sha256', type = 'string', is_nullable = true},
+}
+box.schema.space.create('mts_messages', {if_not_exists = true, format = MESSAGE_FORMAT})
+box.space.mts_messages:format(MESSAGE_FORMAT)
 box.space.mts_messages:create_index('primary', {parts = {'subject', 'seq'}, if_not_exists = true})
 box.space.mts_messages:create_index('ts', {
     parts = {'subject', 'ts_ns'}, unique = false, if_not_exists = true,
@@ -102,6 +103,20 @@ box.schema.space.create('mts_abandoned', {
     },
 })
 box.space.mts_abandoned:create_index('primary', {parts = {'object_key'}, if_not_exists = true})
+
+-- Idempotent publish: a message id seen on a subject within its window maps
+-- to the sequence it was stored under.
+box.schema.space.create('mts_dedup', {
+    if_not_exists = true,
+    format = {
+        {name = 'subject', type = 'string'},
+        {name = 'message_id', type = 'string'},
+        {name = 'seq', type = 'unsigned'},
+        {name = 'expires_ns', type = 'unsigned'},
+    },
+})
+box.space.mts_dedup:create_index('primary', {parts = {'subject', 'message_id'}, if_not_exists = true})
+box.space.mts_dedup:create_index('expiry', {parts = {'expires_ns', 'subject', 'message_id'}, if_not_exists = true})
 
 -- Object keys whose last message is gone: the maintenance worker deletes
 -- the object, then the row. Written in the transaction that removes the
@@ -176,7 +191,7 @@ rawset(_G, 'mts_schema_version', function()
 end)
 
 -- Inside a transaction: the next sequence of `subject` and the message row.
-local function store_message(subject, headers, data, object_key, size)
+local function store_message(subject, headers, data, object_key, size, sha256)
     local seq = last_seq(subject) + 1
     if seq == 1 and box.space.mts_subjects:get(subject) == nil then
         box.space.mts_subjects:insert({subject, seq, 1, size})
@@ -184,7 +199,7 @@ local function store_message(subject, headers, data, object_key, size)
         box.space.mts_subjects:update({subject}, {{'=', 2, seq}, {'+', 3, 1}, {'+', 4, size}})
     end
     box.space.mts_messages:insert({
-        subject, seq, now_ns(), setmetatable(headers or {}, MAP), data, object_key, size,
+        subject, seq, now_ns(), setmetatable(headers or {}, MAP), data, object_key, size, sha256,
     })
     return seq
 end
@@ -194,7 +209,15 @@ end
 -- (wall clock) is when the caller stops waiting: a request that arrives later
 -- (held back by a reconnecting client, say) is refused rather than stored
 -- behind the back of a publisher that was told it failed.
-rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, deadline_ns)
+--
+-- With `dedup` = {message_id, window_ms}, a second publish of the same id on
+-- the same subject within the window stores nothing and returns the first
+-- one's sequence; the second return value says whether that happened.
+rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, deadline_ns, sha256, dedup)
+    local message_id, window_ms = nil, 0
+    if dedup ~= nil then
+        message_id, window_ms = dedup[1], dedup[2]
+    end
     if deadline_ns ~= nil and deadline_ns > 0 and now_ns() > deadline_ns then
         box.error({
             reason = 'publish reached Tarantool after its deadline; nothing was stored'
@@ -206,11 +229,44 @@ rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, dea
         box.error({reason = 'object ' .. object_key .. ' was abandoned; publish again', code = 10001})
     end
     local seq
+    local duplicate = false
     box.atomic(function()
-        seq = store_message(subject, headers, data, object_key, size)
+        local now = now_ns()
+        if message_id ~= nil and message_id ~= '' then
+            local seen = box.space.mts_dedup:get({subject, message_id})
+            if seen ~= nil and seen[4] > now then
+                seq, duplicate = seen[3], true
+                return
+            end
+        end
+        seq = store_message(subject, headers, data, object_key, size, sha256)
+        if message_id ~= nil and message_id ~= '' then
+            box.space.mts_dedup:replace({subject, message_id, seq, now + (window_ms or 0) * 1000000})
+        end
     end)
-    notify(subject)
-    return seq
+    if not duplicate then
+        notify(subject)
+    end
+    return seq, duplicate
+end)
+
+-- The sequence a message id was stored under within its window, or 0: lets
+-- a streamed publish skip uploading a payload it would throw away.
+rawset(_G, 'mts_dedup_lookup', function(subject, message_id)
+    local seen = box.space.mts_dedup:get({subject, message_id})
+    if seen ~= nil and seen[4] > now_ns() then
+        return seen[3]
+    end
+    return 0
+end)
+
+-- One stored message, or nil.
+rawset(_G, 'mts_message', function(subject, seq)
+    local message = box.space.mts_messages:get({subject, seq})
+    if message == nil then
+        return box.NULL
+    end
+    return message
 end)
 
 rawset(_G, 'mts_last_seq', function(subject)
@@ -367,7 +423,7 @@ local function dead_letter(c, message, deliveries)
     headers['mts-origin-sequence'] = tostring(message[2])
     headers['mts-origin-durable'] = c.durable
     headers['mts-origin-delivery-count'] = tostring(deliveries)
-    store_message(c.dlq_subject, headers, message[5], message[6], message[7])
+    store_message(c.dlq_subject, headers, message[5], message[6], message[7], message[8])
     return c.dlq_subject
 end
 
@@ -768,6 +824,17 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
                 return
             end
         end
+        -- Message ids past their dedup window.
+        local expired_ids = {}
+        for _, d in box.space.mts_dedup.index.expiry:pairs({now}, {iterator = 'LT'}) do
+            expired_ids[#expired_ids + 1] = {d[1], d[2]}
+            if #expired_ids >= budget then
+                break
+            end
+        end
+        for _, key in ipairs(expired_ids) do
+            box.space.mts_dedup:delete(key)
+        end
         -- Fences of abandoned uploads only matter while a late commit could arrive.
         local stale = {}
         for _, a in box.space.mts_abandoned:pairs() do
@@ -856,7 +923,7 @@ local PROCEDURES = {
     'mts_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
     'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
     'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
-    'mts_settle_objects',
+    'mts_settle_objects', 'mts_dedup_lookup', 'mts_message',
 }
 box.schema.role.create('minitoolstream', {if_not_exists = true})
 -- Schema 1's non-leasing fetch, replaced by mts_consume.
@@ -869,6 +936,7 @@ for _, name in ipairs(PROCEDURES) do
 end
 for _, space in ipairs({
     'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned', 'mts_gc', 'mts_leases',
+    'mts_dedup',
 }) do
     box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
 end

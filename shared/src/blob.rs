@@ -240,6 +240,61 @@ impl BlobStore {
         }
     }
 
+    /// Starts a multipart upload to `key`.
+    pub async fn start_upload(&self, key: &str) -> Result<Upload, Error> {
+        let started = self
+            .client
+            .create_multipart_upload()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+            .map_err(|e| Error::from_sdk(e, |_| None))?;
+        let upload_id = started
+            .upload_id()
+            .ok_or_else(|| Error::Rejected("CreateMultipartUpload returned no upload id".into()))?
+            .to_owned();
+        Ok(Upload {
+            store: self.clone(),
+            key: key.to_owned(),
+            upload_id,
+            parts: Vec::new(),
+            finished: false,
+        })
+    }
+
+    /// The object under `key` from byte `offset` on, as a stream of chunks
+    /// pulled from the server as the caller reads them.
+    pub async fn read_from(&self, key: &str, offset: u64) -> Result<ByteStream, Error> {
+        let object = self
+            .client
+            .get_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .range(format!("bytes={offset}-"))
+            .send()
+            .await
+            .map_err(|e| Error::from_sdk(e, |e| e.is_no_such_key().then(|| key.to_string())))?;
+        Ok(object.body)
+    }
+
+    /// Keys of multipart uploads started and neither completed nor aborted.
+    pub async fn unfinished_uploads(&self, prefix: &str) -> Result<Vec<String>, Error> {
+        let listing = self
+            .client
+            .list_multipart_uploads()
+            .bucket(&self.bucket)
+            .prefix(prefix)
+            .send()
+            .await
+            .map_err(|e| Error::from_sdk(e, |_| None))?;
+        Ok(listing
+            .uploads()
+            .iter()
+            .filter_map(|upload| upload.key().map(str::to_owned))
+            .collect())
+    }
+
     /// Deletes the object under `key`; deleting a missing object succeeds.
     pub async fn delete(&self, key: &str) -> Result<(), Error> {
         self.client
@@ -250,6 +305,118 @@ impl BlobStore {
             .await
             .map(|_| ())
             .map_err(|e| Error::from_sdk(e, |_| None))
+    }
+}
+
+/// A multipart upload in progress: parts are sent one at a time, so memory
+/// holds at most one part. Complete or abort it: parts of an upload that is
+/// dropped stay in the bucket until it is aborted.
+pub struct Upload {
+    store: BlobStore,
+    key: String,
+    upload_id: String,
+    parts: Vec<aws_sdk_s3::types::CompletedPart>,
+    finished: bool,
+}
+
+impl Drop for Upload {
+    /// An upload dropped half-way (a panic, a cancelled task) is aborted in
+    /// the background rather than left as stray parts.
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let (client, bucket) = (self.store.client.clone(), self.store.bucket.clone());
+        let (key, upload_id) = (
+            std::mem::take(&mut self.key),
+            std::mem::take(&mut self.upload_id),
+        );
+        runtime.spawn(async move {
+            if let Err(err) = client
+                .abort_multipart_upload()
+                .bucket(bucket)
+                .key(&key)
+                .upload_id(upload_id)
+                .send()
+                .await
+            {
+                tracing::warn!(object = %key, err = %describe(&err), "could not abort an abandoned upload");
+            }
+        });
+    }
+}
+
+impl Upload {
+    /// The object key being written.
+    pub fn key(&self) -> &str {
+        &self.key
+    }
+
+    /// Sends the next part.
+    pub async fn put_part(&mut self, data: Bytes) -> Result<(), Error> {
+        let number = i32::try_from(self.parts.len() + 1)
+            .map_err(|_| Error::Rejected("too many parts".into()))?;
+        let uploaded = self
+            .store
+            .client
+            .upload_part()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .part_number(number)
+            .body(ByteStream::from(data))
+            .send()
+            .await
+            .map_err(|e| Error::from_sdk(e, |_| None))?;
+        self.parts.push(
+            aws_sdk_s3::types::CompletedPart::builder()
+                .part_number(number)
+                .set_e_tag(uploaded.e_tag().map(str::to_owned))
+                .build(),
+        );
+        Ok(())
+    }
+
+    /// Makes the object visible. If this fails, the upload is aborted when
+    /// dropped.
+    pub async fn complete(mut self) -> Result<(), Error> {
+        let parts = aws_sdk_s3::types::CompletedMultipartUpload::builder()
+            .set_parts(Some(std::mem::take(&mut self.parts)))
+            .build();
+        let done = self
+            .store
+            .client
+            .complete_multipart_upload()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .multipart_upload(parts)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| Error::from_sdk(e, |_| None));
+        self.finished = done.is_ok();
+        done
+    }
+
+    /// Discards every part sent.
+    pub async fn abort(mut self) -> Result<(), Error> {
+        let done = self
+            .store
+            .client
+            .abort_multipart_upload()
+            .bucket(&self.store.bucket)
+            .key(&self.key)
+            .upload_id(&self.upload_id)
+            .send()
+            .await
+            .map(drop)
+            .map_err(|e| Error::from_sdk(e, |_| None));
+        self.finished = done.is_ok();
+        done
     }
 }
 

@@ -39,6 +39,10 @@ pub const KEYS: &[&str] = &[
     "maintenance_interval_ms",
     "orphan_grace_seconds",
     "orphan_sweep_interval_seconds",
+    "dedup_window_ms",
+    "multipart_part_bytes",
+    "max_concurrent_uploads",
+    "max_inline_delivery_bytes",
 ];
 
 /// Tarantool keeps whole tuples in memory and caps a tuple at 1 MiB by
@@ -118,6 +122,16 @@ pub struct Config {
     pub orphan_grace_seconds: u64,
     /// How often the orphan sweep lists the bucket; 0 = never.
     pub orphan_sweep_interval_seconds: u64,
+    /// How long a publish's message id is remembered for deduplication.
+    pub dedup_window_ms: u64,
+    /// Part size of streamed uploads (S3 needs at least 5 MiB).
+    pub multipart_part_bytes: u64,
+    /// Streamed uploads one ingress process runs at once; more are refused
+    /// with RESOURCE_EXHAUSTED.
+    pub max_concurrent_uploads: u64,
+    /// Fetch and Consume leave out payloads larger than this; clients read
+    /// them with FetchPayload.
+    pub max_inline_delivery_bytes: u64,
 }
 
 /// A configuration that cannot be used; the message names the key.
@@ -179,6 +193,15 @@ impl Config {
             env: key.to_uppercase(),
             reason,
         };
+        if self.multipart_part_bytes < 5 * 1024 * 1024 {
+            return Err(invalid(
+                "multipart_part_bytes",
+                format!(
+                    "{} is below the 5 MiB minimum part size of S3",
+                    self.multipart_part_bytes
+                ),
+            ));
+        }
         if self.inline_threshold_bytes > MAX_INLINE_THRESHOLD {
             return Err(invalid(
                 "inline_threshold_bytes",
@@ -195,6 +218,7 @@ impl Config {
             ("max_payload_bytes", self.max_payload_bytes),
             ("long_poll_seconds", self.long_poll_seconds),
             ("maintenance_interval_ms", self.maintenance_interval_ms),
+            ("max_concurrent_uploads", self.max_concurrent_uploads),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));
@@ -264,6 +288,10 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
         ("maintenance_interval_ms", 1000_i64.into()),
         ("orphan_grace_seconds", 3600_i64.into()),
         ("orphan_sweep_interval_seconds", 600_i64.into()),
+        ("dedup_window_ms", 120_000_i64.into()),
+        ("multipart_part_bytes", (8 * 1024 * 1024_i64).into()),
+        ("max_concurrent_uploads", 16_i64.into()),
+        ("max_inline_delivery_bytes", (1024 * 1024_i64).into()),
     ]
 }
 

@@ -17,7 +17,7 @@ use crate::config::Config;
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 /// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
-pub const SCHEMA_VERSION: u64 = 3;
+pub const SCHEMA_VERSION: u64 = 4;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
@@ -82,6 +82,46 @@ pub struct StoredMessage {
     pub object_key: Option<String>,
     /// Payload size in bytes.
     pub size: u64,
+    /// Hex SHA-256 of the payload (absent on messages stored before it was recorded).
+    #[serde(default)]
+    pub sha256: Option<String>,
+}
+
+/// Where a new message's payload is.
+#[derive(Debug, Clone, Copy)]
+pub enum Payload<'a> {
+    /// Stored inline in Tarantool.
+    Inline(&'a [u8]),
+    /// Already uploaded under this object key.
+    Object(&'a str),
+}
+
+/// A message to store.
+#[derive(Debug, Clone, Copy)]
+pub struct NewMessage<'a> {
+    /// Its subject.
+    pub subject: &'a str,
+    /// Its headers.
+    pub headers: &'a HashMap<String, String>,
+    /// Its payload.
+    pub payload: Payload<'a>,
+    /// Payload size in bytes.
+    pub size: u64,
+    /// Hex SHA-256 of the payload.
+    pub sha256: Option<&'a str>,
+    /// Publisher's id for deduplication.
+    pub message_id: Option<&'a str>,
+    /// How long a message id is remembered.
+    pub dedup_window: Duration,
+}
+
+/// The outcome of a publish.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Published {
+    /// The message's sequence (the first one's, for a duplicate).
+    pub seq: u64,
+    /// True when the message id was seen within the window and nothing was stored.
+    pub duplicate: bool,
 }
 
 /// Where a new consumer starts.
@@ -390,8 +430,8 @@ impl Store {
         Ok(())
     }
 
-    /// Stores a message and returns its sequence. Exactly one of `data` and
-    /// `object_key` is set.
+    /// Stores a message without digest or message id and returns its
+    /// sequence. Exactly one of `data` and `object_key` is set.
     pub async fn publish(
         &self,
         subject: &str,
@@ -400,19 +440,72 @@ impl Store {
         object_key: Option<&str>,
         size: u64,
     ) -> Result<u64, Error> {
-        let data = data.map(serde_bytes::Bytes::new);
+        let payload = match (data, object_key) {
+            (_, Some(key)) => Payload::Object(key),
+            (data, None) => Payload::Inline(data.unwrap_or_default()),
+        };
+        let published = self
+            .publish_message(NewMessage {
+                subject,
+                headers,
+                payload,
+                size,
+                sha256: None,
+                message_id: None,
+                dedup_window: Duration::ZERO,
+            })
+            .await?;
+        Ok(published.seq)
+    }
+
+    /// Stores a message, or finds the earlier one with the same message id.
+    pub async fn publish_message(&self, message: NewMessage<'_>) -> Result<Published, Error> {
+        let (data, object_key) = match message.payload {
+            Payload::Inline(data) => (Some(serde_bytes::Bytes::new(data)), None),
+            Payload::Object(key) => (None, Some(key)),
+        };
         let deadline_ns = std::time::SystemTime::now()
             .checked_add(self.timeout)
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let (seq,): (u64,) = self
+        let window_ms = u64::try_from(message.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let (seq, duplicate): (u64, bool) = self
             .call(
                 "mts_publish",
-                (subject, headers, data, object_key, size, deadline_ns),
+                (
+                    message.subject,
+                    message.headers,
+                    data,
+                    object_key,
+                    message.size,
+                    deadline_ns,
+                    message.sha256,
+                    message.message_id.map(|id| (id, window_ms)),
+                ),
                 self.timeout,
             )
             .await?;
-        Ok(seq)
+        Ok(Published { seq, duplicate })
+    }
+
+    /// The sequence `message_id` was stored under within its window, if any.
+    pub async fn seen_message_id(
+        &self,
+        subject: &str,
+        message_id: &str,
+    ) -> Result<Option<u64>, Error> {
+        let (seq,): (u64,) = self
+            .call("mts_dedup_lookup", (subject, message_id), self.timeout)
+            .await?;
+        Ok((seq > 0).then_some(seq))
+    }
+
+    /// One stored message, if it exists.
+    pub async fn message(&self, subject: &str, seq: u64) -> Result<Option<StoredMessage>, Error> {
+        let (message,): (Option<StoredMessage>,) = self
+            .call("mts_message", (subject, seq), self.timeout)
+            .await?;
+        Ok(message)
     }
 
     /// After a publish of `object_key` ended with an unknown outcome: the

@@ -80,6 +80,7 @@ async fn every_rule_maps_to_its_status() {
         let case = format!("publish subject {subject:?}");
         let status = publisher
             .publish(PublishRequest {
+                message_id: String::new(),
                 subject: subject.clone(),
                 data: Default::default(),
                 headers: HashMap::new(),
@@ -210,6 +211,7 @@ async fn every_rule_maps_to_its_status() {
     for (headers, reason) in header_cases {
         let status = publisher
             .publish(PublishRequest {
+                message_id: String::new(),
                 subject: good.clone(),
                 data: Default::default(),
                 headers,
@@ -227,6 +229,7 @@ async fn every_rule_maps_to_its_status() {
     // The limits themselves are fine.
     publisher
         .publish(PublishRequest {
+            message_id: String::new(),
             subject: good.clone(),
             data: Default::default(),
             headers: headers(64, 200),
@@ -235,6 +238,7 @@ async fn every_rule_maps_to_its_status() {
         .unwrap();
     publisher
         .publish(PublishRequest {
+            message_id: String::new(),
             subject: good.clone(),
             data: vec![0u8; MAX_PAYLOAD as usize].into(),
             headers: HashMap::new(),
@@ -244,6 +248,7 @@ async fn every_rule_maps_to_its_status() {
 
     let status = publisher
         .publish(PublishRequest {
+            message_id: String::new(),
             subject: good.clone(),
             data: vec![0u8; MAX_PAYLOAD as usize + 1].into(),
             headers: HashMap::new(),

@@ -26,6 +26,7 @@ async fn sixteen_publishers_two_thousand_messages() {
             for i in (publisher..MESSAGES).step_by(PUBLISHERS) {
                 let reply = client
                     .publish(PublishRequest {
+                        message_id: String::new(),
                         subject: subject.clone(),
                         data: format!("{publisher}:{i}").into_bytes().into(),
                         headers: HashMap::from([("publisher".into(), publisher.to_string())]),

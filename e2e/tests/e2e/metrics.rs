@@ -50,6 +50,7 @@ async fn counters_move_with_the_calls() {
     for _ in 0..3 {
         publisher
             .publish(PublishRequest {
+                message_id: String::new(),
                 subject: subject.clone(),
                 data: b"x".to_vec().into(),
                 headers: HashMap::new(),
@@ -59,6 +60,7 @@ async fn counters_move_with_the_calls() {
     }
     publisher
         .publish(PublishRequest {
+            message_id: String::new(),
             subject: "bad subject".into(),
             data: Default::default(),
             headers: HashMap::new(),

@@ -27,6 +27,7 @@ async fn services_recover_after_tarantool_is_killed_and_restarted() {
     let big = config.inline_threshold_bytes as usize + 1;
 
     let publish = |data: Vec<u8>| PublishRequest {
+        message_id: String::new(),
         subject: subject.clone(),
         data: data.into(),
         headers: HashMap::new(),

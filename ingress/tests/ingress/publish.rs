@@ -22,6 +22,7 @@ async fn start() -> (Running, IngressServiceClient<tonic::transport::Channel>) {
 
 fn request(subject: &str, data: Vec<u8>) -> PublishRequest {
     PublishRequest {
+        message_id: String::new(),
         subject: subject.into(),
         data: data.into(),
         headers: HashMap::from([("content-type".into(), "application/octet-stream".into())]),

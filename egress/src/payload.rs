@@ -1,0 +1,134 @@
+//! FetchPayload: one stored payload streamed in chunks from an offset, with
+//! its size and SHA-256 so the client can verify it. An offloaded payload is
+//! one ranged read whose body is pulled from the object store only as fast
+//! as the client takes chunks, so memory stays bounded whatever the size.
+
+use bytes::{Bytes, BytesMut};
+use mts_proto::pb::{FetchPayloadRequest, PayloadChunk};
+use mts_shared::blob;
+use mts_shared::validate;
+use tokio::sync::mpsc;
+use tonic::Status;
+
+use crate::Error;
+use crate::service::Egress;
+
+/// Bytes per chunk sent.
+const CHUNK: usize = 1024 * 1024;
+/// Chunks buffered between the object store and the client.
+const CHUNKS_IN_FLIGHT: usize = 2;
+
+/// Checks the request and starts streaming.
+pub async fn open(
+    egress: &Egress,
+    request: FetchPayloadRequest,
+) -> Result<mpsc::Receiver<Result<PayloadChunk, Status>>, Error> {
+    validate::subject(&request.subject)?;
+    if request.sequence == 0 {
+        return Err(validate::Error::new("sequence", "must be at least 1").into());
+    }
+    let message = egress
+        .store
+        .message(&request.subject, request.sequence)
+        .await?
+        .ok_or_else(|| Error::MessageNotFound {
+            subject: request.subject.clone(),
+            sequence: request.sequence,
+        })?;
+    if request.offset > message.size {
+        return Err(validate::Error::new(
+            "offset",
+            format!(
+                "{} is beyond the payload's {} bytes",
+                request.offset, message.size
+            ),
+        )
+        .into());
+    }
+    let (total_size, sha256) = (message.size, message.sha256.clone().unwrap_or_default());
+    let chunk = move |data: Bytes, offset: u64| PayloadChunk {
+        data,
+        offset,
+        total_size,
+        sha256: sha256.clone(),
+    };
+    let (sender, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
+    let offset = request.offset;
+    match (&message.object_key, &message.data) {
+        (Some(key), _) if offset < message.size => {
+            let body = egress
+                .blobs
+                .read_from(key, offset)
+                .await
+                .map_err(|err| match err {
+                    blob::Error::NotFound(_) => Error::MissingPayload {
+                        subject: message.subject.clone(),
+                        sequence: message.seq,
+                        key: key.clone(),
+                    },
+                    other => Error::Blob(other),
+                })?;
+            tokio::spawn(relay(body, offset, sender, chunk));
+        }
+        (_, data) => {
+            let data = Bytes::from(data.as_ref().map(|d| d.to_vec()).unwrap_or_default());
+            let start = usize::try_from(offset)
+                .unwrap_or(usize::MAX)
+                .min(data.len());
+            let mut pieces: Vec<PayloadChunk> = (start..data.len())
+                .step_by(CHUNK)
+                .map(|at| chunk(data.slice(at..(at + CHUNK).min(data.len())), at as u64))
+                .collect();
+            if pieces.is_empty() {
+                // Still tell the client the size and digest.
+                pieces.push(chunk(Bytes::new(), offset));
+            }
+            tokio::spawn(async move {
+                for piece in pieces {
+                    if sender.send(Ok(piece)).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+    Ok(receiver)
+}
+
+/// Regroups the object store's body into chunks of CHUNK bytes.
+async fn relay(
+    mut body: aws_sdk_s3::primitives::ByteStream,
+    mut offset: u64,
+    sender: mpsc::Sender<Result<PayloadChunk, Status>>,
+    chunk: impl Fn(Bytes, u64) -> PayloadChunk,
+) {
+    let mut pending = BytesMut::with_capacity(CHUNK);
+    loop {
+        match body.next().await {
+            Some(Ok(bytes)) => {
+                pending.extend_from_slice(&bytes);
+                while pending.len() >= CHUNK {
+                    let data = pending.split_to(CHUNK).freeze();
+                    let len = data.len() as u64;
+                    if sender.send(Ok(chunk(data, offset))).await.is_err() {
+                        return;
+                    }
+                    offset += len;
+                }
+            }
+            Some(Err(err)) => {
+                let status = Status::unavailable(format!(
+                    "reading the payload from the object store failed; resume at offset {offset}: {err}"
+                ));
+                let _ = sender.send(Err(status)).await;
+                return;
+            }
+            None => {
+                if !pending.is_empty() {
+                    let _ = sender.send(Ok(chunk(pending.freeze(), offset))).await;
+                }
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,5 @@
+//! The ingress against the real Tarantool and S3 server that scripts/test.sh
+//! runs.
+
+mod publish;
+mod stream;

@@ -1,0 +1,378 @@
+//! PublishStream, idempotent publish and the upload cap.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mts_proto::pb::ingress_service_client::IngressServiceClient;
+use mts_proto::pb::publish_frame::Frame;
+use mts_proto::pb::{PublishEnd, PublishFrame, PublishHeader, PublishRequest, PublishResponse};
+use mts_proto::service_names::INGRESS;
+use mts_shared::blob::BlobStore;
+use mts_shared::config::Config;
+use mts_shared::store::Store;
+use mts_shared::testing::{self, Running};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+use tonic::transport::Channel;
+use tonic_types::StatusExt;
+
+const MIB: usize = 1024 * 1024;
+
+struct Fixture {
+    service: Running,
+    client: IngressServiceClient<Channel>,
+    store: Store,
+    blobs: BlobStore,
+    subject: String,
+}
+
+async fn fixture(name: &str, tweak: impl FnOnce(&mut Config)) -> Fixture {
+    let mut config = testing::config();
+    config.multipart_part_bytes = 5 * MIB as u64;
+    tweak(&mut config);
+    let service = Running::start(INGRESS, config.clone(), mts_ingress::run).await;
+    Fixture {
+        client: IngressServiceClient::connect(service.endpoint())
+            .await
+            .unwrap(),
+        store: Store::connect(&config).await.unwrap(),
+        blobs: BlobStore::new(&config),
+        subject: testing::unique_subject(name),
+        service,
+    }
+}
+
+fn header(subject: &str, total_size: Option<u64>, message_id: &str) -> PublishFrame {
+    PublishFrame {
+        frame: Some(Frame::Header(PublishHeader {
+            subject: subject.into(),
+            headers: HashMap::from([("kind".to_string(), "stream".to_string())]),
+            total_size,
+            message_id: message_id.into(),
+        })),
+    }
+}
+
+fn chunk(data: Vec<u8>) -> PublishFrame {
+    PublishFrame {
+        frame: Some(Frame::Chunk(Bytes::from(data))),
+    }
+}
+
+fn end(sha256: &str) -> PublishFrame {
+    PublishFrame {
+        frame: Some(Frame::End(PublishEnd {
+            sha256: sha256.into(),
+        })),
+    }
+}
+
+impl Fixture {
+    /// A stream whose frames the test sends one by one.
+    async fn open(
+        &self,
+    ) -> (
+        mpsc::Sender<PublishFrame>,
+        tokio::task::JoinHandle<Result<PublishResponse, tonic::Status>>,
+    ) {
+        let (frames, outbound) = mpsc::channel(4);
+        let mut client = self.client.clone();
+        let call = tokio::spawn(async move {
+            client
+                .publish_stream(ReceiverStream::new(outbound))
+                .await
+                .map(|r| r.into_inner())
+        });
+        (frames, call)
+    }
+
+    async fn unfinished(&self) -> usize {
+        self.blobs
+            .unfinished_uploads(&format!("{}/", self.subject))
+            .await
+            .unwrap()
+            .len()
+    }
+
+    async fn publish(&mut self, subject: &str, data: &[u8], message_id: &str) -> PublishResponse {
+        self.client
+            .publish(PublishRequest {
+                subject: subject.into(),
+                data: data.to_vec().into(),
+                headers: HashMap::new(),
+                message_id: message_id.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+    }
+}
+
+async fn eventually<F: std::future::Future<Output = bool>>(
+    what: &str,
+    mut check: impl FnMut() -> F,
+) {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while !check().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never happened: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_stream_cut_off_midway_leaves_nothing_behind() {
+    let f = fixture("cut-off", |_| {}).await;
+    let (frames, call) = f.open().await;
+    frames.send(header(&f.subject, None, "")).await.unwrap();
+    for _ in 0..12 {
+        frames.send(chunk(vec![3u8; MIB])).await.unwrap();
+    }
+    eventually("a multipart upload is under way", || async {
+        f.unfinished().await > 0
+    })
+    .await;
+    // The client goes away: its call is dropped mid-stream.
+    call.abort();
+    drop(frames);
+    eventually("the multipart upload is aborted", || async {
+        f.unfinished().await == 0
+    })
+    .await;
+    assert_eq!(
+        f.store.last_seq(&f.subject).await.unwrap(),
+        0,
+        "no metadata"
+    );
+    assert!(
+        f.blobs
+            .list_keys(&format!("{}/", f.subject))
+            .await
+            .unwrap()
+            .is_empty(),
+        "no object"
+    );
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn bad_frames_and_size_mismatches_store_nothing() {
+    let f = fixture("bad-frames", |_| {}).await;
+    let (frames, call) = f.open().await;
+    frames.send(header(&f.subject, None, "")).await.unwrap();
+    frames.send(chunk(vec![1u8; 6 * MIB])).await.unwrap();
+    frames.send(header(&f.subject, None, "")).await.unwrap();
+    let refused = call.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("only the first frame"),
+        "{}",
+        refused.message()
+    );
+
+    let (frames, call) = f.open().await;
+    frames.send(chunk(vec![1u8; 10])).await.unwrap();
+    drop(frames);
+    let refused = call.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("must be a header"),
+        "{}",
+        refused.message()
+    );
+
+    let (frames, call) = f.open().await;
+    frames
+        .send(header(&f.subject, Some(100), ""))
+        .await
+        .unwrap();
+    frames.send(chunk(vec![1u8; 50])).await.unwrap();
+    drop(frames);
+    let refused = call.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused
+            .message()
+            .contains("announced 100 bytes but the stream carried 50"),
+        "{}",
+        refused.message()
+    );
+
+    // A digest the payload does not have, after enough bytes for a multipart upload.
+    let (frames, call) = f.open().await;
+    frames.send(header(&f.subject, None, "")).await.unwrap();
+    frames.send(chunk(vec![2u8; 6 * MIB])).await.unwrap();
+    frames.send(end("00ff")).await.unwrap();
+    drop(frames);
+    let refused = call.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("end.sha256"),
+        "{}",
+        refused.message()
+    );
+
+    // Ending without an end frame or a total size is a cut-off, not a finish.
+    let (frames, call) = f.open().await;
+    frames.send(header(&f.subject, None, "")).await.unwrap();
+    frames.send(chunk(vec![2u8; 10])).await.unwrap();
+    drop(frames);
+    let refused = call.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument);
+    assert!(
+        refused.message().contains("without an end frame"),
+        "{}",
+        refused.message()
+    );
+
+    eventually("no upload left", || async { f.unfinished().await == 0 }).await;
+    assert_eq!(f.store.last_seq(&f.subject).await.unwrap(), 0);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn streamed_payloads_are_stored_with_size_and_digest() {
+    let f = fixture("stream-sizes", |_| {}).await;
+    // Inline, one small object, and a multipart object of 2 full parts plus a tail.
+    for (size, inline) in [(1000usize, true), (300 * 1024, false), (11 * MIB, false)] {
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let (frames, call) = f.open().await;
+        frames
+            .send(header(&f.subject, Some(size as u64), ""))
+            .await
+            .unwrap();
+        for piece in data.chunks(MIB + 17) {
+            frames.send(chunk(piece.to_vec())).await.unwrap();
+        }
+        drop(frames);
+        let reply = call.await.unwrap().unwrap();
+        let digest = hex::encode(Sha256::digest(&data));
+        assert_eq!(
+            (reply.size, reply.sha256.as_str()),
+            (size as u64, digest.as_str())
+        );
+        assert_eq!(reply.object_name.is_empty(), inline, "{size} bytes");
+        let stored = f
+            .store
+            .message(&f.subject, reply.sequence)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (stored.size, stored.sha256.as_deref()),
+            (size as u64, Some(digest.as_str()))
+        );
+        assert_eq!(stored.headers["kind"], "stream");
+        if !inline {
+            assert_eq!(f.blobs.get(&reply.object_name).await.unwrap(), data);
+        }
+    }
+    assert_eq!(f.unfinished().await, 0);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn the_upload_cap_answers_resource_exhausted_with_a_retry_hint() {
+    let f = fixture("cap", |c| c.max_concurrent_uploads = 1).await;
+    let (frames, first) = f.open().await;
+    frames.send(header(&f.subject, None, "")).await.unwrap();
+    frames.send(chunk(vec![9u8; 6 * MIB])).await.unwrap();
+    eventually("the first upload holds the only slot", || async {
+        f.unfinished().await > 0
+    })
+    .await;
+
+    let (second_frames, second) = f.open().await;
+    second_frames
+        .send(header(&f.subject, None, ""))
+        .await
+        .unwrap();
+    let refused = second.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    let retry = refused
+        .get_error_details()
+        .retry_info()
+        .cloned()
+        .expect("a retry hint");
+    assert!(retry.retry_delay.is_some());
+
+    frames.send(end("")).await.unwrap();
+    drop(frames);
+    let stored = first.await.unwrap().unwrap();
+    assert_eq!((stored.sequence, stored.size), (1, 6 * MIB as u64));
+    // The slot is free again.
+    let (frames, third) = f.open().await;
+    frames.send(header(&f.subject, None, "")).await.unwrap();
+    frames.send(chunk(b"again".to_vec())).await.unwrap();
+    frames.send(end("")).await.unwrap();
+    drop(frames);
+    assert_eq!(third.await.unwrap().unwrap().sequence, 2);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_message_id_is_stored_once_per_subject_within_the_window() {
+    let mut f = fixture("dedup", |c| c.dedup_window_ms = 1500).await;
+    let subject = f.subject.clone();
+    let first = f.publish(&subject, b"payload", "order-17").await;
+    assert!(!first.duplicate);
+    assert_eq!(first.size, 7);
+    assert_eq!(first.sha256, hex::encode(Sha256::digest(b"payload")));
+    let again = f.publish(&subject, b"payload", "order-17").await;
+    assert_eq!((again.sequence, again.duplicate), (first.sequence, true));
+    assert_eq!(f.store.last_seq(&subject).await.unwrap(), 1, "stored once");
+
+    let other = testing::unique_subject("dedup-other");
+    let elsewhere = f.publish(&other, b"payload", "order-17").await;
+    assert!(!elsewhere.duplicate, "subjects do not collide");
+
+    // A large payload with a known id is not uploaded again.
+    let big = vec![5u8; 300 * 1024];
+    let large = f.publish(&subject, &big, "big-1").await;
+    let repeat = f.publish(&subject, &big, "big-1").await;
+    assert_eq!(
+        (
+            repeat.sequence,
+            repeat.duplicate,
+            repeat.object_name.as_str()
+        ),
+        (large.sequence, true, "")
+    );
+    assert_eq!(
+        f.blobs
+            .list_keys(&format!("{subject}/"))
+            .await
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Streamed publishes share the same ids.
+    let (frames, call) = f.open().await;
+    frames
+        .send(header(&subject, None, "order-17"))
+        .await
+        .unwrap();
+    frames.send(chunk(b"payload".to_vec())).await.unwrap();
+    frames
+        .send(end(&hex::encode(Sha256::digest(b"payload"))))
+        .await
+        .unwrap();
+    drop(frames);
+    let streamed = call.await.unwrap().unwrap();
+    assert_eq!(
+        (streamed.sequence, streamed.duplicate),
+        (first.sequence, true)
+    );
+
+    tokio::time::sleep(Duration::from_millis(1600)).await;
+    let later = f.publish(&subject, b"payload", "order-17").await;
+    assert!(!later.duplicate, "after the window the id is new again");
+    assert_eq!(later.sequence, 3);
+    f.service.stop().await.unwrap();
+}

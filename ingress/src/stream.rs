@@ -84,10 +84,10 @@ pub async fn publish(
         _ => Ok(()),
     });
     if let Err(err) = received {
-        if let Some(upload) = upload {
-            if let Err(abort) = upload.abort().await {
-                tracing::warn!(object = %key, %abort, "could not abort a failed upload");
-            }
+        if let Some(upload) = upload
+            && let Err(abort) = upload.abort().await
+        {
+            tracing::warn!(object = %key, %abort, "could not abort a failed upload");
         }
         return Err(err);
     }

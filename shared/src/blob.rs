@@ -173,6 +173,33 @@ impl BlobStore {
         Ok(body.into_bytes())
     }
 
+    /// Size and ETag of the object under `key`, if it exists. A multipart
+    /// object's ETag ends in `-<number of parts>`.
+    pub async fn describe(&self, key: &str) -> Result<Option<(u64, String)>, Error> {
+        match self
+            .client
+            .head_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .send()
+            .await
+        {
+            Ok(head) => Ok(Some((
+                head.content_length()
+                    .and_then(|n| u64::try_from(n).ok())
+                    .unwrap_or_default(),
+                head.e_tag()
+                    .unwrap_or_default()
+                    .trim_matches('"')
+                    .to_owned(),
+            ))),
+            Err(err) => match Error::from_sdk(err, |e| e.is_not_found().then(String::new)) {
+                Error::NotFound(_) => Ok(None),
+                other => Err(other),
+            },
+        }
+    }
+
     /// Whether an object exists under `key`.
     pub async fn exists(&self, key: &str) -> Result<bool, Error> {
         match self

@@ -4,6 +4,7 @@
 mod bad_input;
 mod concurrency;
 mod grpcurl;
+mod large_payloads;
 mod metrics;
 mod restart;
 mod system;

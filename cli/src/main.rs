@@ -1,0 +1,26 @@
+//! `mts`: publish files to MiniToolStream and receive them, with exit codes a
+//! script can rely on (see `mts --help`).
+
+#![forbid(unsafe_code)]
+
+mod args;
+mod commands;
+mod failure;
+mod progress;
+mod receive;
+
+use std::process::ExitCode;
+
+use clap::Parser;
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> ExitCode {
+    let args = args::Args::parse();
+    match commands::run(args).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => {
+            eprintln!("mts: {failure}");
+            failure.exit_code()
+        }
+    }
+}

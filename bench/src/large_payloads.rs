@@ -1,0 +1,139 @@
+//! Large payloads end to end: N concurrent transfers of M MiB, each streamed
+//! in with PublishStream and back out with FetchPayload, verified by SHA-256.
+
+use std::time::Instant;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use mts_proto::pb::egress_service_client::EgressServiceClient;
+use mts_proto::pb::ingress_service_client::IngressServiceClient;
+use mts_proto::pb::publish_frame::Frame;
+use mts_proto::pb::{FetchPayloadRequest, PublishFrame, PublishHeader};
+use sha2::{Digest, Sha256};
+
+use crate::process::Services;
+
+const MIB: usize = 1024 * 1024;
+
+/// Block `k` of transfer `t`: 1 MiB that differs from every other block.
+fn block(t: usize, k: usize) -> Bytes {
+    let mut data = vec![0u8; MIB];
+    let mut state = (t as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ k as u64;
+    for chunk in data.chunks_mut(8) {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        chunk.copy_from_slice(&state.to_le_bytes()[..chunk.len()]);
+    }
+    Bytes::from(data)
+}
+
+pub async fn run(
+    ingress: &str,
+    egress: &str,
+    mib: u64,
+    concurrency: usize,
+    services: &Services,
+) -> Result<String, String> {
+    let blocks = usize::try_from(mib).map_err(|e| e.to_string())?;
+    let subject = format!("bench.large.{}", std::process::id());
+    let ingress_client = IngressServiceClient::connect(ingress.to_owned())
+        .await
+        .map_err(|e| e.to_string())?;
+    let egress_client = EgressServiceClient::connect(egress.to_owned())
+        .await
+        .map_err(|e| e.to_string())?;
+    services.reset_peaks();
+
+    let started = Instant::now();
+    let publishes = (0..concurrency).map(|t| {
+        let mut client = ingress_client.clone();
+        let subject = subject.clone();
+        async move {
+            let mut hasher = Sha256::new();
+            let frames = futures::stream::iter(
+                std::iter::once(Frame::Header(PublishHeader {
+                    subject,
+                    headers: Default::default(),
+                    total_size: Some((blocks * MIB) as u64),
+                    message_id: String::new(),
+                }))
+                .chain((0..blocks).map(move |k| Frame::Chunk(block(t, k))))
+                .map(|frame| PublishFrame { frame: Some(frame) }),
+            );
+            let reply = client
+                .publish_stream(frames)
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner();
+            for k in 0..blocks {
+                hasher.update(block(t, k));
+            }
+            let expected = hex::encode(hasher.finalize());
+            if reply.sha256 != expected {
+                return Err(format!(
+                    "transfer {t}: server digest {} != {expected}",
+                    reply.sha256
+                ));
+            }
+            Ok::<_, String>((reply.sequence, expected))
+        }
+    });
+    let stored = futures::future::try_join_all(publishes).await?;
+    let publish_seconds = started.elapsed().as_secs_f64();
+    let publish_usage = services.usage();
+
+    services.reset_peaks();
+    let started = Instant::now();
+    let downloads = stored.into_iter().map(|(sequence, expected)| {
+        let mut client = egress_client.clone();
+        let subject = subject.clone();
+        async move {
+            let mut chunks = client
+                .fetch_payload(FetchPayloadRequest { subject, sequence, offset: 0 })
+                .await
+                .map_err(|s| s.to_string())?
+                .into_inner();
+            let mut hasher = Sha256::new();
+            let mut size = 0usize;
+            while let Some(chunk) = chunks.next().await {
+                let chunk = chunk.map_err(|s| s.to_string())?;
+                size += chunk.data.len();
+                hasher.update(&chunk.data);
+            }
+            let got = hex::encode(hasher.finalize());
+            if got != expected || size != blocks * MIB {
+                return Err(format!("sequence {sequence}: downloaded {size} bytes with digest {got}, expected {expected}"));
+            }
+            Ok::<_, String>(())
+        }
+    });
+    futures::future::try_join_all(downloads).await?;
+    let download_seconds = started.elapsed().as_secs_f64();
+    let download_usage = services.usage();
+
+    let total_mib = (blocks * concurrency) as f64;
+    let figures = |usage: &[crate::process::Usage]| {
+        usage
+            .iter()
+            .map(|u| {
+                format!(
+                    "\"{}\":{{\"peak_rss_mib\":{:.1},\"cpu_seconds\":{:.2}}}",
+                    u.name,
+                    u.peak_rss as f64 / MIB as f64,
+                    u.cpu_seconds
+                )
+            })
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    Ok(format!(
+        "{{\"scenario\":\"large-payloads\",\"payload_mib\":{blocks},\"concurrency\":{concurrency},\
+         \"publish\":{{\"seconds\":{publish_seconds:.2},\"mib_per_s\":{:.1},{}}},\
+         \"download\":{{\"seconds\":{download_seconds:.2},\"mib_per_s\":{:.1},{}}},\"verified\":true}}",
+        total_mib / publish_seconds,
+        figures(&publish_usage),
+        total_mib / download_seconds,
+        figures(&download_usage),
+    ))
+}

@@ -1,0 +1,67 @@
+//! Memory and CPU of the service processes, from /proc.
+
+/// The processes a scenario measures.
+pub struct Services {
+    pids: Vec<(&'static str, u32)>,
+}
+
+/// One process's figures.
+pub struct Usage {
+    pub name: &'static str,
+    /// Peak resident memory since the last reset, in bytes.
+    pub peak_rss: u64,
+    /// User plus system CPU time, in seconds.
+    pub cpu_seconds: f64,
+}
+
+impl Services {
+    pub fn new(ingress: Option<u32>, egress: Option<u32>) -> Self {
+        let mut pids = Vec::new();
+        if let Some(pid) = ingress {
+            pids.push(("ingress", pid));
+        }
+        if let Some(pid) = egress {
+            pids.push(("egress", pid));
+        }
+        Self { pids }
+    }
+
+    /// Resets every process's peak RSS (Linux: `5` into clear_refs), so the
+    /// next reading is the peak of what follows.
+    pub fn reset_peaks(&self) {
+        for (name, pid) in &self.pids {
+            if let Err(err) = std::fs::write(format!("/proc/{pid}/clear_refs"), "5") {
+                eprintln!(
+                    "mts-bench: cannot reset the peak RSS of {name} ({pid}): {err}; VmHWM covers its whole life"
+                );
+            }
+        }
+    }
+
+    pub fn usage(&self) -> Vec<Usage> {
+        self.pids
+            .iter()
+            .map(|(name, pid)| Usage {
+                name,
+                peak_rss: peak_rss(*pid).unwrap_or_default(),
+                cpu_seconds: cpu_seconds(*pid).unwrap_or_default(),
+            })
+            .collect()
+    }
+}
+
+fn peak_rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}

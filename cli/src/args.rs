@@ -8,7 +8,8 @@ use clap::{Parser, Subcommand};
 ///
 /// Exit codes: 0 success, 1 other failure, 2 usage error, 3 not found,
 /// 4 request refused (invalid argument, failed precondition), 5 try again
-/// later (unavailable, busy, deadline), 6 payload digest mismatch.
+/// later (unavailable, busy, deadline), 6 payload digest mismatch, 7 not
+/// authorized (no or bad token, or a token that does not allow it).
 #[derive(Debug, Parser)]
 #[command(name = "mts", version)]
 pub struct Args {
@@ -28,6 +29,9 @@ pub struct Args {
         global = true
     )]
     pub egress: String,
+    /// JWT sent as `authorization: Bearer <token>` (see `mts token`).
+    #[arg(long, env = "MTS_TOKEN", global = true, hide_env_values = true)]
+    pub token: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -82,6 +86,31 @@ pub enum Command {
     Last {
         #[arg(long)]
         subject: String,
+    },
+    /// Mint a token for a server with auth enabled (for local use and tests).
+    Token {
+        /// The server's jwt_issuer.
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        client_id: String,
+        /// An allowed subject: exact, prefix.* (one token), prefix.> (any depth) or *; repeatable.
+        #[arg(long = "subject", required = true)]
+        subjects: Vec<String>,
+        /// publish, subscribe, fetch, ack, admin or *; repeatable.
+        #[arg(long = "permission", required = true)]
+        permissions: Vec<String>,
+        #[arg(long, default_value_t = 3600)]
+        ttl_seconds: u64,
+        /// HS256 shared secret.
+        #[arg(long, group = "key")]
+        secret: Option<String>,
+        /// File holding the HS256 secret.
+        #[arg(long, group = "key")]
+        secret_file: Option<std::path::PathBuf>,
+        /// RS256 private key PEM file (the server holds the public key).
+        #[arg(long, group = "key")]
+        private_key_file: Option<std::path::PathBuf>,
     },
 }
 

@@ -20,6 +20,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 
 use crate::args::{Args, Command};
+use crate::auth::{Bearer, Egress, Signing, TokenRequest};
 use crate::failure::Failure;
 use crate::progress::Progress;
 use crate::receive;
@@ -28,6 +29,8 @@ use crate::receive;
 const CHUNK: usize = 1024 * 1024;
 
 pub async fn run(args: Args) -> Result<(), Failure> {
+    let token = Bearer::new(args.token.as_deref())?;
+    let token = &token;
     match args.command {
         Command::Publish {
             subject,
@@ -37,6 +40,7 @@ pub async fn run(args: Args) -> Result<(), Failure> {
         } => {
             publish(
                 &args.ingress,
+                token,
                 subject,
                 headers.into_iter().collect(),
                 message_id,
@@ -50,16 +54,61 @@ pub async fn run(args: Args) -> Result<(), Failure> {
             out,
             count,
             max_in_flight,
-        } => subscribe(&args.egress, subject, durable, out, count, max_in_flight).await,
+        } => {
+            subscribe(
+                &args.egress,
+                token,
+                subject,
+                durable,
+                out,
+                count,
+                max_in_flight,
+            )
+            .await
+        }
         Command::Fetch {
             subject,
             durable,
             batch,
             out,
             no_ack,
-        } => fetch(&args.egress, subject, durable, batch, out, no_ack).await,
+        } => fetch(&args.egress, token, subject, durable, batch, out, no_ack).await,
+        Command::Token {
+            issuer,
+            client_id,
+            subjects,
+            permissions,
+            ttl_seconds,
+            secret,
+            secret_file,
+            private_key_file,
+        } => {
+            let read = |path: &std::path::Path| {
+                std::fs::read(path).map_err(Failure::io(format!("reading {}", path.display())))
+            };
+            let key = match (secret, secret_file, private_key_file) {
+                (Some(secret), None, None) => Signing::Secret(secret.into_bytes()),
+                (None, Some(file), None) => Signing::Secret(read(&file)?),
+                (None, None, Some(file)) => Signing::RsaPrivateKey(read(&file)?),
+                _ => {
+                    return Err(Failure::Token(
+                        "give one of --secret, --secret-file, --private-key-file".into(),
+                    ));
+                }
+            };
+            let token = crate::auth::mint(TokenRequest {
+                issuer: &issuer,
+                client_id: &client_id,
+                subjects: &subjects,
+                permissions: &permissions,
+                ttl_seconds,
+                key,
+            })?;
+            println!("{token}");
+            Ok(())
+        }
         Command::Last { subject } => {
-            let last = egress(&args.egress)
+            let last = egress(&args.egress, token)
                 .await?
                 .get_last_sequence(GetLastSequenceRequest { subject })
                 .await
@@ -84,20 +133,25 @@ async fn channel(endpoint: &str) -> Result<Channel, Failure> {
         .map_err(connect)
 }
 
-pub async fn egress(endpoint: &str) -> Result<EgressServiceClient<Channel>, Failure> {
-    Ok(EgressServiceClient::new(channel(endpoint).await?))
+pub async fn egress(endpoint: &str, token: &Bearer) -> Result<Egress, Failure> {
+    Ok(EgressServiceClient::with_interceptor(
+        channel(endpoint).await?,
+        token.clone(),
+    ))
 }
 
 /// Streams the file with its size (when known) and, at the end, its SHA-256,
 /// which the server checks before storing anything.
 async fn publish(
     endpoint: &str,
+    token: &Bearer,
     subject: String,
     headers: HashMap<String, String>,
     message_id: Option<String>,
     file: &Path,
 ) -> Result<(), Failure> {
-    let mut client = IngressServiceClient::new(channel(endpoint).await?);
+    let mut client =
+        IngressServiceClient::with_interceptor(channel(endpoint).await?, token.clone());
     let (mut source, total_size): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) =
         if file == Path::new("-") {
             (Box::new(tokio::io::stdin()), None)
@@ -187,13 +241,14 @@ async fn publish(
 /// it is saved.
 async fn subscribe(
     endpoint: &str,
+    token: &Bearer,
     subject: String,
     durable: String,
     out: Option<PathBuf>,
     count: Option<u64>,
     max_in_flight: u32,
 ) -> Result<(), Failure> {
-    let mut client = egress(endpoint).await?;
+    let mut client = egress(endpoint, token).await?;
     let (frames, outbound) = mpsc::channel(16);
     let start = ConsumeFrame::Start(ConsumeStart {
         subject: subject.clone(),
@@ -242,13 +297,14 @@ async fn subscribe(
 /// One batch: save every message, then acknowledge them together.
 async fn fetch(
     endpoint: &str,
+    token: &Bearer,
     subject: String,
     durable: String,
     batch: i32,
     out: Option<PathBuf>,
     no_ack: bool,
 ) -> Result<(), Failure> {
-    let mut client = egress(endpoint).await?;
+    let mut client = egress(endpoint, token).await?;
     let messages: Vec<_> = client
         .fetch(FetchRequest {
             subject: subject.clone(),

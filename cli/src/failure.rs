@@ -29,6 +29,8 @@ pub enum Failure {
         /// What arrived.
         actual: String,
     },
+    /// A token could not be made or used.
+    Token(String),
     /// The endpoint could not be reached or parsed.
     Connect {
         /// The endpoint.
@@ -55,6 +57,7 @@ impl Failure {
         ExitCode::from(match self {
             Self::Call { status, .. } => match status.code() {
                 Code::NotFound => 3,
+                Code::Unauthenticated | Code::PermissionDenied => 7,
                 Code::InvalidArgument
                 | Code::FailedPrecondition
                 | Code::OutOfRange
@@ -67,7 +70,7 @@ impl Failure {
             },
             Self::Connect { .. } => 5,
             Self::Digest { .. } => 6,
-            Self::Io { .. } => 1,
+            Self::Io { .. } | Self::Token(_) => 1,
         })
     }
 }
@@ -79,6 +82,7 @@ impl fmt::Display for Failure {
                 write!(f, "{doing}: {:?}: {}", status.code(), status.message())
             }
             Self::Io { doing, error } => write!(f, "{doing}: {error}"),
+            Self::Token(why) => write!(f, "token: {why}"),
             Self::Digest {
                 sequence,
                 expected,
@@ -119,6 +123,11 @@ mod tests {
             ExitCode::from(5)
         );
         assert_eq!(code(tonic::Status::internal("")), ExitCode::from(1));
+        assert_eq!(code(tonic::Status::unauthenticated("")), ExitCode::from(7));
+        assert_eq!(
+            code(tonic::Status::permission_denied("")),
+            ExitCode::from(7)
+        );
         let digest = Failure::Digest {
             sequence: 1,
             expected: "a".into(),

@@ -4,12 +4,11 @@
 
 use std::path::Path;
 
+use crate::auth::Egress;
 use futures::StreamExt;
-use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::{FetchPayloadRequest, Message};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
-use tonic::transport::Channel;
 
 use crate::failure::Failure;
 use crate::progress::Progress;
@@ -18,7 +17,7 @@ use crate::progress::Progress;
 const PRINT_LIMIT: usize = 64 * 1024;
 
 pub async fn save(
-    client: &mut EgressServiceClient<Channel>,
+    client: &mut Egress,
     message: Message,
     dir: Option<&Path>,
 ) -> Result<(), Failure> {
@@ -58,11 +57,7 @@ pub async fn save(
 }
 
 /// Writes the payload to `path`, returning its SHA-256.
-async fn write(
-    client: &mut EgressServiceClient<Channel>,
-    message: &Message,
-    path: &Path,
-) -> Result<String, Failure> {
+async fn write(client: &mut Egress, message: &Message, path: &Path) -> Result<String, Failure> {
     let io = |doing: &str| Failure::io(format!("{doing} {}", path.display()));
     let mut file = tokio::fs::File::create(path)
         .await

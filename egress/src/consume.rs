@@ -11,6 +11,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use mts_proto::pb::consume_request::Request as Frame;
 use mts_proto::pb::{ConsumeRequest, ConsumeStart, Message};
+use mts_shared::auth::{Caller, Permission};
 use mts_shared::validate;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -27,6 +28,7 @@ const MAX_IN_FLIGHT: u32 = 10_000;
 /// Reads the start frame, checks it and starts the stream's task.
 pub async fn open(
     egress: Egress,
+    caller: Caller,
     mut inbound: Streaming<ConsumeRequest>,
 ) -> Result<mpsc::Receiver<Result<Message, Status>>, Status> {
     let start = match inbound.next().await {
@@ -49,6 +51,12 @@ pub async fn open(
             .into());
         }
     };
+    // Receiving needs fetch; settling what was received needs ack.
+    for permission in [Permission::Fetch, Permission::Ack] {
+        caller
+            .authorize(permission, &start.subject)
+            .map_err(Error::from)?;
+    }
     let max_in_flight = checked_start(&start).map_err(Error::from)?;
     let (sender, receiver) = mpsc::channel(max_in_flight as usize + 1);
     let session = Session {

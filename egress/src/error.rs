@@ -64,6 +64,9 @@ pub enum Error {
         /// The sequence.
         sequence: u64,
     },
+    /// The caller may not do this.
+    #[error(transparent)]
+    Auth(#[from] mts_shared::auth::Error),
     /// The service could not start or keep serving.
     #[error(transparent)]
     Server(#[from] server::Error),
@@ -86,6 +89,7 @@ impl From<Error> for tonic::Status {
             Error::ConsumerNotFound { .. } | Error::MessageNotFound { .. } => {
                 tonic::Status::not_found(err.to_string())
             }
+            Error::Auth(source) => source.into(),
             Error::Server(_) => tonic::Status::internal(err.to_string()),
         }
     }

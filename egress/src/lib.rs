@@ -48,6 +48,7 @@ pub async fn run(
         watchers,
         draining,
         config.max_inline_delivery_bytes,
+        setup.auth.clone(),
     );
     let maintenance = tokio::spawn(
         maintenance::Maintenance::new(setup.store.clone(), setup.blobs.clone(), &config).run(),

@@ -16,6 +16,7 @@ use mts_proto::pb::{
     FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectLimits,
     SubjectRequest,
 };
+use mts_shared::auth::{Authenticator, Permission};
 use mts_shared::blob::BlobStore;
 use mts_shared::store::{AckOutcome, Leased, Limits, NotHeld, Store, SubjectState};
 use mts_shared::validate;
@@ -46,7 +47,37 @@ pub struct Egress {
     pub(crate) watchers: Arc<SubjectWatchers>,
     pub(crate) draining: watch::Receiver<bool>,
     pub(crate) max_inline_delivery: u64,
+    pub(crate) auth: Arc<Authenticator>,
 }
+
+/// Requests that name the subject they touch.
+pub(crate) trait Touches {
+    fn subject(&self) -> &str;
+}
+
+macro_rules! touches {
+    ($($request:ty),* $(,)?) => {$(
+        impl Touches for $request {
+            fn subject(&self) -> &str {
+                &self.subject
+            }
+        }
+    )*};
+}
+
+touches!(
+    SubscribeRequest,
+    FetchRequest,
+    GetLastSequenceRequest,
+    AckRequest,
+    CreateOrUpdateConsumerRequest,
+    ConsumerRequest,
+    AckSequencesRequest,
+    NackRequest,
+    FetchPayloadRequest,
+    SetSubjectLimitsRequest,
+    SubjectRequest,
+);
 
 /// Checks a subject and durable name pair.
 pub(crate) fn consumer_names(subject: &str, durable: &str) -> Result<(), validate::Error> {
@@ -118,6 +149,7 @@ impl Egress {
         watchers: Arc<SubjectWatchers>,
         draining: watch::Receiver<bool>,
         max_inline_delivery: u64,
+        auth: Arc<Authenticator>,
     ) -> Self {
         Self {
             store,
@@ -125,7 +157,15 @@ impl Egress {
             watchers,
             draining,
             max_inline_delivery,
+            auth,
         }
+    }
+
+    /// Authenticates the caller and checks `permission` on the request's subject.
+    fn admit<T: Touches>(&self, request: &Request<T>, permission: Permission) -> Result<(), Error> {
+        let caller = self.auth.authenticate(request.metadata())?;
+        caller.authorize(permission, request.get_ref().subject())?;
+        Ok(())
     }
 
     async fn open_subscription(
@@ -317,6 +357,7 @@ impl EgressService for Egress {
         &self,
         request: Request<SubscribeRequest>,
     ) -> Result<Response<Self::SubscribeStream>, Status> {
+        self.admit(&request, Permission::Subscribe)?;
         let receiver = self
             .open_subscription(request.into_inner())
             .await
@@ -329,6 +370,7 @@ impl EgressService for Egress {
         &self,
         request: Request<FetchRequest>,
     ) -> Result<Response<Self::FetchStream>, Status> {
+        self.admit(&request, Permission::Fetch)?;
         let batch = self
             .lease_batch(request.get_ref())
             .await
@@ -348,6 +390,7 @@ impl EgressService for Egress {
         &self,
         request: Request<GetLastSequenceRequest>,
     ) -> Result<Response<GetLastSequenceResponse>, Status> {
+        self.admit(&request, Permission::Subscribe)?;
         let subject = request.into_inner().subject;
         let last = async {
             validate::subject(&subject)?;
@@ -365,6 +408,7 @@ impl EgressService for Egress {
         &self,
         request: Request<AckRequest>,
     ) -> Result<Response<AckResponse>, Status> {
+        self.admit(&request, Permission::Ack)?;
         let floor = self
             .cumulative_ack(request.into_inner())
             .await
@@ -381,6 +425,7 @@ impl EgressService for Egress {
         &self,
         request: Request<CreateOrUpdateConsumerRequest>,
     ) -> Result<Response<ConsumerInfo>, Status> {
+        self.admit(&request, Permission::Admin)?;
         let info = self
             .put_consumer(request.into_inner())
             .await
@@ -394,6 +439,7 @@ impl EgressService for Egress {
         &self,
         request: Request<ConsumerRequest>,
     ) -> Result<Response<ConsumerInfo>, Status> {
+        self.admit(&request, Permission::Subscribe)?;
         let request = request.into_inner();
         let state = async {
             consumer_names(&request.subject, &request.durable_name)?;
@@ -410,6 +456,7 @@ impl EgressService for Egress {
         &self,
         request: Request<ConsumerRequest>,
     ) -> Result<Response<DeleteConsumerResponse>, Status> {
+        self.admit(&request, Permission::Admin)?;
         let request = request.into_inner();
         let deleted = async {
             consumer_names(&request.subject, &request.durable_name)?;
@@ -437,6 +484,7 @@ impl EgressService for Egress {
         &self,
         request: Request<AckSequencesRequest>,
     ) -> Result<Response<AckSequencesResponse>, Status> {
+        self.admit(&request, Permission::Ack)?;
         let ack_floor = self
             .ack_sequences(request.into_inner())
             .await
@@ -446,6 +494,7 @@ impl EgressService for Egress {
 
     #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name, count = request.get_ref().sequences.len()))]
     async fn nack(&self, request: Request<NackRequest>) -> Result<Response<NackResponse>, Status> {
+        self.admit(&request, Permission::Ack)?;
         self.nack_sequences(request.into_inner())
             .await
             .inspect_err(|err| tracing::warn!(%err, "nack failed"))?;
@@ -457,6 +506,7 @@ impl EgressService for Egress {
         &self,
         request: Request<FetchPayloadRequest>,
     ) -> Result<Response<Self::FetchPayloadStream>, Status> {
+        self.admit(&request, Permission::Fetch)?;
         let receiver = crate::payload::open(self, request.into_inner())
             .await
             .inspect_err(|err| tracing::warn!(%err, "fetch payload failed"))?;
@@ -468,6 +518,7 @@ impl EgressService for Egress {
         &self,
         request: Request<SetSubjectLimitsRequest>,
     ) -> Result<Response<SubjectInfo>, Status> {
+        self.admit(&request, Permission::Admin)?;
         let request = request.into_inner();
         let state = async {
             validate::subject(&request.subject)?;
@@ -491,6 +542,7 @@ impl EgressService for Egress {
         &self,
         request: Request<SubjectRequest>,
     ) -> Result<Response<SubjectInfo>, Status> {
+        self.admit(&request, Permission::Subscribe)?;
         let subject = request.into_inner().subject;
         let state = async {
             validate::subject(&subject)?;
@@ -506,7 +558,11 @@ impl EgressService for Egress {
         &self,
         request: Request<Streaming<ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
-        let receiver = consume::open(self.clone(), request.into_inner())
+        let caller = self
+            .auth
+            .authenticate(request.metadata())
+            .map_err(Error::from)?;
+        let receiver = consume::open(self.clone(), caller, request.into_inner())
             .await
             .inspect_err(|err| tracing::warn!(%err, "consume failed"))?;
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))

@@ -31,6 +31,9 @@ pub enum Error {
     /// A publish task failed unexpectedly.
     #[error("the publish failed unexpectedly: {0}")]
     Panicked(String),
+    /// The caller may not do this.
+    #[error(transparent)]
+    Auth(#[from] mts_shared::auth::Error),
     /// The service could not start or keep serving.
     #[error(transparent)]
     Server(#[from] server::Error),
@@ -61,6 +64,7 @@ impl From<Error> for tonic::Status {
             ),
             Error::ClientGone(_) => tonic::Status::cancelled(err.to_string()),
             Error::Idle(_) => tonic::Status::deadline_exceeded(err.to_string()),
+            Error::Auth(source) => source.into(),
             Error::Server(_) | Error::Panicked(_) => tonic::Status::internal(err.to_string()),
         }
     }

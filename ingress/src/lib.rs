@@ -31,7 +31,12 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let mut setup = server::Setup::new(&config, service_names::INGRESS).await?;
-    let ingress = Ingress::new(setup.store.clone(), setup.blobs.clone(), &config);
+    let ingress = Ingress::new(
+        setup.store.clone(),
+        setup.blobs.clone(),
+        setup.auth.clone(),
+        &config,
+    );
     let max_message = usize::try_from(config.max_payload_bytes)
         .unwrap_or(usize::MAX)
         .saturating_add(ENVELOPE_BYTES);

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use mts_proto::pb::ingress_service_server::IngressService;
 use mts_proto::pb::{PublishFrame, PublishRequest, PublishResponse};
+use mts_shared::auth::{Authenticator, Permission};
 use mts_shared::blob::BlobStore;
 use mts_shared::config::Config;
 use mts_shared::store::{self, NewMessage, Payload, Published, Store};
@@ -32,6 +33,7 @@ pub struct Ingress {
     pub(crate) dedup_window: Duration,
     pub(crate) uploads: Arc<Semaphore>,
     pub(crate) max_uploads: usize,
+    pub(crate) auth: Arc<Authenticator>,
 }
 
 /// What a publish stores besides the payload.
@@ -80,7 +82,7 @@ pub(crate) fn sha256_hex(data: &[u8]) -> String {
 
 impl Ingress {
     /// A service storing through `store` and `blobs` with the limits of `config`.
-    pub fn new(store: Store, blobs: BlobStore, config: &Config) -> Self {
+    pub fn new(store: Store, blobs: BlobStore, auth: Arc<Authenticator>, config: &Config) -> Self {
         let max_uploads = usize::try_from(config.max_concurrent_uploads).unwrap_or(usize::MAX);
         Self {
             store,
@@ -91,6 +93,7 @@ impl Ingress {
             dedup_window: Duration::from_millis(config.dedup_window_ms),
             uploads: Arc::new(Semaphore::new(max_uploads)),
             max_uploads,
+            auth,
         }
     }
 
@@ -278,6 +281,13 @@ impl IngressService for Ingress {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
+        let caller = self
+            .auth
+            .authenticate(request.metadata())
+            .map_err(Error::from)?;
+        caller
+            .authorize(Permission::Publish, &request.get_ref().subject)
+            .map_err(Error::from)?;
         let ingress = self.clone();
         let reply = detached(async move { ingress.publish_message(request.into_inner()).await })
             .await
@@ -295,9 +305,13 @@ impl IngressService for Ingress {
         &self,
         request: Request<Streaming<PublishFrame>>,
     ) -> Result<Response<PublishResponse>, Status> {
+        let caller = self
+            .auth
+            .authenticate(request.metadata())
+            .map_err(Error::from)?;
         let ingress = self.clone();
         let frames = request.into_inner();
-        let reply = detached(async move { crate::stream::publish(&ingress, frames).await })
+        let reply = detached(async move { crate::stream::publish(&ingress, caller, frames).await })
             .await
             .inspect_err(|err| tracing::warn!(%err, "streamed publish failed"))?;
         tracing::info!(

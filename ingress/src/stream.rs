@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{PublishFrame, PublishResponse};
+use mts_shared::auth::{Caller, Permission};
 use mts_shared::blob::Upload;
 use mts_shared::store::{Payload, Published};
 use mts_shared::validate;
@@ -26,6 +27,7 @@ const IDLE_LIMIT: Duration = Duration::from_secs(60);
 /// Receives a streamed publish and stores it.
 pub async fn publish(
     ingress: &Ingress,
+    caller: Caller,
     mut frames: Streaming<PublishFrame>,
 ) -> Result<PublishResponse, Error> {
     let header = match next_frame(&mut frames).await? {
@@ -38,6 +40,7 @@ pub async fn publish(
             .into());
         }
     };
+    caller.authorize(Permission::Publish, &header.subject)?;
     let envelope = Envelope::checked(header.subject, header.headers, header.message_id)?;
     let _slot = ingress
         .uploads

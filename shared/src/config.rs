@@ -43,6 +43,14 @@ pub const KEYS: &[&str] = &[
     "multipart_part_bytes",
     "max_concurrent_uploads",
     "max_inline_delivery_bytes",
+    "auth_enabled",
+    "require_auth",
+    "jwt_issuer",
+    "jwt_secret",
+    "jwt_secret_file",
+    "jwt_public_key",
+    "jwt_public_key_file",
+    "jwt_leeway_seconds",
 ];
 
 /// Tarantool keeps whole tuples in memory and caps a tuple at 1 MiB by
@@ -132,6 +140,23 @@ pub struct Config {
     /// Fetch and Consume leave out payloads larger than this; clients read
     /// them with FetchPayload.
     pub max_inline_delivery_bytes: u64,
+    /// Check JWTs on every call.
+    pub auth_enabled: bool,
+    /// With auth enabled: refuse calls without a token (false lets anonymous
+    /// calls through, but a token that is sent must be valid).
+    pub require_auth: bool,
+    /// The `iss` tokens must carry.
+    pub jwt_issuer: String,
+    /// HS256 shared secret.
+    pub jwt_secret: String,
+    /// File holding the HS256 secret (a mounted Secret).
+    pub jwt_secret_file: String,
+    /// RS256 public key, PEM.
+    pub jwt_public_key: String,
+    /// File holding the RS256 public key PEM.
+    pub jwt_public_key_file: String,
+    /// Clock skew allowed on expiry, in seconds.
+    pub jwt_leeway_seconds: u64,
 }
 
 /// A configuration that cannot be used; the message names the key.
@@ -292,6 +317,14 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
         ("multipart_part_bytes", (8 * 1024 * 1024_i64).into()),
         ("max_concurrent_uploads", 16_i64.into()),
         ("max_inline_delivery_bytes", (1024 * 1024_i64).into()),
+        ("auth_enabled", false.into()),
+        ("require_auth", true.into()),
+        ("jwt_issuer", "".into()),
+        ("jwt_secret", "".into()),
+        ("jwt_secret_file", "".into()),
+        ("jwt_public_key", "".into()),
+        ("jwt_public_key_file", "".into()),
+        ("jwt_leeway_seconds", 30_i64.into()),
     ]
 }
 

@@ -38,6 +38,9 @@ pub enum Error {
     /// The listener failed.
     #[error("listener: {0}")]
     Io(#[from] std::io::Error),
+    /// The auth settings are unusable.
+    #[error(transparent)]
+    Auth(#[from] crate::auth::ConfigError),
     /// `Setup::router` was called twice.
     #[error("the router was already built")]
     RouterTwice,
@@ -55,6 +58,8 @@ pub struct Setup {
     pub blobs: BlobStore,
     /// This process's metrics.
     pub metrics: Arc<Metrics>,
+    /// Checks callers' tokens.
+    pub auth: Arc<crate::auth::Authenticator>,
     health: Health,
     health_server: Option<HealthServer<HealthService>>,
     admin: TcpListener,
@@ -66,6 +71,7 @@ impl Setup {
     /// `startup_timeout_seconds`) and binds the admin port, for the gRPC
     /// service `name`.
     pub async fn new(config: &Config, name: &'static str) -> Result<Self, Error> {
+        let auth = Arc::new(crate::auth::Authenticator::from_config(config)?);
         let (store, blobs) = dependencies::connect(config).await?;
         let admin = TcpListener::bind(SocketAddr::new(host(config)?, config.metrics_port)).await?;
         let (health, health_server) = Health::new(name).await;
@@ -73,6 +79,7 @@ impl Setup {
             store,
             blobs,
             metrics: Metrics::new(),
+            auth,
             health,
             health_server: Some(health_server),
             admin,

@@ -1,6 +1,7 @@
 //! End-to-end tests: ingress and egress in-process on ephemeral ports, the
 //! real Tarantool and S3 server that scripts/test.sh started, real clients.
 
+mod auth;
 mod bad_input;
 mod concurrency;
 mod grpcurl;

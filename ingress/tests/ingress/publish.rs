@@ -154,7 +154,12 @@ async fn failed_upload_is_unavailable_and_stores_no_metadata() {
     let mut unreachable = config.clone();
     unreachable.minio_endpoint = format!("http://127.0.0.1:{}", testing::free_port());
     unreachable.minio_timeout_ms = 2000;
-    let ingress = Ingress::new(store.clone(), BlobStore::new(&unreachable), &config);
+    let ingress = Ingress::new(
+        store.clone(),
+        BlobStore::new(&unreachable),
+        authenticator(&config),
+        &config,
+    );
     let subject = testing::unique_subject("upload-fails");
     let big = vec![1u8; config.inline_threshold_bytes as usize + 10];
     let status = ingress
@@ -186,7 +191,12 @@ async fn refused_commit_removes_the_uploaded_object() {
         .await
         .unwrap();
     let blobs = BlobStore::new(&config);
-    let ingress = Ingress::new(store.clone(), blobs.clone(), &config);
+    let ingress = Ingress::new(
+        store.clone(),
+        blobs.clone(),
+        authenticator(&config),
+        &config,
+    );
     let subject = testing::unique_subject("commit-refused");
     let big = vec![2u8; config.inline_threshold_bytes as usize + 10];
     let status = ingress
@@ -225,6 +235,12 @@ async fn a_settled_object_can_never_be_committed_late() {
         .await
         .unwrap();
     assert_eq!(store.settle_object(&committed).await.unwrap(), Some(seq));
+}
+
+fn authenticator(
+    config: &mts_shared::config::Config,
+) -> std::sync::Arc<mts_shared::auth::Authenticator> {
+    std::sync::Arc::new(mts_shared::auth::Authenticator::from_config(config).unwrap())
 }
 
 async fn raw_client(tarantool: &TarantoolProcess) -> tarant::Client {

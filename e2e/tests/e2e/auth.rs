@@ -1,0 +1,424 @@
+//! Authentication and per-subject authorization on every RPC: the matrix of
+//! RPC × token kind, the subject wildcard forms, optional auth and RS256.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use futures::stream;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use mts_proto::pb::consume_request::Request as ConsumeFrame;
+use mts_proto::pb::publish_frame::Frame;
+use mts_proto::pb::*;
+use mts_shared::config::Config;
+use mts_shared::testing;
+use serde_json::{Value, json};
+use tonic::{Code, Request};
+
+use crate::system::System;
+
+const SECRET: &str = "auth-matrix-secret";
+const ISSUER: &str = "mts-test";
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+}
+
+fn claims(permissions: &[&str], subjects: &[&str]) -> Value {
+    json!({"client_id": "tester", "permissions": permissions, "allowed_subjects": subjects, "iss": ISSUER, "exp": now() + 600})
+}
+
+fn hs256(claims: &Value, secret: &str) -> String {
+    jsonwebtoken::encode(
+        &Header::new(Algorithm::HS256),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+fn auth_config(require: bool) -> Config {
+    let mut config = testing::config();
+    config.auth_enabled = true;
+    config.require_auth = require;
+    config.jwt_secret = SECRET.into();
+    config.jwt_issuer = ISSUER.into();
+    config
+}
+
+#[derive(Clone, Copy, Debug)]
+enum Rpc {
+    Publish,
+    PublishStream,
+    Subscribe,
+    Fetch,
+    GetLastSequence,
+    AckMessage,
+    CreateOrUpdateConsumer,
+    GetConsumerInfo,
+    DeleteConsumer,
+    Ack,
+    Nack,
+    Consume,
+    FetchPayload,
+    SetSubjectLimits,
+    GetSubjectInfo,
+}
+
+const EVERY_RPC: [Rpc; 15] = [
+    Rpc::Publish,
+    Rpc::PublishStream,
+    Rpc::Subscribe,
+    Rpc::Fetch,
+    Rpc::GetLastSequence,
+    Rpc::AckMessage,
+    Rpc::CreateOrUpdateConsumer,
+    Rpc::GetConsumerInfo,
+    Rpc::DeleteConsumer,
+    Rpc::Ack,
+    Rpc::Nack,
+    Rpc::Consume,
+    Rpc::FetchPayload,
+    Rpc::SetSubjectLimits,
+    Rpc::GetSubjectInfo,
+];
+
+/// The permission an RPC needs (Consume needs fetch and ack; fetch is tested).
+fn needs(rpc: Rpc) -> &'static str {
+    match rpc {
+        Rpc::Publish | Rpc::PublishStream => "publish",
+        Rpc::Subscribe | Rpc::GetLastSequence | Rpc::GetConsumerInfo | Rpc::GetSubjectInfo => {
+            "subscribe"
+        }
+        Rpc::Fetch | Rpc::Consume | Rpc::FetchPayload => "fetch",
+        Rpc::AckMessage | Rpc::Ack | Rpc::Nack => "ack",
+        Rpc::CreateOrUpdateConsumer | Rpc::DeleteConsumer | Rpc::SetSubjectLimits => "admin",
+    }
+}
+
+fn with_token<T>(message: T, token: Option<&str>) -> Request<T> {
+    let mut request = Request::new(message);
+    if let Some(token) = token {
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    }
+    request
+}
+
+/// Calls `rpc` on `subject` with `token`; the status code it ended with.
+async fn call(system: &System, rpc: Rpc, token: Option<&str>, subject: &str) -> Code {
+    let mut ingress = system.publisher().await;
+    let mut egress = system.subscriber().await;
+    let subject = subject.to_string();
+    let durable = "matrix".to_string();
+    macro_rules! req {
+        ($message:expr) => {
+            with_token($message, token)
+        };
+    }
+    let outcome = match rpc {
+        Rpc::Publish => ingress
+            .publish(req!(PublishRequest {
+                subject,
+                data: b"x".to_vec().into(),
+                headers: Default::default(),
+                message_id: String::new(),
+            }))
+            .await
+            .map(drop),
+        Rpc::PublishStream => {
+            let frames = [
+                Frame::Header(PublishHeader {
+                    subject,
+                    headers: Default::default(),
+                    total_size: None,
+                    message_id: String::new(),
+                }),
+                Frame::Chunk(b"x".to_vec().into()),
+                Frame::End(PublishEnd {
+                    sha256: String::new(),
+                }),
+            ]
+            .map(|frame| PublishFrame { frame: Some(frame) });
+            ingress
+                .publish_stream(with_token(stream::iter(frames), token))
+                .await
+                .map(drop)
+        }
+        Rpc::Subscribe => egress
+            .subscribe(req!(SubscribeRequest {
+                subject,
+                start_sequence: None,
+                durable_name: durable,
+            }))
+            .await
+            .map(drop),
+        Rpc::Fetch => egress
+            .fetch(req!(FetchRequest {
+                subject,
+                durable_name: durable,
+                batch_size: 1,
+            }))
+            .await
+            .map(drop),
+        Rpc::GetLastSequence => egress
+            .get_last_sequence(req!(GetLastSequenceRequest { subject }))
+            .await
+            .map(drop),
+        Rpc::AckMessage => egress
+            .ack_message(req!(AckRequest {
+                durable_name: durable,
+                subject,
+                sequence: 1,
+            }))
+            .await
+            .map(drop),
+        Rpc::CreateOrUpdateConsumer => egress
+            .create_or_update_consumer(req!(CreateOrUpdateConsumerRequest {
+                subject,
+                durable_name: durable,
+                config: None,
+            }))
+            .await
+            .map(drop),
+        Rpc::GetConsumerInfo => egress
+            .get_consumer_info(req!(ConsumerRequest {
+                subject,
+                durable_name: durable,
+            }))
+            .await
+            .map(drop),
+        Rpc::DeleteConsumer => egress
+            .delete_consumer(req!(ConsumerRequest {
+                subject,
+                durable_name: durable,
+            }))
+            .await
+            .map(drop),
+        Rpc::Ack => egress
+            .ack(req!(AckSequencesRequest {
+                subject,
+                durable_name: durable,
+                sequences: vec![1],
+            }))
+            .await
+            .map(drop),
+        Rpc::Nack => egress
+            .nack(req!(NackRequest {
+                subject,
+                durable_name: durable,
+                sequences: vec![1],
+                delay_ms: 0,
+            }))
+            .await
+            .map(drop),
+        Rpc::Consume => {
+            let start = ConsumeRequest {
+                request: Some(ConsumeFrame::Start(ConsumeStart {
+                    subject,
+                    durable_name: durable,
+                    max_in_flight: 1,
+                })),
+            };
+            egress
+                .consume(with_token(stream::iter([start]), token))
+                .await
+                .map(drop)
+        }
+        Rpc::FetchPayload => egress
+            .fetch_payload(req!(FetchPayloadRequest {
+                subject,
+                sequence: 1,
+                offset: 0,
+            }))
+            .await
+            .map(drop),
+        Rpc::SetSubjectLimits => egress
+            .set_subject_limits(req!(SetSubjectLimitsRequest {
+                subject,
+                limits: None,
+            }))
+            .await
+            .map(drop),
+        Rpc::GetSubjectInfo => egress
+            .get_subject_info(req!(SubjectRequest { subject }))
+            .await
+            .map(drop),
+    };
+    outcome.err().map_or(Code::Ok, |status| status.code())
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn every_rpc_checks_the_token_the_permission_and_the_subject() {
+    let system = System::start(auth_config(true)).await;
+    let subject = testing::unique_subject("authz");
+    let valid = hs256(&claims(&["*"], &["test.authz.>"]), SECRET);
+    let forged = hs256(&claims(&["*"], &["*"]), "not-the-secret");
+    let mut expired = claims(&["*"], &["*"]);
+    expired["exp"] = json!(now() - 3600);
+    let expired = hs256(&expired, SECRET);
+    let mut wrong_issuer = claims(&["*"], &["*"]);
+    wrong_issuer["iss"] = json!("someone-else");
+    let wrong_issuer = hs256(&wrong_issuer, SECRET);
+    let elsewhere = hs256(&claims(&["*"], &["elsewhere.>"]), SECRET);
+
+    // Something to read, publish with the valid token first.
+    assert_eq!(
+        call(&system, Rpc::Publish, Some(&valid), &subject).await,
+        Code::Ok
+    );
+
+    let mut failures = Vec::new();
+    for rpc in EVERY_RPC {
+        let all_but: Vec<&str> = ["publish", "subscribe", "fetch", "ack", "admin"]
+            .into_iter()
+            .filter(|p| *p != needs(rpc))
+            .collect();
+        let lacking = hs256(&claims(&all_but, &["*"]), SECRET);
+        let cases = [
+            ("no token", None, Some(Code::Unauthenticated)),
+            (
+                "forged signature",
+                Some(forged.as_str()),
+                Some(Code::Unauthenticated),
+            ),
+            (
+                "expired",
+                Some(expired.as_str()),
+                Some(Code::Unauthenticated),
+            ),
+            (
+                "wrong issuer",
+                Some(wrong_issuer.as_str()),
+                Some(Code::Unauthenticated),
+            ),
+            (
+                "missing permission",
+                Some(lacking.as_str()),
+                Some(Code::PermissionDenied),
+            ),
+            (
+                "subject not allowed",
+                Some(elsewhere.as_str()),
+                Some(Code::PermissionDenied),
+            ),
+            ("valid", Some(valid.as_str()), None),
+        ];
+        for (case, token, expected) in cases {
+            let code = call(&system, rpc, token, &subject).await;
+            let ok = match expected {
+                Some(expected) => code == expected,
+                None => !matches!(code, Code::Unauthenticated | Code::PermissionDenied),
+            };
+            if !ok {
+                failures.push(format!(
+                    "{rpc:?} with {case}: {code:?}, expected {expected:?}"
+                ));
+            }
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn subject_wildcards_and_optional_auth() {
+    let system = System::start(auth_config(false)).await;
+    let base = testing::unique_subject("wild");
+    let deeper = format!("{base}.eu.paris");
+    let one = format!("{base}.eu");
+    let cases = [
+        (vec![base.clone()], base.as_str(), Code::Ok),
+        (vec![base.clone()], one.as_str(), Code::PermissionDenied),
+        (vec![format!("{base}.*")], one.as_str(), Code::Ok),
+        (
+            vec![format!("{base}.*")],
+            deeper.as_str(),
+            Code::PermissionDenied,
+        ),
+        (vec![format!("{base}.>")], deeper.as_str(), Code::Ok),
+        (
+            vec![format!("{base}.>")],
+            base.as_str(),
+            Code::PermissionDenied,
+        ),
+        (vec!["*".to_string()], deeper.as_str(), Code::Ok),
+    ];
+    for (patterns, subject, expected) in cases {
+        let patterns: Vec<&str> = patterns.iter().map(String::as_str).collect();
+        let token = hs256(&claims(&["publish"], &patterns), SECRET);
+        assert_eq!(
+            call(&system, Rpc::Publish, Some(&token), subject).await,
+            expected,
+            "{patterns:?} on {subject}"
+        );
+    }
+    // Optional auth: no token is anonymous and allowed; a bad token is still refused.
+    assert_eq!(call(&system, Rpc::Publish, None, &base).await, Code::Ok);
+    let forged = hs256(&claims(&["*"], &["*"]), "wrong");
+    assert_eq!(
+        call(&system, Rpc::Publish, Some(&forged), &base).await,
+        Code::Unauthenticated
+    );
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn rs256_tokens_are_verified_with_the_public_key() {
+    let dir = std::env::temp_dir().join(format!("mts-rs256-{}", testing::unique_subject("k")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (private, public) = (dir.join("key.pem"), dir.join("pub.pem"));
+    let openssl = |args: &[&str]| {
+        let status = std::process::Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            status.status.success(),
+            "{}",
+            String::from_utf8_lossy(&status.stderr)
+        );
+    };
+    openssl(&[
+        "genpkey",
+        "-algorithm",
+        "RSA",
+        "-pkeyopt",
+        "rsa_keygen_bits:2048",
+        "-out",
+        private.to_str().unwrap(),
+    ]);
+    openssl(&[
+        "rsa",
+        "-in",
+        private.to_str().unwrap(),
+        "-pubout",
+        "-out",
+        public.to_str().unwrap(),
+    ]);
+    let mut config = testing::config();
+    config.auth_enabled = true;
+    config.jwt_public_key_file = public.to_str().unwrap().into();
+    config.jwt_issuer = ISSUER.into();
+    let system = System::start(config).await;
+    let subject = testing::unique_subject("rs256");
+    let signed = jsonwebtoken::encode(
+        &Header::new(Algorithm::RS256),
+        &claims(&["publish"], &["*"]),
+        &EncodingKey::from_rsa_pem(&std::fs::read(&private).unwrap()).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        call(&system, Rpc::Publish, Some(&signed), &subject).await,
+        Code::Ok
+    );
+    let hs = hs256(&claims(&["publish"], &["*"]), SECRET);
+    assert_eq!(
+        call(&system, Rpc::Publish, Some(&hs), &subject).await,
+        Code::Unauthenticated
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    system.stop().await;
+}

@@ -51,6 +51,11 @@ pub const KEYS: &[&str] = &[
     "jwt_public_key",
     "jwt_public_key_file",
     "jwt_leeway_seconds",
+    "tls_cert_file",
+    "tls_key_file",
+    "tls_client_ca_file",
+    "max_connection_age_seconds",
+    "max_connection_age_grace_seconds",
 ];
 
 /// Tarantool keeps whole tuples in memory and caps a tuple at 1 MiB by
@@ -157,6 +162,17 @@ pub struct Config {
     pub jwt_public_key_file: String,
     /// Clock skew allowed on expiry, in seconds.
     pub jwt_leeway_seconds: u64,
+    /// PEM certificate chain for TLS on the gRPC port; empty = plaintext.
+    pub tls_cert_file: String,
+    /// PEM private key for `tls_cert_file`.
+    pub tls_key_file: String,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    pub tls_client_ca_file: String,
+    /// Connections older than this (±10 %, drawn per process) are asked to
+    /// go away, so clients rebalance after a scale-out; 0 = never.
+    pub max_connection_age_seconds: u64,
+    /// How long an aged connection's calls may finish before it is closed.
+    pub max_connection_age_grace_seconds: u64,
 }
 
 /// A configuration that cannot be used; the message names the key.
@@ -218,6 +234,18 @@ impl Config {
             env: key.to_uppercase(),
             reason,
         };
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            return Err(invalid(
+                "tls_cert_file",
+                "set both tls_cert_file and tls_key_file, or neither".into(),
+            ));
+        }
+        if !self.tls_client_ca_file.is_empty() && self.tls_cert_file.is_empty() {
+            return Err(invalid(
+                "tls_client_ca_file",
+                "mTLS needs the server's own tls_cert_file and tls_key_file".into(),
+            ));
+        }
         if self.multipart_part_bytes < 5 * 1024 * 1024 {
             return Err(invalid(
                 "multipart_part_bytes",
@@ -325,6 +353,11 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
         ("jwt_public_key", "".into()),
         ("jwt_public_key_file", "".into()),
         ("jwt_leeway_seconds", 30_i64.into()),
+        ("tls_cert_file", "".into()),
+        ("tls_key_file", "".into()),
+        ("tls_client_ca_file", "".into()),
+        ("max_connection_age_seconds", 0_i64.into()),
+        ("max_connection_age_grace_seconds", 30_i64.into()),
     ]
 }
 

@@ -7,8 +7,8 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
-use tonic::transport::Server;
 use tonic::transport::server::Router;
+use tonic::transport::{Certificate, Server, ServerTlsConfig};
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;
 
@@ -98,7 +98,20 @@ impl Setup {
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         let health = self.health_server.take().ok_or(Error::RouterTwice)?;
-        Ok(Server::builder()
+        let mut builder = Server::builder();
+        if let Some(tls) = tls_config(&self.config)? {
+            builder = builder.tls_config(tls)?;
+        }
+        if self.config.max_connection_age_seconds > 0 {
+            builder = builder
+                .max_connection_age(jittered(Duration::from_secs(
+                    self.config.max_connection_age_seconds,
+                )))
+                .max_connection_age_grace(Duration::from_secs(
+                    self.config.max_connection_age_grace_seconds,
+                ));
+        }
+        Ok(builder
             .tcp_nodelay(true)
             // Keeps idle subscriber streams alive through proxies and finds dead peers.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -147,6 +160,34 @@ impl Setup {
         let _ = admin.await;
         result
     }
+}
+
+/// TLS for the gRPC port when a certificate is configured; mTLS when a
+/// client CA is too.
+fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, Error> {
+    if config.tls_cert_file.is_empty() {
+        return Ok(None);
+    }
+    let read = |path: &str| {
+        std::fs::read(path)
+            .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{path}: {e}"))))
+    };
+    let identity = tonic::transport::Identity::from_pem(
+        read(&config.tls_cert_file)?,
+        read(&config.tls_key_file)?,
+    );
+    let mut tls = ServerTlsConfig::new().identity(identity);
+    if !config.tls_client_ca_file.is_empty() {
+        tls = tls.client_ca_root(Certificate::from_pem(read(&config.tls_client_ca_file)?));
+    }
+    Ok(Some(tls))
+}
+
+/// `age` moved by up to ±10 %, so that replicas started together do not
+/// close their connections together.
+fn jittered(age: Duration) -> Duration {
+    let factor = rand::random_range(0.9..=1.1);
+    age.mul_f64(factor)
 }
 
 fn host(config: &Config) -> Result<std::net::IpAddr, Error> {

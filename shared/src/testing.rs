@@ -50,15 +50,38 @@ pub async fn wait_serving(addr: SocketAddr, service: &str, within: Duration) {
 
 /// Waits until the gRPC health of `service` at `addr` is (or is not) SERVING.
 pub async fn wait_status(addr: SocketAddr, service: &str, serving: bool, within: Duration) {
+    wait_status_over(addr, None, service, serving, within).await;
+}
+
+/// `wait_status` over TLS (`tls` Some) or plaintext.
+pub async fn wait_status_over(
+    addr: SocketAddr,
+    tls: Option<&tonic::transport::ClientTlsConfig>,
+    service: &str,
+    serving: bool,
+    within: Duration,
+) {
     use tonic_health::pb::health_check_response::ServingStatus;
     use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     let deadline = Instant::now() + within;
     let mut last = String::from("no answer yet");
     while Instant::now() < deadline {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        let channel = match tls {
+            None => tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+                .expect("valid endpoint"),
+            Some(tls) => tonic::transport::Endpoint::from_shared(format!(
+                "https://localhost:{}",
+                addr.port()
+            ))
             .expect("valid endpoint")
-            .connect()
-            .await;
+            .tls_config(tls.clone())
+            .expect("client TLS config"),
+        }
+        .connect()
+        .await;
+        if let Err(err) = &channel {
+            last = format!("cannot connect: {err:?}");
+        }
         if let Ok(channel) = channel {
             let mut client = HealthClient::new(channel);
             match client
@@ -211,6 +234,20 @@ impl Running {
         Fut: Future<Output = Result<(), E>> + Send + 'static,
         E: std::fmt::Display,
     {
+        Self::start_over(name, config, run, None).await
+    }
+
+    /// `start` for a service serving TLS, checked with the client `tls`.
+    pub async fn start_over<Fut, E>(
+        name: &str,
+        config: Config,
+        run: impl FnOnce(Config, tokio::net::TcpListener, Shutdown) -> Fut,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Self
+    where
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an ephemeral port");
@@ -221,7 +258,7 @@ impl Running {
         });
         let service = run(config, listener, shutdown);
         let task = tokio::spawn(async move { service.await.map_err(|e| e.to_string()) });
-        wait_serving(addr, name, Duration::from_secs(30)).await;
+        wait_status_over(addr, tls.as_ref(), name, true, Duration::from_secs(30)).await;
         Self {
             addr,
             stop: Some(stop),

@@ -9,3 +9,4 @@ mod large_payloads;
 mod metrics;
 mod restart;
 mod system;
+mod tls;

@@ -291,3 +291,53 @@ async fn draining_ends_open_streams_with_unavailable() {
         .unwrap()
         .unwrap();
 }
+
+#[tokio::test]
+async fn aged_connections_are_closed_so_clients_rebalance() {
+    let mut config = mts_shared::testing::config();
+    config.max_connection_age_seconds = 1;
+    config.max_connection_age_grace_seconds = 1;
+    let service = mts_shared::testing::Running::start(
+        mts_proto::service_names::EGRESS,
+        config,
+        mts_egress::run,
+    )
+    .await;
+    let mut client =
+        mts_proto::pb::egress_service_client::EgressServiceClient::connect(service.endpoint())
+            .await
+            .unwrap();
+    let subject = testing::unique_subject("aged");
+    let mut stream = client
+        .subscribe(SubscribeRequest {
+            subject: subject.clone(),
+            start_sequence: None,
+            durable_name: "d".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Age (≤ 1.1 s) plus grace (1 s): the server must have closed it well before 10 s.
+    let ended = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            match stream.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(_)) | None => return,
+            }
+        }
+    })
+    .await;
+    assert!(ended.is_ok(), "the aged connection was not closed");
+    // A new connection works at once.
+    let mut again =
+        mts_proto::pb::egress_service_client::EgressServiceClient::connect(service.endpoint())
+            .await
+            .unwrap();
+    let last = again
+        .get_last_sequence(mts_proto::pb::GetLastSequenceRequest { subject })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(last.last_sequence, 0);
+    service.stop().await.unwrap();
+}

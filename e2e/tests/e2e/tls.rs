@@ -1,0 +1,113 @@
+//! TLS and mutual TLS on the gRPC port, with certificates made in the test.
+
+use std::collections::HashMap;
+use std::path::Path;
+
+use mts_proto::pb::PublishRequest;
+use mts_proto::pb::ingress_service_client::IngressServiceClient;
+use mts_proto::service_names::INGRESS;
+use mts_shared::testing::{self, Running};
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
+
+struct Pki {
+    ca: String,
+    server: (String, String),
+    client: (String, String),
+}
+
+fn pki() -> Pki {
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::new(names)
+            .unwrap()
+            .signed_by(&key, &ca)
+            .unwrap();
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        server: leaf(vec!["localhost".into()]),
+        client: leaf(vec!["publisher.example".into()]),
+        ca: ca.pem(),
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let path = dir.join(name);
+    std::fs::write(&path, text).unwrap();
+    path.to_str().unwrap().to_owned()
+}
+
+async fn publish_over(
+    addr: std::net::SocketAddr,
+    tls: Option<ClientTlsConfig>,
+) -> Result<u64, String> {
+    let endpoint = match tls {
+        Some(tls) => Endpoint::from_shared(format!("https://localhost:{}", addr.port()))
+            .unwrap()
+            .tls_config(tls)
+            .map_err(|e| e.to_string())?,
+        None => Endpoint::from_shared(format!("http://{addr}")).unwrap(),
+    };
+    let channel = endpoint.connect().await.map_err(|e| format!("{e:?}"))?;
+    let reply = IngressServiceClient::new(channel)
+        .publish(PublishRequest {
+            subject: testing::unique_subject("tls"),
+            data: b"secret".to_vec().into(),
+            headers: HashMap::new(),
+            message_id: String::new(),
+        })
+        .await
+        .map_err(|s| format!("{s:?}"))?;
+    Ok(reply.into_inner().sequence)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn tls_and_mutual_tls() {
+    let pki = pki();
+    let dir = std::env::temp_dir().join(format!("mts-tls-{}", testing::unique_subject("d")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config = testing::config();
+    config.tls_cert_file = write(&dir, "server.pem", &pki.server.0);
+    config.tls_key_file = write(&dir, "server.key", &pki.server.1);
+    let trusting = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&pki.ca))
+        .domain_name("localhost");
+
+    let tls = Running::start_over(
+        INGRESS,
+        config.clone(),
+        mts_ingress::run,
+        Some(trusting.clone()),
+    )
+    .await;
+    assert_eq!(publish_over(tls.addr, Some(trusting.clone())).await, Ok(1));
+    assert!(
+        publish_over(tls.addr, None).await.is_err(),
+        "plaintext is refused on a TLS port"
+    );
+    tls.stop().await.unwrap();
+
+    config.tls_client_ca_file = write(&dir, "ca.pem", &pki.ca);
+    let with_identity = trusting
+        .clone()
+        .identity(Identity::from_pem(&pki.client.0, &pki.client.1));
+    let mutual = Running::start_over(
+        INGRESS,
+        config,
+        mts_ingress::run,
+        Some(with_identity.clone()),
+    )
+    .await;
+    assert_eq!(publish_over(mutual.addr, Some(with_identity)).await, Ok(1));
+    let refused = publish_over(mutual.addr, Some(trusting)).await;
+    assert!(
+        refused.is_err(),
+        "a client without a certificate is refused: {refused:?}"
+    );
+    mutual.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -1,11 +1,20 @@
-//! The shutdown signal: SIGTERM (what Kubernetes sends) or Ctrl-C.
+//! The shutdown signal: SIGTERM (what Kubernetes sends) or Ctrl-C. The first
+//! one starts a graceful drain; a second one ends the process at once.
 
 /// The future `signal` returns.
 pub type Signal = std::pin::Pin<Box<dyn Future<Output = ()> + Send>>;
 
-/// Completes when the process is asked to stop.
+/// Completes when the process is asked to stop. From then on, another
+/// signal exits immediately (status 130) instead of waiting for the drain.
 pub fn signal() -> Signal {
-    Box::pin(wait_for_signal())
+    Box::pin(async {
+        wait_for_signal().await;
+        tokio::spawn(async {
+            wait_for_signal().await;
+            tracing::warn!("second signal: exiting without waiting for the drain");
+            std::process::exit(130);
+        });
+    })
 }
 
 async fn wait_for_signal() {

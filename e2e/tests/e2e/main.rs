@@ -4,6 +4,7 @@
 mod auth;
 mod bad_input;
 mod concurrency;
+mod drain;
 mod grpcurl;
 mod large_payloads;
 mod metrics;

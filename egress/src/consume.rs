@@ -60,6 +60,7 @@ pub async fn open(
     let max_in_flight = checked_start(&start).map_err(Error::from)?;
     let (sender, receiver) = mpsc::channel(max_in_flight as usize + 1);
     let session = Session {
+        _open: egress.metrics.stream_opened("consume"),
         egress,
         subject: start.subject,
         durable: start.durable_name,
@@ -103,6 +104,7 @@ enum End {
 }
 
 struct Session {
+    _open: mts_shared::metrics::StreamGuard,
     egress: Egress,
     subject: String,
     durable: String,
@@ -197,6 +199,7 @@ impl Session {
             .map_err(|err| End::With(Error::from(err).into()))?;
         let due = (batch.next_deadline_ns > 0).then(|| instant_of(batch.next_deadline_ns));
         let sent = batch.messages.len();
+        self.egress.count_deliveries(&batch.messages);
         for leased in &batch.messages {
             self.outstanding
                 .insert(leased.message.seq, leased.deadline_ns);

@@ -49,7 +49,8 @@ pub async fn run(
         draining,
         config.max_inline_delivery_bytes,
         setup.auth.clone(),
-    );
+    )
+    .with_metrics(setup.metrics.clone());
     let maintenance = tokio::spawn(
         maintenance::Maintenance::new(setup.store.clone(), setup.blobs.clone(), &config).run(),
     );

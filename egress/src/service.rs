@@ -18,6 +18,7 @@ use mts_proto::pb::{
 };
 use mts_shared::auth::{Authenticator, Permission};
 use mts_shared::blob::BlobStore;
+use mts_shared::metrics::Metrics;
 use mts_shared::store::{AckOutcome, Leased, Limits, NotHeld, Store, SubjectState};
 use mts_shared::validate;
 use tokio::sync::{mpsc, watch};
@@ -48,6 +49,7 @@ pub struct Egress {
     pub(crate) draining: watch::Receiver<bool>,
     pub(crate) max_inline_delivery: u64,
     pub(crate) auth: Arc<Authenticator>,
+    pub(crate) metrics: Arc<Metrics>,
 }
 
 /// Requests that name the subject they touch.
@@ -158,7 +160,21 @@ impl Egress {
             draining,
             max_inline_delivery,
             auth,
+            metrics: Metrics::new(),
         }
+    }
+
+    /// Records streams and deliveries in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Counts a batch handed out.
+    pub(crate) fn count_deliveries(&self, batch: &[Leased]) {
+        self.metrics.deliveries.inc_by(batch.len() as u64);
+        let again = batch.iter().filter(|leased| leased.deliveries > 1).count();
+        self.metrics.redeliveries.inc_by(again as u64);
     }
 
     /// Authenticates the caller and checks `permission` on the request's subject.
@@ -180,7 +196,9 @@ impl Egress {
             .await?;
         let updates = self.watchers.watch(&request.subject, last);
         let (sender, receiver) = mpsc::channel(16);
+        let open = self.metrics.stream_opened("subscribe");
         tokio::spawn(push_notifications(
+            open,
             request.subject,
             notified,
             last,
@@ -204,11 +222,13 @@ impl Egress {
             }
             n => n.unsigned_abs(),
         };
-        Ok(self
+        let batch = self
             .store
             .consume(&request.subject, &request.durable_name, limit)
             .await?
-            .messages)
+            .messages;
+        self.count_deliveries(&batch);
+        Ok(batch)
     }
 
     async fn cumulative_ack(&self, request: AckRequest) -> Result<u64, Error> {
@@ -304,6 +324,7 @@ fn subject_info(state: SubjectState) -> SubjectInfo {
 /// Sends a notification whenever the last sequence passes what the
 /// subscriber was last told, until the client leaves or the server drains.
 async fn push_notifications(
+    _open: mts_shared::metrics::StreamGuard,
     subject: String,
     mut notified: u64,
     mut last: u64,

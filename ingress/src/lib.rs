@@ -36,7 +36,8 @@ pub async fn run(
         setup.blobs.clone(),
         setup.auth.clone(),
         &config,
-    );
+    )
+    .with_metrics(setup.metrics.clone());
     let max_message = usize::try_from(config.max_payload_bytes)
         .unwrap_or(usize::MAX)
         .saturating_add(ENVELOPE_BYTES);

@@ -10,6 +10,7 @@ use mts_proto::pb::{PublishFrame, PublishRequest, PublishResponse};
 use mts_shared::auth::{Authenticator, Permission};
 use mts_shared::blob::BlobStore;
 use mts_shared::config::Config;
+use mts_shared::metrics::Metrics;
 use mts_shared::store::{self, NewMessage, Payload, Published, Store};
 use mts_shared::validate;
 use sha2::{Digest, Sha256};
@@ -34,6 +35,7 @@ pub struct Ingress {
     pub(crate) uploads: Arc<Semaphore>,
     pub(crate) max_uploads: usize,
     pub(crate) auth: Arc<Authenticator>,
+    pub(crate) metrics: Option<Arc<Metrics>>,
 }
 
 /// What a publish stores besides the payload.
@@ -94,6 +96,23 @@ impl Ingress {
             uploads: Arc::new(Semaphore::new(max_uploads)),
             max_uploads,
             auth,
+            metrics: None,
+        }
+    }
+
+    /// Records stored publishes in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    fn record(&self, reply: &PublishResponse, started: std::time::Instant) {
+        if let (Some(metrics), false) = (&self.metrics, reply.duplicate) {
+            metrics.published(
+                !reply.object_name.is_empty(),
+                reply.size,
+                started.elapsed().as_secs_f64(),
+            );
         }
     }
 
@@ -288,6 +307,7 @@ impl IngressService for Ingress {
         caller
             .authorize(Permission::Publish, &request.get_ref().subject)
             .map_err(Error::from)?;
+        let started = std::time::Instant::now();
         let ingress = self.clone();
         let reply = detached(async move { ingress.publish_message(request.into_inner()).await })
             .await
@@ -297,6 +317,7 @@ impl IngressService for Ingress {
             duplicate = reply.duplicate,
             "published"
         );
+        self.record(&reply, started);
         Ok(Response::new(reply))
     }
 
@@ -309,6 +330,7 @@ impl IngressService for Ingress {
             .auth
             .authenticate(request.metadata())
             .map_err(Error::from)?;
+        let started = std::time::Instant::now();
         let ingress = self.clone();
         let frames = request.into_inner();
         let reply = detached(async move { crate::stream::publish(&ingress, caller, frames).await })
@@ -320,6 +342,7 @@ impl IngressService for Ingress {
             duplicate = reply.duplicate,
             "streamed publish stored"
         );
+        self.record(&reply, started);
         Ok(Response::new(reply))
     }
 }

@@ -68,6 +68,7 @@ fn describe(err: &dyn std::error::Error) -> String {
 pub struct BlobStore {
     client: aws_sdk_s3::Client,
     bucket: String,
+    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
 impl BlobStore {
@@ -96,7 +97,29 @@ impl BlobStore {
         Self {
             client: aws_sdk_s3::Client::from_conf(s3_config),
             bucket: config.minio_bucket_name.clone(),
+            metrics: None,
         }
+    }
+
+    /// Records every call's latency and failures in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// Times `call` as S3 `operation`.
+    async fn timed<T>(
+        &self,
+        operation: &'static str,
+        call: impl Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        let started = std::time::Instant::now();
+        let result = call.await;
+        if let Some(metrics) = &self.metrics {
+            let failed = matches!(result, Err(Error::Unavailable(_) | Error::Rejected(_)));
+            metrics.dependency_call("s3", operation, started.elapsed().as_secs_f64(), !failed);
+        }
+        result
     }
 
     /// The bucket's name.
@@ -144,6 +167,11 @@ impl BlobStore {
 
     /// Stores `data` under `key`.
     pub async fn put(&self, key: &str, data: Bytes) -> Result<(), Error> {
+        self.timed("PutObject", self.put_untimed(key, data)).await
+    }
+
+    /// Untimed body of the call above.
+    async fn put_untimed(&self, key: &str, data: Bytes) -> Result<(), Error> {
         self.client
             .put_object()
             .bucket(&self.bucket)
@@ -157,6 +185,11 @@ impl BlobStore {
 
     /// Reads the whole object under `key`.
     pub async fn get(&self, key: &str) -> Result<Bytes, Error> {
+        self.timed("GetObject", self.get_untimed(key)).await
+    }
+
+    /// Untimed body of the call above.
+    async fn get_untimed(&self, key: &str) -> Result<Bytes, Error> {
         let object = self
             .client
             .get_object()
@@ -293,6 +326,12 @@ impl BlobStore {
     /// The object under `key` from byte `offset` on, as a stream of chunks
     /// pulled from the server as the caller reads them.
     pub async fn read_from(&self, key: &str, offset: u64) -> Result<ByteStream, Error> {
+        self.timed("GetObjectRange", self.read_from_untimed(key, offset))
+            .await
+    }
+
+    /// Untimed body of the call above.
+    async fn read_from_untimed(&self, key: &str, offset: u64) -> Result<ByteStream, Error> {
         let object = self
             .client
             .get_object()
@@ -324,6 +363,11 @@ impl BlobStore {
 
     /// Deletes the object under `key`; deleting a missing object succeeds.
     pub async fn delete(&self, key: &str) -> Result<(), Error> {
+        self.timed("DeleteObject", self.delete_untimed(key)).await
+    }
+
+    /// Untimed body of the call above.
+    async fn delete_untimed(&self, key: &str) -> Result<(), Error> {
         self.client
             .delete_object()
             .bucket(&self.bucket)
@@ -384,6 +428,11 @@ impl Upload {
 
     /// Sends the next part.
     pub async fn put_part(&mut self, data: Bytes) -> Result<(), Error> {
+        let store = self.store.clone();
+        store.timed("UploadPart", self.put_part_untimed(data)).await
+    }
+
+    async fn put_part_untimed(&mut self, data: Bytes) -> Result<(), Error> {
         let number = i32::try_from(self.parts.len() + 1)
             .map_err(|_| Error::Rejected("too many parts".into()))?;
         let uploaded = self

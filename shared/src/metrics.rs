@@ -47,6 +47,49 @@ pub struct Metrics {
     pub durations: Family<MethodLabels, Histogram>,
     /// `minitoolstream_dependency_up`
     pub dependency_up: Family<DependencyLabels, Gauge>,
+    /// `minitoolstream_dependency_call_duration_seconds`
+    pub dependency_calls: Family<OperationLabels, Histogram>,
+    /// `minitoolstream_dependency_errors_total`
+    pub dependency_errors: Family<OperationLabels, Counter>,
+    /// `minitoolstream_publish_bytes_total`
+    pub publish_bytes: Family<StorageLabels, Counter>,
+    /// `minitoolstream_publish_duration_seconds`
+    pub publish_durations: Family<StorageLabels, Histogram>,
+    /// `minitoolstream_active_streams`
+    pub active_streams: Family<StreamLabels, Gauge>,
+    /// `minitoolstream_deliveries_total`
+    pub deliveries: Counter,
+    /// `minitoolstream_redeliveries_total`
+    pub redeliveries: Counter,
+}
+
+/// Labels of a call to Tarantool or the object store.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    /// `tarantool` or `s3`.
+    pub dependency: &'static str,
+    /// The stored procedure or S3 operation.
+    pub operation: &'static str,
+}
+
+/// Where a published payload went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StorageLabels {
+    /// `inline` or `offloaded`.
+    pub storage: &'static str,
+}
+
+/// Kinds of long-lived stream.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StreamLabels {
+    /// `subscribe` or `consume`.
+    pub kind: &'static str,
+}
+
+fn latency_buckets() -> Histogram {
+    Histogram::new([
+        0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    ])
 }
 
 impl Metrics {
@@ -75,11 +118,62 @@ impl Metrics {
             "1 while the dependency answers health probes, else 0",
             dependency_up.clone(),
         );
+        let dependency_calls =
+            Family::<OperationLabels, Histogram>::new_with_constructor(latency_buckets);
+        registry.register(
+            "dependency_call_duration_seconds",
+            "Time of each call to Tarantool or the object store",
+            dependency_calls.clone(),
+        );
+        let dependency_errors = Family::<OperationLabels, Counter>::default();
+        registry.register(
+            "dependency_errors",
+            "Failed calls to Tarantool or the object store",
+            dependency_errors.clone(),
+        );
+        let publish_bytes = Family::<StorageLabels, Counter>::default();
+        registry.register(
+            "publish_bytes",
+            "Payload bytes of stored publishes, inline in Tarantool or offloaded to S3",
+            publish_bytes.clone(),
+        );
+        let publish_durations =
+            Family::<StorageLabels, Histogram>::new_with_constructor(latency_buckets);
+        registry.register(
+            "publish_duration_seconds",
+            "Time to store a publish, from its request to the commit",
+            publish_durations.clone(),
+        );
+        let active_streams = Family::<StreamLabels, Gauge>::default();
+        registry.register(
+            "active_streams",
+            "Open Subscribe and Consume streams",
+            active_streams.clone(),
+        );
+        let deliveries = Counter::default();
+        registry.register(
+            "deliveries",
+            "Messages handed to consumers",
+            deliveries.clone(),
+        );
+        let redeliveries = Counter::default();
+        registry.register(
+            "redeliveries",
+            "Messages handed to consumers again after a lease ran out or a nack",
+            redeliveries.clone(),
+        );
         Arc::new(Self {
             registry,
             requests,
             durations,
             dependency_up,
+            dependency_calls,
+            dependency_errors,
+            publish_bytes,
+            publish_durations,
+            active_streams,
+            deliveries,
+            redeliveries,
         })
     }
 
@@ -91,11 +185,68 @@ impl Metrics {
         text
     }
 
+    /// Records one call to a dependency.
+    pub fn dependency_call(
+        &self,
+        dependency: &'static str,
+        operation: &'static str,
+        seconds: f64,
+        ok: bool,
+    ) {
+        let labels = OperationLabels {
+            dependency,
+            operation,
+        };
+        self.dependency_calls
+            .get_or_create(&labels)
+            .observe(seconds);
+        if !ok {
+            self.dependency_errors.get_or_create(&labels).inc();
+        }
+    }
+
+    /// Records a stored publish.
+    pub fn published(&self, offloaded: bool, bytes: u64, seconds: f64) {
+        let labels = StorageLabels {
+            storage: if offloaded { "offloaded" } else { "inline" },
+        };
+        self.publish_bytes.get_or_create(&labels).inc_by(bytes);
+        self.publish_durations
+            .get_or_create(&labels)
+            .observe(seconds);
+    }
+
+    /// Counts an open stream until the guard is dropped.
+    pub fn stream_opened(self: &Arc<Self>, kind: &'static str) -> StreamGuard {
+        self.active_streams
+            .get_or_create(&StreamLabels { kind })
+            .inc();
+        StreamGuard {
+            metrics: Arc::clone(self),
+            kind,
+        }
+    }
+
     /// Records whether `dependency` answered its last probe.
     pub fn set_dependency_up(&self, dependency: &'static str, up: bool) {
         self.dependency_up
             .get_or_create(&DependencyLabels { dependency })
             .set(i64::from(up));
+    }
+}
+
+/// Keeps an open stream counted in `active_streams`.
+pub struct StreamGuard {
+    metrics: Arc<Metrics>,
+    kind: &'static str,
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        self.metrics
+            .active_streams
+            .get_or_create(&StreamLabels { kind: self.kind })
+            .dec();
     }
 }
 
@@ -212,6 +363,12 @@ where
                 .inc();
             response
         })
+    }
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Metrics")
     }
 }
 

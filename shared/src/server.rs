@@ -72,13 +72,18 @@ impl Setup {
     /// service `name`.
     pub async fn new(config: &Config, name: &'static str) -> Result<Self, Error> {
         let auth = Arc::new(crate::auth::Authenticator::from_config(config)?);
+        let metrics = Metrics::new();
         let (store, blobs) = dependencies::connect(config).await?;
+        let (store, blobs) = (
+            store.with_metrics(Arc::clone(&metrics)),
+            blobs.with_metrics(Arc::clone(&metrics)),
+        );
         let admin = TcpListener::bind(SocketAddr::new(host(config)?, config.metrics_port)).await?;
         let (health, health_server) = Health::new(name).await;
         Ok(Self {
             store,
             blobs,
-            metrics: Metrics::new(),
+            metrics,
             auth,
             health,
             health_server: Some(health_server),

@@ -342,6 +342,7 @@ pub struct Store {
     client: Client,
     timeout: Duration,
     schema_lock: Arc<tokio::sync::Mutex<()>>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 impl Store {
@@ -361,6 +362,7 @@ impl Store {
             client,
             timeout: config.tarantool_timeout(),
             schema_lock: Arc::default(),
+            metrics: None,
         };
         store.ensure_schema().await?;
         Ok(store)
@@ -378,6 +380,12 @@ impl Store {
             Ok(_) | Err(Error::Rejected(_)) => self.apply_schema().await.map(drop),
             Err(other) => Err(other),
         }
+    }
+
+    /// Records every call's latency and failures in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Applies `SCHEMA_LUA`; returns the schema version.
@@ -405,7 +413,29 @@ impl Store {
     /// functions are gone: re-apply the schema and call once more.
     async fn call<R: DeserializeOwned>(
         &self,
-        name: &str,
+        name: &'static str,
+        args: impl Args,
+        limit: Duration,
+    ) -> Result<R, Error> {
+        let started = std::time::Instant::now();
+        let result = self.call_healing(name, args, limit).await;
+        if let Some(metrics) = &self.metrics {
+            // A long-poll's wait is not latency.
+            if name != "mts_wait" {
+                metrics.dependency_call(
+                    "tarantool",
+                    name,
+                    started.elapsed().as_secs_f64(),
+                    result.is_ok(),
+                );
+            }
+        }
+        result
+    }
+
+    async fn call_healing<R: DeserializeOwned>(
+        &self,
+        name: &'static str,
         args: impl Args,
         limit: Duration,
     ) -> Result<R, Error> {

@@ -38,10 +38,11 @@ fn samples(text: &str) -> HashMap<String, f64> {
 async fn counters_move_with_the_calls() {
     let mut config = testing::config();
     let ingress_metrics = testing::free_port();
+    let egress_metrics = testing::free_port();
     config.metrics_port = ingress_metrics;
     let system = System::start_with(config.clone(), {
         let mut egress = config.clone();
-        egress.metrics_port = 0;
+        egress.metrics_port = egress_metrics;
         egress
     })
     .await;
@@ -94,5 +95,63 @@ async fn counters_move_with_the_calls() {
         values[r#"minitoolstream_dependency_up{dependency="s3"}"#],
         1.0
     );
+    assert_eq!(
+        values[r#"minitoolstream_publish_bytes_total{storage="inline"}"#],
+        3.0
+    );
+    assert_eq!(
+        values[r#"minitoolstream_dependency_call_duration_seconds_count{dependency="tarantool",operation="mts_publish"}"#],
+        3.0
+    );
+
+    // An offloaded publish: its bytes, and one S3 upload.
+    publisher
+        .publish(PublishRequest {
+            subject: subject.clone(),
+            data: vec![0u8; 300 * 1024].into(),
+            headers: HashMap::new(),
+            message_id: String::new(),
+        })
+        .await
+        .unwrap();
+    let values = samples(&scrape(ingress_metrics).await);
+    assert_eq!(
+        values[r#"minitoolstream_publish_bytes_total{storage="offloaded"}"#],
+        307_200.0
+    );
+    assert_eq!(
+        values[r#"minitoolstream_dependency_call_duration_seconds_count{dependency="s3",operation="PutObject"}"#],
+        1.0
+    );
+
+    // Egress: an open stream, and four deliveries.
+    let mut subscriber = system.subscriber().await;
+    let stream = subscriber
+        .subscribe(mts_proto::pb::SubscribeRequest {
+            subject: subject.clone(),
+            start_sequence: None,
+            durable_name: "m".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let fetched = subscriber
+        .fetch(mts_proto::pb::FetchRequest {
+            subject: subject.clone(),
+            durable_name: "m".into(),
+            batch_size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(futures::StreamExt::count(fetched).await, 4);
+    let values = samples(&scrape(egress_metrics).await);
+    assert_eq!(
+        values[r#"minitoolstream_active_streams{kind="subscribe"}"#],
+        1.0
+    );
+    assert_eq!(values["minitoolstream_deliveries_total"], 4.0);
+    assert_eq!(values["minitoolstream_redeliveries_total"], 0.0);
+    drop(stream);
     system.stop().await;
 }

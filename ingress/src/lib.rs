@@ -5,8 +5,11 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod rate_limit;
 mod service;
 mod stream;
+
+use std::sync::Arc;
 
 use mts_proto::pb::ingress_service_server::IngressServiceServer;
 use mts_proto::service_names;
@@ -41,8 +44,23 @@ pub async fn run(
     let max_message = usize::try_from(config.max_payload_bytes)
         .unwrap_or(usize::MAX)
         .saturating_add(ENVELOPE_BYTES);
-    let router = setup
-        .router()?
-        .add_service(IngressServiceServer::new(ingress).max_decoding_message_size(max_message));
+    let service = IngressServiceServer::new(ingress).max_decoding_message_size(max_message);
+    let router = if config.publish_rate_per_second > 0 {
+        let burst = match config.publish_burst {
+            0 => config.publish_rate_per_second,
+            burst => burst,
+        };
+        let limiter = Arc::new(rate_limit::Limiter::new(
+            config.publish_rate_per_second,
+            burst,
+        ));
+        setup.router()?.add_service(rate_limit::RateLimited::new(
+            service,
+            limiter,
+            setup.auth.clone(),
+        ))
+    } else {
+        setup.router()?.add_service(service)
+    };
     Ok(setup.serve(router, listener, shutdown, || {}).await?)
 }

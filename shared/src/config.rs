@@ -56,6 +56,8 @@ pub const KEYS: &[&str] = &[
     "tls_client_ca_file",
     "max_connection_age_seconds",
     "max_connection_age_grace_seconds",
+    "publish_rate_per_second",
+    "publish_burst",
 ];
 
 /// Tarantool keeps whole tuples in memory and caps a tuple at 1 MiB by
@@ -173,6 +175,11 @@ pub struct Config {
     pub max_connection_age_seconds: u64,
     /// How long an aged connection's calls may finish before it is closed.
     pub max_connection_age_grace_seconds: u64,
+    /// Publishes per second each client (token `client_id`; anonymous
+    /// callers share one budget) may sustain; 0 = unlimited.
+    pub publish_rate_per_second: u64,
+    /// Publishes a client may make at once beyond the rate; 0 = the rate.
+    pub publish_burst: u64,
 }
 
 /// A configuration that cannot be used; the message names the key.
@@ -358,6 +365,8 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
         ("tls_client_ca_file", "".into()),
         ("max_connection_age_seconds", 0_i64.into()),
         ("max_connection_age_grace_seconds", 30_i64.into()),
+        ("publish_rate_per_second", 0_i64.into()),
+        ("publish_burst", 0_i64.into()),
     ]
 }
 

@@ -422,3 +422,79 @@ async fn rs256_tokens_are_verified_with_the_public_key() {
     std::fs::remove_dir_all(&dir).unwrap();
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn each_client_has_its_own_publish_rate() {
+    let mut config = auth_config(true);
+    config.publish_rate_per_second = 5;
+    config.publish_burst = 5;
+    let system = System::start(config).await;
+    let subject = testing::unique_subject("rate");
+    let token = |client: &str| {
+        let mut claims = claims(&["publish"], &["*"]);
+        claims["client_id"] = json!(client);
+        hs256(&claims, SECRET)
+    };
+    let (alice, bob) = (token("alice"), token("bob"));
+    for _ in 0..5 {
+        assert_eq!(
+            call(&system, Rpc::Publish, Some(&alice), &subject).await,
+            Code::Ok
+        );
+    }
+    let mut ingress = system.publisher().await;
+    let refused = ingress
+        .publish(with_token(
+            PublishRequest {
+                subject: subject.clone(),
+                data: b"x".to_vec().into(),
+                headers: Default::default(),
+                message_id: String::new(),
+            },
+            Some(&alice),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted);
+    assert!(
+        refused.message().contains("client alice"),
+        "{}",
+        refused.message()
+    );
+    let retry = tonic_types::StatusExt::get_error_details(&refused)
+        .retry_info()
+        .cloned()
+        .expect("a retry hint");
+    assert!(retry.retry_delay.is_some());
+    assert_eq!(
+        call(&system, Rpc::Publish, Some(&bob), &subject).await,
+        Code::Ok,
+        "bob has his own budget"
+    );
+    // Refused publishes stored nothing: 5 from alice, 1 from bob.
+    assert_eq!(
+        call(&system, Rpc::PublishStream, Some(&alice), &subject).await,
+        Code::ResourceExhausted
+    );
+    tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    assert_eq!(
+        call(&system, Rpc::Publish, Some(&alice), &subject).await,
+        Code::Ok,
+        "one token back after 200 ms"
+    );
+    let last = system
+        .subscriber()
+        .await
+        .get_last_sequence(with_token(
+            GetLastSequenceRequest {
+                subject: subject.clone(),
+            },
+            Some(&hs256(&claims(&["*"], &["*"]), SECRET)),
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .last_sequence;
+    assert_eq!(last, 7);
+    system.stop().await;
+}

@@ -41,6 +41,8 @@ export MTS_TEST_S3_SECRET_KEY="$secret_key"
 export MTS_TEST_S3_BUCKET=minitoolstream-test
 GRPCURL="$(grpcurl_bin)"
 export GRPCURL
+MTS_TEST_GARAGE_BIN="$(garage_bin)"
+export MTS_TEST_GARAGE_BIN
 
 if [ "${SKIP_LINT:-0}" != 1 ]; then
     scripts/lint.sh

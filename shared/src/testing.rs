@@ -198,6 +198,88 @@ impl Drop for TarantoolProcess {
     }
 }
 
+/// A Garage S3 server owned by one test, with its own data, to stop and
+/// start again while the test's services run.
+pub struct GarageProcess {
+    dir: PathBuf,
+    port: u16,
+    child: Option<Child>,
+}
+
+impl GarageProcess {
+    /// Starts Garage on free ports with a bucket the shared test credentials can use.
+    pub fn start() -> Self {
+        let dir =
+            std::env::temp_dir().join(format!("mts-garage-{}", uuid::Uuid::now_v7().simple()));
+        std::fs::create_dir_all(dir.join("meta")).expect("create garage dir");
+        let (port, rpc) = (free_port(), free_port());
+        let secret: String = (0..4)
+            .map(|_| format!("{:016x}", rand::random::<u64>()))
+            .collect();
+        let toml = format!(
+            "metadata_dir = \"{d}/meta\"\ndata_dir = \"{d}/data\"\ndb_engine = \"sqlite\"\nreplication_factor = 1\n\
+             rpc_bind_addr = \"127.0.0.1:{rpc}\"\nrpc_public_addr = \"127.0.0.1:{rpc}\"\nrpc_secret = \"{secret}\"\n\
+             [s3_api]\ns3_region = \"us-east-1\"\napi_bind_addr = \"127.0.0.1:{port}\"\n",
+            d = dir.display()
+        );
+        std::fs::write(dir.join("garage.toml"), toml).expect("write garage.toml");
+        let mut process = Self {
+            dir,
+            port,
+            child: None,
+        };
+        process.spawn();
+        process
+    }
+
+    fn spawn(&mut self) {
+        let config = config();
+        let log = std::fs::File::create(self.dir.join("garage.log")).expect("garage log");
+        let child = Command::new(required("MTS_TEST_GARAGE_BIN"))
+            .args([
+                "-c",
+                self.dir.join("garage.toml").to_str().expect("utf-8 path"),
+            ])
+            .args(["server", "--single-node", "--default-bucket"])
+            .env("GARAGE_DEFAULT_ACCESS_KEY", &config.minio_access_key_id)
+            .env("GARAGE_DEFAULT_SECRET_KEY", &config.minio_secret_access_key)
+            .env("GARAGE_DEFAULT_BUCKET", &config.minio_bucket_name)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(Stdio::from(log))
+            .spawn()
+            .expect("start garage");
+        self.child = Some(child);
+        wait_listening(format!("127.0.0.1:{}", self.port), &self.dir);
+    }
+
+    /// `http://host:port` of its S3 API.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills it without warning.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts it again with the same data.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for GarageProcess {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 fn wait_listening(address: String, dir: &Path) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {

@@ -137,3 +137,76 @@ async fn services_recover_after_tarantool_is_killed_and_restarted() {
     assert!(everything[5].data.iter().all(|b| *b == 5));
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn services_ride_out_an_object_store_outage() {
+    let mut garage = testing::GarageProcess::start();
+    let mut config = testing::config();
+    config.minio_endpoint = garage.endpoint();
+    config.minio_timeout_ms = 2000;
+    let system = System::start(config.clone()).await;
+    let mut publisher = system.publisher().await;
+    let subject = testing::unique_subject("s3-outage");
+    let offloaded = |n: u8| PublishRequest {
+        message_id: String::new(),
+        subject: subject.clone(),
+        data: vec![n; config.inline_threshold_bytes as usize + 1].into(),
+        headers: HashMap::new(),
+    };
+    assert_eq!(
+        publisher
+            .publish(offloaded(1))
+            .await
+            .unwrap()
+            .into_inner()
+            .sequence,
+        1
+    );
+
+    garage.kill();
+    let started = std::time::Instant::now();
+    let down = publisher.publish(offloaded(2)).await.unwrap_err();
+    assert_eq!(down.code(), Code::Unavailable, "{down:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "failed fast: {:?}",
+        started.elapsed()
+    );
+    testing::wait_status(system.ingress.addr, INGRESS, false, Duration::from_secs(10)).await;
+    testing::wait_status(system.egress.addr, EGRESS, false, Duration::from_secs(10)).await;
+
+    garage.restart();
+    testing::wait_serving(system.ingress.addr, INGRESS, Duration::from_secs(30)).await;
+    testing::wait_serving(system.egress.addr, EGRESS, Duration::from_secs(30)).await;
+    assert_eq!(
+        publisher
+            .publish(offloaded(3))
+            .await
+            .unwrap()
+            .into_inner()
+            .sequence,
+        2,
+        "the failed publish stored nothing"
+    );
+    let fetched: Vec<_> = system
+        .subscriber()
+        .await
+        .fetch(FetchRequest {
+            subject: subject.clone(),
+            durable_name: "after".into(),
+            batch_size: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .map(|m| m.unwrap())
+        .collect()
+        .await;
+    assert_eq!(fetched.len(), 2);
+    assert!(
+        fetched[0].data.iter().all(|b| *b == 1),
+        "the payload stored before the outage is intact"
+    );
+    assert!(fetched[1].data.iter().all(|b| *b == 3));
+    system.stop().await;
+}

@@ -77,6 +77,45 @@ impl Envelope {
     }
 }
 
+/// The caller's W3C trace context (`traceparent`, and `tracestate` with it),
+/// to store with the message so that consumers can link to the publish.
+/// Malformed values are ignored; headers the publisher set win.
+pub(crate) fn trace_context(metadata: &tonic::metadata::MetadataMap) -> Vec<(String, String)> {
+    let get = |name: &str| {
+        metadata
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let Some(parent) = get("traceparent").filter(|v| valid_traceparent(v)) else {
+        return Vec::new();
+    };
+    let mut context = vec![("traceparent".to_owned(), parent)];
+    if let Some(state) = get("tracestate").filter(|v| v.len() <= 512) {
+        context.push(("tracestate".to_owned(), state));
+    }
+    context
+}
+
+/// `version-traceid-parentid-flags`, all lowercase hex: 2-32-16-2.
+fn valid_traceparent(value: &str) -> bool {
+    let parts: Vec<&str> = value.split('-').collect();
+    parts.len() == 4
+        && parts.iter().zip([2, 32, 16, 2]).all(|(part, len)| {
+            part.len() == len
+                && part
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        })
+}
+
+/// Adds the trace context to headers that do not have it yet.
+pub(crate) fn with_trace(headers: &mut HashMap<String, String>, context: Vec<(String, String)>) {
+    for (name, value) in context {
+        headers.entry(name).or_insert(value);
+    }
+}
+
 /// Hex SHA-256 of `data`.
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
     hex::encode(Sha256::digest(data))
@@ -308,8 +347,11 @@ impl IngressService for Ingress {
             .authorize(Permission::Publish, &request.get_ref().subject)
             .map_err(Error::from)?;
         let started = std::time::Instant::now();
+        let trace = trace_context(request.metadata());
+        let mut message = request.into_inner();
+        with_trace(&mut message.headers, trace);
         let ingress = self.clone();
-        let reply = detached(async move { ingress.publish_message(request.into_inner()).await })
+        let reply = detached(async move { ingress.publish_message(message).await })
             .await
             .inspect_err(|err| tracing::warn!(%err, "publish failed"))?;
         tracing::debug!(
@@ -331,11 +373,13 @@ impl IngressService for Ingress {
             .authenticate(request.metadata())
             .map_err(Error::from)?;
         let started = std::time::Instant::now();
+        let trace = trace_context(request.metadata());
         let ingress = self.clone();
         let frames = request.into_inner();
-        let reply = detached(async move { crate::stream::publish(&ingress, caller, frames).await })
-            .await
-            .inspect_err(|err| tracing::warn!(%err, "streamed publish failed"))?;
+        let reply =
+            detached(async move { crate::stream::publish(&ingress, caller, trace, frames).await })
+                .await
+                .inspect_err(|err| tracing::warn!(%err, "streamed publish failed"))?;
         tracing::info!(
             sequence = reply.sequence,
             bytes = reply.size,
@@ -344,5 +388,40 @@ impl IngressService for Ingress {
         );
         self.record(&reply, started);
         Ok(Response::new(reply))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_well_formed_trace_context_is_kept() {
+        let mut metadata = tonic::metadata::MetadataMap::new();
+        let parent = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        metadata.insert("traceparent", parent.parse().unwrap());
+        metadata.insert("tracestate", "vendor=value".parse().unwrap());
+        assert_eq!(
+            trace_context(&metadata),
+            vec![
+                ("traceparent".into(), parent.into()),
+                ("tracestate".into(), "vendor=value".into())
+            ]
+        );
+        for bad in [
+            "00-xyz-00f067aa0ba902b7-01",
+            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01",
+            "junk",
+        ] {
+            let mut metadata = tonic::metadata::MetadataMap::new();
+            metadata.insert("traceparent", bad.parse().unwrap());
+            assert!(trace_context(&metadata).is_empty(), "{bad}");
+        }
+        let mut headers = HashMap::from([("traceparent".to_string(), "mine".to_string())]);
+        with_trace(&mut headers, vec![("traceparent".into(), parent.into())]);
+        assert_eq!(
+            headers["traceparent"], "mine",
+            "the publisher's own header wins"
+        );
     }
 }

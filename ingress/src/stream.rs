@@ -19,7 +19,7 @@ use sha2::{Digest, Sha256};
 use tonic::Streaming;
 
 use crate::Error;
-use crate::service::{Envelope, Ingress, reply};
+use crate::service::{Envelope, Ingress, reply, with_trace};
 
 /// A client that sends nothing for this long has gone away.
 const IDLE_LIMIT: Duration = Duration::from_secs(60);
@@ -28,6 +28,7 @@ const IDLE_LIMIT: Duration = Duration::from_secs(60);
 pub async fn publish(
     ingress: &Ingress,
     caller: Caller,
+    trace: Vec<(String, String)>,
     mut frames: Streaming<PublishFrame>,
 ) -> Result<PublishResponse, Error> {
     let header = match next_frame(&mut frames).await? {
@@ -41,6 +42,8 @@ pub async fn publish(
         }
     };
     caller.authorize(Permission::Publish, &header.subject)?;
+    let mut header = header;
+    with_trace(&mut header.headers, trace);
     let envelope = Envelope::checked(header.subject, header.headers, header.message_id)?;
     let _slot = ingress
         .uploads

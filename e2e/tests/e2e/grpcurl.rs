@@ -142,7 +142,23 @@ async fn a_person_with_grpcurl_can_do_everything() {
     for (i, payload) in payloads.iter().enumerate() {
         let body =
             json!({"subject": subject, "data": b64(payload), "headers": {"index": i.to_string()}});
-        let reply = ok(ingress, "minitoolstream.IngressService/Publish", body).await;
+        // The first publish carries a W3C trace context, which consumers get back.
+        let traced: &'static [&'static str] = &[
+            "-H",
+            "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ];
+        let extra: &'static [&'static str] = if i == 0 { traced } else { &[] };
+        let reply: Value = serde_json::from_str(
+            &call(
+                ingress,
+                extra,
+                "minitoolstream.IngressService/Publish",
+                body,
+            )
+            .await
+            .unwrap(),
+        )
+        .unwrap();
         assert_eq!(as_u64(&reply["sequence"]), i as u64 + 1, "{reply}");
         object_names.push(reply["objectName"].as_str().unwrap_or("").to_string());
     }
@@ -187,6 +203,15 @@ async fn a_person_with_grpcurl_can_do_everything() {
         assert_eq!(sha256(&data), sha256(&payloads[i]), "payload {i}");
         assert_eq!(message["headers"]["index"], i.to_string());
         assert_eq!(message["deliveryCount"], 1);
+        let traceparent = &message["headers"]["traceparent"];
+        if i == 0 {
+            assert_eq!(
+                traceparent,
+                "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"
+            );
+        } else {
+            assert!(traceparent.is_null(), "{message}");
+        }
         assert!(message["timestamp"].is_string(), "{message}");
     }
 

@@ -74,7 +74,7 @@ impl SubjectWatchers {
                     }
                     Err(err) => {
                         tracing::warn!(%subject, %err, retry_in = ?backoff, "waiting for commits failed");
-                        tokio::time::sleep(backoff).await;
+                        tokio::time::sleep(mts_shared::backoff::jittered(backoff)).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 },

@@ -66,7 +66,7 @@ async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
             Ok(value) => return Ok(value),
             Err(err) if Instant::now() + backoff < deadline => {
                 tracing::warn!(dependency = what, %err, retry_in = ?backoff, "dependency not ready");
-                tokio::time::sleep(backoff).await;
+                tokio::time::sleep(crate::backoff::jittered(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(err) => return Err(err),

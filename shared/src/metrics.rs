@@ -357,6 +357,12 @@ where
                     method: method.clone(),
                 })
                 .observe(started.elapsed().as_secs_f64());
+            tracing::debug!(
+                rpc = %method,
+                code,
+                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
+                "request"
+            );
             metrics
                 .requests
                 .get_or_create(&CallLabels { method, code })

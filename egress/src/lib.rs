@@ -52,7 +52,13 @@ pub async fn run(
     )
     .with_metrics(setup.metrics.clone());
     let maintenance = tokio::spawn(
-        maintenance::Maintenance::new(setup.store.clone(), setup.blobs.clone(), &config).run(),
+        maintenance::Maintenance::new(
+            setup.store.clone(),
+            setup.blobs.clone(),
+            &config,
+            setup.metrics.clone(),
+        )
+        .run(),
     );
     let router = setup
         .router()?

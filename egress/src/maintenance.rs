@@ -15,11 +15,14 @@ use crate::Error;
 const STEP_BUDGET: u32 = 500;
 /// Milliseconds of Tarantool's time one retention step may use.
 const STEP_BUDGET_MS: u32 = 5;
+/// Consumers whose lag is exported as gauges.
+const LAG_CONSUMERS: u32 = 1000;
 /// Objects handled per Tarantool call.
 const OBJECT_BATCH: usize = 100;
 
 /// The maintenance worker of one egress process.
 pub struct Maintenance {
+    metrics: std::sync::Arc<mts_shared::metrics::Metrics>,
     store: Store,
     blobs: BlobStore,
     holder: String,
@@ -31,8 +34,14 @@ pub struct Maintenance {
 
 impl Maintenance {
     /// A worker with the retention defaults and intervals of `config`.
-    pub fn new(store: Store, blobs: BlobStore, config: &Config) -> Self {
+    pub fn new(
+        store: Store,
+        blobs: BlobStore,
+        config: &Config,
+        metrics: std::sync::Arc<mts_shared::metrics::Metrics>,
+    ) -> Self {
         Self {
+            metrics,
             store,
             blobs,
             holder: format!("egress-{}", uuid::Uuid::now_v7()),
@@ -75,6 +84,10 @@ impl Maintenance {
             }
             if let Err(err) = self.delete_released().await {
                 tracing::warn!(%err, "deleting released objects failed");
+            }
+            match self.store.consumers_lag(LAG_CONSUMERS).await {
+                Ok(lag) => self.metrics.set_consumer_lag(&lag),
+                Err(err) => tracing::debug!(%err, "reading consumer lag failed"),
             }
             if let Some(every) = self.sweep_interval
                 && last_sweep.is_none_or(|at| at.elapsed() >= every)

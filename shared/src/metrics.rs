@@ -61,6 +61,21 @@ pub struct Metrics {
     pub deliveries: Counter,
     /// `minitoolstream_redeliveries_total`
     pub redeliveries: Counter,
+    /// `minitoolstream_consumer_pending_messages`
+    pub consumer_pending: Family<ConsumerLabels, Gauge>,
+    /// `minitoolstream_consumer_ack_pending_messages`
+    pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
+    /// `minitoolstream_consumer_oldest_unacked_age_seconds`
+    pub consumer_oldest_unacked: Family<ConsumerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+}
+
+/// Labels naming a durable consumer.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConsumerLabels {
+    /// The subject.
+    pub subject: String,
+    /// The durable name.
+    pub durable: String,
 }
 
 /// Labels of a call to Tarantool or the object store.
@@ -162,8 +177,30 @@ impl Metrics {
             "Messages handed to consumers again after a lease ran out or a nack",
             redeliveries.clone(),
         );
+        let consumer_pending = Family::<ConsumerLabels, Gauge>::default();
+        registry.register(
+            "consumer_pending_messages",
+            "Messages published and never delivered to the consumer (exported by the maintenance replica)",
+            consumer_pending.clone(),
+        );
+        let consumer_ack_pending = Family::<ConsumerLabels, Gauge>::default();
+        registry.register(
+            "consumer_ack_pending_messages",
+            "Messages delivered to the consumer and not acknowledged",
+            consumer_ack_pending.clone(),
+        );
+        let consumer_oldest_unacked =
+            Family::<ConsumerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>::default();
+        registry.register(
+            "consumer_oldest_unacked_age_seconds",
+            "Age of the consumer's oldest unacknowledged message",
+            consumer_oldest_unacked.clone(),
+        );
         Arc::new(Self {
             registry,
+            consumer_pending,
+            consumer_ack_pending,
+            consumer_oldest_unacked,
             requests,
             durations,
             dependency_up,
@@ -224,6 +261,29 @@ impl Metrics {
         StreamGuard {
             metrics: Arc::clone(self),
             kind,
+        }
+    }
+
+    /// Replaces the consumer lag gauges with `lag`.
+    pub fn set_consumer_lag(&self, lag: &[crate::store::ConsumerLag]) {
+        self.consumer_pending.clear();
+        self.consumer_ack_pending.clear();
+        self.consumer_oldest_unacked.clear();
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        for consumer in lag {
+            let labels = ConsumerLabels {
+                subject: consumer.subject.clone(),
+                durable: consumer.durable.clone(),
+            };
+            self.consumer_pending
+                .get_or_create(&labels)
+                .set(gauge(consumer.pending));
+            self.consumer_ack_pending
+                .get_or_create(&labels)
+                .set(gauge(consumer.ack_pending));
+            self.consumer_oldest_unacked
+                .get_or_create(&labels)
+                .set(consumer.oldest_unacked_age_ms as f64 / 1000.0);
         }
     }
 

@@ -17,7 +17,7 @@ use crate::config::Config;
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 /// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
-pub const SCHEMA_VERSION: u64 = 4;
+pub const SCHEMA_VERSION: u64 = 5;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
@@ -248,6 +248,21 @@ pub struct ConsumerState {
     pub oldest_unacked_age_ns: u64,
     /// The subject's last sequence.
     pub last_seq: u64,
+}
+
+/// How far behind a consumer is.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConsumerLag {
+    /// The subject.
+    pub subject: String,
+    /// The durable name.
+    pub durable: String,
+    /// Published, never delivered.
+    pub pending: u64,
+    /// Delivered, not acknowledged.
+    pub ack_pending: u64,
+    /// Age of the oldest unacknowledged message, in milliseconds.
+    pub oldest_unacked_age_ms: u64,
 }
 
 /// A message handed out under a lease.
@@ -689,6 +704,14 @@ impl Store {
             .call("mts_consumer_info", (subject, durable), self.timeout)
             .await?;
         Ok(state)
+    }
+
+    /// Lag of up to `limit` consumers.
+    pub async fn consumers_lag(&self, limit: u32) -> Result<Vec<ConsumerLag>, Error> {
+        let (lag,): (Vec<ConsumerLag>,) = self
+            .call("mts_consumers_lag", (limit,), self.timeout)
+            .await?;
+        Ok(lag)
     }
 
     /// Deletes the consumer and its leases; true if it existed.

@@ -293,3 +293,49 @@ impl Isolated {
         .unwrap()
     }
 }
+
+#[tokio::test]
+async fn the_maintenance_replica_exports_consumer_lag() {
+    let port = testing::free_port();
+    let t = isolated(|c| c.metrics_port = port).await;
+    let subject = testing::unique_subject("lag");
+    for _ in 0..5 {
+        t.publish(&subject, 10, false).await;
+    }
+    let fetched = t
+        .store
+        .consume(&subject, "slow-reader", 2)
+        .await
+        .unwrap()
+        .messages;
+    assert_eq!(fetched.len(), 2);
+    let series = |name: &str| format!(r#"{name}{{subject="{subject}",durable="slow-reader"}}"#);
+    eventually("lag gauges for the consumer", || async {
+        let text = scrape(port).await;
+        text.contains(&format!(
+            "{} 3",
+            series("minitoolstream_consumer_pending_messages")
+        )) && text.contains(&format!(
+            "{} 2",
+            series("minitoolstream_consumer_ack_pending_messages")
+        )) && text.contains(&series(
+            "minitoolstream_consumer_oldest_unacked_age_seconds",
+        ))
+    })
+    .await;
+    t.service.stop().await.unwrap();
+}
+
+async fn scrape(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    response
+}

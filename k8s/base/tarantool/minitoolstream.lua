@@ -8,7 +8,7 @@
 local fiber = require('fiber')
 local clock = require('clock')
 
-local SCHEMA_VERSION = 4
+local SCHEMA_VERSION = 5
 local MAP = {__serialize = 'map'}
 
 local SUBJECT_FORMAT = {
@@ -698,6 +698,35 @@ rawset(_G, 'mts_consumer_info', function(subject, durable)
     }
 end)
 
+-- Lag of up to `limit` consumers, for gauges: {subject, durable, pending
+-- (never delivered), ack_pending (delivered, not acked), oldest unacked age
+-- in ms}.
+rawset(_G, 'mts_consumers_lag', function(limit)
+    local out = {}
+    local now = now_ns()
+    for _, row in box.space.mts_consumers:pairs() do
+        if #out >= limit then
+            break
+        end
+        local c = consumer_view(row)
+        local last = last_seq(c.subject)
+        local pending = 0
+        local next_new = box.space.mts_messages.index.primary:select(
+            {c.subject, c.delivered}, {iterator = 'GT', limit = 1})[1]
+        if next_new ~= nil and next_new[1] == c.subject then
+            pending = last - next_new[2] + 1
+        end
+        local age_ms = 0
+        local oldest = box.space.mts_messages.index.primary:select(
+            {c.subject, c.floor}, {iterator = 'GT', limit = 1})[1]
+        if oldest ~= nil and oldest[1] == c.subject and now > oldest[3] then
+            age_ms = tonumber((now - oldest[3]) / 1000000)
+        end
+        out[#out + 1] = {c.subject, c.durable, pending, pending_count(c), age_ms}
+    end
+    return out
+end)
+
 -- Deletes a consumer and its leases. Returns whether it existed.
 rawset(_G, 'mts_consumer_delete', function(subject, durable)
     local existed = false
@@ -923,7 +952,7 @@ local PROCEDURES = {
     'mts_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
     'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
     'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
-    'mts_settle_objects', 'mts_dedup_lookup', 'mts_message',
+        'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
 }
 box.schema.role.create('minitoolstream', {if_not_exists = true})
 -- Schema 1's non-leasing fetch, replaced by mts_consume.

@@ -103,14 +103,18 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, request: http::Request<B>) -> Self::Future {
-        let metadata = tonic::metadata::MetadataMap::from_headers(request.headers().clone());
+    fn call(&mut self, mut request: http::Request<B>) -> Self::Future {
+        let mut headers = http::HeaderMap::new();
+        if let Some(token) = request.headers().get("authorization") {
+            headers.insert("authorization", token.clone());
+        }
+        let metadata = tonic::metadata::MetadataMap::from_headers(headers);
         // An unverifiable token is the handler's to refuse, with UNAUTHENTICATED.
-        let client = match self.auth.authenticate(&metadata) {
-            Ok(Caller::Client(claims)) => Some(claims.client_id),
-            Ok(Caller::Anonymous) => Some(String::new()),
-            Err(_) => None,
-        };
+        let caller = self.auth.authenticate(&metadata).ok();
+        let client = caller.as_ref().map(|caller| match caller {
+            Caller::Client(claims) => claims.client_id.clone(),
+            Caller::Anonymous => String::new(),
+        });
         if let Some(client) = client
             && let Err(wait) = self.limiter.take(&client, Instant::now())
         {
@@ -128,6 +132,10 @@ where
                 ErrorDetails::with_retry_info(Some(wait)),
             );
             return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        if let Some(caller) = caller {
+            // The handler takes it from here instead of verifying the token again.
+            request.extensions_mut().insert(caller);
         }
         Box::pin(self.inner.call(request))
     }

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use mts_proto::pb::ingress_service_server::IngressService;
 use mts_proto::pb::{PublishFrame, PublishRequest, PublishResponse};
-use mts_shared::auth::{Authenticator, Permission};
+use mts_shared::auth::{Authenticator, Caller, Permission};
 use mts_shared::blob::BlobStore;
 use mts_shared::config::Config;
 use mts_shared::metrics::Metrics;
@@ -143,6 +143,15 @@ impl Ingress {
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
         self
+    }
+
+    /// Who is calling: verified once by the rate-limit layer when it runs
+    /// (it leaves the caller in the request's extensions), else here.
+    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
+        match request.extensions().get::<Caller>() {
+            Some(caller) => Ok(caller.clone()),
+            None => Ok(self.auth.authenticate(request.metadata())?),
+        }
     }
 
     fn record(&self, reply: &PublishResponse, started: std::time::Instant) {
@@ -339,10 +348,7 @@ impl IngressService for Ingress {
         &self,
         request: Request<PublishRequest>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let caller = self
-            .auth
-            .authenticate(request.metadata())
-            .map_err(Error::from)?;
+        let caller = self.caller(&request)?;
         caller
             .authorize(Permission::Publish, &request.get_ref().subject)
             .map_err(Error::from)?;
@@ -368,10 +374,7 @@ impl IngressService for Ingress {
         &self,
         request: Request<Streaming<PublishFrame>>,
     ) -> Result<Response<PublishResponse>, Status> {
-        let caller = self
-            .auth
-            .authenticate(request.metadata())
-            .map_err(Error::from)?;
+        let caller = self.caller(&request)?;
         let started = std::time::Instant::now();
         let trace = trace_context(request.metadata());
         let ingress = self.clone();

@@ -645,6 +645,24 @@ rawset(_G, 'mts_consumer_put', function(subject, durable, cfg)
     return outcome
 end)
 
+-- Messages published and never delivered to consumer `c`, and the age in ns
+-- of its oldest unacknowledged message (0 if none). Messages after the
+-- first one still stored are contiguous: retention only removes the oldest.
+local function backlog(c, last, now)
+    local pending, age_ns = 0, 0
+    local next_new = box.space.mts_messages.index.primary:select(
+        {c.subject, c.delivered}, {iterator = 'GT', limit = 1})[1]
+    if next_new ~= nil and next_new[1] == c.subject then
+        pending = last - next_new[2] + 1
+    end
+    local oldest = box.space.mts_messages.index.primary:select(
+        {c.subject, c.floor}, {iterator = 'GT', limit = 1})[1]
+    if oldest ~= nil and oldest[1] == c.subject and now > oldest[3] then
+        age_ns = now - oldest[3]
+    end
+    return pending, age_ns
+end
+
 -- The consumer's settings and state, exact at one instant; nil if it does
 -- not exist.
 rawset(_G, 'mts_consumer_info', function(subject, durable)
@@ -665,18 +683,7 @@ rawset(_G, 'mts_consumer_info', function(subject, durable)
             redelivered = redelivered + 1
         end
     end
-    local num_pending = 0
-    local next_new = box.space.mts_messages.index.primary:select(
-        {subject, c.delivered}, {iterator = 'GT', limit = 1})[1]
-    if next_new ~= nil and next_new[1] == subject then
-        num_pending = last - next_new[2] + 1
-    end
-    local oldest_unacked_age_ns = 0
-    local oldest = box.space.mts_messages.index.primary:select(
-        {subject, c.floor}, {iterator = 'GT', limit = 1})[1]
-    if oldest ~= nil and oldest[1] == subject and now > oldest[3] then
-        oldest_unacked_age_ns = now - oldest[3]
-    end
+    local num_pending, oldest_unacked_age_ns = backlog(c, last, now)
     return {
         subject = subject,
         durable = durable,
@@ -710,19 +717,8 @@ rawset(_G, 'mts_consumers_lag', function(limit)
         end
         local c = consumer_view(row)
         local last = last_seq(c.subject)
-        local pending = 0
-        local next_new = box.space.mts_messages.index.primary:select(
-            {c.subject, c.delivered}, {iterator = 'GT', limit = 1})[1]
-        if next_new ~= nil and next_new[1] == c.subject then
-            pending = last - next_new[2] + 1
-        end
-        local age_ms = 0
-        local oldest = box.space.mts_messages.index.primary:select(
-            {c.subject, c.floor}, {iterator = 'GT', limit = 1})[1]
-        if oldest ~= nil and oldest[1] == c.subject and now > oldest[3] then
-            age_ms = tonumber((now - oldest[3]) / 1000000)
-        end
-        out[#out + 1] = {c.subject, c.durable, pending, pending_count(c), age_ms}
+        local pending, age_ns = backlog(c, last, now)
+        out[#out + 1] = {c.subject, c.durable, pending, pending_count(c), tonumber(age_ns / 1000000)}
     end
     return out
 end)

@@ -400,21 +400,10 @@ impl Drop for Upload {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let (client, bucket) = (self.store.client.clone(), self.store.bucket.clone());
-        let (key, upload_id) = (
-            std::mem::take(&mut self.key),
-            std::mem::take(&mut self.upload_id),
-        );
+        let (key, abort) = (self.key.clone(), self.abort_request());
         runtime.spawn(async move {
-            if let Err(err) = client
-                .abort_multipart_upload()
-                .bucket(bucket)
-                .key(&key)
-                .upload_id(upload_id)
-                .send()
-                .await
-            {
-                tracing::warn!(object = %key, err = %describe(&err), "could not abort an abandoned upload");
+            if let Err(err) = abort.await {
+                tracing::warn!(object = %key, %err, "could not abort an abandoned upload");
             }
         });
     }
@@ -480,19 +469,28 @@ impl Upload {
 
     /// Discards every part sent.
     pub async fn abort(mut self) -> Result<(), Error> {
-        let done = self
+        let done = self.abort_request().await;
+        self.finished = done.is_ok();
+        done
+    }
+
+    /// The AbortMultipartUpload call, owning what it needs, so that `Drop`
+    /// can spawn it too.
+    fn abort_request(&self) -> impl Future<Output = Result<(), Error>> + Send + 'static {
+        let request = self
             .store
             .client
             .abort_multipart_upload()
             .bucket(&self.store.bucket)
             .key(&self.key)
-            .upload_id(&self.upload_id)
-            .send()
-            .await
-            .map(drop)
-            .map_err(|e| Error::from_sdk(e, |_| None));
-        self.finished = done.is_ok();
-        done
+            .upload_id(&self.upload_id);
+        async move {
+            request
+                .send()
+                .await
+                .map(drop)
+                .map_err(|e| Error::from_sdk(e, |_| None))
+        }
     }
 }
 

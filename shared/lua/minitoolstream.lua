@@ -11,153 +11,174 @@ local clock = require('clock')
 local SCHEMA_VERSION = 5
 local MAP = {__serialize = 'map'}
 
-local SUBJECT_FORMAT = {
-    {name = 'name', type = 'string'},
-    -- Highest sequence ever assigned; never lowered, so never reused.
-    {name = 'last_seq', type = 'unsigned'},
-    -- Messages stored and their payload bytes (nil only before schema 3's backfill).
-    {name = 'count', type = 'unsigned', is_nullable = true},
-    {name = 'bytes', type = 'unsigned', is_nullable = true},
-    -- Retention limits of this subject; nil = the service default, 0 = unlimited.
-    {name = 'max_age_ms', type = 'unsigned', is_nullable = true},
-    {name = 'max_messages', type = 'unsigned', is_nullable = true},
-    {name = 'max_bytes', type = 'unsigned', is_nullable = true},
-}
-box.schema.space.create('mts_subjects', {if_not_exists = true, format = SUBJECT_FORMAT})
-box.space.mts_subjects:format(SUBJECT_FORMAT)
-box.space.mts_subjects:create_index('primary', {parts = {'name'}, if_not_exists = true})
-
-local MESSAGE_FORMAT = {
-    {name = 'subject', type = 'string'},
-    {name = 'seq', type = 'unsigned'},
-    {name = 'ts_ns', type = 'unsigned'},
-    {name = 'headers', type = 'map'},
-    -- Inline payload; nil when the payload lives in the object store.
-    {name = 'data', type = 'any', is_nullable = true},
-    {name = 'object_key', type = 'string', is_nullable = true},
-    {name = 'size', type = 'unsigned'},
-    -- Hex SHA-256 of the payload; nil on messages stored before schema 4.
-    {name = 'sha256', type = 'string', is_nullable = true},
-}
-box.schema.space.create('mts_messages', {if_not_exists = true, format = MESSAGE_FORMAT})
-box.space.mts_messages:format(MESSAGE_FORMAT)
-box.space.mts_messages:create_index('primary', {parts = {'subject', 'seq'}, if_not_exists = true})
-box.space.mts_messages:create_index('ts', {
-    parts = {'subject', 'ts_ns'}, unique = false, if_not_exists = true,
-})
-box.space.mts_messages:create_index('object_key', {
-    parts = {{field = 'object_key', type = 'string', is_nullable = true}},
-    unique = false,
-    if_not_exists = true,
-})
-
-local CONSUMER_FORMAT = {
-    {name = 'subject', type = 'string'},
-    {name = 'durable', type = 'string'},
-    -- The ack floor: everything up to and including it is acknowledged.
-    {name = 'ack_seq', type = 'unsigned'},
-    {name = 'created_ns', type = 'unsigned'},
-    -- Highest sequence ever handed out; nil on rows from schema 1 (= ack_seq).
-    {name = 'delivered_seq', type = 'unsigned', is_nullable = true},
-    {name = 'ack_wait_ms', type = 'unsigned', is_nullable = true},
-    -- 0 = unlimited.
-    {name = 'max_deliver', type = 'unsigned', is_nullable = true},
-    -- 0 = unlimited.
-    {name = 'max_ack_pending', type = 'unsigned', is_nullable = true},
-    {name = 'deliver_policy', type = 'string', is_nullable = true},
-    {name = 'start_seq', type = 'unsigned', is_nullable = true},
-    {name = 'start_time_ns', type = 'unsigned', is_nullable = true},
-    -- Dead-letter subject; '' = none.
-    {name = 'dlq_subject', type = 'string', is_nullable = true},
-}
-box.schema.space.create('mts_consumers', {if_not_exists = true, format = CONSUMER_FORMAT})
-box.space.mts_consumers:format(CONSUMER_FORMAT)
-box.space.mts_consumers:create_index('primary', {parts = {'subject', 'durable'}, if_not_exists = true})
-
--- One row per message handed out and not yet acknowledged: leased until
--- deadline_ns, or (after a nack) waiting until deadline_ns to be redelivered.
-box.schema.space.create('mts_pending', {
-    if_not_exists = true,
-    format = {
-        {name = 'subject', type = 'string'},
-        {name = 'durable', type = 'string'},
-        {name = 'seq', type = 'unsigned'},
-        {name = 'deliveries', type = 'unsigned'},
-        {name = 'deadline_ns', type = 'unsigned'},
-        {name = 'first_delivered_ns', type = 'unsigned'},
-    },
-})
-box.space.mts_pending:create_index('primary', {parts = {'subject', 'durable', 'seq'}, if_not_exists = true})
-box.space.mts_pending:create_index('deadline', {
-    parts = {'subject', 'durable', 'deadline_ns', 'seq'}, if_not_exists = true,
-})
-
--- Object keys whose publish was given up on: a late commit naming one of them
--- is refused, so an object deleted after an ambiguous failure is never
--- referenced by metadata.
-box.schema.space.create('mts_abandoned', {
-    if_not_exists = true,
-    format = {
-        {name = 'object_key', type = 'string'},
-        {name = 'ts_ns', type = 'unsigned'},
-    },
-})
-box.space.mts_abandoned:create_index('primary', {parts = {'object_key'}, if_not_exists = true})
-
--- Idempotent publish: a message id seen on a subject within its window maps
--- to the sequence it was stored under.
-box.schema.space.create('mts_dedup', {
-    if_not_exists = true,
-    format = {
-        {name = 'subject', type = 'string'},
-        {name = 'message_id', type = 'string'},
-        {name = 'seq', type = 'unsigned'},
-        {name = 'expires_ns', type = 'unsigned'},
-    },
-})
-box.space.mts_dedup:create_index('primary', {parts = {'subject', 'message_id'}, if_not_exists = true})
-box.space.mts_dedup:create_index('expiry', {parts = {'expires_ns', 'subject', 'message_id'}, if_not_exists = true})
-
--- Object keys whose last message is gone: the maintenance worker deletes
--- the object, then the row. Written in the transaction that removes the
--- metadata, so an object is never deleted while metadata still names it.
-box.schema.space.create('mts_gc', {
-    if_not_exists = true,
-    format = {
-        {name = 'object_key', type = 'string'},
-        {name = 'ts_ns', type = 'unsigned'},
-    },
-})
-box.space.mts_gc:create_index('primary', {parts = {'object_key'}, if_not_exists = true})
-
--- Named leases, so that one replica at a time runs maintenance.
-box.schema.space.create('mts_leases', {
-    if_not_exists = true,
-    format = {
-        {name = 'name', type = 'string'},
-        {name = 'holder', type = 'string'},
-        {name = 'expires_ns', type = 'unsigned'},
-    },
-})
-box.space.mts_leases:create_index('primary', {parts = {'name'}, if_not_exists = true})
-
--- Schema 3 counts messages and bytes per subject; fill in rows written before.
-do
-    local uncounted = {}
-    for _, row in box.space.mts_subjects:pairs() do
-        if row[3] == nil then
-            uncounted[#uncounted + 1] = row[1]
-        end
+-- DDL yields (WAL writes) between an if_not_exists check and its insert, so
+-- two services applying this file at once could both try to create the same
+-- space. A lock kept in a global, taken without yielding, runs one
+-- application at a time.
+local function with_schema_lock(apply)
+    local lock = rawget(_G, 'mts_schema_lock')
+    if lock == nil then
+        lock = fiber.channel(1)
+        rawset(_G, 'mts_schema_lock', lock)
     end
-    for _, name in ipairs(uncounted) do
-        local count, bytes = 0, 0
-        for _, m in box.space.mts_messages.index.primary:pairs({name}, {iterator = 'EQ'}) do
-            count = count + 1
-            bytes = bytes + m[7]
-        end
-        box.space.mts_subjects:update({name}, {{'=', 3, count}, {'=', 4, bytes}})
+    lock:put(true)
+    local ok, err = pcall(apply)
+    lock:get()
+    if not ok then
+        error(err)
     end
 end
+
+with_schema_lock(function()
+    local SUBJECT_FORMAT = {
+        {name = 'name', type = 'string'},
+        -- Highest sequence ever assigned; never lowered, so never reused.
+        {name = 'last_seq', type = 'unsigned'},
+        -- Messages stored and their payload bytes (nil only before schema 3's backfill).
+        {name = 'count', type = 'unsigned', is_nullable = true},
+        {name = 'bytes', type = 'unsigned', is_nullable = true},
+        -- Retention limits of this subject; nil = the service default, 0 = unlimited.
+        {name = 'max_age_ms', type = 'unsigned', is_nullable = true},
+        {name = 'max_messages', type = 'unsigned', is_nullable = true},
+        {name = 'max_bytes', type = 'unsigned', is_nullable = true},
+    }
+    box.schema.space.create('mts_subjects', {if_not_exists = true, format = SUBJECT_FORMAT})
+    box.space.mts_subjects:format(SUBJECT_FORMAT)
+    box.space.mts_subjects:create_index('primary', {parts = {'name'}, if_not_exists = true})
+
+    local MESSAGE_FORMAT = {
+        {name = 'subject', type = 'string'},
+        {name = 'seq', type = 'unsigned'},
+        {name = 'ts_ns', type = 'unsigned'},
+        {name = 'headers', type = 'map'},
+        -- Inline payload; nil when the payload lives in the object store.
+        {name = 'data', type = 'any', is_nullable = true},
+        {name = 'object_key', type = 'string', is_nullable = true},
+        {name = 'size', type = 'unsigned'},
+        -- Hex SHA-256 of the payload; nil on messages stored before schema 4.
+        {name = 'sha256', type = 'string', is_nullable = true},
+    }
+    box.schema.space.create('mts_messages', {if_not_exists = true, format = MESSAGE_FORMAT})
+    box.space.mts_messages:format(MESSAGE_FORMAT)
+    box.space.mts_messages:create_index('primary', {parts = {'subject', 'seq'}, if_not_exists = true})
+    box.space.mts_messages:create_index('ts', {
+        parts = {'subject', 'ts_ns'}, unique = false, if_not_exists = true,
+    })
+    box.space.mts_messages:create_index('object_key', {
+        parts = {{field = 'object_key', type = 'string', is_nullable = true}},
+        unique = false,
+        if_not_exists = true,
+    })
+
+    local CONSUMER_FORMAT = {
+        {name = 'subject', type = 'string'},
+        {name = 'durable', type = 'string'},
+        -- The ack floor: everything up to and including it is acknowledged.
+        {name = 'ack_seq', type = 'unsigned'},
+        {name = 'created_ns', type = 'unsigned'},
+        -- Highest sequence ever handed out; nil on rows from schema 1 (= ack_seq).
+        {name = 'delivered_seq', type = 'unsigned', is_nullable = true},
+        {name = 'ack_wait_ms', type = 'unsigned', is_nullable = true},
+        -- 0 = unlimited.
+        {name = 'max_deliver', type = 'unsigned', is_nullable = true},
+        -- 0 = unlimited.
+        {name = 'max_ack_pending', type = 'unsigned', is_nullable = true},
+        {name = 'deliver_policy', type = 'string', is_nullable = true},
+        {name = 'start_seq', type = 'unsigned', is_nullable = true},
+        {name = 'start_time_ns', type = 'unsigned', is_nullable = true},
+        -- Dead-letter subject; '' = none.
+        {name = 'dlq_subject', type = 'string', is_nullable = true},
+    }
+    box.schema.space.create('mts_consumers', {if_not_exists = true, format = CONSUMER_FORMAT})
+    box.space.mts_consumers:format(CONSUMER_FORMAT)
+    box.space.mts_consumers:create_index('primary', {parts = {'subject', 'durable'}, if_not_exists = true})
+
+    -- One row per message handed out and not yet acknowledged: leased until
+    -- deadline_ns, or (after a nack) waiting until deadline_ns to be redelivered.
+    box.schema.space.create('mts_pending', {
+        if_not_exists = true,
+        format = {
+            {name = 'subject', type = 'string'},
+            {name = 'durable', type = 'string'},
+            {name = 'seq', type = 'unsigned'},
+            {name = 'deliveries', type = 'unsigned'},
+            {name = 'deadline_ns', type = 'unsigned'},
+            {name = 'first_delivered_ns', type = 'unsigned'},
+        },
+    })
+    box.space.mts_pending:create_index('primary', {parts = {'subject', 'durable', 'seq'}, if_not_exists = true})
+    box.space.mts_pending:create_index('deadline', {
+        parts = {'subject', 'durable', 'deadline_ns', 'seq'}, if_not_exists = true,
+    })
+
+    -- Object keys whose publish was given up on: a late commit naming one of them
+    -- is refused, so an object deleted after an ambiguous failure is never
+    -- referenced by metadata.
+    box.schema.space.create('mts_abandoned', {
+        if_not_exists = true,
+        format = {
+            {name = 'object_key', type = 'string'},
+            {name = 'ts_ns', type = 'unsigned'},
+        },
+    })
+    box.space.mts_abandoned:create_index('primary', {parts = {'object_key'}, if_not_exists = true})
+
+    -- Idempotent publish: a message id seen on a subject within its window maps
+    -- to the sequence it was stored under.
+    box.schema.space.create('mts_dedup', {
+        if_not_exists = true,
+        format = {
+            {name = 'subject', type = 'string'},
+            {name = 'message_id', type = 'string'},
+            {name = 'seq', type = 'unsigned'},
+            {name = 'expires_ns', type = 'unsigned'},
+        },
+    })
+    box.space.mts_dedup:create_index('primary', {parts = {'subject', 'message_id'}, if_not_exists = true})
+    box.space.mts_dedup:create_index('expiry', {parts = {'expires_ns', 'subject', 'message_id'}, if_not_exists = true})
+
+    -- Object keys whose last message is gone: the maintenance worker deletes
+    -- the object, then the row. Written in the transaction that removes the
+    -- metadata, so an object is never deleted while metadata still names it.
+    box.schema.space.create('mts_gc', {
+        if_not_exists = true,
+        format = {
+            {name = 'object_key', type = 'string'},
+            {name = 'ts_ns', type = 'unsigned'},
+        },
+    })
+    box.space.mts_gc:create_index('primary', {parts = {'object_key'}, if_not_exists = true})
+
+    -- Named leases, so that one replica at a time runs maintenance.
+    box.schema.space.create('mts_leases', {
+        if_not_exists = true,
+        format = {
+            {name = 'name', type = 'string'},
+            {name = 'holder', type = 'string'},
+            {name = 'expires_ns', type = 'unsigned'},
+        },
+    })
+    box.space.mts_leases:create_index('primary', {parts = {'name'}, if_not_exists = true})
+
+    -- Schema 3 counts messages and bytes per subject; fill in rows written before.
+    do
+        local uncounted = {}
+        for _, row in box.space.mts_subjects:pairs() do
+            if row[3] == nil then
+                uncounted[#uncounted + 1] = row[1]
+            end
+        end
+        for _, name in ipairs(uncounted) do
+            local count, bytes = 0, 0
+            for _, m in box.space.mts_messages.index.primary:pairs({name}, {iterator = 'EQ'}) do
+                count = count + 1
+                bytes = bytes + m[7]
+            end
+            box.space.mts_subjects:update({name}, {{'=', 3, count}, {'=', 4, bytes}})
+        end
+    end
+end)
+
 
 -- Per-subject condition variables for long-polling waiters. Kept in a global
 -- so that re-applying this file does not orphan fibers already waiting.
@@ -943,27 +964,29 @@ end)
 
 -- A role with exactly what the services need, so a production user can be
 -- granted it instead of universe rights (the Kubernetes init does that).
-local PROCEDURES = {
-    'mts_schema_version', 'mts_publish', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
-    'mts_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
-    'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
-    'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
+with_schema_lock(function()
+    local PROCEDURES = {
+        'mts_schema_version', 'mts_publish', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
+        'mts_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
+        'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
+        'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
         'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
-}
-box.schema.role.create('minitoolstream', {if_not_exists = true})
--- Schema 1's non-leasing fetch, replaced by mts_consume.
-if box.func.mts_fetch ~= nil then
-    box.schema.func.drop('mts_fetch')
-end
-for _, name in ipairs(PROCEDURES) do
-    box.schema.func.create(name, {if_not_exists = true})
-    box.schema.role.grant('minitoolstream', 'execute', 'function', name, {if_not_exists = true})
-end
-for _, space in ipairs({
-    'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned', 'mts_gc', 'mts_leases',
-    'mts_dedup',
-}) do
-    box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
-end
+    }
+    box.schema.role.create('minitoolstream', {if_not_exists = true})
+    -- Schema 1's non-leasing fetch, replaced by mts_consume.
+    if box.func.mts_fetch ~= nil then
+        box.schema.func.drop('mts_fetch')
+    end
+    for _, name in ipairs(PROCEDURES) do
+        box.schema.func.create(name, {if_not_exists = true})
+        box.schema.role.grant('minitoolstream', 'execute', 'function', name, {if_not_exists = true})
+    end
+    for _, space in ipairs({
+        'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned', 'mts_gc', 'mts_leases',
+        'mts_dedup',
+    }) do
+        box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
+    end
+end)
 
 return SCHEMA_VERSION

@@ -59,18 +59,7 @@ async fn sixteen_publishers_two_thousand_messages() {
     let mut seen = Vec::new();
     let mut last_index_of: HashMap<usize, usize> = HashMap::new();
     while seen.len() < MESSAGES {
-        let batch: Vec<_> = subscriber
-            .fetch(FetchRequest {
-                subject: subject.clone(),
-                durable_name: "reader".into(),
-                batch_size: 128,
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .map(|m| m.unwrap())
-            .collect()
-            .await;
+        let batch: Vec<_> = system.fetch(&subject, "reader", 128).await;
         assert!(!batch.is_empty(), "stalled after {} messages", seen.len());
         for message in &batch {
             assert_eq!(

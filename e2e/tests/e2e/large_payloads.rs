@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use bytes::Bytes;
 use futures::StreamExt;
 use mts_proto::pb::publish_frame::Frame;
-use mts_proto::pb::{FetchPayloadRequest, FetchRequest, PublishEnd, PublishFrame, PublishHeader};
+use mts_proto::pb::{FetchPayloadRequest, PublishEnd, PublishFrame, PublishHeader};
 use mts_shared::blob::BlobStore;
 use mts_shared::store::Store;
 use mts_shared::testing;
@@ -139,20 +139,7 @@ async fn two_hundred_mib_round_trip_with_equal_digests() {
         ((BLOCKS * MIB) as u64, Some(whole.as_str()))
     );
 
-    let fetched: Vec<_> = system
-        .subscriber()
-        .await
-        .fetch(FetchRequest {
-            subject: subject.clone(),
-            durable_name: "reader".into(),
-            batch_size: 1,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap())
-        .collect()
-        .await;
+    let fetched: Vec<_> = system.fetch(&subject, "reader", 1).await;
     let message = &fetched[0];
     assert!(
         message.payload_omitted && message.data.is_empty(),

@@ -5,23 +5,8 @@ use std::collections::HashMap;
 
 use mts_proto::pb::PublishRequest;
 use mts_shared::testing;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use crate::system::System;
-
-async fn scrape(port: u16) -> String {
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response.split("\r\n\r\n").nth(1).unwrap().to_string()
-}
 
 /// `name{labels} value` lines, keyed by everything before the value.
 fn samples(text: &str) -> HashMap<String, f64> {
@@ -69,7 +54,7 @@ async fn counters_move_with_the_calls() {
         .await
         .unwrap_err();
 
-    let values = samples(&scrape(ingress_metrics).await);
+    let values = samples(&testing::scrape_metrics(ingress_metrics).await);
     let publish = "/minitoolstream.IngressService/Publish";
     assert_eq!(
         values[&format!(r#"minitoolstream_grpc_requests_total{{method="{publish}",code="OK"}}"#)],
@@ -114,7 +99,7 @@ async fn counters_move_with_the_calls() {
         })
         .await
         .unwrap();
-    let values = samples(&scrape(ingress_metrics).await);
+    let values = samples(&testing::scrape_metrics(ingress_metrics).await);
     assert_eq!(
         values[r#"minitoolstream_publish_bytes_total{storage="offloaded"}"#],
         307_200.0
@@ -145,7 +130,7 @@ async fn counters_move_with_the_calls() {
         .unwrap()
         .into_inner();
     assert_eq!(futures::StreamExt::count(fetched).await, 4);
-    let values = samples(&scrape(egress_metrics).await);
+    let values = samples(&testing::scrape_metrics(egress_metrics).await);
     assert_eq!(
         values[r#"minitoolstream_active_streams{kind="subscribe"}"#],
         1.0

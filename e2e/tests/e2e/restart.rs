@@ -5,9 +5,7 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use mts_proto::pb::{
-    AckRequest, FetchRequest, GetLastSequenceRequest, PublishRequest, SubscribeRequest,
-};
+use mts_proto::pb::{AckRequest, GetLastSequenceRequest, PublishRequest, SubscribeRequest};
 use mts_proto::service_names::{EGRESS, INGRESS};
 use mts_shared::health::LIVENESS;
 use mts_shared::testing::{self, TarantoolProcess};
@@ -98,36 +96,14 @@ async fn services_recover_after_tarantool_is_killed_and_restarted() {
         "the open stream kept working across the restart"
     );
 
-    let fetched: Vec<_> = subscriber
-        .fetch(FetchRequest {
-            subject: subject.clone(),
-            durable_name: "keeper".into(),
-            batch_size: 100,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap())
-        .collect()
-        .await;
+    let fetched: Vec<_> = system.fetch(&subject, "keeper", 100).await;
     let sequences: Vec<u64> = fetched.iter().map(|m| m.sequence).collect();
     assert_eq!(
         sequences,
         (11..=21).collect::<Vec<_>>(),
         "the ack position survived"
     );
-    let everything: Vec<_> = subscriber
-        .fetch(FetchRequest {
-            subject: subject.clone(),
-            durable_name: "fresh".into(),
-            batch_size: 100,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap())
-        .collect()
-        .await;
+    let everything: Vec<_> = system.fetch(&subject, "fresh", 100).await;
     assert_eq!(everything.len(), 21);
     assert_eq!(
         everything[5].data.len(),
@@ -188,20 +164,7 @@ async fn services_ride_out_an_object_store_outage() {
         2,
         "the failed publish stored nothing"
     );
-    let fetched: Vec<_> = system
-        .subscriber()
-        .await
-        .fetch(FetchRequest {
-            subject: subject.clone(),
-            durable_name: "after".into(),
-            batch_size: 10,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .map(|m| m.unwrap())
-        .collect()
-        .await;
+    let fetched: Vec<_> = system.fetch(&subject, "after", 10).await;
     assert_eq!(fetched.len(), 2);
     assert!(
         fetched[0].data.iter().all(|b| *b == 1),

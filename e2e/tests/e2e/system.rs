@@ -1,7 +1,9 @@
 //! Both services started together against one configuration.
 
+use futures::StreamExt;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
+use mts_proto::pb::{FetchRequest, Message};
 use mts_proto::service_names::{EGRESS, INGRESS};
 use mts_shared::config::Config;
 use mts_shared::testing::Running;
@@ -37,6 +39,23 @@ impl System {
             .await
             .unwrap()
             .max_decoding_message_size(128 << 20)
+    }
+
+    /// One Fetch of up to `batch` messages, every one of them received.
+    pub async fn fetch(&self, subject: &str, durable: &str, batch: i32) -> Vec<Message> {
+        self.subscriber()
+            .await
+            .fetch(FetchRequest {
+                subject: subject.into(),
+                durable_name: durable.into(),
+                batch_size: batch,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .map(|message| message.unwrap())
+            .collect()
+            .await
     }
 
     pub async fn stop(self) {

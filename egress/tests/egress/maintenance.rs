@@ -3,7 +3,6 @@
 //! no other test's objects.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::time::Duration;
 
 use mts_proto::pb::egress_service_client::EgressServiceClient;
@@ -51,18 +50,6 @@ fn uuid_hex() -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-/// Polls `check` until it holds, for at most 20 s.
-async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl FnMut() -> F) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
 }
 
 impl Isolated {
@@ -134,17 +121,17 @@ async fn retention_by_count_removes_metadata_and_objects_together() {
     for _ in 0..4 {
         t.publish(&defaulted, 10, false).await;
     }
-    eventually("the subject keeps its own 3 messages", || async {
+    testing::eventually("the subject keeps its own 3 messages", || async {
         let info = t.info(&limited).await;
         (info.messages, info.first_sequence, info.last_sequence) == (3, 4, 6)
     })
     .await;
-    eventually("the service default keeps 2", || async {
+    testing::eventually("the service default keeps 2", || async {
         t.info(&defaulted).await.first_sequence == 3
     })
     .await;
     // Sequences 1, 3 and 5 were offloaded: 1 and 3 are gone with their metadata, 5 stays.
-    eventually("released objects are deleted", || async {
+    testing::eventually("released objects are deleted", || async {
         t.blobs
             .list_keys(&format!("{limited}/"))
             .await
@@ -175,12 +162,12 @@ async fn retention_by_bytes_keeps_the_newest_that_fit() {
     for _ in 0..5 {
         t.publish(&subject, 100, true).await;
     }
-    eventually("200 of 500 bytes kept", || async {
+    testing::eventually("200 of 500 bytes kept", || async {
         let info = t.info(&subject).await;
         (info.messages, info.bytes, info.first_sequence) == (2, 200, 4)
     })
     .await;
-    eventually("three objects deleted", || async {
+    testing::eventually("three objects deleted", || async {
         t.blobs
             .list_keys(&format!("{subject}/"))
             .await
@@ -207,11 +194,11 @@ async fn retention_by_age_empties_a_subject_and_sequences_are_not_reused() {
     for _ in 0..3 {
         t.publish(&subject, 10, true).await;
     }
-    eventually("every message aged out", || async {
+    testing::eventually("every message aged out", || async {
         t.info(&subject).await.messages == 0
     })
     .await;
-    eventually("and every object", || async {
+    testing::eventually("and every object", || async {
         t.blobs
             .list_keys(&format!("{subject}/"))
             .await
@@ -242,7 +229,7 @@ async fn the_orphan_sweep_deletes_objects_without_metadata_only() {
     // An upload whose commit never came.
     let orphan = format!("{subject}/never-committed");
     t.blobs.put(&orphan, vec![1u8; 50].into()).await.unwrap();
-    eventually("the orphan is swept", || async {
+    testing::eventually("the orphan is swept", || async {
         !t.blobs.exists(&orphan).await.unwrap()
     })
     .await;
@@ -273,7 +260,7 @@ async fn one_replica_at_a_time_holds_the_maintenance_lease() {
             .unwrap();
         holders
     };
-    eventually("a holder", || async { holder().await.len() == 1 }).await;
+    testing::eventually("a holder", || async { holder().await.len() == 1 }).await;
     let first = holder().await;
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -310,8 +297,8 @@ async fn the_maintenance_replica_exports_consumer_lag() {
         .messages;
     assert_eq!(fetched.len(), 2);
     let series = |name: &str| format!(r#"{name}{{subject="{subject}",durable="slow-reader"}}"#);
-    eventually("lag gauges for the consumer", || async {
-        let text = scrape(port).await;
+    testing::eventually("lag gauges for the consumer", || async {
+        let text = testing::scrape_metrics(port).await;
         text.contains(&format!(
             "{} 3",
             series("minitoolstream_consumer_pending_messages")
@@ -324,18 +311,4 @@ async fn the_maintenance_replica_exports_consumer_lag() {
     })
     .await;
     t.service.stop().await.unwrap();
-}
-
-async fn scrape(port: u16) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    response
 }

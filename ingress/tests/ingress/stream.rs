@@ -111,20 +111,6 @@ impl Fixture {
     }
 }
 
-async fn eventually<F: std::future::Future<Output = bool>>(
-    what: &str,
-    mut check: impl FnMut() -> F,
-) {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    while !check().await {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "never happened: {what}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 #[tokio::test]
 async fn a_stream_cut_off_midway_leaves_nothing_behind() {
     let f = fixture("cut-off", |_| {}).await;
@@ -133,14 +119,14 @@ async fn a_stream_cut_off_midway_leaves_nothing_behind() {
     for _ in 0..12 {
         frames.send(chunk(vec![3u8; MIB])).await.unwrap();
     }
-    eventually("a multipart upload is under way", || async {
+    testing::eventually("a multipart upload is under way", || async {
         f.unfinished().await > 0
     })
     .await;
     // The client goes away: its call is dropped mid-stream.
     call.abort();
     drop(frames);
-    eventually("the multipart upload is aborted", || async {
+    testing::eventually("the multipart upload is aborted", || async {
         f.unfinished().await == 0
     })
     .await;
@@ -230,7 +216,7 @@ async fn bad_frames_and_size_mismatches_store_nothing() {
         refused.message()
     );
 
-    eventually("no upload left", || async { f.unfinished().await == 0 }).await;
+    testing::eventually("no upload left", || async { f.unfinished().await == 0 }).await;
     assert_eq!(f.store.last_seq(&f.subject).await.unwrap(), 0);
     f.service.stop().await.unwrap();
 }
@@ -282,7 +268,7 @@ async fn the_upload_cap_answers_resource_exhausted_with_a_retry_hint() {
     let (frames, first) = f.open().await;
     frames.send(header(&f.subject, None, "")).await.unwrap();
     frames.send(chunk(vec![9u8; 6 * MIB])).await.unwrap();
-    eventually("the first upload holds the only slot", || async {
+    testing::eventually("the first upload holds the only slot", || async {
         f.unfinished().await > 0
     })
     .await;

@@ -54,7 +54,7 @@ pub async fn open(
     };
     let (sender, receiver) = mpsc::channel(CHUNKS_IN_FLIGHT);
     let offset = request.offset;
-    match (&message.object_key, &message.data) {
+    match (&message.object_key, message.data) {
         (Some(key), _) if offset < message.size => {
             let body = egress
                 .blobs
@@ -71,7 +71,7 @@ pub async fn open(
             tokio::spawn(relay(body, offset, sender, chunk));
         }
         (_, data) => {
-            let data = Bytes::from(data.as_ref().map(|d| d.to_vec()).unwrap_or_default());
+            let data = data.map_or_else(Bytes::new, |d| Bytes::from(d.into_vec()));
             let start = usize::try_from(offset)
                 .unwrap_or(usize::MAX)
                 .min(data.len());

@@ -5,6 +5,8 @@ use mts_proto::pb::Message;
 use mts_shared::blob::{self, BlobStore};
 use mts_shared::store::Leased;
 
+use tracing::Instrument;
+
 use crate::Error;
 
 /// Header telling clients without the `delivery_count` field how often a
@@ -28,7 +30,19 @@ pub const PAYLOAD_OMITTED_HEADER: &str = "mts-payload-omitted";
 
 /// Completes a leased message with its payload, or marks the payload as
 /// left out when it is larger than `max_inline` bytes.
+/// A `deliver` span linked to the publish's, when spans are exported.
 pub async fn deliver(blobs: BlobStore, leased: Leased, max_inline: u64) -> Result<Message, Error> {
+    let span = tracing::info_span!(
+        "deliver",
+        subject = %leased.message.subject,
+        sequence = leased.message.seq,
+        deliveries = leased.deliveries,
+    );
+    mts_shared::telemetry::link_to_stored(&span, &leased.message.headers);
+    complete(blobs, leased, max_inline).instrument(span).await
+}
+
+async fn complete(blobs: BlobStore, leased: Leased, max_inline: u64) -> Result<Message, Error> {
     let stored = leased.message;
     let mut headers = stored.headers;
     headers.insert(DELIVERY_COUNT_HEADER.into(), leased.deliveries.to_string());

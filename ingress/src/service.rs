@@ -77,10 +77,15 @@ impl Envelope {
     }
 }
 
-/// The caller's W3C trace context (`traceparent`, and `tracestate` with it),
-/// to store with the message so that consumers can link to the publish.
-/// Malformed values are ignored; headers the publisher set win.
+/// The W3C trace context (`traceparent`, and `tracestate` with it) to store
+/// with the message so that consumers can link to the publish: the publish
+/// span's when spans are exported, else the caller's as it came. Malformed
+/// values are ignored; headers the publisher set win.
 pub(crate) fn trace_context(metadata: &tonic::metadata::MetadataMap) -> Vec<(String, String)> {
+    let exported = mts_shared::telemetry::context_of(&tracing::Span::current());
+    if !exported.is_empty() {
+        return exported;
+    }
     let get = |name: &str| {
         metadata
             .get(name)

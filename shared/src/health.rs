@@ -22,6 +22,7 @@ pub struct Health {
     reporter: HealthReporter,
     service: &'static str,
     draining: Arc<AtomicBool>,
+    serving: Arc<AtomicBool>,
 }
 
 impl Health {
@@ -34,6 +35,7 @@ impl Health {
             reporter,
             service,
             draining: Arc::default(),
+            serving: Arc::default(),
         };
         health.report(false).await;
         // For liveness probes: the process answers, whatever its dependencies do.
@@ -50,8 +52,15 @@ impl Health {
         } else {
             ServingStatus::NotServing
         };
+        self.serving.store(serving, Ordering::Release);
         self.reporter.set_service_status("", status).await;
         self.reporter.set_service_status(self.service, status).await;
+    }
+
+    /// Whether the service is SERVING now, for the admin port's `/readyz`
+    /// (HTTP probes work where gRPC probes cannot, e.g. behind TLS).
+    pub fn is_serving(&self) -> bool {
+        self.serving.load(Ordering::Acquire)
     }
 
     /// Reports SERVING or NOT_SERVING, unless draining has begun.

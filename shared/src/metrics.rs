@@ -114,7 +114,7 @@ impl Metrics {
         let requests = Family::<CallLabels, Counter>::default();
         registry.register(
             "grpc_requests",
-            "gRPC calls by method and status code (streams: the code they started with)",
+            "gRPC calls by method and final status code (streams: the code in their trailers; CANCELLED when the client left first)",
             requests.clone(),
         );
         let durations = Family::<MethodLabels, Histogram>::new_with_constructor(|| {
@@ -310,27 +310,45 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Serves `/metrics` on `listener` until `shutdown` completes.
+/// Serves `/metrics`, `/livez` (200 while the process runs) and `/readyz`
+/// (200 while `ready` says so, else 503) on `listener` until `shutdown`
+/// completes.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
+    ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    let app = axum::Router::new().route(
-        "/metrics",
-        axum::routing::get(move || {
-            let metrics = Arc::clone(&metrics);
-            async move {
-                (
-                    [(
-                        http::header::CONTENT_TYPE,
-                        "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    )],
-                    metrics.render(),
-                )
-            }
-        }),
-    );
+    let app = axum::Router::new()
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = Arc::clone(&metrics);
+                async move {
+                    (
+                        [(
+                            http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.render(),
+                    )
+                }
+            }),
+        )
+        .route("/livez", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let serving = ready();
+                async move {
+                    if serving {
+                        (http::StatusCode::OK, "SERVING\n")
+                    } else {
+                        (http::StatusCode::SERVICE_UNAVAILABLE, "NOT_SERVING\n")
+                    }
+                }
+            }),
+        );
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown)
         .await
@@ -386,7 +404,7 @@ where
     S: tower::Service<http::Request<ReqBody>, Response = http::Response<ResBody>>,
     S::Future: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<CountedBody<ResBody>>;
     type Error = S::Error;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
 
@@ -401,34 +419,107 @@ where
         let response = self.inner.call(request);
         Box::pin(async move {
             let response = response.await;
-            // An error before the handler ran is a transport failure; a
-            // status in the headers is a trailers-only (usually error) reply;
-            // otherwise the call started fine.
-            let code = match &response {
-                Ok(reply) => reply
-                    .headers()
-                    .get("grpc-status")
-                    .map_or("OK", |code| code_name(code.as_bytes())),
-                Err(_) => "UNAVAILABLE",
-            };
             metrics
                 .durations
                 .get_or_create(&MethodLabels {
                     method: method.clone(),
                 })
                 .observe(started.elapsed().as_secs_f64());
-            tracing::debug!(
-                rpc = %method,
-                code,
-                elapsed_ms = started.elapsed().as_secs_f64() * 1000.0,
-                "request"
-            );
-            metrics
-                .requests
-                .get_or_create(&CallLabels { method, code })
-                .inc();
-            response
+            let mut outcome = Outcome {
+                metrics,
+                method,
+                started,
+                code: None,
+            };
+            match response {
+                Ok(reply) => {
+                    // A status in the headers is a trailers-only (usually
+                    // error) reply; otherwise the status comes in the trailers.
+                    let early = reply.headers().get("grpc-status");
+                    outcome.code = early.map(|code| code_name(code.as_bytes()));
+                    Ok(reply.map(|inner| CountedBody {
+                        inner,
+                        outcome: Some(outcome),
+                    }))
+                }
+                Err(err) => {
+                    // Failed before the handler ran: a transport failure.
+                    outcome.code = Some("UNAVAILABLE");
+                    Err(err)
+                }
+            }
         })
+    }
+}
+
+/// Counts and logs a call once, when its reply body is done with.
+struct Outcome {
+    metrics: Arc<Metrics>,
+    method: String,
+    started: Instant,
+    /// The final status; none yet means the client left before it was sent.
+    code: Option<&'static str>,
+}
+
+impl Drop for Outcome {
+    fn drop(&mut self) {
+        let code = self.code.unwrap_or("CANCELLED");
+        tracing::debug!(
+            rpc = %self.method,
+            code,
+            elapsed_ms = self.started.elapsed().as_secs_f64() * 1000.0,
+            "request"
+        );
+        self.metrics
+            .requests
+            .get_or_create(&CallLabels {
+                method: std::mem::take(&mut self.method),
+                code,
+            })
+            .inc();
+    }
+}
+
+pin_project_lite::pin_project! {
+    /// A reply body that records the call's final status from its trailers.
+    pub struct CountedBody<B> {
+        #[pin]
+        inner: B,
+        outcome: Option<Outcome>,
+    }
+}
+
+impl<B: http_body::Body> http_body::Body for CountedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<http_body::Frame<Self::Data>, Self::Error>>> {
+        let this = self.project();
+        let polled = this.inner.poll_frame(cx);
+        let final_code = match &polled {
+            Poll::Ready(Some(Ok(frame))) => frame.trailers_ref().map(|trailers| {
+                trailers
+                    .get("grpc-status")
+                    .map_or("UNKNOWN", |code| code_name(code.as_bytes()))
+            }),
+            Poll::Ready(Some(Err(_))) => Some("INTERNAL"),
+            _ => None,
+        };
+        if let (Some(code), Some(outcome)) = (final_code, this.outcome.as_mut()) {
+            outcome.code = Some(code);
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
     }
 }
 

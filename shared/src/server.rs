@@ -121,7 +121,11 @@ impl Setup {
             // Keeps idle subscriber streams alive through proxies and finds dead peers.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
-            .trace_fn(|request| tracing::info_span!("grpc", rpc = %request.uri().path()))
+            .trace_fn(|request| {
+                let span = tracing::info_span!("grpc", rpc = %request.uri().path());
+                crate::telemetry::set_remote_parent(&span, request.headers());
+                span
+            })
             .layer(MetricsLayer(Arc::clone(&self.metrics)))
             .add_service(health)
             .add_service(reflection().build_v1()?)
@@ -151,9 +155,11 @@ impl Setup {
             Duration::from_millis(self.config.health_check_interval_ms),
         ));
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let health = self.health.clone();
         let admin = tokio::spawn(crate::metrics::serve(
             self.admin,
             Arc::clone(&self.metrics),
+            move || health.is_serving(),
             async {
                 let _ = admin_stopped.await;
             },
@@ -279,7 +285,7 @@ where
             return ExitCode::from(2);
         }
     };
-    crate::telemetry::init(&config);
+    let telemetry = crate::telemetry::init(&config, name);
     let listener = match bind(&config).await {
         Ok(listener) => listener,
         Err(err) => {
@@ -287,7 +293,7 @@ where
             return ExitCode::FAILURE;
         }
     };
-    match run(config, listener, crate::shutdown::signal()).await {
+    let code = match run(config, listener, crate::shutdown::signal()).await {
         Ok(()) => {
             tracing::info!("{name} stopped");
             ExitCode::SUCCESS
@@ -296,5 +302,7 @@ where
             tracing::error!(%err, "{name} stopped");
             ExitCode::FAILURE
         }
-    }
+    };
+    telemetry.shutdown().await;
+    code
 }

@@ -116,12 +116,22 @@ pub async fn eventually<F: Future<Output = bool>>(what: &str, mut check: impl Fn
 
 /// The body of `GET /metrics` on a service's admin port.
 pub async fn scrape_metrics(port: u16) -> String {
+    let (status, body) = http_get(port, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    body
+}
+
+/// GET `path` from 127.0.0.1:`port`: the status code and the body.
+pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
         .await
-        .expect("connect to the metrics port");
+        .expect("connect to the admin port");
     stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                .as_bytes(),
+        )
         .await
         .expect("send the request");
     let mut response = String::new();
@@ -129,12 +139,13 @@ pub async fn scrape_metrics(port: u16) -> String {
         .read_to_string(&mut response)
         .await
         .expect("read the response");
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
-    response
-        .split("\r\n\r\n")
+    let (head, body) = response.split_once("\r\n\r\n").unwrap_or((&response, ""));
+    let status = head
+        .split(' ')
         .nth(1)
-        .unwrap_or_default()
-        .to_owned()
+        .and_then(|code| code.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP response: {response}"));
+    (status, body.to_owned())
 }
 
 /// A port that was free a moment ago.

@@ -3,10 +3,7 @@
 //! and a second signal ends it at once.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::StreamExt;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
@@ -15,85 +12,11 @@ use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{PublishEnd, PublishFrame, PublishHeader, SubscribeRequest};
 use mts_proto::service_names::{EGRESS, INGRESS};
 use mts_shared::testing;
+
+use crate::binaries::Process;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
-
-/// A service binary built next to this test.
-fn binary(name: &str) -> PathBuf {
-    let deps = std::env::current_exe().unwrap();
-    let path = deps.parent().unwrap().parent().unwrap().join(name);
-    assert!(
-        path.exists(),
-        "{} is not built; cargo test --workspace builds it",
-        path.display()
-    );
-    path
-}
-
-struct Process {
-    child: Child,
-    addr: SocketAddr,
-}
-
-impl Process {
-    async fn start(name: &str, service: &str, grace_seconds: u64) -> Self {
-        let config = testing::config();
-        let port = testing::free_port();
-        let child = Command::new(binary(name))
-            .env("SERVER_HOST", "127.0.0.1")
-            .env("SERVER_PORT", port.to_string())
-            .env("METRICS_PORT", "0")
-            .env("SHUTDOWN_GRACE_SECONDS", grace_seconds.to_string())
-            .env("TARANTOOL_ADDRESS", &config.tarantool_address)
-            .env("TARANTOOL_USER", &config.tarantool_user)
-            .env("TARANTOOL_PASSWORD", &config.tarantool_password)
-            .env("MINIO_ENDPOINT", &config.minio_endpoint)
-            .env("MINIO_ACCESS_KEY_ID", &config.minio_access_key_id)
-            .env("MINIO_SECRET_ACCESS_KEY", &config.minio_secret_access_key)
-            .env("MINIO_BUCKET_NAME", &config.minio_bucket_name)
-            .env("LOG_FORMAT", "console")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        testing::wait_serving(addr, service, Duration::from_secs(30)).await;
-        Self { child, addr }
-    }
-
-    /// Once draining, the listener takes no new connections.
-    async fn wait_refusing(&self) {
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while tokio::net::TcpStream::connect(self.addr).await.is_ok() {
-            assert!(
-                Instant::now() < deadline,
-                "still accepting connections after SIGTERM"
-            );
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    fn signal(&self) {
-        let status = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-
-    /// Waits for the exit; its code and how long it took.
-    async fn exit(mut self, within: Duration) -> (Option<i32>, Duration) {
-        let started = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return (status.code(), started.elapsed());
-            }
-            assert!(started.elapsed() < within, "still running after {within:?}");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-    }
-}
 
 fn frame(frame: Frame) -> PublishFrame {
     PublishFrame { frame: Some(frame) }

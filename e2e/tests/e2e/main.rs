@@ -3,6 +3,7 @@
 
 mod auth;
 mod bad_input;
+mod binaries;
 mod concurrency;
 mod drain;
 mod grpcurl;
@@ -11,3 +12,4 @@ mod metrics;
 mod restart;
 mod system;
 mod tls;
+mod tracing_export;

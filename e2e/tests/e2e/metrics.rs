@@ -54,8 +54,24 @@ async fn counters_move_with_the_calls() {
         .await
         .unwrap_err();
 
-    let values = samples(&testing::scrape_metrics(ingress_metrics).await);
     let publish = "/minitoolstream.IngressService/Publish";
+    // A call is counted once the server is done with its reply, a moment
+    // after the client has it.
+    testing::eventually("four publishes are counted", || async {
+        let values = samples(&testing::scrape_metrics(ingress_metrics).await);
+        values
+            .iter()
+            .filter(|(series, _)| {
+                series.starts_with(&format!(
+                    r#"minitoolstream_grpc_requests_total{{method="{publish}""#
+                ))
+            })
+            .map(|(_, value)| value)
+            .sum::<f64>()
+            == 4.0
+    })
+    .await;
+    let values = samples(&testing::scrape_metrics(ingress_metrics).await);
     assert_eq!(
         values[&format!(r#"minitoolstream_grpc_requests_total{{method="{publish}",code="OK"}}"#)],
         3.0
@@ -137,6 +153,24 @@ async fn counters_move_with_the_calls() {
     );
     assert_eq!(values["minitoolstream_deliveries_total"], 4.0);
     assert_eq!(values["minitoolstream_redeliveries_total"], 0.0);
+    // Streams are counted by how they ended: the fetch in its OK trailers,
+    // the subscription as CANCELLED once the client walks away.
     drop(stream);
+    let subscribe = "/minitoolstream.EgressService/Subscribe";
+    let fetch = "/minitoolstream.EgressService/Fetch";
+    testing::eventually("the ended streams are counted", || async {
+        let values = samples(&testing::scrape_metrics(egress_metrics).await);
+        let count = |method: &str, code: &str| {
+            values
+                .get(&format!(
+                    r#"minitoolstream_grpc_requests_total{{method="{method}",code="{code}"}}"#
+                ))
+                .copied()
+        };
+        count(subscribe, "CANCELLED") == Some(1.0)
+            && count(subscribe, "OK").is_none()
+            && count(fetch, "OK") == Some(1.0)
+    })
+    .await;
     system.stop().await;
 }

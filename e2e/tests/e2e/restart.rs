@@ -7,6 +7,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use mts_proto::pb::{AckRequest, GetLastSequenceRequest, PublishRequest, SubscribeRequest};
 use mts_proto::service_names::{EGRESS, INGRESS};
+use mts_shared::config::Config;
 use mts_shared::health::LIVENESS;
 use mts_shared::testing::{self, TarantoolProcess};
 use tonic::Code;
@@ -120,7 +121,17 @@ async fn services_ride_out_an_object_store_outage() {
     let mut config = testing::config();
     config.minio_endpoint = garage.endpoint();
     config.minio_timeout_ms = 2000;
-    let system = System::start(config.clone()).await;
+    let admin = testing::free_port();
+    let system = System::start_with(
+        Config {
+            metrics_port: admin,
+            ..config.clone()
+        },
+        config.clone(),
+    )
+    .await;
+    // HTTP probes on the admin port follow the gRPC health status.
+    assert_eq!(testing::http_get(admin, "/readyz").await.0, 200);
     let mut publisher = system.publisher().await;
     let subject = testing::unique_subject("s3-outage");
     let offloaded = |n: u8| PublishRequest {
@@ -150,10 +161,16 @@ async fn services_ride_out_an_object_store_outage() {
     );
     testing::wait_status(system.ingress.addr, INGRESS, false, Duration::from_secs(10)).await;
     testing::wait_status(system.egress.addr, EGRESS, false, Duration::from_secs(10)).await;
+    assert_eq!(
+        testing::http_get(admin, "/readyz").await,
+        (503, "NOT_SERVING\n".into())
+    );
+    assert_eq!(testing::http_get(admin, "/livez").await.0, 200);
 
     garage.restart();
     testing::wait_serving(system.ingress.addr, INGRESS, Duration::from_secs(30)).await;
     testing::wait_serving(system.egress.addr, EGRESS, Duration::from_secs(30)).await;
+    assert_eq!(testing::http_get(admin, "/readyz").await.0, 200);
     assert_eq!(
         publisher
             .publish(offloaded(3))

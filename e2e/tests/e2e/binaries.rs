@@ -1,0 +1,99 @@
+//! The service binaries run as processes of their own, for what only a real
+//! process shows: signals, exit codes, global telemetry.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use mts_shared::testing;
+
+/// A service binary built next to this test.
+fn binary(name: &str) -> PathBuf {
+    let deps = std::env::current_exe().unwrap();
+    let path = deps.parent().unwrap().parent().unwrap().join(name);
+    assert!(
+        path.exists(),
+        "{} is not built; cargo test --workspace builds it",
+        path.display()
+    );
+    path
+}
+
+/// A service binary running as its own process against the test dependencies.
+pub struct Process {
+    child: Child,
+    /// Its gRPC address.
+    pub addr: SocketAddr,
+}
+
+impl Process {
+    /// Starts `name` and waits until `service` is SERVING.
+    pub async fn start(name: &str, service: &str, grace_seconds: u64) -> Self {
+        Self::start_with(name, service, grace_seconds, &[]).await
+    }
+
+    /// Starts `name` with `extra` environment variables.
+    pub async fn start_with(
+        name: &str,
+        service: &str,
+        grace_seconds: u64,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let config = testing::config();
+        let port = testing::free_port();
+        let child = Command::new(binary(name))
+            .env("SERVER_HOST", "127.0.0.1")
+            .env("SERVER_PORT", port.to_string())
+            .env("METRICS_PORT", "0")
+            .env("SHUTDOWN_GRACE_SECONDS", grace_seconds.to_string())
+            .env("TARANTOOL_ADDRESS", &config.tarantool_address)
+            .env("TARANTOOL_USER", &config.tarantool_user)
+            .env("TARANTOOL_PASSWORD", &config.tarantool_password)
+            .env("MINIO_ENDPOINT", &config.minio_endpoint)
+            .env("MINIO_ACCESS_KEY_ID", &config.minio_access_key_id)
+            .env("MINIO_SECRET_ACCESS_KEY", &config.minio_secret_access_key)
+            .env("MINIO_BUCKET_NAME", &config.minio_bucket_name)
+            .env("LOG_FORMAT", "console")
+            .envs(extra.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        testing::wait_serving(addr, service, Duration::from_secs(30)).await;
+        Self { child, addr }
+    }
+
+    /// Once draining, the listener takes no new connections.
+    pub async fn wait_refusing(&self) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while tokio::net::TcpStream::connect(self.addr).await.is_ok() {
+            assert!(
+                Instant::now() < deadline,
+                "still accepting connections after SIGTERM"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub fn signal(&self) {
+        let status = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the exit; its code and how long it took.
+    pub async fn exit(mut self, within: Duration) -> (Option<i32>, Duration) {
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return (status.code(), started.elapsed());
+            }
+            assert!(started.elapsed() < within, "still running after {within:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -363,8 +363,16 @@ pub struct Store {
 impl Store {
     /// Connects once and makes sure the schema is in place.
     pub async fn connect(config: &Config) -> Result<Self, Error> {
+        // `tarant` doubles its reconnect delay without jitter; drawing the
+        // bounds per process keeps replicas that lost Tarantool together
+        // from reconnecting in lockstep.
+        let reconnect = tarant::Reconnect::Backoff {
+            min: crate::backoff::jittered(Duration::from_millis(100)),
+            max: crate::backoff::jittered(Duration::from_secs(2)),
+        };
         let mut options = ConnectOptions::new(config.tarantool_address.clone())
-            .connect_timeout(config.tarantool_timeout());
+            .connect_timeout(config.tarantool_timeout())
+            .reconnect(reconnect);
         if config.tarantool_user != "guest" {
             options = options
                 .user(config.tarantool_user.clone())

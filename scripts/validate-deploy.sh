@@ -6,4 +6,4 @@ cd "$(dirname "$0")/.."
 source scripts/lib.sh
 ensure_deploy_validators
 log "validating deployment files"
-CHECKOV="$(checkov_bin)" python3 scripts/validate_deploy.py
+CHECKOV="$(checkov_bin)" PROMTOOL="$(promtool_bin)" python3 scripts/validate_deploy.py

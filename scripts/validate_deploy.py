@@ -2,8 +2,10 @@
 against the Kubernetes schemas (strict), yamllint, hadolint on the
 Dockerfiles, the checkov policy scan
 with zero failures, the compose file against the Compose specification, the
-figures the deployment guide requires, and that Tarantool's ConfigMap carries
-exactly the Lua the services apply. Exits non-zero on the first problem set."""
+figures the deployment guide requires, that Tarantool's ConfigMap carries
+exactly the Lua the services apply, the alert rules (promtool check and unit
+tests, runbook links) and the Grafana dashboard. Exits non-zero on the first
+problem set."""
 
 import json
 import os
@@ -19,6 +21,9 @@ ROOT = pathlib.Path(__file__).resolve().parent.parent
 KUSTOMIZATIONS = ["k8s/base", "k8s/overlays/dev", "k8s/overlays/prod", "k8s/overlays/external-s3"]
 K8S_VERSION = "1.29.0"
 CHECKOV = os.environ.get("CHECKOV", "checkov")
+PROMTOOL = os.environ.get("PROMTOOL", "promtool")
+RUNBOOK = "docs/runbook.md"
+RUNBOOK_URL = "https://github.com/minitoolstream/minitoolstream/blob/main/" + RUNBOOK
 problems = []
 
 
@@ -139,6 +144,46 @@ def check_guide_figures(docs):
             problems.append(f"Secret {key} holds something other than a placeholder")
 
 
+def github_anchor(heading):
+    anchor = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return anchor.replace(" ", "-")
+
+
+def check_alert_rules(name, docs, out_dir):
+    """Every alert parses, passes its promtool unit tests, is tested at all,
+    and links to a runbook section that exists."""
+    rules = list(objects(docs, "PrometheusRule").values())
+    if not rules:
+        problems.append(f"{name}: no PrometheusRule")
+        return
+    groups = [group for rule in rules for group in rule["spec"]["groups"]]
+    rules_dir = out_dir / "rules"
+    rules_dir.mkdir(exist_ok=True)
+    (rules_dir / "rules.yml").write_text(yaml.safe_dump({"groups": groups}))
+    tests = (ROOT / "monitoring/alerts.test.yaml").read_text()
+    (rules_dir / "alerts.test.yaml").write_text(tests)
+    for command in (["check", "rules", "rules.yml"], ["test", "rules", "alerts.test.yaml"]):
+        done = subprocess.run([PROMTOOL, *command], cwd=rules_dir, capture_output=True, text=True)
+        if done.returncode != 0:
+            problems.append(f"{name}: promtool {' '.join(command)}:\n{done.stdout}{done.stderr}")
+    runbook = (ROOT / RUNBOOK).read_text()
+    anchors = {github_anchor(line.lstrip("#")) for line in runbook.splitlines() if line.startswith("#")}
+    tested = set(re.findall(r"alertname: (\S+)", tests))
+    alerts = [rule for group in groups for rule in group["rules"] if "alert" in rule]
+    for alert in alerts:
+        annotations = alert.get("annotations", {})
+        for key in ("summary", "description", "runbook_url"):
+            if not annotations.get(key):
+                problems.append(f"{name}: alert {alert['alert']} has no {key}")
+        url = annotations.get("runbook_url", "")
+        base, _, anchor = url.partition("#")
+        if base != RUNBOOK_URL or anchor not in anchors:
+            problems.append(f"{name}: alert {alert['alert']}'s runbook_url {url!r} names no section of {RUNBOOK}")
+        if alert["alert"] not in tested:
+            problems.append(f"{name}: alert {alert['alert']} has no test in monitoring/alerts.test.yaml")
+    print(f"  {name}: {len(alerts)} alerts checked and unit-tested with promtool")
+
+
 def check_one_schema_source(docs):
     """The Lua Tarantool loads in Kubernetes and compose is the services' own."""
     source = (ROOT / "shared/lua/minitoolstream.lua").read_text()
@@ -174,6 +219,8 @@ def main():
             check_policy(path, rendered)
             check_skip_reasons(path, docs)
             check_service_monitors(path, docs)
+            if path == "k8s/overlays/prod":
+                check_alert_rules(path, docs, out_dir)
             if path == "k8s/base":
                 check_guide_figures(docs)
                 check_one_schema_source(docs)

@@ -17,7 +17,7 @@ use crate::config::Config;
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 /// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
-pub const SCHEMA_VERSION: u64 = 5;
+pub const SCHEMA_VERSION: u64 = 6;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
@@ -787,6 +787,65 @@ impl Store {
             .call("mts_lease", (name, holder, ttl_ms), self.timeout)
             .await?;
         Ok(held)
+    }
+
+    /// Holds object deletions for `hold`, takes a checkpoint and pins its
+    /// files until `backup_stop`: their names and sizes. Waits up to
+    /// `limit` for the checkpoint.
+    pub async fn backup_start(
+        &self,
+        hold: Duration,
+        limit: Duration,
+    ) -> Result<Vec<(String, u64)>, Error> {
+        let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+        let (files,): (Vec<(String, u64)>,) =
+            self.call("mts_backup_start", (hold_ms,), limit).await?;
+        Ok(files)
+    }
+
+    /// Extends the hold on object deletions to `hold` from now.
+    pub async fn backup_renew(&self, hold: Duration) -> Result<(), Error> {
+        let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+        let (_,): (bool,) = self
+            .call("mts_backup_renew", (hold_ms,), self.timeout)
+            .await?;
+        Ok(())
+    }
+
+    /// Up to `length` bytes of pinned checkpoint file `name` from `offset`.
+    pub async fn backup_read(
+        &self,
+        name: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Vec<u8>, Error> {
+        use base64::Engine;
+        let (encoded,): (String,) = self
+            .call("mts_backup_read", (name, offset, length), self.timeout)
+            .await?;
+        base64::engine::general_purpose::STANDARD
+            .decode(encoded)
+            .map_err(|e| Error::Protocol(tarant::Error::Protocol(format!("backup chunk: {e}"))))
+    }
+
+    /// Up to `limit` object keys (with sizes, 0 when unknown) after `after`,
+    /// from stored messages (`source` "messages") or the deletion queue ("gc").
+    pub async fn backup_keys(
+        &self,
+        source: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Vec<(String, u64)>, Error> {
+        let (keys,): (Vec<(String, u64)>,) = self
+            .call("mts_backup_keys", (source, after, limit), self.timeout)
+            .await?;
+        Ok(keys)
+    }
+
+    /// Unpins the checkpoint and lifts the hold on deletions.
+    pub async fn backup_stop(&self) -> Result<(), Error> {
+        let (_,): (bool,) = self.call("mts_backup_stop", (), self.timeout).await?;
+        Ok(())
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use mts_shared::testing;
 
 /// A service binary built next to this test.
-fn binary(name: &str) -> PathBuf {
+pub fn binary(name: &str) -> PathBuf {
     let deps = std::env::current_exe().unwrap();
     let path = deps.parent().unwrap().parent().unwrap().join(name);
     assert!(

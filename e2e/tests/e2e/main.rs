@@ -2,6 +2,7 @@
 //! real Tarantool and S3 server that scripts/test.sh started, real clients.
 
 mod auth;
+mod backup;
 mod bad_input;
 mod binaries;
 mod concurrency;

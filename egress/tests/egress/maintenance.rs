@@ -312,3 +312,66 @@ async fn the_maintenance_replica_exports_consumer_lag() {
     .await;
     t.service.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_running_backup_holds_object_deletions_until_it_stops() {
+    let mut t = isolated(|_| {}).await;
+    let subject = testing::unique_subject("held");
+    let (_, first) = t.publish(&subject, 10, true).await;
+    let (_, second) = t.publish(&subject, 10, true).await;
+    let (first, second) = (first.unwrap(), second.unwrap());
+
+    let files = t
+        .store
+        .backup_start(Duration::from_secs(60), Duration::from_secs(30))
+        .await
+        .unwrap();
+    assert!(
+        files
+            .iter()
+            .any(|(name, size)| name.ends_with(".snap") && *size > 0),
+        "{files:?}"
+    );
+    t.limit(
+        &subject,
+        SubjectLimits {
+            max_messages: Some(1),
+            ..SubjectLimits::default()
+        },
+    )
+    .await;
+    testing::eventually("retention removes the first message", || async {
+        t.info(&subject).await.first_sequence == 2
+    })
+    .await;
+    // Many maintenance rounds later the object is still there, and the
+    // backup lists it among the keys the checkpoint may name.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        t.blobs.exists(&first).await.unwrap(),
+        "deleted during the backup"
+    );
+    let queued = t.store.backup_keys("gc", "", 100).await.unwrap();
+    assert!(queued.iter().any(|(key, _)| *key == first), "{queued:?}");
+    let stored = t.store.backup_keys("messages", "", 100).await.unwrap();
+    assert!(
+        stored
+            .iter()
+            .any(|(key, size)| *key == second && *size == 10),
+        "{stored:?}"
+    );
+    assert!(!stored.iter().any(|(key, _)| *key == first), "{stored:?}");
+    // Pinned files are readable; others are not.
+    let (name, size) = files[0].clone();
+    let head = t.store.backup_read(&name, 0, size.min(64)).await.unwrap();
+    assert!(head.starts_with(b"SNAP"), "{head:?}");
+    assert!(t.store.backup_read("../etc/passwd", 0, 10).await.is_err());
+
+    t.store.backup_stop().await.unwrap();
+    testing::eventually(
+        "the held deletion happens once the backup stops",
+        || async { !t.blobs.exists(&first).await.unwrap() },
+    )
+    .await;
+    t.service.stop().await.unwrap();
+}

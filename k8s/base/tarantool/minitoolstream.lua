@@ -7,9 +7,12 @@
 
 local fiber = require('fiber')
 local clock = require('clock')
+local digest = require('digest')
+local fio = require('fio')
 
-local SCHEMA_VERSION = 5
+local SCHEMA_VERSION = 6
 local MAP = {__serialize = 'map'}
+local ARRAY = {__serialize = 'array'}
 
 -- DDL yields (WAL writes) between an if_not_exists check and its insert, so
 -- two services applying this file at once could both try to create the same
@@ -898,8 +901,20 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
     return resume, deleted
 end)
 
--- Up to `limit` object keys waiting for deletion.
+-- A backup holds object deletions (a lease row) so that every object its
+-- checkpoint names is still in the bucket when it is copied.
+local BACKUP_HOLD = 'backup-hold'
+
+local function deletions_held()
+    local row = box.space.mts_leases:get(BACKUP_HOLD)
+    return row ~= nil and row[3] >= now_ns()
+end
+
+-- Up to `limit` object keys waiting for deletion; none while a backup runs.
 rawset(_G, 'mts_gc_take', function(limit)
+    if deletions_held() then
+        return {}
+    end
     local keys = {}
     for _, row in box.space.mts_gc:pairs() do
         if #keys >= limit then
@@ -950,6 +965,9 @@ end)
 -- The orphan sweep's batch form of mts_settle_object: returns the keys that
 -- no message names, each now fenced against a late commit.
 rawset(_G, 'mts_settle_objects', function(keys)
+    if deletions_held() then
+        return {}
+    end
     local orphans = {}
     box.atomic(function()
         for _, key in ipairs(keys) do
@@ -962,6 +980,99 @@ rawset(_G, 'mts_settle_objects', function(keys)
     return orphans
 end)
 
+-- Backups. mts_backup_start holds object deletions for `hold_ms`, takes a
+-- checkpoint and pins its files (box.backup.start) until mts_backup_stop;
+-- mts_backup_read hands them out in base64 chunks, so a backup needs no
+-- access to Tarantool's disk; mts_backup_keys pages through every object key
+-- the checkpoint may name: those of stored messages and those deleted since
+-- (waiting in mts_gc, which the hold keeps).
+local backup_files = rawget(_G, 'mts_backup_files') or {}
+rawset(_G, 'mts_backup_files', backup_files)
+
+rawset(_G, 'mts_backup_start', function(hold_ms)
+    box.space.mts_leases:replace({BACKUP_HOLD, 'backup', now_ns() + hold_ms * 1000000})
+    for attempt = 1, 100 do
+        local ok, err = pcall(box.snapshot)
+        if ok then
+            break
+        end
+        -- Another checkpoint (the periodic one) is running: wait it out.
+        if attempt == 100 or not tostring(err):find('in progress') then
+            box.space.mts_leases:delete(BACKUP_HOLD)
+            error(err)
+        end
+        fiber.sleep(0.1)
+    end
+    local ok, paths = pcall(box.backup.start)
+    if not ok then
+        box.space.mts_leases:delete(BACKUP_HOLD)
+        error(paths)
+    end
+    local files = setmetatable({}, ARRAY)
+    for k in pairs(backup_files) do
+        backup_files[k] = nil
+    end
+    for _, path in ipairs(paths) do
+        local stat = fio.stat(path)
+        backup_files[fio.basename(path)] = path
+        files[#files + 1] = {fio.basename(path), stat and stat.size or 0}
+    end
+    return files
+end)
+
+rawset(_G, 'mts_backup_renew', function(hold_ms)
+    box.space.mts_leases:replace({BACKUP_HOLD, 'backup', now_ns() + hold_ms * 1000000})
+    return true
+end)
+
+rawset(_G, 'mts_backup_read', function(name, offset, length)
+    local path = backup_files[name]
+    if path == nil then
+        box.error(box.error.PROC_LUA, 'no backup file ' .. tostring(name) .. ' (call mts_backup_start first)')
+    end
+    local file, err = fio.open(path, {'O_RDONLY'})
+    if file == nil then
+        box.error(box.error.PROC_LUA, 'cannot open ' .. path .. ': ' .. tostring(err))
+    end
+    local chunk = file:pread(length, offset)
+    file:close()
+    return digest.base64_encode(chunk, {nowrap = true})
+end)
+
+rawset(_G, 'mts_backup_keys', function(source, after, limit)
+    local keys = setmetatable({}, ARRAY)
+    if source == 'gc' then
+        for _, row in box.space.mts_gc:pairs({after}, {iterator = 'GT'}) do
+            if #keys >= limit then
+                break
+            end
+            keys[#keys + 1] = {row[1], 0}
+        end
+        return keys
+    end
+    local last = after
+    for _, m in box.space.mts_messages.index.object_key:pairs({after}, {iterator = 'GT'}) do
+        if #keys >= limit then
+            break
+        end
+        -- The index is not unique; a key shows once.
+        if m.object_key ~= last then
+            keys[#keys + 1] = {m.object_key, m.size}
+            last = m.object_key
+        end
+    end
+    return keys
+end)
+
+rawset(_G, 'mts_backup_stop', function()
+    for k in pairs(backup_files) do
+        backup_files[k] = nil
+    end
+    pcall(box.backup.stop)
+    box.space.mts_leases:delete(BACKUP_HOLD)
+    return true
+end)
+
 -- A role with exactly what the services need, so a production user can be
 -- granted it instead of universe rights (the Kubernetes init does that).
 with_schema_lock(function()
@@ -971,6 +1082,7 @@ with_schema_lock(function()
         'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
         'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
         'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
+        'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
     }
     box.schema.role.create('minitoolstream', {if_not_exists = true})
     -- Schema 1's non-leasing fetch, replaced by mts_consume.

@@ -184,6 +184,40 @@ def check_alert_rules(name, docs, out_dir):
     print(f"  {name}: {len(alerts)} alerts checked and unit-tested with promtool")
 
 
+DASHBOARD = "k8s/overlays/prod/dashboards/minitoolstream.json"
+
+
+def check_dashboard(name, docs, out_dir):
+    """The dashboard ships unchanged, and every query parses as PromQL."""
+    text = (ROOT / DASHBOARD).read_text()
+    shipped = objects(docs, "ConfigMap").get("minitoolstream-dashboard")
+    if shipped is None or shipped["data"].get("minitoolstream.json") != text:
+        problems.append(f"{name}: the minitoolstream-dashboard ConfigMap does not carry {DASHBOARD}")
+    elif shipped["metadata"].get("labels", {}).get("grafana_dashboard") != "1":
+        problems.append(f"{name}: the dashboard ConfigMap lacks the grafana_dashboard label")
+    dashboard = json.loads(text)
+    expressions = [t["expr"] for panel in dashboard["panels"] for t in panel.get("targets", [])]
+    if not expressions:
+        problems.append(f"{DASHBOARD}: no queries")
+    # promtool parses expressions in rule files: each query becomes a
+    # recording rule, Grafana's variables replaced by values.
+    rules = [
+        {"record": f"dashboard:query{i}",
+         "expr": e.replace("$__rate_interval", "5m").replace("$namespace", ".*")}
+        for i, e in enumerate(expressions)
+    ]
+    path = out_dir / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    done = run(PROMTOOL, "check", "rules", str(path))
+    if done.returncode != 0:
+        problems.append(f"{DASHBOARD}: a query does not parse:\n{done.stdout}{done.stderr}")
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    if f"./{pathlib.Path(DASHBOARD).parent}:/var/lib/grafana/dashboards:ro" not in mounts:
+        problems.append("docker-compose.yml's Grafana does not load the shipped dashboard")
+    print(f"  {name}: dashboard with {len(expressions)} queries checked")
+
+
 def check_one_schema_source(docs):
     """The Lua Tarantool loads in Kubernetes and compose is the services' own."""
     source = (ROOT / "shared/lua/minitoolstream.lua").read_text()
@@ -210,10 +244,13 @@ def main():
         problems.append(f"docker-compose.yml against the Compose specification:\n{done.stdout}{done.stderr}")
     with tempfile.TemporaryDirectory() as tmp:
         out_dir = pathlib.Path(tmp)
+        policies = []
         for path in KUSTOMIZATIONS:
             text, docs = render(path)
             if text is None:
                 continue
+            if path == "k8s/base":
+                policies = [d for d in docs if d["kind"] == "NetworkPolicy"]
             print(f"  {path}: {len(docs)} objects")
             rendered = check_schema(path, text, out_dir)
             check_policy(path, rendered)
@@ -221,9 +258,23 @@ def main():
             check_service_monitors(path, docs)
             if path == "k8s/overlays/prod":
                 check_alert_rules(path, docs, out_dir)
+                check_dashboard(path, docs, out_dir)
             if path == "k8s/base":
                 check_guide_figures(docs)
                 check_one_schema_source(docs)
+        # Manifests applied by hand (the runbook's restore Job).
+        for path in sorted((ROOT / "k8s/restore").glob("*.yaml")):
+            name = str(path.relative_to(ROOT))
+            text = path.read_text()
+            docs = [d for d in yaml.safe_load_all(text) if d]
+            print(f"  {name}: {len(docs)} objects")
+            check_schema(name, text, out_dir)
+            # Scanned with the base's network policies, which select its pods
+            # in the cluster.
+            scanned = out_dir / f"{name.replace('/', '_')}.with-policies.yaml"
+            scanned.write_text(yaml.safe_dump_all(docs + policies))
+            check_policy(name, scanned)
+            check_skip_reasons(name, docs)
     if problems:
         print("deployment validation failed:", file=sys.stderr)
         for problem in problems:

@@ -11,7 +11,7 @@ use mts_shared::store::{SCHEMA_VERSION, Store};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
-use crate::{Error, FORMAT, Manifest, SavedFile, key_path, size};
+use crate::{Error, FORMAT, Manifest, SavedFile, key_path, objects, size};
 
 /// How long object deletions stay held without a renewal: long enough to
 /// ride out a slow call, short enough that a crashed backup does not hold
@@ -41,7 +41,7 @@ impl fmt::Display for Summary {
         let checkpoint: u64 = m.tarantool_files.iter().map(|file| file.size).sum();
         write!(
             f,
-            "saved to {}: Tarantool checkpoint {} ({}), {} objects ({}); {} in all",
+            "saved to {}: Tarantool checkpoint {} ({}), {} ({}); {} in all",
             self.dir.display(),
             m.tarantool_files
                 .iter()
@@ -49,7 +49,7 @@ impl fmt::Display for Summary {
                 .collect::<Vec<_>>()
                 .join(", "),
             size(checkpoint),
-            m.objects,
+            objects(m.objects),
             size(m.object_bytes),
             size(checkpoint + m.object_bytes),
         )?;

@@ -11,7 +11,7 @@ use mts_shared::config::Config;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
-use crate::{Error, FORMAT, Manifest, size};
+use crate::{Error, FORMAT, Manifest, objects, size};
 
 /// What a restore put back.
 #[derive(Debug)]
@@ -30,10 +30,10 @@ impl fmt::Display for Summary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(
             f,
-            "restored Tarantool checkpoint {} ({}) and {} objects ({}); start Tarantool on its data directory now",
+            "restored Tarantool checkpoint {} ({}) and {} ({}); start Tarantool on its data directory now",
             self.tarantool_files.join(", "),
             size(self.tarantool_bytes),
-            self.objects,
+            objects(self.objects),
             size(self.object_bytes),
         )
     }

@@ -174,3 +174,151 @@ async fn counters_move_with_the_calls() {
     .await;
     system.stop().await;
 }
+
+/// The sample names a scrape's metric families allow: `# TYPE` lines name
+/// every family, with or without series yet.
+fn exported_sample_names(scrape: &str) -> std::collections::HashSet<String> {
+    let mut names = std::collections::HashSet::new();
+    for line in scrape.lines() {
+        let Some(rest) = line.strip_prefix("# TYPE ") else {
+            continue;
+        };
+        let mut parts = rest.split_whitespace();
+        let (Some(family), Some(kind)) = (parts.next(), parts.next()) else {
+            continue;
+        };
+        let suffixes: &[&str] = match kind {
+            "counter" => &["_total", "_created"],
+            "histogram" => &["_bucket", "_count", "_sum", "_created"],
+            _ => &[""],
+        };
+        for suffix in suffixes {
+            names.insert(format!("{family}{suffix}"));
+        }
+    }
+    names
+}
+
+/// `minitoolstream_…` metric names used in `text`.
+fn referenced_metrics(text: &str) -> std::collections::BTreeSet<String> {
+    let bytes = text.as_bytes();
+    let mut found = std::collections::BTreeSet::new();
+    let mut at = 0;
+    while let Some(offset) = text[at..].find("minitoolstream_") {
+        let start = at + offset;
+        let preceded =
+            start > 0 && (bytes[start - 1].is_ascii_alphanumeric() || bytes[start - 1] == b'_');
+        let end = text[start..]
+            .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+            .map_or(text.len(), |n| start + n);
+        if !preceded {
+            found.insert(text[start..end].to_owned());
+        }
+        at = end;
+    }
+    found
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn alerts_and_dashboard_use_only_exported_metrics() {
+    // A family shows in a scrape once it has a series, so every kind of
+    // event is made to happen. Its own Tarantool, so that this egress holds
+    // the maintenance lease that exports consumer lag.
+    let mut tarantool = testing::TarantoolProcess::start();
+    let mut config = tarantool.config();
+    config.maintenance_interval_ms = 100;
+    config.tarantool_timeout_ms = 1000;
+    let (ingress_metrics, egress_metrics) = (testing::free_port(), testing::free_port());
+    config.metrics_port = ingress_metrics;
+    let system = System::start_with(config.clone(), {
+        let mut egress = config.clone();
+        egress.metrics_port = egress_metrics;
+        egress
+    })
+    .await;
+    let subject = testing::unique_subject("families");
+    let mut publisher = system.publisher().await;
+    for size in [10, config.inline_threshold_bytes as usize + 1] {
+        publisher
+            .publish(PublishRequest {
+                subject: subject.clone(),
+                data: vec![1u8; size].into(),
+                headers: HashMap::new(),
+                message_id: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    // Deliveries, an open stream, a pending backlog and an unacked lease.
+    let delivered = system.fetch(&subject, "lagging", 1).await;
+    assert_eq!(delivered.len(), 1);
+    let mut subscriber = system.subscriber().await;
+    let stream = subscriber
+        .subscribe(mts_proto::pb::SubscribeRequest {
+            subject: subject.clone(),
+            start_sequence: None,
+            durable_name: "watching".into(),
+        })
+        .await
+        .unwrap();
+    // A dependency error: a publish while Tarantool is down.
+    tarantool.kill();
+    let refused = publisher
+        .publish(PublishRequest {
+            subject: subject.clone(),
+            data: b"x".to_vec().into(),
+            headers: HashMap::new(),
+            message_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    tarantool.restart();
+
+    let exported = || async {
+        let mut names = exported_sample_names(&testing::scrape_metrics(ingress_metrics).await);
+        names.extend(exported_sample_names(
+            &testing::scrape_metrics(egress_metrics).await,
+        ));
+        names
+    };
+    testing::eventually("consumer lag is exported", || async {
+        exported()
+            .await
+            .contains("minitoolstream_consumer_oldest_unacked_age_seconds")
+    })
+    .await;
+    let exported = exported().await;
+
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    for file in [
+        "k8s/overlays/prod/prometheusrule.yaml",
+        "k8s/overlays/prod/dashboards/minitoolstream.json",
+        "monitoring/alerts.test.yaml",
+    ] {
+        let text = std::fs::read_to_string(root.join(file)).unwrap();
+        let used = referenced_metrics(&text);
+        assert!(used.len() >= 5, "{file} uses {used:?}");
+        let unknown: Vec<_> = used
+            .iter()
+            .filter(|name| !exported.contains(*name))
+            .collect();
+        assert!(
+            unknown.is_empty(),
+            "{file} uses metrics the services do not export: {unknown:?}"
+        );
+    }
+    drop(stream);
+    system.stop().await;
+}
+
+#[test]
+fn metric_references_are_found_whole() {
+    let used = referenced_metrics(
+        "rate(minitoolstream_a_total[5m]) / my_minitoolstream_b + minitoolstream_c",
+    );
+    assert_eq!(
+        used.into_iter().collect::<Vec<_>>(),
+        ["minitoolstream_a_total", "minitoolstream_c"]
+    );
+}

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Runs the benchmarks on release builds: starts Tarantool, the S3 server and
-# both services on free loopback ports, runs each scenario, prints its figures
-# and writes them to bench-results/ (JSON lines and a Markdown table).
-#   scripts/bench.sh           full sizes (1 GiB transfers)
-#   scripts/bench.sh --quick   small sizes, for a smoke run
+# Runs the benchmarks on release builds: starts Tarantool, the S3 server, both
+# services and the peer (NATS JetStream, file storage, one replica) on free
+# loopback ports, runs every scenario against each system taking part, and
+# writes bench-results/<time>.jsonl and .md (a table with the ratios).
+#   scripts/bench.sh           full sizes (about 10 minutes)
+#   scripts/bench.sh --quick   small sizes and short runs (under 2 minutes), a smoke run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -14,6 +15,11 @@ quick=0
 ensure_tarantool
 ensure_grpcurl
 ensure_garage
+if ! command -v nats-server >/dev/null; then
+    log "installing nats-server (apt), the peer"
+    as_root apt-get update -qq
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
+fi
 log "building release binaries"
 cargo build --release --locked -q -p mts-ingress -p mts-egress -p mts-bench
 
@@ -25,12 +31,15 @@ cleanup() {
     rm -rf "$work"
 }
 trap cleanup EXIT
-mkdir -p "$work/run"
+mkdir -p "$work/run" "$work/nats"
 
-tarantool_port=$(free_port) s3_port=$(free_port) rpc_port=$(free_port)
+tarantool_port=$(free_port) s3_port=$(free_port) rpc_port=$(free_port) nats_port=$(free_port)
 password=$(openssl rand -hex 12) access_key="GK$(openssl rand -hex 12)" secret_key=$(openssl rand -hex 32)
 start_tarantool "$work/tarantool" "$tarantool_port" "$password"
 start_garage "$work/garage" "$s3_port" "$rpc_port" "$access_key" "$secret_key" minitoolstream-bench
+nats-server -js -sd "$work/nats" -a 127.0.0.1 -p "$nats_port" >"$work/nats.log" 2>&1 &
+echo $! >"$work/run/nats.pid"
+wait_port 127.0.0.1 "$nats_port" 15 nats-server
 
 export TARANTOOL_ADDRESS="127.0.0.1:$tarantool_port" TARANTOOL_USER=minitoolstream_connector TARANTOOL_PASSWORD="$password"
 export MINIO_ENDPOINT="http://127.0.0.1:$s3_port" MINIO_ACCESS_KEY_ID="$access_key" MINIO_SECRET_ACCESS_KEY="$secret_key"
@@ -55,29 +64,37 @@ done
 
 bench() {
     target/release/mts-bench --ingress "http://127.0.0.1:${ports[ingress]}" --egress "http://127.0.0.1:${ports[egress]}" \
-        --ingress-pid "$(cat "$work/run/ingress.pid")" --egress-pid "$(cat "$work/run/egress.pid")" "$@"
+        --nats "nats://127.0.0.1:$nats_port" \
+        --pid "ingress=$(cat "$work/run/ingress.pid")" --pid "egress=$(cat "$work/run/egress.pid")" \
+        --pid "tarantool=$(cat "$work/tarantool/tarantool.pid")" --pid "garage=$(cat "$work/garage/garage.pid")" \
+        --pid "nats-server=$(cat "$work/run/nats.pid")" "$@"
 }
 
 mkdir -p bench-results
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 results="bench-results/$stamp.jsonl"
-size=1024
-[ "$quick" = 1 ] && size=64
+if [ "$quick" = 1 ]; then
+    secs=3 rate=2000 large_mib=4 streams=100 fan_msgs=10 payload_mib=64 drain=5000
+else
+    secs=30 rate=5000 large_mib=16 streams=1000 fan_msgs=50 payload_mib=1024 drain=100000
+fi
+run() { log "$*"; bench "$@" | tee -a "$results"; }
+for system in ours jetstream tarantool; do
+    run publish --system "$system" --size 1024 --concurrency 64 --seconds "$secs"
+done
+for system in ours jetstream; do
+    run delivery --system "$system" --size 1024 --rate "$rate" --seconds "$secs"
+done
+for system in ours s3; do
+    run large-publish --system "$system" --mib "$large_mib" --concurrency 4 --seconds "$secs"
+done
+run fanout --streams "$streams" --messages "$fan_msgs" --interval-ms 200
 for concurrency in 1 4; do
-    log "large payloads: $concurrency × $size MiB"
-    bench large-payloads --mib "$size" --concurrency "$concurrency" | tee -a "$results"
+    run large-payloads --mib "$payload_mib" --concurrency "$concurrency"
+done
+for system in ours jetstream; do
+    run drain --system "$system" --size 1024 --messages "$drain" --consumers 4
 done
 
-python3 - "$results" >"bench-results/$stamp.md" <<'PY'
-import json, sys
-print(f"Machine: {open('/proc/cpuinfo').read().count('processor')} cores; results {sys.argv[1]}\n")
-print("| scenario | payload MiB | concurrency | phase | seconds | MiB/s | ingress peak RSS MiB | egress peak RSS MiB |")
-print("|---|---|---|---|---|---|---|---|")
-for line in open(sys.argv[1]):
-    r = json.loads(line)
-    for phase in ("publish", "download"):
-        p = r[phase]
-        print(f"| {r['scenario']} | {r['payload_mib']} | {r['concurrency']} | {phase} | {p['seconds']} | {p['mib_per_s']} | "
-              f"{p.get('ingress', {}).get('peak_rss_mib', '-')} | {p.get('egress', {}).get('peak_rss_mib', '-')} |")
-PY
+python3 scripts/bench_report.py "$results" >"bench-results/$stamp.md"
 cat "bench-results/$stamp.md"

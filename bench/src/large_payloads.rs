@@ -135,7 +135,7 @@ pub async fn run(
             .join(",")
     };
     Ok(format!(
-        "{{\"scenario\":\"large-payloads\",\"payload_mib\":{blocks},\"concurrency\":{concurrency},\
+        "{{\"scenario\":\"5-large-payloads\",\"payload_mib\":{blocks},\"concurrency\":{concurrency},\
          \"publish\":{{\"seconds\":{publish_seconds:.2},\"mib_per_s\":{:.1},{}}},\
          \"download\":{{\"seconds\":{download_seconds:.2},\"mib_per_s\":{:.1},{}}},\"verified\":true}}",
         total_mib / publish_seconds,

@@ -1,13 +1,24 @@
-//! `mts-bench`: benchmark scenarios against running MiniToolStream services.
-//! Each prints its configuration and figures as one JSON line; the services'
-//! peak memory is read from /proc. scripts/bench.sh builds, starts and runs.
+//! `mts-bench`: benchmark scenarios against running MiniToolStream services,
+//! NATS JetStream as the peer, and raw Tarantool and S3 as the physical
+//! references. Each run prints its configuration and figures as one JSON
+//! line: throughput, latency percentiles from an HDR histogram, errors, and
+//! the peak RSS and CPU seconds of the server processes (from /proc).
+//! scripts/bench.sh builds, starts everything and runs them all.
 
 #![forbid(unsafe_code)]
 
+mod delivery;
+mod drain;
+mod fanout;
 mod large_payloads;
 mod process;
+mod publish;
+mod report;
 
-use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use serde_json::json;
 
 #[derive(Debug, Parser)]
 #[command(name = "mts-bench")]
@@ -16,20 +27,93 @@ struct Args {
     ingress: String,
     #[arg(long, env = "MTS_EGRESS", default_value = "http://127.0.0.1:50052")]
     egress: String,
-    /// PID of the ingress process, for its memory figures.
-    #[arg(long)]
-    ingress_pid: Option<u32>,
-    /// PID of the egress process.
-    #[arg(long)]
-    egress_pid: Option<u32>,
+    /// The NATS server with JetStream, for the peer runs.
+    #[arg(long, env = "MTS_BENCH_NATS", default_value = "nats://127.0.0.1:4222")]
+    nats: String,
+    /// A server process to measure, as name=PID; repeatable.
+    #[arg(long = "pid", value_parser = name_pid)]
+    pids: Vec<(String, u32)>,
     #[command(subcommand)]
     scenario: Scenario,
 }
 
+fn name_pid(text: &str) -> Result<(String, u32), String> {
+    let (name, pid) = text.split_once('=').ok_or("expected name=PID")?;
+    Ok((
+        name.to_owned(),
+        pid.parse().map_err(|e| format!("PID: {e}"))?,
+    ))
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum System {
+    /// MiniToolStream.
+    Ours,
+    /// NATS JetStream, file storage, one replica.
+    Jetstream,
+    /// The publish stored procedure called straight, pipelined.
+    Tarantool,
+    /// S3 PutObject straight to the same server.
+    S3,
+}
+
+impl System {
+    fn name(self) -> &'static str {
+        match self {
+            Self::Ours => "minitoolstream",
+            Self::Jetstream => "jetstream",
+            Self::Tarantool => "tarantool-raw",
+            Self::S3 => "s3-raw",
+        }
+    }
+}
+
 #[derive(Debug, Subcommand)]
 enum Scenario {
-    /// Streams payloads in with PublishStream and back out with FetchPayload,
-    /// verifying SHA-256, several at once.
+    /// 1: closed-loop publishes, each awaiting its acknowledgement.
+    Publish {
+        #[arg(long, value_enum)]
+        system: System,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 64)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// 2: publish-to-delivery latency at a fixed rate, one push subscriber.
+    Delivery {
+        #[arg(long, value_enum)]
+        system: System,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 5000)]
+        rate: u64,
+        #[arg(long, default_value_t = 30)]
+        seconds: u64,
+    },
+    /// 3: large publishes (PublishStream) against raw S3 PutObject.
+    LargePublish {
+        #[arg(long, value_enum)]
+        system: System,
+        #[arg(long, default_value_t = 16)]
+        mib: usize,
+        #[arg(long, default_value_t = 4)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+    },
+    /// 4: many Subscribe streams on one subject on one egress.
+    Fanout {
+        #[arg(long, default_value_t = 1000)]
+        streams: usize,
+        #[arg(long, default_value_t = 50)]
+        messages: u64,
+        #[arg(long, default_value_t = 200)]
+        interval_ms: u64,
+    },
+    /// 5: streams payloads in with PublishStream and back out with
+    /// FetchPayload, verifying SHA-256, several at once.
     LargePayloads {
         /// Payload size in MiB.
         #[arg(long, default_value_t = 1024)]
@@ -38,18 +122,23 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
     },
+    /// 6: competing consumers draining a backlog with acks.
+    Drain {
+        #[arg(long, value_enum)]
+        system: System,
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 100_000)]
+        messages: u64,
+        #[arg(long, default_value_t = 4)]
+        consumers: usize,
+    },
 }
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let services = process::Services::new(args.ingress_pid, args.egress_pid);
-    let result = match args.scenario {
-        Scenario::LargePayloads { mib, concurrency } => {
-            large_payloads::run(&args.ingress, &args.egress, mib, concurrency, &services).await
-        }
-    };
-    match result {
+    match run(args).await {
         Ok(report) => {
             println!("{report}");
             std::process::ExitCode::SUCCESS
@@ -59,4 +148,180 @@ async fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+async fn run(args: Args) -> Result<String, String> {
+    let services = process::Services::new(args.pids.clone());
+    // A subject of its own per run, so runs never see each other's messages.
+    let subject = |name: &str| format!("bench.{name}.{}", std::process::id());
+    let unsupported = |system: System| {
+        Err(format!(
+            "{} does not take part in this scenario",
+            system.name()
+        ))
+    };
+    services.reset_peaks();
+    let before = services.usage();
+    let (scenario, system, config, size, outcome) = match args.scenario {
+        Scenario::LargePayloads { mib, concurrency } => {
+            return large_payloads::run(&args.ingress, &args.egress, mib, concurrency, &services)
+                .await;
+        }
+        Scenario::Publish {
+            system,
+            size,
+            concurrency,
+            seconds,
+        } => {
+            let duration = Duration::from_secs(seconds);
+            let subject = subject("publish");
+            let outcome = match system {
+                System::Ours => {
+                    publish::ours(&args.ingress, &subject, size, concurrency, duration).await?
+                }
+                System::Jetstream => {
+                    publish::jetstream(&args.nats, &subject, size, concurrency, duration).await?
+                }
+                System::Tarantool => {
+                    let store = mts_shared::store::Store::connect(&settings()?)
+                        .await
+                        .map_err(|e| format!("Tarantool: {e}"))?;
+                    publish::tarantool(store, &subject, size, concurrency, duration).await
+                }
+                System::S3 => return unsupported(system),
+            };
+            (
+                "1-publish",
+                system,
+                json!({"size": size, "concurrency": concurrency, "seconds": seconds}),
+                size,
+                outcome,
+            )
+        }
+        Scenario::Delivery {
+            system,
+            size,
+            rate,
+            seconds,
+        } => {
+            let duration = Duration::from_secs(seconds);
+            let subject = subject("delivery");
+            let outcome = match system {
+                System::Ours => {
+                    delivery::ours(&args.ingress, &args.egress, &subject, size, rate, duration)
+                        .await?
+                }
+                System::Jetstream => {
+                    delivery::jetstream(&args.nats, &subject, size, rate, duration).await?
+                }
+                _ => return unsupported(system),
+            };
+            (
+                "2-delivery",
+                system,
+                json!({"size": size, "rate": rate, "seconds": seconds}),
+                size,
+                outcome,
+            )
+        }
+        Scenario::LargePublish {
+            system,
+            mib,
+            concurrency,
+            seconds,
+        } => {
+            let duration = Duration::from_secs(seconds);
+            let size = mib << 20;
+            let subject = subject("large");
+            let outcome = match system {
+                System::Ours => {
+                    publish::ours_streamed(&args.ingress, &subject, size, concurrency, duration)
+                        .await?
+                }
+                System::S3 => {
+                    let blobs = mts_shared::blob::BlobStore::new(&settings()?);
+                    publish::s3(blobs, &subject, size, concurrency, duration).await
+                }
+                _ => return unsupported(system),
+            };
+            (
+                "3-large-publish",
+                system,
+                json!({"mib": mib, "concurrency": concurrency, "seconds": seconds}),
+                size,
+                outcome,
+            )
+        }
+        Scenario::Fanout {
+            streams,
+            messages,
+            interval_ms,
+        } => {
+            let outcome = fanout::ours(
+                &args.ingress,
+                &args.egress,
+                &subject("fanout"),
+                streams,
+                messages,
+                Duration::from_millis(interval_ms),
+            )
+            .await?;
+            (
+                "4-fanout",
+                System::Ours,
+                json!({"streams": streams, "messages": messages, "interval_ms": interval_ms}),
+                64,
+                outcome,
+            )
+        }
+        Scenario::Drain {
+            system,
+            size,
+            messages,
+            consumers,
+        } => {
+            let subject = subject("drain");
+            let outcome = match system {
+                System::Ours => {
+                    drain::ours(
+                        &args.ingress,
+                        &args.egress,
+                        &subject,
+                        size,
+                        messages,
+                        consumers,
+                    )
+                    .await?
+                }
+                System::Jetstream => {
+                    drain::jetstream(&args.nats, &subject, size, messages, consumers).await?
+                }
+                _ => return unsupported(system),
+            };
+            (
+                "6-drain",
+                system,
+                json!({"size": size, "messages": messages, "consumers": consumers}),
+                size,
+                outcome,
+            )
+        }
+    };
+    let run = report::Run {
+        scenario,
+        system: system.name(),
+        config,
+        messages: outcome.messages,
+        errors: outcome.errors,
+        bytes_per_message: size as u64,
+        elapsed: outcome.elapsed,
+        latencies: &outcome.latencies,
+    };
+    Ok(run.to_json(&services, &before).to_string())
+}
+
+/// Tarantool and S3 settings for the raw references: the services' own
+/// variables (TARANTOOL_ADDRESS, MINIO_*).
+fn settings() -> Result<mts_shared::config::Config, String> {
+    mts_shared::config::Config::load(0, None, std::env::vars()).map_err(|e| e.to_string())
 }

@@ -2,12 +2,12 @@
 
 /// The processes a scenario measures.
 pub struct Services {
-    pids: Vec<(&'static str, u32)>,
+    pids: Vec<(String, u32)>,
 }
 
 /// One process's figures.
 pub struct Usage {
-    pub name: &'static str,
+    pub name: String,
     /// Peak resident memory since the last reset, in bytes.
     pub peak_rss: u64,
     /// User plus system CPU time, in seconds.
@@ -15,14 +15,8 @@ pub struct Usage {
 }
 
 impl Services {
-    pub fn new(ingress: Option<u32>, egress: Option<u32>) -> Self {
-        let mut pids = Vec::new();
-        if let Some(pid) = ingress {
-            pids.push(("ingress", pid));
-        }
-        if let Some(pid) = egress {
-            pids.push(("egress", pid));
-        }
+    /// The processes named in `name=PID` pairs.
+    pub fn new(pids: Vec<(String, u32)>) -> Self {
         Self { pids }
     }
 
@@ -42,7 +36,7 @@ impl Services {
         self.pids
             .iter()
             .map(|(name, pid)| Usage {
-                name,
+                name: name.clone(),
                 peak_rss: peak_rss(*pid).unwrap_or_default(),
                 cpu_seconds: cpu_seconds(*pid).unwrap_or_default(),
             })
@@ -64,4 +58,31 @@ fn cpu_seconds(pid: u32) -> Option<f64> {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: f64 = fields.get(11)?.parse::<f64>().ok()? + fields.get(12)?.parse::<f64>().ok()?;
     Some(ticks / 100.0)
+}
+
+impl Services {
+    /// Peak RSS (MiB) and CPU seconds spent since `before`, per process.
+    pub fn figures_since(&self, before: &[Usage]) -> serde_json::Value {
+        let mut out = serde_json::Map::new();
+        for now in self.usage() {
+            let spent = before
+                .iter()
+                .find(|b| b.name == now.name)
+                .map_or(now.cpu_seconds, |b| now.cpu_seconds - b.cpu_seconds);
+            out.insert(
+                now.name.clone(),
+                serde_json::json!({
+                    "peak_rss_mib": round(now.peak_rss as f64 / (1024.0 * 1024.0), 1),
+                    "cpu_seconds": round(spent, 2),
+                }),
+            );
+        }
+        serde_json::Value::Object(out)
+    }
+}
+
+/// `value` to `digits` decimals, for readable JSON.
+pub fn round(value: f64, digits: i32) -> f64 {
+    let scale = 10f64.powi(digits);
+    (value * scale).round() / scale
 }

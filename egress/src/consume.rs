@@ -18,7 +18,9 @@ use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
 use crate::Error;
-use crate::service::{Egress, consumer_names, draining_status, held, sequence_list, wire_messages};
+use crate::service::{
+    Egress, MAX_SEQUENCES, consumer_names, draining_status, held, sequence_list, wire_messages,
+};
 
 /// `max_in_flight` when the client gives 0.
 const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
@@ -136,21 +138,35 @@ impl Session {
         let mut commits = self.egress.watchers.watch(&self.subject, 0);
         let mut draining = self.egress.draining.clone();
         let mut redelivery_due: Option<Instant> = None;
+        // Whether messages may be waiting: set by a commit, a timer (a
+        // redelivery or lease end falls due) or a push that filled all the
+        // room; an ack alone frees room but brings nothing new. Asking
+        // Tarantool only then keeps one acked message from costing a call.
+        let mut maybe_waiting = true;
+        let mut next_frame: Option<Frame> = None;
         loop {
             // A lease that ran out is no longer this stream's to count.
             let now = now_ns();
             self.outstanding.retain(|_, deadline| *deadline > now);
             let room = self.max_in_flight.saturating_sub(self.outstanding.len());
-            if room > 0 {
+            if room > 0 && maybe_waiting {
                 match self.push(room).await {
                     Ok((sent, due)) => {
                         redelivery_due = due;
+                        maybe_waiting = sent == room;
                         if sent == room {
                             continue;
                         }
                     }
                     Err(end) => return end,
                 }
+            }
+            if let Some(frame) = next_frame.take() {
+                match self.answer_coalesced(frame, inbound, &mut next_frame).await {
+                    Ok(released) => maybe_waiting |= released,
+                    Err(end) => return end,
+                }
+                continue;
             }
             let lease_ends = self.outstanding.values().min().map(|d| instant_of(*d));
             let wake = match (redelivery_due, lease_ends) {
@@ -160,8 +176,9 @@ impl Session {
             tokio::select! {
                 frame = inbound.next() => match frame {
                     Some(Ok(ConsumeRequest { request: Some(frame) })) => {
-                        if let Err(end) = self.answer(frame).await {
-                            return end;
+                        match self.answer_coalesced(frame, inbound, &mut next_frame).await {
+                            Ok(released) => maybe_waiting |= released,
+                            Err(end) => return end,
                         }
                     }
                     Some(Ok(ConsumeRequest { request: None })) => {}
@@ -172,19 +189,59 @@ impl Session {
                     if changed.is_err() {
                         return End::With(Status::unavailable("notifications stopped; reconnect"));
                     }
+                    maybe_waiting = true;
                 }
                 () = async {
                     match wake {
                         Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
-                } => {}
+                } => maybe_waiting = true,
                 () = self.sender.closed() => return End::Quiet,
                 () = async { let _ = draining.wait_for(|draining| *draining).await; } => {
                     return End::With(draining_status());
                 }
             }
         }
+    }
+
+    /// Applies `frame`; when it is an ack, the ack frames already waiting
+    /// behind it go with it in one call. A waiting frame of another kind is
+    /// left in `next` for the next turn, so order is kept. True when the
+    /// frame handed messages back (a nack), so there is something to push.
+    async fn answer_coalesced(
+        &mut self,
+        frame: Frame,
+        inbound: &mut Streaming<ConsumeRequest>,
+        next: &mut Option<Frame>,
+    ) -> Result<bool, End> {
+        use futures::FutureExt;
+        let Frame::Ack(mut acks) = frame else {
+            return self.answer(frame).await.map(|()| true);
+        };
+        loop {
+            match inbound.next().now_or_never() {
+                // Only frames valid on their own, and only up to one call's
+                // worth: anything else keeps its own turn and its own answer.
+                Some(Some(Ok(ConsumeRequest {
+                    request: Some(Frame::Ack(more)),
+                }))) if sequence_list(&more.sequences).is_ok()
+                    && acks.sequences.len() + more.sequences.len() <= MAX_SEQUENCES =>
+                {
+                    acks.sequences.extend(more.sequences);
+                }
+                Some(Some(Ok(ConsumeRequest {
+                    request: Some(other),
+                }))) => {
+                    *next = Some(other);
+                    break;
+                }
+                Some(Some(Ok(ConsumeRequest { request: None }))) => {}
+                // Nothing more now, or the stream ended: the next turn sees it.
+                _ => break,
+            }
+        }
+        self.answer(Frame::Ack(acks)).await.map(|()| false)
     }
 
     /// Leases up to `room` messages and sends them. Returns how many were

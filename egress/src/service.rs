@@ -36,7 +36,7 @@ const MAX_BATCH: i32 = 1000;
 /// Offloaded payloads read from the object store at once per Fetch.
 const PAYLOAD_READS_IN_FLIGHT: usize = 4;
 /// Most sequences one Ack or Nack may name.
-const MAX_SEQUENCES: usize = 10_000;
+pub(crate) const MAX_SEQUENCES: usize = 10_000;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 

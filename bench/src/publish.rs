@@ -1,0 +1,240 @@
+//! Publish throughput in a closed loop (each worker publishes, waits for the
+//! acknowledgement, publishes again) against MiniToolStream, NATS JetStream
+//! and the physical references: pipelined calls of the same Tarantool stored
+//! procedure, and S3 PutObject against the same S3 server.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use mts_proto::pb::ingress_service_client::IngressServiceClient;
+use mts_proto::pb::publish_frame::Frame;
+use mts_proto::pb::{PublishFrame, PublishHeader, PublishRequest};
+use mts_shared::blob::BlobStore;
+use mts_shared::store::Store;
+use tonic::transport::Channel;
+
+use crate::report::Latencies;
+
+/// What a closed loop did.
+pub struct Outcome {
+    pub messages: u64,
+    pub errors: u64,
+    pub latencies: Latencies,
+    pub elapsed: Duration,
+}
+
+/// Runs one worker per client until `duration` is over; `call` is one
+/// request, true when it succeeded.
+pub async fn closed_loop<C, F, Fut>(clients: Vec<C>, duration: Duration, call: F) -> Outcome
+where
+    C: Clone + Send + 'static,
+    F: Fn(C) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    let started = Instant::now();
+    let deadline = started + duration;
+    let workers: Vec<_> = clients
+        .into_iter()
+        .map(|client| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let (mut ok, mut failed, mut latencies) = (0u64, 0u64, Latencies::default());
+                while Instant::now() < deadline {
+                    let sent = Instant::now();
+                    if call(client.clone()).await {
+                        latencies.record(sent.elapsed());
+                        ok += 1;
+                    } else {
+                        failed += 1;
+                    }
+                }
+                (ok, failed, latencies)
+            })
+        })
+        .collect();
+    let mut outcome = Outcome {
+        messages: 0,
+        errors: 0,
+        latencies: Latencies::default(),
+        elapsed: Duration::ZERO,
+    };
+    for worker in workers {
+        let (ok, failed, latencies) = worker.await.expect("a worker panicked");
+        outcome.messages += ok;
+        outcome.errors += failed;
+        outcome.latencies.add(&latencies);
+    }
+    outcome.elapsed = started.elapsed();
+    outcome
+}
+
+/// Ingress clients spread over `connections` HTTP/2 connections.
+pub async fn ingress_clients(
+    endpoint: &str,
+    connections: usize,
+    workers: usize,
+) -> Result<Vec<IngressServiceClient<Channel>>, String> {
+    let mut channels = Vec::new();
+    for _ in 0..connections.max(1) {
+        channels.push(
+            Channel::from_shared(endpoint.to_owned())
+                .map_err(|e| e.to_string())?
+                .connect()
+                .await
+                .map_err(|e| format!("{endpoint}: {e}"))?,
+        );
+    }
+    Ok((0..workers)
+        .map(|i| {
+            IngressServiceClient::new(channels[i % channels.len()].clone())
+                .max_encoding_message_size(usize::MAX)
+        })
+        .collect())
+}
+
+/// MiniToolStream unary Publish of `size` bytes.
+pub async fn ours(
+    ingress: &str,
+    subject: &str,
+    size: usize,
+    workers: usize,
+    duration: Duration,
+) -> Result<Outcome, String> {
+    let clients = ingress_clients(ingress, 4, workers).await?;
+    let data = Bytes::from(vec![7u8; size]);
+    let subject = subject.to_owned();
+    Ok(closed_loop(clients, duration, move |mut client| {
+        let request = PublishRequest {
+            subject: subject.clone(),
+            data: data.clone(),
+            headers: HashMap::new(),
+            message_id: String::new(),
+        };
+        async move { client.publish(request).await.is_ok() }
+    })
+    .await)
+}
+
+/// MiniToolStream PublishStream of `size` bytes in 1 MiB chunks.
+pub async fn ours_streamed(
+    ingress: &str,
+    subject: &str,
+    size: usize,
+    workers: usize,
+    duration: Duration,
+) -> Result<Outcome, String> {
+    let clients = ingress_clients(ingress, workers, workers).await?;
+    let data = Bytes::from(vec![7u8; size]);
+    let subject = subject.to_owned();
+    Ok(closed_loop(clients, duration, move |mut client| {
+        let header = Frame::Header(PublishHeader {
+            subject: subject.clone(),
+            headers: HashMap::new(),
+            total_size: Some(data.len() as u64),
+            message_id: String::new(),
+        });
+        let chunks: Vec<Frame> = (0..data.len())
+            .step_by(1 << 20)
+            .map(|at| Frame::Chunk(data.slice(at..(at + (1 << 20)).min(data.len()))))
+            .collect();
+        let frames = futures::stream::iter(
+            std::iter::once(header)
+                .chain(chunks)
+                .map(|frame| PublishFrame { frame: Some(frame) }),
+        );
+        async move { client.publish_stream(frames).await.is_ok() }
+    })
+    .await)
+}
+
+/// The JetStream stream the peer publishes to: file storage, one replica,
+/// created afresh.
+pub async fn jetstream_stream(
+    nats: &str,
+    name: &str,
+    subjects: &str,
+) -> Result<async_nats::jetstream::Context, String> {
+    use async_nats::jetstream::stream::{Config, StorageType};
+    let client = async_nats::connect(nats)
+        .await
+        .map_err(|e| format!("NATS at {nats}: {e}"))?;
+    let js = async_nats::jetstream::new(client);
+    let _ = js.delete_stream(name).await;
+    js.create_stream(Config {
+        name: name.to_owned(),
+        subjects: vec![subjects.to_owned()],
+        storage: StorageType::File,
+        num_replicas: 1,
+        ..Default::default()
+    })
+    .await
+    .map_err(|e| format!("create stream {name}: {e}"))?;
+    Ok(js)
+}
+
+/// JetStream synchronous publish: each publish awaits its acknowledgement.
+pub async fn jetstream(
+    nats: &str,
+    subject: &str,
+    size: usize,
+    workers: usize,
+    duration: Duration,
+) -> Result<Outcome, String> {
+    let js = jetstream_stream(nats, "BENCH_PUBLISH", &format!("{subject}.>")).await?;
+    let data = Bytes::from(vec![7u8; size]);
+    let subject = format!("{subject}.x");
+    Ok(closed_loop(vec![js; workers], duration, move |js| {
+        let (subject, data) = (subject.clone(), data.clone());
+        async move {
+            match js.publish(subject, data).await {
+                Ok(ack) => ack.await.is_ok(),
+                Err(_) => false,
+            }
+        }
+    })
+    .await)
+}
+
+/// The same stored procedure the ingress calls, pipelined over one
+/// connection straight from this process: the metadata path's ceiling.
+pub async fn tarantool(
+    store: Store,
+    subject: &str,
+    size: usize,
+    workers: usize,
+    duration: Duration,
+) -> Outcome {
+    let data = vec![7u8; size];
+    let subject = subject.to_owned();
+    let headers = HashMap::new();
+    closed_loop(vec![store; workers], duration, move |store| {
+        let (subject, data, headers) = (subject.clone(), data.clone(), headers.clone());
+        async move {
+            store
+                .publish(&subject, &headers, Some(&data), None, data.len() as u64)
+                .await
+                .is_ok()
+        }
+    })
+    .await
+}
+
+/// S3 PutObject of `size` bytes to the same server: the payload path's ceiling.
+pub async fn s3(
+    blobs: BlobStore,
+    prefix: &str,
+    size: usize,
+    workers: usize,
+    duration: Duration,
+) -> Outcome {
+    let data = Bytes::from(vec![7u8; size]);
+    let prefix = prefix.to_owned();
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    closed_loop(vec![blobs; workers], duration, move |blobs| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let (key, data) = (format!("{prefix}/{n}"), data.clone());
+        async move { blobs.put(&key, data).await.is_ok() }
+    })
+    .await
+}

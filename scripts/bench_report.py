@@ -1,0 +1,74 @@
+"""Turns the JSON lines of scripts/bench.sh into a Markdown report: one
+table per scenario and the ratios the performance goals are stated in."""
+
+import json
+import os
+import sys
+
+
+def machine():
+    cpuinfo = open("/proc/cpuinfo").read()
+    cores = cpuinfo.count("processor\t:")
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")), "?")
+    mem = next(int(line.split()[1]) for line in open("/proc/meminfo") if line.startswith("MemTotal"))
+    return f"{cores} cores ({model}), {mem / 1024 / 1024:.0f} GiB RAM, {os.uname().sysname} {os.uname().release}"
+
+
+def processes(figures):
+    busy = {name: f for name, f in figures.items() if f["cpu_seconds"] > 0.05 or name in ("ingress", "egress")}
+    return ", ".join(f"{name} {f['peak_rss_mib']} MiB/{f['cpu_seconds']} s" for name, f in busy.items())
+
+
+def main(path):
+    runs = [json.loads(line) for line in open(path) if line.strip()]
+    print(f"Machine: {machine()}. Results: `{path}`.\n")
+    print("| scenario | system | configuration | msg/s | MB/s | p50 ms | p90 ms | p99 ms | max ms | errors | peak RSS / CPU |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for r in runs:
+        if r["scenario"] == "5-large-payloads":
+            continue
+        lat = r["latency_ms"]
+        config = ", ".join(f"{k} {v}" for k, v in r["config"].items())
+        print(f"| {r['scenario']} | {r['system']} | {config} | {r['msg_per_s']} | {r['mb_per_s']} | {lat['p50']} | "
+              f"{lat['p90']} | {lat['p99']} | {lat['max']} | {r['errors']} | {processes(r['processes'])} |")
+    large = [r for r in runs if r["scenario"] == "5-large-payloads"]
+    if large:
+        print("\n| 5-large-payloads | MiB × concurrency | phase | MiB/s | ingress peak RSS MiB | egress peak RSS MiB |")
+        print("|---|---|---|---|---|---|")
+        for r in large:
+            for phase in ("publish", "download"):
+                p = r[phase]
+                print(f"| | {r['payload_mib']} × {r['concurrency']} | {phase} | {p['mib_per_s']} | "
+                      f"{p.get('ingress', {}).get('peak_rss_mib', '-')} | {p.get('egress', {}).get('peak_rss_mib', '-')} |")
+
+    def find(scenario, system):
+        return next((r for r in runs if r["scenario"] == scenario and r["system"] == system), None)
+
+    print("\nGoals:\n")
+    ours, peer = find("1-publish", "minitoolstream"), find("1-publish", "jetstream")
+    if ours and peer and peer["msg_per_s"]:
+        print(f"- Scenario 1, publish 1 KiB × 64: ours/JetStream = {ours['msg_per_s'] / peer['msg_per_s']:.2f} (goal ≥ 1.0)")
+    raw = find("1-publish", "tarantool-raw")
+    if ours and raw and raw["msg_per_s"]:
+        print(f"- Scenario 1: ours/raw Tarantool procedure = {ours['msg_per_s'] / raw['msg_per_s']:.2f} (the metadata path's ceiling)")
+    ours, peer = find("2-delivery", "minitoolstream"), find("2-delivery", "jetstream")
+    if ours:
+        line = f"- Scenario 2, publish → delivery p99: ours {ours['latency_ms']['p99']} ms (goal ≤ 5 ms)"
+        if peer:
+            line += f", JetStream {peer['latency_ms']['p99']} ms"
+        print(line)
+    ours, raw = find("3-large-publish", "minitoolstream"), find("3-large-publish", "s3-raw")
+    if ours and raw and raw["mb_per_s"]:
+        print(f"- Scenario 3, large publish: ours/raw S3 = {ours['mb_per_s'] / raw['mb_per_s']:.2f} (goal ≥ 0.8)")
+    fan = find("4-fanout", "minitoolstream")
+    if fan:
+        print(f"- Scenario 4, fan-out {fan['config']['streams']} streams: notification p99 {fan['latency_ms']['p99']} ms "
+              f"(goal ≤ 100 ms), egress peak RSS {fan['processes'].get('egress', {}).get('peak_rss_mib')} MiB (goal ≤ 256)")
+    ours, peer = find("6-drain", "minitoolstream"), find("6-drain", "jetstream")
+    if ours and peer and peer["msg_per_s"]:
+        print(f"- Scenario 6, 4 competing consumers with acks: ours {ours['msg_per_s']} msg/s, JetStream "
+              f"{peer['msg_per_s']} msg/s, ratio {ours['msg_per_s'] / peer['msg_per_s']:.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])

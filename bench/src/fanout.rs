@@ -14,6 +14,9 @@ use tonic::transport::Channel;
 use crate::publish::{Outcome, ingress_clients};
 use crate::report::Latencies;
 
+/// One stream's notifications: (sequence notified, when), in arrival order.
+type Arrivals = Vec<(u64, Instant)>;
+
 /// Streams per HTTP/2 connection; servers commonly allow 100 to 200.
 const STREAMS_PER_CONNECTION: usize = 100;
 
@@ -35,9 +38,7 @@ pub async fn ours(
                 .map_err(|e| format!("{egress}: {e}"))?,
         );
     }
-    // Per stream: (sequence notified, when), in arrival order.
-    let arrivals: Arc<Mutex<Vec<Vec<(u64, Instant)>>>> =
-        Arc::new(Mutex::new(vec![Vec::new(); streams]));
+    let arrivals: Arc<Mutex<Vec<Arrivals>>> = Arc::new(Mutex::new(vec![Vec::new(); streams]));
     let mut opened = Vec::new();
     for i in 0..streams {
         let mut client = EgressServiceClient::new(channels[i % channels.len()].clone());

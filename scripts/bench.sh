@@ -35,7 +35,8 @@ mkdir -p "$work/run" "$work/nats"
 
 tarantool_port=$(free_port) s3_port=$(free_port) rpc_port=$(free_port) nats_port=$(free_port)
 password=$(openssl rand -hex 12) access_key="GK$(openssl rand -hex 12)" secret_key=$(openssl rand -hex 32)
-start_tarantool "$work/tarantool" "$tarantool_port" "$password"
+# Room for every message the runs store (the 30 s runs write a few GiB).
+MTS_TARANTOOL_MEMTX_MB=6144 start_tarantool "$work/tarantool" "$tarantool_port" "$password"
 start_garage "$work/garage" "$s3_port" "$rpc_port" "$access_key" "$secret_key" minitoolstream-bench
 nats-server -js -sd "$work/nats" -a 127.0.0.1 -p "$nats_port" >"$work/nats.log" 2>&1 &
 echo $! >"$work/run/nats.pid"

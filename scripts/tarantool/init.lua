@@ -8,7 +8,7 @@
 box.cfg({
     work_dir = os.getenv('MTS_TARANTOOL_DIR') or '.',
     log = 'tarantool.log',
-    memtx_memory = 256 * 1024 * 1024,
+    memtx_memory = (tonumber(os.getenv('MTS_TARANTOOL_MEMTX_MB')) or 256) * 1024 * 1024,
     -- Every commit reaches the WAL file before the publish is answered.
     wal_mode = 'write',
     checkpoint_interval = 600,

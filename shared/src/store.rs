@@ -11,14 +11,13 @@ use std::time::Duration;
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tarant::{Args, Client, ConnectOptions, ErrorCode};
-use tokio::sync::{mpsc, oneshot};
 
 use crate::config::Config;
 
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 /// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
-pub const SCHEMA_VERSION: u64 = 7;
+pub const SCHEMA_VERSION: u64 = 6;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
@@ -45,28 +44,13 @@ pub enum Error {
     /// A reply that does not have the expected shape.
     #[error("unexpected reply from Tarantool: {0}")]
     Protocol(#[source] tarant::Error),
-    /// Tarantool refused one publish of a group-committed batch.
-    #[error("Tarantool refused the publish: {message}")]
-    Refused {
-        /// Tarantool's error code.
-        code: u32,
-        /// Its message.
-        message: String,
-    },
-    /// The failure of a batch call, shared by every publish in it.
-    #[error(transparent)]
-    Shared(Arc<Error>),
 }
 
 impl Error {
     /// Whether a write may or may not have been applied: the call reached
     /// the wire but no verdict came back.
     pub fn outcome_unknown(&self) -> bool {
-        match self {
-            Self::Unavailable(_) | Self::Timeout(_) => true,
-            Self::Shared(inner) => inner.outcome_unknown(),
-            _ => false,
-        }
+        matches!(self, Self::Unavailable(_) | Self::Timeout(_))
     }
 
     fn classify(err: tarant::Error) -> Self {
@@ -374,40 +358,6 @@ pub struct Store {
     timeout: Duration,
     schema_lock: Arc<tokio::sync::Mutex<()>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
-    /// Publishes waiting for the group-commit worker, started on first use.
-    publishes: Arc<std::sync::OnceLock<mpsc::Sender<QueuedPublish>>>,
-}
-
-/// Most publishes, and most payload bytes, in one `mts_publish_batch` call.
-const MAX_BATCH: usize = 256;
-const MAX_BATCH_BYTES: u64 = 4 << 20;
-/// Batch calls in flight at once. Publishes that arrive meanwhile queue up
-/// and go together in the next call: under load a call carries many, alone
-/// a publish goes at once.
-const BATCHES_IN_FLIGHT: usize = 2;
-
-/// One publish as `mts_publish_batch` takes it: subject, headers, inline
-/// data, object key, size, deadline (ns), SHA-256, (message id, window ms).
-#[derive(serde::Serialize)]
-struct BatchItem(
-    String,
-    HashMap<String, String>,
-    Option<serde_bytes::ByteBuf>,
-    Option<String>,
-    u64,
-    u64,
-    Option<String>,
-    Option<(String, u64)>,
-);
-
-/// One publish's outcome in a batch: sequence, duplicate, error code (0 =
-/// stored), error message.
-type BatchOutcome = (u64, bool, u32, String);
-
-struct QueuedPublish {
-    item: BatchItem,
-    size: u64,
-    reply: oneshot::Sender<Result<Published, Error>>,
 }
 
 impl Store {
@@ -436,7 +386,6 @@ impl Store {
             timeout: config.tarantool_timeout(),
             schema_lock: Arc::default(),
             metrics: None,
-            publishes: Arc::default(),
         };
         store.ensure_schema().await?;
         Ok(store)
@@ -563,123 +512,33 @@ impl Store {
     }
 
     /// Stores a message, or finds the earlier one with the same message id.
-    /// Concurrent publishes are committed together (see `mts_publish_batch`);
-    /// each keeps its own outcome.
     pub async fn publish_message(&self, message: NewMessage<'_>) -> Result<Published, Error> {
         let (data, object_key) = match message.payload {
-            Payload::Inline(data) => (Some(serde_bytes::ByteBuf::from(data.to_vec())), None),
-            Payload::Object(key) => (None, Some(key.to_owned())),
+            Payload::Inline(data) => (Some(serde_bytes::Bytes::new(data)), None),
+            Payload::Object(key) => (None, Some(key)),
         };
-        // Tarantool refuses the publish after this, so a caller told it
-        // failed never finds it stored.
         let deadline_ns = std::time::SystemTime::now()
             .checked_add(self.timeout)
             .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
             .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
         let window_ms = u64::try_from(message.dedup_window.as_millis()).unwrap_or(u64::MAX);
-        let item = BatchItem(
-            message.subject.to_owned(),
-            message.headers.clone(),
-            data,
-            object_key,
-            message.size,
-            deadline_ns,
-            message.sha256.map(str::to_owned),
-            message.message_id.map(|id| (id.to_owned(), window_ms)),
-        );
-        let (reply, answer) = oneshot::channel();
-        let queued = QueuedPublish {
-            item,
-            size: message.size,
-            reply,
-        };
-        if self.publish_queue().send(queued).await.is_err() {
-            return Err(Error::Unavailable(tarant::Error::Closed));
-        }
-        match tokio::time::timeout(self.timeout, answer).await {
-            Ok(Ok(outcome)) => outcome,
-            // The worker went away with the publish: it may have been sent.
-            Ok(Err(_)) => Err(Error::Unavailable(tarant::Error::Closed)),
-            Err(_) => Err(Error::Timeout(self.timeout)),
-        }
-    }
-
-    fn publish_queue(&self) -> &mpsc::Sender<QueuedPublish> {
-        self.publishes.get_or_init(|| {
-            let (sender, receiver) = mpsc::channel(4096);
-            // Its own empty queue slot: the worker never queues, and holding
-            // the sender would keep it alive forever.
-            let worker = Self {
-                publishes: Arc::default(),
-                ..self.clone()
-            };
-            tokio::spawn(worker.commit_batches(receiver));
-            sender
-        })
-    }
-
-    /// The group-commit worker: takes what has queued up, up to the batch
-    /// limits, whenever a call slot is free.
-    async fn commit_batches(self, mut queue: mpsc::Receiver<QueuedPublish>) {
-        let slots = Arc::new(tokio::sync::Semaphore::new(BATCHES_IN_FLIGHT));
-        while let Some(first) = queue.recv().await {
-            let Ok(slot) = Arc::clone(&slots).acquire_owned().await else {
-                break;
-            };
-            let mut bytes = first.size;
-            let mut batch = vec![first];
-            while batch.len() < MAX_BATCH && bytes < MAX_BATCH_BYTES {
-                match queue.try_recv() {
-                    Ok(next) => {
-                        bytes += next.size;
-                        batch.push(next);
-                    }
-                    Err(_) => break,
-                }
-            }
-            let store = self.clone();
-            tokio::spawn(async move {
-                store.commit_batch(batch).await;
-                drop(slot);
-            });
-        }
-    }
-
-    async fn commit_batch(&self, batch: Vec<QueuedPublish>) {
-        let (items, replies): (Vec<BatchItem>, Vec<_>) = batch
-            .into_iter()
-            .map(|queued| (queued.item, queued.reply))
-            .unzip();
-        let result: Result<(Vec<BatchOutcome>,), Error> =
-            self.call("mts_publish_batch", (items,), self.timeout).await;
-        match result {
-            Ok((outcomes,)) if outcomes.len() == replies.len() => {
-                for (reply, (seq, duplicate, code, message)) in replies.into_iter().zip(outcomes) {
-                    let outcome = if code == 0 {
-                        Ok(Published { seq, duplicate })
-                    } else {
-                        Err(Error::Refused { code, message })
-                    };
-                    let _ = reply.send(outcome);
-                }
-            }
-            Ok((outcomes,)) => {
-                let err = Arc::new(Error::Protocol(tarant::Error::Protocol(format!(
-                    "mts_publish_batch answered {} of {} publishes",
-                    outcomes.len(),
-                    replies.len()
-                ))));
-                for reply in replies {
-                    let _ = reply.send(Err(Error::Shared(Arc::clone(&err))));
-                }
-            }
-            Err(err) => {
-                let err = Arc::new(err);
-                for reply in replies {
-                    let _ = reply.send(Err(Error::Shared(Arc::clone(&err))));
-                }
-            }
-        }
+        let (seq, duplicate): (u64, bool) = self
+            .call(
+                "mts_publish",
+                (
+                    message.subject,
+                    message.headers,
+                    data,
+                    object_key,
+                    message.size,
+                    deadline_ns,
+                    message.sha256,
+                    message.message_id.map(|id| (id, window_ms)),
+                ),
+                self.timeout,
+            )
+            .await?;
+        Ok(Published { seq, duplicate })
     }
 
     /// The sequence `message_id` was stored under within its window, if any.
@@ -1000,28 +859,7 @@ fn sequences(value: &tarant::Value) -> Vec<u64> {
 
 impl From<Error> for tonic::Status {
     fn from(err: Error) -> Self {
-        status_of(&err)
-    }
-}
-
-fn status_of(err: &Error) -> tonic::Status {
-    {
-        match err {
-            Error::Shared(inner) => status_of(inner),
-            Error::Refused { code, .. } if ErrorCode(*code) == LATE => tonic::Status::unavailable(
-                format!("metadata store was too slow, retry later: {err}"),
-            ),
-            Error::Refused { code, .. } if ErrorCode(*code) == ABANDONED => tonic::Status::aborted(
-                format!("publish was abandoned after a timeout; publish again: {err}"),
-            ),
-            Error::Refused { code, .. } if ErrorCode(*code) == MEMORY_ISSUE => {
-                tonic::Status::resource_exhausted(format!(
-                    "metadata store is full; free space or raise memtx_memory: {err}"
-                ))
-            }
-            Error::Refused { .. } => {
-                tonic::Status::internal(format!("metadata store error: {err}"))
-            }
+        match &err {
             Error::Unavailable(_) | Error::Timeout(_) => tonic::Status::unavailable(format!(
                 "metadata store unavailable, retry later: {err}"
             )),

@@ -185,8 +185,7 @@ async fn refused_commit_removes_the_uploaded_object() {
     let _: Vec<tarant::Value> = raw_client(&tarantool)
         .await
         .eval(
-            "rawset(_G, 'mts_publish', function() error('commit refused for the test') end) \
-             rawset(_G, 'mts_publish_batch', function() error('commit refused for the test') end)",
+            "rawset(_G, 'mts_publish', function() error('commit refused for the test') end)",
             (),
         )
         .await
@@ -296,50 +295,4 @@ async fn a_publish_reaching_tarantool_after_its_deadline_is_refused() {
             .unwrap(),
         1
     );
-}
-
-#[tokio::test]
-async fn a_refused_publish_in_a_group_commit_leaves_the_others_stored() {
-    let tarantool = TarantoolProcess::start();
-    let config = tarantool.config();
-    let store = Store::connect(&config).await.unwrap();
-    let subject = testing::unique_subject("group-commit");
-    // A fenced object key: its publish must be refused, whatever it is batched with.
-    let fenced = format!("{subject}/fenced");
-    assert_eq!(store.settle_object(&fenced).await.unwrap(), None);
-    let headers = std::collections::HashMap::new();
-    let publishes = (0..64).map(|i| {
-        let (store, subject, fenced, headers) = (store.clone(), &subject, &fenced, &headers);
-        async move {
-            let payload = if i == 20 {
-                mts_shared::store::Payload::Object(fenced)
-            } else {
-                mts_shared::store::Payload::Inline(b"x")
-            };
-            store
-                .publish_message(mts_shared::store::NewMessage {
-                    subject,
-                    headers,
-                    payload,
-                    size: 1,
-                    sha256: None,
-                    message_id: None,
-                    dedup_window: std::time::Duration::ZERO,
-                })
-                .await
-        }
-    });
-    let outcomes = futures::future::join_all(publishes).await;
-    let refused = outcomes.iter().filter(|o| o.is_err()).count();
-    assert_eq!(refused, 1, "{outcomes:?}");
-    let status = tonic::Status::from(outcomes.into_iter().nth(20).unwrap().unwrap_err());
-    assert_eq!(status.code(), Code::Aborted, "{status:?}");
-    // The other 63 hold sequences 1..=63, no gap where the refused one was.
-    assert_eq!(store.last_seq(&subject).await.unwrap(), 63);
-    for seq in 1..=63 {
-        assert!(
-            store.message(&subject, seq).await.unwrap().is_some(),
-            "#{seq}"
-        );
-    }
 }

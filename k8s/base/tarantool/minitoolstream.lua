@@ -10,7 +10,7 @@ local clock = require('clock')
 local digest = require('digest')
 local fio = require('fio')
 
-local SCHEMA_VERSION = 7
+local SCHEMA_VERSION = 6
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -272,63 +272,6 @@ rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, dea
         notify(subject)
     end
     return seq, duplicate
-end)
-
--- Group commit: the publishes of concurrent callers, queued by a service
--- while its previous call was in flight, stored in one transaction — one WAL
--- write instead of one each. Every item is checked and stored exactly as
--- mts_publish would (deadline, abandoned object, dedup); an item that fails
--- is rolled back to its savepoint alone. Items: {subject, headers, data,
--- object_key, size, deadline_ns, sha256, dedup}. Returns per item
--- {seq, duplicate, error_code, error_message}, error_code 0 on success.
-rawset(_G, 'mts_publish_batch', function(items)
-    local results = setmetatable({}, ARRAY)
-    local stored = {}
-    box.begin()
-    for i, item in ipairs(items) do
-        local subject, headers, data, object_key, size, deadline_ns, sha256, dedup = unpack(item, 1, 8)
-        local savepoint = box.savepoint()
-        local ok, err = pcall(function()
-            if deadline_ns ~= nil and deadline_ns > 0 and now_ns() > deadline_ns then
-                box.error({
-                    reason = 'publish reached Tarantool after its deadline; nothing was stored'
-                        .. ' (if this persists, check clock sync between the services and Tarantool)',
-                    code = 10002,
-                })
-            end
-            if object_key ~= nil and box.space.mts_abandoned:get(object_key) ~= nil then
-                box.error({reason = 'object ' .. object_key .. ' was abandoned; publish again', code = 10001})
-            end
-            local message_id, window_ms = nil, 0
-            if dedup ~= nil then
-                message_id, window_ms = dedup[1], dedup[2]
-            end
-            local now = now_ns()
-            if message_id ~= nil and message_id ~= '' then
-                local seen = box.space.mts_dedup:get({subject, message_id})
-                if seen ~= nil and seen[4] > now then
-                    results[i] = {seen[3], true, 0, ''}
-                    return
-                end
-            end
-            local seq = store_message(subject, headers, data, object_key, size, sha256)
-            if message_id ~= nil and message_id ~= '' then
-                box.space.mts_dedup:replace({subject, message_id, seq, now + (window_ms or 0) * 1000000})
-            end
-            stored[subject] = true
-            results[i] = {seq, false, 0, ''}
-        end)
-        if not ok then
-            box.rollback_to_savepoint(savepoint)
-            local code = type(err) == 'cdata' and err.code or 0
-            results[i] = {0, false, code == 0 and 32 or code, tostring(err)}
-        end
-    end
-    box.commit()
-    for subject in pairs(stored) do
-        notify(subject)
-    end
-    return results
 end)
 
 -- The sequence a message id was stored under within its window, or 0: lets
@@ -1140,7 +1083,6 @@ with_schema_lock(function()
         'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
         'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
-        'mts_publish_batch',
     }
     box.schema.role.create('minitoolstream', {if_not_exists = true})
     -- Schema 1's non-leasing fetch, replaced by mts_consume.

@@ -86,12 +86,18 @@ done
 for system in ours jetstream; do
     run delivery --system "$system" --size 1024 --rate "$rate" --seconds "$secs"
 done
+large_secs=$secs
+[ "$quick" = 1 ] || large_secs=20
 for system in ours s3; do
-    run large-publish --system "$system" --mib "$large_mib" --concurrency 4 --seconds "$secs"
+    run large-publish --system "$system" --mib "$large_mib" --concurrency 4 --seconds "$large_secs"
+    # Gigabytes were just written: flush them, so the next run does not pay
+    # for this one's writeback.
+    sync
 done
 run fanout --streams "$streams" --messages "$fan_msgs" --interval-ms 200
 for concurrency in 1 4; do
     run large-payloads --mib "$payload_mib" --concurrency "$concurrency"
+    sync
 done
 for system in ours jetstream; do
     run drain --system "$system" --size 1024 --messages "$drain" --consumers 4

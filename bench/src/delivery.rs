@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mts_proto::pb::consume_request::Request;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
-use mts_proto::pb::{AckSequences, ConsumeRequest, ConsumeStart, PublishRequest};
+use mts_proto::pb::{AckSequences, ConsumeRequest, ConsumeStart, Message, PublishRequest};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -62,6 +62,69 @@ where
     )
 }
 
+/// A Consume stream on `durable`: the sender for ack frames, and the messages.
+pub async fn consume(
+    egress: &str,
+    subject: &str,
+    durable: &str,
+    max_in_flight: u32,
+) -> Result<(mpsc::Sender<ConsumeRequest>, tonic::Streaming<Message>), String> {
+    let mut client = EgressServiceClient::connect(egress.to_owned())
+        .await
+        .map_err(|e| format!("{egress}: {e}"))?;
+    let (frames, outbound) = mpsc::channel(1024);
+    frames
+        .send(ConsumeRequest {
+            request: Some(Request::Start(ConsumeStart {
+                subject: subject.to_owned(),
+                durable_name: durable.to_owned(),
+                max_in_flight,
+            })),
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+    let messages = client
+        .consume(ReceiverStream::new(outbound))
+        .await
+        .map_err(|e| format!("consume: {e}"))?
+        .into_inner();
+    Ok((frames, messages))
+}
+
+/// An ack frame for one sequence.
+pub fn ack(sequence: u64) -> ConsumeRequest {
+    ConsumeRequest {
+        request: Some(Request::Ack(AckSequences {
+            sequences: vec![sequence],
+        })),
+    }
+}
+
+/// Waits until everything stored arrived (or 10 s pass), then stops the
+/// subscriber and reports.
+async fn finish(
+    receiver: tokio::task::JoinHandle<()>,
+    received: &AtomicU64,
+    latencies: &Mutex<Latencies>,
+    (stored, failed): (u64, u64),
+    started: Instant,
+) -> Result<Outcome, String> {
+    settle(received, stored).await;
+    let elapsed = started.elapsed();
+    if receiver.is_finished() {
+        return Err("the subscriber's stream ended early".into());
+    }
+    receiver.abort();
+    let latencies = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
+    let received = received.load(Ordering::Relaxed);
+    Ok(Outcome {
+        messages: received,
+        errors: failed + stored.saturating_sub(received),
+        latencies,
+        elapsed,
+    })
+}
+
 /// Waits until `received` reaches `expected` or 10 s pass.
 async fn settle(received: &AtomicU64, expected: u64) {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -78,25 +141,7 @@ pub async fn ours(
     rate: u64,
     duration: Duration,
 ) -> Result<Outcome, String> {
-    let mut egress_client = EgressServiceClient::connect(egress.to_owned())
-        .await
-        .map_err(|e| format!("{egress}: {e}"))?;
-    let (frames, outbound) = mpsc::channel(1024);
-    frames
-        .send(ConsumeRequest {
-            request: Some(Request::Start(ConsumeStart {
-                subject: subject.to_owned(),
-                durable_name: "latency".into(),
-                max_in_flight: 1000,
-            })),
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-    let mut messages = egress_client
-        .consume(ReceiverStream::new(outbound))
-        .await
-        .map_err(|e| e.to_string())?
-        .into_inner();
+    let (frames, mut messages) = consume(egress, subject, "latency", 1000).await?;
     let received = Arc::new(AtomicU64::new(0));
     let latencies = Arc::new(Mutex::new(Latencies::default()));
     let receiver = tokio::spawn({
@@ -107,12 +152,7 @@ pub async fn ours(
                     latencies.lock().expect("not poisoned").record(took);
                 }
                 received.fetch_add(1, Ordering::Relaxed);
-                let ack = ConsumeRequest {
-                    request: Some(Request::Ack(AckSequences {
-                        sequences: vec![message.sequence],
-                    })),
-                };
-                if frames.send(ack).await.is_err() {
+                if frames.send(ack(message.sequence)).await.is_err() {
                     break;
                 }
             }
@@ -133,19 +173,7 @@ pub async fn ours(
         async move { client.publish(request).await.is_ok() }
     })
     .await;
-    settle(&received, stored).await;
-    let elapsed = started.elapsed();
-    if receiver.is_finished() {
-        return Err("the subscriber's stream ended early".into());
-    }
-    receiver.abort();
-    let latencies = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
-    Ok(Outcome {
-        messages: received.load(Ordering::Relaxed),
-        errors: failed + stored.saturating_sub(received.load(Ordering::Relaxed)),
-        latencies,
-        elapsed,
-    })
+    finish(receiver, &received, &latencies, (stored, failed), started).await
 }
 
 pub async fn jetstream(
@@ -200,17 +228,5 @@ pub async fn jetstream(
         }
     })
     .await;
-    settle(&received, stored).await;
-    let elapsed = started.elapsed();
-    if receiver.is_finished() {
-        return Err("the subscriber's stream ended early".into());
-    }
-    receiver.abort();
-    let latencies = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
-    Ok(Outcome {
-        messages: received.load(Ordering::Relaxed),
-        errors: failed + stored.saturating_sub(received.load(Ordering::Relaxed)),
-        latencies,
-        elapsed,
-    })
+    finish(receiver, &received, &latencies, (stored, failed), started).await
 }

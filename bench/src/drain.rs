@@ -8,12 +8,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
-use mts_proto::pb::consume_request::Request;
-use mts_proto::pb::egress_service_client::EgressServiceClient;
-use mts_proto::pb::{AckSequences, ConsumeRequest, ConsumeStart, PublishRequest};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
+use mts_proto::pb::PublishRequest;
 
+use crate::delivery::{ack, consume};
 use crate::publish::{Outcome, ingress_clients, jetstream_stream};
 use crate::report::Latencies;
 
@@ -41,6 +38,30 @@ async fn prefill(ingress: &str, subject: &str, size: usize, total: u64) -> Resul
     futures::future::try_join_all(workers).await.map(|_| ())
 }
 
+/// Waits for the drain to finish (at most 10 minutes), stops the
+/// consumers and reports.
+async fn drained(
+    seen: &Mutex<HashSet<u64>>,
+    latencies: &Mutex<Latencies>,
+    total: u64,
+    started: Instant,
+    consumers: &[tokio::task::JoinHandle<()>],
+) -> Result<Outcome, String> {
+    until_drained(seen, total, Duration::from_secs(600)).await;
+    let elapsed = started.elapsed();
+    for consumer in consumers {
+        consumer.abort();
+    }
+    let drained = seen.lock().expect("not poisoned").len() as u64;
+    let latencies = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
+    Ok(Outcome {
+        messages: drained,
+        errors: total.saturating_sub(drained),
+        latencies,
+        elapsed,
+    })
+}
+
 /// Waits until `seen` holds `total` sequences or `limit` passes.
 async fn until_drained(seen: &Mutex<HashSet<u64>>, total: u64, limit: Duration) {
     let deadline = Instant::now() + limit;
@@ -63,25 +84,7 @@ pub async fn ours(
     let started = Instant::now();
     let mut streams = Vec::new();
     for _ in 0..consumers {
-        let mut client = EgressServiceClient::connect(egress.to_owned())
-            .await
-            .map_err(|e| format!("{egress}: {e}"))?;
-        let (frames, outbound) = mpsc::channel(1024);
-        frames
-            .send(ConsumeRequest {
-                request: Some(Request::Start(ConsumeStart {
-                    subject: subject.to_owned(),
-                    durable_name: "drain".into(),
-                    max_in_flight: 256,
-                })),
-            })
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut messages = client
-            .consume(ReceiverStream::new(outbound))
-            .await
-            .map_err(|e| format!("consume: {e}"))?
-            .into_inner();
+        let (frames, mut messages) = consume(egress, subject, "drain", 256).await?;
         let (seen, latencies) = (Arc::clone(&seen), Arc::clone(&latencies));
         streams.push(tokio::spawn(async move {
             while let Some(Ok(message)) = messages.next().await {
@@ -90,30 +93,13 @@ pub async fn ours(
                     .expect("not poisoned")
                     .record(started.elapsed());
                 seen.lock().expect("not poisoned").insert(message.sequence);
-                let ack = ConsumeRequest {
-                    request: Some(Request::Ack(AckSequences {
-                        sequences: vec![message.sequence],
-                    })),
-                };
-                if frames.send(ack).await.is_err() {
+                if frames.send(ack(message.sequence)).await.is_err() {
                     break;
                 }
             }
         }));
     }
-    until_drained(&seen, total, Duration::from_secs(600)).await;
-    let elapsed = started.elapsed();
-    for stream in &streams {
-        stream.abort();
-    }
-    let drained = seen.lock().expect("not poisoned").len() as u64;
-    let latencies = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
-    Ok(Outcome {
-        messages: drained,
-        errors: total.saturating_sub(drained),
-        latencies,
-        elapsed,
-    })
+    drained(&seen, &latencies, total, started, &streams).await
 }
 
 pub async fn jetstream(
@@ -177,17 +163,5 @@ pub async fn jetstream(
             }
         }));
     }
-    until_drained(&seen, total, Duration::from_secs(600)).await;
-    let elapsed = started.elapsed();
-    for worker in &workers {
-        worker.abort();
-    }
-    let drained = seen.lock().expect("not poisoned").len() as u64;
-    let latencies = std::mem::take(&mut *latencies.lock().expect("not poisoned"));
-    Ok(Outcome {
-        messages: drained,
-        errors: total.saturating_sub(drained),
-        latencies,
-        elapsed,
-    })
+    drained(&seen, &latencies, total, started, &workers).await
 }

@@ -12,20 +12,14 @@ use mts_shared::config::Config;
 use mts_shared::testing::{self, GarageProcess, TarantoolProcess};
 use sha2::{Digest, Sha256};
 
-use crate::binaries::binary;
+use crate::binaries::{binary, dependency_env};
 use crate::system::System;
 
 /// Runs `mts-backup` against `config`'s Tarantool and bucket.
 fn mts_backup(config: &Config, args: &[&str]) -> (bool, String) {
     let output = Command::new(binary("mts-backup"))
         .args(args)
-        .env("TARANTOOL_ADDRESS", &config.tarantool_address)
-        .env("TARANTOOL_USER", &config.tarantool_user)
-        .env("TARANTOOL_PASSWORD", &config.tarantool_password)
-        .env("MINIO_ENDPOINT", &config.minio_endpoint)
-        .env("MINIO_ACCESS_KEY_ID", &config.minio_access_key_id)
-        .env("MINIO_SECRET_ACCESS_KEY", &config.minio_secret_access_key)
-        .env("MINIO_BUCKET_NAME", &config.minio_bucket_name)
+        .envs(dependency_env(config))
         .output()
         .unwrap();
     let text = format!(

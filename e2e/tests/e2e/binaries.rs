@@ -6,7 +6,24 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use mts_shared::config::Config;
 use mts_shared::testing;
+
+/// The variables naming `config`'s Tarantool and bucket, as the services read them.
+pub fn dependency_env(config: &Config) -> [(&'static str, String); 7] {
+    [
+        ("TARANTOOL_ADDRESS", config.tarantool_address.clone()),
+        ("TARANTOOL_USER", config.tarantool_user.clone()),
+        ("TARANTOOL_PASSWORD", config.tarantool_password.clone()),
+        ("MINIO_ENDPOINT", config.minio_endpoint.clone()),
+        ("MINIO_ACCESS_KEY_ID", config.minio_access_key_id.clone()),
+        (
+            "MINIO_SECRET_ACCESS_KEY",
+            config.minio_secret_access_key.clone(),
+        ),
+        ("MINIO_BUCKET_NAME", config.minio_bucket_name.clone()),
+    ]
+}
 
 /// A service binary built next to this test.
 pub fn binary(name: &str) -> PathBuf {
@@ -47,13 +64,7 @@ impl Process {
             .env("SERVER_PORT", port.to_string())
             .env("METRICS_PORT", "0")
             .env("SHUTDOWN_GRACE_SECONDS", grace_seconds.to_string())
-            .env("TARANTOOL_ADDRESS", &config.tarantool_address)
-            .env("TARANTOOL_USER", &config.tarantool_user)
-            .env("TARANTOOL_PASSWORD", &config.tarantool_password)
-            .env("MINIO_ENDPOINT", &config.minio_endpoint)
-            .env("MINIO_ACCESS_KEY_ID", &config.minio_access_key_id)
-            .env("MINIO_SECRET_ACCESS_KEY", &config.minio_secret_access_key)
-            .env("MINIO_BUCKET_NAME", &config.minio_bucket_name)
+            .envs(dependency_env(&config))
             .env("LOG_FORMAT", "console")
             .envs(extra.iter().copied())
             .stdout(Stdio::null())

@@ -194,11 +194,21 @@ impl Ingress {
                 .await?;
             return Ok(reply(published, String::new(), size, sha256));
         }
+        // Boxed: the S3 client's futures are large, and every publish future
+        // is moved into its own task (see `detached`); small publishes should
+        // not pay for copying state they never use.
+        Box::pin(self.publish_offloaded(envelope, request.data, size, sha256)).await
+    }
+
+    async fn publish_offloaded(
+        &self,
+        envelope: Envelope,
+        data: bytes::Bytes,
+        size: u64,
+        sha256: String,
+    ) -> Result<PublishResponse, Error> {
         let key = envelope.object_key();
-        self.blobs
-            .put(&key, request.data)
-            .await
-            .map_err(Error::Upload)?;
+        self.blobs.put(&key, data).await.map_err(Error::Upload)?;
         let published = self
             .commit_object(&envelope, key.clone(), size, &sha256)
             .await?;

@@ -95,7 +95,7 @@ pub async fn backup(config: &Config, dir: &Path) -> Result<Summary, Error> {
             }
         }
     });
-    let copied = copy(&store, &blobs, dir, files).await;
+    let copied = copy(&store, &blobs, dir, files, &config.tarantool_address).await;
     renewer.abort();
     // Unpin and lift the hold whatever happened.
     let stopped = store.backup_stop().await;
@@ -150,9 +150,10 @@ async fn copy(
     blobs: &BlobStore,
     dir: &Path,
     files: Vec<(String, u64)>,
+    address: &str,
 ) -> Result<Copied, Error> {
     let tarantool = |source| Error::Tarantool {
-        address: String::from("(backup)"),
+        address: address.to_owned(),
         source,
     };
     let mut saved = Vec::new();

@@ -54,36 +54,7 @@ pub async fn restore(config: &Config, dir: &Path, tarantool_dir: &Path) -> Resul
         )));
     }
 
-    // Verify every checkpoint file before writing any, so a damaged backup
-    // leaves the data directory untouched.
-    for file in &manifest.tarantool_files {
-        let path = dir.join("tarantool").join(&file.name);
-        let bytes = tokio::fs::read(&path).await.map_err(Error::file(&path))?;
-        let digest = hex::encode(Sha256::digest(&bytes));
-        if bytes.len() as u64 != file.size || digest != file.sha256 {
-            return Err(Error::Damaged {
-                path,
-                reason: format!(
-                    "{} bytes with SHA-256 {digest}; the manifest says {} bytes with {}",
-                    bytes.len(),
-                    file.size,
-                    file.sha256
-                ),
-            });
-        }
-    }
-    tokio::fs::create_dir_all(tarantool_dir)
-        .await
-        .map_err(Error::file(tarantool_dir))?;
-    let mut tarantool_bytes = 0;
-    for file in &manifest.tarantool_files {
-        let from = dir.join("tarantool").join(&file.name);
-        let to = tarantool_dir.join(&file.name);
-        tokio::fs::copy(&from, &to)
-            .await
-            .map_err(Error::file(&to))?;
-        tarantool_bytes += file.size;
-    }
+    let tarantool_bytes = restore_checkpoint(dir, &manifest, tarantool_dir).await?;
 
     let objects_dir = dir.join("objects");
     let mut pending = vec![objects_dir.clone()];
@@ -131,6 +102,81 @@ pub async fn restore(config: &Config, dir: &Path, tarantool_dir: &Path) -> Resul
         objects,
         object_bytes,
     })
+}
+
+/// Copies the checkpoint files into `tarantool_dir` under temporary names,
+/// hashing them on the way, and renames them into place only once every file
+/// matched the manifest: a damaged backup leaves no checkpoint behind (and no
+/// directory, if there was none). The bytes restored.
+async fn restore_checkpoint(
+    dir: &Path,
+    manifest: &Manifest,
+    tarantool_dir: &Path,
+) -> Result<u64, Error> {
+    let existed = tokio::fs::try_exists(tarantool_dir).await.unwrap_or(true);
+    tokio::fs::create_dir_all(tarantool_dir)
+        .await
+        .map_err(Error::file(tarantool_dir))?;
+    let mut copied = Vec::new();
+    let mut bytes = 0;
+    for file in &manifest.tarantool_files {
+        let from = dir.join("tarantool").join(&file.name);
+        let partial = tarantool_dir.join(format!("{}.partial", file.name));
+        let checked = match copy_hashed(&from, &partial).await {
+            Ok((size, digest)) if size == file.size && digest == file.sha256 => Ok(()),
+            Ok((size, digest)) => Err(Error::Damaged {
+                path: from,
+                reason: format!(
+                    "{size} bytes with SHA-256 {digest}; the manifest says {} bytes with {}",
+                    file.size, file.sha256
+                ),
+            }),
+            Err(err) => Err(err),
+        };
+        copied.push((partial, tarantool_dir.join(&file.name)));
+        if let Err(err) = checked {
+            for (partial, _) in &copied {
+                let _ = tokio::fs::remove_file(partial).await;
+            }
+            if !existed {
+                let _ = tokio::fs::remove_dir(tarantool_dir).await;
+            }
+            return Err(err);
+        }
+        bytes += file.size;
+    }
+    for (partial, final_name) in copied {
+        tokio::fs::rename(&partial, &final_name)
+            .await
+            .map_err(Error::file(&final_name))?;
+    }
+    Ok(bytes)
+}
+
+/// Copies `from` to `to` in one pass: its size and hex SHA-256.
+async fn copy_hashed(from: &Path, to: &Path) -> Result<(u64, String), Error> {
+    use tokio::io::AsyncWriteExt;
+    let mut source = tokio::fs::File::open(from)
+        .await
+        .map_err(Error::file(from))?;
+    let mut target = tokio::fs::File::create(to).await.map_err(Error::file(to))?;
+    let mut hash = Sha256::new();
+    let mut size = 0;
+    let mut buffer = vec![0u8; 1 << 20];
+    loop {
+        let read = source.read(&mut buffer).await.map_err(Error::file(from))?;
+        if read == 0 {
+            break;
+        }
+        hash.update(&buffer[..read]);
+        target
+            .write_all(&buffer[..read])
+            .await
+            .map_err(Error::file(to))?;
+        size += read as u64;
+    }
+    target.sync_all().await.map_err(Error::file(to))?;
+    Ok((size, hex::encode(hash.finalize())))
 }
 
 async fn read_manifest(dir: &Path) -> Result<Manifest, Error> {
@@ -263,6 +309,39 @@ mod tests {
             "orders.eu/0190-abc"
         );
         assert!(object_key(root, Path::new("/elsewhere/x")).is_err());
+    }
+
+    #[tokio::test]
+    async fn a_damaged_checkpoint_leaves_nothing_behind() {
+        let root = std::env::temp_dir().join(format!("mts-damaged-{}", std::process::id()));
+        tokio::fs::create_dir_all(root.join("backup/tarantool"))
+            .await
+            .unwrap();
+        tokio::fs::write(root.join("backup/tarantool/1.snap"), "SNAP, altered")
+            .await
+            .unwrap();
+        let manifest = Manifest {
+            format: FORMAT,
+            created_unix: 0,
+            schema_version: 0,
+            tarantool_files: vec![crate::SavedFile {
+                name: "1.snap".into(),
+                size: 4,
+                sha256: hex::encode(Sha256::digest(b"SNAP")),
+            }],
+            objects: 0,
+            object_bytes: 0,
+            missing_objects: Vec::new(),
+        };
+        let target = root.join("data");
+        let restored = restore_checkpoint(&root.join("backup"), &manifest, &target).await;
+        let left = tokio::fs::try_exists(&target).await.unwrap();
+        tokio::fs::remove_dir_all(&root).await.unwrap();
+        assert!(
+            matches!(restored, Err(Error::Damaged { .. })),
+            "{restored:?}"
+        );
+        assert!(!left, "the data directory was left behind");
     }
 
     #[tokio::test]

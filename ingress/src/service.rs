@@ -82,9 +82,11 @@ impl Envelope {
 /// span's when spans are exported, else the caller's as it came. Malformed
 /// values are ignored; headers the publisher set win.
 pub(crate) fn trace_context(metadata: &tonic::metadata::MetadataMap) -> Vec<(String, String)> {
-    let exported = mts_shared::telemetry::context_of(&tracing::Span::current());
-    if !exported.is_empty() {
-        return exported;
+    if mts_shared::telemetry::exporting() {
+        let exported = mts_shared::telemetry::context_of(&tracing::Span::current());
+        if !exported.is_empty() {
+            return exported;
+        }
     }
     let get = |name: &str| {
         metadata

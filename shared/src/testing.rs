@@ -197,7 +197,7 @@ impl TarantoolProcess {
             .spawn()
             .expect("start tarantool (is it installed? scripts/test.sh installs it)");
         self.child = Some(child);
-        wait_listening(self.address(), &self.dir);
+        wait_listening("tarantool", self.address(), &self.dir.join("tarantool.log"));
     }
 
     /// `host:port` it listens on.
@@ -221,10 +221,7 @@ impl TarantoolProcess {
 
     /// Kills the process without warning, as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts it again on the same port and data directory.
@@ -293,7 +290,11 @@ impl GarageProcess {
             .spawn()
             .expect("start garage");
         self.child = Some(child);
-        wait_listening(format!("127.0.0.1:{}", self.port), &self.dir);
+        wait_listening(
+            "garage",
+            format!("127.0.0.1:{}", self.port),
+            &self.dir.join("garage.log"),
+        );
     }
 
     /// `http://host:port` of its S3 API.
@@ -303,10 +304,7 @@ impl GarageProcess {
 
     /// Kills it without warning.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        kill(&mut self.child);
     }
 
     /// Starts it again with the same data.
@@ -323,7 +321,15 @@ impl Drop for GarageProcess {
     }
 }
 
-fn wait_listening(address: String, dir: &Path) {
+/// Kills a test's child process, if it runs, and reaps it.
+fn kill(child: &mut Option<Child>) {
+    if let Some(mut child) = child.take() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+fn wait_listening(name: &str, address: String, log: &Path) {
     let deadline = Instant::now() + Duration::from_secs(15);
     while Instant::now() < deadline {
         if std::net::TcpStream::connect(&address).is_ok() {
@@ -331,8 +337,8 @@ fn wait_listening(address: String, dir: &Path) {
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let log = std::fs::read_to_string(dir.join("tarantool.log")).unwrap_or_default();
-    panic!("tarantool did not listen on {address} within 15 s; its log:\n{log}");
+    let log = std::fs::read_to_string(log).unwrap_or_default();
+    panic!("{name} did not listen on {address} within 15 s; its log:\n{log}");
 }
 
 /// A service running in-process on `127.0.0.1:0`, stopped through the same

@@ -5,12 +5,20 @@
 # writes bench-results/<time>.jsonl and .md (a table with the ratios).
 #   scripts/bench.sh           full sizes (about 10 minutes)
 #   scripts/bench.sh --quick   small sizes and short runs (under 2 minutes), a smoke run
+#   scripts/bench.sh --only publish   one scenario (publish, delivery, large-publish, ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-quick=0
-[ "${1:-}" = --quick ] && quick=1
+quick=0 only=
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --quick) quick=1 ;;
+        --only) only=$2; shift ;;
+        *) die "usage: scripts/bench.sh [--quick] [--only publish|delivery|large-publish|fanout|large-payloads|drain]" ;;
+    esac
+    shift
+done
 
 ensure_tarantool
 ensure_grpcurl
@@ -79,8 +87,12 @@ if [ "$quick" = 1 ]; then
 else
     secs=30 rate=5000 large_mib=16 streams=1000 fan_msgs=50 payload_mib=1024 drain=100000
 fi
-run() { log "$*"; bench "$@" | tee -a "$results"; }
-for system in ours jetstream tarantool; do
+run() {
+    [ -z "$only" ] || [ "$1" = "$only" ] || return 0
+    log "$*"
+    bench "$@" | tee -a "$results"
+}
+for system in ours ours-many jetstream tarantool; do
     run publish --system "$system" --size 1024 --concurrency 64 --seconds "$secs"
 done
 for system in ours jetstream; do

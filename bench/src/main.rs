@@ -49,6 +49,8 @@ fn name_pid(text: &str) -> Result<(String, u32), String> {
 enum System {
     /// MiniToolStream.
     Ours,
+    /// MiniToolStream, publishing over PublishMany streams.
+    OursMany,
     /// NATS JetStream, file storage, one replica.
     Jetstream,
     /// The publish stored procedure called straight, pipelined.
@@ -61,6 +63,7 @@ impl System {
     fn name(self) -> &'static str {
         match self {
             Self::Ours => "minitoolstream",
+            Self::OursMany => "minitoolstream-publishmany",
             Self::Jetstream => "jetstream",
             Self::Tarantool => "tarantool-raw",
             Self::S3 => "s3-raw",
@@ -178,6 +181,10 @@ async fn run(args: Args) -> Result<String, String> {
             let outcome = match system {
                 System::Ours => {
                     publish::ours(&args.ingress, &subject, size, concurrency, duration).await?
+                }
+                System::OursMany => {
+                    publish::ours_many(&args.ingress, &subject, size, concurrency, duration)
+                        .await?
                 }
                 System::Jetstream => {
                     publish::jetstream(&args.nats, &subject, size, concurrency, duration).await?

@@ -4,14 +4,15 @@
 //! procedure, and S3 PutObject against the same S3 server.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::publish_frame::Frame;
-use mts_proto::pb::{PublishFrame, PublishHeader, PublishRequest};
+use mts_proto::pb::{PublishFrame, PublishHeader, PublishRequest, PublishResponse};
 use mts_shared::blob::BlobStore;
-use mts_shared::store::Store;
+use mts_shared::store::{InlineMessage, Store};
 use tonic::transport::Channel;
 
 use crate::report::Latencies;
@@ -116,6 +117,54 @@ pub async fn ours(
     .await)
 }
 
+/// One worker's PublishMany stream: where it sends, where answers come.
+type ManyStream = Arc<
+    tokio::sync::Mutex<(
+        tokio::sync::mpsc::Sender<PublishRequest>,
+        tonic::Streaming<PublishResponse>,
+    )>,
+>;
+
+/// MiniToolStream PublishMany, one stream per worker, each message awaiting
+/// its answer before the next is sent (as synchronous as the unary loop).
+pub async fn ours_many(
+    ingress: &str,
+    subject: &str,
+    size: usize,
+    workers: usize,
+    duration: Duration,
+) -> Result<Outcome, String> {
+    let mut streams: Vec<ManyStream> = Vec::new();
+    for mut client in ingress_clients(ingress, 4, workers).await? {
+        let (requests, outgoing) = tokio::sync::mpsc::channel(1);
+        let answers = client
+            .publish_many(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+            .await
+            .map_err(|e| format!("PublishMany: {e}"))?
+            .into_inner();
+        streams.push(Arc::new(tokio::sync::Mutex::new((requests, answers))));
+    }
+    let data = Bytes::from(vec![7u8; size]);
+    let subject = subject.to_owned();
+    Ok(closed_loop(streams, duration, move |stream| {
+        let request = PublishRequest {
+            subject: subject.clone(),
+            data: data.clone(),
+            headers: HashMap::new(),
+            message_id: String::new(),
+        };
+        async move {
+            let mut stream = stream.lock().await;
+            let (requests, answers) = &mut *stream;
+            if requests.send(request).await.is_err() {
+                return false;
+            }
+            matches!(answers.message().await, Ok(Some(answer)) if answer.status_code == 0)
+        }
+    })
+    .await)
+}
+
 /// MiniToolStream PublishStream of `size` bytes in 1 MiB chunks.
 pub async fn ours_streamed(
     ingress: &str,
@@ -196,8 +245,8 @@ pub async fn jetstream(
     .await)
 }
 
-/// The same stored procedure the ingress calls, pipelined over one
-/// connection straight from this process: the metadata path's ceiling.
+/// The stored procedure the ingress calls, through the same group commit,
+/// straight from this process: the metadata path's ceiling.
 pub async fn tarantool(
     store: Store,
     subject: &str,
@@ -205,17 +254,17 @@ pub async fn tarantool(
     workers: usize,
     duration: Duration,
 ) -> Outcome {
-    let data = vec![7u8; size];
-    let subject = subject.to_owned();
-    let headers = HashMap::new();
+    let message = InlineMessage {
+        subject: subject.to_owned(),
+        headers: HashMap::new(),
+        data: Bytes::from(vec![7u8; size]),
+        sha256: "0".repeat(64),
+        message_id: None,
+        dedup_window: Duration::ZERO,
+    };
     closed_loop(vec![store; workers], duration, move |store| {
-        let (subject, data, headers) = (subject.clone(), data.clone(), headers.clone());
-        async move {
-            store
-                .publish(&subject, &headers, Some(&data), None, data.len() as u64)
-                .await
-                .is_ok()
-        }
+        let published = store.publish_inline(message.clone());
+        async move { published.await.is_ok() }
     })
     .await
 }

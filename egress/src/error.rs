@@ -112,11 +112,11 @@ mod tests {
                 Code::Unavailable,
             ),
             (
-                Error::Store(store::Error::Unavailable(tarant::Error::Closed)),
+                Error::Store(store::Error::closed()),
                 Code::Unavailable,
             ),
             (
-                Error::Store(store::Error::Protocol(tarant::Error::Protocol("x".into()))),
+                Error::Store(store::Error::protocol("x")),
                 Code::Internal,
             ),
             (

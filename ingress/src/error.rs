@@ -102,9 +102,7 @@ mod tests {
         assert_eq!(commit.code(), Code::Unavailable);
         assert!(commit.message().contains("message not stored"));
 
-        let closed = tonic::Status::from(Error::Commit(store::Error::Unavailable(
-            tarant::Error::Closed,
-        )));
+        let closed = tonic::Status::from(Error::Commit(store::Error::closed()));
         assert_eq!(closed.code(), Code::Unavailable);
     }
 
@@ -114,9 +112,11 @@ mod tests {
             Error::Invalid(validate::Error::new("data", "too big")),
             Error::Upload(blob::Error::Rejected("AccessDenied".into())),
             Error::Upload(blob::Error::NotFound("k".into())),
-            Error::Commit(store::Error::Protocol(tarant::Error::Protocol(
-                "bad".into(),
-            ))),
+            Error::Commit(store::Error::protocol("bad")),
+            Error::Commit(store::Error::Refused {
+                code: 2,
+                reason: "Failed to allocate".into(),
+            }),
             Error::Server(server::Error::Io(std::io::Error::other("x"))),
         ];
         for err in errors {

@@ -5,6 +5,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod many;
 mod rate_limit;
 mod service;
 mod stream;
@@ -34,33 +35,37 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), Error> {
     let mut setup = server::Setup::new(&config, service_names::INGRESS).await?;
-    let ingress = Ingress::new(
+    let mut ingress = Ingress::new(
         setup.store.clone(),
         setup.blobs.clone(),
         setup.auth.clone(),
         &config,
     )
     .with_metrics(setup.metrics.clone());
-    let max_message = usize::try_from(config.max_payload_bytes)
-        .unwrap_or(usize::MAX)
-        .saturating_add(ENVELOPE_BYTES);
-    let service = IngressServiceServer::new(ingress).max_decoding_message_size(max_message);
-    let router = if config.publish_rate_per_second > 0 {
+    let limiter = (config.publish_rate_per_second > 0).then(|| {
         let burst = match config.publish_burst {
             0 => config.publish_rate_per_second,
             burst => burst,
         };
-        let limiter = Arc::new(rate_limit::Limiter::new(
+        Arc::new(rate_limit::Limiter::new(
             config.publish_rate_per_second,
             burst,
-        ));
-        setup.router()?.add_service(rate_limit::RateLimited::new(
+        ))
+    });
+    if let Some(limiter) = &limiter {
+        ingress = ingress.with_rate_limit(limiter.clone());
+    }
+    let max_message = usize::try_from(config.max_payload_bytes)
+        .unwrap_or(usize::MAX)
+        .saturating_add(ENVELOPE_BYTES);
+    let service = IngressServiceServer::new(ingress).max_decoding_message_size(max_message);
+    let router = match limiter {
+        Some(limiter) => setup.router()?.add_service(rate_limit::RateLimited::new(
             service,
             limiter,
             setup.auth.clone(),
-        ))
-    } else {
-        setup.router()?.add_service(service)
+        )),
+        None => setup.router()?.add_service(service),
     };
     Ok(setup.serve(router, listener, shutdown, || {}).await?)
 }

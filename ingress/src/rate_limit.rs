@@ -1,7 +1,8 @@
 //! A per-client publish rate limit, as a tower layer in front of the ingress
 //! service. The client is the `client_id` of a verified token (anonymous
 //! callers share one budget), each with a token bucket; a publish beyond it
-//! is answered RESOURCE_EXHAUSTED with a retry hint, before it is decoded.
+//! is answered RESOURCE_EXHAUSTED with a retry hint, before it is decoded;
+//! a PublishMany stream is slowed down to the rate instead (see `many`).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -12,6 +13,9 @@ use std::time::{Duration, Instant};
 use mts_shared::auth::{Authenticator, Caller};
 use tonic::server::NamedService;
 use tonic_types::{ErrorDetails, StatusExt};
+
+/// The one call that is limited per message rather than per call.
+const PUBLISH_MANY_PATH: &str = "/minitoolstream.IngressService/PublishMany";
 
 /// Buckets kept before idle ones are forgotten.
 const MAX_CLIENTS: usize = 10_000;
@@ -67,6 +71,14 @@ impl Limiter {
     }
 }
 
+/// Whose bucket a caller draws from: anonymous callers share one.
+pub fn client_of(caller: &Caller) -> &str {
+    match caller {
+        Caller::Client(claims) => &claims.client_id,
+        Caller::Anonymous => "",
+    }
+}
+
 /// Wraps the ingress service with the limit.
 #[derive(Clone)]
 pub struct RateLimited<S> {
@@ -111,12 +123,11 @@ where
         let metadata = tonic::metadata::MetadataMap::from_headers(headers);
         // An unverifiable token is the handler's to refuse, with UNAUTHENTICATED.
         let caller = self.auth.authenticate(&metadata).ok();
-        let client = caller.as_ref().map(|caller| match caller {
-            Caller::Client(claims) => claims.client_id.clone(),
-            Caller::Anonymous => String::new(),
-        });
+        // A PublishMany stream counts its messages one by one instead.
+        let per_message = request.uri().path() == PUBLISH_MANY_PATH;
+        let client = caller.as_ref().filter(|_| !per_message).map(client_of);
         if let Some(client) = client
-            && let Err(wait) = self.limiter.take(&client, Instant::now())
+            && let Err(wait) = self.limiter.take(client, Instant::now())
         {
             let who = if client.is_empty() {
                 "anonymous callers".to_owned()

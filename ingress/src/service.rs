@@ -11,10 +11,11 @@ use mts_shared::auth::{Authenticator, Caller, Permission};
 use mts_shared::blob::BlobStore;
 use mts_shared::config::Config;
 use mts_shared::metrics::Metrics;
-use mts_shared::store::{self, NewMessage, Payload, Published, Store};
+use mts_shared::store::{self, InlineMessage, NewMessage, Payload, Published, Store};
 use mts_shared::validate;
 use sha2::{Digest, Sha256};
 use tokio::sync::Semaphore;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, instrument};
 
@@ -36,6 +37,24 @@ pub struct Ingress {
     pub(crate) max_uploads: usize,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) metrics: Option<Arc<Metrics>>,
+    /// The publish rate limit, when one is set: the layer in front takes a
+    /// token per call, a PublishMany stream one per message.
+    pub(crate) limiter: Option<Arc<crate::rate_limit::Limiter>>,
+}
+
+/// A checked message, by where its payload goes.
+pub(crate) enum Checked {
+    /// Stored in Tarantool with the metadata.
+    Inline(InlineMessage),
+    /// Uploaded to the object store first.
+    Offloaded(Offloaded),
+}
+
+/// A message whose payload goes to the object store.
+pub(crate) struct Offloaded {
+    envelope: Envelope,
+    data: bytes::Bytes,
+    sha256: String,
 }
 
 /// What a publish stores besides the payload.
@@ -143,12 +162,19 @@ impl Ingress {
             max_uploads,
             auth,
             metrics: None,
+            limiter: None,
         }
     }
 
     /// Records stored publishes in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
         self.metrics = Some(metrics);
+        self
+    }
+
+    /// Counts each message of a PublishMany stream against `limiter`.
+    pub fn with_rate_limit(mut self, limiter: Arc<crate::rate_limit::Limiter>) -> Self {
+        self.limiter = Some(limiter);
         self
     }
 
@@ -161,7 +187,7 @@ impl Ingress {
         }
     }
 
-    fn record(&self, reply: &PublishResponse, started: std::time::Instant) {
+    pub(crate) fn record(&self, reply: &PublishResponse, started: std::time::Instant) {
         if let (Some(metrics), false) = (&self.metrics, reply.duplicate) {
             metrics.published(
                 !reply.object_name.is_empty(),
@@ -171,44 +197,69 @@ impl Ingress {
         }
     }
 
-    async fn publish_message(&self, request: PublishRequest) -> Result<PublishResponse, Error> {
+    /// Checks a message and decides where its payload goes.
+    pub(crate) fn check(&self, request: PublishRequest) -> Result<Checked, Error> {
         let envelope = Envelope::checked(request.subject, request.headers, request.message_id)?;
-        let size = request.data.len() as u64;
         validate::payload_size(
             request.data.len(),
             usize::try_from(self.max_payload).unwrap_or(usize::MAX),
         )?;
         let sha256 = sha256_hex(&request.data);
-        if let Some(seq) = self.already_published(&envelope).await? {
-            return Ok(reply(
-                Published {
-                    seq,
-                    duplicate: true,
-                },
-                String::new(),
-                size,
+        if request.data.len() as u64 <= self.inline_threshold {
+            return Ok(Checked::Inline(InlineMessage {
+                subject: envelope.subject,
+                headers: envelope.headers,
+                data: request.data,
                 sha256,
-            ));
+                message_id: envelope.message_id,
+                dedup_window: self.dedup_window,
+            }));
         }
-        if size <= self.inline_threshold {
-            let published = self
-                .commit(&envelope, Payload::Inline(&request.data), size, &sha256)
-                .await?;
-            return Ok(reply(published, String::new(), size, sha256));
-        }
-        // Boxed: the S3 client's futures are large, and every publish future
-        // is moved into its own task (see `detached`); small publishes should
-        // not pay for copying state they never use.
-        Box::pin(self.publish_offloaded(envelope, request.data, size, sha256)).await
+        Ok(Checked::Offloaded(Offloaded {
+            envelope,
+            data: request.data,
+            sha256,
+        }))
     }
 
-    async fn publish_offloaded(
+    /// Stores an inline message by group commit. It is queued before this
+    /// returns and stored even if the future is dropped.
+    pub(crate) fn publish_inline(
         &self,
-        envelope: Envelope,
-        data: bytes::Bytes,
-        size: u64,
-        sha256: String,
-    ) -> Result<PublishResponse, Error> {
+        message: InlineMessage,
+    ) -> impl Future<Output = Result<PublishResponse, Error>> + Send + use<> {
+        let size = message.data.len() as u64;
+        let sha256 = message.sha256.clone();
+        let outcome = self.store.publish_inline(message);
+        async move {
+            let published = outcome.await.map_err(Error::Commit)?;
+            Ok(reply(published, String::new(), size, sha256))
+        }
+    }
+
+    /// Uploads the payload, then commits the metadata, in a task of its own
+    /// (see `detached`).
+    pub(crate) async fn publish_offloaded(&self, message: Offloaded) -> Result<PublishResponse, Error> {
+        let ingress = self.clone();
+        // Boxed: the S3 client's futures are large; the task should not
+        // copy them around.
+        detached(Box::pin(async move { ingress.upload_and_commit(message).await })).await
+    }
+
+    async fn upload_and_commit(&self, message: Offloaded) -> Result<PublishResponse, Error> {
+        let Offloaded {
+            envelope,
+            data,
+            sha256,
+        } = message;
+        let size = data.len() as u64;
+        if let Some(seq) = self.already_published(&envelope).await? {
+            let published = Published {
+                seq,
+                duplicate: true,
+            };
+            return Ok(reply(published, String::new(), size, sha256));
+        }
         let key = envelope.object_key();
         self.blobs.put(&key, data).await.map_err(Error::Upload)?;
         let published = self
@@ -373,10 +424,12 @@ impl IngressService for Ingress {
         let trace = trace_context(request.metadata());
         let mut message = request.into_inner();
         with_trace(&mut message.headers, trace);
-        let ingress = self.clone();
-        let reply = detached(async move { ingress.publish_message(message).await })
-            .await
-            .inspect_err(|err| tracing::warn!(%err, "publish failed"))?;
+        let reply = match self.check(message) {
+            Ok(Checked::Inline(message)) => self.publish_inline(message).await,
+            Ok(Checked::Offloaded(message)) => self.publish_offloaded(message).await,
+            Err(err) => Err(err),
+        }
+        .inspect_err(|err| tracing::warn!(%err, "publish failed"))?;
         tracing::debug!(
             sequence = reply.sequence,
             duplicate = reply.duplicate,
@@ -384,6 +437,23 @@ impl IngressService for Ingress {
         );
         self.record(&reply, started);
         Ok(Response::new(reply))
+    }
+
+    type PublishManyStream = ReceiverStream<Result<PublishResponse, Status>>;
+
+    #[instrument(skip_all)]
+    async fn publish_many(
+        &self,
+        request: Request<Streaming<PublishRequest>>,
+    ) -> Result<Response<Self::PublishManyStream>, Status> {
+        let caller = self.caller(&request)?;
+        let trace = trace_context(request.metadata());
+        Ok(Response::new(crate::many::serve(
+            self.clone(),
+            caller,
+            trace,
+            request.into_inner(),
+        )))
     }
 
     #[instrument(skip_all)]

@@ -6,7 +6,6 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::server::Router;
 use tonic::transport::{Certificate, Server, ServerTlsConfig};
 use tonic_health::pb::health_server::HealthServer;
@@ -221,6 +220,13 @@ pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
     TcpListener::bind(SocketAddr::new(host, config.server_port)).await
 }
 
+/// The connections `listener` accepts, with Nagle's algorithm off. The
+/// builder's tcp_nodelay only reaches sockets tonic binds itself; without it
+/// here, small replies wait out Nagle and delayed ACKs (40 ms on Linux).
+fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
+    tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
+}
+
 /// Serves `router` on `listener` until `shutdown` completes and in-flight
 /// calls have finished.
 async fn serve(
@@ -229,7 +235,7 @@ async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
     router
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), shutdown)
+        .serve_with_incoming_shutdown(incoming(listener), shutdown)
         .await
 }
 
@@ -305,4 +311,21 @@ where
     };
     telemetry.shutdown().await;
     code
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::StreamExt;
+
+    use super::*;
+
+    #[tokio::test]
+    async fn accepted_connections_have_nagle_off() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut accepted = incoming(listener);
+        let _client = tokio::net::TcpStream::connect(address).await.unwrap();
+        let stream = accepted.next().await.unwrap().unwrap();
+        assert!(stream.nodelay().unwrap());
+    }
 }

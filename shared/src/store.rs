@@ -14,10 +14,14 @@ use tarant::{Args, Client, ConnectOptions, ErrorCode};
 
 use crate::config::Config;
 
+mod group_commit;
+
+pub use group_commit::InlineMessage;
+
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 /// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
-pub const SCHEMA_VERSION: u64 = 6;
+pub const SCHEMA_VERSION: u64 = 7;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
@@ -26,24 +30,33 @@ const ABANDONED: ErrorCode = ErrorCode(10001);
 /// Raised by `mts_publish` when the request arrived after its deadline.
 const LATE: ErrorCode = ErrorCode(10002);
 
-/// What can go wrong talking to Tarantool.
-#[derive(Debug, thiserror::Error)]
+/// What can go wrong talking to Tarantool. Cheap to clone: a group commit
+/// hands one call's failure to every message in it.
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The connection is down or broke while the call was in flight.
     #[error("Tarantool is unreachable: {0}")]
-    Unavailable(#[source] tarant::Error),
+    Unavailable(#[source] Arc<tarant::Error>),
     /// No reply within the deadline.
     #[error("Tarantool did not answer within {0:?}")]
     Timeout(Duration),
     /// Tarantool is out of memory for data.
     #[error("Tarantool is out of memory: {0}")]
-    Full(#[source] tarant::Error),
+    Full(#[source] Arc<tarant::Error>),
     /// Tarantool refused the call.
     #[error("Tarantool refused the request: {0}")]
-    Rejected(#[source] tarant::Error),
+    Rejected(#[source] Arc<tarant::Error>),
+    /// Tarantool refused one message of a group commit; the others stand.
+    #[error("Tarantool refused the message: {reason} (error {code})")]
+    Refused {
+        /// Tarantool's error code.
+        code: u32,
+        /// What it said.
+        reason: String,
+    },
     /// A reply that does not have the expected shape.
     #[error("unexpected reply from Tarantool: {0}")]
-    Protocol(#[source] tarant::Error),
+    Protocol(#[source] Arc<tarant::Error>),
 }
 
 impl Error {
@@ -55,12 +68,36 @@ impl Error {
 
     fn classify(err: tarant::Error) -> Self {
         match &err {
-            tarant::Error::Server(server) if server.code() == MEMORY_ISSUE => Self::Full(err),
-            tarant::Error::Server(_) | tarant::Error::Auth { .. } => Self::Rejected(err),
-            tarant::Error::Decode(_) | tarant::Error::Protocol(_) | tarant::Error::Encode(_) => {
-                Self::Protocol(err)
+            tarant::Error::Server(server) if server.code() == MEMORY_ISSUE => {
+                Self::Full(Arc::new(err))
             }
-            _ => Self::Unavailable(err),
+            tarant::Error::Server(_) | tarant::Error::Auth { .. } => Self::Rejected(Arc::new(err)),
+            tarant::Error::Decode(_) | tarant::Error::Protocol(_) | tarant::Error::Encode(_) => {
+                Self::Protocol(Arc::new(err))
+            }
+            _ => Self::Unavailable(Arc::new(err)),
+        }
+    }
+
+    /// The connection is gone.
+    pub fn closed() -> Self {
+        Self::Unavailable(Arc::new(tarant::Error::Closed))
+    }
+
+    /// A reply or request that does not have the expected shape.
+    pub fn protocol(what: impl Into<String>) -> Self {
+        Self::Protocol(Arc::new(tarant::Error::Protocol(what.into())))
+    }
+
+    /// Tarantool's code for an error it raised, if it raised one.
+    fn server_code(&self) -> Option<ErrorCode> {
+        match self {
+            Self::Rejected(err) | Self::Full(err) => match &**err {
+                tarant::Error::Server(server) => Some(server.code()),
+                _ => None,
+            },
+            Self::Refused { code, .. } => Some(ErrorCode(*code)),
+            _ => None,
         }
     }
 }
@@ -358,6 +395,9 @@ pub struct Store {
     timeout: Duration,
     schema_lock: Arc<tokio::sync::Mutex<()>>,
     metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// Where `publish_inline` queues (see `group_commit`); `None` only in
+    /// the store the queue's own task calls through.
+    group: Option<group_commit::Queue>,
 }
 
 impl Store {
@@ -386,9 +426,20 @@ impl Store {
             timeout: config.tarantool_timeout(),
             schema_lock: Arc::default(),
             metrics: None,
+            group: None,
         };
         store.ensure_schema().await?;
-        Ok(store)
+        Ok(store.with_group_commit())
+    }
+
+    /// (Re)starts the group-commit queue with this store's settings.
+    fn with_group_commit(mut self) -> Self {
+        let worker = Self {
+            group: None,
+            ..self.clone()
+        };
+        self.group = Some(group_commit::Queue::start(worker));
+        self
     }
 
     /// Applies the schema unless Tarantool already runs this version, as it
@@ -408,7 +459,7 @@ impl Store {
     /// Records every call's latency and failures in `metrics`.
     pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
         self.metrics = Some(metrics);
-        self
+        self.with_group_commit()
     }
 
     /// Applies `SCHEMA_LUA`; returns the schema version.
@@ -463,9 +514,7 @@ impl Store {
         limit: Duration,
     ) -> Result<R, Error> {
         match self.deadline(limit, self.client.call(name, &args)).await {
-            Err(Error::Rejected(tarant::Error::Server(e)))
-                if e.code() == ErrorCode::NO_SUCH_PROC =>
-            {
+            Err(e) if e.server_code() == Some(ErrorCode::NO_SUCH_PROC) => {
                 tracing::warn!(
                     procedure = name,
                     "stored procedure missing; re-applying schema"
@@ -539,6 +588,26 @@ impl Store {
             )
             .await?;
         Ok(Published { seq, duplicate })
+    }
+
+    /// Stores an inline message by group commit (see `group_commit`), or
+    /// finds the earlier one with the same message id. The message is queued
+    /// before this returns, so messages queued one after another get
+    /// sequences in that order; it is stored even if the future is dropped.
+    pub fn publish_inline(
+        &self,
+        message: InlineMessage,
+    ) -> impl Future<Output = Result<Published, Error>> + Send + use<> {
+        let queued = self
+            .group
+            .as_ref()
+            .map(|queue| queue.push(message, self.timeout));
+        async move {
+            match queued {
+                Some(outcome) => outcome.await,
+                None => Err(Error::closed()),
+            }
+        }
     }
 
     /// The sequence `message_id` was stored under within its window, if any.
@@ -825,7 +894,7 @@ impl Store {
             .await?;
         base64::engine::general_purpose::STANDARD
             .decode(encoded)
-            .map_err(|e| Error::Protocol(tarant::Error::Protocol(format!("backup chunk: {e}"))))
+            .map_err(|e| Error::protocol(format!("backup chunk: {e}")))
     }
 
     /// Up to `limit` object keys (with sizes, 0 when unknown) after `after`,
@@ -863,20 +932,18 @@ impl From<Error> for tonic::Status {
             Error::Unavailable(_) | Error::Timeout(_) => tonic::Status::unavailable(format!(
                 "metadata store unavailable, retry later: {err}"
             )),
-            Error::Full(_) => tonic::Status::resource_exhausted(format!(
-                "metadata store is full; free space or raise memtx_memory: {err}"
+            _ if err.server_code() == Some(MEMORY_ISSUE) => {
+                tonic::Status::resource_exhausted(format!(
+                    "metadata store is full; free space or raise memtx_memory: {err}"
+                ))
+            }
+            _ if err.server_code() == Some(LATE) => tonic::Status::unavailable(format!(
+                "metadata store was too slow, retry later: {err}"
             )),
-            Error::Rejected(tarant::Error::Server(server)) if server.code() == LATE => {
-                tonic::Status::unavailable(format!(
-                    "metadata store was too slow, retry later: {err}"
-                ))
-            }
-            Error::Rejected(tarant::Error::Server(server)) if server.code() == ABANDONED => {
-                tonic::Status::aborted(format!(
-                    "publish was abandoned after a timeout; publish again: {err}"
-                ))
-            }
-            Error::Rejected(_) | Error::Protocol(_) => {
+            _ if err.server_code() == Some(ABANDONED) => tonic::Status::aborted(format!(
+                "publish was abandoned after a timeout; publish again: {err}"
+            )),
+            Error::Full(_) | Error::Rejected(_) | Error::Refused { .. } | Error::Protocol(_) => {
                 tonic::Status::internal(format!("metadata store error: {err}"))
             }
         }

@@ -10,7 +10,7 @@ local clock = require('clock')
 local digest = require('digest')
 local fio = require('fio')
 
-local SCHEMA_VERSION = 6
+local SCHEMA_VERSION = 7
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -237,41 +237,147 @@ end
 -- With `dedup` = {message_id, window_ms}, a second publish of the same id on
 -- the same subject within the window stores nothing and returns the first
 -- one's sequence; the second return value says whether that happened.
+-- Inside a transaction: stores the message unless `message_id` was seen on
+-- the subject within its window. Returns the sequence and whether it was a
+-- duplicate (then the first one's sequence and nothing stored).
+local function publish_one(now, subject, headers, data, object_key, size, sha256, message_id, window_ms)
+    local dedup = message_id ~= nil and message_id ~= ''
+    if dedup then
+        local seen = box.space.mts_dedup:get({subject, message_id})
+        if seen ~= nil and seen[4] > now then
+            return seen[3], true
+        end
+    end
+    local seq = store_message(subject, headers, data, object_key, size, sha256)
+    if dedup then
+        box.space.mts_dedup:replace({subject, message_id, seq, now + (window_ms or 0) * 1000000})
+    end
+    return seq, false
+end
+
+local LATE = 10002
+local LATE_REASON = 'publish reached Tarantool after its deadline; nothing was stored'
+    .. ' (if this persists, check clock sync between the services and Tarantool)'
+
+local function late(deadline_ns, now)
+    return deadline_ns ~= nil and deadline_ns > 0 and now > deadline_ns
+end
+
+-- Assigns the next sequence of `subject` and stores the message in the same
+-- transaction, so sequences are gap-free and in commit order. `deadline_ns`
+-- (wall clock) is when the caller stops waiting: a request that arrives later
+-- (held back by a reconnecting client, say) is refused rather than stored
+-- behind the back of a publisher that was told it failed.
+--
+-- With `dedup` = {message_id, window_ms}, a second publish of the same id on
+-- the same subject within the window stores nothing and returns the first
+-- one's sequence; the second return value says whether that happened.
 rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, deadline_ns, sha256, dedup)
     local message_id, window_ms = nil, 0
     if dedup ~= nil then
         message_id, window_ms = dedup[1], dedup[2]
     end
-    if deadline_ns ~= nil and deadline_ns > 0 and now_ns() > deadline_ns then
-        box.error({
-            reason = 'publish reached Tarantool after its deadline; nothing was stored'
-                .. ' (if this persists, check clock sync between the services and Tarantool)',
-            code = 10002,
-        })
+    if late(deadline_ns, now_ns()) then
+        box.error({reason = LATE_REASON, code = LATE})
     end
     if object_key ~= nil and box.space.mts_abandoned:get(object_key) ~= nil then
         box.error({reason = 'object ' .. object_key .. ' was abandoned; publish again', code = 10001})
     end
-    local seq
-    local duplicate = false
+    local seq, duplicate
     box.atomic(function()
-        local now = now_ns()
-        if message_id ~= nil and message_id ~= '' then
-            local seen = box.space.mts_dedup:get({subject, message_id})
-            if seen ~= nil and seen[4] > now then
-                seq, duplicate = seen[3], true
-                return
-            end
-        end
-        seq = store_message(subject, headers, data, object_key, size, sha256)
-        if message_id ~= nil and message_id ~= '' then
-            box.space.mts_dedup:replace({subject, message_id, seq, now + (window_ms or 0) * 1000000})
-        end
+        seq, duplicate = publish_one(now_ns(), subject, headers, data, object_key, size, sha256,
+            message_id, window_ms)
     end)
     if not duplicate then
         notify(subject)
     end
     return seq, duplicate
+end)
+
+-- One message of a group commit, inside its transaction: `sequences` holds
+-- the subject's running state, written back once per batch. Returns the
+-- sequence and whether the message was a duplicate. Raises, having written
+-- nothing, when the message cannot be stored.
+local function publish_grouped(now, sequences, m)
+    local subject, data, size, message_id = m[1], m[3], m[4], m[6]
+    local dedup = message_id ~= nil and message_id ~= ''
+    if dedup then
+        local seen = box.space.mts_dedup:get({subject, message_id})
+        if seen ~= nil and seen[4] > now then
+            return seen[3], true
+        end
+    end
+    local seq = sequences.seq + 1
+    local row = {subject, seq, now, setmetatable(m[2] or {}, MAP), data, box.NULL, size, m[5]}
+    if dedup then
+        local savepoint = box.savepoint()
+        local ok, err = pcall(function()
+            box.space.mts_messages:insert(row)
+            box.space.mts_dedup:replace({subject, message_id, seq, now + (m[7] or 0) * 1000000})
+        end)
+        if not ok then
+            box.rollback_to_savepoint(savepoint)
+            error(err)
+        end
+    else
+        box.space.mts_messages:insert(row)
+    end
+    sequences.seq = seq
+    sequences.count = sequences.count + 1
+    sequences.bytes = sequences.bytes + size
+    return seq, false
+end
+
+-- Group commit: stores inline messages from many publishers in one
+-- transaction, so one WAL write serves them all, and each subject's row is
+-- written once. Each message is {subject, headers, data, size, sha256,
+-- message_id ('' for none), window_ms, deadline_ns} and is handled as
+-- mts_publish would; one that fails is left out and answered in its place.
+-- Returns one {seq, duplicate} or {0, false, error_code, reason} per
+-- message, in order; messages to the same subject get consecutive sequences
+-- in that order.
+rawset(_G, 'mts_publish_batch', function(messages)
+    local results = {}
+    local subjects = {}
+    box.atomic(function()
+        local now = now_ns()
+        for i, m in ipairs(messages) do
+            local subject = m[1]
+            if late(m[8], now) then
+                results[i] = {0, false, LATE, LATE_REASON}
+            else
+                local sequences = subjects[subject]
+                if sequences == nil then
+                    local row = box.space.mts_subjects:get(subject)
+                    sequences = {seq = row ~= nil and row[2] or 0, count = 0, bytes = 0, exists = row ~= nil}
+                    subjects[subject] = sequences
+                end
+                local ok, seq, duplicate = pcall(publish_grouped, now, sequences, m)
+                if ok then
+                    results[i] = {seq, duplicate}
+                else
+                    local err = seq
+                    local code = type(err) == 'cdata' and err.code or 0
+                    results[i] = {0, false, code, tostring(err)}
+                end
+            end
+        end
+        for subject, s in pairs(subjects) do
+            if s.count > 0 then
+                if s.exists then
+                    box.space.mts_subjects:update({subject}, {{'=', 2, s.seq}, {'+', 3, s.count}, {'+', 4, s.bytes}})
+                else
+                    box.space.mts_subjects:insert({subject, s.seq, s.count, s.bytes})
+                end
+            end
+        end
+    end)
+    for subject, s in pairs(subjects) do
+        if s.count > 0 then
+            notify(subject)
+        end
+    end
+    return results
 end)
 
 -- The sequence a message id was stored under within its window, or 0: lets
@@ -1077,7 +1183,7 @@ end)
 -- granted it instead of universe rights (the Kubernetes init does that).
 with_schema_lock(function()
     local PROCEDURES = {
-        'mts_schema_version', 'mts_publish', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
+        'mts_schema_version', 'mts_publish', 'mts_publish_batch', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
         'mts_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
         'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
         'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',

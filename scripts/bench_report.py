@@ -15,7 +15,8 @@ def machine():
 
 
 def processes(figures):
-    busy = {name: f for name, f in figures.items() if f["cpu_seconds"] > 0.05 or name in ("ingress", "egress")}
+    busy = {name: f for name, f in figures.items()
+            if f["cpu_seconds"] > 0.05 or name in ("ingress", "egress", "client")}
     return ", ".join(f"{name} {f['peak_rss_mib']} MiB/{f['cpu_seconds']} s" for name, f in busy.items())
 
 

@@ -154,7 +154,11 @@ async fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<String, String> {
-    let services = process::Services::new(args.pids.clone());
+    // The load generator itself too: on a shared machine its CPU is not the
+    // servers'.
+    let mut pids = args.pids.clone();
+    pids.push(("client".to_owned(), std::process::id()));
+    let services = process::Services::new(pids);
     // A subject of its own per run, so runs never see each other's messages.
     let subject = |name: &str| format!("bench.{name}.{}", std::process::id());
     let unsupported = |system: System| {
@@ -183,8 +187,7 @@ async fn run(args: Args) -> Result<String, String> {
                     publish::ours(&args.ingress, &subject, size, concurrency, duration).await?
                 }
                 System::OursMany => {
-                    publish::ours_many(&args.ingress, &subject, size, concurrency, duration)
-                        .await?
+                    publish::ours_many(&args.ingress, &subject, size, concurrency, duration).await?
                 }
                 System::Jetstream => {
                     publish::jetstream(&args.nats, &subject, size, concurrency, duration).await?

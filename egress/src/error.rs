@@ -111,14 +111,8 @@ mod tests {
                 Error::Store(store::Error::Timeout(std::time::Duration::from_secs(1))),
                 Code::Unavailable,
             ),
-            (
-                Error::Store(store::Error::closed()),
-                Code::Unavailable,
-            ),
-            (
-                Error::Store(store::Error::protocol("x")),
-                Code::Internal,
-            ),
+            (Error::Store(store::Error::closed()), Code::Unavailable),
+            (Error::Store(store::Error::protocol("x")), Code::Internal),
             (
                 Error::Blob(blob::Error::Unavailable("refused".into())),
                 Code::Unavailable,

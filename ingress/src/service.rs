@@ -239,11 +239,17 @@ impl Ingress {
 
     /// Uploads the payload, then commits the metadata, in a task of its own
     /// (see `detached`).
-    pub(crate) async fn publish_offloaded(&self, message: Offloaded) -> Result<PublishResponse, Error> {
+    pub(crate) async fn publish_offloaded(
+        &self,
+        message: Offloaded,
+    ) -> Result<PublishResponse, Error> {
         let ingress = self.clone();
         // Boxed: the S3 client's futures are large; the task should not
         // copy them around.
-        detached(Box::pin(async move { ingress.upload_and_commit(message).await })).await
+        detached(Box::pin(
+            async move { ingress.upload_and_commit(message).await },
+        ))
+        .await
     }
 
     async fn upload_and_commit(&self, message: Offloaded) -> Result<PublishResponse, Error> {

@@ -932,11 +932,9 @@ impl From<Error> for tonic::Status {
             Error::Unavailable(_) | Error::Timeout(_) => tonic::Status::unavailable(format!(
                 "metadata store unavailable, retry later: {err}"
             )),
-            _ if err.server_code() == Some(MEMORY_ISSUE) => {
-                tonic::Status::resource_exhausted(format!(
-                    "metadata store is full; free space or raise memtx_memory: {err}"
-                ))
-            }
+            _ if err.server_code() == Some(MEMORY_ISSUE) => tonic::Status::resource_exhausted(
+                format!("metadata store is full; free space or raise memtx_memory: {err}"),
+            ),
             _ if err.server_code() == Some(LATE) => tonic::Status::unavailable(format!(
                 "metadata store was too slow, retry later: {err}"
             )),

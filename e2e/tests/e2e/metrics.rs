@@ -101,7 +101,7 @@ async fn counters_move_with_the_calls() {
         3.0
     );
     assert_eq!(
-        values[r#"minitoolstream_dependency_call_duration_seconds_count{dependency="tarantool",operation="mts_publish"}"#],
+        values[r#"minitoolstream_dependency_call_duration_seconds_count{dependency="tarantool",operation="mts_publish_batch"}"#],
         3.0
     );
 

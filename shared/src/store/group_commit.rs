@@ -1,0 +1,211 @@
+//! Group commit: inline publishes from every caller of a process go through
+//! one queue, and whatever has gathered while the previous call was in
+//! flight is stored by the next `mts_publish_batch` call, in one transaction
+//! and one WAL write. Under load a call carries many messages; alone, a
+//! message waits for nothing but its own call.
+//!
+//! Messages reach Tarantool in the order they were queued, so a publisher
+//! that queues A before B gets A the lower sequence. Two calls may be in
+//! flight, so that Tarantool stores one batch while the next is gathered and
+//! sent; their order holds because each call is polled once, right after it
+//! is made, which puts its request in the connection's send queue (a bounded
+//! Tokio channel, whose senders are served first come, first served) before
+//! the next call exists. Tarantool runs the requests of one connection in
+//! the order they arrive, and a stored procedure that does not yield before
+//! its commit assigns sequences in that order.
+//!
+//! A message whose caller has gone is still stored (or refused) like any
+//! other; its answer is dropped.
+
+use std::collections::HashMap;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use serde::ser::SerializeTuple;
+use serde::{Deserialize, Serialize, Serializer};
+use tokio::sync::{mpsc, oneshot};
+
+use super::{Error, Published, Store};
+
+/// Most messages in one call: each holds Tarantool's transaction thread for
+/// a few microseconds, and other callers wait behind the whole call.
+const MAX_MESSAGES: usize = 256;
+/// Most payload bytes in one call.
+const MAX_BYTES: usize = 4 << 20;
+/// Calls in flight at once.
+const MAX_CALLS: usize = 2;
+
+/// An inline message to store; owns what it stores.
+#[derive(Debug, Clone)]
+pub struct InlineMessage {
+    /// Its subject.
+    pub subject: String,
+    /// Its headers.
+    pub headers: HashMap<String, String>,
+    /// The payload.
+    pub data: Bytes,
+    /// Hex SHA-256 of the payload.
+    pub sha256: String,
+    /// Publisher's id for deduplication.
+    pub message_id: Option<String>,
+    /// How long a message id is remembered.
+    pub dedup_window: Duration,
+}
+
+/// A message waiting for its call, and where its outcome goes.
+struct Queued {
+    message: InlineMessage,
+    /// Wall clock, nanoseconds: when the publisher stops waiting. Tarantool
+    /// refuses the message after it rather than store it behind the back of
+    /// a publisher that was told it failed.
+    deadline_ns: u64,
+    outcome: oneshot::Sender<Result<Published, Error>>,
+}
+
+/// The message as `mts_publish_batch` takes it.
+impl Serialize for Queued {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let m = &self.message;
+        let window_ms = u64::try_from(m.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let mut tuple = serializer.serialize_tuple(8)?;
+        tuple.serialize_element(&m.subject)?;
+        tuple.serialize_element(&m.headers)?;
+        tuple.serialize_element(serde_bytes::Bytes::new(&m.data))?;
+        tuple.serialize_element(&(m.data.len() as u64))?;
+        tuple.serialize_element(&m.sha256)?;
+        tuple.serialize_element(m.message_id.as_deref().unwrap_or(""))?;
+        tuple.serialize_element(&window_ms)?;
+        tuple.serialize_element(&self.deadline_ns)?;
+        tuple.end()
+    }
+}
+
+/// One message's verdict: `{seq, duplicate}`, or `{0, false, code, reason}`.
+#[derive(Debug, Deserialize)]
+struct Verdict {
+    seq: u64,
+    duplicate: bool,
+    #[serde(default)]
+    code: Option<u32>,
+    #[serde(default)]
+    reason: Option<String>,
+}
+
+impl Verdict {
+    fn into_result(self) -> Result<Published, Error> {
+        match self.code {
+            None => Ok(Published {
+                seq: self.seq,
+                duplicate: self.duplicate,
+            }),
+            Some(code) => Err(Error::Refused {
+                code,
+                reason: self.reason.unwrap_or_default(),
+            }),
+        }
+    }
+}
+
+/// The sending end of a process's group-commit queue.
+#[derive(Clone)]
+pub(super) struct Queue {
+    sender: mpsc::UnboundedSender<Queued>,
+}
+
+impl Queue {
+    /// Starts the task that drains the queue through `store`, which must not
+    /// hold a queue itself: the task ends when the last `Queue` is dropped.
+    pub(super) fn start(store: Store) -> Self {
+        debug_assert!(store.group.is_none());
+        let (sender, receiver) = mpsc::unbounded_channel();
+        tokio::spawn(drain(store, receiver));
+        Self { sender }
+    }
+
+    /// Queues `message` now (so that messages queued one after another are
+    /// stored in that order) and returns its outcome to await.
+    pub(super) fn push(
+        &self,
+        message: InlineMessage,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<Published, Error>> + Send + use<> {
+        let deadline_ns = SystemTime::now()
+            .checked_add(timeout)
+            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
+            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let (outcome, verdict) = oneshot::channel();
+        let queued = self.sender.send(Queued {
+            message,
+            deadline_ns,
+            outcome,
+        });
+        async move {
+            queued.map_err(|_| Error::closed())?;
+            verdict.await.unwrap_or_else(|_| Err(Error::closed()))
+        }
+    }
+}
+
+async fn drain(store: Store, mut queue: mpsc::UnboundedReceiver<Queued>) {
+    let mut calls = FuturesUnordered::new();
+    loop {
+        tokio::select! {
+            biased;
+            Some(()) = calls.next(), if !calls.is_empty() => {}
+            first = queue.recv(), if calls.len() < MAX_CALLS => {
+                let Some(first) = first else { break };
+                let mut call = Box::pin(commit(store.clone(), gather(first, &mut queue)));
+                // Puts the request in the send queue before the next call is made.
+                if futures::poll!(call.as_mut()).is_pending() {
+                    calls.push(call);
+                }
+            }
+        }
+    }
+    while calls.next().await.is_some() {}
+}
+
+/// `first` and whatever else is queued, up to the limits of one call.
+fn gather(first: Queued, queue: &mut mpsc::UnboundedReceiver<Queued>) -> Vec<Queued> {
+    let mut bytes = first.message.data.len();
+    let mut batch = vec![first];
+    while batch.len() < MAX_MESSAGES && bytes < MAX_BYTES {
+        let Ok(next) = queue.try_recv() else { break };
+        bytes += next.message.data.len();
+        batch.push(next);
+    }
+    batch
+}
+
+/// Stores `batch` in one call and answers each message.
+async fn commit(store: Store, mut batch: Vec<Queued>) {
+    let batch = &mut batch;
+    let reply: Result<(Vec<Verdict>,), Error> = store
+        .call("mts_publish_batch", (&*batch,), store.timeout)
+        .await;
+    match reply {
+        Ok((verdicts,)) if verdicts.len() == batch.len() => {
+            for (queued, verdict) in batch.drain(..).zip(verdicts) {
+                let _gone = queued.outcome.send(verdict.into_result());
+            }
+        }
+        Ok((verdicts,)) => {
+            let err = Error::protocol(format!(
+                "mts_publish_batch answered {} of {} messages",
+                verdicts.len(),
+                batch.len()
+            ));
+            answer_all(batch, &err);
+        }
+        Err(err) => answer_all(batch, &err),
+    }
+}
+
+fn answer_all(batch: &mut Vec<Queued>, err: &Error) {
+    tracing::debug!(%err, messages = batch.len(), "group commit failed");
+    for queued in batch.drain(..) {
+        let _gone = queued.outcome.send(Err(err.clone()));
+    }
+}

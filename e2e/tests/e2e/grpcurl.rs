@@ -23,7 +23,7 @@ fn grpcurl(
     addr: SocketAddr,
     extra: &[&str],
     method: &str,
-    body: Option<&Value>,
+    body: Option<&str>,
 ) -> Result<String, String> {
     let mut command = Command::new(grpcurl_path());
     command.arg("-plaintext").args(extra);
@@ -42,7 +42,7 @@ fn grpcurl(
         .unwrap_or_else(|e| panic!("cannot run grpcurl ({}): {e}", grpcurl_path()));
     let mut stdin = child.stdin.take().unwrap();
     if let Some(body) = body {
-        stdin.write_all(body.to_string().as_bytes()).unwrap();
+        stdin.write_all(body.as_bytes()).unwrap();
     }
     drop(stdin);
     let out = child.wait_with_output().unwrap();
@@ -90,6 +90,16 @@ async fn call(
     extra: &'static [&'static str],
     method: &'static str,
     body: Value,
+) -> Result<String, String> {
+    call_with_text(addr, extra, method, body.to_string()).await
+}
+
+/// `call` with a body of several JSON objects: a client stream.
+async fn call_with_text(
+    addr: SocketAddr,
+    extra: &'static [&'static str],
+    method: &'static str,
+    body: String,
 ) -> Result<String, String> {
     tokio::task::spawn_blocking(move || grpcurl(addr, extra, method, Some(&body)))
         .await
@@ -302,5 +312,39 @@ async fn a_person_with_grpcurl_can_do_everything() {
             .contains(r#"{"field":"subject","description":"whitespace at byte 3 is not allowed"}"#),
         "the BadRequest detail is readable: {refused}"
     );
+
+    // PublishMany: one JSON object per message in, one answer per message out.
+    let many = [
+        json!({"subject": subject, "data": b64(b"one")}),
+        json!({"subject": "has space", "data": b64(b"two")}),
+        json!({"subject": subject, "data": b64(b"three")}),
+    ]
+    .map(|message| message.to_string())
+    .join("\n");
+    let answers = json_stream(
+        &call_with_text(
+            ingress,
+            &[],
+            "minitoolstream.IngressService/PublishMany",
+            many,
+        )
+        .await
+        .unwrap(),
+    );
+    assert_eq!(answers.len(), 3, "{answers:?}");
+    let last = as_u64(&answers[0]["sequence"]);
+    assert!(last > 3, "after the earlier publishes: {answers:?}");
+    assert_eq!(
+        answers[1]["statusCode"], "3",
+        "INVALID_ARGUMENT: {answers:?}"
+    );
+    assert!(
+        answers[1]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("whitespace at byte 3"),
+        "{answers:?}"
+    );
+    assert_eq!(as_u64(&answers[2]["sequence"]), last + 1, "{answers:?}");
     system.stop().await;
 }

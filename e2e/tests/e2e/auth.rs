@@ -51,6 +51,7 @@ fn auth_config(require: bool) -> Config {
 enum Rpc {
     Publish,
     PublishStream,
+    PublishMany,
     Subscribe,
     Fetch,
     GetLastSequence,
@@ -66,9 +67,10 @@ enum Rpc {
     GetSubjectInfo,
 }
 
-const EVERY_RPC: [Rpc; 15] = [
+const EVERY_RPC: [Rpc; 16] = [
     Rpc::Publish,
     Rpc::PublishStream,
+    Rpc::PublishMany,
     Rpc::Subscribe,
     Rpc::Fetch,
     Rpc::GetLastSequence,
@@ -87,7 +89,7 @@ const EVERY_RPC: [Rpc; 15] = [
 /// The permission an RPC needs (Consume needs fetch and ack; fetch is tested).
 fn needs(rpc: Rpc) -> &'static str {
     match rpc {
-        Rpc::Publish | Rpc::PublishStream => "publish",
+        Rpc::Publish | Rpc::PublishStream | Rpc::PublishMany => "publish",
         Rpc::Subscribe | Rpc::GetLastSequence | Rpc::GetConsumerInfo | Rpc::GetSubjectInfo => {
             "subscribe"
         }
@@ -146,6 +148,31 @@ async fn call(system: &System, rpc: Rpc, token: Option<&str>, subject: &str) -> 
                 .publish_stream(with_token(stream::iter(frames), token))
                 .await
                 .map(drop)
+        }
+        // The stream opens for any verified caller; each message is
+        // authorized on its own and answered with its code.
+        Rpc::PublishMany => {
+            let message = PublishRequest {
+                subject,
+                data: b"x".to_vec().into(),
+                headers: Default::default(),
+                message_id: String::new(),
+            };
+            match ingress
+                .publish_many(with_token(stream::iter([message]), token))
+                .await
+            {
+                Ok(answers) => match answers.into_inner().message().await {
+                    Ok(Some(answer)) if answer.status_code == 0 => Ok(()),
+                    Ok(Some(answer)) => Err(tonic::Status::new(
+                        Code::from(answer.status_code as i32),
+                        answer.error_message,
+                    )),
+                    Ok(None) => Err(tonic::Status::internal("no answer")),
+                    Err(status) => Err(status),
+                },
+                Err(status) => Err(status),
+            }
         }
         Rpc::Subscribe => egress
             .subscribe(req!(SubscribeRequest {

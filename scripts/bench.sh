@@ -58,7 +58,7 @@ declare -A ports
 for service in ingress egress; do
     port=$(free_port)
     ports[$service]=$port
-    SERVER_PORT=$port METRICS_PORT=0 TOKIO_WORKER_THREADS=${MTS_BENCH_THREADS:-2} "target/release/$service" >"$work/$service.log" 2>&1 &
+    SERVER_PORT=$port METRICS_PORT=0 "target/release/$service" >"$work/$service.log" 2>&1 &
     echo $! >"$work/run/$service.pid"
 done
 for service in ingress egress; do

@@ -22,6 +22,9 @@ use crate::health::Health;
 use crate::metrics::{Metrics, MetricsLayer};
 use crate::store::Store;
 
+/// Largest HTTP/2 frame a peer may send (the protocol's default is 16 KiB).
+const MAX_FRAME_BYTES: u32 = 256 * 1024;
+
 /// Why a service could not start or keep serving.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -117,6 +120,11 @@ impl Setup {
         }
         Ok(builder
             .tcp_nodelay(true)
+            // Large payloads arrive in 1 MiB chunks: flow-control windows that
+            // grow with the connection's bandwidth and larger frames mean far
+            // fewer frames, window updates and reads per byte.
+            .http2_adaptive_window(Some(true))
+            .max_frame_size(MAX_FRAME_BYTES)
             // Keeps idle subscriber streams alive through proxies and finds dead peers.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))

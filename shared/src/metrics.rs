@@ -55,6 +55,8 @@ pub struct Metrics {
     pub publish_bytes: Family<StorageLabels, Counter>,
     /// `minitoolstream_publish_duration_seconds`
     pub publish_durations: Family<StorageLabels, Histogram>,
+    /// `minitoolstream_group_commit_messages`
+    pub group_commit_messages: Histogram,
     /// `minitoolstream_active_streams`
     pub active_streams: Family<StreamLabels, Gauge>,
     /// `minitoolstream_deliveries_total`
@@ -159,6 +161,13 @@ impl Metrics {
             "Time to store a publish, from its request to the commit",
             publish_durations.clone(),
         );
+        let group_commit_messages =
+            Histogram::new([1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0]);
+        registry.register(
+            "group_commit_messages",
+            "Inline publishes stored by one group-commit call to Tarantool",
+            group_commit_messages.clone(),
+        );
         let active_streams = Family::<StreamLabels, Gauge>::default();
         registry.register(
             "active_streams",
@@ -208,6 +217,7 @@ impl Metrics {
             dependency_errors,
             publish_bytes,
             publish_durations,
+            group_commit_messages,
             active_streams,
             deliveries,
             redeliveries,

@@ -104,6 +104,9 @@ async fn counters_move_with_the_calls() {
         values[r#"minitoolstream_dependency_call_duration_seconds_count{dependency="tarantool",operation="mts_publish_batch"}"#],
         3.0
     );
+    // One after another: three group commits of one message each.
+    assert_eq!(values["minitoolstream_group_commit_messages_count"], 3.0);
+    assert_eq!(values["minitoolstream_group_commit_messages_sum"], 3.0);
 
     // An offloaded publish: its bytes, and one S3 upload.
     publisher

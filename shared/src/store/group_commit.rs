@@ -181,6 +181,9 @@ fn gather(first: Queued, queue: &mut mpsc::UnboundedReceiver<Queued>) -> Vec<Que
 
 /// Stores `batch` in one call and answers each message.
 async fn commit(store: Store, mut batch: Vec<Queued>) {
+    if let Some(metrics) = &store.metrics {
+        metrics.group_commit_messages.observe(batch.len() as f64);
+    }
     let batch = &mut batch;
     let reply: Result<(Vec<Verdict>,), Error> = store
         .call("mts_publish_batch", (&*batch,), store.timeout)

@@ -1,8 +1,8 @@
 //! PublishStream: a payload of any size arrives in chunks and goes to the
-//! object store as a multipart upload, hashed on the way; a part is sent
-//! while the next arrives, so memory holds at most two. Anything that goes
-//! wrong before the commit — the client leaving, a bad frame, a size or
-//! digest mismatch — aborts the upload, and nothing is stored. Completion must be explicit (an
+//! object store as a multipart upload, one part at a time, hashed on the
+//! way. Memory holds at most one part. Anything that goes wrong before the
+//! commit — the client leaving, a bad frame, a size or digest mismatch —
+//! aborts the upload, and nothing is stored. Completion must be explicit (an
 //! end frame, or the announced total size): a client that is cancelled can
 //! close its side of the stream as cleanly as one that finished.
 

@@ -324,7 +324,6 @@ impl BlobStore {
             key: key.to_owned(),
             upload_id,
             parts: Vec::new(),
-            in_flight: None,
             finished: false,
         })
     }
@@ -385,18 +384,14 @@ impl BlobStore {
     }
 }
 
-/// A part on its way to the object store.
-type PartInFlight = tokio::task::JoinHandle<Result<aws_sdk_s3::types::CompletedPart, Error>>;
-
-/// A multipart upload in progress. A part is sent while the caller gathers
-/// the next, so memory holds at most two parts. Complete or abort it: parts
-/// of an upload that is dropped stay in the bucket until it is aborted.
+/// A multipart upload in progress: parts are sent one at a time, so memory
+/// holds at most one part. Complete or abort it: parts of an upload that is
+/// dropped stay in the bucket until it is aborted.
 pub struct Upload {
     store: BlobStore,
     key: String,
     upload_id: String,
     parts: Vec<aws_sdk_s3::types::CompletedPart>,
-    in_flight: Option<PartInFlight>,
     finished: bool,
 }
 
@@ -411,12 +406,7 @@ impl Drop for Upload {
             return;
         };
         let (key, abort) = (self.key.clone(), self.abort_request());
-        let in_flight = self.in_flight.take();
         runtime.spawn(async move {
-            // A part still arriving after the abort would be left behind.
-            if let Some(part) = in_flight {
-                let _ = part.await;
-            }
             if let Err(err) = abort.await {
                 tracing::warn!(object = %key, %err, "could not abort an abandoned upload");
             }
@@ -430,13 +420,16 @@ impl Upload {
         &self.key
     }
 
-    /// Starts sending the next part, once the one before it is stored: the
-    /// caller can gather the part after it meanwhile.
+    /// Sends the next part.
     pub async fn put_part(&mut self, data: Bytes) -> Result<(), Error> {
-        self.settle().await?;
+        let store = self.store.clone();
+        store.timed("UploadPart", self.put_part_untimed(data)).await
+    }
+
+    async fn put_part_untimed(&mut self, data: Bytes) -> Result<(), Error> {
         let number = i32::try_from(self.parts.len() + 1)
             .map_err(|_| Error::Rejected("too many parts".into()))?;
-        let request = self
+        let uploaded = self
             .store
             .client
             .upload_part()
@@ -446,40 +439,22 @@ impl Upload {
             .part_number(number)
             .body(ByteStream::from(data))
             .customize()
-            .disable_payload_signing();
-        let store = self.store.clone();
-        self.in_flight = Some(tokio::spawn(async move {
-            let uploaded = store
-                .timed("UploadPart", async {
-                    request
-                        .send()
-                        .await
-                        .map_err(|e| Error::from_sdk(e, |_| None))
-                })
-                .await?;
-            Ok(aws_sdk_s3::types::CompletedPart::builder()
+            .disable_payload_signing()
+            .send()
+            .await
+            .map_err(|e| Error::from_sdk(e, |_| None))?;
+        self.parts.push(
+            aws_sdk_s3::types::CompletedPart::builder()
                 .part_number(number)
                 .set_e_tag(uploaded.e_tag().map(str::to_owned))
-                .build())
-        }));
-        Ok(())
-    }
-
-    /// Waits for the part in flight, if any, to be stored.
-    async fn settle(&mut self) -> Result<(), Error> {
-        if let Some(in_flight) = self.in_flight.take() {
-            let part = in_flight.await.map_err(|e| {
-                Error::Rejected(format!("a part upload failed unexpectedly: {e}"))
-            })??;
-            self.parts.push(part);
-        }
+                .build(),
+        );
         Ok(())
     }
 
     /// Makes the object visible. If this fails, the upload is aborted when
     /// dropped.
     pub async fn complete(mut self) -> Result<(), Error> {
-        self.settle().await?;
         let parts = aws_sdk_s3::types::CompletedMultipartUpload::builder()
             .set_parts(Some(std::mem::take(&mut self.parts)))
             .build();
@@ -501,8 +476,6 @@ impl Upload {
 
     /// Discards every part sent.
     pub async fn abort(mut self) -> Result<(), Error> {
-        // A part still arriving after the abort would be left behind.
-        let _ = self.settle().await;
         let done = self.abort_request().await;
         self.finished = done.is_ok();
         done

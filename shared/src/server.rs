@@ -120,10 +120,9 @@ impl Setup {
         }
         Ok(builder
             .tcp_nodelay(true)
-            // Large payloads arrive in 1 MiB chunks: flow-control windows that
-            // grow with the connection's bandwidth and larger frames mean far
-            // fewer frames, window updates and reads per byte.
-            .http2_adaptive_window(Some(true))
+            // Large payloads arrive in 1 MiB chunks: larger frames mean far
+            // fewer frames and reads per byte. (Windows stay at hyper's 1 MiB:
+            // adaptive ones let each upload buffer tens of MiB more.)
             .max_frame_size(MAX_FRAME_BYTES)
             // Keeps idle subscriber streams alive through proxies and finds dead peers.
             .http2_keepalive_interval(Some(Duration::from_secs(30)))

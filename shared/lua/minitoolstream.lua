@@ -214,45 +214,69 @@ rawset(_G, 'mts_schema_version', function()
     return SCHEMA_VERSION
 end)
 
--- Inside a transaction: the next sequence of `subject` and the message row.
-local function store_message(subject, headers, data, object_key, size, sha256)
-    local seq = last_seq(subject) + 1
-    if seq == 1 and box.space.mts_subjects:get(subject) == nil then
-        box.space.mts_subjects:insert({subject, seq, 1, size})
-    else
-        box.space.mts_subjects:update({subject}, {{'=', 2, seq}, {'+', 3, 1}, {'+', 4, size}})
-    end
-    box.space.mts_messages:insert({
-        subject, seq, now_ns(), setmetatable(headers or {}, MAP), data, object_key, size, sha256,
-    })
-    return seq
+-- A subject's last sequence and counts while a transaction adds messages to
+-- it; `close_subject` writes them back, once however many were added.
+local function open_subject(subject)
+    local row = box.space.mts_subjects:get(subject)
+    return {name = subject, seq = row ~= nil and row[2] or 0, count = 0, bytes = 0, exists = row ~= nil}
 end
 
--- Assigns the next sequence of `subject` and stores the message in the same
--- transaction, so sequences are gap-free and in commit order. `deadline_ns`
--- (wall clock) is when the caller stops waiting: a request that arrives later
--- (held back by a reconnecting client, say) is refused rather than stored
--- behind the back of a publisher that was told it failed.
---
--- With `dedup` = {message_id, window_ms}, a second publish of the same id on
--- the same subject within the window stores nothing and returns the first
--- one's sequence; the second return value says whether that happened.
--- Inside a transaction: stores the message unless `message_id` was seen on
--- the subject within its window. Returns the sequence and whether it was a
--- duplicate (then the first one's sequence and nothing stored).
-local function publish_one(now, subject, headers, data, object_key, size, sha256, message_id, window_ms)
+local function close_subject(s)
+    if s.count == 0 then
+        return
+    end
+    if s.exists then
+        box.space.mts_subjects:update({s.name}, {{'=', 2, s.seq}, {'+', 3, s.count}, {'+', 4, s.bytes}})
+    else
+        box.space.mts_subjects:insert({s.name, s.seq, s.count, s.bytes})
+    end
+end
+
+-- Inside a transaction: stores the message under the next sequence of the
+-- open subject `s`, unless `message_id` was seen on it within its window.
+-- Returns the sequence and whether it was a duplicate (then the first one's
+-- sequence, and nothing stored). Raises, having written nothing, when the
+-- message cannot be stored.
+local function add_message(now, s, headers, data, object_key, size, sha256, message_id, window_ms)
     local dedup = message_id ~= nil and message_id ~= ''
     if dedup then
-        local seen = box.space.mts_dedup:get({subject, message_id})
+        local seen = box.space.mts_dedup:get({s.name, message_id})
         if seen ~= nil and seen[4] > now then
             return seen[3], true
         end
     end
-    local seq = store_message(subject, headers, data, object_key, size, sha256)
-    if dedup then
-        box.space.mts_dedup:replace({subject, message_id, seq, now + (window_ms or 0) * 1000000})
+    local seq = s.seq + 1
+    if data == nil then
+        data = box.NULL
     end
+    if object_key == nil then
+        object_key = box.NULL
+    end
+    local row = {s.name, seq, now, setmetatable(headers or {}, MAP), data, object_key, size, sha256}
+    if dedup then
+        local savepoint = box.savepoint()
+        local ok, err = pcall(function()
+            box.space.mts_messages:insert(row)
+            box.space.mts_dedup:replace({s.name, message_id, seq, now + (window_ms or 0) * 1000000})
+        end)
+        if not ok then
+            box.rollback_to_savepoint(savepoint)
+            error(err)
+        end
+    else
+        box.space.mts_messages:insert(row)
+    end
+    s.seq, s.count, s.bytes = seq, s.count + 1, s.bytes + size
     return seq, false
+end
+
+-- Inside a transaction: stores a message under the next sequence of
+-- `subject`; returns the sequence.
+local function store_message(subject, headers, data, object_key, size, sha256)
+    local s = open_subject(subject)
+    local seq = add_message(now_ns(), s, headers, data, object_key, size, sha256)
+    close_subject(s)
+    return seq
 end
 
 local LATE = 10002
@@ -285,48 +309,15 @@ rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, dea
     end
     local seq, duplicate
     box.atomic(function()
-        seq, duplicate = publish_one(now_ns(), subject, headers, data, object_key, size, sha256,
-            message_id, window_ms)
+        local s = open_subject(subject)
+        seq, duplicate = add_message(now_ns(), s, headers, data, object_key, size, sha256, message_id, window_ms)
+        close_subject(s)
     end)
     if not duplicate then
         notify(subject)
     end
     return seq, duplicate
 end)
-
--- One message of a group commit, inside its transaction: `sequences` holds
--- the subject's running state, written back once per batch. Returns the
--- sequence and whether the message was a duplicate. Raises, having written
--- nothing, when the message cannot be stored.
-local function publish_grouped(now, sequences, m)
-    local subject, data, size, message_id = m[1], m[3], m[4], m[6]
-    local dedup = message_id ~= nil and message_id ~= ''
-    if dedup then
-        local seen = box.space.mts_dedup:get({subject, message_id})
-        if seen ~= nil and seen[4] > now then
-            return seen[3], true
-        end
-    end
-    local seq = sequences.seq + 1
-    local row = {subject, seq, now, setmetatable(m[2] or {}, MAP), data, box.NULL, size, m[5]}
-    if dedup then
-        local savepoint = box.savepoint()
-        local ok, err = pcall(function()
-            box.space.mts_messages:insert(row)
-            box.space.mts_dedup:replace({subject, message_id, seq, now + (m[7] or 0) * 1000000})
-        end)
-        if not ok then
-            box.rollback_to_savepoint(savepoint)
-            error(err)
-        end
-    else
-        box.space.mts_messages:insert(row)
-    end
-    sequences.seq = seq
-    sequences.count = sequences.count + 1
-    sequences.bytes = sequences.bytes + size
-    return seq, false
-end
 
 -- Group commit: stores inline messages from many publishers in one
 -- transaction, so one WAL write serves them all, and each subject's row is
@@ -342,17 +333,15 @@ rawset(_G, 'mts_publish_batch', function(messages)
     box.atomic(function()
         local now = now_ns()
         for i, m in ipairs(messages) do
-            local subject = m[1]
             if late(m[8], now) then
                 results[i] = {0, false, LATE, LATE_REASON}
             else
-                local sequences = subjects[subject]
-                if sequences == nil then
-                    local row = box.space.mts_subjects:get(subject)
-                    sequences = {seq = row ~= nil and row[2] or 0, count = 0, bytes = 0, exists = row ~= nil}
-                    subjects[subject] = sequences
+                local s = subjects[m[1]]
+                if s == nil then
+                    s = open_subject(m[1])
+                    subjects[m[1]] = s
                 end
-                local ok, seq, duplicate = pcall(publish_grouped, now, sequences, m)
+                local ok, seq, duplicate = pcall(add_message, now, s, m[2], m[3], nil, m[4], m[5], m[6], m[7])
                 if ok then
                     results[i] = {seq, duplicate}
                 else
@@ -362,14 +351,8 @@ rawset(_G, 'mts_publish_batch', function(messages)
                 end
             end
         end
-        for subject, s in pairs(subjects) do
-            if s.count > 0 then
-                if s.exists then
-                    box.space.mts_subjects:update({subject}, {{'=', 2, s.seq}, {'+', 3, s.count}, {'+', 4, s.bytes}})
-                else
-                    box.space.mts_subjects:insert({subject, s.seq, s.count, s.bytes})
-                end
-            end
+        for _, s in pairs(subjects) do
+            close_subject(s)
         end
     end)
     for subject, s in pairs(subjects) do

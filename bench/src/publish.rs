@@ -94,6 +94,16 @@ pub async fn ingress_clients(
         .collect())
 }
 
+/// The message every publish scenario sends: `size` bytes, no headers.
+fn publish_request(subject: &str, size: usize) -> PublishRequest {
+    PublishRequest {
+        subject: subject.to_owned(),
+        data: Bytes::from(vec![7u8; size]),
+        headers: HashMap::new(),
+        message_id: String::new(),
+    }
+}
+
 /// MiniToolStream unary Publish of `size` bytes.
 pub async fn ours(
     ingress: &str,
@@ -103,15 +113,9 @@ pub async fn ours(
     duration: Duration,
 ) -> Result<Outcome, String> {
     let clients = ingress_clients(ingress, 4, workers).await?;
-    let data = Bytes::from(vec![7u8; size]);
-    let subject = subject.to_owned();
+    let request = publish_request(subject, size);
     Ok(closed_loop(clients, duration, move |mut client| {
-        let request = PublishRequest {
-            subject: subject.clone(),
-            data: data.clone(),
-            headers: HashMap::new(),
-            message_id: String::new(),
-        };
+        let request = request.clone();
         async move { client.publish(request).await.is_ok() }
     })
     .await)
@@ -144,15 +148,9 @@ pub async fn ours_many(
             .into_inner();
         streams.push(Arc::new(tokio::sync::Mutex::new((requests, answers))));
     }
-    let data = Bytes::from(vec![7u8; size]);
-    let subject = subject.to_owned();
+    let request = publish_request(subject, size);
     Ok(closed_loop(streams, duration, move |stream| {
-        let request = PublishRequest {
-            subject: subject.clone(),
-            data: data.clone(),
-            headers: HashMap::new(),
-            message_id: String::new(),
-        };
+        let request = request.clone();
         async move {
             let mut stream = stream.lock().await;
             let (requests, answers) = &mut *stream;

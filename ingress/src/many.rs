@@ -11,6 +11,7 @@ use futures::StreamExt;
 use futures::stream::FuturesOrdered;
 use mts_proto::pb::{PublishRequest, PublishResponse};
 use mts_shared::auth::{Caller, Permission};
+use mts_shared::metrics::Metrics;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Status, Streaming};
@@ -18,7 +19,7 @@ use tracing::Instrument;
 
 use crate::Error;
 use crate::rate_limit;
-use crate::service::{Checked, Ingress, with_trace};
+use crate::service::{Checked, Ingress, record, with_trace};
 
 /// Messages read ahead of their answers.
 const WINDOW: usize = 256;
@@ -79,7 +80,8 @@ impl Publisher {
                                 }
                                 let started = Instant::now();
                                 let outcome = self.ingress.publish_offloaded(message).await;
-                                let answer = self.answer(outcome, started);
+                                let answer =
+                                    answer(self.ingress.metrics.as_deref(), outcome, started);
                                 if answers.send(Ok(answer)).await.is_err() {
                                     break;
                                 }
@@ -129,21 +131,18 @@ impl Publisher {
         match checked {
             Ok(Checked::Inline(message)) => {
                 let outcome = self.ingress.publish_inline(message);
-                let ingress = self.ingress.clone();
-                Started::Answer(Box::pin(
-                    async move { answer(&ingress, outcome.await, started) },
-                ))
+                // Only what the answer needs: this runs for every message.
+                let metrics = self.ingress.metrics.clone();
+                Started::Answer(Box::pin(async move {
+                    answer(metrics.as_deref(), outcome.await, started)
+                }))
             }
             Ok(Checked::Offloaded(message)) => Started::Offloaded(message),
             Err(err) => {
-                let answer = self.answer(Err(err), started);
+                let answer = answer(self.ingress.metrics.as_deref(), Err(err), started);
                 Started::Answer(Box::pin(std::future::ready(answer)))
             }
         }
-    }
-
-    fn answer(&self, outcome: Result<PublishResponse, Error>, started: Instant) -> PublishResponse {
-        answer(&self.ingress, outcome, started)
     }
 }
 
@@ -157,13 +156,13 @@ enum Started {
 /// The answer to one message: its reply, or its failure as a gRPC code and
 /// message in the reply's status fields.
 fn answer(
-    ingress: &Ingress,
+    metrics: Option<&Metrics>,
     outcome: Result<PublishResponse, Error>,
     started: Instant,
 ) -> PublishResponse {
     match outcome {
         Ok(reply) => {
-            ingress.record(&reply, started);
+            record(metrics, &reply, started);
             reply
         }
         Err(err) => {

@@ -188,13 +188,7 @@ impl Ingress {
     }
 
     pub(crate) fn record(&self, reply: &PublishResponse, started: std::time::Instant) {
-        if let (Some(metrics), false) = (&self.metrics, reply.duplicate) {
-            metrics.published(
-                !reply.object_name.is_empty(),
-                reply.size,
-                started.elapsed().as_secs_f64(),
-            );
-        }
+        record(self.metrics.as_deref(), reply, started);
     }
 
     /// Checks a message and decides where its payload goes.
@@ -396,6 +390,21 @@ async fn detached(
     tokio::spawn(publish.in_current_span())
         .await
         .unwrap_or_else(|panic| Err(Error::Panicked(panic.to_string())))
+}
+
+/// Counts a stored publish in `metrics` (a duplicate stored nothing).
+pub(crate) fn record(
+    metrics: Option<&Metrics>,
+    reply: &PublishResponse,
+    started: std::time::Instant,
+) {
+    if let (Some(metrics), false) = (metrics, reply.duplicate) {
+        metrics.published(
+            !reply.object_name.is_empty(),
+            reply.size,
+            started.elapsed().as_secs_f64(),
+        );
+    }
 }
 
 pub(crate) fn reply(

@@ -566,11 +566,8 @@ impl Store {
             Payload::Inline(data) => (Some(serde_bytes::Bytes::new(data)), None),
             Payload::Object(key) => (None, Some(key)),
         };
-        let deadline_ns = std::time::SystemTime::now()
-            .checked_add(self.timeout)
-            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
-        let window_ms = u64::try_from(message.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let deadline_ns = deadline_after(self.timeout);
+        let window_ms = millis(message.dedup_window);
         let (seq, duplicate): (u64, bool) = self
             .call(
                 "mts_publish",
@@ -916,6 +913,20 @@ impl Store {
         let (_,): (bool,) = self.call("mts_backup_stop", (), self.timeout).await?;
         Ok(())
     }
+}
+
+/// Wall clock `timeout` from now, in nanoseconds since the Unix epoch: the
+/// deadline a publish carries to Tarantool, which refuses it after that.
+fn deadline_after(timeout: Duration) -> u64 {
+    std::time::SystemTime::now()
+        .checked_add(timeout)
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+}
+
+/// `duration` in whole milliseconds, as the stored procedures take it.
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// The sequences in a Lua array (empty tables arrive as maps).

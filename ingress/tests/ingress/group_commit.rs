@@ -173,17 +173,9 @@ async fn a_message_id_repeated_in_one_call_is_stored_once() {
 async fn a_message_reaching_tarantool_after_its_deadline_is_refused_alone() {
     let config = testing::config();
     let store = Store::connect(&config).await.unwrap();
-    let client = tarant::Client::connect(&format!(
-        "tarantool://{}:{}@{}",
-        config.tarantool_user, config.tarantool_password, config.tarantool_address
-    ))
-    .await
-    .unwrap();
+    let client = crate::tarantool_client(&config).await;
     let subject = testing::unique_subject("group.late");
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64;
+    let now = crate::now_ns();
     let no_headers: HashMap<String, String> = HashMap::new();
     let item = |deadline_ns: u64| {
         (

@@ -258,18 +258,9 @@ async fn a_publish_reaching_tarantool_after_its_deadline_is_refused() {
     // reconnect: the publisher already got UNAVAILABLE, so nothing may be stored.
     let config = testing::config();
     let store = Store::connect(&config).await.unwrap();
-    let client = tarant::Client::connect(&format!(
-        "tarantool://{}:{}@{}",
-        config.tarantool_user, config.tarantool_password, config.tarantool_address
-    ))
-    .await
-    .unwrap();
+    let client = crate::tarantool_client(&config).await;
     let subject = testing::unique_subject("late");
-    let past = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_nanos() as u64
-        - 1_000_000_000;
+    let past = crate::now_ns() - 1_000_000_000;
     let no_headers: HashMap<String, String> = HashMap::new();
     let late = client
         .call::<(u64,)>(

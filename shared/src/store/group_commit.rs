@@ -18,7 +18,7 @@
 //! other; its answer is dropped.
 
 use std::collections::HashMap;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -27,7 +27,7 @@ use serde::ser::SerializeTuple;
 use serde::{Deserialize, Serialize, Serializer};
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Error, Published, Store};
+use super::{Error, Published, Store, deadline_after, millis};
 
 /// Most messages in one call: each holds Tarantool's transaction thread for
 /// a few microseconds, and other callers wait behind the whole call.
@@ -68,7 +68,7 @@ struct Queued {
 impl Serialize for Queued {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         let m = &self.message;
-        let window_ms = u64::try_from(m.dedup_window.as_millis()).unwrap_or(u64::MAX);
+        let window_ms = millis(m.dedup_window);
         let mut tuple = serializer.serialize_tuple(8)?;
         tuple.serialize_element(&m.subject)?;
         tuple.serialize_element(&m.headers)?;
@@ -131,10 +131,7 @@ impl Queue {
         message: InlineMessage,
         timeout: Duration,
     ) -> impl Future<Output = Result<Published, Error>> + Send + use<> {
-        let deadline_ns = SystemTime::now()
-            .checked_add(timeout)
-            .and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok())
-            .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+        let deadline_ns = deadline_after(timeout);
         let (outcome, verdict) = oneshot::channel();
         let queued = self.sender.send(Queued {
             message,

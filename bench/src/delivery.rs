@@ -3,6 +3,7 @@
 //! payload carries its send time; the subscriber records its age on arrival
 //! and acknowledges it.
 
+use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -10,9 +11,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mts_proto::pb::consume_request::Request;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
+use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::{AckSequences, ConsumeRequest, ConsumeStart, Message, PublishRequest};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_stream::wrappers::ReceiverStream;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
+use tonic::transport::Channel;
 
 use crate::publish::{Outcome, ingress_clients, jetstream_stream};
 use crate::report::{Latencies, age, stamped};
@@ -133,6 +136,66 @@ async fn settle(received: &AtomicU64, expected: u64) {
     }
 }
 
+/// How the MiniToolStream publisher sends.
+#[derive(Debug, Clone, Copy)]
+pub enum Publish {
+    /// One unary Publish call per message.
+    Unary,
+    /// Every message on one PublishMany stream, each awaiting its answer.
+    Many,
+}
+
+/// One PublishMany stream shared by every paced publish: a request is queued
+/// together with the slot its (in-order) answer resolves.
+struct ManyPublisher {
+    queue: Arc<Mutex<ManyQueue>>,
+}
+
+struct ManyQueue {
+    requests: mpsc::UnboundedSender<PublishRequest>,
+    waiting: VecDeque<oneshot::Sender<bool>>,
+}
+
+impl ManyPublisher {
+    async fn open(mut client: IngressServiceClient<Channel>) -> Result<Self, String> {
+        let (requests, outgoing) = mpsc::unbounded_channel();
+        let mut answers = client
+            .publish_many(UnboundedReceiverStream::new(outgoing))
+            .await
+            .map_err(|e| format!("PublishMany: {e}"))?
+            .into_inner();
+        let queue = Arc::new(Mutex::new(ManyQueue {
+            requests,
+            waiting: VecDeque::new(),
+        }));
+        tokio::spawn({
+            let queue = Arc::clone(&queue);
+            async move {
+                while let Ok(Some(answer)) = answers.message().await {
+                    let slot = queue.lock().expect("not poisoned").waiting.pop_front();
+                    if let Some(slot) = slot {
+                        let _ = slot.send(answer.status_code == 0);
+                    }
+                }
+                // The stream ended: every publish still waiting failed.
+                queue.lock().expect("not poisoned").waiting.clear();
+            }
+        });
+        Ok(Self { queue })
+    }
+
+    fn publish(&self, request: PublishRequest) -> impl Future<Output = bool> + Send + 'static {
+        let (slot, answer) = oneshot::channel();
+        {
+            let mut queue = self.queue.lock().expect("not poisoned");
+            if queue.requests.send(request).is_ok() {
+                queue.waiting.push_back(slot);
+            }
+        }
+        async move { answer.await.unwrap_or(false) }
+    }
+}
+
 pub async fn ours(
     ingress: &str,
     egress: &str,
@@ -140,6 +203,7 @@ pub async fn ours(
     size: usize,
     rate: u64,
     duration: Duration,
+    publish: Publish,
 ) -> Result<Outcome, String> {
     let (frames, mut messages) = consume(egress, subject, "latency", 1000).await?;
     let received = Arc::new(AtomicU64::new(0));
@@ -160,17 +224,27 @@ pub async fn ours(
     });
 
     let clients = ingress_clients(ingress, 2, 2).await?;
+    let stream = match publish {
+        Publish::Unary => None,
+        Publish::Many => Some(ManyPublisher::open(clients[0].clone()).await?),
+    };
     let subject = subject.to_owned();
     let started = Instant::now();
     let (stored, failed) = paced(rate, duration, |n| {
-        let mut client = clients[n as usize % clients.len()].clone();
         let request = PublishRequest {
             subject: subject.clone(),
             data: stamped(size),
             headers: Default::default(),
             message_id: String::new(),
         };
-        async move { client.publish(request).await.is_ok() }
+        let published: futures::future::BoxFuture<'static, bool> = match &stream {
+            Some(stream) => Box::pin(stream.publish(request)),
+            None => {
+                let mut client = clients[n as usize % clients.len()].clone();
+                Box::pin(async move { client.publish(request).await.is_ok() })
+            }
+        };
+        published
     })
     .await;
     finish(receiver, &received, &latencies, (stored, failed), started).await

@@ -217,9 +217,21 @@ async fn run(args: Args) -> Result<String, String> {
             let duration = Duration::from_secs(seconds);
             let subject = subject("delivery");
             let outcome = match system {
-                System::Ours => {
-                    delivery::ours(&args.ingress, &args.egress, &subject, size, rate, duration)
-                        .await?
+                System::Ours | System::OursMany => {
+                    let publish = match system {
+                        System::OursMany => delivery::Publish::Many,
+                        _ => delivery::Publish::Unary,
+                    };
+                    delivery::ours(
+                        &args.ingress,
+                        &args.egress,
+                        &subject,
+                        size,
+                        rate,
+                        duration,
+                        publish,
+                    )
+                    .await?
                 }
                 System::Jetstream => {
                     delivery::jetstream(&args.nats, &subject, size, rate, duration).await?

@@ -2,8 +2,10 @@
 //! and then sends acks and nacks; the server pushes messages as they are
 //! committed (woken by the subject's watcher, no polling) or become due for
 //! redelivery, never with more than `max_in_flight` of them outstanding —
-//! sent and neither acked, nacked nor past their lease. When the stream
-//! ends, its leases are given back for immediate redelivery.
+//! sent and neither acked, nacked nor past their lease. Acks are not answered
+//! one call each: they ride along with the next lease (one transaction, one
+//! WAL write), waiting at most `ACK_LINGER` for it. When the stream ends, its
+//! acks are applied and its leases given back for immediate redelivery.
 
 use std::collections::HashMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -26,6 +28,10 @@ use crate::service::{
 const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
 /// Highest `max_in_flight`.
 const MAX_IN_FLIGHT: u32 = 10_000;
+/// How long received acks may wait for the next lease to carry them. A busy
+/// stream's acks always find one; a quiet stream's cost one call at most
+/// this often. Bounds how late an ack frees room under `max_ack_pending`.
+const ACK_LINGER: Duration = Duration::from_millis(5);
 
 /// Reads the start frame, checks it and starts the stream's task.
 pub async fn open(
@@ -68,6 +74,8 @@ pub async fn open(
         durable: start.durable_name,
         max_in_flight: max_in_flight as usize,
         outstanding: HashMap::new(),
+        acks: Vec::new(),
+        acks_since: None,
         sender,
     };
     tokio::spawn(session.run(inbound));
@@ -113,12 +121,20 @@ struct Session {
     max_in_flight: usize,
     /// Sent and not yet acked or nacked: sequence → lease deadline (ns).
     outstanding: HashMap<u64, u64>,
+    /// Acked by the client and not yet applied.
+    acks: Vec<u64>,
+    /// When the oldest of `acks` arrived.
+    acks_since: Option<Instant>,
     sender: mpsc::Sender<Result<Message, Status>>,
 }
 
 impl Session {
     async fn run(mut self, mut inbound: Streaming<ConsumeRequest>) {
         let end = self.serve(&mut inbound).await;
+        // What the client acked before it left is acked.
+        if let Err(End::With(status)) = self.flush_acks().await {
+            tracing::debug!(%status, "acks left at the end of a stream were not applied");
+        }
         if let End::With(status) = end {
             let _ = self.sender.send(Err(status)).await;
         }
@@ -138,12 +154,11 @@ impl Session {
         let mut commits = self.egress.watchers.watch(&self.subject, 0);
         let mut draining = self.egress.draining.clone();
         let mut redelivery_due: Option<Instant> = None;
-        // Whether messages may be waiting: set by a commit, a timer (a
-        // redelivery or lease end falls due) or a push that filled all the
-        // room; an ack alone frees room but brings nothing new. Asking
-        // Tarantool only then keeps one acked message from costing a call.
+        // Whether to ask Tarantool: set by a commit, a timer (a redelivery or
+        // lease end falls due, or acks waited long enough) or a push that
+        // filled all the room; an ack alone frees room but brings nothing
+        // new, so it waits for one of those to carry it.
         let mut maybe_waiting = true;
-        let mut next_frame: Option<Frame> = None;
         loop {
             // A lease that ran out is no longer this stream's to count.
             let now = now_ns();
@@ -161,22 +176,24 @@ impl Session {
                     Err(end) => return end,
                 }
             }
-            if let Some(frame) = next_frame.take() {
-                match self.answer_coalesced(frame, inbound, &mut next_frame).await {
-                    Ok(released) => maybe_waiting |= released,
-                    Err(end) => return end,
-                }
-                continue;
+            // Acks that found no lease to join in time go on their own.
+            if self
+                .acks_since
+                .is_some_and(|since| since.elapsed() >= ACK_LINGER)
+                && let Err(end) = self.flush_acks().await
+            {
+                return end;
             }
             let lease_ends = self.outstanding.values().min().map(|d| instant_of(*d));
-            let wake = match (redelivery_due, lease_ends) {
-                (Some(a), Some(b)) => Some(a.min(b)),
-                (a, b) => a.or(b),
-            };
+            let acks_due = self.acks_since.map(|since| since + ACK_LINGER);
+            let wake = [redelivery_due, lease_ends, acks_due]
+                .into_iter()
+                .flatten()
+                .min();
             tokio::select! {
                 frame = inbound.next() => match frame {
                     Some(Ok(ConsumeRequest { request: Some(frame) })) => {
-                        match self.answer_coalesced(frame, inbound, &mut next_frame).await {
+                        match self.answer(frame).await {
                             Ok(released) => maybe_waiting |= released,
                             Err(end) => return end,
                         }
@@ -205,55 +222,19 @@ impl Session {
         }
     }
 
-    /// Applies `frame`; when it is an ack, the ack frames already waiting
-    /// behind it go with it in one call. A waiting frame of another kind is
-    /// left in `next` for the next turn, so order is kept. True when the
-    /// frame handed messages back (a nack), so there is something to push.
-    async fn answer_coalesced(
-        &mut self,
-        frame: Frame,
-        inbound: &mut Streaming<ConsumeRequest>,
-        next: &mut Option<Frame>,
-    ) -> Result<bool, End> {
-        use futures::FutureExt;
-        let Frame::Ack(mut acks) = frame else {
-            return self.answer(frame).await.map(|()| true);
-        };
-        loop {
-            match inbound.next().now_or_never() {
-                // Only frames valid on their own, and only up to one call's
-                // worth: anything else keeps its own turn and its own answer.
-                Some(Some(Ok(ConsumeRequest {
-                    request: Some(Frame::Ack(more)),
-                }))) if sequence_list(&more.sequences).is_ok()
-                    && acks.sequences.len() + more.sequences.len() <= MAX_SEQUENCES =>
-                {
-                    acks.sequences.extend(more.sequences);
-                }
-                Some(Some(Ok(ConsumeRequest {
-                    request: Some(other),
-                }))) => {
-                    *next = Some(other);
-                    break;
-                }
-                Some(Some(Ok(ConsumeRequest { request: None }))) => {}
-                // Nothing more now, or the stream ended: the next turn sees it.
-                _ => break,
-            }
-        }
-        self.answer(Frame::Ack(acks)).await.map(|()| false)
-    }
-
-    /// Leases up to `room` messages and sends them. Returns how many were
-    /// sent and when redeliveries can next be due.
+    /// Applies the waiting acks, leases up to `room` messages and sends
+    /// them. Returns how many were sent and when redeliveries can next be due.
     async fn push(&mut self, room: usize) -> Result<(usize, Option<Instant>), End> {
         let limit = u32::try_from(room).unwrap_or(u32::MAX);
-        let batch = self
+        let acks = self.take_acks();
+        let verdict = self
             .egress
             .store
-            .consume(&self.subject, &self.durable, limit)
+            .ack_and_consume(&self.subject, &self.durable, &acks, limit)
             .await
             .map_err(|err| End::With(Error::from(err).into()))?;
+        let batch =
+            held(&self.subject, &self.durable, verdict).map_err(|err| End::With(err.into()))?;
         let due = (batch.next_deadline_ns > 0).then(|| instant_of(batch.next_deadline_ns));
         let sent = batch.messages.len();
         self.egress.count_deliveries(&batch.messages);
@@ -282,40 +263,67 @@ impl Session {
         Ok((sent, due))
     }
 
-    /// Applies an ack or nack frame.
-    async fn answer(&mut self, frame: Frame) -> Result<(), End> {
-        let store = &self.egress.store;
-        let (sequences, verdict) = match frame {
+    /// Takes an ack or nack frame. Acks are kept for the next lease (room
+    /// they free counts at once); a nack is applied now, after the acks
+    /// before it. True when the frame handed messages back (a nack), so there
+    /// is something to push.
+    async fn answer(&mut self, frame: Frame) -> Result<bool, End> {
+        let invalid = |e: validate::Error| End::With(Error::from(e).into());
+        match frame {
             Frame::Ack(ack) => {
-                sequence_list(&ack.sequences).map_err(|e| End::With(Error::from(e).into()))?;
-                let verdict = store
-                    .ack_each(&self.subject, &self.durable, &ack.sequences)
-                    .await
-                    .map(|v| v.map(drop));
-                (ack.sequences, verdict)
+                sequence_list(&ack.sequences).map_err(invalid)?;
+                if self.acks.len() + ack.sequences.len() > MAX_SEQUENCES {
+                    self.flush_acks().await?;
+                }
+                for seq in &ack.sequences {
+                    self.outstanding.remove(seq);
+                }
+                self.acks.extend(ack.sequences);
+                self.acks_since.get_or_insert_with(Instant::now);
+                Ok(false)
             }
             Frame::Nack(nack) => {
-                sequence_list(&nack.sequences).map_err(|e| End::With(Error::from(e).into()))?;
-                let verdict = store
+                sequence_list(&nack.sequences).map_err(invalid)?;
+                self.flush_acks().await?;
+                let verdict = self
+                    .egress
+                    .store
                     .nack(&self.subject, &self.durable, &nack.sequences, nack.delay_ms)
-                    .await;
-                (nack.sequences, verdict)
+                    .await
+                    .map_err(|err| End::With(Error::from(err).into()))?;
+                held(&self.subject, &self.durable, verdict).map_err(|err| End::With(err.into()))?;
+                for seq in &nack.sequences {
+                    self.outstanding.remove(seq);
+                }
+                Ok(true)
             }
-            Frame::Start(_) => {
-                return Err(End::With(
-                    Error::from(validate::Error::new(
-                        "start",
-                        "a stream takes one start frame",
-                    ))
-                    .into(),
-                ));
-            }
-        };
-        let verdict = verdict.map_err(|err| End::With(Error::from(err).into()))?;
-        held(&self.subject, &self.durable, verdict).map_err(|err| End::With(err.into()))?;
-        for seq in sequences {
-            self.outstanding.remove(&seq);
+            Frame::Start(_) => Err(invalid(validate::Error::new(
+                "start",
+                "a stream takes one start frame",
+            ))),
         }
-        Ok(())
+    }
+
+    /// The waiting acks, leaving none.
+    fn take_acks(&mut self) -> Vec<u64> {
+        self.acks_since = None;
+        std::mem::take(&mut self.acks)
+    }
+
+    /// Applies the waiting acks on their own.
+    async fn flush_acks(&mut self) -> Result<(), End> {
+        let acks = self.take_acks();
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let verdict = self
+            .egress
+            .store
+            .ack_each(&self.subject, &self.durable, &acks)
+            .await
+            .map_err(|err| End::With(Error::from(err).into()))?;
+        held(&self.subject, &self.durable, verdict)
+            .map(drop)
+            .map_err(|err| End::With(err.into()))
     }
 }

@@ -21,7 +21,7 @@ pub use group_commit::InlineMessage;
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 /// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
-pub const SCHEMA_VERSION: u64 = 7;
+pub const SCHEMA_VERSION: u64 = 8;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
@@ -692,6 +692,33 @@ impl Store {
         Ok(Batch {
             messages,
             next_deadline_ns,
+        })
+    }
+
+    /// Acknowledges exactly `acks` (all must be held, or nothing happens)
+    /// and then leases up to `limit` messages, in one transaction: a consume
+    /// stream's acks ride along with its next lease.
+    pub async fn ack_and_consume(
+        &self,
+        subject: &str,
+        durable: &str,
+        acks: &[u64],
+        limit: u32,
+    ) -> Result<Result<Batch, NotHeld>, Error> {
+        let (status, messages, next_deadline_ns, missing): (String, Vec<Leased>, u64, Vec<u64>) =
+            self.call(
+                "mts_ack_consume",
+                (subject, durable, acks, limit),
+                self.timeout,
+            )
+            .await?;
+        Ok(if status == "ok" {
+            Ok(Batch {
+                messages,
+                next_deadline_ns,
+            })
+        } else {
+            Err(NotHeld(missing))
         })
     }
 

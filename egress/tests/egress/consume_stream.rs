@@ -198,6 +198,42 @@ async fn a_broken_streams_messages_come_back() {
 }
 
 #[tokio::test]
+async fn acks_sent_just_before_the_stream_ends_are_applied() {
+    let mut f = fixture("consume-last-acks").await;
+    create(&mut f, "last", 60_000).await;
+    for i in 0..3u8 {
+        f.publish(&[i]).await;
+    }
+    let mut stream = Stream::open(&mut f, "last", 10).await;
+    for seq in 1..=3 {
+        assert_eq!(stream.next().await.sequence, seq);
+    }
+    // Acks wait for a lease to carry them; the client finishes before one comes.
+    stream.ack(vec![1, 2]).await;
+    let Stream {
+        frames,
+        mut messages,
+    } = stream;
+    drop(frames);
+    let end = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
+    assert!(matches!(end, Ok(None)), "the stream ends quietly: {end:?}");
+    let info = f
+        .client
+        .get_consumer_info(mts_proto::pb::ConsumerRequest {
+            subject: f.subject.clone(),
+            durable_name: "last".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.ack_floor, 2, "{info:?}");
+    let back = f.fetch_within("last", 10, Duration::from_secs(10)).await;
+    assert_eq!(sequences(&back), vec![3], "1 and 2 were acked: {back:?}");
+    assert_eq!(back[0].delivery_count, 2);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn a_stream_must_start_with_a_start_frame() {
     let mut f = fixture("consume-start").await;
     let (frames, outbound) = mpsc::channel(4);

@@ -10,7 +10,7 @@ local clock = require('clock')
 local digest = require('digest')
 local fio = require('fio')
 
-local SCHEMA_VERSION = 7
+local SCHEMA_VERSION = 8
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -540,70 +540,78 @@ local function dead_letter(c, message, deliveries)
     return c.dlq_subject
 end
 
--- Hands out up to `limit` messages to the consumer: first those whose lease
--- ran out or whose nack delay passed (dead-lettering any that reached
--- max_deliver), then new ones, never more than max_ack_pending leased. All in
--- one transaction, so competing fetchers get disjoint messages. Returns a
--- list of {message tuple, delivery count, lease deadline} and the earliest deadline
--- still ahead (0 if none): when redeliveries can next be due.
-rawset(_G, 'mts_consume', function(subject, durable, limit)
+-- Inside a transaction: hands out up to `limit` messages to the consumer:
+-- first those whose lease ran out or whose nack delay passed (dead-lettering
+-- any that reached max_deliver), then new ones, never more than
+-- max_ack_pending leased. Returns a list of {message tuple, delivery count,
+-- lease deadline}, the earliest deadline still ahead (0 if none): when
+-- redeliveries can next be due, and the dead-letter subjects to notify.
+local function hand_out(subject, durable, limit)
     local out = {}
     local notify_subjects = {}
     local next_deadline = 0
+    local c = ensure_consumer(subject, durable)
+    local now = now_ns()
+    local lease = c.ack_wait_ms * 1000000
+    local due = {}
+    for _, p in box.space.mts_pending.index.deadline:pairs({subject, durable}, {iterator = 'GE'}) do
+        if p[1] ~= subject or p[2] ~= durable then
+            break
+        end
+        if p[5] > now then
+            next_deadline = p[5]
+            break
+        end
+        if #due >= limit then
+            break
+        end
+        due[#due + 1] = p
+    end
+    for _, p in ipairs(due) do
+        local message = box.space.mts_messages:get({subject, p[3]})
+        if message == nil then
+            -- Removed by retention while pending: nothing left to deliver.
+            box.space.mts_pending:delete({subject, durable, p[3]})
+        elseif c.max_deliver > 0 and p[4] >= c.max_deliver then
+            local dlq = dead_letter(c, message, p[4])
+            if dlq ~= nil then
+                notify_subjects[#notify_subjects + 1] = dlq
+            end
+        else
+            box.space.mts_pending:update({subject, durable, p[3]}, {
+                {'=', 4, p[4] + 1}, {'=', 5, now + lease},
+            })
+            out[#out + 1] = {message, p[4] + 1, now + lease}
+        end
+    end
+    local room = limit - #out
+    if c.max_ack_pending > 0 then
+        room = math.min(room, c.max_ack_pending - pending_count(c))
+    end
+    if room > 0 then
+        for _, message in box.space.mts_messages.index.primary:pairs({subject, c.delivered}, {iterator = 'GT'}) do
+            if message[1] ~= subject or room <= 0 then
+                break
+            end
+            box.space.mts_pending:insert({subject, durable, message[2], 1, now + lease, now})
+            out[#out + 1] = {message, 1, now + lease}
+            c.delivered = message[2]
+            room = room - 1
+        end
+    end
+    if #out > 0 and (next_deadline == 0 or next_deadline > now + lease) then
+        next_deadline = now + lease
+    end
+    settle_floor(c)
+    return out, next_deadline, notify_subjects
+end
+
+-- Leases in one transaction, so competing fetchers get disjoint messages.
+-- Returns what `hand_out` hands out and when redeliveries can next be due.
+rawset(_G, 'mts_consume', function(subject, durable, limit)
+    local out, next_deadline, notify_subjects
     box.atomic(function()
-        local c = ensure_consumer(subject, durable)
-        local now = now_ns()
-        local lease = c.ack_wait_ms * 1000000
-        local due = {}
-        for _, p in box.space.mts_pending.index.deadline:pairs({subject, durable}, {iterator = 'GE'}) do
-            if p[1] ~= subject or p[2] ~= durable then
-                break
-            end
-            if p[5] > now then
-                next_deadline = p[5]
-                break
-            end
-            if #due >= limit then
-                break
-            end
-            due[#due + 1] = p
-        end
-        for _, p in ipairs(due) do
-            local message = box.space.mts_messages:get({subject, p[3]})
-            if message == nil then
-                -- Removed by retention while pending: nothing left to deliver.
-                box.space.mts_pending:delete({subject, durable, p[3]})
-            elseif c.max_deliver > 0 and p[4] >= c.max_deliver then
-                local dlq = dead_letter(c, message, p[4])
-                if dlq ~= nil then
-                    notify_subjects[#notify_subjects + 1] = dlq
-                end
-            else
-                box.space.mts_pending:update({subject, durable, p[3]}, {
-                    {'=', 4, p[4] + 1}, {'=', 5, now + lease},
-                })
-                out[#out + 1] = {message, p[4] + 1, now + lease}
-            end
-        end
-        local room = limit - #out
-        if c.max_ack_pending > 0 then
-            room = math.min(room, c.max_ack_pending - pending_count(c))
-        end
-        if room > 0 then
-            for _, message in box.space.mts_messages.index.primary:pairs({subject, c.delivered}, {iterator = 'GT'}) do
-                if message[1] ~= subject or room <= 0 then
-                    break
-                end
-                box.space.mts_pending:insert({subject, durable, message[2], 1, now + lease, now})
-                out[#out + 1] = {message, 1, now + lease}
-                c.delivered = message[2]
-                room = room - 1
-            end
-        end
-        if #out > 0 and (next_deadline == 0 or next_deadline > now + lease) then
-            next_deadline = now + lease
-        end
-        settle_floor(c)
+        out, next_deadline, notify_subjects = hand_out(subject, durable, limit)
     end)
     for _, dlq in ipairs(notify_subjects) do
         notify(dlq)
@@ -611,26 +619,58 @@ rawset(_G, 'mts_consume', function(subject, durable, limit)
     return out, next_deadline
 end)
 
+-- Inside a transaction: the sequences of `seqs` that the consumer does not
+-- hold; when there are none, they are all acknowledged (not yet settled).
+local function ack_held(subject, durable, seqs)
+    local missing = {}
+    local exists = box.space.mts_consumers:get({subject, durable}) ~= nil
+    for _, seq in ipairs(seqs) do
+        if not exists or box.space.mts_pending:get({subject, durable, seq}) == nil then
+            missing[#missing + 1] = seq
+        end
+    end
+    if #missing == 0 then
+        for _, seq in ipairs(seqs) do
+            box.space.mts_pending:delete({subject, durable, seq})
+        end
+    end
+    return missing
+end
+
+-- A consume stream's acks and its next lease in one transaction and one WAL
+-- write: acks ride along instead of costing a call of their own. The acks
+-- apply first (all held, or nothing happens), so the room they free counts.
+-- Returns 'ok', the leased list and the next deadline (as mts_consume) and
+-- an empty list, or 'not_held', nothing leased, 0 and the sequences not held.
+rawset(_G, 'mts_ack_consume', function(subject, durable, acks, limit)
+    local missing, out, next_deadline, notify_subjects
+    box.atomic(function()
+        missing = ack_held(subject, durable, acks)
+        if #missing == 0 then
+            out, next_deadline, notify_subjects = hand_out(subject, durable, limit)
+        end
+    end)
+    if #missing > 0 then
+        return 'not_held', {}, 0, missing
+    end
+    for _, dlq in ipairs(notify_subjects) do
+        notify(dlq)
+    end
+    return 'ok', out, next_deadline, {}
+end)
+
 -- Per-message acks: every sequence must be pending for this consumer, or
 -- nothing is acked. Returns 'ok' and the new floor, or 'not_held' and the
 -- sequences that are not pending.
 rawset(_G, 'mts_ack_each', function(subject, durable, seqs)
-    local missing = {}
+    local missing
     local floor = 0
     box.atomic(function()
-        local row = box.space.mts_consumers:get({subject, durable})
-        for _, seq in ipairs(seqs) do
-            if row == nil or box.space.mts_pending:get({subject, durable, seq}) == nil then
-                missing[#missing + 1] = seq
-            end
-        end
+        missing = ack_held(subject, durable, seqs)
         if #missing > 0 then
             return
         end
-        for _, seq in ipairs(seqs) do
-            box.space.mts_pending:delete({subject, durable, seq})
-        end
-        local c = consumer_view(row)
+        local c = consumer_view(box.space.mts_consumers:get({subject, durable}))
         settle_floor(c)
         floor = c.floor
     end)
@@ -1167,7 +1207,7 @@ end)
 with_schema_lock(function()
     local PROCEDURES = {
         'mts_schema_version', 'mts_publish', 'mts_publish_batch', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
-        'mts_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
+        'mts_consume', 'mts_ack_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
         'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
         'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
         'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',

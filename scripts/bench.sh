@@ -95,7 +95,7 @@ run() {
 for system in ours ours-many jetstream tarantool; do
     run publish --system "$system" --size 1024 --concurrency 64 --seconds "$secs"
 done
-for system in ours jetstream; do
+for system in ours ours-many jetstream; do
     run delivery --system "$system" --size 1024 --rate "$rate" --seconds "$secs"
 done
 large_secs=$secs

@@ -193,7 +193,7 @@ impl Session {
             tokio::select! {
                 frame = inbound.next() => match frame {
                     Some(Ok(ConsumeRequest { request: Some(frame) })) => {
-                        match self.answer(frame).await {
+                        match self.answer_ready(frame, inbound).await {
                             Ok(released) => maybe_waiting |= released,
                             Err(end) => return end,
                         }
@@ -261,6 +261,30 @@ impl Session {
             }
         }
         Ok((sent, due))
+    }
+
+    /// Takes `frame` and every frame already waiting behind it, so that the
+    /// acks of a burst go to Tarantool together. True when one of them
+    /// handed messages back.
+    async fn answer_ready(
+        &mut self,
+        frame: Frame,
+        inbound: &mut Streaming<ConsumeRequest>,
+    ) -> Result<bool, End> {
+        use futures::FutureExt;
+        let mut released = self.answer(frame).await?;
+        // Up to one lease's worth of frames, so a flood cannot starve pushes.
+        for _ in 0..self.max_in_flight {
+            match inbound.next().now_or_never() {
+                Some(Some(Ok(ConsumeRequest {
+                    request: Some(frame),
+                }))) => released |= self.answer(frame).await?,
+                Some(Some(Ok(ConsumeRequest { request: None }))) => {}
+                // Nothing more now, or the stream ended: the next turn sees it.
+                _ => break,
+            }
+        }
+        Ok(released)
     }
 
     /// Takes an ack or nack frame. Acks are kept for the next lease (room

@@ -32,6 +32,10 @@ pub struct Ingress {
     pub(crate) inline_threshold: u64,
     pub(crate) max_payload: u64,
     pub(crate) part_size: usize,
+    /// Largest announced size streamed into one PutObject.
+    pub(crate) single_put_max: u64,
+    /// How long the object store may take to answer a request.
+    pub(crate) object_store_timeout: std::time::Duration,
     pub(crate) dedup_window: Duration,
     pub(crate) uploads: Arc<Semaphore>,
     pub(crate) max_uploads: usize,
@@ -157,6 +161,8 @@ impl Ingress {
             inline_threshold: config.inline_threshold_bytes,
             max_payload: config.max_payload_bytes,
             part_size: usize::try_from(config.multipart_part_bytes).unwrap_or(usize::MAX),
+            single_put_max: config.single_put_max_bytes,
+            object_store_timeout: config.minio_timeout(),
             dedup_window: Duration::from_millis(config.dedup_window_ms),
             uploads: Arc::new(Semaphore::new(max_uploads)),
             max_uploads,

@@ -1,18 +1,20 @@
 //! PublishStream: a payload of any size arrives in chunks and goes to the
-//! object store as a multipart upload, one part at a time, hashed on the
-//! way. Memory holds at most one part. Anything that goes wrong before the
-//! commit — the client leaving, a bad frame, a size or digest mismatch —
-//! aborts the upload, and nothing is stored. Completion must be explicit (an
-//! end frame, or the announced total size): a client that is cancelled can
-//! close its side of the stream as cleanly as one that finished.
+//! object store, hashed on the way. A payload whose size the header announces
+//! (up to `single_put_max_bytes`) streams straight into one PutObject, nothing
+//! buffered; any other goes as a multipart upload, one part at a time, so
+//! memory holds at most one part. Anything that goes wrong before the commit —
+//! the client leaving, a bad frame, a size or digest mismatch — aborts the
+//! upload, and nothing is stored. Completion must be explicit (an end frame,
+//! or the announced total size): a client that is cancelled can close its side
+//! of the stream as cleanly as one that finished.
 
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{PublishFrame, PublishResponse};
 use mts_shared::auth::{Caller, Permission};
-use mts_shared::blob::Upload;
+use mts_shared::blob::{self, StreamedBody, Upload, UploadEnded};
 use mts_shared::store::{Payload, Published};
 use mts_shared::validate;
 use sha2::{Digest, Sha256};
@@ -64,75 +66,204 @@ pub async fn publish(
         ));
     }
     let key = envelope.object_key();
-    let mut receiver = Receiver {
-        ingress,
-        key: &key,
-        part: BytesMut::with_capacity(ingress.part_size),
-        hasher: Sha256::new(),
-        size: 0,
-        upload: None,
+    let total_size = header.total_size;
+    let (received, object) = match total_size {
+        Some(total) if total > ingress.inline_threshold && total <= ingress.single_put_max => {
+            let received = in_one_put(ingress, &key, &mut frames, total).await?;
+            (received, Some(key))
+        }
+        _ => in_parts(ingress, &key, &mut frames, total_size).await?,
     };
-    let received = receiver.receive(&mut frames, header.total_size).await;
-    let Receiver {
-        part,
-        hasher,
-        size,
-        upload,
-        ..
-    } = receiver;
-    let sha256 = hex::encode(hasher.finalize());
-    let received = received.and_then(|claimed| match claimed {
-        Some(claimed) if !claimed.eq_ignore_ascii_case(&sha256) => Err(validate::Error::new(
-            "end.sha256",
-            format!("the payload's SHA-256 is {sha256}, the end frame says {claimed}"),
-        )
-        .into()),
-        _ => Ok(()),
-    });
-    if let Err(err) = received {
-        if let Some(upload) = upload
-            && let Err(abort) = upload.abort().await
-        {
-            tracing::warn!(object = %key, %abort, "could not abort a failed upload");
-        }
-        return Err(err);
-    }
-    let published = match upload {
-        None if size <= ingress.inline_threshold => {
-            let published = ingress
-                .commit(&envelope, Payload::Inline(&part), size, &sha256)
-                .await?;
-            return Ok(reply(published, String::new(), size, sha256));
-        }
-        None => {
-            ingress
-                .blobs
-                .put(&key, part.freeze())
-                .await
-                .map_err(Error::Upload)?;
-            ingress
-                .commit_object(&envelope, key.clone(), size, &sha256)
-                .await?
-        }
-        Some(mut upload) => {
-            let finished = async {
-                if !part.is_empty() {
-                    upload.put_part(part.freeze()).await?;
-                }
-                upload.complete().await
-            };
-            finished.await.map_err(Error::Upload)?;
-            ingress
-                .commit_object(&envelope, key.clone(), size, &sha256)
-                .await?
-        }
+    let Received { size, sha256, part } = received;
+    let Some(key) = object else {
+        let published = ingress
+            .commit(&envelope, Payload::Inline(&part), size, &sha256)
+            .await?;
+        return Ok(reply(published, String::new(), size, sha256));
     };
+    let published = ingress
+        .commit_object(&envelope, key.clone(), size, &sha256)
+        .await?;
     let object_name = if published.duplicate {
         String::new()
     } else {
         key
     };
     Ok(reply(published, object_name, size, sha256))
+}
+
+/// What a stream carried, checked against its header and end frame.
+struct Received {
+    size: u64,
+    sha256: String,
+    /// The payload itself when it stays inline; empty otherwise.
+    part: BytesMut,
+}
+
+/// Streams the announced `total` bytes into one PutObject as they arrive.
+/// The last chunk is held back until the stream has ended well (size and
+/// digest checked), so a bad ending aborts the request before the object
+/// exists.
+async fn in_one_put(
+    ingress: &Ingress,
+    key: &str,
+    frames: &mut Streaming<PublishFrame>,
+    total: u64,
+) -> Result<Received, Error> {
+    let (sender, body) = StreamedBody::channel(total);
+    // A store that stops reading is as gone as a client that stops sending.
+    let feed = async |chunk: Bytes| match tokio::time::timeout(IDLE_LIMIT, sender.send(chunk)).await
+    {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(UploadEnded)) | Err(_) => Err(Stop::UploadEnded),
+    };
+    let receive = async {
+        let mut walk = Walk::new(Some(total));
+        let mut held: Option<Bytes> = None;
+        let walked = async {
+            while let Some(chunk) = walk.next_chunk(frames).await? {
+                if let Some(previous) = held.replace(chunk) {
+                    feed(previous).await?;
+                }
+            }
+            let walked = walk.finish()?;
+            if let Some(last) = held.take() {
+                feed(last).await?;
+            }
+            Ok::<_, Stop>(walked)
+        }
+        .await;
+        if walked.is_err() {
+            sender.abort().await;
+        }
+        walked
+    };
+    let put = ingress.blobs.put_streamed(key, body, total);
+    let (mut receive, mut put) = (std::pin::pin!(receive), std::pin::pin!(put));
+    let (walked, uploaded) = tokio::select! {
+        walked = &mut receive => match walked {
+            Err(Stop::Refused(err)) => return Err(err),
+            // The store answers once it has the whole body, or has given up on it.
+            walked => {
+                let timeout = ingress.object_store_timeout;
+                let answer = tokio::time::timeout(timeout, &mut put).await;
+                let uploaded = answer.unwrap_or_else(|_| {
+                    Err(blob::Error::Unavailable(format!(
+                        "no answer within {timeout:?} after the payload was sent"
+                    )))
+                });
+                (walked, uploaded)
+            }
+        },
+        uploaded = &mut put => match uploaded {
+            // The request can end well only after the whole body, checked, went out.
+            Ok(()) => (receive.await, Ok(())),
+            Err(err) => return Err(Error::Upload(err)),
+        },
+    };
+    match (walked, uploaded) {
+        (Err(Stop::Refused(err)), _) => Err(err),
+        (_, Err(err)) => Err(Error::Upload(err)),
+        (Err(Stop::UploadEnded), Ok(())) => Err(Error::Upload(blob::Error::Unavailable(
+            "the object store stopped reading the payload".into(),
+        ))),
+        (Ok((size, sha256)), Ok(())) => Ok(Received {
+            size,
+            sha256,
+            part: BytesMut::new(),
+        }),
+    }
+}
+
+/// Why a streamed PutObject's feed stopped early.
+enum Stop {
+    /// The stream was refused (or the client left).
+    Refused(Error),
+    /// The upload stopped taking the body.
+    UploadEnded,
+}
+
+impl From<Error> for Stop {
+    fn from(err: Error) -> Self {
+        Self::Refused(err)
+    }
+}
+
+impl From<UploadEnded> for Stop {
+    fn from(_: UploadEnded) -> Self {
+        Self::UploadEnded
+    }
+}
+
+/// Collects chunks into parts, sending each full part of a multipart upload
+/// (started at the first full part). Returns what was received and, when it
+/// went to the store, the object's key; a payload that fits inline stays in
+/// `part`.
+async fn in_parts(
+    ingress: &Ingress,
+    key: &str,
+    frames: &mut Streaming<PublishFrame>,
+    total_size: Option<u64>,
+) -> Result<(Received, Option<String>), Error> {
+    let mut part = BytesMut::with_capacity(ingress.part_size);
+    let mut upload: Option<Upload> = None;
+    let mut walk = Walk::new(total_size);
+    let walked = async {
+        while let Some(chunk) = walk.next_chunk(frames).await? {
+            part.extend_from_slice(&chunk);
+            let part_size = ingress.part_size;
+            while part.len() >= part_size {
+                let full = part.split_to(part_size).freeze();
+                let started = match upload.as_mut() {
+                    Some(started) => started,
+                    None => upload.insert(
+                        ingress
+                            .blobs
+                            .start_upload(key)
+                            .await
+                            .map_err(Error::Upload)?,
+                    ),
+                };
+                started.put_part(full).await.map_err(Error::Upload)?;
+                part.reserve(part_size);
+            }
+        }
+        Ok::<_, Error>(())
+    }
+    .await;
+    let (size, sha256) = match walked.and_then(|()| walk.finish()) {
+        Ok(walked) => walked,
+        Err(err) => {
+            if let Some(upload) = upload
+                && let Err(abort) = upload.abort().await
+            {
+                tracing::warn!(object = %key, %abort, "could not abort a failed upload");
+            }
+            return Err(err);
+        }
+    };
+    let stored = match upload {
+        None if size <= ingress.inline_threshold => None,
+        None => {
+            ingress
+                .blobs
+                .put(key, std::mem::take(&mut part).freeze())
+                .await
+                .map_err(Error::Upload)?;
+            Some(key.to_owned())
+        }
+        Some(mut upload) => {
+            let finished = async {
+                if !part.is_empty() {
+                    upload.put_part(std::mem::take(&mut part).freeze()).await?;
+                }
+                upload.complete().await
+            };
+            finished.await.map_err(Error::Upload)?;
+            Some(key.to_owned())
+        }
+    };
+    Ok((Received { size, sha256, part }, stored))
 }
 
 async fn next_frame(frames: &mut Streaming<PublishFrame>) -> Result<Option<Frame>, Error> {
@@ -147,36 +278,57 @@ async fn next_frame(frames: &mut Streaming<PublishFrame>) -> Result<Option<Frame
     }
 }
 
-struct Receiver<'a> {
-    ingress: &'a Ingress,
-    key: &'a str,
-    part: BytesMut,
+/// Reads the frames after the header, hashing each chunk, until the end
+/// frame or, with an announced size, the stream's end; then checks the size
+/// against the header and the digest against the end frame.
+struct Walk {
+    total_size: Option<u64>,
     hasher: Sha256,
     size: u64,
-    upload: Option<Upload>,
+    claimed: Option<String>,
+    ended: bool,
 }
 
-impl Receiver<'_> {
-    /// Takes chunks, sending each full part, until the end frame (whose
-    /// claimed digest it returns) or, with an announced size, the stream's end.
-    async fn receive(
+impl Walk {
+    fn new(total_size: Option<u64>) -> Self {
+        Self {
+            total_size,
+            hasher: Sha256::new(),
+            size: 0,
+            claimed: None,
+            ended: false,
+        }
+    }
+
+    /// The next chunk, or `None` once the stream has ended.
+    async fn next_chunk(
         &mut self,
         frames: &mut Streaming<PublishFrame>,
-        total_size: Option<u64>,
-    ) -> Result<Option<String>, Error> {
-        let mut claimed = None;
-        let mut ended = false;
+    ) -> Result<Option<Bytes>, Error> {
         while let Some(frame) = next_frame(frames).await? {
-            if ended {
+            if self.ended {
                 return Err(
                     validate::Error::new("end", "no frame may follow the end frame").into(),
                 );
             }
             match frame {
-                Frame::Chunk(chunk) => self.take(&chunk, total_size).await?,
+                Frame::Chunk(chunk) => {
+                    self.size += chunk.len() as u64;
+                    if let Some(total) = self.total_size.filter(|total| self.size > *total) {
+                        return Err(validate::Error::new(
+                            "chunk",
+                            format!(
+                                "the stream carries more than the {total} bytes its header announced"
+                            ),
+                        )
+                        .into());
+                    }
+                    self.hasher.update(&chunk);
+                    return Ok(Some(chunk));
+                }
                 Frame::End(end) => {
-                    ended = true;
-                    claimed = (!end.sha256.is_empty()).then_some(end.sha256);
+                    self.ended = true;
+                    self.claimed = (!end.sha256.is_empty()).then_some(end.sha256);
                 }
                 Frame::Header(_) => {
                     return Err(validate::Error::new(
@@ -187,49 +339,37 @@ impl Receiver<'_> {
                 }
             }
         }
-        match total_size {
-            Some(total) if total != self.size => Err(validate::Error::new(
-                "total_size",
-                format!("the header announced {total} bytes but the stream carried {}", self.size),
-            )
-            .into()),
-            None if !ended => Err(validate::Error::new(
-                "end",
-                "the stream closed without an end frame or an announced total_size; nothing was stored",
-            )
-            .into()),
-            _ => Ok(claimed),
-        }
+        Ok(None)
     }
 
-    /// Hashes a chunk and sends every part it completes.
-    async fn take(&mut self, chunk: &[u8], total_size: Option<u64>) -> Result<(), Error> {
-        self.size += chunk.len() as u64;
-        if let Some(total) = total_size.filter(|total| self.size > *total) {
-            return Err(validate::Error::new(
-                "chunk",
-                format!("the stream carries more than the {total} bytes its header announced"),
+    /// Checks how the stream ended; returns the size and the hex SHA-256.
+    fn finish(self) -> Result<(u64, String), Error> {
+        let size = self.size;
+        match self.total_size {
+            Some(total) if total != size => {
+                return Err(validate::Error::new(
+                    "total_size",
+                    format!("the header announced {total} bytes but the stream carried {size}"),
+                )
+                .into());
+            }
+            None if !self.ended => {
+                return Err(validate::Error::new(
+                    "end",
+                    "the stream closed without an end frame or an announced total_size; nothing was stored",
+                )
+                .into());
+            }
+            _ => {}
+        }
+        let sha256 = hex::encode(self.hasher.finalize());
+        match self.claimed {
+            Some(claimed) if !claimed.eq_ignore_ascii_case(&sha256) => Err(validate::Error::new(
+                "end.sha256",
+                format!("the payload's SHA-256 is {sha256}, the end frame says {claimed}"),
             )
-            .into());
+            .into()),
+            _ => Ok((size, sha256)),
         }
-        self.hasher.update(chunk);
-        self.part.extend_from_slice(chunk);
-        let part_size = self.ingress.part_size;
-        while self.part.len() >= part_size {
-            let full = self.part.split_to(part_size).freeze();
-            let upload = match self.upload.as_mut() {
-                Some(upload) => upload,
-                None => self.upload.insert(
-                    self.ingress
-                        .blobs
-                        .start_upload(self.key)
-                        .await
-                        .map_err(Error::Upload)?,
-                ),
-            };
-            upload.put_part(full).await.map_err(Error::Upload)?;
-            self.part.reserve(part_size);
-        }
-        Ok(())
     }
 }

@@ -63,6 +63,89 @@ fn describe(err: &dyn std::error::Error) -> String {
     text
 }
 
+/// The body of a streamed PutObject: chunks sent through a
+/// [`StreamedBodySender`], of a size known up front.
+pub struct StreamedBody {
+    chunks: tokio::sync::mpsc::Receiver<Result<Bytes, BodyAborted>>,
+    remaining: u64,
+}
+
+/// Feeds a [`StreamedBody`].
+pub struct StreamedBodySender {
+    chunks: tokio::sync::mpsc::Sender<Result<Bytes, BodyAborted>>,
+}
+
+/// Why a streamed body ended before its size: the upload is given up.
+#[derive(Debug, thiserror::Error)]
+#[error("the upload was given up before its last byte")]
+pub struct BodyAborted;
+
+/// The upload the body went to has ended (it failed, or was given up).
+#[derive(Debug, thiserror::Error)]
+#[error("the upload has ended")]
+pub struct UploadEnded;
+
+impl StreamedBody {
+    /// A body of `size` bytes and its sender. Holds at most a few chunks.
+    pub fn channel(size: u64) -> (StreamedBodySender, StreamedBody) {
+        let (chunks, receiver) = tokio::sync::mpsc::channel(2);
+        (
+            StreamedBodySender { chunks },
+            StreamedBody {
+                chunks: receiver,
+                remaining: size,
+            },
+        )
+    }
+}
+
+impl StreamedBodySender {
+    /// Sends the next chunk, waiting while the upload is behind.
+    pub async fn send(&self, chunk: Bytes) -> Result<(), UploadEnded> {
+        self.chunks.send(Ok(chunk)).await.map_err(|_| UploadEnded)
+    }
+
+    /// Gives the upload up: the request fails and nothing is stored.
+    pub async fn abort(&self) {
+        let _ = self.chunks.send(Err(BodyAborted)).await;
+    }
+}
+
+impl http_body::Body for StreamedBody {
+    type Data = Bytes;
+    type Error = BodyAborted;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BodyAborted>>> {
+        if self.remaining == 0 {
+            return std::task::Poll::Ready(None);
+        }
+        match std::task::ready!(self.chunks.poll_recv(cx)) {
+            Some(Ok(chunk)) => {
+                let len = chunk.len() as u64;
+                if len > self.remaining {
+                    return std::task::Poll::Ready(Some(Err(BodyAborted)));
+                }
+                self.remaining -= len;
+                std::task::Poll::Ready(Some(Ok(http_body::Frame::data(chunk))))
+            }
+            // A sender that went away early gave the upload up too.
+            Some(Err(aborted)) => std::task::Poll::Ready(Some(Err(aborted))),
+            None => std::task::Poll::Ready(Some(Err(BodyAborted))),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.remaining == 0
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        http_body::SizeHint::with_exact(self.remaining)
+    }
+}
+
 /// A handle on the payload bucket; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct BlobStore {
@@ -181,6 +264,54 @@ impl BlobStore {
             .key(key)
             .body(ByteStream::from(data))
             .customize()
+            .disable_payload_signing()
+            .send()
+            .await
+            .map(|_| ())
+            .map_err(|e| Error::from_sdk(e, |_| None))
+    }
+
+    /// Stores under `key` the `size` bytes that `body` yields as they come,
+    /// in one PutObject: nothing is buffered here, and the object appears
+    /// only if the body ends with exactly `size` bytes (an aborted or short
+    /// body fails the request and the server keeps nothing). The body cannot
+    /// be replayed, so a failure is not retried. The call lasts as long as its
+    /// sender takes: no operation deadline applies, only the connect timeout.
+    pub async fn put_streamed(
+        &self,
+        key: &str,
+        body: StreamedBody,
+        size: u64,
+    ) -> Result<(), Error> {
+        self.timed("PutObject", self.put_streamed_untimed(key, body, size))
+            .await
+    }
+
+    /// Untimed body of the call above.
+    async fn put_streamed_untimed(
+        &self,
+        key: &str,
+        body: StreamedBody,
+        size: u64,
+    ) -> Result<(), Error> {
+        let timeouts = TimeoutConfig::builder()
+            .connect_timeout(Duration::from_secs(3))
+            .build();
+        self.client
+            .put_object()
+            .bucket(&self.bucket)
+            .key(key)
+            .content_length(i64::try_from(size).unwrap_or(i64::MAX))
+            .body(ByteStream::from_body_1_x(body))
+            .customize()
+            .config_override(
+                aws_sdk_s3::Config::builder()
+                    .timeout_config(timeouts)
+                    .retry_config(RetryConfig::disabled())
+                    .request_checksum_calculation(
+                        aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
+                    ),
+            )
             .disable_payload_signing()
             .send()
             .await

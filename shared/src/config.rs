@@ -41,6 +41,7 @@ pub const KEYS: &[&str] = &[
     "orphan_sweep_interval_seconds",
     "dedup_window_ms",
     "multipart_part_bytes",
+    "single_put_max_bytes",
     "max_concurrent_uploads",
     "max_inline_delivery_bytes",
     "auth_enabled",
@@ -63,6 +64,9 @@ pub const KEYS: &[&str] = &[
 /// Tarantool keeps whole tuples in memory and caps a tuple at 1 MiB by
 /// default; inline payloads must stay well below that.
 const MAX_INLINE_THRESHOLD: u64 = 768 * 1024;
+
+/// The largest object one S3 PutObject may create.
+const MAX_SINGLE_PUT: u64 = 5 << 30;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -141,6 +145,10 @@ pub struct Config {
     pub dedup_window_ms: u64,
     /// Part size of streamed uploads (S3 needs at least 5 MiB).
     pub multipart_part_bytes: u64,
+    /// A streamed upload whose header announces at most this many bytes goes
+    /// to the store in one PutObject as it arrives (no part buffers, but a
+    /// failure is not retried part by part); 0 = always multipart.
+    pub single_put_max_bytes: u64,
     /// Streamed uploads one ingress process runs at once; more are refused
     /// with RESOURCE_EXHAUSTED.
     pub max_concurrent_uploads: u64,
@@ -262,6 +270,15 @@ impl Config {
                 ),
             ));
         }
+        if self.single_put_max_bytes > MAX_SINGLE_PUT {
+            return Err(invalid(
+                "single_put_max_bytes",
+                format!(
+                    "{} is above the {MAX_SINGLE_PUT}-byte (5 GiB) limit of one S3 PutObject",
+                    self.single_put_max_bytes
+                ),
+            ));
+        }
         if self.inline_threshold_bytes > MAX_INLINE_THRESHOLD {
             return Err(invalid(
                 "inline_threshold_bytes",
@@ -350,6 +367,7 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
         ("orphan_sweep_interval_seconds", 600_i64.into()),
         ("dedup_window_ms", 120_000_i64.into()),
         ("multipart_part_bytes", (8 * 1024 * 1024_i64).into()),
+        ("single_put_max_bytes", (64 * 1024 * 1024_i64).into()),
         ("max_concurrent_uploads", 16_i64.into()),
         ("max_inline_delivery_bytes", (1024 * 1024_i64).into()),
         ("auth_enabled", false.into()),
@@ -474,6 +492,9 @@ mod tests {
         assert!(err.to_string().contains("INLINE_THRESHOLD_BYTES"), "{err}");
         let err = Config::load(1, None, env(&[("TARANTOOL_TIMEOUT_MS", "0")])).unwrap_err();
         assert!(err.to_string().contains("tarantool_timeout_ms"), "{err}");
+        let err =
+            Config::load(1, None, env(&[("SINGLE_PUT_MAX_BYTES", "6000000000")])).unwrap_err();
+        assert!(err.to_string().contains("SINGLE_PUT_MAX_BYTES"), "{err}");
     }
 
     #[test]

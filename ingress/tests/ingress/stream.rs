@@ -224,16 +224,25 @@ async fn bad_frames_and_size_mismatches_store_nothing() {
 #[tokio::test]
 async fn streamed_payloads_are_stored_with_size_and_digest() {
     let f = fixture("stream-sizes", |_| {}).await;
-    // Inline, one small object, and a multipart object of 2 full parts plus a tail.
-    for (size, inline) in [(1000usize, true), (300 * 1024, false), (11 * MIB, false)] {
+    // Inline; announced sizes, each streamed into one PutObject; a size not
+    // announced, as a multipart object of 2 full parts plus a tail, and as
+    // one small object.
+    for (size, announced, inline) in [
+        (1000usize, true, true),
+        (300 * 1024, true, false),
+        (11 * MIB, true, false),
+        (11 * MIB, false, false),
+        (300 * 1024, false, false),
+    ] {
         let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
         let (frames, call) = f.open().await;
-        frames
-            .send(header(&f.subject, Some(size as u64), ""))
-            .await
-            .unwrap();
+        let total = announced.then_some(size as u64);
+        frames.send(header(&f.subject, total, "")).await.unwrap();
         for piece in data.chunks(MIB + 17) {
             frames.send(chunk(piece.to_vec())).await.unwrap();
+        }
+        if !announced {
+            frames.send(end("")).await.unwrap();
         }
         drop(frames);
         let reply = call.await.unwrap().unwrap();
@@ -360,5 +369,150 @@ async fn a_message_id_is_stored_once_per_subject_within_the_window() {
     let later = f.publish(&subject, b"payload", "order-17").await;
     assert!(!later.duplicate, "after the window the id is new again");
     assert_eq!(later.sequence, 3);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_streamed_put_stores_all_or_nothing() {
+    use mts_shared::blob::StreamedBody;
+    let blobs = BlobStore::new(&testing::config());
+    let subject = testing::unique_subject("streamed-put");
+    let data: Vec<u8> = (0..3 * MIB + 5).map(|i| (i * 13 % 251) as u8).collect();
+
+    let key = format!("{subject}/whole");
+    let (sender, body) = StreamedBody::channel(data.len() as u64);
+    let chunks: Vec<Bytes> = data.chunks(MIB).map(Bytes::copy_from_slice).collect();
+    let feed = async move {
+        for chunk in chunks {
+            sender.send(chunk).await.unwrap();
+        }
+    };
+    let (stored, ()) = tokio::join!(blobs.put_streamed(&key, body, data.len() as u64), feed);
+    stored.unwrap();
+    assert_eq!(blobs.get(&key).await.unwrap(), data);
+
+    // Given up before the last byte: the request fails and no object exists.
+    let key = format!("{subject}/aborted");
+    let (sender, body) = StreamedBody::channel(data.len() as u64);
+    let first = Bytes::copy_from_slice(&data[..MIB]);
+    let feed = async move {
+        sender.send(first).await.unwrap();
+        sender.abort().await;
+    };
+    let (stored, ()) = tokio::join!(blobs.put_streamed(&key, body, data.len() as u64), feed);
+    assert!(stored.is_err(), "an aborted body stores nothing");
+    assert!(blobs.get(&key).await.is_err(), "no object under {key}");
+}
+
+/// What a refused stream of `subject` must leave: no metadata, no object, no upload.
+async fn nothing_stored(f: &Fixture) {
+    assert_eq!(
+        f.store.last_seq(&f.subject).await.unwrap(),
+        0,
+        "no metadata"
+    );
+    assert!(
+        f.blobs
+            .list_keys(&format!("{}/", f.subject))
+            .await
+            .unwrap()
+            .is_empty(),
+        "no object"
+    );
+    assert_eq!(f.unfinished().await, 0, "no multipart upload");
+}
+
+#[tokio::test]
+async fn an_announced_payload_with_a_bad_ending_stores_nothing() {
+    let f = fixture("one-put-refused", |_| {}).await;
+    let total = 3 * MIB as u64;
+
+    // Every byte sent, then a digest the payload does not have: the last
+    // chunk was held back, so the object never came to exist.
+    let (frames, call) = f.open().await;
+    frames
+        .send(header(&f.subject, Some(total), ""))
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        frames.send(chunk(vec![4u8; MIB])).await.unwrap();
+    }
+    // Time enough for the store to finish an object whose bytes all went out.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    frames.send(end("00ff")).await.unwrap();
+    drop(frames);
+    let refused = call.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("end.sha256"),
+        "{}",
+        refused.message()
+    );
+    nothing_stored(&f).await;
+
+    // More than announced.
+    let (frames, call) = f.open().await;
+    frames
+        .send(header(&f.subject, Some(total), ""))
+        .await
+        .unwrap();
+    for _ in 0..4 {
+        if frames.send(chunk(vec![4u8; MIB])).await.is_err() {
+            break;
+        }
+    }
+    drop(frames);
+    let refused = call.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
+    assert!(
+        refused.message().contains("more than the"),
+        "{}",
+        refused.message()
+    );
+    nothing_stored(&f).await;
+
+    // Cut off midway: the client goes away.
+    let (frames, call) = f.open().await;
+    frames
+        .send(header(&f.subject, Some(total), ""))
+        .await
+        .unwrap();
+    frames.send(chunk(vec![4u8; MIB])).await.unwrap();
+    call.abort();
+    drop(frames);
+    // The ingress notices and gives the request up; give it a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    nothing_stored(&f).await;
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_announced_payload_the_store_cannot_take_is_unavailable() {
+    let mut garage = testing::GarageProcess::start();
+    let f = fixture("one-put-unreachable", |config| {
+        config.minio_endpoint = garage.endpoint();
+        config.minio_timeout_ms = 2000;
+    })
+    .await;
+    garage.kill();
+    let (frames, call) = f.open().await;
+    frames
+        .send(header(&f.subject, Some(2 * MIB as u64), ""))
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        if frames.send(chunk(vec![5u8; MIB])).await.is_err() {
+            break;
+        }
+    }
+    drop(frames);
+    let refused = call.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("nothing was stored"),
+        "{}",
+        refused.message()
+    );
+    assert_eq!(f.store.last_seq(&f.subject).await.unwrap(), 0);
     f.service.stop().await.unwrap();
 }

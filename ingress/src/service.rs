@@ -268,15 +268,7 @@ impl Ingress {
         }
         let key = envelope.object_key();
         self.blobs.put(&key, data).await.map_err(Error::Upload)?;
-        let published = self
-            .commit_object(&envelope, key.clone(), size, &sha256)
-            .await?;
-        let object_name = if published.duplicate {
-            String::new()
-        } else {
-            key
-        };
-        Ok(reply(published, object_name, size, sha256))
+        self.commit_object(&envelope, key, size, sha256).await
     }
 
     /// The sequence of an earlier publish with the same message id, checked
@@ -330,7 +322,27 @@ impl Ingress {
     /// Commits a message whose payload was uploaded under `key`. On a refusal
     /// the object is deleted; when the outcome is unknown Tarantool is asked
     /// first, and it fences the key against a late commit.
+    /// Commits the message whose payload was uploaded under `key`; answers
+    /// with the object's name, or none for a duplicate (whose upload goes).
     pub(crate) async fn commit_object(
+        &self,
+        envelope: &Envelope,
+        key: String,
+        size: u64,
+        sha256: String,
+    ) -> Result<PublishResponse, Error> {
+        let published = self
+            .commit_object_metadata(envelope, key.clone(), size, &sha256)
+            .await?;
+        let object_name = if published.duplicate {
+            String::new()
+        } else {
+            key
+        };
+        Ok(reply(published, object_name, size, sha256))
+    }
+
+    async fn commit_object_metadata(
         &self,
         envelope: &Envelope,
         key: String,

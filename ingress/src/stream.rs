@@ -81,15 +81,7 @@ pub async fn publish(
             .await?;
         return Ok(reply(published, String::new(), size, sha256));
     };
-    let published = ingress
-        .commit_object(&envelope, key.clone(), size, &sha256)
-        .await?;
-    let object_name = if published.duplicate {
-        String::new()
-    } else {
-        key
-    };
-    Ok(reply(published, object_name, size, sha256))
+    ingress.commit_object(&envelope, key, size, sha256).await
 }
 
 /// What a stream carried, checked against its header and end frame.

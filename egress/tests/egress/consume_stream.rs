@@ -158,38 +158,50 @@ async fn commits_are_pushed_and_nacks_come_back_on_the_stream() {
     // The ack was applied: nothing left for another fetcher.
     let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
     loop {
-        let info = f
-            .client
-            .get_consumer_info(mts_proto::pb::ConsumerRequest {
-                subject: f.subject.clone(),
-                durable_name: "push".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        if info.ack_floor == 2 {
+        let floor = ack_floor(&mut f, "push").await;
+        if floor == 2 {
             break;
         }
         assert!(
             tokio::time::Instant::now() < deadline,
-            "acks on the stream were not applied: {info:?}"
+            "acks on the stream were not applied: the ack floor is {floor}"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     f.service.stop().await.unwrap();
 }
 
-#[tokio::test]
-async fn a_broken_streams_messages_come_back() {
-    let mut f = fixture("consume-broken").await;
-    create(&mut f, "broken", 2000).await;
+/// The consumer's ack floor, as GetConsumerInfo reports it.
+async fn ack_floor(f: &mut Fixture, durable: &str) -> u64 {
+    f.client
+        .get_consumer_info(mts_proto::pb::ConsumerRequest {
+            subject: f.subject.clone(),
+            durable_name: durable.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .ack_floor
+}
+
+/// A consumer `durable` with `ack_wait_ms`, three messages published, and a
+/// stream that has received all three.
+async fn three_delivered(f: &mut Fixture, durable: &str, ack_wait_ms: u32) -> Stream {
+    create(f, durable, ack_wait_ms).await;
     for i in 0..3u8 {
         f.publish(&[i]).await;
     }
-    let mut stream = Stream::open(&mut f, "broken", 10).await;
+    let mut stream = Stream::open(f, durable, 10).await;
     for seq in 1..=3 {
         assert_eq!(stream.next().await.sequence, seq);
     }
+    stream
+}
+
+#[tokio::test]
+async fn a_broken_streams_messages_come_back() {
+    let mut f = fixture("consume-broken").await;
+    let stream = three_delivered(&mut f, "broken", 2000).await;
     drop(stream);
     let back = f.fetch_within("broken", 10, Duration::from_secs(10)).await;
     assert_eq!(sequences(&back), vec![1, 2, 3]);
@@ -200,14 +212,7 @@ async fn a_broken_streams_messages_come_back() {
 #[tokio::test]
 async fn acks_sent_just_before_the_stream_ends_are_applied() {
     let mut f = fixture("consume-last-acks").await;
-    create(&mut f, "last", 60_000).await;
-    for i in 0..3u8 {
-        f.publish(&[i]).await;
-    }
-    let mut stream = Stream::open(&mut f, "last", 10).await;
-    for seq in 1..=3 {
-        assert_eq!(stream.next().await.sequence, seq);
-    }
+    let stream = three_delivered(&mut f, "last", 60_000).await;
     // Acks wait for a lease to carry them; the client finishes before one comes.
     stream.ack(vec![1, 2]).await;
     let Stream {
@@ -217,16 +222,7 @@ async fn acks_sent_just_before_the_stream_ends_are_applied() {
     drop(frames);
     let end = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
     assert!(matches!(end, Ok(None)), "the stream ends quietly: {end:?}");
-    let info = f
-        .client
-        .get_consumer_info(mts_proto::pb::ConsumerRequest {
-            subject: f.subject.clone(),
-            durable_name: "last".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(info.ack_floor, 2, "{info:?}");
+    assert_eq!(ack_floor(&mut f, "last").await, 2);
     let back = f.fetch_within("last", 10, Duration::from_secs(10)).await;
     assert_eq!(sequences(&back), vec![3], "1 and 2 were acked: {back:?}");
     assert_eq!(back[0].delivery_count, 2);

@@ -89,6 +89,22 @@ impl Fixture {
         (frames, call)
     }
 
+    /// A stream whose header, already sent, announces `total` bytes.
+    async fn open_announced(
+        &self,
+        total: u64,
+    ) -> (
+        mpsc::Sender<PublishFrame>,
+        tokio::task::JoinHandle<Result<PublishResponse, tonic::Status>>,
+    ) {
+        let (frames, call) = self.open().await;
+        frames
+            .send(header(&self.subject, Some(total), ""))
+            .await
+            .unwrap();
+        (frames, call)
+    }
+
     async fn unfinished(&self) -> usize {
         self.blobs
             .unfinished_uploads(&format!("{}/", self.subject))
@@ -130,19 +146,7 @@ async fn a_stream_cut_off_midway_leaves_nothing_behind() {
         f.unfinished().await == 0
     })
     .await;
-    assert_eq!(
-        f.store.last_seq(&f.subject).await.unwrap(),
-        0,
-        "no metadata"
-    );
-    assert!(
-        f.blobs
-            .list_keys(&format!("{}/", f.subject))
-            .await
-            .unwrap()
-            .is_empty(),
-        "no object"
-    );
+    nothing_stored(&f).await;
     f.service.stop().await.unwrap();
 }
 
@@ -404,6 +408,17 @@ async fn a_streamed_put_stores_all_or_nothing() {
     assert!(blobs.get(&key).await.is_err(), "no object under {key}");
 }
 
+/// Waits for the stream's answer: a refusal with `code` whose message says `says`.
+async fn refused(
+    call: tokio::task::JoinHandle<Result<PublishResponse, tonic::Status>>,
+    code: Code,
+    says: &str,
+) {
+    let status = call.await.unwrap().unwrap_err();
+    assert_eq!(status.code(), code, "{status:?}");
+    assert!(status.message().contains(says), "{}", status.message());
+}
+
 /// What a refused stream of `subject` must leave: no metadata, no object, no upload.
 async fn nothing_stored(f: &Fixture) {
     assert_eq!(
@@ -429,11 +444,7 @@ async fn an_announced_payload_with_a_bad_ending_stores_nothing() {
 
     // Every byte sent, then a digest the payload does not have: the last
     // chunk was held back, so the object never came to exist.
-    let (frames, call) = f.open().await;
-    frames
-        .send(header(&f.subject, Some(total), ""))
-        .await
-        .unwrap();
+    let (frames, call) = f.open_announced(total).await;
     for _ in 0..3 {
         frames.send(chunk(vec![4u8; MIB])).await.unwrap();
     }
@@ -441,42 +452,22 @@ async fn an_announced_payload_with_a_bad_ending_stores_nothing() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     frames.send(end("00ff")).await.unwrap();
     drop(frames);
-    let refused = call.await.unwrap().unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    assert!(
-        refused.message().contains("end.sha256"),
-        "{}",
-        refused.message()
-    );
+    refused(call, Code::InvalidArgument, "end.sha256").await;
     nothing_stored(&f).await;
 
     // More than announced.
-    let (frames, call) = f.open().await;
-    frames
-        .send(header(&f.subject, Some(total), ""))
-        .await
-        .unwrap();
+    let (frames, call) = f.open_announced(total).await;
     for _ in 0..4 {
         if frames.send(chunk(vec![4u8; MIB])).await.is_err() {
             break;
         }
     }
     drop(frames);
-    let refused = call.await.unwrap().unwrap_err();
-    assert_eq!(refused.code(), Code::InvalidArgument, "{refused:?}");
-    assert!(
-        refused.message().contains("more than the"),
-        "{}",
-        refused.message()
-    );
+    refused(call, Code::InvalidArgument, "more than the").await;
     nothing_stored(&f).await;
 
     // Cut off midway: the client goes away.
-    let (frames, call) = f.open().await;
-    frames
-        .send(header(&f.subject, Some(total), ""))
-        .await
-        .unwrap();
+    let (frames, call) = f.open_announced(total).await;
     frames.send(chunk(vec![4u8; MIB])).await.unwrap();
     call.abort();
     drop(frames);
@@ -506,13 +497,7 @@ async fn an_announced_payload_the_store_cannot_take_is_unavailable() {
         }
     }
     drop(frames);
-    let refused = call.await.unwrap().unwrap_err();
-    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
-    assert!(
-        refused.message().contains("nothing was stored"),
-        "{}",
-        refused.message()
-    );
+    refused(call, Code::Unavailable, "nothing was stored").await;
     assert_eq!(f.store.last_seq(&f.subject).await.unwrap(), 0);
     f.service.stop().await.unwrap();
 }

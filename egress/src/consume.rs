@@ -8,6 +8,7 @@
 //! acks are applied and its leases given back for immediate redelivery.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
@@ -28,6 +29,16 @@ use crate::service::{
 const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
 /// Highest `max_in_flight`.
 const MAX_IN_FLIGHT: u32 = 10_000;
+/// How long a busy stream's lease call waits in Tarantool for the next
+/// commit, so that its next messages come back on that call instead of
+/// after a wake-up by the subject's watcher and a call of their own. The
+/// stream's frames wait meanwhile (acks ride along with the next call; a nack,
+/// a draining server or a client that left is seen at most this late).
+const HOT_WAIT: Duration = Duration::from_millis(50);
+/// Busy streams of one process that may wait in Tarantool at once; each
+/// waiting call holds one of Tarantool's request slots (`net_msg_max`, 768
+/// by default). The rest are woken by the subject's watcher.
+pub(crate) const MAX_HOT_STREAMS: usize = 256;
 /// How long received acks may wait for the next lease to carry them. A busy
 /// stream's acks always find one; a quiet stream's cost one call at most
 /// this often. Bounds how late an ack frees room under `max_ack_pending`.
@@ -76,6 +87,7 @@ pub async fn open(
         outstanding: HashMap::new(),
         acks: Vec::new(),
         acks_since: None,
+        hot: None,
         sender,
     };
     tokio::spawn(session.run(inbound));
@@ -125,6 +137,9 @@ struct Session {
     acks: Vec<u64>,
     /// When the oldest of `acks` arrived.
     acks_since: Option<Instant>,
+    /// Held while the stream is busy: its lease calls wait for commits in
+    /// Tarantool, and the subject's watcher does not wake it.
+    hot: Option<tokio::sync::OwnedSemaphorePermit>,
     sender: mpsc::Sender<Result<Message, Status>>,
 }
 
@@ -151,7 +166,7 @@ impl Session {
     }
 
     async fn serve(&mut self, inbound: &mut Streaming<ConsumeRequest>) -> End {
-        let mut commits = self.egress.watchers.watch(&self.subject, 0);
+        let mut commits = Some(self.egress.watchers.watch(&self.subject, 0));
         let mut draining = self.egress.draining.clone();
         let mut redelivery_due: Option<Instant> = None;
         // Whether to ask Tarantool: set by a commit, a timer (a redelivery or
@@ -164,16 +179,46 @@ impl Session {
             let now = now_ns();
             self.outstanding.retain(|_, deadline| *deadline > now);
             let room = self.max_in_flight.saturating_sub(self.outstanding.len());
-            if room > 0 && maybe_waiting {
-                match self.push(room).await {
-                    Ok((sent, due)) => {
-                        redelivery_due = due;
-                        maybe_waiting = sent == room;
-                        if sent == room {
-                            continue;
-                        }
-                    }
+            if room > 0 && (maybe_waiting || self.hot.is_some()) {
+                let wait = if self.hot.is_some() {
+                    HOT_WAIT
+                } else {
+                    Duration::ZERO
+                };
+                let (sent, due) = match self.push(room, wait).await {
+                    Ok(pushed) => pushed,
                     Err(end) => return end,
+                };
+                redelivery_due = due;
+                if sent > 0 && self.hot.is_none() {
+                    if let Ok(permit) = Arc::clone(&self.egress.hot_streams).try_acquire_owned() {
+                        self.hot = Some(permit);
+                        commits = None;
+                    }
+                } else if sent == 0 && self.hot.take().is_some() {
+                    // Quiet for a whole wait: back to the watcher, and one
+                    // more look, as a commit may have come before it watches.
+                    commits = Some(self.egress.watchers.watch(&self.subject, 0));
+                    maybe_waiting = true;
+                    continue;
+                }
+                maybe_waiting = sent == room;
+                if self.hot.is_some() {
+                    // What the client sent meanwhile, then the next wait.
+                    match self.answer_waiting(inbound).await {
+                        Ok(released) => maybe_waiting |= released,
+                        Err(end) => return end,
+                    }
+                    if self.sender.is_closed() {
+                        return End::Quiet;
+                    }
+                    if *draining.borrow() {
+                        return End::With(draining_status());
+                    }
+                    continue;
+                }
+                if sent == room {
+                    continue;
                 }
             }
             // Acks that found no lease to join in time go on their own.
@@ -202,7 +247,12 @@ impl Session {
                     // The client finished sending, or went away.
                     None | Some(Err(_)) => return End::Quiet,
                 },
-                changed = commits.changed() => {
+                changed = async {
+                    match commits.as_mut() {
+                        Some(commits) => commits.changed().await,
+                        None => std::future::pending().await,
+                    }
+                } => {
                     if changed.is_err() {
                         return End::With(Status::unavailable("notifications stopped; reconnect"));
                     }
@@ -222,15 +272,16 @@ impl Session {
         }
     }
 
-    /// Applies the waiting acks, leases up to `room` messages and sends
-    /// them. Returns how many were sent and when redeliveries can next be due.
-    async fn push(&mut self, room: usize) -> Result<(usize, Option<Instant>), End> {
+    /// Applies the waiting acks, leases up to `room` messages (waiting up to
+    /// `wait` for some) and sends them. Returns how many were sent and when
+    /// redeliveries can next be due.
+    async fn push(&mut self, room: usize, wait: Duration) -> Result<(usize, Option<Instant>), End> {
         let limit = u32::try_from(room).unwrap_or(u32::MAX);
         let acks = self.take_acks();
         let verdict = self
             .egress
             .store
-            .ack_and_consume(&self.subject, &self.durable, &acks, limit)
+            .ack_and_consume(&self.subject, &self.durable, &acks, limit, wait)
             .await
             .map_err(|err| End::With(Error::from(err).into()))?;
         let batch =
@@ -271,17 +322,27 @@ impl Session {
         frame: Frame,
         inbound: &mut Streaming<ConsumeRequest>,
     ) -> Result<bool, End> {
+        let released = self.answer(frame).await?;
+        Ok(self.answer_waiting(inbound).await? | released)
+    }
+
+    /// Takes the frames already waiting, up to one lease's worth so that a
+    /// flood cannot starve pushes. True when one of them handed messages
+    /// back; ends the stream when the client finished or went away.
+    async fn answer_waiting(
+        &mut self,
+        inbound: &mut Streaming<ConsumeRequest>,
+    ) -> Result<bool, End> {
         use futures::FutureExt;
-        let mut released = self.answer(frame).await?;
-        // Up to one lease's worth of frames, so a flood cannot starve pushes.
+        let mut released = false;
         for _ in 0..self.max_in_flight {
             match inbound.next().now_or_never() {
                 Some(Some(Ok(ConsumeRequest {
                     request: Some(frame),
                 }))) => released |= self.answer(frame).await?,
                 Some(Some(Ok(ConsumeRequest { request: None }))) => {}
-                // Nothing more now, or the stream ended: the next turn sees it.
-                _ => break,
+                Some(None | Some(Err(_))) => return Err(End::Quiet),
+                None => break,
             }
         }
         Ok(released)

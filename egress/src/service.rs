@@ -50,6 +50,8 @@ pub struct Egress {
     pub(crate) max_inline_delivery: u64,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) metrics: Arc<Metrics>,
+    /// Room for Consume streams whose lease calls wait in Tarantool.
+    pub(crate) hot_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// Requests that name the subject they touch.
@@ -161,6 +163,7 @@ impl Egress {
             max_inline_delivery,
             auth,
             metrics: Metrics::new(),
+            hot_streams: Arc::new(tokio::sync::Semaphore::new(crate::consume::MAX_HOT_STREAMS)),
         }
     }
 

@@ -697,19 +697,23 @@ impl Store {
 
     /// Acknowledges exactly `acks` (all must be held, or nothing happens)
     /// and then leases up to `limit` messages, in one transaction: a consume
-    /// stream's acks ride along with its next lease.
+    /// stream's acks ride along with its next lease. With nothing to lease,
+    /// waits up to `wait` for a commit (or a redelivery falling due) and
+    /// looks again.
     pub async fn ack_and_consume(
         &self,
         subject: &str,
         durable: &str,
         acks: &[u64],
         limit: u32,
+        wait: Duration,
     ) -> Result<Result<Batch, NotHeld>, Error> {
+        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
         let (status, messages, next_deadline_ns, missing): (String, Vec<Leased>, u64, Vec<u64>) =
             self.call(
                 "mts_ack_consume",
-                (subject, durable, acks, limit),
-                self.timeout,
+                (subject, durable, acks, limit, wait_ms),
+                self.timeout + wait,
             )
             .await?;
         Ok(if status == "ok" {

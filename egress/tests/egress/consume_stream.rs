@@ -171,6 +171,27 @@ async fn commits_are_pushed_and_nacks_come_back_on_the_stream() {
     f.service.stop().await.unwrap();
 }
 
+#[tokio::test]
+async fn a_busy_stream_that_falls_quiet_still_gets_the_next_commit() {
+    let mut f = fixture("consume-hot-cold").await;
+    create(&mut f, "hot", 60_000).await;
+    let mut stream = Stream::open(&mut f, "hot", 10).await;
+    // Busy: after a delivery the stream's lease calls wait for commits themselves.
+    for seq in 1..=3u64 {
+        f.publish(&[seq as u8]).await;
+        assert_eq!(stream.next().await.sequence, seq);
+        stream.ack(vec![seq]).await;
+    }
+    // Quiet for longer than a busy wait: the stream goes back to the
+    // subject's watcher (whose own wait is 300 s here), which must wake it.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    f.publish(b"after a pause").await;
+    assert_eq!(stream.next().await.sequence, 4);
+    stream.ack(vec![4]).await;
+    assert!(stream.quiet().await, "each message once");
+    f.service.stop().await.unwrap();
+}
+
 /// The consumer's ack floor, as GetConsumerInfo reports it.
 async fn ack_floor(f: &mut Fixture, durable: &str) -> u64 {
     f.client

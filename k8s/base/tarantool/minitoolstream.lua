@@ -388,6 +388,21 @@ end)
 
 -- Blocks until the subject's last sequence exceeds `after` or `timeout`
 -- seconds pass; returns the last sequence either way.
+-- Waits up to `seconds` for a commit on `subject` (or any other wake-up).
+local function wait_commit(subject, seconds)
+    local waiting = conds[subject]
+    if waiting == nil then
+        waiting = {cond = fiber.cond(), waiters = 0}
+        conds[subject] = waiting
+    end
+    waiting.waiters = waiting.waiters + 1
+    waiting.cond:wait(seconds)
+    waiting.waiters = waiting.waiters - 1
+    if waiting.waiters == 0 and conds[subject] == waiting then
+        conds[subject] = nil
+    end
+end
+
 rawset(_G, 'mts_wait', function(subject, after, timeout)
     local deadline = fiber.clock() + timeout
     while true do
@@ -399,17 +414,7 @@ rawset(_G, 'mts_wait', function(subject, after, timeout)
         if remaining <= 0 then
             return last
         end
-        local waiting = conds[subject]
-        if waiting == nil then
-            waiting = {cond = fiber.cond(), waiters = 0}
-            conds[subject] = waiting
-        end
-        waiting.waiters = waiting.waiters + 1
-        waiting.cond:wait(remaining)
-        waiting.waiters = waiting.waiters - 1
-        if waiting.waiters == 0 and conds[subject] == waiting then
-            conds[subject] = nil
-        end
+        wait_commit(subject, remaining)
     end
 end)
 
@@ -640,9 +645,12 @@ end
 -- A consume stream's acks and its next lease in one transaction and one WAL
 -- write: acks ride along instead of costing a call of their own. The acks
 -- apply first (all held, or nothing happens), so the room they free counts.
+-- With nothing to hand out, waits up to `wait_ms` for a commit (or for a
+-- lease or nack delay to run out) and looks again: a busy stream's next
+-- messages come back on the same call, without a separate wake-up.
 -- Returns 'ok', the leased list and the next deadline (as mts_consume) and
 -- an empty list, or 'not_held', nothing leased, 0 and the sequences not held.
-rawset(_G, 'mts_ack_consume', function(subject, durable, acks, limit)
+rawset(_G, 'mts_ack_consume', function(subject, durable, acks, limit, wait_ms)
     local missing, out, next_deadline, notify_subjects
     box.atomic(function()
         missing = ack_held(subject, durable, acks)
@@ -652,6 +660,24 @@ rawset(_G, 'mts_ack_consume', function(subject, durable, acks, limit)
     end)
     if #missing > 0 then
         return 'not_held', {}, 0, missing
+    end
+    local deadline = fiber.clock() + (wait_ms or 0) / 1000
+    while #out == 0 do
+        local remaining = deadline - fiber.clock()
+        if next_deadline > 0 then
+            remaining = math.min(remaining, tonumber(next_deadline - now_ns()) / 1e9)
+        end
+        if remaining <= 0 then
+            break
+        end
+        wait_commit(subject, remaining)
+        local more
+        box.atomic(function()
+            out, next_deadline, more = hand_out(subject, durable, limit)
+        end)
+        for _, dlq in ipairs(more) do
+            notify_subjects[#notify_subjects + 1] = dlq
+        end
     end
     for _, dlq in ipairs(notify_subjects) do
         notify(dlq)

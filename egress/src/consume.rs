@@ -36,9 +36,10 @@ const MAX_IN_FLIGHT: u32 = 10_000;
 /// a draining server or a client that left is seen at most this late).
 const HOT_WAIT: Duration = Duration::from_millis(50);
 /// Busy streams of one process that may wait in Tarantool at once; each
-/// waiting call holds one of Tarantool's request slots (`net_msg_max`, 768
-/// by default). The rest are woken by the subject's watcher.
-pub(crate) const MAX_HOT_STREAMS: usize = 256;
+/// waiting call holds one of Tarantool's request slots (`net_msg_max`: 768 by
+/// default, 4096 in the configurations shipped here), shared by every replica
+/// and the subjects' watchers. The rest are woken by the subject's watcher.
+pub(crate) const MAX_HOT_STREAMS: usize = 64;
 /// How long received acks may wait for the next lease to carry them. A busy
 /// stream's acks always find one; a quiet stream's cost one call at most
 /// this often. Bounds how late an ack frees room under `max_ack_pending`.

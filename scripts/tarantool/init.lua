@@ -11,6 +11,10 @@ box.cfg({
     memtx_memory = (tonumber(os.getenv('MTS_TARANTOOL_MEMTX_MB')) or 256) * 1024 * 1024,
     -- Every commit reaches the WAL file before the publish is answered.
     wal_mode = 'write',
+    -- Requests in flight at once. Commit waits (subject watchers, busy Consume
+    -- streams) each hold one until a commit or their timeout; the default of
+    -- 768 is tight with ten egress replicas.
+    net_msg_max = 4096,
     checkpoint_interval = 600,
 })
 

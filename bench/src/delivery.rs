@@ -3,7 +3,6 @@
 //! payload carries its send time; the subscriber records its age on arrival
 //! and acknowledges it.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -11,13 +10,11 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mts_proto::pb::consume_request::Request;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
-use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::{AckSequences, ConsumeRequest, ConsumeStart, Message, PublishRequest};
-use tokio::sync::{Semaphore, mpsc, oneshot};
-use tokio_stream::wrappers::{ReceiverStream, UnboundedReceiverStream};
-use tonic::transport::Channel;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_stream::wrappers::ReceiverStream;
 
-use crate::publish::{Outcome, ingress_clients, jetstream_stream};
+use crate::publish::{ManyPublisher, Outcome, ingress_clients, jetstream_stream};
 use crate::report::{Latencies, age, stamped};
 
 /// Publishes at `rate` per second for `duration`, each publish by `publish`
@@ -143,57 +140,6 @@ pub enum Publish {
     Unary,
     /// Every message on one PublishMany stream, each awaiting its answer.
     Many,
-}
-
-/// One PublishMany stream shared by every paced publish: a request is queued
-/// together with the slot its (in-order) answer resolves.
-struct ManyPublisher {
-    queue: Arc<Mutex<ManyQueue>>,
-}
-
-struct ManyQueue {
-    requests: mpsc::UnboundedSender<PublishRequest>,
-    waiting: VecDeque<oneshot::Sender<bool>>,
-}
-
-impl ManyPublisher {
-    async fn open(mut client: IngressServiceClient<Channel>) -> Result<Self, String> {
-        let (requests, outgoing) = mpsc::unbounded_channel();
-        let mut answers = client
-            .publish_many(UnboundedReceiverStream::new(outgoing))
-            .await
-            .map_err(|e| format!("PublishMany: {e}"))?
-            .into_inner();
-        let queue = Arc::new(Mutex::new(ManyQueue {
-            requests,
-            waiting: VecDeque::new(),
-        }));
-        tokio::spawn({
-            let queue = Arc::clone(&queue);
-            async move {
-                while let Ok(Some(answer)) = answers.message().await {
-                    let slot = queue.lock().expect("not poisoned").waiting.pop_front();
-                    if let Some(slot) = slot {
-                        let _ = slot.send(answer.status_code == 0);
-                    }
-                }
-                // The stream ended: every publish still waiting failed.
-                queue.lock().expect("not poisoned").waiting.clear();
-            }
-        });
-        Ok(Self { queue })
-    }
-
-    fn publish(&self, request: PublishRequest) -> impl Future<Output = bool> + Send + 'static {
-        let (slot, answer) = oneshot::channel();
-        {
-            let mut queue = self.queue.lock().expect("not poisoned");
-            if queue.requests.send(request).is_ok() {
-                queue.waiting.push_back(slot);
-            }
-        }
-        async move { answer.await.unwrap_or(false) }
-    }
 }
 
 pub async fn ours(

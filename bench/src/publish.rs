@@ -3,16 +3,18 @@
 //! and the physical references: pipelined calls of the same Tarantool stored
 //! procedure, and S3 PutObject against the same S3 server.
 
-use std::collections::HashMap;
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::publish_frame::Frame;
-use mts_proto::pb::{PublishFrame, PublishHeader, PublishRequest, PublishResponse};
+use mts_proto::pb::{PublishFrame, PublishHeader, PublishRequest};
 use mts_shared::blob::BlobStore;
 use mts_shared::store::{InlineMessage, Store};
+use tokio::sync::{mpsc, oneshot};
+use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
 use crate::report::Latencies;
@@ -121,14 +123,6 @@ pub async fn ours(
     .await)
 }
 
-/// One worker's PublishMany stream: where it sends, where answers come.
-type ManyStream = Arc<
-    tokio::sync::Mutex<(
-        tokio::sync::mpsc::Sender<PublishRequest>,
-        tonic::Streaming<PublishResponse>,
-    )>,
->;
-
 /// MiniToolStream PublishMany, one stream per worker, each message awaiting
 /// its answer before the next is sent (as synchronous as the unary loop).
 pub async fn ours_many(
@@ -138,29 +132,68 @@ pub async fn ours_many(
     workers: usize,
     duration: Duration,
 ) -> Result<Outcome, String> {
-    let mut streams: Vec<ManyStream> = Vec::new();
-    for mut client in ingress_clients(ingress, 4, workers).await? {
-        let (requests, outgoing) = tokio::sync::mpsc::channel(1);
-        let answers = client
-            .publish_many(tokio_stream::wrappers::ReceiverStream::new(outgoing))
+    let mut publishers = Vec::new();
+    for client in ingress_clients(ingress, 4, workers).await? {
+        publishers.push(ManyPublisher::open(client).await?);
+    }
+    let request = publish_request(subject, size);
+    Ok(closed_loop(publishers, duration, move |publisher| {
+        publisher.publish(request.clone())
+    })
+    .await)
+}
+
+/// A PublishMany stream any number of publishes share: a request is queued
+/// together with the slot its (in-order) answer resolves. Cheap to clone.
+#[derive(Clone)]
+pub struct ManyPublisher {
+    queue: Arc<Mutex<ManyQueue>>,
+}
+
+struct ManyQueue {
+    requests: mpsc::UnboundedSender<PublishRequest>,
+    waiting: VecDeque<oneshot::Sender<bool>>,
+}
+
+impl ManyPublisher {
+    pub async fn open(mut client: IngressServiceClient<Channel>) -> Result<Self, String> {
+        let (requests, outgoing) = mpsc::unbounded_channel();
+        let mut answers = client
+            .publish_many(UnboundedReceiverStream::new(outgoing))
             .await
             .map_err(|e| format!("PublishMany: {e}"))?
             .into_inner();
-        streams.push(Arc::new(tokio::sync::Mutex::new((requests, answers))));
-    }
-    let request = publish_request(subject, size);
-    Ok(closed_loop(streams, duration, move |stream| {
-        let request = request.clone();
-        async move {
-            let mut stream = stream.lock().await;
-            let (requests, answers) = &mut *stream;
-            if requests.send(request).await.is_err() {
-                return false;
+        let queue = Arc::new(Mutex::new(ManyQueue {
+            requests,
+            waiting: VecDeque::new(),
+        }));
+        tokio::spawn({
+            let queue = Arc::clone(&queue);
+            async move {
+                while let Ok(Some(answer)) = answers.message().await {
+                    let slot = queue.lock().expect("not poisoned").waiting.pop_front();
+                    if let Some(slot) = slot {
+                        let _ = slot.send(answer.status_code == 0);
+                    }
+                }
+                // The stream ended: every publish still waiting failed.
+                queue.lock().expect("not poisoned").waiting.clear();
             }
-            matches!(answers.message().await, Ok(Some(answer)) if answer.status_code == 0)
+        });
+        Ok(Self { queue })
+    }
+
+    /// Sends `request`; resolves to whether it was stored.
+    pub fn publish(&self, request: PublishRequest) -> impl Future<Output = bool> + Send + use<> {
+        let (slot, answer) = oneshot::channel();
+        {
+            let mut queue = self.queue.lock().expect("not poisoned");
+            if queue.requests.send(request).is_ok() {
+                queue.waiting.push_back(slot);
+            }
         }
-    })
-    .await)
+        async move { answer.await.unwrap_or(false) }
+    }
 }
 
 /// MiniToolStream PublishStream of `size` bytes in 1 MiB chunks.

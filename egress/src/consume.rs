@@ -126,6 +126,11 @@ enum End {
     With(Status),
 }
 
+/// Ends the stream with `err`'s status.
+fn ended(err: impl Into<Error>) -> End {
+    End::With(err.into().into())
+}
+
 struct Session {
     _open: mts_shared::metrics::StreamGuard,
     egress: Egress,
@@ -284,9 +289,8 @@ impl Session {
             .store
             .ack_and_consume(&self.subject, &self.durable, &acks, limit, wait)
             .await
-            .map_err(|err| End::With(Error::from(err).into()))?;
-        let batch =
-            held(&self.subject, &self.durable, verdict).map_err(|err| End::With(err.into()))?;
+            .map_err(ended)?;
+        let batch = held(&self.subject, &self.durable, verdict).map_err(ended)?;
         let due = (batch.next_deadline_ns > 0).then(|| instant_of(batch.next_deadline_ns));
         let sent = batch.messages.len();
         self.egress.count_deliveries(&batch.messages);
@@ -308,7 +312,7 @@ impl Session {
                 }
                 Err(err) => {
                     tracing::warn!(%err, "consume failed mid-batch");
-                    return Err(End::With(err.into()));
+                    return Err(ended(err));
                 }
             }
         }
@@ -354,10 +358,9 @@ impl Session {
     /// before it. True when the frame handed messages back (a nack), so there
     /// is something to push.
     async fn answer(&mut self, frame: Frame) -> Result<bool, End> {
-        let invalid = |e: validate::Error| End::With(Error::from(e).into());
         match frame {
             Frame::Ack(ack) => {
-                sequence_list(&ack.sequences).map_err(invalid)?;
+                sequence_list(&ack.sequences).map_err(ended)?;
                 if self.acks.len() + ack.sequences.len() > MAX_SEQUENCES {
                     self.flush_acks().await?;
                 }
@@ -369,21 +372,21 @@ impl Session {
                 Ok(false)
             }
             Frame::Nack(nack) => {
-                sequence_list(&nack.sequences).map_err(invalid)?;
+                sequence_list(&nack.sequences).map_err(ended)?;
                 self.flush_acks().await?;
                 let verdict = self
                     .egress
                     .store
                     .nack(&self.subject, &self.durable, &nack.sequences, nack.delay_ms)
                     .await
-                    .map_err(|err| End::With(Error::from(err).into()))?;
-                held(&self.subject, &self.durable, verdict).map_err(|err| End::With(err.into()))?;
+                    .map_err(ended)?;
+                held(&self.subject, &self.durable, verdict).map_err(ended)?;
                 for seq in &nack.sequences {
                     self.outstanding.remove(seq);
                 }
                 Ok(true)
             }
-            Frame::Start(_) => Err(invalid(validate::Error::new(
+            Frame::Start(_) => Err(ended(validate::Error::new(
                 "start",
                 "a stream takes one start frame",
             ))),
@@ -407,9 +410,9 @@ impl Session {
             .store
             .ack_each(&self.subject, &self.durable, &acks)
             .await
-            .map_err(|err| End::With(Error::from(err).into()))?;
+            .map_err(ended)?;
         held(&self.subject, &self.durable, verdict)
             .map(drop)
-            .map_err(|err| End::With(err.into()))
+            .map_err(ended)
     }
 }

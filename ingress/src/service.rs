@@ -206,20 +206,34 @@ impl Ingress {
         )?;
         let sha256 = sha256_hex(&request.data);
         if request.data.len() as u64 <= self.inline_threshold {
-            return Ok(Checked::Inline(InlineMessage {
-                subject: envelope.subject,
-                headers: envelope.headers,
-                data: request.data,
+            return Ok(Checked::Inline(self.inline_message(
+                envelope,
+                request.data,
                 sha256,
-                message_id: envelope.message_id,
-                dedup_window: self.dedup_window,
-            }));
+            )));
         }
         Ok(Checked::Offloaded(Offloaded {
             envelope,
             data: request.data,
             sha256,
         }))
+    }
+
+    /// The message to store inline, with this service's dedup window.
+    pub(crate) fn inline_message(
+        &self,
+        envelope: Envelope,
+        data: bytes::Bytes,
+        sha256: String,
+    ) -> InlineMessage {
+        InlineMessage {
+            subject: envelope.subject,
+            headers: envelope.headers,
+            data,
+            sha256,
+            message_id: envelope.message_id,
+            dedup_window: self.dedup_window,
+        }
     }
 
     /// Stores an inline message by group commit. It is queued before this
@@ -287,41 +301,6 @@ impl Ingress {
         }
     }
 
-    fn new_message<'a>(
-        &self,
-        envelope: &'a Envelope,
-        payload: Payload<'a>,
-        size: u64,
-        sha256: &'a str,
-    ) -> NewMessage<'a> {
-        NewMessage {
-            subject: &envelope.subject,
-            headers: &envelope.headers,
-            payload,
-            size,
-            sha256: Some(sha256),
-            message_id: envelope.message_id.as_deref(),
-            dedup_window: self.dedup_window,
-        }
-    }
-
-    /// Commits a message whose payload is inline.
-    pub(crate) async fn commit(
-        &self,
-        envelope: &Envelope,
-        payload: Payload<'_>,
-        size: u64,
-        sha256: &str,
-    ) -> Result<Published, Error> {
-        self.store
-            .publish_message(self.new_message(envelope, payload, size, sha256))
-            .await
-            .map_err(Error::Commit)
-    }
-
-    /// Commits a message whose payload was uploaded under `key`. On a refusal
-    /// the object is deleted; when the outcome is unknown Tarantool is asked
-    /// first, and it fences the key against a late commit.
     /// Commits the message whose payload was uploaded under `key`; answers
     /// with the object's name, or none for a duplicate (whose upload goes).
     pub(crate) async fn commit_object(
@@ -342,6 +321,9 @@ impl Ingress {
         Ok(reply(published, object_name, size, sha256))
     }
 
+    /// Commits a message whose payload was uploaded under `key`. On a refusal
+    /// the object is deleted; when the outcome is unknown Tarantool is asked
+    /// first, and it fences the key against a late commit.
     async fn commit_object_metadata(
         &self,
         envelope: &Envelope,
@@ -351,7 +333,15 @@ impl Ingress {
     ) -> Result<Published, Error> {
         match self
             .store
-            .publish_message(self.new_message(envelope, Payload::Object(&key), size, sha256))
+            .publish_message(NewMessage {
+                subject: &envelope.subject,
+                headers: &envelope.headers,
+                payload: Payload::Object(&key),
+                size,
+                sha256: Some(sha256),
+                message_id: envelope.message_id.as_deref(),
+                dedup_window: self.dedup_window,
+            })
             .await
         {
             Ok(published) => {

@@ -15,7 +15,7 @@ use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{PublishFrame, PublishResponse};
 use mts_shared::auth::{Caller, Permission};
 use mts_shared::blob::{self, StreamedBody, Upload, UploadEnded};
-use mts_shared::store::{Payload, Published};
+use mts_shared::store::Published;
 use mts_shared::validate;
 use sha2::{Digest, Sha256};
 use tonic::Streaming;
@@ -67,41 +67,40 @@ pub async fn publish(
     }
     let key = envelope.object_key();
     let total_size = header.total_size;
-    let (received, object) = match total_size {
+    let (size, sha256, landed) = match total_size {
         Some(total) if total > ingress.inline_threshold && total <= ingress.single_put_max => {
-            let received = in_one_put(ingress, &key, &mut frames, total).await?;
-            (received, Some(key))
+            let (size, sha256) = in_one_put(ingress, &key, &mut frames, total).await?;
+            (size, sha256, Landed::Object(key))
         }
-        _ => in_parts(ingress, &key, &mut frames, total_size).await?,
+        _ => in_parts(ingress, key, &mut frames, total_size).await?,
     };
-    let Received { size, sha256, part } = received;
-    let Some(key) = object else {
-        let published = ingress
-            .commit(&envelope, Payload::Inline(&part), size, &sha256)
-            .await?;
-        return Ok(reply(published, String::new(), size, sha256));
-    };
-    ingress.commit_object(&envelope, key, size, sha256).await
+    match landed {
+        Landed::Object(key) => ingress.commit_object(&envelope, key, size, sha256).await,
+        Landed::Inline(data) => {
+            let message = ingress.inline_message(envelope, data, sha256);
+            ingress.publish_inline(message).await
+        }
+    }
 }
 
-/// What a stream carried, checked against its header and end frame.
-struct Received {
-    size: u64,
-    sha256: String,
-    /// The payload itself when it stays inline; empty otherwise.
-    part: BytesMut,
+/// Where a stream's payload went.
+enum Landed {
+    /// Small enough to store with the metadata.
+    Inline(Bytes),
+    /// Uploaded to the object store under this key.
+    Object(String),
 }
 
 /// Streams the announced `total` bytes into one PutObject as they arrive.
 /// The last chunk is held back until the stream has ended well (size and
 /// digest checked), so a bad ending aborts the request before the object
-/// exists.
+/// exists. Returns the size and the hex SHA-256.
 async fn in_one_put(
     ingress: &Ingress,
     key: &str,
     frames: &mut Streaming<PublishFrame>,
     total: u64,
-) -> Result<Received, Error> {
+) -> Result<(u64, String), Error> {
     let (sender, body) = StreamedBody::channel(total);
     // A store that stops reading is as gone as a client that stops sending.
     let feed = async |chunk: Bytes| match tokio::time::timeout(IDLE_LIMIT, sender.send(chunk)).await
@@ -133,38 +132,34 @@ async fn in_one_put(
     let put = ingress.blobs.put_streamed(key, body, total);
     let (mut receive, mut put) = (std::pin::pin!(receive), std::pin::pin!(put));
     let (walked, uploaded) = tokio::select! {
-        walked = &mut receive => match walked {
-            Err(Stop::Refused(err)) => return Err(err),
+        walked = &mut receive => {
+            if let Err(Stop::Refused(err)) = walked {
+                return Err(err);
+            }
             // The store answers once it has the whole body, or has given up on it.
-            walked => {
-                let timeout = ingress.object_store_timeout;
-                let answer = tokio::time::timeout(timeout, &mut put).await;
-                let uploaded = answer.unwrap_or_else(|_| {
+            let timeout = ingress.object_store_timeout;
+            let uploaded = tokio::time::timeout(timeout, &mut put)
+                .await
+                .unwrap_or_else(|_| {
                     Err(blob::Error::Unavailable(format!(
                         "no answer within {timeout:?} after the payload was sent"
                     )))
                 });
-                (walked, uploaded)
-            }
-        },
-        uploaded = &mut put => match uploaded {
-            // The request can end well only after the whole body, checked, went out.
-            Ok(()) => (receive.await, Ok(())),
-            Err(err) => return Err(Error::Upload(err)),
-        },
+            (walked, uploaded)
+        }
+        // The request can end well only after the whole body, checked, went out.
+        uploaded = &mut put => {
+            uploaded.map_err(Error::Upload)?;
+            (receive.await, Ok(()))
+        }
     };
-    match (walked, uploaded) {
-        (Err(Stop::Refused(err)), _) => Err(err),
-        (_, Err(err)) => Err(Error::Upload(err)),
-        (Err(Stop::UploadEnded), Ok(())) => Err(Error::Upload(blob::Error::Unavailable(
+    uploaded.map_err(Error::Upload)?;
+    walked.map_err(|stop| match stop {
+        Stop::Refused(err) => err,
+        Stop::UploadEnded => Error::Upload(blob::Error::Unavailable(
             "the object store stopped reading the payload".into(),
-        ))),
-        (Ok((size, sha256)), Ok(())) => Ok(Received {
-            size,
-            sha256,
-            part: BytesMut::new(),
-        }),
-    }
+        )),
+    })
 }
 
 /// Why a streamed PutObject's feed stopped early.
@@ -181,22 +176,15 @@ impl From<Error> for Stop {
     }
 }
 
-impl From<UploadEnded> for Stop {
-    fn from(_: UploadEnded) -> Self {
-        Self::UploadEnded
-    }
-}
-
 /// Collects chunks into parts, sending each full part of a multipart upload
-/// (started at the first full part). Returns what was received and, when it
-/// went to the store, the object's key; a payload that fits inline stays in
-/// `part`.
+/// (started at the first full part). Returns the size, the hex SHA-256 and
+/// where the payload went: a payload that fits inline stays in memory.
 async fn in_parts(
     ingress: &Ingress,
-    key: &str,
+    key: String,
     frames: &mut Streaming<PublishFrame>,
     total_size: Option<u64>,
-) -> Result<(Received, Option<String>), Error> {
+) -> Result<(u64, String, Landed), Error> {
     let mut part = BytesMut::with_capacity(ingress.part_size);
     let mut upload: Option<Upload> = None;
     let mut walk = Walk::new(total_size);
@@ -211,7 +199,7 @@ async fn in_parts(
                     None => upload.insert(
                         ingress
                             .blobs
-                            .start_upload(key)
+                            .start_upload(&key)
                             .await
                             .map_err(Error::Upload)?,
                     ),
@@ -234,28 +222,21 @@ async fn in_parts(
             return Err(err);
         }
     };
-    let stored = match upload {
-        None if size <= ingress.inline_threshold => None,
-        None => {
-            ingress
-                .blobs
-                .put(key, std::mem::take(&mut part).freeze())
-                .await
-                .map_err(Error::Upload)?;
-            Some(key.to_owned())
+    let part = part.freeze();
+    match upload {
+        None if size <= ingress.inline_threshold => {
+            return Ok((size, sha256, Landed::Inline(part)));
         }
+        None => ingress.blobs.put(&key, part).await,
         Some(mut upload) => {
-            let finished = async {
-                if !part.is_empty() {
-                    upload.put_part(std::mem::take(&mut part).freeze()).await?;
-                }
-                upload.complete().await
-            };
-            finished.await.map_err(Error::Upload)?;
-            Some(key.to_owned())
+            if !part.is_empty() {
+                upload.put_part(part).await.map_err(Error::Upload)?;
+            }
+            upload.complete().await
         }
-    };
-    Ok((Received { size, sha256, part }, stored))
+    }
+    .map_err(Error::Upload)?;
+    Ok((size, sha256, Landed::Object(key)))
 }
 
 async fn next_frame(frames: &mut Streaming<PublishFrame>) -> Result<Option<Frame>, Error> {

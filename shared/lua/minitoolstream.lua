@@ -386,8 +386,6 @@ rawset(_G, 'mts_last_seq', function(subject)
     return last_seq(subject)
 end)
 
--- Blocks until the subject's last sequence exceeds `after` or `timeout`
--- seconds pass; returns the last sequence either way.
 -- Waits up to `seconds` for a commit on `subject` (or any other wake-up).
 local function wait_commit(subject, seconds)
     local waiting = conds[subject]
@@ -403,6 +401,8 @@ local function wait_commit(subject, seconds)
     end
 end
 
+-- Blocks until the subject's last sequence exceeds `after` or `timeout`
+-- seconds pass; returns the last sequence either way.
 rawset(_G, 'mts_wait', function(subject, after, timeout)
     local deadline = fiber.clock() + timeout
     while true do

@@ -13,6 +13,9 @@ use bytes::Bytes;
 
 use crate::config::Config;
 
+/// How long connecting to the object store may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
 /// What can go wrong talking to the object store.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -165,7 +168,7 @@ impl BlobStore {
             "minitoolstream-config",
         );
         let timeouts = TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(3))
+            .connect_timeout(CONNECT_TIMEOUT)
             .operation_timeout(config.minio_timeout())
             .build();
         let s3_config = aws_sdk_s3::Config::builder()
@@ -295,7 +298,7 @@ impl BlobStore {
         size: u64,
     ) -> Result<(), Error> {
         let timeouts = TimeoutConfig::builder()
-            .connect_timeout(Duration::from_secs(3))
+            .connect_timeout(CONNECT_TIMEOUT)
             .build();
         self.client
             .put_object()

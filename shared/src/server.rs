@@ -118,8 +118,9 @@ impl Setup {
                     self.config.max_connection_age_grace_seconds,
                 ));
         }
+        // Nagle's algorithm is turned off where connections are accepted
+        // (`incoming`): the builder's own setting never reaches them.
         Ok(builder
-            .tcp_nodelay(true)
             // Large payloads arrive in 1 MiB chunks: larger frames mean far
             // fewer frames and reads per byte. (Windows stay at hyper's 1 MiB:
             // adaptive ones let each upload buffer tens of MiB more.)

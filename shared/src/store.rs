@@ -708,7 +708,7 @@ impl Store {
         limit: u32,
         wait: Duration,
     ) -> Result<Result<Batch, NotHeld>, Error> {
-        let wait_ms = u64::try_from(wait.as_millis()).unwrap_or(u64::MAX);
+        let wait_ms = millis(wait);
         let (status, messages, next_deadline_ns, missing): (String, Vec<Leased>, u64, Vec<u64>) =
             self.call(
                 "mts_ack_consume",

@@ -4,18 +4,22 @@
 # loopback ports, runs every scenario against each system taking part, and
 # writes bench-results/<time>.jsonl and .md (a table with the ratios).
 #   scripts/bench.sh           full sizes (about 10 minutes)
-#   scripts/bench.sh --quick   small sizes and short runs (under 2 minutes), a smoke run
+#   scripts/bench.sh --quick   small sizes and short runs (under 2 minutes)
+#   scripts/bench.sh --smoke   --quick on unoptimised builds, failing on any error:
+#                              checks the harness itself (scripts/test.sh runs it);
+#                              its figures mean nothing
 #   scripts/bench.sh --only publish   one scenario (publish, delivery, large-publish, ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-quick=0 only=
+quick=0 only= smoke=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
+        --smoke) quick=1 smoke=1 ;;
         --only) only=$2; shift ;;
-        *) die "usage: scripts/bench.sh [--quick] [--only publish|delivery|large-publish|fanout|large-payloads|drain]" ;;
+        *) die "usage: scripts/bench.sh [--quick|--smoke] [--only publish|delivery|large-publish|fanout|large-payloads|drain]" ;;
     esac
     shift
 done
@@ -28,8 +32,15 @@ if ! command -v nats-server >/dev/null; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
 fi
-log "building release binaries"
-cargo build --release --locked -q -p mts-ingress -p mts-egress -p mts-bench
+if [ "$smoke" = 1 ]; then
+    log "building unoptimised binaries (smoke run)"
+    cargo build --locked -q -p mts-ingress -p mts-egress -p mts-bench
+    bin=target/debug
+else
+    log "building release binaries"
+    cargo build --release --locked -q -p mts-ingress -p mts-egress -p mts-bench
+    bin=target/release
+fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/mts-bench.XXXXXX")
 cleanup() {
@@ -58,7 +69,7 @@ declare -A ports
 for service in ingress egress; do
     port=$(free_port)
     ports[$service]=$port
-    SERVER_PORT=$port METRICS_PORT=0 "target/release/$service" >"$work/$service.log" 2>&1 &
+    SERVER_PORT=$port METRICS_PORT=0 "$bin/$service" >"$work/$service.log" 2>&1 &
     echo $! >"$work/run/$service.pid"
 done
 for service in ingress egress; do
@@ -72,7 +83,7 @@ for service in ingress egress; do
 done
 
 bench() {
-    target/release/mts-bench --ingress "http://127.0.0.1:${ports[ingress]}" --egress "http://127.0.0.1:${ports[egress]}" \
+    "$bin/mts-bench" --ingress "http://127.0.0.1:${ports[ingress]}" --egress "http://127.0.0.1:${ports[egress]}" \
         --nats "nats://127.0.0.1:$nats_port" \
         --pid "ingress=$(cat "$work/run/ingress.pid")" --pid "egress=$(cat "$work/run/egress.pid")" \
         --pid "tarantool=$(cat "$work/tarantool/tarantool.pid")" --pid "garage=$(cat "$work/garage/garage.pid")" \
@@ -115,5 +126,9 @@ for system in ours jetstream; do
     run drain --system "$system" --size 1024 --messages "$drain" --consumers 4
 done
 
-python3 scripts/bench_report.py "$results" >"bench-results/$stamp.md"
+mode=()
+[ "$smoke" = 1 ] && mode=(--smoke)
+status=0
+python3 scripts/bench_report.py "$results" "${mode[@]}" >"bench-results/$stamp.md" || status=$?
 cat "bench-results/$stamp.md"
+[ "$status" = 0 ] || die "the benchmark run had errors (above)"

@@ -20,8 +20,25 @@ def processes(figures):
     return ", ".join(f"{name} {f['peak_rss_mib']} MiB/{f['cpu_seconds']} s" for name, f in busy.items())
 
 
-def main(path):
+def failures(runs):
+    """What makes a run unfit to report: errors, no throughput, no runs."""
+    found = [] if runs else ["no scenario ran"]
+    for r in runs:
+        name = f"{r['scenario']} {r.get('system', '')}".strip()
+        if r["scenario"] == "5-large-payloads":
+            if not r.get("verified"):
+                found.append(f"{name}: payloads not verified")
+        elif r["errors"]:
+            found.append(f"{name}: {r['errors']} errors")
+        elif not r["msg_per_s"]:
+            found.append(f"{name}: no messages")
+    return found
+
+
+def main(path, smoke=False):
     runs = [json.loads(line) for line in open(path) if line.strip()]
+    if smoke:
+        print("Smoke run on unoptimised builds: it checks the harness; its figures mean nothing.\n")
     print(f"Machine: {machine()}. Results: `{path}`.\n")
     print("| scenario | system | configuration | msg/s | MB/s | p50 ms | p90 ms | p99 ms | max ms | errors | peak RSS / CPU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
@@ -34,13 +51,14 @@ def main(path):
               f"{lat['p90']} | {lat['p99']} | {lat['max']} | {r['errors']} | {processes(r['processes'])} |")
     large = [r for r in runs if r["scenario"] == "5-large-payloads"]
     if large:
-        print("\n| 5-large-payloads | MiB × concurrency | phase | MiB/s | ingress peak RSS MiB | egress peak RSS MiB |")
-        print("|---|---|---|---|---|---|")
+        print("\n| 5-large-payloads | MiB × concurrency | phase | MiB/s | peak RSS / CPU |")
+        print("|---|---|---|---|---|")
         for r in large:
             for phase in ("publish", "download"):
                 p = r[phase]
+                figures = {name: f for name, f in p.items() if isinstance(f, dict)}
                 print(f"| | {r['payload_mib']} × {r['concurrency']} | {phase} | {p['mib_per_s']} | "
-                      f"{p.get('ingress', {}).get('peak_rss_mib', '-')} | {p.get('egress', {}).get('peak_rss_mib', '-')} |")
+                      f"{processes(figures)} |")
 
     def find(scenario, system):
         return next((r for r in runs if r["scenario"] == scenario and r["system"] == system), None)
@@ -79,5 +97,14 @@ def main(path):
               f"{peer['msg_per_s']} msg/s, ratio {ours['msg_per_s'] / peer['msg_per_s']:.2f}")
 
 
+    if smoke:
+        found = failures(runs)
+        for problem in found:
+            print(f"bench: {problem}", file=sys.stderr)
+        return 1 if found else 0
+    return 0
+
+
 if __name__ == "__main__":
-    main(sys.argv[1])
+    # --smoke: exit 1 when a scenario had errors or moved nothing.
+    sys.exit(main(sys.argv[1], smoke="--smoke" in sys.argv[2:]))

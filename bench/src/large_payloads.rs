@@ -11,7 +11,7 @@ use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{FetchPayloadRequest, PublishFrame, PublishHeader};
 use sha2::{Digest, Sha256};
 
-use crate::process::Services;
+use crate::process::{Services, round};
 
 const MIB: usize = 1024 * 1024;
 
@@ -56,7 +56,7 @@ pub async fn run(
     .await
     .map_err(|e| e.to_string())?;
     services.reset_peaks();
-
+    let before_publish = services.usage();
     let started = Instant::now();
     let publishes = digests.into_iter().enumerate().map(|(t, expected)| {
         let mut client = ingress_client.clone();
@@ -88,9 +88,10 @@ pub async fn run(
     });
     let stored = futures::future::try_join_all(publishes).await?;
     let publish_seconds = started.elapsed().as_secs_f64();
-    let publish_usage = services.usage();
+    let publish_usage = services.figures_since(&before_publish);
 
     services.reset_peaks();
+    let before_download = services.usage();
     let started = Instant::now();
     let downloads = stored.into_iter().map(|(sequence, expected)| {
         let mut client = egress_client.clone();
@@ -117,30 +118,27 @@ pub async fn run(
     });
     futures::future::try_join_all(downloads).await?;
     let download_seconds = started.elapsed().as_secs_f64();
-    let download_usage = services.usage();
+    let download_usage = services.figures_since(&before_download);
 
     let total_mib = (blocks * concurrency) as f64;
-    let figures = |usage: &[crate::process::Usage]| {
-        usage
-            .iter()
-            .map(|u| {
-                format!(
-                    "\"{}\":{{\"peak_rss_mib\":{:.1},\"cpu_seconds\":{:.2}}}",
-                    u.name,
-                    u.peak_rss as f64 / MIB as f64,
-                    u.cpu_seconds
-                )
-            })
-            .collect::<Vec<_>>()
-            .join(",")
+    let phase = |seconds: f64, usage: serde_json::Value| {
+        let mut figures = serde_json::json!({
+            "seconds": round(seconds, 2),
+            "mib_per_s": round(total_mib / seconds, 1),
+        });
+        if let (Some(figures), serde_json::Value::Object(usage)) = (figures.as_object_mut(), usage)
+        {
+            figures.extend(usage);
+        }
+        figures
     };
-    Ok(format!(
-        "{{\"scenario\":\"5-large-payloads\",\"payload_mib\":{blocks},\"concurrency\":{concurrency},\
-         \"publish\":{{\"seconds\":{publish_seconds:.2},\"mib_per_s\":{:.1},{}}},\
-         \"download\":{{\"seconds\":{download_seconds:.2},\"mib_per_s\":{:.1},{}}},\"verified\":true}}",
-        total_mib / publish_seconds,
-        figures(&publish_usage),
-        total_mib / download_seconds,
-        figures(&download_usage),
-    ))
+    Ok(serde_json::json!({
+        "scenario": "5-large-payloads",
+        "payload_mib": blocks,
+        "concurrency": concurrency,
+        "publish": phase(publish_seconds, publish_usage),
+        "download": phase(download_seconds, download_usage),
+        "verified": true,
+    })
+    .to_string())
 }

@@ -13,7 +13,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-quick=0 only= smoke=0
+quick=0 smoke=0 only=''
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;

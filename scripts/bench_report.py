@@ -56,9 +56,8 @@ def main(path, smoke=False):
         for r in large:
             for phase in ("publish", "download"):
                 p = r[phase]
-                figures = {name: f for name, f in p.items() if isinstance(f, dict)}
                 print(f"| | {r['payload_mib']} × {r['concurrency']} | {phase} | {p['mib_per_s']} | "
-                      f"{processes(figures)} |")
+                      f"{processes(p['processes'])} |")
 
     def find(scenario, system):
         return next((r for r in runs if r["scenario"] == scenario and r["system"] == system), None)

@@ -121,16 +121,12 @@ pub async fn run(
     let download_usage = services.figures_since(&before_download);
 
     let total_mib = (blocks * concurrency) as f64;
-    let phase = |seconds: f64, usage: serde_json::Value| {
-        let mut figures = serde_json::json!({
+    let phase = |seconds: f64, processes: serde_json::Value| {
+        serde_json::json!({
             "seconds": round(seconds, 2),
             "mib_per_s": round(total_mib / seconds, 1),
-        });
-        if let (Some(figures), serde_json::Value::Object(usage)) = (figures.as_object_mut(), usage)
-        {
-            figures.extend(usage);
-        }
-        figures
+            "processes": processes,
+        })
     };
     Ok(serde_json::json!({
         "scenario": "5-large-payloads",

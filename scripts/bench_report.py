@@ -21,18 +21,22 @@ def processes(figures):
 
 
 def failures(runs):
-    """What makes a run unfit to report: errors, no throughput, no runs."""
-    found = [] if runs else ["no scenario ran"]
+    """What makes a smoke run fail: a scenario that moved nothing, errors of
+    ours, unverified payloads. Errors of a peer or a reference that still
+    moved messages are its own (Garage has stalled a PutObject for 30 s
+    here) and are only warned about."""
+    found, warnings = ([] if runs else ["no scenario ran"]), []
     for r in runs:
         name = f"{r['scenario']} {r.get('system', '')}".strip()
         if r["scenario"] == "5-large-payloads":
             if not r.get("verified"):
                 found.append(f"{name}: payloads not verified")
-        elif r["errors"]:
-            found.append(f"{name}: {r['errors']} errors")
         elif not r["msg_per_s"]:
             found.append(f"{name}: no messages")
-    return found
+        elif r["errors"]:
+            ours = r["system"].startswith("minitoolstream")
+            (found if ours else warnings).append(f"{name}: {r['errors']} errors")
+    return found, warnings
 
 
 def main(path, smoke=False):
@@ -97,7 +101,9 @@ def main(path, smoke=False):
 
 
     if smoke:
-        found = failures(runs)
+        found, warnings = failures(runs)
+        for warning in warnings:
+            print(f"bench: warning: {warning}", file=sys.stderr)
         for problem in found:
             print(f"bench: {problem}", file=sys.stderr)
         return 1 if found else 0

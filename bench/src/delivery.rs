@@ -15,7 +15,7 @@ use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::publish::{ManyPublisher, Outcome, ingress_clients, jetstream_stream};
-use crate::report::{Latencies, age, stamped};
+use crate::report::{Latencies, age, failed, stamped, succeeded};
 
 /// Publishes at `rate` per second for `duration`, each publish by `publish`
 /// (true when stored); returns how many were stored and how many failed.
@@ -187,7 +187,7 @@ pub async fn ours(
             Some(stream) => Box::pin(stream.publish(request)),
             None => {
                 let mut client = clients[n as usize % clients.len()].clone();
-                Box::pin(async move { client.publish(request).await.is_ok() })
+                Box::pin(async move { succeeded(client.publish(request).await) })
             }
         };
         published
@@ -242,8 +242,8 @@ pub async fn jetstream(
         let (js, subject) = (js.clone(), subject.clone());
         async move {
             match js.publish(subject, stamped(size)).await {
-                Ok(ack) => ack.await.is_ok(),
-                Err(_) => false,
+                Ok(ack) => succeeded(ack.await),
+                Err(err) => failed(err),
             }
         }
     })

@@ -12,7 +12,7 @@ use mts_proto::pb::{PublishRequest, SubscribeRequest};
 use tonic::transport::Channel;
 
 use crate::publish::{Outcome, ingress_clients};
-use crate::report::Latencies;
+use crate::report::{Latencies, failed};
 
 /// One stream's notifications: (sequence notified, when), in arrival order.
 type Arrivals = Vec<(u64, Instant)>;
@@ -80,7 +80,10 @@ pub async fn ours(
             Ok(reply) => {
                 sent_at.insert(reply.into_inner().sequence, sent);
             }
-            Err(_) => errors += 1,
+            Err(err) => {
+                failed(err);
+                errors += 1;
+            }
         }
         tokio::time::sleep(interval).await;
     }

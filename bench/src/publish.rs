@@ -17,7 +17,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
 use tonic::transport::Channel;
 
-use crate::report::Latencies;
+use crate::report::{Latencies, failed, succeeded};
 
 /// What a closed loop did.
 pub struct Outcome {
@@ -118,7 +118,7 @@ pub async fn ours(
     let request = publish_request(subject, size);
     Ok(closed_loop(clients, duration, move |mut client| {
         let request = request.clone();
-        async move { client.publish(request).await.is_ok() }
+        async move { succeeded(client.publish(request).await) }
     })
     .await)
 }
@@ -173,7 +173,13 @@ impl ManyPublisher {
                 while let Ok(Some(answer)) = answers.message().await {
                     let slot = queue.lock().expect("not poisoned").waiting.pop_front();
                     if let Some(slot) = slot {
-                        let _ = slot.send(answer.status_code == 0);
+                        let stored = (answer.status_code == 0).then_some(()).ok_or_else(|| {
+                            format!(
+                                "PublishMany answered {}: {}",
+                                answer.status_code, answer.error_message
+                            )
+                        });
+                        let _ = slot.send(succeeded(stored));
                     }
                 }
                 // The stream ended: every publish still waiting failed.
@@ -223,7 +229,7 @@ pub async fn ours_streamed(
                 .chain(chunks)
                 .map(|frame| PublishFrame { frame: Some(frame) }),
         );
-        async move { client.publish_stream(frames).await.is_ok() }
+        async move { succeeded(client.publish_stream(frames).await) }
     })
     .await)
 }
@@ -268,8 +274,8 @@ pub async fn jetstream(
         let (subject, data) = (subject.clone(), data.clone());
         async move {
             match js.publish(subject, data).await {
-                Ok(ack) => ack.await.is_ok(),
-                Err(_) => false,
+                Ok(ack) => succeeded(ack.await),
+                Err(err) => failed(err),
             }
         }
     })
@@ -295,7 +301,7 @@ pub async fn tarantool(
     };
     closed_loop(vec![store; workers], duration, move |store| {
         let published = store.publish_inline(message.clone());
-        async move { published.await.is_ok() }
+        async move { succeeded(published.await) }
     })
     .await
 }
@@ -314,7 +320,7 @@ pub async fn s3(
     closed_loop(vec![blobs; workers], duration, move |blobs| {
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (key, data) = (format!("{prefix}/{n}"), data.clone());
-        async move { blobs.put(&key, data).await.is_ok() }
+        async move { succeeded(blobs.put(&key, data).await) }
     })
     .await
 }

@@ -1,12 +1,31 @@
 //! Figures every scenario reports: counts, throughput, an HDR histogram of
 //! latencies, and the server processes' memory and CPU.
 
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use hdrhistogram::Histogram;
 use serde_json::{Value, json};
 
 use crate::process::{Services, Usage, round};
+
+/// Errors printed in full; later ones are only counted.
+const ERRORS_SHOWN: usize = 5;
+
+/// Whether a request succeeded; see `failed`.
+pub fn succeeded<T, E: std::fmt::Display>(result: Result<T, E>) -> bool {
+    result.map_or_else(failed, |_| true)
+}
+
+/// Always false: a request failed with `err`. The first few failures go to
+/// stderr, so a run with errors says what they were.
+pub fn failed(err: impl std::fmt::Display) -> bool {
+    static SHOWN: AtomicUsize = AtomicUsize::new(0);
+    if SHOWN.fetch_add(1, Ordering::Relaxed) < ERRORS_SHOWN {
+        eprintln!("mts-bench: request failed: {err}");
+    }
+    false
+}
 
 /// Latencies in microseconds, 1 µs to 10 min, 3 significant digits.
 pub struct Latencies(Histogram<u64>);

@@ -7,7 +7,7 @@
 #   scripts/bench.sh --quick   small sizes and short runs (under 2 minutes)
 #   scripts/bench.sh --smoke   --quick on unoptimised builds, failing when a scenario
 #                              moves nothing or ours has errors: checks the harness
-#                              itself (scripts/test.sh runs it); its figures mean nothing
+#                              itself; its figures mean nothing
 #   scripts/bench.sh --only publish   one scenario (publish, delivery, large-publish, ...)
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,9 +1,8 @@
 #!/usr/bin/env bash
 # Runs every check and test: formatting, clippy, the deployment files
-# (schemas, lint, policy scan), unit tests, the service and end-to-end tests
-# against a real Tarantool and a real S3 server (Garage) that this script
-# starts on free ports and stops afterwards, and a smoke run of the benchmarks.
-# With arguments (passed to cargo test), only the tests they select.
+# (schemas, lint, policy scan), unit tests, and the service and end-to-end
+# tests against a real Tarantool and a real S3 server (Garage) that this
+# script starts on free ports and stops afterwards. Arguments go to cargo test.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -51,11 +50,3 @@ if [ "${SKIP_LINT:-0}" != 1 ]; then
 fi
 log "cargo test"
 cargo test --workspace --locked --no-fail-fast "$@"
-
-# The benchmark harness, end to end on small sizes: every scenario must run
-# without errors (figures are not judged; see scripts/bench.sh). Left out when
-# only some tests were asked for.
-if [ $# = 0 ] && [ "${SKIP_BENCH:-0}" != 1 ]; then
-    log "benchmark smoke run"
-    scripts/bench.sh --smoke
-fi

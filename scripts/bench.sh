@@ -3,7 +3,7 @@
 # services and the peer (NATS JetStream, file storage, one replica) on free
 # loopback ports, runs every scenario against each system taking part, and
 # writes bench-results/<time>.jsonl and .md (a table with the ratios).
-#   scripts/bench.sh           full sizes (about 10 minutes)
+#   scripts/bench.sh           full sizes (about 6 minutes after the build)
 #   scripts/bench.sh --quick   small sizes and short runs (under 2 minutes)
 #   scripts/bench.sh --smoke   --quick on unoptimised builds, failing when a scenario
 #                              moves nothing or ours has errors: checks the harness
@@ -32,15 +32,10 @@ if ! command -v nats-server >/dev/null; then
     as_root apt-get update -qq
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq nats-server >/dev/null
 fi
-if [ "$smoke" = 1 ]; then
-    log "building unoptimised binaries (smoke run)"
-    cargo build --locked -q -p mts-ingress -p mts-egress -p mts-bench
-    bin=target/debug
-else
-    log "building release binaries"
-    cargo build --release --locked -q -p mts-ingress -p mts-egress -p mts-bench
-    bin=target/release
-fi
+profile=release bin=target/release
+[ "$smoke" = 1 ] && profile=dev bin=target/debug
+log "building $profile binaries"
+cargo build --profile "$profile" --locked -q -p mts-ingress -p mts-egress -p mts-bench
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/mts-bench.XXXXXX")
 cleanup() {

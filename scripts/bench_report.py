@@ -99,7 +99,6 @@ def main(path, smoke=False):
         print(f"- Scenario 6, 4 competing consumers with acks: ours {ours['msg_per_s']} msg/s, JetStream "
               f"{peer['msg_per_s']} msg/s, ratio {ours['msg_per_s'] / peer['msg_per_s']:.2f}")
 
-
     if smoke:
         found, warnings = failures(runs)
         for warning in warnings:
@@ -111,5 +110,5 @@ def main(path, smoke=False):
 
 
 if __name__ == "__main__":
-    # --smoke: exit 1 when a scenario had errors or moved nothing.
+    # --smoke: exit 1 on what `failures` finds.
     sys.exit(main(sys.argv[1], smoke="--smoke" in sys.argv[2:]))

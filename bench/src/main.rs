@@ -216,23 +216,20 @@ async fn run(args: Args) -> Result<String, String> {
         } => {
             let duration = Duration::from_secs(seconds);
             let subject = subject("delivery");
+            let ours = |publish| {
+                delivery::ours(
+                    &args.ingress,
+                    &args.egress,
+                    &subject,
+                    size,
+                    rate,
+                    duration,
+                    publish,
+                )
+            };
             let outcome = match system {
-                System::Ours | System::OursMany => {
-                    let publish = match system {
-                        System::OursMany => delivery::Publish::Many,
-                        _ => delivery::Publish::Unary,
-                    };
-                    delivery::ours(
-                        &args.ingress,
-                        &args.egress,
-                        &subject,
-                        size,
-                        rate,
-                        duration,
-                        publish,
-                    )
-                    .await?
-                }
+                System::Ours => ours(delivery::Publish::Unary).await?,
+                System::OursMany => ours(delivery::Publish::Many).await?,
                 System::Jetstream => {
                     delivery::jetstream(&args.nats, &subject, size, rate, duration).await?
                 }

@@ -173,13 +173,12 @@ impl ManyPublisher {
                 while let Ok(Some(answer)) = answers.message().await {
                     let slot = queue.lock().expect("not poisoned").waiting.pop_front();
                     if let Some(slot) = slot {
-                        let stored = (answer.status_code == 0).then_some(()).ok_or_else(|| {
-                            format!(
+                        let stored = answer.status_code == 0
+                            || failed(format!(
                                 "PublishMany answered {}: {}",
                                 answer.status_code, answer.error_message
-                            )
-                        });
-                        let _ = slot.send(succeeded(stored));
+                            ));
+                        let _ = slot.send(stored);
                     }
                 }
                 // The stream ended: every publish still waiting failed.

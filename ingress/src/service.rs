@@ -193,10 +193,6 @@ impl Ingress {
         }
     }
 
-    pub(crate) fn record(&self, reply: &PublishResponse, started: std::time::Instant) {
-        record(self.metrics.as_deref(), reply, started);
-    }
-
     /// Checks a message and decides where its payload goes.
     pub(crate) fn check(&self, request: PublishRequest) -> Result<Checked, Error> {
         let envelope = Envelope::checked(request.subject, request.headers, request.message_id)?;
@@ -458,7 +454,7 @@ impl IngressService for Ingress {
             duplicate = reply.duplicate,
             "published"
         );
-        self.record(&reply, started);
+        record(self.metrics.as_deref(), &reply, started);
         Ok(Response::new(reply))
     }
 
@@ -499,7 +495,7 @@ impl IngressService for Ingress {
             duplicate = reply.duplicate,
             "streamed publish stored"
         );
-        self.record(&reply, started);
+        record(self.metrics.as_deref(), &reply, started);
         Ok(Response::new(reply))
     }
 }

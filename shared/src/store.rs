@@ -879,7 +879,7 @@ impl Store {
 
     /// Takes or renews lease `name` for `holder`; whether `holder` holds it.
     pub async fn lease(&self, name: &str, holder: &str, ttl: Duration) -> Result<bool, Error> {
-        let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX);
+        let ttl_ms = millis(ttl);
         let (held,): (bool,) = self
             .call("mts_lease", (name, holder, ttl_ms), self.timeout)
             .await?;
@@ -894,7 +894,7 @@ impl Store {
         hold: Duration,
         limit: Duration,
     ) -> Result<Vec<(String, u64)>, Error> {
-        let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+        let hold_ms = millis(hold);
         let (files,): (Vec<(String, u64)>,) =
             self.call("mts_backup_start", (hold_ms,), limit).await?;
         Ok(files)
@@ -902,7 +902,7 @@ impl Store {
 
     /// Extends the hold on object deletions to `hold` from now.
     pub async fn backup_renew(&self, hold: Duration) -> Result<(), Error> {
-        let hold_ms = u64::try_from(hold.as_millis()).unwrap_or(u64::MAX);
+        let hold_ms = millis(hold);
         let (_,): (bool,) = self
             .call("mts_backup_renew", (hold_ms,), self.timeout)
             .await?;

@@ -20,6 +20,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         // Payloads stay zero-copy from the gRPC frame to the S3 body.
         .bytes(".minitoolstream")
+        // A request that cannot be decoded is the client's mistake.
+        .codec_path("crate::codec::ProtoCodec")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -79,6 +79,7 @@ pub async fn consume(
                 subject: subject.to_owned(),
                 durable_name: durable.to_owned(),
                 max_in_flight,
+                omit_large_payloads: true,
             })),
         })
         .await

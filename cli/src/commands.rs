@@ -254,6 +254,7 @@ async fn subscribe(
         subject: subject.clone(),
         durable_name: durable,
         max_in_flight,
+        omit_large_payloads: true,
     });
     let _ = frames
         .send(ConsumeRequest {
@@ -310,6 +311,7 @@ async fn fetch(
             subject: subject.clone(),
             durable_name: durable.clone(),
             batch_size: batch,
+            omit_large_payloads: true,
         })
         .await
         .map_err(Failure::call("fetch"))?

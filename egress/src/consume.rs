@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use tonic::{Status, Streaming};
 
 use crate::Error;
+use crate::delivery::Payloads;
 use crate::service::{
     Egress, MAX_SEQUENCES, consumer_names, draining_status, held, sequence_list, wire_messages,
 };
@@ -45,12 +46,13 @@ pub(crate) const MAX_HOT_STREAMS: usize = 64;
 /// this often. Bounds how late an ack frees room under `max_ack_pending`.
 const ACK_LINGER: Duration = Duration::from_millis(5);
 
-/// Reads the start frame, checks it and starts the stream's task.
+/// Reads the start frame, checks it and starts the stream's task; returns
+/// the messages it sends.
 pub async fn open(
     egress: Egress,
     caller: Caller,
     mut inbound: Streaming<ConsumeRequest>,
-) -> Result<mpsc::Receiver<Result<Message, Status>>, Status> {
+) -> Result<impl futures::Stream<Item = Result<Message, Status>> + Send + use<>, Status> {
     let start = match inbound.next().await {
         Some(Ok(ConsumeRequest {
             request: Some(Frame::Start(start)),
@@ -79,7 +81,18 @@ pub async fn open(
     }
     let max_in_flight = checked_start(&start).map_err(Error::from)?;
     let (sender, receiver) = mpsc::channel(max_in_flight as usize + 1);
+    let payloads = Payloads {
+        limits: egress.payload_limits,
+        omit_large: start.omit_large_payloads,
+    };
+    // Payloads sent whole above the omission threshold pass one at a time:
+    // the next waits until the client's stream has taken the one before.
+    let large_gate = Arc::new(tokio::sync::Semaphore::new(1));
+    let taken = Arc::clone(&large_gate);
+    let omit_above = payloads.limits.omit_above;
     let session = Session {
+        payloads,
+        large_gate,
         _open: egress.metrics.stream_opened("consume"),
         egress,
         subject: start.subject,
@@ -92,7 +105,15 @@ pub async fn open(
         sender,
     };
     tokio::spawn(session.run(inbound));
-    Ok(receiver)
+    Ok(
+        tokio_stream::wrappers::ReceiverStream::new(receiver).inspect(move |item| {
+            if let Ok(message) = item
+                && message.data.len() as u64 > omit_above
+            {
+                taken.add_permits(1);
+            }
+        }),
+    )
 }
 
 fn checked_start(start: &ConsumeStart) -> Result<u32, validate::Error> {
@@ -134,6 +155,11 @@ fn ended(err: impl Into<Error>) -> End {
 struct Session {
     _open: mts_shared::metrics::StreamGuard,
     egress: Egress,
+    /// How payloads go out on this stream.
+    payloads: Payloads,
+    /// Taken before sending a large payload whole; given back when the
+    /// client's stream takes it.
+    large_gate: Arc<tokio::sync::Semaphore>,
     subject: String,
     durable: String,
     max_in_flight: usize,
@@ -301,11 +327,17 @@ impl Session {
         let mut messages = std::pin::pin!(wire_messages(
             self.egress.blobs.clone(),
             batch.messages,
-            self.egress.max_inline_delivery,
+            self.payloads,
         ));
         while let Some(message) = messages.next().await {
             match message {
                 Ok(message) => {
+                    if message.data.len() as u64 > self.payloads.limits.omit_above {
+                        match self.large_gate.acquire().await {
+                            Ok(permit) => permit.forget(),
+                            Err(_) => return Err(End::Quiet),
+                        }
+                    }
                     if self.sender.send(Ok(message)).await.is_err() {
                         return Err(End::Quiet);
                     }

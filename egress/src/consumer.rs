@@ -87,16 +87,43 @@ pub fn settings(
                     "DELIVER_BY_START_TIME needs a start_time",
                 )
             })?;
-            let ns = u64::try_from(time.seconds)
-                .ok()
-                .and_then(|s| s.checked_mul(1_000_000_000))
-                .and_then(|ns| ns.checked_add(u64::try_from(time.nanos).ok()?))
-                .ok_or_else(|| validate::Error::new("config.start_time", "must be after 1970"))?;
-            settings.start_time_ns = Some(ns);
+            settings.start_time_ns = Some(start_time_ns(&time)?);
         }
         _ => {}
     }
     Ok(settings)
+}
+
+/// A start time as nanoseconds since the Unix epoch, the store's clock:
+/// from 1970 to 2554, when that count runs out of 64 bits.
+fn start_time_ns(time: &prost_types::Timestamp) -> Result<u64, validate::Error> {
+    let field = "config.start_time";
+    let nanos = u64::try_from(time.nanos)
+        .ok()
+        .filter(|n| *n < 1_000_000_000)
+        .ok_or_else(|| {
+            validate::Error::new(
+                field,
+                format!("nanos {} is outside 0..=999999999", time.nanos),
+            )
+        })?;
+    let seconds = u64::try_from(time.seconds).map_err(|_| {
+        validate::Error::new(
+            field,
+            format!("{} seconds is before 1970-01-01T00:00:00Z", time.seconds),
+        )
+    })?;
+    seconds
+        .checked_mul(1_000_000_000)
+        .and_then(|ns| ns.checked_add(nanos))
+        .ok_or_else(|| {
+            validate::Error::new(
+                field,
+                format!(
+                    "{seconds} seconds since 1970 is after 2554-07-21T23:34:33Z, the latest time the store can hold"
+                ),
+            )
+        })
 }
 
 /// The wire form of a consumer's state.
@@ -241,5 +268,29 @@ mod tests {
         )
         .unwrap();
         assert_eq!(by_time.start_time_ns, Some(2_000_000_005));
+    }
+
+    #[test]
+    fn start_times_outside_the_stores_clock_say_why() {
+        let at = |seconds, nanos| {
+            settings(
+                "s",
+                Some(ConsumerConfig {
+                    deliver_policy: WirePolicy::DeliverByStartTime.into(),
+                    start_time: Some(prost_types::Timestamp { seconds, nanos }),
+                    ..config()
+                }),
+            )
+        };
+        // 9999-12-31T23:59:59Z
+        let far = at(253_402_300_799, 0).unwrap_err();
+        assert_eq!(far.field, "config.start_time");
+        assert!(far.reason.contains("after 2554-07-21"), "{}", far.reason);
+        let early = at(-1, 0).unwrap_err();
+        assert!(early.reason.contains("before 1970"), "{}", early.reason);
+        let bad_nanos = at(1, 1_000_000_000).unwrap_err();
+        assert!(bad_nanos.reason.contains("nanos"), "{}", bad_nanos.reason);
+        // The last representable second still works.
+        assert!(at(18_446_744_072, 0).is_ok());
     }
 }

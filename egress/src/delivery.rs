@@ -28,13 +28,50 @@ pub const PAYLOAD_SHA256_HEADER: &str = "mts-payload-sha256";
 /// "true" when the payload was left out; read it with FetchPayload.
 pub const PAYLOAD_OMITTED_HEADER: &str = "mts-payload-omitted";
 
-/// Completes a leased message with its payload, or marks the payload as
-/// left out when it is larger than `max_inline` bytes.
+/// How large payloads go out with messages.
+#[derive(Debug, Clone, Copy)]
+pub struct PayloadLimits {
+    /// For clients that ask (`omit_large_payloads`): larger payloads are left
+    /// out, to be read with FetchPayload.
+    pub omit_above: u64,
+    /// For every other client: the largest payload sent inline; a larger one
+    /// fails the call, never arriving as an empty `data`.
+    pub inline_max: u64,
+}
+
+/// What a request asked for, with the server's limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Payloads {
+    /// The server's limits.
+    pub limits: PayloadLimits,
+    /// Whether the client reads large payloads with FetchPayload.
+    pub omit_large: bool,
+}
+
+impl Payloads {
+    /// Whether the payload of `message` is left out.
+    fn omits(self, message: &mts_shared::store::StoredMessage) -> bool {
+        self.omit_large && message.object_key.is_some() && message.size > self.limits.omit_above
+    }
+
+    /// Whether the payload of `message` is read whole from the object store.
+    pub fn reads_whole(self, message: &mts_shared::store::StoredMessage) -> bool {
+        message.object_key.is_some() && !self.omits(message)
+    }
+}
+
+/// Completes a leased message with its payload, or leaves the payload out
+/// when the client asked for that and it is large; a payload too large to
+/// send inline to a client that did not ask fails with `PayloadTooLarge`.
 /// A `deliver` span linked to the publish's, when spans are exported (only
 /// then: it is one span per message on the delivery path).
-pub async fn deliver(blobs: BlobStore, leased: Leased, max_inline: u64) -> Result<Message, Error> {
+pub async fn deliver(
+    blobs: BlobStore,
+    leased: Leased,
+    payloads: Payloads,
+) -> Result<Message, Error> {
     if !mts_shared::telemetry::exporting() {
-        return complete(blobs, leased, max_inline).await;
+        return complete(blobs, leased, payloads).await;
     }
     let span = tracing::info_span!(
         "deliver",
@@ -43,15 +80,23 @@ pub async fn deliver(blobs: BlobStore, leased: Leased, max_inline: u64) -> Resul
         deliveries = leased.deliveries,
     );
     mts_shared::telemetry::link_to_stored(&span, &leased.message.headers);
-    complete(blobs, leased, max_inline).instrument(span).await
+    complete(blobs, leased, payloads).instrument(span).await
 }
 
-async fn complete(blobs: BlobStore, leased: Leased, max_inline: u64) -> Result<Message, Error> {
+async fn complete(blobs: BlobStore, leased: Leased, payloads: Payloads) -> Result<Message, Error> {
+    let omitted = payloads.omits(&leased.message);
     let stored = leased.message;
+    if !omitted && stored.size > payloads.limits.inline_max {
+        return Err(Error::PayloadTooLarge {
+            subject: stored.subject,
+            sequence: stored.seq,
+            size: stored.size,
+            limit: payloads.limits.inline_max,
+        });
+    }
     let mut headers = stored.headers;
     headers.insert(DELIVERY_COUNT_HEADER.into(), leased.deliveries.to_string());
     let sha256 = stored.sha256.unwrap_or_default();
-    let omitted = stored.object_key.is_some() && stored.size > max_inline;
     if omitted {
         headers.insert(PAYLOAD_OMITTED_HEADER.into(), "true".into());
         headers.insert(PAYLOAD_SIZE_HEADER.into(), stored.size.to_string());

@@ -56,6 +56,35 @@ pub enum Error {
         /// The durable name.
         durable: String,
     },
+    /// A payload too large to send inline to a client that reads every
+    /// payload inline.
+    #[error(
+        "message {sequence} on {subject} has a payload of {size} bytes, above the {limit}-byte limit for sending payloads inline (max_delivered_payload_bytes); read it with FetchPayload, and set omit_large_payloads on Fetch or Consume to receive such messages without their payload"
+    )]
+    PayloadTooLarge {
+        /// The subject.
+        subject: String,
+        /// The sequence.
+        sequence: u64,
+        /// The payload's size.
+        size: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// A FetchPayload offset past the payload's end.
+    #[error(
+        "offset {offset} is past the end of the {size}-byte payload of message {sequence} on {subject}"
+    )]
+    OffsetPastEnd {
+        /// The subject.
+        subject: String,
+        /// The sequence.
+        sequence: u64,
+        /// The offset asked for.
+        offset: u64,
+        /// The payload's size.
+        size: u64,
+    },
     /// No message has this subject and sequence (never published, or removed).
     #[error("there is no message {sequence} on {subject}")]
     MessageNotFound {
@@ -89,6 +118,8 @@ impl From<Error> for tonic::Status {
             Error::ConsumerNotFound { .. } | Error::MessageNotFound { .. } => {
                 tonic::Status::not_found(err.to_string())
             }
+            Error::PayloadTooLarge { .. } => tonic::Status::resource_exhausted(err.to_string()),
+            Error::OffsetPastEnd { .. } => tonic::Status::out_of_range(err.to_string()),
             Error::Auth(source) => source.into(),
             Error::Server(_) => tonic::Status::internal(err.to_string()),
         }
@@ -151,6 +182,24 @@ mod tests {
                     durable: "d".into(),
                 },
                 Code::NotFound,
+            ),
+            (
+                Error::PayloadTooLarge {
+                    subject: "s".into(),
+                    sequence: 2,
+                    size: 100,
+                    limit: 10,
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                Error::OffsetPastEnd {
+                    subject: "s".into(),
+                    sequence: 2,
+                    offset: 11,
+                    size: 10,
+                },
+                Code::OutOfRange,
             ),
         ];
         for (err, code) in cases {

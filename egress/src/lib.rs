@@ -47,7 +47,10 @@ pub async fn run(
         setup.blobs.clone(),
         watchers,
         draining,
-        config.max_inline_delivery_bytes,
+        delivery::PayloadLimits {
+            omit_above: config.max_inline_delivery_bytes,
+            inline_max: config.max_delivered_payload_bytes,
+        },
         setup.auth.clone(),
     )
     .with_metrics(setup.metrics.clone());

@@ -1,9 +1,13 @@
 //! Housekeeping run by the one egress replica that holds the `maintenance`
 //! lease in Tarantool: retention in bounded steps, deletion of objects whose
 //! metadata retention removed, and the sweep of objects that never got
-//! metadata (uploads whose commit failed or never came).
+//! metadata (uploads whose commit failed or never came). The sweep only ever
+//! looks under this store's own key prefix (`minio_key_prefix` and the
+//! store's id), at objects written since the store was created: a shared
+//! bucket's other objects, and a previous store's after Tarantool came back
+//! empty, are never touched.
 
-use std::time::{Duration, Instant, SystemTime};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mts_shared::blob::BlobStore;
 use mts_shared::config::Config;
@@ -133,20 +137,28 @@ impl Maintenance {
         }
     }
 
-    /// Deletes objects older than the grace period that no message names.
+    /// Deletes this store's objects older than the grace period that no
+    /// message names.
     async fn sweep_orphans(&self) -> Result<usize, Error> {
+        // Read now, not at start-up: Tarantool may have been replaced by an
+        // empty instance, which is a new store that owns none of the objects.
+        let identity = self.store.read_identity().await?;
+        let created = UNIX_EPOCH + Duration::from_nanos(identity.created_ns);
         let cutoff = SystemTime::now()
             .checked_sub(self.orphan_grace)
-            .unwrap_or(SystemTime::UNIX_EPOCH);
+            .unwrap_or(UNIX_EPOCH);
+        let prefix = self.blobs.store_prefix(&identity.store_id);
         let candidates = self
             .blobs
-            .keys_older_than(cutoff)
+            .keys_modified_within(&prefix, (created, cutoff))
             .await
             .map_err(Error::Blob)?;
         let mut removed = 0;
         for chunk in candidates.chunks(OBJECT_BATCH) {
             for key in self.store.settle_objects(chunk).await? {
                 self.blobs.delete(&key).await.map_err(Error::Blob)?;
+                tracing::info!(object = %key, "orphan sweep deleted an object no message names");
+                self.metrics.orphans_deleted.inc();
                 removed += 1;
             }
         }

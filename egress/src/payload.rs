@@ -36,14 +36,12 @@ pub async fn open(
             sequence: request.sequence,
         })?;
     if request.offset > message.size {
-        return Err(validate::Error::new(
-            "offset",
-            format!(
-                "{} is beyond the payload's {} bytes",
-                request.offset, message.size
-            ),
-        )
-        .into());
+        return Err(Error::OffsetPastEnd {
+            subject: message.subject,
+            sequence: message.seq,
+            offset: request.offset,
+            size: message.size,
+        });
     }
     let (total_size, sha256) = (message.size, message.sha256.clone().unwrap_or_default());
     let chunk = move |data: Bytes, offset: u64| PayloadChunk {
@@ -68,7 +66,8 @@ pub async fn open(
                     },
                     other => Error::Blob(other),
                 })?;
-            tokio::spawn(relay(body, offset, sender, chunk));
+            let timeout = egress.blobs.timeout();
+            tokio::spawn(relay(body, offset, timeout, sender, chunk));
         }
         (_, data) => {
             let data = data.map_or_else(Bytes::new, |d| Bytes::from(d.into_vec()));
@@ -95,16 +94,28 @@ pub async fn open(
     Ok(receiver)
 }
 
-/// Regroups the object store's body into chunks of CHUNK bytes.
+/// Regroups the object store's body into chunks of CHUNK bytes. Each wait
+/// for the store is bounded by `timeout`; waits for the client are not.
 async fn relay(
     mut body: aws_sdk_s3::primitives::ByteStream,
     mut offset: u64,
+    timeout: std::time::Duration,
     sender: mpsc::Sender<Result<PayloadChunk, Status>>,
     chunk: impl Fn(Bytes, u64) -> PayloadChunk,
 ) {
     let mut pending = BytesMut::with_capacity(CHUNK);
     loop {
-        match body.next().await {
+        let next = match tokio::time::timeout(timeout, body.next()).await {
+            Ok(next) => next,
+            Err(_) => {
+                let status = Status::unavailable(format!(
+                    "the object store sent nothing for {timeout:?}; resume at offset {offset}"
+                ));
+                let _ = sender.send(Err(status)).await;
+                return;
+            }
+        };
+        match next {
             Some(Ok(bytes)) => {
                 pending.extend_from_slice(&bytes);
                 while pending.len() >= CHUNK {

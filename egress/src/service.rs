@@ -18,6 +18,7 @@ use mts_proto::pb::{
 };
 use mts_shared::auth::{Authenticator, Permission};
 use mts_shared::blob::BlobStore;
+use mts_shared::config::MAX_RETENTION_AGE_MS;
 use mts_shared::metrics::Metrics;
 use mts_shared::store::{AckOutcome, Leased, Limits, NotHeld, Store, SubjectState};
 use mts_shared::validate;
@@ -47,7 +48,7 @@ pub struct Egress {
     pub(crate) blobs: BlobStore,
     pub(crate) watchers: Arc<SubjectWatchers>,
     pub(crate) draining: watch::Receiver<bool>,
-    pub(crate) max_inline_delivery: u64,
+    pub(crate) payload_limits: delivery::PayloadLimits,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) metrics: Arc<Metrics>,
     /// Room for Consume streams whose lease calls wait in Tarantool.
@@ -125,16 +126,22 @@ pub(crate) fn held<T>(
     })
 }
 
-/// The wire messages of a batch, payloads read a few at a time, ending at
-/// the first failure so that no later message arrives without an earlier one.
+/// The wire messages of a batch, payloads read a few at a time (one at a
+/// time when any is large and sent whole, so memory holds one such payload),
+/// ending at the first failure so that no later message arrives without an
+/// earlier one.
 pub(crate) fn wire_messages(
     blobs: BlobStore,
     batch: Vec<Leased>,
-    max_inline: u64,
+    payloads: delivery::Payloads,
 ) -> impl Stream<Item = Result<Message, Error>> + Send {
+    let large = batch.iter().any(|leased| {
+        payloads.reads_whole(&leased.message) && leased.message.size > payloads.limits.omit_above
+    });
+    let reads = if large { 1 } else { PAYLOAD_READS_IN_FLIGHT };
     futures::stream::iter(batch)
-        .map(move |leased| delivery::deliver(blobs.clone(), leased, max_inline))
-        .buffered(PAYLOAD_READS_IN_FLIGHT)
+        .map(move |leased| delivery::deliver(blobs.clone(), leased, payloads))
+        .buffered(reads)
         .scan(false, |failed, item| {
             let out = if *failed { None } else { Some(item) };
             if let Some(Err(_)) = &out {
@@ -152,7 +159,7 @@ impl Egress {
         blobs: BlobStore,
         watchers: Arc<SubjectWatchers>,
         draining: watch::Receiver<bool>,
-        max_inline_delivery: u64,
+        payload_limits: delivery::PayloadLimits,
         auth: Arc<Authenticator>,
     ) -> Self {
         Self {
@@ -160,7 +167,7 @@ impl Egress {
             blobs,
             watchers,
             draining,
-            max_inline_delivery,
+            payload_limits,
             auth,
             metrics: Metrics::new(),
             hot_streams: Arc::new(tokio::sync::Semaphore::new(crate::consume::MAX_HOT_STREAMS)),
@@ -400,12 +407,15 @@ impl EgressService for Egress {
             .await
             .inspect_err(|err| tracing::warn!(%err, "fetch failed"))?;
         tracing::debug!(messages = batch.len(), "fetched");
-        let messages =
-            wire_messages(self.blobs.clone(), batch, self.max_inline_delivery).map(|delivered| {
-                delivered
-                    .inspect_err(|err| tracing::warn!(%err, "fetch failed mid-batch"))
-                    .map_err(Status::from)
-            });
+        let payloads = delivery::Payloads {
+            limits: self.payload_limits,
+            omit_large: request.get_ref().omit_large_payloads,
+        };
+        let messages = wire_messages(self.blobs.clone(), batch, payloads).map(|delivered| {
+            delivered
+                .inspect_err(|err| tracing::warn!(%err, "fetch failed mid-batch"))
+                .map_err(Status::from)
+        });
         Ok(Response::new(Box::pin(messages)))
     }
 
@@ -547,6 +557,15 @@ impl EgressService for Egress {
         let state = async {
             validate::subject(&request.subject)?;
             let limits = request.limits.unwrap_or_default();
+            if let Some(age) = limits.max_age_ms.filter(|age| *age > MAX_RETENTION_AGE_MS) {
+                return Err(validate::Error::new(
+                    "limits.max_age_ms",
+                    format!(
+                        "{age} is above the limit of {MAX_RETENTION_AGE_MS} (100 years); 0 keeps messages forever"
+                    ),
+                )
+                .into());
+            }
             let limits = Limits {
                 max_age_ms: limits.max_age_ms,
                 max_messages: limits.max_messages,
@@ -586,9 +605,9 @@ impl EgressService for Egress {
             .auth
             .authenticate(request.metadata())
             .map_err(Error::from)?;
-        let receiver = consume::open(self.clone(), caller, request.into_inner())
+        let messages = consume::open(self.clone(), caller, request.into_inner())
             .await
             .inspect_err(|err| tracing::warn!(%err, "consume failed"))?;
-        Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
+        Ok(Response::new(Box::pin(messages)))
     }
 }

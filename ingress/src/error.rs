@@ -22,11 +22,21 @@ pub enum Error {
         /// The configured cap.
         limit: usize,
     },
+    /// This client holds its whole share of the streamed-upload slots.
+    #[error(
+        "this client already runs {limit} streamed uploads on this ingress (max_uploads_per_client); finish one, then retry"
+    )]
+    ClientBusy {
+        /// The configured share.
+        limit: usize,
+    },
     /// The client broke off a streamed publish; nothing was stored.
     #[error("the publish stream broke off, nothing was stored: {0}")]
     ClientGone(tonic::Status),
     /// The client stopped sending in the middle of a stream.
-    #[error("no frame for {0:?}; nothing was stored")]
+    #[error(
+        "the publisher sent nothing for {0:?} in the middle of its PublishStream (stream_idle_timeout_ms); nothing was stored"
+    )]
     Idle(std::time::Duration),
     /// A publish task failed unexpectedly.
     #[error("the publish failed unexpectedly: {0}")]
@@ -50,6 +60,14 @@ impl From<Error> for tonic::Status {
             Error::Upload(source) => tonic::Status::unavailable(format!(
                 "payload upload failed, nothing was stored; retry later: {source}"
             )),
+            // Unknown is not "not stored": the status says which it is.
+            Error::Commit(source @ store::Error::OutcomeUnknown { .. }) => {
+                let status = tonic::Status::from(source);
+                tonic::Status::new(
+                    status.code(),
+                    format!("publish outcome unknown: {}", status.message()),
+                )
+            }
             Error::Commit(source) => {
                 let status = tonic::Status::from(source);
                 tonic::Status::new(
@@ -57,7 +75,7 @@ impl From<Error> for tonic::Status {
                     format!("message not stored: {}", status.message()),
                 )
             }
-            Error::Busy { .. } => tonic::Status::with_error_details(
+            Error::Busy { .. } | Error::ClientBusy { .. } => tonic::Status::with_error_details(
                 tonic::Code::ResourceExhausted,
                 err.to_string(),
                 ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
@@ -104,6 +122,30 @@ mod tests {
 
         let closed = tonic::Status::from(Error::Commit(store::Error::closed()));
         assert_eq!(closed.code(), Code::Unavailable);
+    }
+
+    #[test]
+    fn an_unknown_outcome_is_never_reported_as_not_stored() {
+        let unknown = tonic::Status::from(Error::Commit(store::Error::OutcomeUnknown {
+            cause: Box::new(store::Error::closed()),
+            waited: std::time::Duration::from_secs(5),
+        }));
+        assert_eq!(unknown.code(), Code::DeadlineExceeded);
+        assert!(
+            !unknown.message().contains("not stored"),
+            "{}",
+            unknown.message()
+        );
+        assert!(
+            unknown.message().contains("outcome unknown"),
+            "{}",
+            unknown.message()
+        );
+        assert!(
+            unknown.message().contains("message_id"),
+            "{}",
+            unknown.message()
+        );
     }
 
     #[test]

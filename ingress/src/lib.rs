@@ -9,6 +9,7 @@ mod many;
 mod rate_limit;
 mod service;
 mod stream;
+mod upload_slots;
 
 use std::sync::Arc;
 

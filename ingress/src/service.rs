@@ -14,7 +14,6 @@ use mts_shared::metrics::Metrics;
 use mts_shared::store::{self, InlineMessage, NewMessage, Payload, Published, Store};
 use mts_shared::validate;
 use sha2::{Digest, Sha256};
-use tokio::sync::Semaphore;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::{Instrument, instrument};
@@ -37,8 +36,9 @@ pub struct Ingress {
     /// How long the object store may take to answer a request.
     pub(crate) object_store_timeout: std::time::Duration,
     pub(crate) dedup_window: Duration,
-    pub(crate) uploads: Arc<Semaphore>,
-    pub(crate) max_uploads: usize,
+    pub(crate) uploads: Arc<crate::upload_slots::UploadSlots>,
+    /// A PublishStream client silent this long is cut off.
+    pub(crate) stream_idle: Duration,
     pub(crate) auth: Arc<Authenticator>,
     pub(crate) metrics: Option<Arc<Metrics>>,
     /// The publish rate limit, when one is set: the layer in front takes a
@@ -92,11 +92,6 @@ impl Envelope {
             headers,
             message_id: (!message_id.is_empty()).then_some(message_id),
         })
-    }
-
-    /// A fresh object key under the subject.
-    pub fn object_key(&self) -> String {
-        format!("{}/{}", self.subject, uuid::Uuid::now_v7())
     }
 }
 
@@ -154,7 +149,7 @@ pub(crate) fn sha256_hex(data: &[u8]) -> String {
 impl Ingress {
     /// A service storing through `store` and `blobs` with the limits of `config`.
     pub fn new(store: Store, blobs: BlobStore, auth: Arc<Authenticator>, config: &Config) -> Self {
-        let max_uploads = usize::try_from(config.max_concurrent_uploads).unwrap_or(usize::MAX);
+        let slots = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         Self {
             store,
             blobs,
@@ -164,8 +159,11 @@ impl Ingress {
             single_put_max: config.single_put_max_bytes,
             object_store_timeout: config.minio_timeout(),
             dedup_window: Duration::from_millis(config.dedup_window_ms),
-            uploads: Arc::new(Semaphore::new(max_uploads)),
-            max_uploads,
+            uploads: crate::upload_slots::UploadSlots::new(
+                slots(config.max_concurrent_uploads),
+                slots(config.max_uploads_per_client),
+            ),
+            stream_idle: Duration::from_millis(config.stream_idle_timeout_ms),
             auth,
             metrics: None,
             limiter: None,
@@ -276,9 +274,15 @@ impl Ingress {
             };
             return Ok(reply(published, String::new(), size, sha256));
         }
-        let key = envelope.object_key();
+        let key = self.object_key(&envelope);
         self.blobs.put(&key, data).await.map_err(Error::Upload)?;
         self.commit_object(&envelope, key, size, sha256).await
+    }
+
+    /// A fresh key for the payload of `envelope`, under this store's prefix.
+    pub(crate) fn object_key(&self, envelope: &Envelope) -> String {
+        self.blobs
+            .new_key(&self.store.identity().store_id, &envelope.subject)
     }
 
     /// The sequence of an earlier publish with the same message id, checked
@@ -355,26 +359,20 @@ impl Ingress {
     }
 
     async fn settle(&self, key: String, cause: store::Error) -> Result<Published, Error> {
-        for attempt in 0..3 {
-            if attempt > 0 {
-                tokio::time::sleep(Duration::from_millis(200 * attempt)).await;
+        match self.store.settle_object(&key, cause.clone()).await {
+            Ok(Some(seq)) => Ok(Published {
+                seq,
+                duplicate: false,
+            }),
+            Ok(None) => {
+                self.discard(&key).await;
+                Err(Error::Commit(cause))
             }
-            match self.store.settle_object(&key).await {
-                Ok(Some(seq)) => {
-                    return Ok(Published {
-                        seq,
-                        duplicate: false,
-                    });
-                }
-                Ok(None) => {
-                    self.discard(&key).await;
-                    return Err(Error::Commit(cause));
-                }
-                Err(err) => tracing::debug!(%err, attempt, "settling an uncertain publish"),
+            Err(unknown) => {
+                tracing::warn!(object = %key, err = %unknown, "publish outcome unknown; object left for the orphan sweep");
+                Err(Error::Commit(unknown))
             }
         }
-        tracing::warn!(object = %key, %cause, "publish outcome unknown; object left for the orphan sweep");
-        Err(Error::Commit(cause))
     }
 
     /// Best effort: an object whose metadata will never be committed.
@@ -394,6 +392,18 @@ async fn detached(
     tokio::spawn(publish.in_current_span())
         .await
         .unwrap_or_else(|panic| Err(Error::Panicked(panic.to_string())))
+}
+
+/// Whose share of the upload slots a streamed publish takes: the token's
+/// client, else the caller's address.
+fn upload_client(caller: &Caller, peer: Option<std::net::SocketAddr>) -> String {
+    match caller {
+        Caller::Client(claims) => format!("client {}", claims.client_id),
+        Caller::Anonymous => match peer {
+            Some(peer) => format!("address {}", peer.ip()),
+            None => "anonymous".to_owned(),
+        },
+    }
 }
 
 /// Counts a stored publish in `metrics` (a duplicate stored nothing).
@@ -481,14 +491,16 @@ impl IngressService for Ingress {
         request: Request<Streaming<PublishFrame>>,
     ) -> Result<Response<PublishResponse>, Status> {
         let caller = self.caller(&request)?;
+        let client = upload_client(&caller, request.remote_addr());
         let started = std::time::Instant::now();
         let trace = trace_context(request.metadata());
         let ingress = self.clone();
         let frames = request.into_inner();
-        let reply =
-            detached(async move { crate::stream::publish(&ingress, caller, trace, frames).await })
-                .await
-                .inspect_err(|err| tracing::warn!(%err, "streamed publish failed"))?;
+        let reply = detached(async move {
+            crate::stream::publish(&ingress, caller, &client, trace, frames).await
+        })
+        .await
+        .inspect_err(|err| tracing::warn!(%err, "streamed publish failed"))?;
         tracing::info!(
             sequence = reply.sequence,
             bytes = reply.size,

@@ -23,17 +23,16 @@ use tonic::Streaming;
 use crate::Error;
 use crate::service::{Envelope, Ingress, reply, with_trace};
 
-/// A client that sends nothing for this long has gone away.
-const IDLE_LIMIT: Duration = Duration::from_secs(60);
-
 /// Receives a streamed publish and stores it.
 pub async fn publish(
     ingress: &Ingress,
     caller: Caller,
+    client: &str,
     trace: Vec<(String, String)>,
     mut frames: Streaming<PublishFrame>,
 ) -> Result<PublishResponse, Error> {
-    let header = match next_frame(&mut frames).await? {
+    let idle = ingress.stream_idle;
+    let header = match next_frame(&mut frames, idle).await? {
         Some(Frame::Header(header)) => header,
         Some(Frame::Chunk(_) | Frame::End(_)) | None => {
             return Err(validate::Error::new(
@@ -47,13 +46,7 @@ pub async fn publish(
     let mut header = header;
     with_trace(&mut header.headers, trace);
     let envelope = Envelope::checked(header.subject, header.headers, header.message_id)?;
-    let _slot = ingress
-        .uploads
-        .clone()
-        .try_acquire_owned()
-        .map_err(|_| Error::Busy {
-            limit: ingress.max_uploads,
-        })?;
+    let _slot = ingress.uploads.take(client)?;
     if let Some(seq) = ingress.already_published(&envelope).await? {
         return Ok(reply(
             Published {
@@ -65,7 +58,7 @@ pub async fn publish(
             String::new(),
         ));
     }
-    let key = envelope.object_key();
+    let key = ingress.object_key(&envelope);
     let total_size = header.total_size;
     let (size, sha256, landed) = match total_size {
         Some(total) if total > ingress.inline_threshold && total <= ingress.single_put_max => {
@@ -103,13 +96,13 @@ async fn in_one_put(
 ) -> Result<(u64, String), Error> {
     let (sender, body) = StreamedBody::channel(total);
     // A store that stops reading is as gone as a client that stops sending.
-    let feed = async |chunk: Bytes| match tokio::time::timeout(IDLE_LIMIT, sender.send(chunk)).await
-    {
+    let idle = ingress.stream_idle;
+    let feed = async |chunk: Bytes| match tokio::time::timeout(idle, sender.send(chunk)).await {
         Ok(Ok(())) => Ok(()),
         Ok(Err(UploadEnded)) | Err(_) => Err(Stop::UploadEnded),
     };
     let receive = async {
-        let mut walk = Walk::new(Some(total));
+        let mut walk = Walk::new(Some(total), idle);
         let mut held: Option<Bytes> = None;
         let walked = async {
             while let Some(chunk) = walk.next_chunk(frames).await? {
@@ -187,7 +180,7 @@ async fn in_parts(
 ) -> Result<(u64, String, Landed), Error> {
     let mut part = BytesMut::with_capacity(ingress.part_size);
     let mut upload: Option<Upload> = None;
-    let mut walk = Walk::new(total_size);
+    let mut walk = Walk::new(total_size, ingress.stream_idle);
     let walked = async {
         while let Some(chunk) = walk.next_chunk(frames).await? {
             part.extend_from_slice(&chunk);
@@ -239,10 +232,14 @@ async fn in_parts(
     Ok((size, sha256, Landed::Object(key)))
 }
 
-async fn next_frame(frames: &mut Streaming<PublishFrame>) -> Result<Option<Frame>, Error> {
+/// The next frame, waiting at most `idle` for it.
+async fn next_frame(
+    frames: &mut Streaming<PublishFrame>,
+    idle: Duration,
+) -> Result<Option<Frame>, Error> {
     loop {
-        match tokio::time::timeout(IDLE_LIMIT, frames.message()).await {
-            Err(_) => return Err(Error::Idle(IDLE_LIMIT)),
+        match tokio::time::timeout(idle, frames.message()).await {
+            Err(_) => return Err(Error::Idle(idle)),
             Ok(Err(status)) => return Err(Error::ClientGone(status)),
             Ok(Ok(None)) => return Ok(None),
             Ok(Ok(Some(PublishFrame { frame: Some(frame) }))) => return Ok(Some(frame)),
@@ -256,6 +253,8 @@ async fn next_frame(frames: &mut Streaming<PublishFrame>) -> Result<Option<Frame
 /// against the header and the digest against the end frame.
 struct Walk {
     total_size: Option<u64>,
+    /// How long the client may stay silent.
+    idle: Duration,
     hasher: Sha256,
     size: u64,
     claimed: Option<String>,
@@ -263,9 +262,10 @@ struct Walk {
 }
 
 impl Walk {
-    fn new(total_size: Option<u64>) -> Self {
+    fn new(total_size: Option<u64>, idle: Duration) -> Self {
         Self {
             total_size,
+            idle,
             hasher: Sha256::new(),
             size: 0,
             claimed: None,
@@ -278,7 +278,7 @@ impl Walk {
         &mut self,
         frames: &mut Streaming<PublishFrame>,
     ) -> Result<Option<Bytes>, Error> {
-        while let Some(frame) = next_frame(frames).await? {
+        while let Some(frame) = next_frame(frames, self.idle).await? {
             if self.ended {
                 return Err(
                     validate::Error::new("end", "no frame may follow the end frame").into(),

@@ -4,6 +4,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod codec;
+
 /// Generated messages, clients and servers of package `minitoolstream`.
 pub mod pb {
     #![allow(clippy::all, missing_docs)]
@@ -20,4 +22,43 @@ pub mod service_names {
     pub const INGRESS: &str = "minitoolstream.IngressService";
     /// `minitoolstream.EgressService`
     pub const EGRESS: &str = "minitoolstream.EgressService";
+}
+
+/// The path of every RPC of the contract (`/minitoolstream.Service/Method`),
+/// read from the descriptor set: metrics label calls of any other path as
+/// unknown, so that made-up paths cannot create label values.
+pub fn method_paths() -> Vec<String> {
+    use prost::Message;
+    let Ok(set) = prost_types::FileDescriptorSet::decode(FILE_DESCRIPTOR_SET) else {
+        return Vec::new();
+    };
+    set.file
+        .iter()
+        .flat_map(|file| {
+            let package = file.package().to_owned();
+            file.service.iter().flat_map(move |service| {
+                let service_name = format!("{package}.{}", service.name());
+                service
+                    .method
+                    .iter()
+                    .map(move |method| format!("/{service_name}/{}", method.name()))
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn every_rpc_has_its_path() {
+        let paths = super::method_paths();
+        for path in [
+            "/minitoolstream.IngressService/Publish",
+            "/minitoolstream.IngressService/PublishStream",
+            "/minitoolstream.EgressService/Consume",
+            "/minitoolstream.EgressService/FetchPayload",
+        ] {
+            assert!(paths.iter().any(|p| p == path), "{path} in {paths:?}");
+        }
+    }
 }

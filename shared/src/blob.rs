@@ -5,7 +5,8 @@
 use std::time::Duration;
 
 use aws_sdk_s3::config::{
-    BehaviorVersion, Credentials, Region, retry::RetryConfig, timeout::TimeoutConfig,
+    BehaviorVersion, Credentials, Region, StalledStreamProtectionConfig, retry::RetryConfig,
+    timeout::TimeoutConfig,
 };
 use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
@@ -154,6 +155,10 @@ impl http_body::Body for StreamedBody {
 pub struct BlobStore {
     client: aws_sdk_s3::Client,
     bucket: String,
+    /// Every key this service writes starts with it (`minio_key_prefix`).
+    key_prefix: String,
+    /// How long one call may take (`minio_timeout_ms`).
+    timeout: Duration,
     metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
 }
 
@@ -183,8 +188,34 @@ impl BlobStore {
         Self {
             client: aws_sdk_s3::Client::from_conf(s3_config),
             bucket: config.minio_bucket_name.clone(),
+            key_prefix: config.minio_key_prefix.clone(),
+            timeout: config.minio_timeout(),
             metrics: None,
         }
+    }
+
+    /// How long one call may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Where every object of store `store_id` lives: `{prefix}{store_id}/`.
+    pub fn store_prefix(&self, store_id: &str) -> String {
+        format!("{}{store_id}/", self.key_prefix)
+    }
+
+    /// Where the objects of `subject` in store `store_id` live.
+    pub fn subject_prefix(&self, store_id: &str, subject: &str) -> String {
+        format!("{}{subject}/", self.store_prefix(store_id))
+    }
+
+    /// A fresh key for a payload of `subject` in store `store_id`.
+    pub fn new_key(&self, store_id: &str, subject: &str) -> String {
+        format!(
+            "{}{}",
+            self.subject_prefix(store_id, subject),
+            uuid::Uuid::now_v7()
+        )
     }
 
     /// Records every call's latency and failures in `metrics`.
@@ -311,6 +342,11 @@ impl BlobStore {
                 aws_sdk_s3::Config::builder()
                     .timeout_config(timeouts)
                     .retry_config(RetryConfig::disabled())
+                    // The body comes at the publisher's pace, which is not the
+                    // store's health: a publisher may pause. The ingress's own
+                    // idle limits bound both a silent publisher and a store
+                    // that stops reading.
+                    .stalled_stream_protection(StalledStreamProtectionConfig::disabled())
                     .request_checksum_calculation(
                         aws_sdk_s3::config::RequestChecksumCalculation::WhenRequired,
                     ),
@@ -407,10 +443,12 @@ impl BlobStore {
             .collect())
     }
 
-    /// Keys of the objects last modified before `cutoff`, page by page.
-    pub async fn keys_older_than(
+    /// Keys under `prefix` of the objects last modified in `window` (from,
+    /// to), page by page.
+    pub async fn keys_modified_within(
         &self,
-        cutoff: std::time::SystemTime,
+        prefix: &str,
+        window: (std::time::SystemTime, std::time::SystemTime),
     ) -> Result<Vec<String>, Error> {
         let mut keys = Vec::new();
         let mut token: Option<String> = None;
@@ -419,16 +457,17 @@ impl BlobStore {
                 .client
                 .list_objects_v2()
                 .bucket(&self.bucket)
+                .prefix(prefix)
                 .set_continuation_token(token.take())
                 .send()
                 .await
                 .map_err(|e| Error::from_sdk(e, |_| None))?;
             for object in page.contents() {
-                let old = object
+                let within = object
                     .last_modified()
                     .and_then(|t| std::time::SystemTime::try_from(*t).ok())
-                    .is_some_and(|t| t < cutoff);
-                if let (true, Some(key)) = (old, object.key()) {
+                    .is_some_and(|t| window.0 <= t && t < window.1);
+                if let (true, Some(key)) = (within, object.key()) {
                     keys.push(key.to_owned());
                 }
             }
@@ -463,7 +502,8 @@ impl BlobStore {
     }
 
     /// The object under `key` from byte `offset` on, as a stream of chunks
-    /// pulled from the server as the caller reads them.
+    /// pulled from the server as the caller reads them. The caller bounds its
+    /// waits for the next chunk (by `timeout`): nothing here does.
     pub async fn read_from(&self, key: &str, offset: u64) -> Result<ByteStream, Error> {
         self.timed("GetObjectRange", self.read_from_untimed(key, offset))
             .await
@@ -477,6 +517,14 @@ impl BlobStore {
             .bucket(&self.bucket)
             .key(key)
             .range(format!("bytes={offset}-"))
+            .customize()
+            // The body is read at the consumer's pace, which is not the
+            // store's health; the reader bounds each wait on the store itself
+            // (`timeout`).
+            .config_override(
+                aws_sdk_s3::Config::builder()
+                    .stalled_stream_protection(StalledStreamProtectionConfig::disabled()),
+            )
             .send()
             .await
             .map_err(|e| Error::from_sdk(e, |e| e.is_no_such_key().then(|| key.to_string())))?;

@@ -25,6 +25,7 @@ pub const KEYS: &[&str] = &[
     "minio_use_ssl",
     "minio_region",
     "minio_timeout_ms",
+    "minio_key_prefix",
     "log_level",
     "log_format",
     "inline_threshold_bytes",
@@ -43,7 +44,10 @@ pub const KEYS: &[&str] = &[
     "multipart_part_bytes",
     "single_put_max_bytes",
     "max_concurrent_uploads",
+    "max_uploads_per_client",
+    "stream_idle_timeout_ms",
     "max_inline_delivery_bytes",
+    "max_delivered_payload_bytes",
     "auth_enabled",
     "require_auth",
     "jwt_issuer",
@@ -67,6 +71,10 @@ const MAX_INLINE_THRESHOLD: u64 = 768 * 1024;
 
 /// The largest object one S3 PutObject may create.
 const MAX_SINGLE_PUT: u64 = 5 << 30;
+
+/// Longest retention age accepted, in milliseconds: 100 years. Longer ages
+/// are refused rather than stored (0 keeps messages forever).
+pub const MAX_RETENTION_AGE_MS: u64 = 36_525 * 24 * 3600 * 1000;
 
 /// How log lines are written.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -110,6 +118,10 @@ pub struct Config {
     pub minio_region: String,
     /// Deadline of one S3 call, in milliseconds.
     pub minio_timeout_ms: u64,
+    /// Every object this service writes has a key under this prefix (then
+    /// the store's id, then the subject), so a bucket can be shared: the
+    /// orphan sweep looks only there.
+    pub minio_key_prefix: String,
     /// Default log level when `RUST_LOG` is not set.
     pub log_level: String,
     /// `json` or `console`.
@@ -152,9 +164,19 @@ pub struct Config {
     /// Streamed uploads one ingress process runs at once; more are refused
     /// with RESOURCE_EXHAUSTED.
     pub max_concurrent_uploads: u64,
-    /// Fetch and Consume leave out payloads larger than this; clients read
-    /// them with FetchPayload.
+    /// Of those, how many one client (token `client_id`, else its address)
+    /// may hold, so that one client's idle streams cannot block everyone's.
+    pub max_uploads_per_client: u64,
+    /// A PublishStream client that sends nothing for this long is cut off
+    /// (DEADLINE_EXCEEDED) and nothing is stored.
+    pub stream_idle_timeout_ms: u64,
+    /// For clients that ask for it (`omit_large_payloads`), Fetch and
+    /// Consume leave out payloads larger than this; they read them with
+    /// FetchPayload.
     pub max_inline_delivery_bytes: u64,
+    /// For every other client, the largest payload Fetch and Consume send
+    /// inline; a larger one fails the call with RESOURCE_EXHAUSTED.
+    pub max_delivered_payload_bytes: u64,
     /// Check JWTs on every call.
     pub auth_enabled: bool,
     /// With auth enabled: refuse calls without a token (false lets anonymous
@@ -288,6 +310,22 @@ impl Config {
                 ),
             ));
         }
+        if self.retention_max_age_seconds > MAX_RETENTION_AGE_MS / 1000 {
+            return Err(invalid(
+                "retention_max_age_seconds",
+                format!(
+                    "{} is above the limit of {} (100 years); 0 keeps messages forever",
+                    self.retention_max_age_seconds,
+                    MAX_RETENTION_AGE_MS / 1000
+                ),
+            ));
+        }
+        if self.minio_key_prefix.starts_with('/') {
+            return Err(invalid(
+                "minio_key_prefix",
+                "must not start with '/' (S3 keys have no leading slash)".into(),
+            ));
+        }
         for (key, value) in [
             ("tarantool_timeout_ms", self.tarantool_timeout_ms),
             ("minio_timeout_ms", self.minio_timeout_ms),
@@ -296,6 +334,12 @@ impl Config {
             ("long_poll_seconds", self.long_poll_seconds),
             ("maintenance_interval_ms", self.maintenance_interval_ms),
             ("max_concurrent_uploads", self.max_concurrent_uploads),
+            ("max_uploads_per_client", self.max_uploads_per_client),
+            ("stream_idle_timeout_ms", self.stream_idle_timeout_ms),
+            (
+                "max_delivered_payload_bytes",
+                self.max_delivered_payload_bytes,
+            ),
         ] {
             if value == 0 {
                 return Err(invalid(key, "must be greater than 0".into()));
@@ -351,6 +395,7 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
         ("minio_use_ssl", false.into()),
         ("minio_region", "us-east-1".into()),
         ("minio_timeout_ms", 30_000_i64.into()),
+        ("minio_key_prefix", "minitoolstream/".into()),
         ("log_level", "info".into()),
         ("log_format", "json".into()),
         ("inline_threshold_bytes", (256 * 1024_i64).into()),
@@ -369,7 +414,10 @@ fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
         ("multipart_part_bytes", (8 * 1024 * 1024_i64).into()),
         ("single_put_max_bytes", (64 * 1024 * 1024_i64).into()),
         ("max_concurrent_uploads", 16_i64.into()),
+        ("max_uploads_per_client", 4_i64.into()),
+        ("stream_idle_timeout_ms", 60_000_i64.into()),
         ("max_inline_delivery_bytes", (1024 * 1024_i64).into()),
+        ("max_delivered_payload_bytes", (64 * 1024 * 1024_i64).into()),
         ("auth_enabled", false.into()),
         ("require_auth", true.into()),
         ("jwt_issuer", "".into()),
@@ -495,6 +543,28 @@ mod tests {
         let err =
             Config::load(1, None, env(&[("SINGLE_PUT_MAX_BYTES", "6000000000")])).unwrap_err();
         assert!(err.to_string().contains("SINGLE_PUT_MAX_BYTES"), "{err}");
+        // 1,000 years: refused, where it once overflowed and emptied every subject.
+        let err = Config::load(
+            1,
+            None,
+            env(&[("RETENTION_MAX_AGE_SECONDS", "31536000000")]),
+        )
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("RETENTION_MAX_AGE_SECONDS"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("0 keeps messages forever"),
+            "{err}"
+        );
+        let hundred_years = (MAX_RETENTION_AGE_MS / 1000).to_string();
+        let ok = Config::load(
+            1,
+            None,
+            env(&[("RETENTION_MAX_AGE_SECONDS", &hundred_years)]),
+        );
+        assert!(ok.is_ok(), "{:?}", ok.err());
     }
 
     #[test]

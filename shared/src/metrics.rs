@@ -38,9 +38,22 @@ pub struct DependencyLabels {
     pub dependency: &'static str,
 }
 
+/// The `method` label of calls to any path the server does not serve.
+pub const UNKNOWN_METHOD: &str = "unknown";
+
+/// Paths served besides the contract's: health and reflection.
+const SERVED_PATHS: &[&str] = &[
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
+
 /// Every metric one service process exports.
 pub struct Metrics {
     registry: Registry,
+    /// Paths whose calls are labelled with their own name.
+    known_methods: std::collections::HashSet<String>,
     /// `minitoolstream_grpc_requests_total`
     pub requests: Family<CallLabels, Counter>,
     /// `minitoolstream_grpc_request_duration_seconds`
@@ -63,6 +76,8 @@ pub struct Metrics {
     pub deliveries: Counter,
     /// `minitoolstream_redeliveries_total`
     pub redeliveries: Counter,
+    /// `minitoolstream_orphan_objects_deleted_total`
+    pub orphans_deleted: Counter,
     /// `minitoolstream_consumer_pending_messages`
     pub consumer_pending: Family<ConsumerLabels, Gauge>,
     /// `minitoolstream_consumer_ack_pending_messages`
@@ -186,6 +201,12 @@ impl Metrics {
             "Messages handed to consumers again after a lease ran out or a nack",
             redeliveries.clone(),
         );
+        let orphans_deleted = Counter::default();
+        registry.register(
+            "orphan_objects_deleted",
+            "Objects of this store that no message named, deleted by the orphan sweep",
+            orphans_deleted.clone(),
+        );
         let consumer_pending = Family::<ConsumerLabels, Gauge>::default();
         registry.register(
             "consumer_pending_messages",
@@ -205,8 +226,13 @@ impl Metrics {
             "Age of the consumer's oldest unacknowledged message",
             consumer_oldest_unacked.clone(),
         );
+        let known_methods = mts_proto::method_paths()
+            .into_iter()
+            .chain(SERVED_PATHS.iter().map(|p| (*p).to_owned()))
+            .collect();
         Arc::new(Self {
             registry,
+            known_methods,
             consumer_pending,
             consumer_ack_pending,
             consumer_oldest_unacked,
@@ -221,6 +247,7 @@ impl Metrics {
             active_streams,
             deliveries,
             redeliveries,
+            orphans_deleted,
         })
     }
 
@@ -230,6 +257,17 @@ impl Metrics {
         // Writing to a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut text, &self.registry);
         text
+    }
+
+    /// The `method` label of a call to `path`: the path itself when the
+    /// server serves it, else one value for all, so that made-up paths
+    /// cannot grow the metrics without bound.
+    pub fn method_label(&self, path: &str) -> String {
+        if self.known_methods.contains(path) {
+            path.to_owned()
+        } else {
+            UNKNOWN_METHOD.to_owned()
+        }
     }
 
     /// Records one call to a dependency.
@@ -423,7 +461,7 @@ where
     }
 
     fn call(&mut self, request: http::Request<ReqBody>) -> Self::Future {
-        let method = request.uri().path().to_owned();
+        let method = self.metrics.method_label(request.uri().path());
         let metrics = Arc::clone(&self.metrics);
         let started = Instant::now();
         let response = self.inner.call(request);
@@ -573,6 +611,22 @@ mod tests {
             text.contains("# TYPE minitoolstream_grpc_request_duration_seconds histogram"),
             "{text}"
         );
+    }
+
+    #[test]
+    fn only_served_methods_have_their_own_label() {
+        let metrics = Metrics::new();
+        assert_eq!(
+            metrics.method_label("/minitoolstream.EgressService/Fetch"),
+            "/minitoolstream.EgressService/Fetch"
+        );
+        assert_eq!(
+            metrics.method_label("/grpc.health.v1.Health/Check"),
+            "/grpc.health.v1.Health/Check"
+        );
+        for made_up in ["/minitoolstream.EgressService/Nope", "/x/y", "/", ""] {
+            assert_eq!(metrics.method_label(made_up), UNKNOWN_METHOD, "{made_up}");
+        }
     }
 
     #[test]

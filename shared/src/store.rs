@@ -5,8 +5,8 @@
 //! whole process; `tarant` reconnects it with backoff after a drop.
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -21,7 +21,7 @@ pub use group_commit::InlineMessage;
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 /// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
-pub const SCHEMA_VERSION: u64 = 8;
+pub const SCHEMA_VERSION: u64 = 9;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
@@ -57,6 +57,17 @@ pub enum Error {
     /// A reply that does not have the expected shape.
     #[error("unexpected reply from Tarantool: {0}")]
     Protocol(#[source] Arc<tarant::Error>),
+    /// A write's answer was lost, and Tarantool could not be asked within
+    /// `waited` whether it was applied: it may or may not have been.
+    #[error(
+        "the outcome is unknown: the answer was lost ({cause}) and Tarantool could not be asked within {waited:?} whether the write was applied"
+    )]
+    OutcomeUnknown {
+        /// Why the answer was lost.
+        cause: Box<Error>,
+        /// How long settling was tried.
+        waited: Duration,
+    },
 }
 
 impl Error {
@@ -159,6 +170,16 @@ pub struct Published {
     pub seq: u64,
     /// True when the message id was seen within the window and nothing was stored.
     pub duplicate: bool,
+}
+
+/// Who a store is: drawn when its schema was first applied. Object keys carry
+/// the id, so that the orphan sweep only deletes what this store wrote.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Identity {
+    /// A UUID, unique to this store.
+    pub store_id: String,
+    /// When the store was created, nanoseconds since the Unix epoch.
+    pub created_ns: u64,
 }
 
 /// Where a new consumer starts.
@@ -398,6 +419,8 @@ pub struct Store {
     /// Where `publish_inline` queues (see `group_commit`); `None` only in
     /// the store the queue's own task calls through.
     group: Option<group_commit::Queue>,
+    /// This store's identity as last read (refreshed by every `check`).
+    identity: Arc<Mutex<Identity>>,
 }
 
 impl Store {
@@ -421,14 +444,20 @@ impl Store {
         let client = Client::with_options(options)
             .await
             .map_err(Error::classify)?;
-        let store = Self {
+        let mut store = Self {
             client,
             timeout: config.tarantool_timeout(),
             schema_lock: Arc::default(),
             metrics: None,
             group: None,
+            identity: Arc::new(Mutex::new(Identity {
+                store_id: String::new(),
+                created_ns: 0,
+            })),
         };
         store.ensure_schema().await?;
+        let identity = store.read_identity().await?;
+        store.identity = Arc::new(Mutex::new(identity));
         Ok(store.with_group_commit())
     }
 
@@ -526,10 +555,63 @@ impl Store {
         }
     }
 
-    /// Checks that Tarantool answers and the schema is in place.
+    /// Checks that Tarantool answers and the schema is in place, and
+    /// refreshes the identity (Tarantool may have been replaced).
     pub async fn check(&self) -> Result<(), Error> {
-        let (_version,): (u64,) = self.call("mts_schema_version", (), self.timeout).await?;
+        let identity = self.read_identity().await?;
+        *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = identity;
         Ok(())
+    }
+
+    /// The store's identity, read from Tarantool now.
+    pub async fn read_identity(&self) -> Result<Identity, Error> {
+        let (store_id, created_ns): (String, u64) =
+            self.call("mts_identity", (), self.timeout).await?;
+        Ok(Identity {
+            store_id,
+            created_ns,
+        })
+    }
+
+    /// The store's identity as last read (at connect, then by `check`).
+    pub fn identity(&self) -> Identity {
+        self.identity
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Asks `settle` (given the time left) until Tarantool answers, for at
+    /// most this store's timeout: after a call whose answer was lost, the
+    /// connection may take a moment to come back. `cause` is why the answer
+    /// was lost; when no answer comes, the outcome is unknown.
+    async fn settling<T, Fut>(
+        &self,
+        cause: Error,
+        mut settle: impl FnMut(Duration) -> Fut,
+    ) -> Result<T, Error>
+    where
+        Fut: Future<Output = Result<T, Error>>,
+    {
+        let deadline = Instant::now() + self.timeout;
+        let mut pause = Duration::from_millis(50);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match settle(left).await {
+                Ok(settled) => return Ok(settled),
+                Err(err) => {
+                    tracing::debug!(%err, %cause, "settling a write whose answer was lost");
+                    if Instant::now() + pause >= deadline {
+                        return Err(Error::OutcomeUnknown {
+                            cause: Box::new(cause),
+                            waited: self.timeout,
+                        });
+                    }
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_millis(500));
+                }
+            }
+        }
     }
 
     /// Stores a message without digest or message id and returns its
@@ -627,14 +709,21 @@ impl Store {
         Ok(message)
     }
 
-    /// After a publish of `object_key` ended with an unknown outcome: the
-    /// sequence if it was committed; otherwise `None`, and a late commit of
-    /// that key is refused from now on, so the object may be deleted.
-    pub async fn settle_object(&self, object_key: &str) -> Result<Option<u64>, Error> {
-        let (seq,): (u64,) = self
-            .call("mts_settle_object", (object_key,), self.timeout)
-            .await?;
-        Ok((seq > 0).then_some(seq))
+    /// After a publish of `object_key` failed with `cause` (an unknown
+    /// outcome): the sequence if it was committed; otherwise `None`, and a
+    /// late commit of that key is refused from now on, so the object may be
+    /// deleted. Keeps asking while Tarantool is unreachable, up to the
+    /// store's timeout; then the outcome is unknown.
+    pub async fn settle_object(
+        &self,
+        object_key: &str,
+        cause: Error,
+    ) -> Result<Option<u64>, Error> {
+        self.settling(cause, |left| async move {
+            let (seq,): (u64,) = self.call("mts_settle_object", (object_key,), left).await?;
+            Ok((seq > 0).then_some(seq))
+        })
+        .await
     }
 
     /// Of `keys`, those no message names; each is fenced against a late
@@ -973,6 +1062,10 @@ impl From<Error> for tonic::Status {
         match &err {
             Error::Unavailable(_) | Error::Timeout(_) => tonic::Status::unavailable(format!(
                 "metadata store unavailable, retry later: {err}"
+            )),
+            // DEADLINE_EXCEEDED is gRPC's "may or may not have completed".
+            Error::OutcomeUnknown { .. } => tonic::Status::deadline_exceeded(format!(
+                "{err}; to retry without storing twice, publish again with the same message_id"
             )),
             _ if err.server_code() == Some(MEMORY_ISSUE) => tonic::Status::resource_exhausted(
                 format!("metadata store is full; free space or raise memtx_memory: {err}"),

@@ -416,3 +416,132 @@ impl Drop for Running {
         self.task.abort();
     }
 }
+
+/// A TCP proxy in front of a server (Tarantool) that a test can make lose
+/// one exchange: the next reply (the request was served, the answer never
+/// arrives) or the next request (it never reaches the server). Either way the
+/// client's connection breaks, as in a network failure with a call in
+/// flight. It can also refuse connections for a while, as an outage would.
+pub struct LossyProxy {
+    addr: SocketAddr,
+    faults: std::sync::Arc<Faults>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+#[derive(Default)]
+struct Faults {
+    lose_reply: std::sync::atomic::AtomicBool,
+    lose_request: std::sync::atomic::AtomicBool,
+    refuse: std::sync::atomic::AtomicBool,
+}
+
+impl Faults {
+    fn take(flag: &std::sync::atomic::AtomicBool) -> bool {
+        flag.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
+impl LossyProxy {
+    /// Starts forwarding a free local port to `target` (`host:port`).
+    pub async fn start(target: String) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind the proxy");
+        let addr = listener.local_addr().expect("proxy address");
+        let faults = std::sync::Arc::new(Faults::default());
+        let shared = std::sync::Arc::clone(&faults);
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                if shared.refuse.load(std::sync::atomic::Ordering::SeqCst) {
+                    continue;
+                }
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                tokio::spawn(forward(client, server, std::sync::Arc::clone(&shared)));
+            }
+        });
+        Self { addr, faults, task }
+    }
+
+    /// `host:port` to connect to instead of the server.
+    pub fn address(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// The next bytes the server sends are dropped and the connection closed.
+    pub fn lose_next_reply(&self) {
+        self.faults
+            .lose_reply
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// The next bytes the client sends are dropped and the connection closed.
+    pub fn lose_next_request(&self) {
+        self.faults
+            .lose_request
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+
+    /// While `refuse` holds, new connections are closed at once.
+    pub fn refuse_connections(&self, refuse: bool) {
+        self.faults
+            .refuse
+            .store(refuse, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Drop for LossyProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Copies both ways until either side closes or a fault breaks the link.
+async fn forward(
+    client: tokio::net::TcpStream,
+    server: tokio::net::TcpStream,
+    faults: std::sync::Arc<Faults>,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut client_read, mut client_write) = client.into_split();
+    let (mut server_read, mut server_write) = server.into_split();
+    let requests = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = client_read.read(&mut buf).await.unwrap_or(0);
+            if n == 0 || Faults::take(&faults.lose_request) {
+                return;
+            }
+            if server_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    let replies = async {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            let n = server_read.read(&mut buf).await.unwrap_or(0);
+            if n == 0 || Faults::take(&faults.lose_reply) {
+                return;
+            }
+            if client_write.write_all(&buf[..n]).await.is_err() {
+                return;
+            }
+        }
+    };
+    // Whichever way ends first ends the link: both halves are dropped.
+    tokio::select! {
+        () = requests => {}
+        () = replies => {}
+    }
+}
+
+/// Where the ingress puts the payloads of `subject` in the store `config`
+/// names: the key prefix to list them by.
+pub async fn payload_prefix(config: &Config, subject: &str) -> String {
+    let store = crate::store::Store::connect(config)
+        .await
+        .expect("connect to the test Tarantool");
+    crate::blob::BlobStore::new(config).subject_prefix(&store.identity().store_id, subject)
+}

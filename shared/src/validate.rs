@@ -11,6 +11,10 @@ pub const MAX_DURABLE_BYTES: usize = 128;
 pub const MAX_HEADERS: usize = 64;
 /// Most bytes of header names and values together on one message.
 pub const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// Header names starting with this (in any case) are the service's own:
+/// consumers trust them (`mts-payload-omitted`, `mts-delivery-count`, …), so
+/// publishers may not set them.
+pub const RESERVED_HEADER_PREFIX: &str = "mts-";
 
 /// A request field that breaks a rule.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -88,6 +92,18 @@ pub fn headers(headers: &HashMap<String, String>) -> Result<(), Error> {
     if headers.keys().any(String::is_empty) {
         return Err(Error::new("headers", "a header name must not be empty"));
     }
+    let reserved = headers.keys().find(|name| {
+        name.get(..RESERVED_HEADER_PREFIX.len())
+            .is_some_and(|start| start.eq_ignore_ascii_case(RESERVED_HEADER_PREFIX))
+    });
+    if let Some(name) = reserved {
+        return Err(Error::new(
+            "headers",
+            format!(
+                "header {name:?} is reserved: names starting with {RESERVED_HEADER_PREFIX:?} are set by the service itself"
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -159,6 +175,21 @@ mod tests {
 
         let unnamed = HashMap::from([(String::new(), "v".to_string())]);
         assert_eq!(headers(&unnamed).unwrap_err().field, "headers");
+    }
+
+    #[test]
+    fn reserved_headers_are_refused_by_name() {
+        for name in ["mts-payload-omitted", "MTS-Delivery-Count", "mts-"] {
+            let forged = HashMap::from([(name.to_string(), "true".to_string())]);
+            let err = headers(&forged).unwrap_err();
+            assert_eq!(err.field, "headers");
+            assert!(err.reason.contains(name), "{name}: {}", err.reason);
+            assert!(err.reason.contains("reserved"), "{}", err.reason);
+        }
+        for allowed in ["mts", "my-mts-header", "mtsx", "\u{e9}t\u{e9}"] {
+            let fine = HashMap::from([(allowed.to_string(), "v".to_string())]);
+            assert_eq!(headers(&fine), Ok(()), "{allowed}");
+        }
     }
 
     #[test]

@@ -187,6 +187,7 @@ async fn call(system: &System, rpc: Rpc, token: Option<&str>, subject: &str) -> 
                 subject,
                 durable_name: durable,
                 batch_size: 1,
+                omit_large_payloads: false,
             }))
             .await
             .map(drop),
@@ -247,6 +248,7 @@ async fn call(system: &System, rpc: Rpc, token: Option<&str>, subject: &str) -> 
                     subject,
                     durable_name: durable,
                     max_in_flight: 1,
+                    omit_large_payloads: false,
                 })),
             };
             egress

@@ -110,6 +110,7 @@ async fn every_rule_maps_to_its_status() {
                 subject: subject.clone(),
                 durable_name: "d".into(),
                 batch_size: 1,
+                omit_large_payloads: false,
             })
             .await
             .unwrap_err();
@@ -173,6 +174,7 @@ async fn every_rule_maps_to_its_status() {
                 subject: good.clone(),
                 durable_name: durable.clone(),
                 batch_size: 1,
+                omit_large_payloads: false,
             })
             .await
             .unwrap_err();
@@ -268,6 +270,7 @@ async fn every_rule_maps_to_its_status() {
             subject: good.clone(),
             durable_name: "d".into(),
             batch_size: 1001,
+            omit_large_payloads: false,
         })
         .await
         .unwrap_err();
@@ -284,6 +287,7 @@ async fn every_rule_maps_to_its_status() {
                 subject: good.clone(),
                 durable_name: format!("batch{batch_size}"),
                 batch_size,
+                omit_large_payloads: false,
             })
             .await
             .unwrap()

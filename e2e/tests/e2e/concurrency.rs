@@ -91,6 +91,7 @@ async fn sixteen_publishers_two_thousand_messages() {
             subject: subject.clone(),
             durable_name: "reader".into(),
             batch_size: 10,
+            omit_large_payloads: false,
         })
         .await
         .unwrap()

@@ -1,6 +1,8 @@
 //! A 200 MiB payload streamed in, stored as a multipart object with its size
-//! and digest, left out of Fetch, streamed back out and resumed from an
-//! offset. (The 1 GiB run, with memory figures, is the benchmark's.)
+//! and digest, left out of Fetch for a client that asks, refused (never sent
+//! empty) to one that does not, streamed back out and resumed from an offset.
+//! Payloads of a few MiB reach old clients whole. (The 1 GiB run, with memory
+//! figures, is the benchmark's.)
 
 use std::collections::HashMap;
 
@@ -139,7 +141,26 @@ async fn two_hundred_mib_round_trip_with_equal_digests() {
         ((BLOCKS * MIB) as u64, Some(whole.as_str()))
     );
 
-    let fetched: Vec<_> = system.fetch(&subject, "reader", 1).await;
+    // A client written before omit_large_payloads: never an empty payload.
+    let refused = system
+        .try_fetch(&subject, "old-reader", 1, false)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains(&format!("{} bytes", BLOCKS * MIB))
+            && refused.message().contains("FetchPayload"),
+        "{}",
+        refused.message()
+    );
+
+    let fetched = system.try_fetch(&subject, "reader", 1, true).await.unwrap();
     let message = &fetched[0];
     assert!(
         message.payload_omitted && message.data.is_empty(),
@@ -175,7 +196,7 @@ async fn two_hundred_mib_round_trip_with_equal_digests() {
         })
         .await
         .unwrap_err();
-    assert_eq!(beyond.code(), tonic::Code::InvalidArgument);
+    assert_eq!(beyond.code(), tonic::Code::OutOfRange, "{beyond:?}");
     let missing = system
         .subscriber()
         .await
@@ -187,5 +208,73 @@ async fn two_hundred_mib_round_trip_with_equal_digests() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), tonic::Code::NotFound);
+    system.stop().await;
+}
+
+/// What the original clients do: Publish payloads of a few MiB, then Fetch
+/// and Consume without `omit_large_payloads`. They get every byte, as the
+/// original service gave them; a stream of several such messages holds one
+/// at a time.
+#[tokio::test(flavor = "multi_thread")]
+async fn clients_that_do_not_ask_for_omission_get_payloads_whole() {
+    use mts_proto::pb::consume_request::Request as ConsumeFrame;
+    use mts_proto::pb::{ConsumeRequest, ConsumeStart, PublishRequest};
+    let system = System::start(testing::config()).await;
+    let subject = testing::unique_subject("old-client");
+    let mut publisher = system.publisher().await;
+    let payloads: Vec<Vec<u8>> = [3 * MIB, 10 * MIB, 3 * MIB]
+        .iter()
+        .enumerate()
+        .map(|(i, size)| (0..*size).map(|b| (b * 7 + i) as u8).collect())
+        .collect();
+    for data in &payloads {
+        publisher
+            .publish(PublishRequest {
+                subject: subject.clone(),
+                data: data.clone().into(),
+                headers: HashMap::new(),
+                message_id: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+
+    let fetched = system.fetch(&subject, "old-fetch", 10).await;
+    assert_eq!(fetched.len(), payloads.len());
+    for (message, data) in fetched.iter().zip(&payloads) {
+        assert!(!message.payload_omitted);
+        assert!(!message.headers.contains_key("mts-payload-omitted"));
+        assert_eq!(message.data.len(), data.len());
+        assert!(message.data == data[..], "payload of #{}", message.sequence);
+    }
+
+    let (frames, outbound) = tokio::sync::mpsc::channel(4);
+    frames
+        .send(ConsumeRequest {
+            request: Some(ConsumeFrame::Start(ConsumeStart {
+                subject: subject.clone(),
+                durable_name: "old-consume".into(),
+                max_in_flight: 10,
+                omit_large_payloads: false,
+            })),
+        })
+        .await
+        .unwrap();
+    let mut consumed = system
+        .subscriber()
+        .await
+        .consume(tokio_stream::wrappers::ReceiverStream::new(outbound))
+        .await
+        .unwrap()
+        .into_inner();
+    for data in &payloads {
+        let message = tokio::time::timeout(std::time::Duration::from_secs(30), consumed.next())
+            .await
+            .expect("a message within 30 s")
+            .unwrap()
+            .unwrap();
+        assert!(message.data == data[..], "payload of #{}", message.sequence);
+    }
+    drop(frames);
     system.stop().await;
 }

@@ -9,6 +9,7 @@ mod concurrency;
 mod drain;
 mod grpcurl;
 mod large_payloads;
+mod malformed;
 mod metrics;
 mod restart;
 mod system;

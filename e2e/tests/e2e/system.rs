@@ -41,21 +41,39 @@ impl System {
             .max_decoding_message_size(128 << 20)
     }
 
-    /// One Fetch of up to `batch` messages, every one of them received.
+    /// One Fetch of up to `batch` messages, as a client written before
+    /// `omit_large_payloads` makes it, every one of them received.
     pub async fn fetch(&self, subject: &str, durable: &str, batch: i32) -> Vec<Message> {
-        self.subscriber()
+        self.try_fetch(subject, durable, batch, false)
+            .await
+            .unwrap()
+    }
+
+    /// One Fetch of up to `batch` messages: those received, or the status
+    /// the stream ended with (the messages before it are dropped).
+    pub async fn try_fetch(
+        &self,
+        subject: &str,
+        durable: &str,
+        batch: i32,
+        omit_large_payloads: bool,
+    ) -> Result<Vec<Message>, tonic::Status> {
+        let mut stream = self
+            .subscriber()
             .await
             .fetch(FetchRequest {
                 subject: subject.into(),
                 durable_name: durable.into(),
                 batch_size: batch,
+                omit_large_payloads,
             })
-            .await
-            .unwrap()
-            .into_inner()
-            .map(|message| message.unwrap())
-            .collect()
-            .await
+            .await?
+            .into_inner();
+        let mut messages = Vec::new();
+        while let Some(message) = stream.next().await {
+            messages.push(message?);
+        }
+        Ok(messages)
     }
 
     pub async fn stop(self) {

@@ -138,6 +138,7 @@ async fn a_delivery_span_links_to_the_publish_span_that_continues_the_callers_tr
             subject: subject.clone(),
             durable_name: "traced".into(),
             batch_size: 1,
+            omit_large_payloads: false,
         })
         .await
         .unwrap()

@@ -30,6 +30,7 @@ impl Stream {
                     subject: f.subject.clone(),
                     durable_name: durable.into(),
                     max_in_flight,
+                    omit_large_payloads: false,
                 })),
             })
             .await

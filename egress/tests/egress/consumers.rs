@@ -98,6 +98,7 @@ async fn three_competing_fetchers_get_every_message_exactly_once() {
                             subject: subject.clone(),
                             durable_name: "workers".into(),
                             batch_size: 37,
+                            omit_large_payloads: false,
                         })
                         .await
                         .unwrap()

@@ -103,6 +103,7 @@ async fn fetch_reads_offloaded_payloads_from_s3() {
             subject: f.subject.clone(),
             durable_name: "another".into(),
             batch_size: 1,
+            omit_large_payloads: false,
         })
         .await
         .unwrap()

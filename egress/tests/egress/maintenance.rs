@@ -57,7 +57,7 @@ impl Isolated {
     async fn publish(&self, subject: &str, size: usize, offload: bool) -> (u64, Option<String>) {
         let data = vec![7u8; size];
         if offload {
-            let key = format!("{subject}/{}", uuid_hex());
+            let key = self.new_key(subject);
             self.blobs.put(&key, data.into()).await.unwrap();
             let seq = self
                 .store
@@ -73,6 +73,19 @@ impl Isolated {
                 .unwrap();
             (seq, None)
         }
+    }
+
+    /// A fresh object key of `subject`, laid out as the ingress lays it out.
+    fn new_key(&self, subject: &str) -> String {
+        self.blobs.new_key(&self.store.identity().store_id, subject)
+    }
+
+    /// The keys of `subject`'s objects in the bucket.
+    async fn keys_of(&self, subject: &str) -> Vec<String> {
+        let prefix = self
+            .blobs
+            .subject_prefix(&self.store.identity().store_id, subject);
+        self.blobs.list_keys(&prefix).await.unwrap()
     }
 
     async fn limit(&mut self, subject: &str, limits: SubjectLimits) -> SubjectInfo {
@@ -132,12 +145,7 @@ async fn retention_by_count_removes_metadata_and_objects_together() {
     .await;
     // Sequences 1, 3 and 5 were offloaded: 1 and 3 are gone with their metadata, 5 stays.
     testing::eventually("released objects are deleted", || async {
-        t.blobs
-            .list_keys(&format!("{limited}/"))
-            .await
-            .unwrap()
-            .len()
-            == 1
+        t.keys_of(&limited).await.len() == 1
     })
     .await;
     assert!(t.blobs.exists(keys[4].as_ref().unwrap()).await.unwrap());
@@ -168,12 +176,7 @@ async fn retention_by_bytes_keeps_the_newest_that_fit() {
     })
     .await;
     testing::eventually("three objects deleted", || async {
-        t.blobs
-            .list_keys(&format!("{subject}/"))
-            .await
-            .unwrap()
-            .len()
-            == 2
+        t.keys_of(&subject).await.len() == 2
     })
     .await;
     t.service.stop().await.unwrap();
@@ -199,11 +202,7 @@ async fn retention_by_age_empties_a_subject_and_sequences_are_not_reused() {
     })
     .await;
     testing::eventually("and every object", || async {
-        t.blobs
-            .list_keys(&format!("{subject}/"))
-            .await
-            .unwrap()
-            .is_empty()
+        t.keys_of(&subject).await.is_empty()
     })
     .await;
     assert_eq!(
@@ -217,17 +216,30 @@ async fn retention_by_age_empties_a_subject_and_sequences_are_not_reused() {
 }
 
 #[tokio::test]
-async fn the_orphan_sweep_deletes_objects_without_metadata_only() {
+async fn the_orphan_sweep_deletes_this_stores_objects_without_metadata_only() {
+    let port = testing::free_port();
     let t = isolated(|c| {
+        c.metrics_port = port;
         c.orphan_grace_seconds = 1;
         c.orphan_sweep_interval_seconds = 1;
     })
     .await;
     let subject = testing::unique_subject("orphans");
+    // What else a shared bucket holds, all without metadata here: another
+    // application's object, another store's, and one in the key layout this
+    // service used before it had a prefix.
+    let foreign = [
+        "other-application/report.pdf".to_string(),
+        t.blobs.new_key("another-store", &subject),
+        format!("{subject}/written-before-prefixes"),
+    ];
+    for key in &foreign {
+        t.blobs.put(key, vec![3u8; 10].into()).await.unwrap();
+    }
     let (_, committed) = t.publish(&subject, 50, true).await;
     let committed = committed.unwrap();
     // An upload whose commit never came.
-    let orphan = format!("{subject}/never-committed");
+    let orphan = t.new_key(&subject);
     t.blobs.put(&orphan, vec![1u8; 50].into()).await.unwrap();
     testing::eventually("the orphan is swept", || async {
         !t.blobs.exists(&orphan).await.unwrap()
@@ -236,6 +248,19 @@ async fn the_orphan_sweep_deletes_objects_without_metadata_only() {
     assert!(
         t.blobs.exists(&committed).await.unwrap(),
         "an object with metadata stays"
+    );
+    // Swept at least twice since the foreign objects passed their grace period.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    for key in &foreign {
+        assert!(
+            t.blobs.exists(key).await.unwrap(),
+            "{key} is not ours to delete"
+        );
+    }
+    let metrics = testing::scrape_metrics(port).await;
+    assert!(
+        metrics.contains("minitoolstream_orphan_objects_deleted_total 1"),
+        "{metrics}"
     );
     // The sweep fenced the key: a commit arriving now is refused.
     let late = t
@@ -374,4 +399,45 @@ async fn a_running_backup_holds_object_deletions_until_it_stops() {
     )
     .await;
     t.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_empty_tarantool_pointed_at_an_old_bucket_deletes_nothing() {
+    // A store that wrote payloads, then lost its Tarantool (a lost volume, a
+    // restore mistake): a new, empty instance is started on the same bucket.
+    let old = isolated(|_| {}).await;
+    let subject = testing::unique_subject("recoverable");
+    let mut payloads = Vec::new();
+    for _ in 0..3 {
+        payloads.push(old.publish(&subject, 40, true).await.1.unwrap());
+    }
+    let bucket = old.config.minio_bucket_name.clone();
+    old.service.stop().await.unwrap();
+    drop(old.tarantool);
+
+    let fresh = isolated(|c| {
+        c.minio_bucket_name = bucket;
+        c.orphan_grace_seconds = 1;
+        c.orphan_sweep_interval_seconds = 1;
+    })
+    .await;
+    // A genuine orphan of the new store shows when its sweep has run.
+    let orphan = fresh.new_key(&subject);
+    fresh
+        .blobs
+        .put(&orphan, vec![1u8; 10].into())
+        .await
+        .unwrap();
+    testing::eventually("the new store's sweep ran", || async {
+        !fresh.blobs.exists(&orphan).await.unwrap()
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for key in &payloads {
+        assert!(
+            fresh.blobs.exists(key).await.unwrap(),
+            "{key} is still there for the operator to recover"
+        );
+    }
+    fresh.service.stop().await.unwrap();
 }

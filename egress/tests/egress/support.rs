@@ -56,6 +56,7 @@ impl Fixture {
                 subject: self.subject.clone(),
                 durable_name: durable.into(),
                 batch_size,
+                omit_large_payloads: false,
             })
             .await
             .unwrap()

@@ -65,16 +65,18 @@ async fn small_payloads_stay_inline_and_large_ones_go_to_s3() {
         .unwrap()
         .into_inner();
     assert_eq!(offloaded.sequence, 3);
+    let prefix = testing::payload_prefix(&config, &subject).await;
     assert!(
-        offloaded.object_name.starts_with(&format!("{subject}/")),
+        prefix.starts_with(&config.minio_key_prefix),
+        "{prefix} is under the service's own key prefix"
+    );
+    assert!(
+        offloaded.object_name.starts_with(&prefix),
         "{}",
         offloaded.object_name
     );
     assert_eq!(blobs.get(&offloaded.object_name).await.unwrap(), above);
-    assert_eq!(
-        blobs.list_keys(&format!("{subject}/")).await.unwrap().len(),
-        1
-    );
+    assert_eq!(blobs.list_keys(&prefix).await.unwrap().len(), 1);
 
     let store = Store::connect(&config).await.unwrap();
     let stored: Vec<_> = store
@@ -139,7 +141,7 @@ async fn oversized_payload_is_refused_before_anything_is_stored() {
     assert_eq!(store.last_seq(&subject).await.unwrap(), 0);
     assert!(
         BlobStore::new(&config)
-            .list_keys(&format!("{subject}/"))
+            .list_keys(&testing::payload_prefix(&config, &subject).await)
             .await
             .unwrap()
             .is_empty()
@@ -207,7 +209,7 @@ async fn refused_commit_removes_the_uploaded_object() {
     assert!(status.message().contains("commit refused for the test"));
     assert!(
         blobs
-            .list_keys(&format!("{subject}/"))
+            .list_keys(&testing::payload_prefix(&config, &subject).await)
             .await
             .unwrap()
             .is_empty()
@@ -221,7 +223,13 @@ async fn a_settled_object_can_never_be_committed_late() {
     let store = Store::connect(&config).await.unwrap();
     let subject = testing::unique_subject("settle");
     let key = format!("{subject}/late");
-    assert_eq!(store.settle_object(&key).await.unwrap(), None);
+    assert_eq!(
+        store
+            .settle_object(&key, mts_shared::store::Error::closed())
+            .await
+            .unwrap(),
+        None
+    );
     let late = store
         .publish(&subject, &HashMap::new(), None, Some(&key), 10)
         .await
@@ -234,7 +242,13 @@ async fn a_settled_object_can_never_be_committed_late() {
         .publish(&subject, &HashMap::new(), None, Some(&committed), 10)
         .await
         .unwrap();
-    assert_eq!(store.settle_object(&committed).await.unwrap(), Some(seq));
+    assert_eq!(
+        store
+            .settle_object(&committed, mts_shared::store::Error::closed())
+            .await
+            .unwrap(),
+        Some(seq)
+    );
 }
 
 fn authenticator(

@@ -105,9 +105,15 @@ impl Fixture {
         (frames, call)
     }
 
+    /// Where this fixture's subject's payloads go.
+    fn prefix_of(&self, subject: &str) -> String {
+        self.blobs
+            .subject_prefix(&self.store.identity().store_id, subject)
+    }
+
     async fn unfinished(&self) -> usize {
         self.blobs
-            .unfinished_uploads(&format!("{}/", self.subject))
+            .unfinished_uploads(&self.prefix_of(&self.subject))
             .await
             .unwrap()
             .len()
@@ -344,7 +350,7 @@ async fn a_message_id_is_stored_once_per_subject_within_the_window() {
     );
     assert_eq!(
         f.blobs
-            .list_keys(&format!("{subject}/"))
+            .list_keys(&f.prefix_of(&subject))
             .await
             .unwrap()
             .len(),
@@ -428,7 +434,7 @@ async fn nothing_stored(f: &Fixture) {
     );
     assert!(
         f.blobs
-            .list_keys(&format!("{}/", f.subject))
+            .list_keys(&f.prefix_of(&f.subject))
             .await
             .unwrap()
             .is_empty(),
@@ -499,5 +505,84 @@ async fn an_announced_payload_the_store_cannot_take_is_unavailable() {
     drop(frames);
     refused(call, Code::Unavailable, "nothing was stored").await;
     assert_eq!(f.store.last_seq(&f.subject).await.unwrap(), 0);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_publisher_pausing_mid_upload_is_not_an_object_store_outage() {
+    // Longer than the S3 client's stalled-stream grace period (20 s), well
+    // within the ingress's idle limit: the pause is the publisher's business.
+    let f = fixture("pause", |_| {}).await;
+    let half = vec![5u8; MIB];
+    let (frames, call) = f.open_announced(2 * MIB as u64).await;
+    frames.send(chunk(half.clone())).await.unwrap();
+    tokio::time::sleep(Duration::from_secs(25)).await;
+    frames.send(chunk(half)).await.unwrap();
+    drop(frames);
+    let stored = call.await.unwrap().expect("the paused upload is stored");
+    assert_eq!((stored.sequence, stored.size), (1, 2 * MIB as u64));
+    assert!(!stored.object_name.is_empty());
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_silent_publisher_is_cut_off_by_the_idle_limit() {
+    let f = fixture("idle", |c| c.stream_idle_timeout_ms = 800).await;
+    for total in [None, Some(2 * MIB as u64)] {
+        let (frames, call) = f.open().await;
+        frames.send(header(&f.subject, total, "")).await.unwrap();
+        frames.send(chunk(vec![1u8; MIB])).await.unwrap();
+        let status = call.await.unwrap().unwrap_err();
+        assert_eq!(
+            status.code(),
+            Code::DeadlineExceeded,
+            "{total:?}: {status:?}"
+        );
+        assert!(
+            status.message().contains("publisher sent nothing"),
+            "{}",
+            status.message()
+        );
+        drop(frames);
+    }
+    nothing_stored(&f).await;
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn one_client_gets_only_its_share_of_the_upload_slots() {
+    let f = fixture("share", |c| {
+        c.max_concurrent_uploads = 4;
+        c.max_uploads_per_client = 2;
+    })
+    .await;
+    let mut open = Vec::new();
+    for _ in 0..2 {
+        let (frames, call) = f.open().await;
+        frames.send(header(&f.subject, None, "")).await.unwrap();
+        frames.send(chunk(vec![9u8; 6 * MIB])).await.unwrap();
+        open.push((frames, call));
+    }
+    testing::eventually("both uploads hold a slot", || async {
+        f.unfinished().await >= 2
+    })
+    .await;
+    let (third_frames, third) = f.open().await;
+    third_frames
+        .send(header(&f.subject, None, ""))
+        .await
+        .unwrap();
+    let refused = third.await.unwrap().unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.message().contains("this client already runs 2"),
+        "{}",
+        refused.message()
+    );
+    for (frames, call) in open {
+        frames.send(end("")).await.unwrap();
+        drop(frames);
+        call.await.unwrap().unwrap();
+    }
     f.service.stop().await.unwrap();
 }

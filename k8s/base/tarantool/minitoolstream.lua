@@ -9,10 +9,59 @@ local fiber = require('fiber')
 local clock = require('clock')
 local digest = require('digest')
 local fio = require('fio')
+local ffi = require('ffi')
+local uuid = require('uuid')
 
-local SCHEMA_VERSION = 8
+local SCHEMA_VERSION = 9
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
+
+-- Integers arrive from requests and tuples as Lua numbers or, from about 2^47
+-- on, as uint64_t cdata. The two mix in comparisons and + - * /, but not in
+-- math.max/min or tostring, and cdata arithmetic wraps at 2^64. Integer work
+-- that can meet large values goes through these helpers.
+local U64_MAX = 18446744073709551615ULL
+local NS_PER_MS = 1000000ULL
+
+local function u64(value)
+    return ffi.cast('uint64_t', value)
+end
+
+local function max(a, b)
+    if a > b then
+        return a
+    end
+    return b
+end
+
+local function min(a, b)
+    if a < b then
+        return a
+    end
+    return b
+end
+
+-- The decimal digits of an unsigned integer (tostring adds 'ULL' to cdata).
+local function decimal(value)
+    return (tostring(u64(value)):gsub('ULL$', ''))
+end
+
+-- `t_ns` plus `ms` milliseconds, in nanoseconds, saturating at 2^64-1
+-- (which every deadline and expiry reads as "never").
+local function after_ms(t_ns, ms)
+    local t, m = u64(t_ns), u64(ms)
+    if m > (U64_MAX - t) / NS_PER_MS then
+        return U64_MAX
+    end
+    return t + m * NS_PER_MS
+end
+
+-- Whether more than `ms` milliseconds lie between `t_ns` and `now`; computed
+-- on the difference, so no limit however large can wrap around.
+local function older_than(t_ns, now, ms)
+    local t, n = u64(t_ns), u64(now)
+    return n > t and (n - t) / NS_PER_MS > u64(ms)
+end
 
 -- DDL yields (WAL writes) between an if_not_exists check and its insert, so
 -- two services applying this file at once could both try to create the same
@@ -163,6 +212,43 @@ with_schema_lock(function()
     })
     box.space.mts_leases:create_index('primary', {parts = {'name'}, if_not_exists = true})
 
+    -- Group-commit attempts: each mts_publish_batch call carries an attempt id
+    -- and leaves its verdicts here in the same transaction, so that a caller
+    -- whose connection broke before the answer can learn what happened
+    -- (mts_settle_attempt) instead of guessing. Settling an attempt that never
+    -- arrived fences it: if it arrives later, it stores nothing. The caller
+    -- forgets answered attempts on its next call; the rest expire.
+    box.schema.space.create('mts_attempts', {
+        if_not_exists = true,
+        format = {
+            {name = 'attempt', type = 'string'},
+            {name = 'ts_ns', type = 'unsigned'},
+            -- True when settled before it arrived: it must never be stored.
+            {name = 'fenced', type = 'boolean'},
+            -- What mts_publish_batch answered, one verdict per message.
+            {name = 'verdicts', type = 'array', is_nullable = true},
+        },
+    })
+    box.space.mts_attempts:create_index('primary', {parts = {'attempt'}, if_not_exists = true})
+    box.space.mts_attempts:create_index('ts', {parts = {'ts_ns', 'attempt'}, if_not_exists = true})
+
+    -- Who this store is: an id drawn when the schema is first applied, and
+    -- when. Object keys carry the id, so the orphan sweep only ever deletes
+    -- objects this store wrote, never those of another store or application
+    -- sharing the bucket, nor a restored bucket's when Tarantool comes back
+    -- empty (that is a new store with a new id).
+    box.schema.space.create('mts_identity', {
+        if_not_exists = true,
+        format = {
+            {name = 'store_id', type = 'string'},
+            {name = 'created_ns', type = 'unsigned'},
+        },
+    })
+    box.space.mts_identity:create_index('primary', {parts = {'store_id'}, if_not_exists = true})
+    if box.space.mts_identity:len() == 0 then
+        box.space.mts_identity:insert({uuid.str(), clock.realtime64()})
+    end
+
     -- Schema 3 counts messages and bytes per subject; fill in rows written before.
     do
         local uncounted = {}
@@ -257,7 +343,7 @@ local function add_message(now, s, headers, data, object_key, size, sha256, mess
         local savepoint = box.savepoint()
         local ok, err = pcall(function()
             box.space.mts_messages:insert(row)
-            box.space.mts_dedup:replace({s.name, message_id, seq, now + (window_ms or 0) * 1000000})
+            box.space.mts_dedup:replace({s.name, message_id, seq, after_ms(now, window_ms or 0)})
         end)
         if not ok then
             box.rollback_to_savepoint(savepoint)
@@ -319,6 +405,10 @@ rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, dea
     return seq, duplicate
 end)
 
+local FENCED = 10003
+local FENCED_REASON = 'this publish attempt was settled as not stored before it reached Tarantool;'
+    .. ' nothing was stored'
+
 -- Group commit: stores inline messages from many publishers in one
 -- transaction, so one WAL write serves them all, and each subject's row is
 -- written once. Each message is {subject, headers, data, size, sha256,
@@ -327,11 +417,37 @@ end)
 -- Returns one {seq, duplicate} or {0, false, error_code, reason} per
 -- message, in order; messages to the same subject get consecutive sequences
 -- in that order.
-rawset(_G, 'mts_publish_batch', function(messages)
-    local results = {}
+--
+-- `attempt` (optional) names this call: its verdicts are kept under that
+-- name in the same transaction, for mts_settle_attempt. An attempt already
+-- settled as fenced stores nothing; one already committed answers its
+-- verdicts again. `forget` lists earlier attempts whose answers arrived.
+rawset(_G, 'mts_publish_batch', function(messages, attempt, forget)
+    local results = setmetatable({}, ARRAY)
     local subjects = {}
+    if attempt == '' then
+        attempt = nil
+    end
+    local replayed = false
     box.atomic(function()
         local now = now_ns()
+        for _, id in ipairs(forget or {}) do
+            box.space.mts_attempts:delete(id)
+        end
+        if attempt ~= nil then
+            local seen = box.space.mts_attempts:get(attempt)
+            if seen ~= nil then
+                replayed = true
+                if seen.fenced then
+                    for i = 1, #messages do
+                        results[i] = {0, false, FENCED, FENCED_REASON}
+                    end
+                else
+                    results = seen.verdicts
+                end
+                return
+            end
+        end
         for i, m in ipairs(messages) do
             if late(m[8], now) then
                 results[i] = {0, false, LATE, LATE_REASON}
@@ -354,7 +470,13 @@ rawset(_G, 'mts_publish_batch', function(messages)
         for _, s in pairs(subjects) do
             close_subject(s)
         end
+        if attempt ~= nil then
+            box.space.mts_attempts:insert({attempt, now, false, results})
+        end
     end)
+    if replayed then
+        return results
+    end
     for subject, s in pairs(subjects) do
         if s.count > 0 then
             notify(subject)
@@ -469,7 +591,10 @@ local function start_point(subject, policy, start_seq, start_time_ns)
     if policy == 'new' then
         return last_seq(subject)
     elseif policy == 'by_start_sequence' then
-        return math.max((start_seq or 1) - 1, 0)
+        if start_seq == nil or start_seq == 0 then
+            return 0
+        end
+        return start_seq - 1
     elseif policy == 'by_start_time' then
         local first = box.space.mts_messages.index.ts:select(
             {subject, start_time_ns or 0}, {iterator = 'GE', limit = 1})[1]
@@ -511,7 +636,7 @@ local function settle_floor(c)
     if lowest ~= nil and lowest[1] == c.subject and lowest[2] == c.durable then
         floor = lowest[3] - 1
     end
-    floor = math.max(floor, c.floor)
+    floor = max(floor, c.floor)
     if floor ~= c.stored_floor or c.delivered ~= c.stored_delivered then
         box.space.mts_consumers:update({c.subject, c.durable}, {
             {'=', F.floor, floor}, {'=', F.delivered, c.delivered},
@@ -538,9 +663,9 @@ local function dead_letter(c, message, deliveries)
         headers[k] = v
     end
     headers['mts-origin-subject'] = c.subject
-    headers['mts-origin-sequence'] = tostring(message[2])
+    headers['mts-origin-sequence'] = decimal(message[2])
     headers['mts-origin-durable'] = c.durable
-    headers['mts-origin-delivery-count'] = tostring(deliveries)
+    headers['mts-origin-delivery-count'] = decimal(deliveries)
     store_message(c.dlq_subject, headers, message[5], message[6], message[7], message[8])
     return c.dlq_subject
 end
@@ -557,7 +682,7 @@ local function hand_out(subject, durable, limit)
     local next_deadline = 0
     local c = ensure_consumer(subject, durable)
     local now = now_ns()
-    local lease = c.ack_wait_ms * 1000000
+    local lease_end = after_ms(now, c.ack_wait_ms)
     local due = {}
     for _, p in box.space.mts_pending.index.deadline:pairs({subject, durable}, {iterator = 'GE'}) do
         if p[1] ~= subject or p[2] ~= durable then
@@ -584,28 +709,28 @@ local function hand_out(subject, durable, limit)
             end
         else
             box.space.mts_pending:update({subject, durable, p[3]}, {
-                {'=', 4, p[4] + 1}, {'=', 5, now + lease},
+                {'=', 4, p[4] + 1}, {'=', 5, lease_end},
             })
-            out[#out + 1] = {message, p[4] + 1, now + lease}
+            out[#out + 1] = {message, p[4] + 1, lease_end}
         end
     end
     local room = limit - #out
     if c.max_ack_pending > 0 then
-        room = math.min(room, c.max_ack_pending - pending_count(c))
+        room = min(room, c.max_ack_pending - pending_count(c))
     end
     if room > 0 then
         for _, message in box.space.mts_messages.index.primary:pairs({subject, c.delivered}, {iterator = 'GT'}) do
             if message[1] ~= subject or room <= 0 then
                 break
             end
-            box.space.mts_pending:insert({subject, durable, message[2], 1, now + lease, now})
-            out[#out + 1] = {message, 1, now + lease}
+            box.space.mts_pending:insert({subject, durable, message[2], 1, lease_end, now})
+            out[#out + 1] = {message, 1, lease_end}
             c.delivered = message[2]
             room = room - 1
         end
     end
-    if #out > 0 and (next_deadline == 0 or next_deadline > now + lease) then
-        next_deadline = now + lease
+    if #out > 0 and (next_deadline == 0 or next_deadline > lease_end) then
+        next_deadline = lease_end
     end
     settle_floor(c)
     return out, next_deadline, notify_subjects
@@ -665,7 +790,13 @@ rawset(_G, 'mts_ack_consume', function(subject, durable, acks, limit, wait_ms)
     while #out == 0 do
         local remaining = deadline - fiber.clock()
         if next_deadline > 0 then
-            remaining = math.min(remaining, tonumber(next_deadline - now_ns()) / 1e9)
+            -- A deadline already passed must not wrap around into a long wait.
+            local now = now_ns()
+            local until_due = 0
+            if next_deadline > now then
+                until_due = tonumber(next_deadline - now) / 1e9
+            end
+            remaining = min(remaining, until_due)
         end
         if remaining <= 0 then
             break
@@ -719,7 +850,7 @@ rawset(_G, 'mts_nack', function(subject, durable, seqs, delay_ms)
         if #missing > 0 then
             return
         end
-        local at = now_ns() + delay_ms * 1000000
+        local at = after_ms(now_ns(), delay_ms)
         for _, seq in ipairs(seqs) do
             box.space.mts_pending:update({subject, durable, seq}, {{'=', 5, at}})
         end
@@ -751,8 +882,8 @@ rawset(_G, 'mts_ack', function(subject, durable, seq)
         for _, s in ipairs(held) do
             box.space.mts_pending:delete({subject, durable, s})
         end
-        c.delivered = math.max(c.delivered, seq)
-        c.floor = math.max(c.floor, seq)
+        c.delivered = max(c.delivered, seq)
+        c.floor = max(c.floor, seq)
         settle_floor(c)
         floor = c.floor
     end)
@@ -789,7 +920,7 @@ rawset(_G, 'mts_subscribe', function(subject, durable, start_seq)
         end
         c = ensure_consumer(subject, durable, cfg)
     end)
-    return math.max(c.floor, from), last_seq(subject)
+    return max(c.floor, from), last_seq(subject)
 end)
 
 -- Creates a consumer, or updates the settings of an existing one (the deliver
@@ -994,8 +1125,11 @@ local function expired(m, row, limits, now)
     local max_bytes = present(row[7]) or limits.max_bytes or 0
     return (max_messages > 0 and row[3] > max_messages)
         or (max_bytes > 0 and row[4] > max_bytes)
-        or (max_age > 0 and m[3] + max_age * 1000000 < now)
+        or (max_age > 0 and older_than(m[3], now, max_age))
 end
+
+-- How long an attempt's verdicts or fence is kept when nobody forgets it.
+local ATTEMPT_TTL_MS = 3600 * 1000
 
 -- One bounded step of retention, from subject `cursor` on: deletes at most
 -- `budget` messages and stops after about `budget_ms` of work, looking only
@@ -1042,7 +1176,7 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
         -- Fences of abandoned uploads only matter while a late commit could arrive.
         local stale = {}
         for _, a in box.space.mts_abandoned:pairs() do
-            if a[2] + 86400 * 1000000000 < now then
+            if older_than(a[2], now, 86400 * 1000) then
                 stale[#stale + 1] = a[1]
             end
             if #stale >= 100 then
@@ -1051,6 +1185,18 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
         end
         for _, key in ipairs(stale) do
             box.space.mts_abandoned:delete(key)
+        end
+        -- Attempts nobody forgot (their caller went away, or fenced ones)
+        -- only matter while a late call or a settle could still come.
+        local old = {}
+        for _, a in box.space.mts_attempts.index.ts:pairs() do
+            if #old >= budget or not older_than(a.ts_ns, now, ATTEMPT_TTL_MS) then
+                break
+            end
+            old[#old + 1] = a.attempt
+        end
+        for _, id in ipairs(old) do
+            box.space.mts_attempts:delete(id)
         end
     end)
     return resume, deleted
@@ -1098,7 +1244,7 @@ rawset(_G, 'mts_lease', function(name, holder, ttl_ms)
     box.atomic(function()
         local row = box.space.mts_leases:get(name)
         if row == nil or row[2] == holder or row[3] < now then
-            box.space.mts_leases:replace({name, holder, now + ttl_ms * 1000000})
+            box.space.mts_leases:replace({name, holder, after_ms(now, ttl_ms)})
             held = true
         end
     end)
@@ -1115,6 +1261,30 @@ rawset(_G, 'mts_settle_object', function(object_key)
     end
     box.space.mts_abandoned:replace({object_key, now_ns()})
     return 0
+end)
+
+-- Settles a group-commit attempt whose answer was lost: 'committed' and its
+-- verdicts if it was stored; otherwise 'fenced', and it will never be. Either
+-- way this writes, so that its answer is only given once the attempt's own
+-- WAL write (which may still be in flight) has succeeded or failed.
+rawset(_G, 'mts_settle_attempt', function(attempt)
+    local outcome, verdicts = 'fenced', setmetatable({}, ARRAY)
+    box.atomic(function()
+        local row = box.space.mts_attempts:get(attempt)
+        if row == nil then
+            box.space.mts_attempts:insert({attempt, now_ns(), true, box.NULL})
+        elseif not row.fenced then
+            box.space.mts_attempts:replace(row)
+            outcome, verdicts = 'committed', row.verdicts
+        end
+    end)
+    return outcome, verdicts
+end)
+
+-- The store's id and when it was created (ns since the Unix epoch).
+rawset(_G, 'mts_identity', function()
+    local row = box.space.mts_identity:select({}, {limit = 1})[1]
+    return row.store_id, row.created_ns
 end)
 
 -- The orphan sweep's batch form of mts_settle_object: returns the keys that
@@ -1145,7 +1315,7 @@ local backup_files = rawget(_G, 'mts_backup_files') or {}
 rawset(_G, 'mts_backup_files', backup_files)
 
 rawset(_G, 'mts_backup_start', function(hold_ms)
-    box.space.mts_leases:replace({BACKUP_HOLD, 'backup', now_ns() + hold_ms * 1000000})
+    box.space.mts_leases:replace({BACKUP_HOLD, 'backup', after_ms(now_ns(), hold_ms)})
     for attempt = 1, 100 do
         local ok, err = pcall(box.snapshot)
         if ok then
@@ -1176,7 +1346,7 @@ rawset(_G, 'mts_backup_start', function(hold_ms)
 end)
 
 rawset(_G, 'mts_backup_renew', function(hold_ms)
-    box.space.mts_leases:replace({BACKUP_HOLD, 'backup', now_ns() + hold_ms * 1000000})
+    box.space.mts_leases:replace({BACKUP_HOLD, 'backup', after_ms(now_ns(), hold_ms)})
     return true
 end)
 
@@ -1236,7 +1406,8 @@ with_schema_lock(function()
         'mts_consume', 'mts_ack_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
         'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
         'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
-        'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
+        'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag', 'mts_settle_attempt',
+        'mts_identity',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
     }
     box.schema.role.create('minitoolstream', {if_not_exists = true})
@@ -1250,7 +1421,7 @@ with_schema_lock(function()
     end
     for _, space in ipairs({
         'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned', 'mts_gc', 'mts_leases',
-        'mts_dedup',
+        'mts_dedup', 'mts_attempts', 'mts_identity',
     }) do
         box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
     end

@@ -16,8 +16,17 @@
 //!
 //! A message whose caller has gone is still stored (or refused) like any
 //! other; its answer is dropped.
+//!
+//! Each call is an attempt with an id of its own, which Tarantool keeps with
+//! the call's verdicts in the same transaction. When the answer is lost (the
+//! connection broke or the call timed out with the commit in flight), the
+//! attempt is settled: Tarantool says what it stored, or fences the attempt
+//! so that it never will; only when it cannot be asked in time is the
+//! outcome reported as unknown. Answered attempts are forgotten by the next
+//! call, so their verdicts do not pile up.
 
 use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -145,7 +154,25 @@ impl Queue {
     }
 }
 
+/// Attempts whose answers arrived, for the next call to forget.
+#[derive(Clone, Default)]
+struct Answered(Arc<Mutex<Vec<String>>>);
+
+impl Answered {
+    fn add(&self, attempts: impl IntoIterator<Item = String>) {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend(attempts);
+    }
+
+    fn take(&self) -> Vec<String> {
+        std::mem::take(&mut *self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+}
+
 async fn drain(store: Store, mut queue: mpsc::UnboundedReceiver<Queued>) {
+    let answered = Answered::default();
     let mut calls = FuturesUnordered::new();
     loop {
         tokio::select! {
@@ -153,7 +180,8 @@ async fn drain(store: Store, mut queue: mpsc::UnboundedReceiver<Queued>) {
             Some(()) = calls.next(), if !calls.is_empty() => {}
             first = queue.recv(), if calls.len() < MAX_CALLS => {
                 let Some(first) = first else { break };
-                let mut call = Box::pin(commit(store.clone(), gather(first, &mut queue)));
+                let batch = gather(first, &mut queue);
+                let mut call = Box::pin(commit(store.clone(), batch, answered.clone()));
                 // Puts the request in the send queue before the next call is made.
                 if futures::poll!(call.as_mut()).is_pending() {
                     calls.push(call);
@@ -176,30 +204,87 @@ fn gather(first: Queued, queue: &mut mpsc::UnboundedReceiver<Queued>) -> Vec<Que
     batch
 }
 
-/// Stores `batch` in one call and answers each message.
-async fn commit(store: Store, mut batch: Vec<Queued>) {
+/// Stores `batch` in one call and answers each message; a lost answer is
+/// settled in a task of its own, so that the queue goes on meanwhile.
+async fn commit(store: Store, mut batch: Vec<Queued>, answered: Answered) {
     if let Some(metrics) = &store.metrics {
         metrics.group_commit_messages.observe(batch.len() as f64);
     }
-    let batch = &mut batch;
+    let attempt = uuid::Uuid::now_v7().simple().to_string();
+    let forget = answered.take();
     let reply: Result<(Vec<Verdict>,), Error> = store
-        .call("mts_publish_batch", (&*batch,), store.timeout)
+        .call(
+            "mts_publish_batch",
+            (&batch, &attempt, &forget),
+            store.timeout,
+        )
         .await;
     match reply {
-        Ok((verdicts,)) if verdicts.len() == batch.len() => {
-            for (queued, verdict) in batch.drain(..).zip(verdicts) {
-                let _gone = queued.outcome.send(verdict.into_result());
-            }
-        }
         Ok((verdicts,)) => {
-            let err = Error::protocol(format!(
-                "mts_publish_batch answered {} of {} messages",
-                verdicts.len(),
-                batch.len()
-            ));
-            answer_all(batch, &err);
+            answered.add([attempt]);
+            answer(&mut batch, verdicts);
         }
-        Err(err) => answer_all(batch, &err),
+        Err(err) if err.outcome_unknown() => {
+            // Forgetting them may not have happened; doing it twice is harmless.
+            answered.add(forget);
+            tokio::spawn(settle(store, attempt, batch, err, answered));
+        }
+        Err(err) => {
+            // A refused call wrote nothing: they are still to forget.
+            answered.add(forget);
+            answer_all(&mut batch, &err);
+        }
+    }
+}
+
+/// Learns what became of an attempt whose answer was lost, and answers.
+async fn settle(
+    store: Store,
+    attempt: String,
+    mut batch: Vec<Queued>,
+    cause: Error,
+    answered: Answered,
+) {
+    let settled = store
+        .settling(cause.clone(), |left| {
+            let (store, attempt) = (&store, &attempt);
+            async move {
+                let (outcome, verdicts): (String, Vec<Verdict>) =
+                    store.call("mts_settle_attempt", (attempt,), left).await?;
+                Ok((outcome == "committed").then_some(verdicts))
+            }
+        })
+        .await;
+    match settled {
+        Ok(Some(verdicts)) => {
+            tracing::info!(%attempt, %cause, messages = batch.len(), "lost answer settled: stored");
+            answered.add([attempt]);
+            answer(&mut batch, verdicts);
+        }
+        // Fenced: it never will be stored, so the failure stands as it was.
+        Ok(None) => {
+            tracing::info!(%attempt, %cause, messages = batch.len(), "lost answer settled: not stored");
+            answer_all(&mut batch, &cause);
+        }
+        Err(unknown) => {
+            tracing::warn!(%attempt, err = %unknown, messages = batch.len(), "publish outcome unknown");
+            answer_all(&mut batch, &unknown);
+        }
+    }
+}
+
+/// Answers each message of `batch` with its verdict.
+fn answer(batch: &mut Vec<Queued>, verdicts: Vec<Verdict>) {
+    if verdicts.len() != batch.len() {
+        let err = Error::protocol(format!(
+            "mts_publish_batch answered {} of {} messages",
+            verdicts.len(),
+            batch.len()
+        ));
+        return answer_all(batch, &err);
+    }
+    for (queued, verdict) in batch.drain(..).zip(verdicts) {
+        let _gone = queued.outcome.send(verdict.into_result());
     }
 }
 

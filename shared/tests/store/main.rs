@@ -1,0 +1,36 @@
+//! The Tarantool store and its stored procedures against a real Tarantool
+//! (the one scripts/test.sh started, or one a test owns); no S3 server.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bytes::Bytes;
+use mts_shared::config::Config;
+use mts_shared::store::InlineMessage;
+
+mod identity;
+mod limits;
+mod settle;
+
+/// A Tarantool connection of its own, as the services' user, for calling
+/// stored procedures directly.
+async fn raw_client(config: &Config) -> tarant::Client {
+    tarant::Client::connect(&format!(
+        "tarantool://{}:{}@{}",
+        config.tarantool_user, config.tarantool_password, config.tarantool_address
+    ))
+    .await
+    .unwrap()
+}
+
+/// An inline message of `data` to `subject`.
+fn inline(subject: &str, data: &'static [u8]) -> InlineMessage {
+    InlineMessage {
+        subject: subject.into(),
+        headers: HashMap::new(),
+        data: Bytes::from_static(data),
+        sha256: "0".repeat(64),
+        message_id: None,
+        dedup_window: Duration::from_secs(60),
+    }
+}

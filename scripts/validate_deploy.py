@@ -220,16 +220,16 @@ def check_dashboard(name, docs, out_dir):
 
 def check_one_schema_source(docs):
     """The Lua Tarantool loads in Kubernetes and compose is the services' own."""
-    source = (ROOT / "shared/lua/minitoolstream.lua").read_text()
+    source = (ROOT / "shared/storage/lua/minitoolstream.lua").read_text()
     init = objects(docs, "ConfigMap")
     rendered = [cm for name, cm in init.items() if name.startswith("tarantool-init")]
     if len(rendered) != 1 or rendered[0]["data"].get("minitoolstream.lua") != source:
-        problems.append("the tarantool-init ConfigMap's minitoolstream.lua differs from shared/lua/minitoolstream.lua "
-                        "(copy it: cp shared/lua/minitoolstream.lua k8s/base/tarantool/)")
+        problems.append("the tarantool-init ConfigMap's minitoolstream.lua differs from shared/storage/lua/minitoolstream.lua "
+                        "(copy it: cp shared/storage/lua/minitoolstream.lua k8s/base/tarantool/)")
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     mounts = compose["services"]["tarantool"]["volumes"]
-    if "./shared/lua/minitoolstream.lua:/opt/minitoolstream/minitoolstream.lua:ro" not in mounts:
-        problems.append("docker-compose.yml does not mount shared/lua/minitoolstream.lua into Tarantool")
+    if "./shared/storage/lua/minitoolstream.lua:/opt/minitoolstream/minitoolstream.lua:ro" not in mounts:
+        problems.append("docker-compose.yml does not mount shared/storage/lua/minitoolstream.lua into Tarantool")
 
 
 def main():

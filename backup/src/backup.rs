@@ -5,9 +5,9 @@ use std::fmt;
 use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use mts_shared::blob::{self, BlobStore};
-use mts_shared::config::Config;
-use mts_shared::store::{SCHEMA_VERSION, Store};
+use mts_config::Config;
+use mts_storage::blob::{self, BlobStore};
+use mts_storage::store::{SCHEMA_VERSION, Store};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 

@@ -16,7 +16,7 @@ pub enum Error {
         address: String,
         /// What went wrong.
         #[source]
-        source: mts_shared::store::Error,
+        source: mts_storage::store::Error,
     },
     /// The object store refused or could not be reached.
     #[error("object store, key {key:?}: {source}")]
@@ -25,7 +25,7 @@ pub enum Error {
         key: String,
         /// What went wrong.
         #[source]
-        source: mts_shared::blob::Error,
+        source: mts_storage::blob::Error,
     },
     /// A local file could not be read or written.
     #[error("{path}: {source}")]
@@ -68,7 +68,7 @@ impl Error {
         move |source| Self::File { path, source }
     }
 
-    pub(crate) fn object(key: impl Into<String>) -> impl FnOnce(mts_shared::blob::Error) -> Self {
+    pub(crate) fn object(key: impl Into<String>) -> impl FnOnce(mts_storage::blob::Error) -> Self {
         let key = key.into();
         move |source| Self::ObjectStore { key, source }
     }

@@ -23,7 +23,7 @@ pub use backup::backup;
 pub use error::Error;
 pub use restore::restore;
 
-use mts_shared::config::Config;
+use mts_config::Config;
 
 /// The command line.
 #[derive(Debug, clap::Parser)]

@@ -6,8 +6,8 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 
 use bytes::BytesMut;
-use mts_shared::blob::BlobStore;
-use mts_shared::config::Config;
+use mts_config::Config;
+use mts_storage::blob::BlobStore;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 

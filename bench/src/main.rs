@@ -193,7 +193,7 @@ async fn run(args: Args) -> Result<String, String> {
                     publish::jetstream(&args.nats, &subject, size, concurrency, duration).await?
                 }
                 System::Tarantool => {
-                    let store = mts_shared::store::Store::connect(&settings()?)
+                    let store = mts_storage::store::Store::connect(&settings()?)
                         .await
                         .map_err(|e| format!("Tarantool: {e}"))?;
                     publish::tarantool(store, &subject, size, concurrency, duration).await
@@ -258,7 +258,7 @@ async fn run(args: Args) -> Result<String, String> {
                         .await?
                 }
                 System::S3 => {
-                    let blobs = mts_shared::blob::BlobStore::new(&settings()?);
+                    let blobs = mts_storage::blob::BlobStore::new(&settings()?);
                     publish::s3(blobs, &subject, size, concurrency, duration).await
                 }
                 _ => return unsupported(system),
@@ -341,6 +341,6 @@ async fn run(args: Args) -> Result<String, String> {
 
 /// Tarantool and S3 settings for the raw references: the services' own
 /// variables (TARANTOOL_ADDRESS, MINIO_*).
-fn settings() -> Result<mts_shared::config::Config, String> {
-    mts_shared::config::Config::load(0, None, std::env::vars()).map_err(|e| e.to_string())
+fn settings() -> Result<mts_config::Config, String> {
+    mts_config::Config::load(0, None, std::env::vars()).map_err(|e| e.to_string())
 }

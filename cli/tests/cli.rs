@@ -8,7 +8,7 @@ use std::time::Duration;
 use mts_proto::pb::ConsumerRequest;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::service_names::{EGRESS, INGRESS};
-use mts_shared::testing::{self, Running};
+use mts_testkit::{self as testing, Running};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 

@@ -14,8 +14,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use futures::StreamExt;
 use mts_proto::pb::consume_request::Request as Frame;
 use mts_proto::pb::{ConsumeRequest, ConsumeStart, Message};
-use mts_shared::auth::{Caller, Permission};
-use mts_shared::validate;
+use mts_runtime::auth::{Caller, Permission};
+use mts_runtime::validate;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
@@ -153,7 +153,7 @@ fn ended(err: impl Into<Error>) -> End {
 }
 
 struct Session {
-    _open: mts_shared::metrics::StreamGuard,
+    _open: mts_runtime::metrics::StreamGuard,
     egress: Egress,
     /// How payloads go out on this stream.
     payloads: Payloads,

@@ -2,8 +2,8 @@
 //! validation of settings a client sends.
 
 use mts_proto::pb::{ConsumerConfig, ConsumerInfo, DeliverPolicy as WirePolicy};
-use mts_shared::store::{ConsumerSettings, ConsumerState, DeliverPolicy};
-use mts_shared::validate;
+use mts_runtime::validate;
+use mts_storage::store::{ConsumerSettings, ConsumerState, DeliverPolicy};
 
 use crate::delivery::timestamp;
 

@@ -2,8 +2,8 @@
 //! read from the object store), headers, commit time and delivery count.
 
 use mts_proto::pb::Message;
-use mts_shared::blob::{self, BlobStore};
-use mts_shared::store::Leased;
+use mts_storage::blob::{self, BlobStore};
+use mts_storage::store::Leased;
 
 use tracing::Instrument;
 
@@ -50,12 +50,12 @@ pub struct Payloads {
 
 impl Payloads {
     /// Whether the payload of `message` is left out.
-    fn omits(self, message: &mts_shared::store::StoredMessage) -> bool {
+    fn omits(self, message: &mts_storage::store::StoredMessage) -> bool {
         self.omit_large && message.object_key.is_some() && message.size > self.limits.omit_above
     }
 
     /// Whether the payload of `message` is read whole from the object store.
-    pub fn reads_whole(self, message: &mts_shared::store::StoredMessage) -> bool {
+    pub fn reads_whole(self, message: &mts_storage::store::StoredMessage) -> bool {
         message.object_key.is_some() && !self.omits(message)
     }
 }
@@ -70,7 +70,7 @@ pub async fn deliver(
     leased: Leased,
     payloads: Payloads,
 ) -> Result<Message, Error> {
-    if !mts_shared::telemetry::exporting() {
+    if !mts_runtime::telemetry::exporting() {
         return complete(blobs, leased, payloads).await;
     }
     let span = tracing::info_span!(
@@ -79,7 +79,7 @@ pub async fn deliver(
         sequence = leased.message.seq,
         deliveries = leased.deliveries,
     );
-    mts_shared::telemetry::link_to_stored(&span, &leased.message.headers);
+    mts_runtime::telemetry::link_to_stored(&span, &leased.message.headers);
     complete(blobs, leased, payloads).instrument(span).await
 }
 

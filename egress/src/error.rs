@@ -1,7 +1,8 @@
 //! Everything that can fail in the egress, and the one mapping of those
 //! failures to gRPC status codes.
 
-use mts_shared::{blob, server, store, validate};
+use mts_runtime::{server, status, validate};
+use mts_storage::{blob, store};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// An egress failure.
@@ -95,7 +96,7 @@ pub enum Error {
     },
     /// The caller may not do this.
     #[error(transparent)]
-    Auth(#[from] mts_shared::auth::Error),
+    Auth(#[from] mts_runtime::auth::Error),
     /// The service could not start or keep serving.
     #[error(transparent)]
     Server(#[from] server::Error),
@@ -109,8 +110,8 @@ impl From<Error> for tonic::Status {
                 violation.to_string(),
                 ErrorDetails::with_bad_request_violation(violation.field, violation.reason),
             ),
-            Error::Store(source) => source.into(),
-            Error::Blob(source) => source.into(),
+            Error::Store(source) => status::store(source),
+            Error::Blob(source) => status::object_store(source),
             Error::MissingPayload { .. } => tonic::Status::data_loss(err.to_string()),
             Error::AckBeyondLast { .. } | Error::NotHeld { .. } => {
                 tonic::Status::failed_precondition(err.to_string())

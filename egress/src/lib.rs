@@ -16,10 +16,10 @@ mod service;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mts_config::Config;
 use mts_proto::pb::egress_service_server::EgressServiceServer;
 use mts_proto::service_names;
-use mts_shared::config::Config;
-use mts_shared::server;
+use mts_runtime::server;
 use tokio::net::TcpListener;
 
 pub use error::Error;

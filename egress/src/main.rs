@@ -2,5 +2,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    mts_shared::server::main("egress", mts_egress::DEFAULT_PORT, mts_egress::run).await
+    mts_runtime::server::main("egress", mts_egress::DEFAULT_PORT, mts_egress::run).await
 }

@@ -9,9 +9,9 @@
 
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use mts_shared::blob::BlobStore;
-use mts_shared::config::Config;
-use mts_shared::store::{Limits, Store};
+use mts_config::Config;
+use mts_storage::blob::BlobStore;
+use mts_storage::store::{Limits, Store};
 
 use crate::Error;
 
@@ -26,7 +26,7 @@ const OBJECT_BATCH: usize = 100;
 
 /// The maintenance worker of one egress process.
 pub struct Maintenance {
-    metrics: std::sync::Arc<mts_shared::metrics::Metrics>,
+    metrics: std::sync::Arc<mts_runtime::metrics::Metrics>,
     store: Store,
     blobs: BlobStore,
     holder: String,
@@ -42,7 +42,7 @@ impl Maintenance {
         store: Store,
         blobs: BlobStore,
         config: &Config,
-        metrics: std::sync::Arc<mts_shared::metrics::Metrics>,
+        metrics: std::sync::Arc<mts_runtime::metrics::Metrics>,
     ) -> Self {
         Self {
             metrics,

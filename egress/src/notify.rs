@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use mts_shared::store::Store;
+use mts_storage::store::Store;
 use tokio::sync::watch;
 
 /// The per-subject waiters of one egress process.
@@ -74,7 +74,7 @@ impl SubjectWatchers {
                     }
                     Err(err) => {
                         tracing::warn!(%subject, %err, retry_in = ?backoff, "waiting for commits failed");
-                        tokio::time::sleep(mts_shared::backoff::jittered(backoff)).await;
+                        tokio::time::sleep(mts_storage::backoff::jittered(backoff)).await;
                         backoff = (backoff * 2).min(Duration::from_secs(5));
                     }
                 },

@@ -5,8 +5,8 @@
 
 use bytes::{Bytes, BytesMut};
 use mts_proto::pb::{FetchPayloadRequest, PayloadChunk};
-use mts_shared::blob;
-use mts_shared::validate;
+use mts_runtime::validate;
+use mts_storage::blob;
 use tokio::sync::mpsc;
 use tonic::Status;
 

@@ -5,6 +5,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
+use mts_config::MAX_RETENTION_AGE_MS;
 use mts_proto::pb::egress_service_server::EgressService;
 use mts_proto::pb::{
     AckRequest, AckResponse, AckSequencesRequest, AckSequencesResponse, ConsumeRequest,
@@ -16,12 +17,11 @@ use mts_proto::pb::{
     FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectLimits,
     SubjectRequest,
 };
-use mts_shared::auth::{Authenticator, Permission};
-use mts_shared::blob::BlobStore;
-use mts_shared::config::MAX_RETENTION_AGE_MS;
-use mts_shared::metrics::Metrics;
-use mts_shared::store::{AckOutcome, Leased, Limits, NotHeld, Store, SubjectState};
-use mts_shared::validate;
+use mts_runtime::auth::{Authenticator, Permission};
+use mts_runtime::metrics::Metrics;
+use mts_runtime::validate;
+use mts_storage::blob::BlobStore;
+use mts_storage::store::{AckOutcome, Leased, Limits, NotHeld, Store, SubjectState};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -280,7 +280,7 @@ impl Egress {
         &self,
         subject: &str,
         durable: &str,
-    ) -> Result<mts_shared::store::ConsumerState, Error> {
+    ) -> Result<mts_storage::store::ConsumerState, Error> {
         self.store
             .consumer_info(subject, durable)
             .await?
@@ -334,7 +334,7 @@ fn subject_info(state: SubjectState) -> SubjectInfo {
 /// Sends a notification whenever the last sequence passes what the
 /// subscriber was last told, until the client leaves or the server drains.
 async fn push_notifications(
-    _open: mts_shared::metrics::StreamGuard,
+    _open: mts_runtime::metrics::StreamGuard,
     subject: String,
     mut notified: u64,
     mut last: u64,

@@ -1,7 +1,8 @@
 //! Everything that can fail in the ingress, and the one mapping of those
 //! failures to gRPC status codes.
 
-use mts_shared::{blob, server, store, validate};
+use mts_runtime::{server, status, validate};
+use mts_storage::{blob, store};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// An ingress failure.
@@ -43,7 +44,7 @@ pub enum Error {
     Panicked(String),
     /// The caller may not do this.
     #[error(transparent)]
-    Auth(#[from] mts_shared::auth::Error),
+    Auth(#[from] mts_runtime::auth::Error),
     /// The service could not start or keep serving.
     #[error(transparent)]
     Server(#[from] server::Error),
@@ -62,14 +63,14 @@ impl From<Error> for tonic::Status {
             )),
             // Unknown is not "not stored": the status says which it is.
             Error::Commit(source @ store::Error::OutcomeUnknown { .. }) => {
-                let status = tonic::Status::from(source);
+                let status = status::store(source);
                 tonic::Status::new(
                     status.code(),
                     format!("publish outcome unknown: {}", status.message()),
                 )
             }
             Error::Commit(source) => {
-                let status = tonic::Status::from(source);
+                let status = status::store(source);
                 tonic::Status::new(
                     status.code(),
                     format!("message not stored: {}", status.message()),

@@ -13,10 +13,10 @@ mod upload_slots;
 
 use std::sync::Arc;
 
+use mts_config::Config;
 use mts_proto::pb::ingress_service_server::IngressServiceServer;
 use mts_proto::service_names;
-use mts_shared::config::Config;
-use mts_shared::server;
+use mts_runtime::server;
 use tokio::net::TcpListener;
 
 pub use error::Error;

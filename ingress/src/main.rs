@@ -2,5 +2,5 @@
 
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    mts_shared::server::main("ingress", mts_ingress::DEFAULT_PORT, mts_ingress::run).await
+    mts_runtime::server::main("ingress", mts_ingress::DEFAULT_PORT, mts_ingress::run).await
 }

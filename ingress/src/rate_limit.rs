@@ -10,7 +10,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use mts_shared::auth::{Authenticator, Caller};
+use mts_runtime::auth::{Authenticator, Caller};
 use tonic::server::NamedService;
 use tonic_types::{ErrorDetails, StatusExt};
 

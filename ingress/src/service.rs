@@ -5,14 +5,14 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
+use mts_config::Config;
 use mts_proto::pb::ingress_service_server::IngressService;
 use mts_proto::pb::{PublishFrame, PublishRequest, PublishResponse};
-use mts_shared::auth::{Authenticator, Caller, Permission};
-use mts_shared::blob::BlobStore;
-use mts_shared::config::Config;
-use mts_shared::metrics::Metrics;
-use mts_shared::store::{self, InlineMessage, NewMessage, Payload, Published, Store};
-use mts_shared::validate;
+use mts_runtime::auth::{Authenticator, Caller, Permission};
+use mts_runtime::metrics::Metrics;
+use mts_runtime::validate;
+use mts_storage::blob::BlobStore;
+use mts_storage::store::{self, InlineMessage, NewMessage, Payload, Published, Store};
 use sha2::{Digest, Sha256};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
@@ -100,8 +100,8 @@ impl Envelope {
 /// span's when spans are exported, else the caller's as it came. Malformed
 /// values are ignored; headers the publisher set win.
 pub(crate) fn trace_context(metadata: &tonic::metadata::MetadataMap) -> Vec<(String, String)> {
-    if mts_shared::telemetry::exporting() {
-        let exported = mts_shared::telemetry::context_of(&tracing::Span::current());
+    if mts_runtime::telemetry::exporting() {
+        let exported = mts_runtime::telemetry::context_of(&tracing::Span::current());
         if !exported.is_empty() {
             return exported;
         }

@@ -13,10 +13,10 @@ use std::time::Duration;
 use bytes::{Bytes, BytesMut};
 use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{PublishFrame, PublishResponse};
-use mts_shared::auth::{Caller, Permission};
-use mts_shared::blob::{self, StreamedBody, Upload, UploadEnded};
-use mts_shared::store::Published;
-use mts_shared::validate;
+use mts_runtime::auth::{Caller, Permission};
+use mts_runtime::validate;
+use mts_storage::blob::{self, StreamedBody, Upload, UploadEnded};
+use mts_storage::store::Published;
 use sha2::{Digest, Sha256};
 use tonic::Streaming;
 

@@ -2,7 +2,7 @@
 -- (scripts/test.sh, shared::testing). Listens where MTS_TARANTOOL_LISTEN
 -- says, keeps its WAL and snapshots in MTS_TARANTOOL_DIR and creates the
 -- user the services connect as. The schema itself is applied by the services
--- from shared/lua/minitoolstream.lua.
+-- from shared/storage/lua/minitoolstream.lua.
 -- Listening starts only after the user exists, so a client that sees the
 -- port open can log in.
 box.cfg({

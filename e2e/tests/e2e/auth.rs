@@ -5,11 +5,11 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 use futures::stream;
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use mts_config::Config;
 use mts_proto::pb::consume_request::Request as ConsumeFrame;
 use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::*;
-use mts_shared::config::Config;
-use mts_shared::testing;
+use mts_testkit as testing;
 use serde_json::{Value, json};
 use tonic::{Code, Request};
 

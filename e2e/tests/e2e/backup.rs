@@ -6,10 +6,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::process::Command;
 
+use mts_config::Config;
 use mts_proto::pb::{AckRequest, ConsumerRequest, GetLastSequenceRequest, PublishRequest};
-use mts_shared::blob::BlobStore;
-use mts_shared::config::Config;
-use mts_shared::testing::{self, GarageProcess, TarantoolProcess};
+use mts_storage::blob::BlobStore;
+use mts_testkit::{self as testing, GarageProcess, TarantoolProcess};
 use sha2::{Digest, Sha256};
 
 use crate::binaries::{binary, dependency_env};

@@ -7,7 +7,7 @@ use futures::StreamExt;
 use mts_proto::pb::{
     AckRequest, FetchRequest, GetLastSequenceRequest, PublishRequest, SubscribeRequest,
 };
-use mts_shared::testing;
+use mts_testkit as testing;
 use tonic::Code;
 use tonic_types::StatusExt;
 

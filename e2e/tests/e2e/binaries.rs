@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use mts_shared::config::Config;
-use mts_shared::testing;
+use mts_config::Config;
+use mts_testkit as testing;
 
 /// The variables naming `config`'s Tarantool and bucket, as the services read them.
 pub fn dependency_env(config: &Config) -> [(&'static str, String); 7] {

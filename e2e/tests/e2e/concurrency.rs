@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use futures::StreamExt;
 use mts_proto::pb::{AckRequest, FetchRequest, PublishRequest};
-use mts_shared::testing;
+use mts_testkit as testing;
 
 use crate::system::System;
 

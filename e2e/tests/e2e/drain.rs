@@ -11,7 +11,7 @@ use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{PublishEnd, PublishFrame, PublishHeader, SubscribeRequest};
 use mts_proto::service_names::{EGRESS, INGRESS};
-use mts_shared::testing;
+use mts_testkit as testing;
 
 use crate::binaries::Process;
 use tokio::sync::mpsc;

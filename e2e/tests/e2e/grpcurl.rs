@@ -7,8 +7,8 @@ use std::process::{Command, Stdio};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use mts_shared::blob::BlobStore;
-use mts_shared::testing;
+use mts_storage::blob::BlobStore;
+use mts_testkit as testing;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 

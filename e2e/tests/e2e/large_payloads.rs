@@ -10,9 +10,9 @@ use bytes::Bytes;
 use futures::StreamExt;
 use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{FetchPayloadRequest, PublishEnd, PublishFrame, PublishHeader};
-use mts_shared::blob::BlobStore;
-use mts_shared::store::Store;
-use mts_shared::testing;
+use mts_storage::blob::BlobStore;
+use mts_storage::store::Store;
+use mts_testkit as testing;
 use sha2::{Digest, Sha256};
 
 use crate::system::System;

@@ -11,7 +11,7 @@ use mts_proto::pb::{
     ConsumerConfig, CreateOrUpdateConsumerRequest, DeliverPolicy, PublishFrame, PublishHeader,
     PublishRequest, SetSubjectLimitsRequest, SubjectLimits, SubscribeRequest,
 };
-use mts_shared::testing;
+use mts_testkit as testing;
 use tonic::Code;
 use tonic::codec::{Codec, DecodeBuf, Decoder, EncodeBuf, Encoder};
 use tonic::codegen::http::uri::PathAndQuery;
@@ -266,7 +266,7 @@ async fn large_numbers_and_far_times_get_true_answers() {
         .set_subject_limits(SetSubjectLimitsRequest {
             subject: subject.clone(),
             limits: Some(SubjectLimits {
-                max_age_ms: Some(mts_shared::config::MAX_RETENTION_AGE_MS),
+                max_age_ms: Some(mts_config::MAX_RETENTION_AGE_MS),
                 ..SubjectLimits::default()
             }),
         })
@@ -275,7 +275,7 @@ async fn large_numbers_and_far_times_get_true_answers() {
         .into_inner();
     assert_eq!(
         century.limits.unwrap().max_age_ms,
-        Some(mts_shared::config::MAX_RETENTION_AGE_MS)
+        Some(mts_config::MAX_RETENTION_AGE_MS)
     );
     system.stop().await;
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use mts_proto::pb::PublishRequest;
-use mts_shared::testing;
+use mts_testkit as testing;
 
 use crate::system::System;
 

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
+use mts_config::Config;
 use mts_proto::pb::{AckRequest, GetLastSequenceRequest, PublishRequest, SubscribeRequest};
 use mts_proto::service_names::{EGRESS, INGRESS};
-use mts_shared::config::Config;
-use mts_shared::health::LIVENESS;
-use mts_shared::testing::{self, TarantoolProcess};
+use mts_runtime::health::LIVENESS;
+use mts_testkit::{self as testing, TarantoolProcess};
 use tonic::Code;
 
 use crate::system::System;

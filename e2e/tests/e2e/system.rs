@@ -1,12 +1,12 @@
 //! Both services started together against one configuration.
 
 use futures::StreamExt;
+use mts_config::Config;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::{FetchRequest, Message};
 use mts_proto::service_names::{EGRESS, INGRESS};
-use mts_shared::config::Config;
-use mts_shared::testing::Running;
+use mts_testkit::Running;
 use tonic::transport::Channel;
 
 pub struct System {

@@ -6,7 +6,7 @@ use std::path::Path;
 use mts_proto::pb::PublishRequest;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::service_names::INGRESS;
-use mts_shared::testing::{self, Running};
+use mts_testkit::{self as testing, Running};
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
 

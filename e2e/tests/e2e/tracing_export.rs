@@ -10,7 +10,7 @@ use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::{FetchRequest, PublishRequest};
 use mts_proto::service_names::{EGRESS, INGRESS};
-use mts_shared::testing;
+use mts_testkit as testing;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
     TraceService, TraceServiceServer,
 };

@@ -9,8 +9,8 @@ use mts_proto::pb::{
     CreateOrUpdateConsumerRequest, DeliverPolicy, NackRequest,
 };
 use mts_proto::service_names::EGRESS;
-use mts_shared::blob::BlobStore;
-use mts_shared::testing::Running;
+use mts_storage::blob::BlobStore;
+use mts_testkit::Running;
 use tonic::Code;
 
 use crate::support::{Fixture, fixture, sequences};

@@ -6,8 +6,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use mts_proto::pb::{FetchRequest, SubscribeRequest};
-use mts_shared::blob::BlobStore;
-use mts_shared::testing;
+use mts_storage::blob::BlobStore;
+use mts_testkit as testing;
 use tonic::Code;
 
 use crate::support::{fixture, next, sequences};
@@ -295,15 +295,12 @@ async fn draining_ends_open_streams_with_unavailable() {
 
 #[tokio::test]
 async fn aged_connections_are_closed_so_clients_rebalance() {
-    let mut config = mts_shared::testing::config();
+    let mut config = mts_testkit::config();
     config.max_connection_age_seconds = 1;
     config.max_connection_age_grace_seconds = 1;
-    let service = mts_shared::testing::Running::start(
-        mts_proto::service_names::EGRESS,
-        config,
-        mts_egress::run,
-    )
-    .await;
+    let service =
+        mts_testkit::Running::start(mts_proto::service_names::EGRESS, config, mts_egress::run)
+            .await;
     let mut client =
         mts_proto::pb::egress_service_client::EgressServiceClient::connect(service.endpoint())
             .await

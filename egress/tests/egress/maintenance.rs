@@ -5,13 +5,13 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
+use mts_config::Config;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::{SetSubjectLimitsRequest, SubjectInfo, SubjectLimits, SubjectRequest};
 use mts_proto::service_names::EGRESS;
-use mts_shared::blob::BlobStore;
-use mts_shared::config::Config;
-use mts_shared::store::Store;
-use mts_shared::testing::{self, Running, TarantoolProcess};
+use mts_storage::blob::BlobStore;
+use mts_storage::store::Store;
+use mts_testkit::{self as testing, Running, TarantoolProcess};
 use tonic::Code;
 use tonic::transport::Channel;
 
@@ -268,7 +268,7 @@ async fn the_orphan_sweep_deletes_this_stores_objects_without_metadata_only() {
         .publish(&subject, &HashMap::new(), None, Some(&orphan), 50)
         .await
         .unwrap_err();
-    assert_eq!(tonic::Status::from(late).code(), Code::Aborted);
+    assert_eq!(mts_runtime::status::store(late).code(), Code::Aborted);
     t.service.stop().await.unwrap();
 }
 

@@ -6,12 +6,12 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
+use mts_config::Config;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::{AckRequest, FetchRequest, GetLastSequenceRequest, Message};
 use mts_proto::service_names::EGRESS;
-use mts_shared::config::Config;
-use mts_shared::store::Store;
-use mts_shared::testing::{self, Running};
+use mts_storage::store::Store;
+use mts_testkit::{self as testing, Running};
 use tonic::transport::Channel;
 
 pub struct Fixture {

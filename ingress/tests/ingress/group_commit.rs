@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mts_shared::store::{self, InlineMessage, Published, Store};
-use mts_shared::testing;
+use mts_storage::store::{self, InlineMessage, Published, Store};
+use mts_testkit as testing;
 use tonic::Code;
 
 fn message(subject: &str, data: impl Into<Bytes>, message_id: Option<&str>) -> InlineMessage {
@@ -103,7 +103,7 @@ async fn a_message_tarantool_refuses_is_answered_alone() {
         matches!(refused, store::Error::Refused { .. }),
         "{refused:?}"
     );
-    let status = tonic::Status::from(refused);
+    let status = mts_runtime::status::store(refused);
     assert_ne!(status.code(), Code::Unknown);
     assert!(status.message().contains("tuple"), "{}", status.message());
     assert_eq!(

@@ -1,7 +1,7 @@
 //! The ingress against the real Tarantool and S3 server that scripts/test.sh
 //! runs.
 
-use mts_shared::config::Config;
+use mts_config::Config;
 
 /// A Tarantool connection of its own, as the services' user, for calling
 /// stored procedures the way a misbehaving client would.

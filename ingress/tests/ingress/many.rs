@@ -4,12 +4,12 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
+use mts_config::Config;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::{PublishRequest, PublishResponse};
 use mts_proto::service_names::INGRESS;
-use mts_shared::config::Config;
-use mts_shared::store::Store;
-use mts_shared::testing::{self, Running};
+use mts_storage::store::Store;
+use mts_testkit::{self as testing, Running};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;

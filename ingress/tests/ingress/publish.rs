@@ -7,9 +7,9 @@ use mts_proto::pb::PublishRequest;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::ingress_service_server::IngressService;
 use mts_proto::service_names::INGRESS;
-use mts_shared::blob::BlobStore;
-use mts_shared::store::Store;
-use mts_shared::testing::{self, Running, TarantoolProcess};
+use mts_storage::blob::BlobStore;
+use mts_storage::store::Store;
+use mts_testkit::{self as testing, Running, TarantoolProcess};
 use tonic::Code;
 
 async fn start() -> (Running, IngressServiceClient<tonic::transport::Channel>) {
@@ -225,7 +225,7 @@ async fn a_settled_object_can_never_be_committed_late() {
     let key = format!("{subject}/late");
     assert_eq!(
         store
-            .settle_object(&key, mts_shared::store::Error::closed())
+            .settle_object(&key, mts_storage::store::Error::closed())
             .await
             .unwrap(),
         None
@@ -234,7 +234,7 @@ async fn a_settled_object_can_never_be_committed_late() {
         .publish(&subject, &HashMap::new(), None, Some(&key), 10)
         .await
         .unwrap_err();
-    assert_eq!(tonic::Status::from(late).code(), Code::Aborted);
+    assert_eq!(mts_runtime::status::store(late).code(), Code::Aborted);
     assert_eq!(store.last_seq(&subject).await.unwrap(), 0);
 
     let committed = format!("{subject}/committed");
@@ -244,17 +244,15 @@ async fn a_settled_object_can_never_be_committed_late() {
         .unwrap();
     assert_eq!(
         store
-            .settle_object(&committed, mts_shared::store::Error::closed())
+            .settle_object(&committed, mts_storage::store::Error::closed())
             .await
             .unwrap(),
         Some(seq)
     );
 }
 
-fn authenticator(
-    config: &mts_shared::config::Config,
-) -> std::sync::Arc<mts_shared::auth::Authenticator> {
-    std::sync::Arc::new(mts_shared::auth::Authenticator::from_config(config).unwrap())
+fn authenticator(config: &mts_config::Config) -> std::sync::Arc<mts_runtime::auth::Authenticator> {
+    std::sync::Arc::new(mts_runtime::auth::Authenticator::from_config(config).unwrap())
 }
 
 async fn raw_client(tarantool: &TarantoolProcess) -> tarant::Client {

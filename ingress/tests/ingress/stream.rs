@@ -4,14 +4,14 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
+use mts_config::Config;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{PublishEnd, PublishFrame, PublishHeader, PublishRequest, PublishResponse};
 use mts_proto::service_names::INGRESS;
-use mts_shared::blob::BlobStore;
-use mts_shared::config::Config;
-use mts_shared::store::Store;
-use mts_shared::testing::{self, Running};
+use mts_storage::blob::BlobStore;
+use mts_storage::store::Store;
+use mts_testkit::{self as testing, Running};
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -384,7 +384,7 @@ async fn a_message_id_is_stored_once_per_subject_within_the_window() {
 
 #[tokio::test]
 async fn a_streamed_put_stores_all_or_nothing() {
-    use mts_shared::blob::StreamedBody;
+    use mts_storage::blob::StreamedBody;
     let blobs = BlobStore::new(&testing::config());
     let subject = testing::unique_subject("streamed-put");
     let data: Vec<u8> = (0..3 * MIB + 5).map(|i| (i * 13 % 251) as u8).collect();

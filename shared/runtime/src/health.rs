@@ -10,8 +10,8 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
-use crate::blob::BlobStore;
-use crate::store::Store;
+use mts_storage::blob::BlobStore;
+use mts_storage::store::Store;
 
 /// The health service name that is SERVING for as long as the process runs.
 pub const LIVENESS: &str = "liveness";

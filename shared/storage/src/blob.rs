@@ -12,7 +12,7 @@ use aws_sdk_s3::error::{ProvideErrorMetadata, SdkError};
 use aws_sdk_s3::primitives::ByteStream;
 use bytes::Bytes;
 
-use crate::config::Config;
+use mts_config::Config;
 
 /// How long connecting to the object store may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
@@ -159,7 +159,7 @@ pub struct BlobStore {
     key_prefix: String,
     /// How long one call may take (`minio_timeout_ms`).
     timeout: Duration,
-    metrics: Option<std::sync::Arc<crate::metrics::Metrics>>,
+    observer: Option<std::sync::Arc<dyn crate::Observer>>,
 }
 
 impl BlobStore {
@@ -190,7 +190,7 @@ impl BlobStore {
             bucket: config.minio_bucket_name.clone(),
             key_prefix: config.minio_key_prefix.clone(),
             timeout: config.minio_timeout(),
-            metrics: None,
+            observer: None,
         }
     }
 
@@ -218,9 +218,9 @@ impl BlobStore {
         )
     }
 
-    /// Records every call's latency and failures in `metrics`.
-    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::Metrics>) -> Self {
-        self.metrics = Some(metrics);
+    /// Tells `observer` of every call's latency and outcome.
+    pub fn with_observer(mut self, observer: std::sync::Arc<dyn crate::Observer>) -> Self {
+        self.observer = Some(observer);
         self
     }
 
@@ -232,9 +232,9 @@ impl BlobStore {
     ) -> Result<T, Error> {
         let started = std::time::Instant::now();
         let result = call.await;
-        if let Some(metrics) = &self.metrics {
+        if let Some(observer) = &self.observer {
             let failed = matches!(result, Err(Error::Unavailable(_) | Error::Rejected(_)));
-            metrics.dependency_call("s3", operation, started.elapsed().as_secs_f64(), !failed);
+            observer.call("s3", operation, started.elapsed().as_secs_f64(), !failed);
         }
         result
     }
@@ -679,17 +679,6 @@ impl Upload {
                 .await
                 .map(drop)
                 .map_err(|e| Error::from_sdk(e, |_| None))
-        }
-    }
-}
-
-impl From<Error> for tonic::Status {
-    fn from(err: Error) -> Self {
-        match &err {
-            Error::Unavailable(_) | Error::Rejected(_) => {
-                tonic::Status::unavailable(format!("object store unavailable, retry later: {err}"))
-            }
-            Error::NotFound(_) => tonic::Status::not_found(err.to_string()),
         }
     }
 }

@@ -15,12 +15,12 @@ use std::sync::Arc;
 
 use tower::layer::util::{Identity, Stack};
 
-use crate::blob::BlobStore;
-use crate::config::Config;
 use crate::dependencies;
 use crate::health::Health;
 use crate::metrics::{Metrics, MetricsLayer};
-use crate::store::Store;
+use mts_config::Config;
+use mts_storage::blob::BlobStore;
+use mts_storage::store::Store;
 
 /// Largest HTTP/2 frame a peer may send (the protocol's default is 16 KiB).
 const MAX_FRAME_BYTES: u32 = 256 * 1024;
@@ -76,9 +76,10 @@ impl Setup {
         let auth = Arc::new(crate::auth::Authenticator::from_config(config)?);
         let metrics = Metrics::new();
         let (store, blobs) = dependencies::connect(config).await?;
+        let observer: Arc<dyn mts_storage::Observer> = metrics.clone();
         let (store, blobs) = (
-            store.with_metrics(Arc::clone(&metrics)),
-            blobs.with_metrics(Arc::clone(&metrics)),
+            store.with_observer(Arc::clone(&observer)),
+            blobs.with_observer(observer),
         );
         let admin = TcpListener::bind(SocketAddr::new(host(config)?, config.metrics_port)).await?;
         let (health, health_server) = Health::new(name).await;
@@ -292,7 +293,7 @@ where
     E: std::fmt::Display,
 {
     use std::process::ExitCode;
-    let config = match crate::config::from_process(default_port) {
+    let config = match mts_config::from_process(default_port) {
         Ok(config) => config,
         Err(err) => {
             eprintln!("{name}: {err}");

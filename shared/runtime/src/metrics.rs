@@ -270,26 +270,6 @@ impl Metrics {
         }
     }
 
-    /// Records one call to a dependency.
-    pub fn dependency_call(
-        &self,
-        dependency: &'static str,
-        operation: &'static str,
-        seconds: f64,
-        ok: bool,
-    ) {
-        let labels = OperationLabels {
-            dependency,
-            operation,
-        };
-        self.dependency_calls
-            .get_or_create(&labels)
-            .observe(seconds);
-        if !ok {
-            self.dependency_errors.get_or_create(&labels).inc();
-        }
-    }
-
     /// Records a stored publish.
     pub fn published(&self, offloaded: bool, bytes: u64, seconds: f64) {
         let labels = StorageLabels {
@@ -313,7 +293,7 @@ impl Metrics {
     }
 
     /// Replaces the consumer lag gauges with `lag`.
-    pub fn set_consumer_lag(&self, lag: &[crate::store::ConsumerLag]) {
+    pub fn set_consumer_lag(&self, lag: &[mts_storage::store::ConsumerLag]) {
         self.consumer_pending.clear();
         self.consumer_ack_pending.clear();
         self.consumer_oldest_unacked.clear();
@@ -568,6 +548,26 @@ impl<B: http_body::Body> http_body::Body for CountedBody<B> {
 
     fn size_hint(&self) -> http_body::SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// The stores report every call here.
+impl mts_storage::Observer for Metrics {
+    fn call(&self, dependency: &'static str, operation: &'static str, seconds: f64, ok: bool) {
+        let labels = OperationLabels {
+            dependency,
+            operation,
+        };
+        self.dependency_calls
+            .get_or_create(&labels)
+            .observe(seconds);
+        if !ok {
+            self.dependency_errors.get_or_create(&labels).inc();
+        }
+    }
+
+    fn group_commit(&self, messages: usize) {
+        self.group_commit_messages.observe(messages as f64);
     }
 }
 

@@ -12,7 +12,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use tarant::{Args, Client, ConnectOptions, ErrorCode};
 
-use crate::config::Config;
+use mts_config::Config;
 
 mod group_commit;
 
@@ -70,7 +70,28 @@ pub enum Error {
     },
 }
 
+/// Refusals of Tarantool's that callers answer in their own way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refusal {
+    /// Tarantool is out of memory for data.
+    Full,
+    /// The publish reached Tarantool after its deadline; nothing was stored.
+    Late,
+    /// The publish named an object key that was given up on.
+    Abandoned,
+}
+
 impl Error {
+    /// Which of the refusals callers tell apart this is, if any.
+    pub fn refusal(&self) -> Option<Refusal> {
+        match self.server_code() {
+            Some(MEMORY_ISSUE) => Some(Refusal::Full),
+            Some(LATE) => Some(Refusal::Late),
+            Some(ABANDONED) => Some(Refusal::Abandoned),
+            _ => None,
+        }
+    }
+
     /// Whether a write may or may not have been applied: the call reached
     /// the wire but no verdict came back.
     pub fn outcome_unknown(&self) -> bool {
@@ -415,7 +436,7 @@ pub struct Store {
     client: Client,
     timeout: Duration,
     schema_lock: Arc<tokio::sync::Mutex<()>>,
-    metrics: Option<Arc<crate::metrics::Metrics>>,
+    observer: Option<Arc<dyn crate::Observer>>,
     /// Where `publish_inline` queues (see `group_commit`); `None` only in
     /// the store the queue's own task calls through.
     group: Option<group_commit::Queue>,
@@ -448,7 +469,7 @@ impl Store {
             client,
             timeout: config.tarantool_timeout(),
             schema_lock: Arc::default(),
-            metrics: None,
+            observer: None,
             group: None,
             identity: Arc::new(Mutex::new(Identity {
                 store_id: String::new(),
@@ -485,9 +506,9 @@ impl Store {
         }
     }
 
-    /// Records every call's latency and failures in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<crate::metrics::Metrics>) -> Self {
-        self.metrics = Some(metrics);
+    /// Tells `observer` of every call's latency and outcome.
+    pub fn with_observer(mut self, observer: Arc<dyn crate::Observer>) -> Self {
+        self.observer = Some(observer);
         self.with_group_commit()
     }
 
@@ -522,10 +543,10 @@ impl Store {
     ) -> Result<R, Error> {
         let started = std::time::Instant::now();
         let result = self.call_healing(name, args, limit).await;
-        if let Some(metrics) = &self.metrics {
+        if let Some(observer) = &self.observer {
             // A long-poll's wait is not latency.
             if name != "mts_wait" {
-                metrics.dependency_call(
+                observer.call(
                     "tarantool",
                     name,
                     started.elapsed().as_secs_f64(),
@@ -1055,32 +1076,6 @@ fn sequences(value: &tarant::Value) -> Vec<u64> {
         .as_array()
         .map(|items| items.iter().filter_map(tarant::Value::as_u64).collect())
         .unwrap_or_default()
-}
-
-impl From<Error> for tonic::Status {
-    fn from(err: Error) -> Self {
-        match &err {
-            Error::Unavailable(_) | Error::Timeout(_) => tonic::Status::unavailable(format!(
-                "metadata store unavailable, retry later: {err}"
-            )),
-            // DEADLINE_EXCEEDED is gRPC's "may or may not have completed".
-            Error::OutcomeUnknown { .. } => tonic::Status::deadline_exceeded(format!(
-                "{err}; to retry without storing twice, publish again with the same message_id"
-            )),
-            _ if err.server_code() == Some(MEMORY_ISSUE) => tonic::Status::resource_exhausted(
-                format!("metadata store is full; free space or raise memtx_memory: {err}"),
-            ),
-            _ if err.server_code() == Some(LATE) => tonic::Status::unavailable(format!(
-                "metadata store was too slow, retry later: {err}"
-            )),
-            _ if err.server_code() == Some(ABANDONED) => tonic::Status::aborted(format!(
-                "publish was abandoned after a timeout; publish again: {err}"
-            )),
-            Error::Full(_) | Error::Rejected(_) | Error::Refused { .. } | Error::Protocol(_) => {
-                tonic::Status::internal(format!("metadata store error: {err}"))
-            }
-        }
-    }
 }
 
 #[cfg(test)]

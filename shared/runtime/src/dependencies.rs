@@ -4,9 +4,9 @@
 
 use std::time::{Duration, Instant};
 
-use crate::blob::{self, BlobStore};
-use crate::config::Config;
-use crate::store::{self, Store};
+use mts_config::Config;
+use mts_storage::blob::{self, BlobStore};
+use mts_storage::store::{self, Store};
 
 /// A dependency that stayed unreachable for the whole start-up window.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +66,7 @@ async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(
             Ok(value) => return Ok(value),
             Err(err) if Instant::now() + backoff < deadline => {
                 tracing::warn!(dependency = what, %err, retry_in = ?backoff, "dependency not ready");
-                tokio::time::sleep(crate::backoff::jittered(backoff)).await;
+                tokio::time::sleep(mts_storage::backoff::jittered(backoff)).await;
                 backoff = (backoff * 2).min(Duration::from_secs(5));
             }
             Err(err) => return Err(err),

@@ -5,8 +5,8 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use bytes::Bytes;
-use mts_shared::config::Config;
-use mts_shared::store::InlineMessage;
+use mts_config::Config;
+use mts_storage::store::InlineMessage;
 
 mod identity;
 mod limits;

@@ -1,8 +1,8 @@
 //! The store's identity: drawn once with the schema, kept across restarts
 //! and re-applications, different for every new store.
 
-use mts_shared::store::Store;
-use mts_shared::testing::TarantoolProcess;
+use mts_storage::store::Store;
+use mts_testkit::TarantoolProcess;
 
 #[tokio::test]
 async fn a_store_keeps_its_identity_and_a_new_one_gets_its_own() {

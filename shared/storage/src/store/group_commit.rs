@@ -207,8 +207,8 @@ fn gather(first: Queued, queue: &mut mpsc::UnboundedReceiver<Queued>) -> Vec<Que
 /// Stores `batch` in one call and answers each message; a lost answer is
 /// settled in a task of its own, so that the queue goes on meanwhile.
 async fn commit(store: Store, mut batch: Vec<Queued>, answered: Answered) {
-    if let Some(metrics) = &store.metrics {
-        metrics.group_commit_messages.observe(batch.len() as f64);
+    if let Some(observer) = &store.observer {
+        observer.group_commit(batch.len());
     }
     let attempt = uuid::Uuid::now_v7().simple().to_string();
     let forget = answered.take();

@@ -8,10 +8,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use crate::config::Config;
+use mts_config::Config;
 
 /// The Tarantool init script of local and test instances.
-pub const LOCAL_TARANTOOL_INIT: &str = include_str!("../../scripts/tarantool/init.lua");
+pub const LOCAL_TARANTOOL_INIT: &str = include_str!("../../../scripts/tarantool/init.lua");
 
 fn required(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -31,7 +31,7 @@ pub fn config() -> Config {
     config.minio_access_key_id = required("MTS_TEST_S3_ACCESS_KEY");
     config.minio_secret_access_key = required("MTS_TEST_S3_SECRET_KEY");
     config.minio_bucket_name = required("MTS_TEST_S3_BUCKET");
-    config.log_format = crate::config::LogFormat::Console;
+    config.log_format = mts_config::LogFormat::Console;
     config.health_check_interval_ms = 200;
     config.metrics_port = 0;
     config.startup_timeout_seconds = 20;
@@ -540,8 +540,8 @@ async fn forward(
 /// Where the ingress puts the payloads of `subject` in the store `config`
 /// names: the key prefix to list them by.
 pub async fn payload_prefix(config: &Config, subject: &str) -> String {
-    let store = crate::store::Store::connect(config)
+    let store = mts_storage::store::Store::connect(config)
         .await
         .expect("connect to the test Tarantool");
-    crate::blob::BlobStore::new(config).subject_prefix(&store.identity().store_id, subject)
+    mts_storage::blob::BlobStore::new(config).subject_prefix(&store.identity().store_id, subject)
 }

@@ -5,8 +5,8 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use mts_shared::store::{ConsumerSettings, DeliverPolicy, Limits, NewMessage, Payload, Store};
-use mts_shared::testing::{self, TarantoolProcess};
+use mts_storage::store::{ConsumerSettings, DeliverPolicy, Limits, NewMessage, Payload, Store};
+use mts_testkit::{self as testing, TarantoolProcess};
 
 /// Runs retention over every subject of `store` with default `limits`.
 async fn retention(store: &Store, limits: Limits) -> u64 {
@@ -167,7 +167,7 @@ async fn every_procedure_takes_integers_at_their_limits() {
         let beyond = store.ack(&subject, "all", edge).await.unwrap();
         assert_eq!(
             beyond,
-            mts_shared::store::AckOutcome::BeyondLast { last: 3 },
+            mts_storage::store::AckOutcome::BeyondLast { last: 3 },
             "{what}"
         );
         assert!(

@@ -11,7 +11,7 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
 use tonic::metadata::MetadataMap;
 
-use crate::config::Config;
+use mts_config::Config;
 
 /// What a call does, as tokens grant it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -3,8 +3,8 @@
 //! stored" only when that is true, and "unknown" when Tarantool cannot be
 //! asked in time.
 
-use mts_shared::store::{Error, Store};
-use mts_shared::testing::{self, LossyProxy, TarantoolProcess};
+use mts_storage::store::{Error, Store};
+use mts_testkit::{self as testing, LossyProxy, TarantoolProcess};
 
 use crate::{inline, raw_client};
 
@@ -77,13 +77,6 @@ async fn when_tarantool_cannot_be_asked_in_time_the_outcome_is_unknown() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::OutcomeUnknown { .. }), "{err:?}");
-    let status = tonic::Status::from(err);
-    assert_eq!(status.code(), tonic::Code::DeadlineExceeded);
-    assert!(
-        status.message().contains("message_id"),
-        "{}",
-        status.message()
-    );
     // It was in fact stored: "unknown" was the truthful answer, "not stored" would not have been.
     assert_eq!(direct.last_seq(&subject).await.unwrap(), 1);
     proxy.refuse_connections(false);

@@ -1,0 +1,116 @@
+//! The gRPC status of each failure of the stores: what both services answer
+//! when Tarantool or the object store fails. A service's own error type maps
+//! its store failures through these, in its one error→status match.
+
+use mts_storage::{blob, store};
+use tonic::Status;
+
+/// The status of a Tarantool failure.
+pub fn store(err: store::Error) -> Status {
+    use store::{Error, Refusal};
+    match (&err, err.refusal()) {
+        (Error::Unavailable(_) | Error::Timeout(_), _) => {
+            Status::unavailable(format!("metadata store unavailable, retry later: {err}"))
+        }
+        // DEADLINE_EXCEEDED is gRPC's "may or may not have completed".
+        (Error::OutcomeUnknown { .. }, _) => Status::deadline_exceeded(format!(
+            "{err}; to retry without storing twice, publish again with the same message_id"
+        )),
+        (_, Some(Refusal::Full)) => Status::resource_exhausted(format!(
+            "metadata store is full; free space or raise memtx_memory: {err}"
+        )),
+        (_, Some(Refusal::Late)) => {
+            Status::unavailable(format!("metadata store was too slow, retry later: {err}"))
+        }
+        (_, Some(Refusal::Abandoned)) => Status::aborted(format!(
+            "publish was abandoned after a timeout; publish again: {err}"
+        )),
+        (
+            Error::Full(_) | Error::Rejected(_) | Error::Refused { .. } | Error::Protocol(_),
+            None,
+        ) => Status::internal(format!("metadata store error: {err}")),
+    }
+}
+
+/// The status of an object-store failure.
+pub fn object_store(err: blob::Error) -> Status {
+    match &err {
+        blob::Error::Unavailable(_) | blob::Error::Rejected(_) => {
+            Status::unavailable(format!("object store unavailable, retry later: {err}"))
+        }
+        blob::Error::NotFound(_) => Status::not_found(err.to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use tonic::Code;
+
+    #[test]
+    fn each_store_failure_has_its_code() {
+        let cases = [
+            (store::Error::closed(), Code::Unavailable),
+            (
+                store::Error::Timeout(Duration::from_secs(1)),
+                Code::Unavailable,
+            ),
+            (store::Error::protocol("x"), Code::Internal),
+            (
+                store::Error::Refused {
+                    code: 2,
+                    reason: "Failed to allocate".into(),
+                },
+                Code::ResourceExhausted,
+            ),
+            (
+                store::Error::Refused {
+                    code: 10002,
+                    reason: "late".into(),
+                },
+                Code::Unavailable,
+            ),
+            (
+                store::Error::Refused {
+                    code: 10001,
+                    reason: "abandoned".into(),
+                },
+                Code::Aborted,
+            ),
+            (
+                store::Error::OutcomeUnknown {
+                    cause: Box::new(store::Error::closed()),
+                    waited: Duration::from_secs(1),
+                },
+                Code::DeadlineExceeded,
+            ),
+        ];
+        for (err, code) in cases {
+            let text = err.to_string();
+            assert_eq!(store(err).code(), code, "{text}");
+        }
+        let unknown = store(store::Error::OutcomeUnknown {
+            cause: Box::new(store::Error::closed()),
+            waited: Duration::from_secs(1),
+        });
+        assert!(
+            unknown.message().contains("message_id"),
+            "{}",
+            unknown.message()
+        );
+    }
+
+    #[test]
+    fn each_object_store_failure_has_its_code() {
+        assert_eq!(
+            object_store(blob::Error::Unavailable("x".into())).code(),
+            Code::Unavailable
+        );
+        assert_eq!(
+            object_store(blob::Error::NotFound("k".into())).code(),
+            Code::NotFound
+        );
+    }
+}

@@ -20,7 +20,8 @@ fi
 
 rendered=$(mktemp)
 trap 'rm -f "$rendered"' EXIT
-kubectl kustomize "$dir" >"$rendered"
+# The Tarantool ConfigMap is generated from shared/storage/lua, outside k8s/.
+kubectl kustomize --load-restrictor LoadRestrictionsNone "$dir" >"$rendered"
 if [ -n "${IMAGE_TAG:-}" ]; then
     sed -i -E "s#image: (minitoolstream-(ingress|egress)):[^[:space:]]+#image: \1:${IMAGE_TAG}#" "$rendered"
 fi

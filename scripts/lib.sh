@@ -65,15 +65,31 @@ wait_port() { # host port seconds what
 
 pid_alive() { [ -f "$1" ] && kill -0 "$(cat "$1")" 2>/dev/null; }
 
-# start_tarantool DIR PORT PASSWORD — WAL, snapshots and log in DIR.
+# start_tarantool DIR PORT PASSWORD [ADMIN_PASSWORD] — the production init
+# (shared/storage/lua/init.lua: schema loaded, the service user with the
+# minitoolstream role only); WAL, snapshots and log in DIR. With
+# ADMIN_PASSWORD, a user mts_test_admin with every right too, for tests that
+# inspect or break Tarantool on purpose. MTS_TARANTOOL_MEMTX_MB sets memtx
+# memory (256 MiB).
 start_tarantool() {
-    local dir=$1 port=$2 password=$3 here
-    here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+    local dir=$1 port=$2 password=$3 admin=${4:-} lua
+    lua=$(cd "$(dirname "${BASH_SOURCE[0]}")/../shared/storage/lua" && pwd)
     mkdir -p "$dir"
-    cp "$here/tarantool/init.lua" "$dir/init.lua"
+    cp "$lua/init.lua" "$lua/minitoolstream.lua" "$dir/"
+    local extra=''
+    if [ -n "$admin" ]; then
+        extra="$dir/test-admin.lua"
+        cat >"$extra" <<LUA
+box.schema.user.create('mts_test_admin', {password = '$admin', if_not_exists = true})
+box.schema.user.grant('mts_test_admin', 'read,write,execute,create,alter,drop', 'universe', nil, {if_not_exists = true})
+LUA
+    fi
     (
         cd "$dir" || exit 1
-        MTS_TARANTOOL_LISTEN="127.0.0.1:$port" MTS_TARANTOOL_DIR="$dir" MTS_TARANTOOL_PASSWORD="$password" \
+        TARANTOOL_LISTEN="127.0.0.1:$port" TARANTOOL_WORK_DIR="$dir" TARANTOOL_PASSWORD="$password" \
+            TARANTOOL_USER=minitoolstream_connector TARANTOOL_LOG="$dir/tarantool.log" \
+            TARANTOOL_MEMTX_MEMORY=$(( ${MTS_TARANTOOL_MEMTX_MB:-256} * 1024 * 1024 )) \
+            MTS_SCHEMA_FILE="$dir/minitoolstream.lua" TARANTOOL_INIT_EXTRA="$extra" \
             exec tarantool init.lua >>"$dir/stdout.log" 2>&1
     ) &
     echo $! >"$dir/tarantool.pid"

@@ -24,17 +24,19 @@ tarantool_port=$(free_port)
 s3_port=$(free_port)
 rpc_port=$(free_port)
 password=$(openssl rand -hex 12)
+admin_password=$(openssl rand -hex 12)
 access_key="GK$(openssl rand -hex 12)"
 secret_key=$(openssl rand -hex 32)
 
 log "starting tarantool on 127.0.0.1:$tarantool_port"
-start_tarantool "$work/tarantool" "$tarantool_port" "$password"
+start_tarantool "$work/tarantool" "$tarantool_port" "$password" "$admin_password"
 log "starting garage (S3) on 127.0.0.1:$s3_port"
 start_garage "$work/garage" "$s3_port" "$rpc_port" "$access_key" "$secret_key" minitoolstream-test
 
 export MTS_TEST_TARANTOOL_ADDRESS="127.0.0.1:$tarantool_port"
 export MTS_TEST_TARANTOOL_USER=minitoolstream_connector
 export MTS_TEST_TARANTOOL_PASSWORD="$password"
+export MTS_TEST_TARANTOOL_ADMIN_PASSWORD="$admin_password"
 export MTS_TEST_S3_ENDPOINT="http://127.0.0.1:$s3_port"
 export MTS_TEST_S3_ACCESS_KEY="$access_key"
 export MTS_TEST_S3_SECRET_KEY="$secret_key"

@@ -20,10 +20,10 @@ kubectl cluster-info --request-timeout=5s >/dev/null 2>&1 \
 if [ "$purge" = 1 ]; then
     log "deleting everything in $dir, data volumes included"
     kubectl -n minitoolstream delete pvc -l 'app in (tarantool,minio)' --ignore-not-found
-    kubectl delete -k "$dir" --ignore-not-found
+    kubectl kustomize --load-restrictor LoadRestrictionsNone "$dir" | kubectl delete -f - --ignore-not-found
 else
     log "deleting the workloads of $dir; namespace, Secret and data volumes stay"
-    kubectl kustomize "$dir" | python3 -c '
+    kubectl kustomize --load-restrictor LoadRestrictionsNone "$dir" | python3 -c '
 import sys, yaml
 keep = {"Namespace", "Secret"}
 docs = [d for d in yaml.safe_load_all(sys.stdin) if d and d["kind"] not in keep]

@@ -221,14 +221,7 @@ async fn streams_on_one_subject_share_one_waiter_in_tarantool() {
                 .into_inner(),
         );
     }
-    let admin = tarant::Client::connect(&format!(
-        "tarantool://{}:{}@{}",
-        std::env::var("MTS_TEST_TARANTOOL_USER").unwrap(),
-        std::env::var("MTS_TEST_TARANTOOL_PASSWORD").unwrap(),
-        std::env::var("MTS_TEST_TARANTOOL_ADDRESS").unwrap()
-    ))
-    .await
-    .unwrap();
+    let admin = testing::admin_client().await;
     let waiters = |subject: String| {
         let admin = admin.clone();
         async move {

@@ -278,7 +278,8 @@ async fn one_replica_at_a_time_holds_the_maintenance_lease() {
     let second = Running::start(EGRESS, t.config.clone(), mts_egress::run).await;
     let holder = || async {
         let (holders,): (Vec<String>,) = t
-            .raw()
+            .tarantool
+            .admin_client()
             .await
             .eval("local h = {} for _, l in box.space.mts_leases:pairs() do h[#h + 1] = l[2] end return h", ())
             .await
@@ -293,17 +294,6 @@ async fn one_replica_at_a_time_holds_the_maintenance_lease() {
     }
     second.stop().await.unwrap();
     t.service.stop().await.unwrap();
-}
-
-impl Isolated {
-    async fn raw(&self) -> tarant::Client {
-        tarant::Client::connect(&format!(
-            "tarantool://minitoolstream_connector:minitoolstream@{}",
-            self.tarantool.address()
-        ))
-        .await
-        .unwrap()
-    }
 }
 
 #[tokio::test]

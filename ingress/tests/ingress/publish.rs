@@ -184,7 +184,8 @@ async fn refused_commit_removes_the_uploaded_object() {
     let store = Store::connect(&config).await.unwrap();
     // A stand-in for any refusal (space full, permission): the real procedure
     // replaced in this test's own Tarantool by one that always raises.
-    let _: Vec<tarant::Value> = raw_client(&tarantool)
+    let _: Vec<tarant::Value> = tarantool
+        .admin_client()
         .await
         .eval(
             "rawset(_G, 'mts_publish', function() error('commit refused for the test') end)",
@@ -253,15 +254,6 @@ async fn a_settled_object_can_never_be_committed_late() {
 
 fn authenticator(config: &mts_config::Config) -> std::sync::Arc<mts_runtime::auth::Authenticator> {
     std::sync::Arc::new(mts_runtime::auth::Authenticator::from_config(config).unwrap())
-}
-
-async fn raw_client(tarantool: &TarantoolProcess) -> tarant::Client {
-    tarant::Client::connect(&format!(
-        "tarantool://minitoolstream_connector:minitoolstream@{}",
-        tarantool.address()
-    ))
-    .await
-    .unwrap()
 }
 
 #[tokio::test]

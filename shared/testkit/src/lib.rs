@@ -10,8 +10,40 @@ use std::time::{Duration, Instant};
 
 use mts_config::Config;
 
-/// The Tarantool init script of local and test instances.
-pub const LOCAL_TARANTOOL_INIT: &str = include_str!("../../../scripts/tarantool/init.lua");
+/// The Tarantool init every deployment runs, tests included: the schema
+/// loaded, the service user with the `minitoolstream` role only.
+pub const TARANTOOL_INIT: &str = include_str!("../../storage/lua/init.lua");
+
+/// A user with every right, which test Tarantools have besides the service
+/// user, for tests that inspect Tarantool or break it on purpose.
+pub const ADMIN_USER: &str = "mts_test_admin";
+
+/// The admin's password in the Tarantools tests start themselves.
+const OWN_ADMIN_PASSWORD: &str = "mts-test-admin";
+
+/// The Lua that creates the admin user, run by the init before it listens.
+fn admin_lua(password: &str) -> String {
+    format!(
+        "box.schema.user.create('{ADMIN_USER}', {{password = '{password}', if_not_exists = true}})\n\
+         box.schema.user.grant('{ADMIN_USER}', 'read,write,execute,create,alter,drop', 'universe', nil, {{if_not_exists = true}})\n"
+    )
+}
+
+/// An admin connection to the Tarantool at `address`.
+async fn admin_at(address: &str, password: &str) -> tarant::Client {
+    tarant::Client::connect(&format!("tarantool://{ADMIN_USER}:{password}@{address}"))
+        .await
+        .expect("connect to Tarantool as the test admin")
+}
+
+/// An admin connection to the Tarantool that `scripts/test.sh` started.
+pub async fn admin_client() -> tarant::Client {
+    admin_at(
+        &required("MTS_TEST_TARANTOOL_ADDRESS"),
+        &required("MTS_TEST_TARANTOOL_ADMIN_PASSWORD"),
+    )
+    .await
+}
 
 fn required(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| {
@@ -170,7 +202,16 @@ impl TarantoolProcess {
         let dir =
             std::env::temp_dir().join(format!("mts-tarantool-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).expect("create tarantool dir");
-        std::fs::write(dir.join("init.lua"), LOCAL_TARANTOOL_INIT).expect("write init.lua");
+        for (name, text) in [
+            ("init.lua", TARANTOOL_INIT.to_owned()),
+            (
+                "minitoolstream.lua",
+                mts_storage::store::SCHEMA_LUA.to_owned(),
+            ),
+            ("test-admin.lua", admin_lua(OWN_ADMIN_PASSWORD)),
+        ] {
+            std::fs::write(dir.join(name), text).expect("write the tarantool init");
+        }
         let mut process = Self {
             dir,
             port: free_port(),
@@ -189,15 +230,25 @@ impl TarantoolProcess {
         let child = Command::new("tarantool")
             .arg(self.dir.join("init.lua"))
             .current_dir(&self.dir)
-            .env("MTS_TARANTOOL_LISTEN", format!("127.0.0.1:{}", self.port))
-            .env("MTS_TARANTOOL_DIR", &self.dir)
-            .env("MTS_TARANTOOL_PASSWORD", "minitoolstream")
+            .env("TARANTOOL_LISTEN", format!("127.0.0.1:{}", self.port))
+            .env("TARANTOOL_WORK_DIR", &self.dir)
+            .env("TARANTOOL_PASSWORD", "minitoolstream")
+            .env("TARANTOOL_USER", "minitoolstream_connector")
+            .env("TARANTOOL_MEMTX_MEMORY", (256u64 << 20).to_string())
+            .env("TARANTOOL_LOG", self.dir.join("tarantool.log"))
+            .env("MTS_SCHEMA_FILE", self.dir.join("minitoolstream.lua"))
+            .env("TARANTOOL_INIT_EXTRA", self.dir.join("test-admin.lua"))
             .stdout(Stdio::from(log.try_clone().expect("clone log handle")))
             .stderr(Stdio::from(log))
             .spawn()
             .expect("start tarantool (is it installed? scripts/test.sh installs it)");
         self.child = Some(child);
         wait_listening("tarantool", self.address(), &self.dir.join("tarantool.log"));
+    }
+
+    /// An admin connection to it.
+    pub async fn admin_client(&self) -> tarant::Client {
+        admin_at(&self.address(), OWN_ADMIN_PASSWORD).await
     }
 
     /// `host:port` it listens on.

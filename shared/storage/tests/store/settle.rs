@@ -166,7 +166,7 @@ async fn answered_attempts_do_not_pile_up() {
     for _ in 0..50 {
         store.publish_inline(inline(&subject, b"m")).await.unwrap();
     }
-    let client = crate::raw_client(&config).await;
+    let client = tarantool.admin_client().await;
     let (rows,): (u64,) = client
         .eval("return box.space.mts_attempts:len()", ())
         .await

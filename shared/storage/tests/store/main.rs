@@ -8,8 +8,10 @@ use bytes::Bytes;
 use mts_config::Config;
 use mts_storage::store::InlineMessage;
 
+mod consumers;
 mod identity;
 mod limits;
+mod publishing;
 mod settle;
 
 /// A Tarantool connection of its own, as the services' user, for calling

@@ -22,9 +22,9 @@ use tonic::{Status, Streaming};
 
 use crate::Error;
 use crate::delivery::Payloads;
-use crate::service::{
-    Egress, MAX_SEQUENCES, consumer_names, draining_status, held, sequence_list, wire_messages,
-};
+use crate::delivery::wire_messages;
+use crate::rules::{MAX_SEQUENCES, consumer_names, held, sequence_list};
+use crate::state::{Egress, draining_status};
 
 /// `max_in_flight` when the client gives 0.
 const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
@@ -36,11 +36,6 @@ const MAX_IN_FLIGHT: u32 = 10_000;
 /// stream's frames wait meanwhile (acks ride along with the next call; a nack,
 /// a draining server or a client that left is seen at most this late).
 const HOT_WAIT: Duration = Duration::from_millis(50);
-/// Busy streams of one process that may wait in Tarantool at once; each
-/// waiting call holds one of Tarantool's request slots (`net_msg_max`: 768 by
-/// default, 4096 in the configurations shipped here), shared by every replica
-/// and the subjects' watchers. The rest are woken by the subject's watcher.
-pub(crate) const MAX_HOT_STREAMS: usize = 64;
 /// How long received acks may wait for the next lease to carry them. A busy
 /// stream's acks always find one; a quiet stream's cost one call at most
 /// this often. Bounds how late an ack frees room under `max_ack_pending`.

@@ -1,6 +1,7 @@
 //! Turning a leased message into a wire message: the payload (inline, or
 //! read from the object store), headers, commit time and delivery count.
 
+use futures::{Stream, StreamExt};
 use mts_proto::pb::Message;
 use mts_storage::blob::{self, BlobStore};
 use mts_storage::store::Leased;
@@ -129,4 +130,31 @@ async fn complete(blobs: BlobStore, leased: Leased, payloads: Payloads) -> Resul
         sha256,
         payload_omitted: omitted,
     })
+}
+
+/// Offloaded payloads read from the object store at once per Fetch.
+const PAYLOAD_READS_IN_FLIGHT: usize = 4;
+/// The wire messages of a batch, payloads read a few at a time (one at a
+/// time when any is large and sent whole, so memory holds one such payload),
+/// ending at the first failure so that no later message arrives without an
+/// earlier one.
+pub(crate) fn wire_messages(
+    blobs: BlobStore,
+    batch: Vec<Leased>,
+    payloads: Payloads,
+) -> impl Stream<Item = Result<Message, Error>> + Send {
+    let large = batch.iter().any(|leased| {
+        payloads.reads_whole(&leased.message) && leased.message.size > payloads.limits.omit_above
+    });
+    let reads = if large { 1 } else { PAYLOAD_READS_IN_FLIGHT };
+    futures::stream::iter(batch)
+        .map(move |leased| deliver(blobs.clone(), leased, payloads))
+        .buffered(reads)
+        .scan(false, |failed, item| {
+            let out = if *failed { None } else { Some(item) };
+            if let Some(Err(_)) = &out {
+                *failed = true;
+            }
+            std::future::ready(out)
+        })
 }

@@ -11,7 +11,9 @@ mod error;
 mod maintenance;
 mod notify;
 mod payload;
+mod rules;
 mod service;
+mod state;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,7 +25,7 @@ use mts_runtime::server;
 use tokio::net::TcpListener;
 
 pub use error::Error;
-pub use service::Egress;
+pub use state::Egress;
 
 /// The gRPC port of the deployment guide.
 pub const DEFAULT_PORT: u16 = 50052;

@@ -1,8 +1,8 @@
-//! The egress RPCs: thin adapters that validate, call an inner function and
-//! map its error to a status.
+//! The egress RPCs: thin adapters that authenticate, validate, call an inner
+//! function and map its error to a status (Consume and FetchPayload have
+//! modules of their own).
 
 use std::pin::Pin;
-use std::sync::Arc;
 
 use futures::{Stream, StreamExt};
 use mts_config::MAX_RETENTION_AGE_MS;
@@ -17,43 +17,25 @@ use mts_proto::pb::{
     FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectLimits,
     SubjectRequest,
 };
-use mts_runtime::auth::{Authenticator, Permission};
-use mts_runtime::metrics::Metrics;
+use mts_runtime::auth::Permission;
 use mts_runtime::validate;
-use mts_storage::blob::BlobStore;
-use mts_storage::store::{AckOutcome, Leased, Limits, NotHeld, Store, SubjectState};
+use mts_storage::store::{AckOutcome, Leased, Limits, SubjectState};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
-use crate::notify::SubjectWatchers;
-use crate::{Error, consume, consumer, delivery};
+use crate::delivery::{self, wire_messages};
+use crate::rules::{consumer_names, held, sequence_list};
+use crate::state::{Egress, draining_status};
+use crate::{Error, consume, consumer};
 
 /// Batch size when the client asks for 0 or less.
 const DEFAULT_BATCH: u32 = 10;
 /// Largest batch one Fetch may ask for.
 const MAX_BATCH: i32 = 1000;
-/// Offloaded payloads read from the object store at once per Fetch.
-const PAYLOAD_READS_IN_FLIGHT: usize = 4;
-/// Most sequences one Ack or Nack may name.
-pub(crate) const MAX_SEQUENCES: usize = 10_000;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
-
-/// The egress service state; cheap to clone.
-#[derive(Clone)]
-pub struct Egress {
-    pub(crate) store: Store,
-    pub(crate) blobs: BlobStore,
-    pub(crate) watchers: Arc<SubjectWatchers>,
-    pub(crate) draining: watch::Receiver<bool>,
-    pub(crate) payload_limits: delivery::PayloadLimits,
-    pub(crate) auth: Arc<Authenticator>,
-    pub(crate) metrics: Arc<Metrics>,
-    /// Room for Consume streams whose lease calls wait in Tarantool.
-    pub(crate) hot_streams: Arc<tokio::sync::Semaphore>,
-}
 
 /// Requests that name the subject they touch.
 pub(crate) trait Touches {
@@ -84,109 +66,7 @@ touches!(
     SubjectRequest,
 );
 
-/// Checks a subject and durable name pair.
-pub(crate) fn consumer_names(subject: &str, durable: &str) -> Result<(), validate::Error> {
-    validate::subject(subject)?;
-    validate::durable_name(durable)
-}
-
-/// Checks a list of sequences to ack or nack.
-pub(crate) fn sequence_list(sequences: &[u64]) -> Result<(), validate::Error> {
-    if sequences.is_empty() {
-        return Err(validate::Error::new(
-            "sequences",
-            "name at least one sequence",
-        ));
-    }
-    if sequences.len() > MAX_SEQUENCES {
-        return Err(validate::Error::new(
-            "sequences",
-            format!(
-                "{} sequences; the limit is {MAX_SEQUENCES}",
-                sequences.len()
-            ),
-        ));
-    }
-    if sequences.contains(&0) {
-        return Err(validate::Error::new("sequences", "sequences start at 1"));
-    }
-    Ok(())
-}
-
-/// Maps "the consumer does not hold these" to the service error.
-pub(crate) fn held<T>(
-    subject: &str,
-    durable: &str,
-    verdict: Result<T, NotHeld>,
-) -> Result<T, Error> {
-    verdict.map_err(|NotHeld(sequences)| Error::NotHeld {
-        subject: subject.to_owned(),
-        durable: durable.to_owned(),
-        sequences,
-    })
-}
-
-/// The wire messages of a batch, payloads read a few at a time (one at a
-/// time when any is large and sent whole, so memory holds one such payload),
-/// ending at the first failure so that no later message arrives without an
-/// earlier one.
-pub(crate) fn wire_messages(
-    blobs: BlobStore,
-    batch: Vec<Leased>,
-    payloads: delivery::Payloads,
-) -> impl Stream<Item = Result<Message, Error>> + Send {
-    let large = batch.iter().any(|leased| {
-        payloads.reads_whole(&leased.message) && leased.message.size > payloads.limits.omit_above
-    });
-    let reads = if large { 1 } else { PAYLOAD_READS_IN_FLIGHT };
-    futures::stream::iter(batch)
-        .map(move |leased| delivery::deliver(blobs.clone(), leased, payloads))
-        .buffered(reads)
-        .scan(false, |failed, item| {
-            let out = if *failed { None } else { Some(item) };
-            if let Some(Err(_)) = &out {
-                *failed = true;
-            }
-            std::future::ready(out)
-        })
-}
-
 impl Egress {
-    /// A service reading through `store` and `blobs`; open streams end when
-    /// `draining` turns true.
-    pub fn new(
-        store: Store,
-        blobs: BlobStore,
-        watchers: Arc<SubjectWatchers>,
-        draining: watch::Receiver<bool>,
-        payload_limits: delivery::PayloadLimits,
-        auth: Arc<Authenticator>,
-    ) -> Self {
-        Self {
-            store,
-            blobs,
-            watchers,
-            draining,
-            payload_limits,
-            auth,
-            metrics: Metrics::new(),
-            hot_streams: Arc::new(tokio::sync::Semaphore::new(crate::consume::MAX_HOT_STREAMS)),
-        }
-    }
-
-    /// Records streams and deliveries in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
-        self
-    }
-
-    /// Counts a batch handed out.
-    pub(crate) fn count_deliveries(&self, batch: &[Leased]) {
-        self.metrics.deliveries.inc_by(batch.len() as u64);
-        let again = batch.iter().filter(|leased| leased.deliveries > 1).count();
-        self.metrics.redeliveries.inc_by(again as u64);
-    }
-
     /// Authenticates the caller and checks `permission` on the request's subject.
     fn admit<T: Touches>(&self, request: &Request<T>, permission: Permission) -> Result<(), Error> {
         let caller = self.auth.authenticate(request.metadata())?;
@@ -369,11 +249,6 @@ async fn push_notifications(
             }
         }
     }
-}
-
-/// How open streams end when the server drains.
-pub(crate) fn draining_status() -> Status {
-    Status::unavailable("egress is shutting down; reconnect to continue the subscription")
 }
 
 #[tonic::async_trait]

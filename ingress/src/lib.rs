@@ -6,9 +6,11 @@
 
 mod error;
 mod many;
+mod publish;
 mod rate_limit;
 mod service;
 mod stream;
+mod trace;
 mod upload_slots;
 
 use std::sync::Arc;
@@ -20,7 +22,7 @@ use mts_runtime::server;
 use tokio::net::TcpListener;
 
 pub use error::Error;
-pub use service::Ingress;
+pub use publish::Ingress;
 
 /// The gRPC port of the deployment guide.
 pub const DEFAULT_PORT: u16 = 50051;

@@ -18,8 +18,9 @@ use tonic::{Status, Streaming};
 use tracing::Instrument;
 
 use crate::Error;
+use crate::publish::{Checked, Ingress, Offloaded, record};
 use crate::rate_limit;
-use crate::service::{Checked, Ingress, record, with_trace};
+use crate::trace::with_trace;
 
 /// Messages read ahead of their answers.
 const WINDOW: usize = 256;
@@ -150,7 +151,7 @@ enum Started {
     /// Its answer, to await in order.
     Answer(Answer),
     /// To upload once everything before it is stored.
-    Offloaded(crate::service::Offloaded),
+    Offloaded(Offloaded),
 }
 
 /// The answer to one message: its reply, or its failure as a gRPC code and

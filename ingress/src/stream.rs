@@ -21,7 +21,8 @@ use sha2::{Digest, Sha256};
 use tonic::Streaming;
 
 use crate::Error;
-use crate::service::{Envelope, Ingress, reply, with_trace};
+use crate::publish::{Envelope, Ingress, reply};
+use crate::trace::with_trace;
 
 /// Receives a streamed publish and stores it.
 pub async fn publish(

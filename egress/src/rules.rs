@@ -1,0 +1,52 @@
+//! Rules the requests of several RPCs share: names, sequence lists, and
+//! what "the consumer does not hold these" means to a client.
+
+use mts_runtime::validate;
+use mts_storage::store::NotHeld;
+
+use crate::Error;
+
+/// Most sequences one Ack or Nack may name.
+pub(crate) const MAX_SEQUENCES: usize = 10_000;
+
+/// Checks a subject and durable name pair.
+pub(crate) fn consumer_names(subject: &str, durable: &str) -> Result<(), validate::Error> {
+    validate::subject(subject)?;
+    validate::durable_name(durable)
+}
+
+/// Checks a list of sequences to ack or nack.
+pub(crate) fn sequence_list(sequences: &[u64]) -> Result<(), validate::Error> {
+    if sequences.is_empty() {
+        return Err(validate::Error::new(
+            "sequences",
+            "name at least one sequence",
+        ));
+    }
+    if sequences.len() > MAX_SEQUENCES {
+        return Err(validate::Error::new(
+            "sequences",
+            format!(
+                "{} sequences; the limit is {MAX_SEQUENCES}",
+                sequences.len()
+            ),
+        ));
+    }
+    if sequences.contains(&0) {
+        return Err(validate::Error::new("sequences", "sequences start at 1"));
+    }
+    Ok(())
+}
+
+/// Maps "the consumer does not hold these" to the service error.
+pub(crate) fn held<T>(
+    subject: &str,
+    durable: &str,
+    verdict: Result<T, NotHeld>,
+) -> Result<T, Error> {
+    verdict.map_err(|NotHeld(sequences)| Error::NotHeld {
+        subject: subject.to_owned(),
+        durable: durable.to_owned(),
+        sequences,
+    })
+}

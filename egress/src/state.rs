@@ -1,0 +1,77 @@
+//! The egress's state, shared by its RPCs: the stores, the subjects'
+//! commit watchers, the drain signal and the delivery limits.
+
+use std::sync::Arc;
+
+use mts_runtime::auth::Authenticator;
+use mts_runtime::metrics::Metrics;
+use mts_storage::blob::BlobStore;
+use mts_storage::store::{Leased, Store};
+use tokio::sync::watch;
+use tonic::Status;
+
+use crate::delivery;
+use crate::notify::SubjectWatchers;
+
+/// Busy Consume streams of one process that may wait in Tarantool at once;
+/// each waiting call holds one of Tarantool's request slots (`net_msg_max`:
+/// 768 by default, 4096 in the configurations shipped here), shared by every
+/// replica and the subjects' watchers. The rest are woken by the subject's
+/// watcher.
+const MAX_HOT_STREAMS: usize = 64;
+
+/// The egress service state; cheap to clone.
+#[derive(Clone)]
+pub struct Egress {
+    pub(crate) store: Store,
+    pub(crate) blobs: BlobStore,
+    pub(crate) watchers: Arc<SubjectWatchers>,
+    pub(crate) draining: watch::Receiver<bool>,
+    pub(crate) payload_limits: delivery::PayloadLimits,
+    pub(crate) auth: Arc<Authenticator>,
+    pub(crate) metrics: Arc<Metrics>,
+    /// Room for Consume streams whose lease calls wait in Tarantool.
+    pub(crate) hot_streams: Arc<tokio::sync::Semaphore>,
+}
+
+impl Egress {
+    /// A service reading through `store` and `blobs`; open streams end when
+    /// `draining` turns true.
+    pub fn new(
+        store: Store,
+        blobs: BlobStore,
+        watchers: Arc<SubjectWatchers>,
+        draining: watch::Receiver<bool>,
+        payload_limits: delivery::PayloadLimits,
+        auth: Arc<Authenticator>,
+    ) -> Self {
+        Self {
+            store,
+            blobs,
+            watchers,
+            draining,
+            payload_limits,
+            auth,
+            metrics: Metrics::new(),
+            hot_streams: Arc::new(tokio::sync::Semaphore::new(MAX_HOT_STREAMS)),
+        }
+    }
+
+    /// Records streams and deliveries in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = metrics;
+        self
+    }
+
+    /// Counts a batch handed out.
+    pub(crate) fn count_deliveries(&self, batch: &[Leased]) {
+        self.metrics.deliveries.inc_by(batch.len() as u64);
+        let again = batch.iter().filter(|leased| leased.deliveries > 1).count();
+        self.metrics.redeliveries.inc_by(again as u64);
+    }
+}
+
+/// How open streams end when the server drains.
+pub(crate) fn draining_status() -> Status {
+    Status::unavailable("egress is shutting down; reconnect to continue the subscription")
+}

@@ -22,7 +22,7 @@ pub fn store(err: store::Error) -> Status {
         (_, Some(Refusal::Late)) => {
             Status::unavailable(format!("metadata store was too slow, retry later: {err}"))
         }
-        (_, Some(Refusal::Abandoned)) => Status::aborted(format!(
+        (_, Some(Refusal::Abandoned | Refusal::Fenced)) => Status::aborted(format!(
             "publish was abandoned after a timeout; publish again: {err}"
         )),
         (

@@ -1,7 +1,9 @@
 -- MiniToolStream schema and stored procedures: the one source of truth for
--- what lives in Tarantool. Idempotent: the services apply it with `eval` at
--- start-up and again whenever Tarantool restarts (global Lua functions do not
--- survive a restart, spaces do); a Tarantool init script may also `dofile` it.
+-- what lives in Tarantool. Idempotent: Tarantool's init (init.lua, beside
+-- this file) loads it at every start, before the port opens; a service
+-- whose SCHEMA_VERSION differs applies it with `eval` (global Lua functions
+-- do not survive a restart, spaces do). Tuple fields are read and updated
+-- by their names in the space formats below, never by position.
 -- Written for Tarantool 2.6 and later (no MVCC, streams or box.watch needed):
 -- every multi-step write runs inside one stored procedure, in one transaction.
 
@@ -15,6 +17,12 @@ local uuid = require('uuid')
 local SCHEMA_VERSION = 9
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
+
+-- Error codes the procedures raise or answer with; store.rs gives the same
+-- numbers the same names (a test keeps the two in step).
+local ABANDONED = 10001
+local LATE = 10002
+local FENCED = 10003
 
 -- Integers arrive from requests and tuples as Lua numbers or, from about 2^47
 -- on, as uint64_t cdata. The two mix in comparisons and + - * /, but not in
@@ -253,17 +261,17 @@ with_schema_lock(function()
     do
         local uncounted = {}
         for _, row in box.space.mts_subjects:pairs() do
-            if row[3] == nil then
-                uncounted[#uncounted + 1] = row[1]
+            if row.count == nil then
+                uncounted[#uncounted + 1] = row.name
             end
         end
         for _, name in ipairs(uncounted) do
             local count, bytes = 0, 0
             for _, m in box.space.mts_messages.index.primary:pairs({name}, {iterator = 'EQ'}) do
                 count = count + 1
-                bytes = bytes + m[7]
+                bytes = bytes + m.size
             end
-            box.space.mts_subjects:update({name}, {{'=', 3, count}, {'=', 4, bytes}})
+            box.space.mts_subjects:update({name}, {{'=', 'count', count}, {'=', 'bytes', bytes}})
         end
     end
 end)
@@ -282,7 +290,7 @@ local function last_seq(subject)
     if row == nil then
         return 0
     end
-    return row[2]
+    return row.last_seq
 end
 
 local function now_ns()
@@ -304,7 +312,7 @@ end)
 -- it; `close_subject` writes them back, once however many were added.
 local function open_subject(subject)
     local row = box.space.mts_subjects:get(subject)
-    return {name = subject, seq = row ~= nil and row[2] or 0, count = 0, bytes = 0, exists = row ~= nil}
+    return {name = subject, seq = row ~= nil and row.last_seq or 0, count = 0, bytes = 0, exists = row ~= nil}
 end
 
 local function close_subject(s)
@@ -312,7 +320,9 @@ local function close_subject(s)
         return
     end
     if s.exists then
-        box.space.mts_subjects:update({s.name}, {{'=', 2, s.seq}, {'+', 3, s.count}, {'+', 4, s.bytes}})
+        box.space.mts_subjects:update({s.name}, {
+            {'=', 'last_seq', s.seq}, {'+', 'count', s.count}, {'+', 'bytes', s.bytes},
+        })
     else
         box.space.mts_subjects:insert({s.name, s.seq, s.count, s.bytes})
     end
@@ -327,8 +337,8 @@ local function add_message(now, s, headers, data, object_key, size, sha256, mess
     local dedup = message_id ~= nil and message_id ~= ''
     if dedup then
         local seen = box.space.mts_dedup:get({s.name, message_id})
-        if seen ~= nil and seen[4] > now then
-            return seen[3], true
+        if seen ~= nil and seen.expires_ns > now then
+            return seen.seq, true
         end
     end
     local seq = s.seq + 1
@@ -365,7 +375,6 @@ local function store_message(subject, headers, data, object_key, size, sha256)
     return seq
 end
 
-local LATE = 10002
 local LATE_REASON = 'publish reached Tarantool after its deadline; nothing was stored'
     .. ' (if this persists, check clock sync between the services and Tarantool)'
 
@@ -385,13 +394,14 @@ end
 rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, deadline_ns, sha256, dedup)
     local message_id, window_ms = nil, 0
     if dedup ~= nil then
+        -- {message_id, window_ms}
         message_id, window_ms = dedup[1], dedup[2]
     end
     if late(deadline_ns, now_ns()) then
         box.error({reason = LATE_REASON, code = LATE})
     end
     if object_key ~= nil and box.space.mts_abandoned:get(object_key) ~= nil then
-        box.error({reason = 'object ' .. object_key .. ' was abandoned; publish again', code = 10001})
+        box.error({reason = 'object ' .. object_key .. ' was abandoned; publish again', code = ABANDONED})
     end
     local seq, duplicate
     box.atomic(function()
@@ -405,9 +415,13 @@ rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, dea
     return seq, duplicate
 end)
 
-local FENCED = 10003
 local FENCED_REASON = 'this publish attempt was settled as not stored before it reached Tarantool;'
     .. ' nothing was stored'
+
+-- The fields of each message mts_publish_batch takes, in this order.
+local IN = {
+    subject = 1, headers = 2, data = 3, size = 4, sha256 = 5, message_id = 6, window_ms = 7, deadline_ns = 8,
+}
 
 -- Group commit: stores inline messages from many publishers in one
 -- transaction, so one WAL write serves them all, and each subject's row is
@@ -449,15 +463,16 @@ rawset(_G, 'mts_publish_batch', function(messages, attempt, forget)
             end
         end
         for i, m in ipairs(messages) do
-            if late(m[8], now) then
+            if late(m[IN.deadline_ns], now) then
                 results[i] = {0, false, LATE, LATE_REASON}
             else
-                local s = subjects[m[1]]
+                local s = subjects[m[IN.subject]]
                 if s == nil then
-                    s = open_subject(m[1])
-                    subjects[m[1]] = s
+                    s = open_subject(m[IN.subject])
+                    subjects[m[IN.subject]] = s
                 end
-                local ok, seq, duplicate = pcall(add_message, now, s, m[2], m[3], nil, m[4], m[5], m[6], m[7])
+                local ok, seq, duplicate = pcall(add_message, now, s, m[IN.headers], m[IN.data], nil,
+                    m[IN.size], m[IN.sha256], m[IN.message_id], m[IN.window_ms])
                 if ok then
                     results[i] = {seq, duplicate}
                 else
@@ -489,8 +504,8 @@ end)
 -- a streamed publish skip uploading a payload it would throw away.
 rawset(_G, 'mts_dedup_lookup', function(subject, message_id)
     local seen = box.space.mts_dedup:get({subject, message_id})
-    if seen ~= nil and seen[4] > now_ns() then
-        return seen[3]
+    if seen ~= nil and seen.expires_ns > now_ns() then
+        return seen.seq
     end
     return 0
 end)
@@ -557,31 +572,27 @@ local CONSUMER_DEFAULTS = {
     deliver_policy = 'all',
 }
 
-local F = {
-    floor = 3, created = 4, delivered = 5, ack_wait = 6, max_deliver = 7, max_ack_pending = 8,
-    policy = 9, start_seq = 10, start_time = 11, dlq = 12,
-}
 
 -- A consumer row as a table with every setting filled in.
 local function consumer_view(row)
-    local dlq = row[F.dlq]
+    local dlq = row.dlq_subject
     if dlq == nil then
-        dlq = row[1] .. '.dlq'
+        dlq = row.subject .. '.dlq'
     end
     return {
-        subject = row[1],
-        durable = row[2],
-        stored_floor = row[F.floor],
-        stored_delivered = row[F.delivered],
-        floor = row[F.floor],
-        created_ns = row[F.created],
-        delivered = row[F.delivered] or row[F.floor],
-        ack_wait_ms = row[F.ack_wait] or CONSUMER_DEFAULTS.ack_wait_ms,
-        max_deliver = row[F.max_deliver] or CONSUMER_DEFAULTS.max_deliver,
-        max_ack_pending = row[F.max_ack_pending] or CONSUMER_DEFAULTS.max_ack_pending,
-        deliver_policy = row[F.policy] or CONSUMER_DEFAULTS.deliver_policy,
-        start_seq = row[F.start_seq] or 0,
-        start_time_ns = row[F.start_time] or 0,
+        subject = row.subject,
+        durable = row.durable,
+        stored_floor = row.ack_seq,
+        stored_delivered = row.delivered_seq,
+        floor = row.ack_seq,
+        created_ns = row.created_ns,
+        delivered = row.delivered_seq or row.ack_seq,
+        ack_wait_ms = row.ack_wait_ms or CONSUMER_DEFAULTS.ack_wait_ms,
+        max_deliver = row.max_deliver or CONSUMER_DEFAULTS.max_deliver,
+        max_ack_pending = row.max_ack_pending or CONSUMER_DEFAULTS.max_ack_pending,
+        deliver_policy = row.deliver_policy or CONSUMER_DEFAULTS.deliver_policy,
+        start_seq = row.start_seq or 0,
+        start_time_ns = row.start_time_ns or 0,
         dlq_subject = dlq,
     }
 end
@@ -598,8 +609,8 @@ local function start_point(subject, policy, start_seq, start_time_ns)
     elseif policy == 'by_start_time' then
         local first = box.space.mts_messages.index.ts:select(
             {subject, start_time_ns or 0}, {iterator = 'GE', limit = 1})[1]
-        if first ~= nil and first[1] == subject then
-            return first[2] - 1
+        if first ~= nil and first.subject == subject then
+            return first.seq - 1
         end
         return last_seq(subject)
     end
@@ -633,13 +644,13 @@ local function settle_floor(c)
     local lowest = box.space.mts_pending.index.primary:select(
         {c.subject, c.durable}, {iterator = 'GE', limit = 1})[1]
     local floor = c.delivered
-    if lowest ~= nil and lowest[1] == c.subject and lowest[2] == c.durable then
-        floor = lowest[3] - 1
+    if lowest ~= nil and lowest.subject == c.subject and lowest.durable == c.durable then
+        floor = lowest.seq - 1
     end
     floor = max(floor, c.floor)
     if floor ~= c.stored_floor or c.delivered ~= c.stored_delivered then
         box.space.mts_consumers:update({c.subject, c.durable}, {
-            {'=', F.floor, floor}, {'=', F.delivered, c.delivered},
+            {'=', 'ack_seq', floor}, {'=', 'delivered_seq', c.delivered},
         })
         c.stored_floor, c.stored_delivered = floor, c.delivered
     end
@@ -654,19 +665,19 @@ end
 -- dead-letter subject (sharing its object, never copying it) and drops the
 -- lease. Returns the dead-letter subject to notify, or nil.
 local function dead_letter(c, message, deliveries)
-    box.space.mts_pending:delete({c.subject, c.durable, message[2]})
+    box.space.mts_pending:delete({c.subject, c.durable, message.seq})
     if c.dlq_subject == '' then
         return nil
     end
     local headers = {}
-    for k, v in pairs(message[4]) do
+    for k, v in pairs(message.headers) do
         headers[k] = v
     end
     headers['mts-origin-subject'] = c.subject
-    headers['mts-origin-sequence'] = decimal(message[2])
+    headers['mts-origin-sequence'] = decimal(message.seq)
     headers['mts-origin-durable'] = c.durable
     headers['mts-origin-delivery-count'] = decimal(deliveries)
-    store_message(c.dlq_subject, headers, message[5], message[6], message[7], message[8])
+    store_message(c.dlq_subject, headers, message.data, message.object_key, message.size, message.sha256)
     return c.dlq_subject
 end
 
@@ -685,11 +696,11 @@ local function hand_out(subject, durable, limit)
     local lease_end = after_ms(now, c.ack_wait_ms)
     local due = {}
     for _, p in box.space.mts_pending.index.deadline:pairs({subject, durable}, {iterator = 'GE'}) do
-        if p[1] ~= subject or p[2] ~= durable then
+        if p.subject ~= subject or p.durable ~= durable then
             break
         end
-        if p[5] > now then
-            next_deadline = p[5]
+        if p.deadline_ns > now then
+            next_deadline = p.deadline_ns
             break
         end
         if #due >= limit then
@@ -698,20 +709,20 @@ local function hand_out(subject, durable, limit)
         due[#due + 1] = p
     end
     for _, p in ipairs(due) do
-        local message = box.space.mts_messages:get({subject, p[3]})
+        local message = box.space.mts_messages:get({subject, p.seq})
         if message == nil then
             -- Removed by retention while pending: nothing left to deliver.
-            box.space.mts_pending:delete({subject, durable, p[3]})
-        elseif c.max_deliver > 0 and p[4] >= c.max_deliver then
-            local dlq = dead_letter(c, message, p[4])
+            box.space.mts_pending:delete({subject, durable, p.seq})
+        elseif c.max_deliver > 0 and p.deliveries >= c.max_deliver then
+            local dlq = dead_letter(c, message, p.deliveries)
             if dlq ~= nil then
                 notify_subjects[#notify_subjects + 1] = dlq
             end
         else
-            box.space.mts_pending:update({subject, durable, p[3]}, {
-                {'=', 4, p[4] + 1}, {'=', 5, lease_end},
+            box.space.mts_pending:update({subject, durable, p.seq}, {
+                {'=', 'deliveries', p.deliveries + 1}, {'=', 'deadline_ns', lease_end},
             })
-            out[#out + 1] = {message, p[4] + 1, lease_end}
+            out[#out + 1] = {message, p.deliveries + 1, lease_end}
         end
     end
     local room = limit - #out
@@ -720,12 +731,13 @@ local function hand_out(subject, durable, limit)
     end
     if room > 0 then
         for _, message in box.space.mts_messages.index.primary:pairs({subject, c.delivered}, {iterator = 'GT'}) do
-            if message[1] ~= subject or room <= 0 then
+            if message.subject ~= subject or room <= 0 then
                 break
             end
-            box.space.mts_pending:insert({subject, durable, message[2], 1, lease_end, now})
+            local seq = message.seq
+            box.space.mts_pending:insert({subject, durable, seq, 1, lease_end, now})
             out[#out + 1] = {message, 1, lease_end}
-            c.delivered = message[2]
+            c.delivered = seq
             room = room - 1
         end
     end
@@ -852,7 +864,7 @@ rawset(_G, 'mts_nack', function(subject, durable, seqs, delay_ms)
         end
         local at = after_ms(now_ns(), delay_ms)
         for _, seq in ipairs(seqs) do
-            box.space.mts_pending:update({subject, durable, seq}, {{'=', 5, at}})
+            box.space.mts_pending:update({subject, durable, seq}, {{'=', 'deadline_ns', at}})
         end
     end)
     if #missing > 0 then
@@ -874,10 +886,10 @@ rawset(_G, 'mts_ack', function(subject, durable, seq)
         local c = ensure_consumer(subject, durable)
         local held = {}
         for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
-            if p[1] ~= subject or p[2] ~= durable or p[3] > seq then
+            if p.subject ~= subject or p.durable ~= durable or p.seq > seq then
                 break
             end
-            held[#held + 1] = p[3]
+            held[#held + 1] = p.seq
         end
         for _, s in ipairs(held) do
             box.space.mts_pending:delete({subject, durable, s})
@@ -897,7 +909,7 @@ rawset(_G, 'mts_release', function(subject, durable, seqs)
     box.atomic(function()
         for _, seq in ipairs(seqs) do
             if box.space.mts_pending:get({subject, durable, seq}) ~= nil then
-                box.space.mts_pending:update({subject, durable, seq}, {{'=', 5, now}})
+                box.space.mts_pending:update({subject, durable, seq}, {{'=', 'deadline_ns', now}})
             end
         end
     end)
@@ -936,18 +948,19 @@ rawset(_G, 'mts_consumer_put', function(subject, durable, cfg)
             return
         end
         local ops = {}
-        if cfg.ack_wait_ms ~= nil then ops[#ops + 1] = {'=', F.ack_wait, cfg.ack_wait_ms} end
-        if cfg.max_deliver ~= nil then ops[#ops + 1] = {'=', F.max_deliver, cfg.max_deliver} end
-        if cfg.max_ack_pending ~= nil then ops[#ops + 1] = {'=', F.max_ack_pending, cfg.max_ack_pending} end
-        if cfg.dlq_subject ~= nil then ops[#ops + 1] = {'=', F.dlq, cfg.dlq_subject} end
+        for _, field in ipairs({'ack_wait_ms', 'max_deliver', 'max_ack_pending', 'dlq_subject'}) do
+            if cfg[field] ~= nil then
+                ops[#ops + 1] = {'=', field, cfg[field]}
+            end
+        end
         if #ops > 0 then
             -- Rows from schema 1 lack the trailing fields; fill them first.
             local view = consumer_view(row)
             box.space.mts_consumers:update({subject, durable}, {
-                {'=', F.delivered, view.delivered}, {'=', F.ack_wait, view.ack_wait_ms},
-                {'=', F.max_deliver, view.max_deliver}, {'=', F.max_ack_pending, view.max_ack_pending},
-                {'=', F.policy, view.deliver_policy}, {'=', F.start_seq, view.start_seq},
-                {'=', F.start_time, view.start_time_ns}, {'=', F.dlq, view.dlq_subject},
+                {'=', 'delivered_seq', view.delivered}, {'=', 'ack_wait_ms', view.ack_wait_ms},
+                {'=', 'max_deliver', view.max_deliver}, {'=', 'max_ack_pending', view.max_ack_pending},
+                {'=', 'deliver_policy', view.deliver_policy}, {'=', 'start_seq', view.start_seq},
+                {'=', 'start_time_ns', view.start_time_ns}, {'=', 'dlq_subject', view.dlq_subject},
             })
             box.space.mts_consumers:update({subject, durable}, ops)
         end
@@ -962,13 +975,13 @@ local function backlog(c, last, now)
     local pending, age_ns = 0, 0
     local next_new = box.space.mts_messages.index.primary:select(
         {c.subject, c.delivered}, {iterator = 'GT', limit = 1})[1]
-    if next_new ~= nil and next_new[1] == c.subject then
-        pending = last - next_new[2] + 1
+    if next_new ~= nil and next_new.subject == c.subject then
+        pending = last - next_new.seq + 1
     end
     local oldest = box.space.mts_messages.index.primary:select(
         {c.subject, c.floor}, {iterator = 'GT', limit = 1})[1]
-    if oldest ~= nil and oldest[1] == c.subject and now > oldest[3] then
-        age_ns = now - oldest[3]
+    if oldest ~= nil and oldest.subject == c.subject and now > oldest.ts_ns then
+        age_ns = now - oldest.ts_ns
     end
     return pending, age_ns
 end
@@ -985,11 +998,11 @@ rawset(_G, 'mts_consumer_info', function(subject, durable)
     local last = last_seq(subject)
     local ack_pending, redelivered = 0, 0
     for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
-        if p[1] ~= subject or p[2] ~= durable then
+        if p.subject ~= subject or p.durable ~= durable then
             break
         end
         ack_pending = ack_pending + 1
-        if p[4] > 1 then
+        if p.deliveries > 1 then
             redelivered = redelivered + 1
         end
     end
@@ -1040,10 +1053,10 @@ rawset(_G, 'mts_consumer_delete', function(subject, durable)
         existed = box.space.mts_consumers:delete({subject, durable}) ~= nil
         local seqs = {}
         for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
-            if p[1] ~= subject or p[2] ~= durable then
+            if p.subject ~= subject or p.durable ~= durable then
                 break
             end
-            seqs[#seqs + 1] = p[3]
+            seqs[#seqs + 1] = p.seq
         end
         for _, seq in ipairs(seqs) do
             box.space.mts_pending:delete({subject, durable, seq})
@@ -1065,14 +1078,18 @@ rawset(_G, 'mts_subject_limits', function(subject, limits)
             box.space.mts_subjects:insert({subject, 0, 0, 0})
         end
         local ops = {}
-        if limits.max_age_ms ~= nil then ops[#ops + 1] = {'=', 5, limits.max_age_ms} end
-        if limits.max_messages ~= nil then ops[#ops + 1] = {'=', 6, limits.max_messages} end
-        if limits.max_bytes ~= nil then ops[#ops + 1] = {'=', 7, limits.max_bytes} end
+        for _, field in ipairs({'max_age_ms', 'max_messages', 'max_bytes'}) do
+            if limits[field] ~= nil then
+                ops[#ops + 1] = {'=', field, limits[field]}
+            end
+        end
         if #ops > 0 then
             -- Later fields can only be set once the earlier ones exist.
             local row = box.space.mts_subjects:get(subject)
             box.space.mts_subjects:update({subject}, {
-                {'=', 5, row[5] or box.NULL}, {'=', 6, row[6] or box.NULL}, {'=', 7, row[7] or box.NULL},
+                {'=', 'max_age_ms', row.max_age_ms or box.NULL},
+                {'=', 'max_messages', row.max_messages or box.NULL},
+                {'=', 'max_bytes', row.max_bytes or box.NULL},
             })
             box.space.mts_subjects:update({subject}, ops)
         end
@@ -1089,22 +1106,22 @@ rawset(_G, 'mts_subject_info', function(subject)
     local first = box.space.mts_messages.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
     return {
         subject = subject,
-        first_seq = first and first[2] or 0,
-        last_seq = row[2],
-        count = row[3] or 0,
-        bytes = row[4] or 0,
-        max_age_ms = row[5],
-        max_messages = row[6],
-        max_bytes = row[7],
+        first_seq = first and first.seq or 0,
+        last_seq = row.last_seq,
+        count = row.count or 0,
+        bytes = row.bytes or 0,
+        max_age_ms = row.max_age_ms,
+        max_messages = row.max_messages,
+        max_bytes = row.max_bytes,
     }
 end)
 
 -- Inside a transaction: removes a message's metadata and, when no other
 -- message shares its object, queues the object for deletion.
 local function remove_message(m)
-    box.space.mts_messages:delete({m[1], m[2]})
-    box.space.mts_subjects:update({m[1]}, {{'-', 3, 1}, {'-', 4, m[7]}})
-    local key = m[6]
+    box.space.mts_messages:delete({m.subject, m.seq})
+    box.space.mts_subjects:update({m.subject}, {{'-', 'count', 1}, {'-', 'bytes', m.size}})
+    local key = m.object_key
     if key ~= nil and box.space.mts_messages.index.object_key:select({key}, {limit = 1})[1] == nil then
         box.space.mts_gc:replace({key, now_ns()})
     end
@@ -1120,12 +1137,12 @@ end
 
 -- Whether the oldest message `m` of a subject with these limits must go.
 local function expired(m, row, limits, now)
-    local max_age = present(row[5]) or limits.max_age_ms or 0
-    local max_messages = present(row[6]) or limits.max_messages or 0
-    local max_bytes = present(row[7]) or limits.max_bytes or 0
-    return (max_messages > 0 and row[3] > max_messages)
-        or (max_bytes > 0 and row[4] > max_bytes)
-        or (max_age > 0 and older_than(m[3], now, max_age))
+    local max_age = present(row.max_age_ms) or limits.max_age_ms or 0
+    local max_messages = present(row.max_messages) or limits.max_messages or 0
+    local max_bytes = present(row.max_bytes) or limits.max_bytes or 0
+    return (max_messages > 0 and row.count > max_messages)
+        or (max_bytes > 0 and row.bytes > max_bytes)
+        or (max_age > 0 and older_than(m.ts_ns, now, max_age))
 end
 
 -- How long an attempt's verdicts or fence is kept when nobody forgets it.
@@ -1144,10 +1161,10 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
     box.atomic(function()
         for _, row in box.space.mts_subjects:pairs({cursor}, {iterator = 'GE'}) do
             if deleted >= budget or (fiber.clock() - started) * 1000 >= budget_ms then
-                resume = row[1]
+                resume = row.name
                 return
             end
-            local subject = row[1]
+            local subject = row.name
             while deleted < budget do
                 local oldest = box.space.mts_messages.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
                 if oldest == nil or not expired(oldest, row, limits, now) then
@@ -1165,7 +1182,7 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
         -- Message ids past their dedup window.
         local expired_ids = {}
         for _, d in box.space.mts_dedup.index.expiry:pairs({now}, {iterator = 'LT'}) do
-            expired_ids[#expired_ids + 1] = {d[1], d[2]}
+            expired_ids[#expired_ids + 1] = {d.subject, d.message_id}
             if #expired_ids >= budget then
                 break
             end
@@ -1176,8 +1193,8 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
         -- Fences of abandoned uploads only matter while a late commit could arrive.
         local stale = {}
         for _, a in box.space.mts_abandoned:pairs() do
-            if older_than(a[2], now, 86400 * 1000) then
-                stale[#stale + 1] = a[1]
+            if older_than(a.ts_ns, now, 86400 * 1000) then
+                stale[#stale + 1] = a.object_key
             end
             if #stale >= 100 then
                 break
@@ -1208,7 +1225,7 @@ local BACKUP_HOLD = 'backup-hold'
 
 local function deletions_held()
     local row = box.space.mts_leases:get(BACKUP_HOLD)
-    return row ~= nil and row[3] >= now_ns()
+    return row ~= nil and row.expires_ns >= now_ns()
 end
 
 -- Up to `limit` object keys waiting for deletion; none while a backup runs.
@@ -1221,7 +1238,7 @@ rawset(_G, 'mts_gc_take', function(limit)
         if #keys >= limit then
             break
         end
-        keys[#keys + 1] = row[1]
+        keys[#keys + 1] = row.object_key
     end
     return keys
 end)
@@ -1243,7 +1260,7 @@ rawset(_G, 'mts_lease', function(name, holder, ttl_ms)
     local held = false
     box.atomic(function()
         local row = box.space.mts_leases:get(name)
-        if row == nil or row[2] == holder or row[3] < now then
+        if row == nil or row.holder == holder or row.expires_ns < now then
             box.space.mts_leases:replace({name, holder, after_ms(now, ttl_ms)})
             held = true
         end
@@ -1257,7 +1274,7 @@ end)
 rawset(_G, 'mts_settle_object', function(object_key)
     local found = box.space.mts_messages.index.object_key:select({object_key}, {limit = 1})
     if #found > 0 then
-        return found[1][2]
+        return found[1].seq
     end
     box.space.mts_abandoned:replace({object_key, now_ns()})
     return 0
@@ -1371,7 +1388,7 @@ rawset(_G, 'mts_backup_keys', function(source, after, limit)
             if #keys >= limit then
                 break
             end
-            keys[#keys + 1] = {row[1], 0}
+            keys[#keys + 1] = {row.object_key, 0}
         end
         return keys
     end

@@ -25,10 +25,15 @@ pub const SCHEMA_VERSION: u64 = 9;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
-/// Raised by `mts_publish` for an object key that was given up on.
+/// Raised by `mts_publish` for an object key that was given up on (Lua's
+/// `ABANDONED`).
 const ABANDONED: ErrorCode = ErrorCode(10001);
-/// Raised by `mts_publish` when the request arrived after its deadline.
+/// Raised by `mts_publish` (and answered by `mts_publish_batch`) when the
+/// request arrived after its deadline (Lua's `LATE`).
 const LATE: ErrorCode = ErrorCode(10002);
+/// Answered by `mts_publish_batch` for an attempt already settled as not
+/// stored (Lua's `FENCED`).
+const FENCED: ErrorCode = ErrorCode(10003);
 
 /// What can go wrong talking to Tarantool. Cheap to clone: a group commit
 /// hands one call's failure to every message in it.
@@ -79,6 +84,8 @@ pub enum Refusal {
     Late,
     /// The publish named an object key that was given up on.
     Abandoned,
+    /// The publish attempt was settled as not stored before it arrived.
+    Fenced,
 }
 
 impl Error {
@@ -88,6 +95,7 @@ impl Error {
             Some(MEMORY_ISSUE) => Some(Refusal::Full),
             Some(LATE) => Some(Refusal::Late),
             Some(ABANDONED) => Some(Refusal::Abandoned),
+            Some(FENCED) => Some(Refusal::Fenced),
             _ => None,
         }
     }
@@ -1081,6 +1089,17 @@ fn sequences(value: &tarant::Value) -> Vec<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rust_and_lua_name_the_error_codes_alike() {
+        for (name, code) in [("ABANDONED", ABANDONED), ("LATE", LATE), ("FENCED", FENCED)] {
+            assert!(
+                SCHEMA_LUA.contains(&format!("local {name} = {}\n", code.0)),
+                "{name} is {} in store.rs and must be the same in the Lua file",
+                code.0
+            );
+        }
+    }
 
     #[test]
     fn rust_and_lua_agree_on_the_schema_version() {

@@ -1,69 +1,16 @@
 //! Service configuration: defaults in code, then an optional file
-//! (`--config PATH`, TOML), then environment variables. Every key's env name
-//! is the key in upper case (`tarantool_address` ← `TARANTOOL_ADDRESS`), which
-//! gives exactly the names of the deployment guide.
+//! (`--config PATH`, TOML), then environment variables. The struct is the
+//! only list of keys: the defaults are a value of it, and every field's key
+//! and environment name are read from it (the key in upper case,
+//! `tarantool_address` ← `TARANTOOL_ADDRESS`), which gives exactly the names
+//! of the deployment guide.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
-use serde::Deserialize;
-
-/// Every configuration key. The env name of a key is the key in upper case.
-pub const KEYS: &[&str] = &[
-    "server_host",
-    "server_port",
-    "metrics_port",
-    "tarantool_address",
-    "tarantool_user",
-    "tarantool_password",
-    "tarantool_timeout_ms",
-    "minio_endpoint",
-    "minio_access_key_id",
-    "minio_secret_access_key",
-    "minio_bucket_name",
-    "minio_use_ssl",
-    "minio_region",
-    "minio_timeout_ms",
-    "minio_key_prefix",
-    "log_level",
-    "log_format",
-    "inline_threshold_bytes",
-    "max_payload_bytes",
-    "shutdown_grace_seconds",
-    "health_check_interval_ms",
-    "startup_timeout_seconds",
-    "long_poll_seconds",
-    "retention_max_age_seconds",
-    "retention_max_messages",
-    "retention_max_bytes",
-    "maintenance_interval_ms",
-    "orphan_grace_seconds",
-    "orphan_sweep_interval_seconds",
-    "dedup_window_ms",
-    "multipart_part_bytes",
-    "single_put_max_bytes",
-    "max_concurrent_uploads",
-    "max_uploads_per_client",
-    "stream_idle_timeout_ms",
-    "max_inline_delivery_bytes",
-    "max_delivered_payload_bytes",
-    "auth_enabled",
-    "require_auth",
-    "jwt_issuer",
-    "jwt_secret",
-    "jwt_secret_file",
-    "jwt_public_key",
-    "jwt_public_key_file",
-    "jwt_leeway_seconds",
-    "tls_cert_file",
-    "tls_key_file",
-    "tls_client_ca_file",
-    "max_connection_age_seconds",
-    "max_connection_age_grace_seconds",
-    "publish_rate_per_second",
-    "publish_burst",
-];
+use config::Source;
+use serde::{Deserialize, Serialize};
 
 /// Tarantool keeps whole tuples in memory and caps a tuple at 1 MiB by
 /// default; inline payloads must stay well below that.
@@ -77,7 +24,7 @@ const MAX_SINGLE_PUT: u64 = 5 << 30;
 pub const MAX_RETENTION_AGE_MS: u64 = 36_525 * 24 * 3600 * 1000;
 
 /// How log lines are written.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum LogFormat {
     /// One JSON object per line.
@@ -87,7 +34,7 @@ pub enum LogFormat {
 }
 
 /// The configuration of one service process.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Address the gRPC server binds.
@@ -241,22 +188,40 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, Error> {
-        let mut builder = config::Config::builder();
-        for (key, value) in defaults(default_port) {
-            builder = builder.set_default(key, value)?;
-        }
+        let config = Self::load_unchecked(default_port, file, env)?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// `load` without the checks of values against each other.
+    fn load_unchecked(
+        default_port: u16,
+        file: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, Error> {
+        let mut builder = config::Config::builder()
+            .add_source(config::Config::try_from(&Self::built_in(default_port))?);
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
         let env: HashMap<String, String> = env.into_iter().collect();
-        for key in KEYS {
+        for key in Self::keys() {
             if let Some(value) = env.get(&key.to_uppercase()) {
-                builder = builder.set_override(*key, value.as_str())?;
+                builder = builder.set_override(&key, value.as_str())?;
             }
         }
-        let config: Config = builder.build()?.try_deserialize()?;
-        config.check()?;
-        Ok(config)
+        Ok(builder.build()?.try_deserialize()?)
+    }
+
+    /// Every configuration key, read from the struct itself; a key's
+    /// environment name is the key in upper case.
+    pub fn keys() -> Vec<String> {
+        let mut keys: Vec<String> = config::Config::try_from(&Self::built_in(0))
+            .and_then(|built_in| built_in.collect())
+            .map(|map| map.into_keys().collect())
+            .unwrap_or_default();
+        keys.sort();
+        keys
     }
 
     /// Defaults for a service listening on `port`, as `load` would give them
@@ -379,61 +344,64 @@ impl Config {
     }
 }
 
-fn defaults(port: u16) -> Vec<(&'static str, config::Value)> {
-    vec![
-        ("server_host", "0.0.0.0".into()),
-        ("server_port", i64::from(port).into()),
-        ("metrics_port", 9090_i64.into()),
-        ("tarantool_address", "127.0.0.1:3301".into()),
-        ("tarantool_user", "guest".into()),
-        ("tarantool_password", "".into()),
-        ("tarantool_timeout_ms", 5000_i64.into()),
-        ("minio_endpoint", "127.0.0.1:9000".into()),
-        ("minio_access_key_id", "minioadmin".into()),
-        ("minio_secret_access_key", "minioadmin".into()),
-        ("minio_bucket_name", "minitoolstream".into()),
-        ("minio_use_ssl", false.into()),
-        ("minio_region", "us-east-1".into()),
-        ("minio_timeout_ms", 30_000_i64.into()),
-        ("minio_key_prefix", "minitoolstream/".into()),
-        ("log_level", "info".into()),
-        ("log_format", "json".into()),
-        ("inline_threshold_bytes", (256 * 1024_i64).into()),
-        ("max_payload_bytes", (64 * 1024 * 1024_i64).into()),
-        ("shutdown_grace_seconds", 20_i64.into()),
-        ("health_check_interval_ms", 1000_i64.into()),
-        ("startup_timeout_seconds", 60_i64.into()),
-        ("long_poll_seconds", 30_i64.into()),
-        ("retention_max_age_seconds", (7 * 24 * 3600_i64).into()),
-        ("retention_max_messages", 0_i64.into()),
-        ("retention_max_bytes", 0_i64.into()),
-        ("maintenance_interval_ms", 1000_i64.into()),
-        ("orphan_grace_seconds", 3600_i64.into()),
-        ("orphan_sweep_interval_seconds", 600_i64.into()),
-        ("dedup_window_ms", 120_000_i64.into()),
-        ("multipart_part_bytes", (8 * 1024 * 1024_i64).into()),
-        ("single_put_max_bytes", (64 * 1024 * 1024_i64).into()),
-        ("max_concurrent_uploads", 16_i64.into()),
-        ("max_uploads_per_client", 4_i64.into()),
-        ("stream_idle_timeout_ms", 60_000_i64.into()),
-        ("max_inline_delivery_bytes", (1024 * 1024_i64).into()),
-        ("max_delivered_payload_bytes", (64 * 1024 * 1024_i64).into()),
-        ("auth_enabled", false.into()),
-        ("require_auth", true.into()),
-        ("jwt_issuer", "".into()),
-        ("jwt_secret", "".into()),
-        ("jwt_secret_file", "".into()),
-        ("jwt_public_key", "".into()),
-        ("jwt_public_key_file", "".into()),
-        ("jwt_leeway_seconds", 30_i64.into()),
-        ("tls_cert_file", "".into()),
-        ("tls_key_file", "".into()),
-        ("tls_client_ca_file", "".into()),
-        ("max_connection_age_seconds", 0_i64.into()),
-        ("max_connection_age_grace_seconds", 30_i64.into()),
-        ("publish_rate_per_second", 0_i64.into()),
-        ("publish_burst", 0_i64.into()),
-    ]
+impl Config {
+    /// The built-in defaults for a service listening on `port`.
+    fn built_in(port: u16) -> Self {
+        Self {
+            server_host: "0.0.0.0".into(),
+            server_port: port,
+            metrics_port: 9090,
+            tarantool_address: "127.0.0.1:3301".into(),
+            tarantool_user: "guest".into(),
+            tarantool_password: "".into(),
+            tarantool_timeout_ms: 5000,
+            minio_endpoint: "127.0.0.1:9000".into(),
+            minio_access_key_id: "minioadmin".into(),
+            minio_secret_access_key: "minioadmin".into(),
+            minio_bucket_name: "minitoolstream".into(),
+            minio_use_ssl: false,
+            minio_region: "us-east-1".into(),
+            minio_timeout_ms: 30_000,
+            minio_key_prefix: "minitoolstream/".into(),
+            log_level: "info".into(),
+            log_format: LogFormat::Json,
+            inline_threshold_bytes: 256 * 1024,
+            max_payload_bytes: 64 * 1024 * 1024,
+            shutdown_grace_seconds: 20,
+            health_check_interval_ms: 1000,
+            startup_timeout_seconds: 60,
+            long_poll_seconds: 30,
+            retention_max_age_seconds: 7 * 24 * 3600,
+            retention_max_messages: 0,
+            retention_max_bytes: 0,
+            maintenance_interval_ms: 1000,
+            orphan_grace_seconds: 3600,
+            orphan_sweep_interval_seconds: 600,
+            dedup_window_ms: 120_000,
+            multipart_part_bytes: 8 * 1024 * 1024,
+            single_put_max_bytes: 64 * 1024 * 1024,
+            max_concurrent_uploads: 16,
+            max_uploads_per_client: 4,
+            stream_idle_timeout_ms: 60_000,
+            max_inline_delivery_bytes: 1024 * 1024,
+            max_delivered_payload_bytes: 64 * 1024 * 1024,
+            auth_enabled: false,
+            require_auth: true,
+            jwt_issuer: "".into(),
+            jwt_secret: "".into(),
+            jwt_secret_file: "".into(),
+            jwt_public_key: "".into(),
+            jwt_public_key_file: "".into(),
+            jwt_leeway_seconds: 30,
+            tls_cert_file: "".into(),
+            tls_key_file: "".into(),
+            tls_client_ca_file: "".into(),
+            max_connection_age_seconds: 0,
+            max_connection_age_grace_seconds: 30,
+            publish_rate_per_second: 0,
+            publish_burst: 0,
+        }
+    }
 }
 
 /// Loads the configuration of this process: `--config PATH` from the command
@@ -565,6 +533,46 @@ mod tests {
             env(&[("RETENTION_MAX_AGE_SECONDS", &hundred_years)]),
         );
         assert!(ok.is_ok(), "{:?}", ok.err());
+    }
+
+    #[test]
+    fn every_field_is_read_from_its_environment_variable() {
+        let keys = Config::keys();
+        let built_in = config::Config::try_from(&Config::built_in(1))
+            .unwrap()
+            .collect()
+            .unwrap();
+        assert_eq!(keys.len(), built_in.len());
+        for key in &keys {
+            // A value of the field's type that differs from its default.
+            let value = match built_in[key].clone().kind {
+                config::ValueKind::Boolean(b) => (!b).to_string(),
+                config::ValueKind::I64(n) => (n + 1).to_string(),
+                config::ValueKind::U64(n) => (n + 1).to_string(),
+                _ if key == "log_format" => "console".to_owned(),
+                _ => format!("from-env-{key}"),
+            };
+            let loaded =
+                Config::load_unchecked(1, None, env(&[(&key.to_uppercase(), &value)])).unwrap();
+            let read = config::Config::try_from(&loaded)
+                .unwrap()
+                .collect()
+                .unwrap();
+            assert_eq!(
+                read[key].to_string(),
+                value,
+                "{} sets {key}",
+                key.to_uppercase()
+            );
+        }
+        for name in [
+            "TARANTOOL_ADDRESS",
+            "MINIO_ENDPOINT",
+            "MINIO_BUCKET_NAME",
+            "LOG_FORMAT",
+        ] {
+            assert!(keys.contains(&name.to_lowercase()), "{name}");
+        }
     }
 
     #[test]

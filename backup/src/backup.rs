@@ -69,7 +69,7 @@ impl fmt::Display for Summary {
 pub async fn backup(config: &Config, dir: &Path) -> Result<Summary, Error> {
     prepare(dir).await?;
     let tarantool = |source| Error::Tarantool {
-        address: config.tarantool_address.clone(),
+        address: config.tarantool.address.clone(),
         source,
     };
     let store = Store::connect(config).await.map_err(tarantool)?;
@@ -95,7 +95,7 @@ pub async fn backup(config: &Config, dir: &Path) -> Result<Summary, Error> {
             }
         }
     });
-    let copied = copy(&store, &blobs, dir, files, &config.tarantool_address).await;
+    let copied = copy(&store, &blobs, dir, files, &config.tarantool.address).await;
     renewer.abort();
     // Unpin and lift the hold whatever happened.
     let stopped = store.backup_stop().await;

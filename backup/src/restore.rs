@@ -258,7 +258,7 @@ async fn upload(
     key: &str,
     path: &PathBuf,
 ) -> Result<u64, Error> {
-    let part = usize::try_from(config.multipart_part_bytes).unwrap_or(usize::MAX);
+    let part = usize::try_from(config.ingress.multipart_part_bytes).unwrap_or(usize::MAX);
     let mut file = tokio::fs::File::open(path)
         .await
         .map_err(Error::file(path))?;

@@ -42,7 +42,7 @@ pub async fn run(
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let watchers = Arc::new(notify::SubjectWatchers::new(
         setup.store.clone(),
-        Duration::from_secs(config.long_poll_seconds),
+        Duration::from_secs(config.egress.long_poll_seconds),
     ));
     let egress = Egress::new(
         setup.store.clone(),
@@ -50,8 +50,8 @@ pub async fn run(
         watchers,
         draining,
         delivery::PayloadLimits {
-            omit_above: config.max_inline_delivery_bytes,
-            inline_max: config.max_delivered_payload_bytes,
+            omit_above: config.egress.max_inline_delivery_bytes,
+            inline_max: config.egress.max_delivered_payload_bytes,
         },
         setup.auth.clone(),
     )

@@ -51,14 +51,14 @@ impl Maintenance {
             holder: format!("egress-{}", uuid::Uuid::now_v7()),
             // 0 means unlimited, in the config as in Tarantool.
             defaults: Limits {
-                max_age_ms: Some(config.retention_max_age_seconds.saturating_mul(1000)),
-                max_messages: Some(config.retention_max_messages),
-                max_bytes: Some(config.retention_max_bytes),
+                max_age_ms: Some(config.egress.retention_max_age_seconds.saturating_mul(1000)),
+                max_messages: Some(config.egress.retention_max_messages),
+                max_bytes: Some(config.egress.retention_max_bytes),
             },
-            interval: Duration::from_millis(config.maintenance_interval_ms),
-            orphan_grace: Duration::from_secs(config.orphan_grace_seconds),
-            sweep_interval: (config.orphan_sweep_interval_seconds > 0)
-                .then(|| Duration::from_secs(config.orphan_sweep_interval_seconds)),
+            interval: Duration::from_millis(config.egress.maintenance_interval_ms),
+            orphan_grace: Duration::from_secs(config.egress.orphan_grace_seconds),
+            sweep_interval: (config.egress.orphan_sweep_interval_seconds > 0)
+                .then(|| Duration::from_secs(config.egress.orphan_sweep_interval_seconds)),
         }
     }
 

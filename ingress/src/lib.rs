@@ -45,20 +45,20 @@ pub async fn run(
         &config,
     )
     .with_metrics(setup.metrics.clone());
-    let limiter = (config.publish_rate_per_second > 0).then(|| {
-        let burst = match config.publish_burst {
-            0 => config.publish_rate_per_second,
+    let limiter = (config.ingress.publish_rate_per_second > 0).then(|| {
+        let burst = match config.ingress.publish_burst {
+            0 => config.ingress.publish_rate_per_second,
             burst => burst,
         };
         Arc::new(rate_limit::Limiter::new(
-            config.publish_rate_per_second,
+            config.ingress.publish_rate_per_second,
             burst,
         ))
     });
     if let Some(limiter) = &limiter {
         ingress = ingress.with_rate_limit(limiter.clone());
     }
-    let max_message = usize::try_from(config.max_payload_bytes)
+    let max_message = usize::try_from(config.ingress.max_payload_bytes)
         .unwrap_or(usize::MAX)
         .saturating_add(ENVELOPE_BYTES);
     let service = IngressServiceServer::new(ingress).max_decoding_message_size(max_message);

@@ -40,10 +40,10 @@ fn hs256(claims: &Value, secret: &str) -> String {
 
 fn auth_config(require: bool) -> Config {
     let mut config = testing::config();
-    config.auth_enabled = true;
-    config.require_auth = require;
-    config.jwt_secret = SECRET.into();
-    config.jwt_issuer = ISSUER.into();
+    config.auth.enabled = true;
+    config.auth.require_auth = require;
+    config.auth.jwt_secret = SECRET.into();
+    config.auth.jwt_issuer = ISSUER.into();
     config
 }
 
@@ -428,9 +428,9 @@ async fn rs256_tokens_are_verified_with_the_public_key() {
         public.to_str().unwrap(),
     ]);
     let mut config = testing::config();
-    config.auth_enabled = true;
-    config.jwt_public_key_file = public.to_str().unwrap().into();
-    config.jwt_issuer = ISSUER.into();
+    config.auth.enabled = true;
+    config.auth.jwt_public_key_file = public.to_str().unwrap().into();
+    config.auth.jwt_issuer = ISSUER.into();
     let system = System::start(config).await;
     let subject = testing::unique_subject("rs256");
     let signed = jsonwebtoken::encode(
@@ -455,8 +455,8 @@ async fn rs256_tokens_are_verified_with_the_public_key() {
 #[tokio::test(flavor = "multi_thread")]
 async fn each_client_has_its_own_publish_rate() {
     let mut config = auth_config(true);
-    config.publish_rate_per_second = 5;
-    config.publish_burst = 5;
+    config.ingress.publish_rate_per_second = 5;
+    config.ingress.publish_burst = 5;
     let system = System::start(config).await;
     let subject = testing::unique_subject("rate");
     let token = |client: &str| {

@@ -55,7 +55,7 @@ async fn a_restore_brings_back_every_message_counter_and_consumer_position() {
     let mut tarantool = TarantoolProcess::start();
     let garage = GarageProcess::start();
     let mut config = tarantool.config();
-    config.minio_endpoint = garage.endpoint();
+    config.object_store.endpoint = garage.endpoint();
     let system = System::start(config.clone()).await;
     let mut publisher = system.publisher().await;
     let mut subscriber = system.subscriber().await;
@@ -63,7 +63,7 @@ async fn a_restore_brings_back_every_message_counter_and_consumer_position() {
     let audit = testing::unique_subject("audit");
 
     // A mix of inline and offloaded payloads on two subjects.
-    let big = config.inline_threshold_bytes as usize;
+    let big = config.ingress.inline_threshold_bytes as usize;
     let payloads: Vec<(String, Vec<u8>)> = vec![
         (orders.clone(), b"first".to_vec()),
         (orders.clone(), vec![7u8; big + 1]),

@@ -70,7 +70,7 @@ fn check(status: tonic::Status, code: Code, field: &str, reason: &str, case: &st
 #[tokio::test(flavor = "multi_thread")]
 async fn every_rule_maps_to_its_status() {
     let mut config = testing::config();
-    config.max_payload_bytes = MAX_PAYLOAD;
+    config.ingress.max_payload_bytes = MAX_PAYLOAD;
     let system = System::start(config).await;
     let mut publisher = system.publisher().await;
     let mut subscriber = system.subscriber().await;

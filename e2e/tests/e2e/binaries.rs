@@ -12,16 +12,19 @@ use mts_testkit as testing;
 /// The variables naming `config`'s Tarantool and bucket, as the services read them.
 pub fn dependency_env(config: &Config) -> [(&'static str, String); 7] {
     [
-        ("TARANTOOL_ADDRESS", config.tarantool_address.clone()),
-        ("TARANTOOL_USER", config.tarantool_user.clone()),
-        ("TARANTOOL_PASSWORD", config.tarantool_password.clone()),
-        ("MINIO_ENDPOINT", config.minio_endpoint.clone()),
-        ("MINIO_ACCESS_KEY_ID", config.minio_access_key_id.clone()),
+        ("TARANTOOL_ADDRESS", config.tarantool.address.clone()),
+        ("TARANTOOL_USER", config.tarantool.user.clone()),
+        ("TARANTOOL_PASSWORD", config.tarantool.password.clone()),
+        ("MINIO_ENDPOINT", config.object_store.endpoint.clone()),
+        (
+            "MINIO_ACCESS_KEY_ID",
+            config.object_store.access_key_id.clone(),
+        ),
         (
             "MINIO_SECRET_ACCESS_KEY",
-            config.minio_secret_access_key.clone(),
+            config.object_store.secret_access_key.clone(),
         ),
-        ("MINIO_BUCKET_NAME", config.minio_bucket_name.clone()),
+        ("MINIO_BUCKET_NAME", config.object_store.bucket_name.clone()),
     ]
 }
 

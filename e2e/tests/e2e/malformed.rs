@@ -112,7 +112,7 @@ async fn undecodable_requests_are_the_callers_mistake() {
 async fn made_up_methods_share_one_metrics_label() {
     let mut config = testing::config();
     let port = testing::free_port();
-    config.metrics_port = port;
+    config.server.metrics_port = port;
     let system = System::start_with(config.clone(), testing::config()).await;
     for i in 0..5 {
         let path: &'static str =

@@ -24,10 +24,10 @@ async fn counters_move_with_the_calls() {
     let mut config = testing::config();
     let ingress_metrics = testing::free_port();
     let egress_metrics = testing::free_port();
-    config.metrics_port = ingress_metrics;
+    config.server.metrics_port = ingress_metrics;
     let system = System::start_with(config.clone(), {
         let mut egress = config.clone();
-        egress.metrics_port = egress_metrics;
+        egress.server.metrics_port = egress_metrics;
         egress
     })
     .await;
@@ -230,19 +230,19 @@ async fn alerts_and_dashboard_use_only_exported_metrics() {
     // the maintenance lease that exports consumer lag.
     let mut tarantool = testing::TarantoolProcess::start();
     let mut config = tarantool.config();
-    config.maintenance_interval_ms = 100;
-    config.tarantool_timeout_ms = 1000;
+    config.egress.maintenance_interval_ms = 100;
+    config.tarantool.timeout_ms = 1000;
     let (ingress_metrics, egress_metrics) = (testing::free_port(), testing::free_port());
-    config.metrics_port = ingress_metrics;
+    config.server.metrics_port = ingress_metrics;
     let system = System::start_with(config.clone(), {
         let mut egress = config.clone();
-        egress.metrics_port = egress_metrics;
+        egress.server.metrics_port = egress_metrics;
         egress
     })
     .await;
     let subject = testing::unique_subject("families");
     let mut publisher = system.publisher().await;
-    for size in [10, config.inline_threshold_bytes as usize + 1] {
+    for size in [10, config.ingress.inline_threshold_bytes as usize + 1] {
         publisher
             .publish(PublishRequest {
                 subject: subject.clone(),

@@ -5,7 +5,6 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use futures::StreamExt;
-use mts_config::Config;
 use mts_proto::pb::{AckRequest, GetLastSequenceRequest, PublishRequest, SubscribeRequest};
 use mts_proto::service_names::{EGRESS, INGRESS};
 use mts_runtime::health::LIVENESS;
@@ -18,12 +17,12 @@ use crate::system::System;
 async fn services_recover_after_tarantool_is_killed_and_restarted() {
     let mut tarantool = TarantoolProcess::start();
     let mut config = tarantool.config();
-    config.tarantool_timeout_ms = 2000;
+    config.tarantool.timeout_ms = 2000;
     let system = System::start(config.clone()).await;
     let mut publisher = system.publisher().await;
     let mut subscriber = system.subscriber().await;
     let subject = testing::unique_subject("restart");
-    let big = config.inline_threshold_bytes as usize + 1;
+    let big = config.ingress.inline_threshold_bytes as usize + 1;
 
     let publish = |data: Vec<u8>| PublishRequest {
         message_id: String::new(),
@@ -122,17 +121,12 @@ async fn services_recover_after_tarantool_is_killed_and_restarted() {
 async fn services_ride_out_an_object_store_outage() {
     let mut garage = testing::GarageProcess::start();
     let mut config = testing::config();
-    config.minio_endpoint = garage.endpoint();
-    config.minio_timeout_ms = 2000;
+    config.object_store.endpoint = garage.endpoint();
+    config.object_store.timeout_ms = 2000;
     let admin = testing::free_port();
-    let system = System::start_with(
-        Config {
-            metrics_port: admin,
-            ..config.clone()
-        },
-        config.clone(),
-    )
-    .await;
+    let mut ingress = config.clone();
+    ingress.server.metrics_port = admin;
+    let system = System::start_with(ingress, config.clone()).await;
     // HTTP probes on the admin port follow the gRPC health status.
     assert_eq!(testing::http_get(admin, "/readyz").await.0, 200);
     let mut publisher = system.publisher().await;
@@ -140,7 +134,7 @@ async fn services_ride_out_an_object_store_outage() {
     let offloaded = |n: u8| PublishRequest {
         message_id: String::new(),
         subject: subject.clone(),
-        data: vec![n; config.inline_threshold_bytes as usize + 1].into(),
+        data: vec![n; config.ingress.inline_threshold_bytes as usize + 1].into(),
         headers: HashMap::new(),
     };
     assert_eq!(
@@ -313,7 +307,7 @@ async fn publish_until(
 async fn under_repeated_crashes_every_publish_answer_is_the_truth() {
     let mut tarantool = TarantoolProcess::start();
     let mut config = tarantool.config();
-    config.tarantool_timeout_ms = 3000;
+    config.tarantool.timeout_ms = 3000;
     let system = System::start(config).await;
     let subject = testing::unique_subject("crash-truth");
     let (stop, stopped) = tokio::sync::watch::channel(false);

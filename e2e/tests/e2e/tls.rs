@@ -71,8 +71,8 @@ async fn tls_and_mutual_tls() {
     let dir = std::env::temp_dir().join(format!("mts-tls-{}", testing::unique_subject("d")));
     std::fs::create_dir_all(&dir).unwrap();
     let mut config = testing::config();
-    config.tls_cert_file = write(&dir, "server.pem", &pki.server.0);
-    config.tls_key_file = write(&dir, "server.key", &pki.server.1);
+    config.tls.cert_file = write(&dir, "server.pem", &pki.server.0);
+    config.tls.key_file = write(&dir, "server.key", &pki.server.1);
     let trusting = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&pki.ca))
         .domain_name("localhost");
@@ -91,7 +91,7 @@ async fn tls_and_mutual_tls() {
     );
     tls.stop().await.unwrap();
 
-    config.tls_client_ca_file = write(&dir, "ca.pem", &pki.ca);
+    config.tls.client_ca_file = write(&dir, "ca.pem", &pki.ca);
     let with_identity = trusting
         .clone()
         .identity(Identity::from_pem(&pki.client.0, &pki.client.1));

@@ -289,8 +289,8 @@ async fn draining_ends_open_streams_with_unavailable() {
 #[tokio::test]
 async fn aged_connections_are_closed_so_clients_rebalance() {
     let mut config = mts_testkit::config();
-    config.max_connection_age_seconds = 1;
-    config.max_connection_age_grace_seconds = 1;
+    config.server.max_connection_age_seconds = 1;
+    config.server.max_connection_age_grace_seconds = 1;
     let service =
         mts_testkit::Running::start(mts_proto::service_names::EGRESS, config, mts_egress::run)
             .await;

@@ -27,9 +27,9 @@ struct Isolated {
 async fn isolated(tweak: impl FnOnce(&mut Config)) -> Isolated {
     let tarantool = TarantoolProcess::start();
     let mut config = tarantool.config();
-    config.minio_bucket_name = format!("mts-{}", uuid_hex());
-    config.maintenance_interval_ms = 100;
-    config.orphan_sweep_interval_seconds = 0;
+    config.object_store.bucket_name = format!("mts-{}", uuid_hex());
+    config.egress.maintenance_interval_ms = 100;
+    config.egress.orphan_sweep_interval_seconds = 0;
     tweak(&mut config);
     let service = Running::start(EGRESS, config.clone(), mts_egress::run).await;
     Isolated {
@@ -113,7 +113,7 @@ impl Isolated {
 
 #[tokio::test]
 async fn retention_by_count_removes_metadata_and_objects_together() {
-    let mut t = isolated(|c| c.retention_max_messages = 2).await;
+    let mut t = isolated(|c| c.egress.retention_max_messages = 2).await;
     let limited = testing::unique_subject("by-count");
     let info = t
         .limit(
@@ -219,9 +219,9 @@ async fn retention_by_age_empties_a_subject_and_sequences_are_not_reused() {
 async fn the_orphan_sweep_deletes_this_stores_objects_without_metadata_only() {
     let port = testing::free_port();
     let t = isolated(|c| {
-        c.metrics_port = port;
-        c.orphan_grace_seconds = 1;
-        c.orphan_sweep_interval_seconds = 1;
+        c.server.metrics_port = port;
+        c.egress.orphan_grace_seconds = 1;
+        c.egress.orphan_sweep_interval_seconds = 1;
     })
     .await;
     let subject = testing::unique_subject("orphans");
@@ -299,7 +299,7 @@ async fn one_replica_at_a_time_holds_the_maintenance_lease() {
 #[tokio::test]
 async fn the_maintenance_replica_exports_consumer_lag() {
     let port = testing::free_port();
-    let t = isolated(|c| c.metrics_port = port).await;
+    let t = isolated(|c| c.server.metrics_port = port).await;
     let subject = testing::unique_subject("lag");
     for _ in 0..5 {
         t.publish(&subject, 10, false).await;
@@ -401,14 +401,14 @@ async fn an_empty_tarantool_pointed_at_an_old_bucket_deletes_nothing() {
     for _ in 0..3 {
         payloads.push(old.publish(&subject, 40, true).await.1.unwrap());
     }
-    let bucket = old.config.minio_bucket_name.clone();
+    let bucket = old.config.object_store.bucket_name.clone();
     old.service.stop().await.unwrap();
     drop(old.tarantool);
 
     let fresh = isolated(|c| {
-        c.minio_bucket_name = bucket;
-        c.orphan_grace_seconds = 1;
-        c.orphan_sweep_interval_seconds = 1;
+        c.object_store.bucket_name = bucket;
+        c.egress.orphan_grace_seconds = 1;
+        c.egress.orphan_sweep_interval_seconds = 1;
     })
     .await;
     // A genuine orphan of the new store shows when its sweep has run.

@@ -26,7 +26,7 @@ pub async fn fixture(name: &str) -> Fixture {
     let mut config = testing::config();
     // Far above the 10 s a test waits for a notification: only a commit
     // waking the waiter in Tarantool can deliver one in time.
-    config.long_poll_seconds = 300;
+    config.egress.long_poll_seconds = 300;
     let service = Running::start(EGRESS, config.clone(), mts_egress::run).await;
     let client = EgressServiceClient::connect(service.endpoint())
         .await

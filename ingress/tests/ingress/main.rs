@@ -8,7 +8,7 @@ use mts_config::Config;
 async fn tarantool_client(config: &Config) -> tarant::Client {
     tarant::Client::connect(&format!(
         "tarantool://{}:{}@{}",
-        config.tarantool_user, config.tarantool_password, config.tarantool_address
+        config.tarantool.user, config.tarantool.password, config.tarantool.address
     ))
     .await
     .unwrap()

@@ -61,7 +61,7 @@ async fn messages_are_answered_and_stored_in_the_order_sent() {
     let (_service, mut client, store) = start(|_| {}).await;
     let config = testing::config();
     let subject = testing::unique_subject("many.order");
-    let large = usize::try_from(config.inline_threshold_bytes).unwrap() + 1;
+    let large = usize::try_from(config.ingress.inline_threshold_bytes).unwrap() + 1;
     let requests: Vec<PublishRequest> = (0..300u32)
         .map(|i| match i {
             // One offloaded to S3 in the middle, one refused.
@@ -141,8 +141,8 @@ async fn a_stream_of_one_message_at_a_time_works_like_publish() {
 #[tokio::test]
 async fn the_rate_limit_slows_a_stream_down_instead_of_failing_it() {
     let (_service, mut client, store) = start(|config| {
-        config.publish_rate_per_second = 10;
-        config.publish_burst = 5;
+        config.ingress.publish_rate_per_second = 10;
+        config.ingress.publish_burst = 5;
     })
     .await;
     let subject = testing::unique_subject("many.rate");

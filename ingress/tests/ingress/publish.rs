@@ -50,7 +50,7 @@ async fn small_payloads_stay_inline_and_large_ones_go_to_s3() {
         (1, 0, "")
     );
 
-    let at_threshold = vec![7u8; config.inline_threshold_bytes as usize];
+    let at_threshold = vec![7u8; config.ingress.inline_threshold_bytes as usize];
     let inline = client
         .publish(request(&subject, at_threshold))
         .await
@@ -58,7 +58,7 @@ async fn small_payloads_stay_inline_and_large_ones_go_to_s3() {
         .into_inner();
     assert_eq!((inline.sequence, inline.object_name.as_str()), (2, ""));
 
-    let above = vec![9u8; config.inline_threshold_bytes as usize + 1];
+    let above = vec![9u8; config.ingress.inline_threshold_bytes as usize + 1];
     let offloaded = client
         .publish(request(&subject, above.clone()))
         .await
@@ -67,7 +67,7 @@ async fn small_payloads_stay_inline_and_large_ones_go_to_s3() {
     assert_eq!(offloaded.sequence, 3);
     let prefix = testing::payload_prefix(&config, &subject).await;
     assert!(
-        prefix.starts_with(&config.minio_key_prefix),
+        prefix.starts_with(&config.object_store.key_prefix),
         "{prefix} is under the service's own key prefix"
     );
     assert!(
@@ -89,7 +89,7 @@ async fn small_payloads_stay_inline_and_large_ones_go_to_s3() {
         .collect();
     assert_eq!(stored.len(), 3);
     assert_eq!(stored[0].data.as_deref().map(|d| d.len()), Some(0));
-    assert_eq!(stored[1].size, config.inline_threshold_bytes);
+    assert_eq!(stored[1].size, config.ingress.inline_threshold_bytes);
     assert!(stored[1].object_key.is_none());
     assert_eq!(
         stored[2].object_key.as_deref(),
@@ -125,7 +125,7 @@ async fn binary_payloads_round_trip_through_tarantool_unchanged() {
 #[tokio::test]
 async fn oversized_payload_is_refused_before_anything_is_stored() {
     let mut config = testing::config();
-    config.max_payload_bytes = 512 * 1024;
+    config.ingress.max_payload_bytes = 512 * 1024;
     let service = Running::start(INGRESS, config.clone(), mts_ingress::run).await;
     let mut client = IngressServiceClient::connect(service.endpoint())
         .await
@@ -154,8 +154,8 @@ async fn failed_upload_is_unavailable_and_stores_no_metadata() {
     let config = testing::config();
     let store = Store::connect(&config).await.unwrap();
     let mut unreachable = config.clone();
-    unreachable.minio_endpoint = format!("http://127.0.0.1:{}", testing::free_port());
-    unreachable.minio_timeout_ms = 2000;
+    unreachable.object_store.endpoint = format!("http://127.0.0.1:{}", testing::free_port());
+    unreachable.object_store.timeout_ms = 2000;
     let ingress = Ingress::new(
         store.clone(),
         BlobStore::new(&unreachable),
@@ -163,7 +163,7 @@ async fn failed_upload_is_unavailable_and_stores_no_metadata() {
         &config,
     );
     let subject = testing::unique_subject("upload-fails");
-    let big = vec![1u8; config.inline_threshold_bytes as usize + 10];
+    let big = vec![1u8; config.ingress.inline_threshold_bytes as usize + 10];
     let status = ingress
         .publish(tonic::Request::new(request(&subject, big)))
         .await
@@ -201,7 +201,7 @@ async fn refused_commit_removes_the_uploaded_object() {
         &config,
     );
     let subject = testing::unique_subject("commit-refused");
-    let big = vec![2u8; config.inline_threshold_bytes as usize + 10];
+    let big = vec![2u8; config.ingress.inline_threshold_bytes as usize + 10];
     let status = ingress
         .publish(tonic::Request::new(request(&subject, big)))
         .await

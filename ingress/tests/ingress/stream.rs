@@ -31,7 +31,7 @@ struct Fixture {
 
 async fn fixture(name: &str, tweak: impl FnOnce(&mut Config)) -> Fixture {
     let mut config = testing::config();
-    config.multipart_part_bytes = 5 * MIB as u64;
+    config.ingress.multipart_part_bytes = 5 * MIB as u64;
     tweak(&mut config);
     let service = Running::start(INGRESS, config.clone(), mts_ingress::run).await;
     Fixture {
@@ -283,7 +283,7 @@ async fn streamed_payloads_are_stored_with_size_and_digest() {
 
 #[tokio::test]
 async fn the_upload_cap_answers_resource_exhausted_with_a_retry_hint() {
-    let f = fixture("cap", |c| c.max_concurrent_uploads = 1).await;
+    let f = fixture("cap", |c| c.ingress.max_concurrent_uploads = 1).await;
     let (frames, first) = f.open().await;
     frames.send(header(&f.subject, None, "")).await.unwrap();
     frames.send(chunk(vec![9u8; 6 * MIB])).await.unwrap();
@@ -322,7 +322,7 @@ async fn the_upload_cap_answers_resource_exhausted_with_a_retry_hint() {
 
 #[tokio::test]
 async fn a_message_id_is_stored_once_per_subject_within_the_window() {
-    let mut f = fixture("dedup", |c| c.dedup_window_ms = 1500).await;
+    let mut f = fixture("dedup", |c| c.ingress.dedup_window_ms = 1500).await;
     let subject = f.subject.clone();
     let first = f.publish(&subject, b"payload", "order-17").await;
     assert!(!first.duplicate);
@@ -487,8 +487,8 @@ async fn an_announced_payload_with_a_bad_ending_stores_nothing() {
 async fn an_announced_payload_the_store_cannot_take_is_unavailable() {
     let mut garage = testing::GarageProcess::start();
     let f = fixture("one-put-unreachable", |config| {
-        config.minio_endpoint = garage.endpoint();
-        config.minio_timeout_ms = 2000;
+        config.object_store.endpoint = garage.endpoint();
+        config.object_store.timeout_ms = 2000;
     })
     .await;
     garage.kill();
@@ -527,7 +527,7 @@ async fn a_publisher_pausing_mid_upload_is_not_an_object_store_outage() {
 
 #[tokio::test]
 async fn a_silent_publisher_is_cut_off_by_the_idle_limit() {
-    let f = fixture("idle", |c| c.stream_idle_timeout_ms = 800).await;
+    let f = fixture("idle", |c| c.ingress.stream_idle_timeout_ms = 800).await;
     for total in [None, Some(2 * MIB as u64)] {
         let (frames, call) = f.open().await;
         frames.send(header(&f.subject, total, "")).await.unwrap();
@@ -552,8 +552,8 @@ async fn a_silent_publisher_is_cut_off_by_the_idle_limit() {
 #[tokio::test]
 async fn one_client_gets_only_its_share_of_the_upload_slots() {
     let f = fixture("share", |c| {
-        c.max_concurrent_uploads = 4;
-        c.max_uploads_per_client = 2;
+        c.ingress.max_concurrent_uploads = 4;
+        c.ingress.max_uploads_per_client = 2;
     })
     .await;
     let mut open = Vec::new();

@@ -33,73 +33,170 @@ pub enum LogFormat {
     Console,
 }
 
-/// The configuration of one service process.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
+/// The configuration of one service process, in typed sections. The file
+/// and the environment know only the flat keys of the deployment guide
+/// (`tarantool_address`, `MINIO_ENDPOINT`, ...), which each field names.
+#[derive(Debug, Clone, Serialize)]
 pub struct Config {
+    /// The gRPC server and its admin port.
+    #[serde(flatten)]
+    pub server: Server,
+    /// Start-up, health probing and shutdown.
+    #[serde(flatten)]
+    pub lifecycle: Lifecycle,
+    /// The Tarantool metadata store.
+    #[serde(flatten)]
+    pub tarantool: Tarantool,
+    /// The S3-compatible object store for large payloads (the `minio_*` keys of the deployment guide).
+    #[serde(flatten)]
+    pub object_store: ObjectStore,
+    /// Logging.
+    #[serde(flatten)]
+    pub telemetry: Telemetry,
+    /// Caller authentication with JWTs.
+    #[serde(flatten)]
+    pub auth: Auth,
+    /// TLS on the gRPC port.
+    #[serde(flatten)]
+    pub tls: Tls,
+    /// Publishing (the ingress).
+    #[serde(flatten)]
+    pub ingress: Ingress,
+    /// Delivery and housekeeping (the egress).
+    #[serde(flatten)]
+    pub egress: Egress,
+}
+
+/// The gRPC server and its admin port.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Server {
     /// Address the gRPC server binds.
-    pub server_host: String,
+    #[serde(rename = "server_host")]
+    pub host: String,
     /// gRPC port: 50051 for ingress, 50052 for egress.
-    pub server_port: u16,
+    #[serde(rename = "server_port")]
+    pub port: u16,
     /// Port of the admin HTTP server (`/metrics`); 0 picks a free one.
     pub metrics_port: u16,
-    /// `host:port` of Tarantool.
-    pub tarantool_address: String,
-    /// Tarantool user; `guest` connects without credentials.
-    pub tarantool_user: String,
-    /// Tarantool password.
-    pub tarantool_password: String,
-    /// Deadline of one Tarantool call, in milliseconds.
-    pub tarantool_timeout_ms: u64,
-    /// `host:port` (or URL) of the S3-compatible store.
-    pub minio_endpoint: String,
-    /// S3 access key.
-    pub minio_access_key_id: String,
-    /// S3 secret key.
-    pub minio_secret_access_key: String,
-    /// Bucket for offloaded payloads; created if missing.
-    pub minio_bucket_name: String,
-    /// Use https when the endpoint has no scheme.
-    pub minio_use_ssl: bool,
-    /// Region the S3 server expects in signatures.
-    pub minio_region: String,
-    /// Deadline of one S3 call, in milliseconds.
-    pub minio_timeout_ms: u64,
-    /// Every object this service writes has a key under this prefix (then
-    /// the store's id, then the subject), so a bucket can be shared: the
-    /// orphan sweep looks only there.
-    pub minio_key_prefix: String,
-    /// Default log level when `RUST_LOG` is not set.
-    pub log_level: String,
-    /// `json` or `console`.
-    pub log_format: LogFormat,
-    /// Payloads up to this size are stored inline in Tarantool.
-    pub inline_threshold_bytes: u64,
-    /// Largest payload a unary publish accepts.
-    pub max_payload_bytes: u64,
+    /// Connections older than this (±10 %, drawn per process) are asked to
+    /// go away, so clients rebalance after a scale-out; 0 = never.
+    pub max_connection_age_seconds: u64,
+    /// How long an aged connection's calls may finish before it is closed.
+    pub max_connection_age_grace_seconds: u64,
+}
+
+/// Start-up, health probing and shutdown.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Lifecycle {
     /// How long a draining process waits for in-flight calls.
     pub shutdown_grace_seconds: u64,
     /// How often dependencies are probed for the health status.
     pub health_check_interval_ms: u64,
     /// How long start-up waits for Tarantool and S3 before giving up.
     pub startup_timeout_seconds: u64,
-    /// How long one wait for new commits blocks in Tarantool before it is
-    /// renewed. Commits wake it at once; this only bounds an idle wait.
-    pub long_poll_seconds: u64,
-    /// Default longest a message is kept; 0 = forever. Subjects may override.
-    pub retention_max_age_seconds: u64,
-    /// Default most messages kept per subject; 0 = unlimited.
-    pub retention_max_messages: u64,
-    /// Default most payload bytes kept per subject; 0 = unlimited.
-    pub retention_max_bytes: u64,
-    /// How often the egress replica holding the maintenance lease enforces
-    /// retention and deletes released objects.
-    pub maintenance_interval_ms: u64,
-    /// Objects without metadata younger than this are left alone by the
-    /// orphan sweep (an upload may still be about to commit).
-    pub orphan_grace_seconds: u64,
-    /// How often the orphan sweep lists the bucket; 0 = never.
-    pub orphan_sweep_interval_seconds: u64,
+}
+
+/// The Tarantool metadata store.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Tarantool {
+    /// `host:port` of Tarantool.
+    #[serde(rename = "tarantool_address")]
+    pub address: String,
+    /// Tarantool user; `guest` connects without credentials.
+    #[serde(rename = "tarantool_user")]
+    pub user: String,
+    /// Tarantool password.
+    #[serde(rename = "tarantool_password")]
+    pub password: String,
+    /// Deadline of one Tarantool call, in milliseconds.
+    #[serde(rename = "tarantool_timeout_ms")]
+    pub timeout_ms: u64,
+}
+
+/// The S3-compatible object store for large payloads (the `minio_*` keys of the deployment guide).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct ObjectStore {
+    /// `host:port` (or URL) of the S3-compatible store.
+    #[serde(rename = "minio_endpoint")]
+    pub endpoint: String,
+    /// S3 access key.
+    #[serde(rename = "minio_access_key_id")]
+    pub access_key_id: String,
+    /// S3 secret key.
+    #[serde(rename = "minio_secret_access_key")]
+    pub secret_access_key: String,
+    /// Bucket for offloaded payloads; created if missing.
+    #[serde(rename = "minio_bucket_name")]
+    pub bucket_name: String,
+    /// Use https when the endpoint has no scheme.
+    #[serde(rename = "minio_use_ssl")]
+    pub use_ssl: bool,
+    /// Region the S3 server expects in signatures.
+    #[serde(rename = "minio_region")]
+    pub region: String,
+    /// Deadline of one S3 call, in milliseconds.
+    #[serde(rename = "minio_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Every object this service writes has a key under this prefix (then
+    /// the store's id, then the subject), so a bucket can be shared: the
+    /// orphan sweep looks only there.
+    #[serde(rename = "minio_key_prefix")]
+    pub key_prefix: String,
+}
+
+/// Logging.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Telemetry {
+    /// Default log level when `RUST_LOG` is not set.
+    pub log_level: String,
+    /// `json` or `console`.
+    pub log_format: LogFormat,
+}
+
+/// Caller authentication with JWTs.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Auth {
+    /// Check JWTs on every call.
+    #[serde(rename = "auth_enabled")]
+    pub enabled: bool,
+    /// With auth enabled: refuse calls without a token (false lets anonymous
+    /// calls through, but a token that is sent must be valid).
+    pub require_auth: bool,
+    /// The `iss` tokens must carry.
+    pub jwt_issuer: String,
+    /// HS256 shared secret.
+    pub jwt_secret: String,
+    /// File holding the HS256 secret (a mounted Secret).
+    pub jwt_secret_file: String,
+    /// RS256 public key, PEM.
+    pub jwt_public_key: String,
+    /// File holding the RS256 public key PEM.
+    pub jwt_public_key_file: String,
+    /// Clock skew allowed on expiry, in seconds.
+    pub jwt_leeway_seconds: u64,
+}
+
+/// TLS on the gRPC port.
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Tls {
+    /// PEM certificate chain for TLS on the gRPC port; empty = plaintext.
+    #[serde(rename = "tls_cert_file")]
+    pub cert_file: String,
+    /// PEM private key for `tls_cert_file`.
+    #[serde(rename = "tls_key_file")]
+    pub key_file: String,
+    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
+    #[serde(rename = "tls_client_ca_file")]
+    pub client_ca_file: String,
+}
+
+/// Publishing (the ingress).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Ingress {
+    /// Payloads up to this size are stored inline in Tarantool.
+    pub inline_threshold_bytes: u64,
+    /// Largest payload a unary publish accepts.
+    pub max_payload_bytes: u64,
     /// How long a publish's message id is remembered for deduplication.
     pub dedup_window_ms: u64,
     /// Part size of streamed uploads (S3 needs at least 5 MiB).
@@ -117,6 +214,33 @@ pub struct Config {
     /// A PublishStream client that sends nothing for this long is cut off
     /// (DEADLINE_EXCEEDED) and nothing is stored.
     pub stream_idle_timeout_ms: u64,
+    /// Publishes per second each client (token `client_id`; anonymous
+    /// callers share one budget) may sustain; 0 = unlimited.
+    pub publish_rate_per_second: u64,
+    /// Publishes a client may make at once beyond the rate; 0 = the rate.
+    pub publish_burst: u64,
+}
+
+/// Delivery and housekeeping (the egress).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Egress {
+    /// How long one wait for new commits blocks in Tarantool before it is
+    /// renewed. Commits wake it at once; this only bounds an idle wait.
+    pub long_poll_seconds: u64,
+    /// Default longest a message is kept; 0 = forever. Subjects may override.
+    pub retention_max_age_seconds: u64,
+    /// Default most messages kept per subject; 0 = unlimited.
+    pub retention_max_messages: u64,
+    /// Default most payload bytes kept per subject; 0 = unlimited.
+    pub retention_max_bytes: u64,
+    /// How often the egress replica holding the maintenance lease enforces
+    /// retention and deletes released objects.
+    pub maintenance_interval_ms: u64,
+    /// Objects without metadata younger than this are left alone by the
+    /// orphan sweep (an upload may still be about to commit).
+    pub orphan_grace_seconds: u64,
+    /// How often the orphan sweep lists the bucket; 0 = never.
+    pub orphan_sweep_interval_seconds: u64,
     /// For clients that ask for it (`omit_large_payloads`), Fetch and
     /// Consume leave out payloads larger than this; they read them with
     /// FetchPayload.
@@ -124,39 +248,6 @@ pub struct Config {
     /// For every other client, the largest payload Fetch and Consume send
     /// inline; a larger one fails the call with RESOURCE_EXHAUSTED.
     pub max_delivered_payload_bytes: u64,
-    /// Check JWTs on every call.
-    pub auth_enabled: bool,
-    /// With auth enabled: refuse calls without a token (false lets anonymous
-    /// calls through, but a token that is sent must be valid).
-    pub require_auth: bool,
-    /// The `iss` tokens must carry.
-    pub jwt_issuer: String,
-    /// HS256 shared secret.
-    pub jwt_secret: String,
-    /// File holding the HS256 secret (a mounted Secret).
-    pub jwt_secret_file: String,
-    /// RS256 public key, PEM.
-    pub jwt_public_key: String,
-    /// File holding the RS256 public key PEM.
-    pub jwt_public_key_file: String,
-    /// Clock skew allowed on expiry, in seconds.
-    pub jwt_leeway_seconds: u64,
-    /// PEM certificate chain for TLS on the gRPC port; empty = plaintext.
-    pub tls_cert_file: String,
-    /// PEM private key for `tls_cert_file`.
-    pub tls_key_file: String,
-    /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
-    pub tls_client_ca_file: String,
-    /// Connections older than this (±10 %, drawn per process) are asked to
-    /// go away, so clients rebalance after a scale-out; 0 = never.
-    pub max_connection_age_seconds: u64,
-    /// How long an aged connection's calls may finish before it is closed.
-    pub max_connection_age_grace_seconds: u64,
-    /// Publishes per second each client (token `client_id`; anonymous
-    /// callers share one budget) may sustain; 0 = unlimited.
-    pub publish_rate_per_second: u64,
-    /// Publishes a client may make at once beyond the rate; 0 = the rate.
-    pub publish_burst: u64,
 }
 
 /// A configuration that cannot be used; the message names the key.
@@ -168,11 +259,14 @@ pub enum Error {
     /// The command line is not `[--config PATH]`.
     #[error("usage: [--config PATH] ({0})")]
     Usage(String),
-    /// A value has the right type but is out of range.
+    /// A key no section has (in the file: a typo, or a key of another version).
+    #[error("configuration: unknown key `{0}`")]
+    Unknown(String),
+    /// A value of the wrong type or out of range.
     #[error("configuration key `{key}` (env {env}): {reason}")]
     Invalid {
         /// The key.
-        key: &'static str,
+        key: String,
         /// Its environment variable.
         env: String,
         /// What is wrong with it.
@@ -199,18 +293,35 @@ impl Config {
         file: Option<&Path>,
         env: impl IntoIterator<Item = (String, String)>,
     ) -> Result<Self, Error> {
-        let mut builder = config::Config::builder()
-            .add_source(config::Config::try_from(&Self::built_in(default_port))?);
+        let built_in = config::Config::try_from(&Self::built_in(default_port))?;
+        let defaults = built_in.collect()?;
+        let mut builder = config::Config::builder().add_source(built_in);
         if let Some(path) = file {
             builder = builder.add_source(config::File::from(path).required(true));
         }
         let env: HashMap<String, String> = env.into_iter().collect();
-        for key in Self::keys() {
+        for (key, default) in &defaults {
             if let Some(value) = env.get(&key.to_uppercase()) {
-                builder = builder.set_override(&key, value.as_str())?;
+                builder = builder.set_override(key, typed(key, default, value)?)?;
             }
         }
-        Ok(builder.build()?.try_deserialize()?)
+        let built = builder.build()?;
+        // The sections are flattened, so serde cannot refuse unknown keys itself.
+        if let Some(unknown) = built.collect()?.keys().find(|k| !defaults.contains_key(*k)) {
+            return Err(Error::Unknown(unknown.clone()));
+        }
+        // Each section reads its own keys, so a bad value's error names its key.
+        Ok(Self {
+            server: built.clone().try_deserialize()?,
+            lifecycle: built.clone().try_deserialize()?,
+            tarantool: built.clone().try_deserialize()?,
+            object_store: built.clone().try_deserialize()?,
+            telemetry: built.clone().try_deserialize()?,
+            auth: built.clone().try_deserialize()?,
+            tls: built.clone().try_deserialize()?,
+            ingress: built.clone().try_deserialize()?,
+            egress: built.try_deserialize()?,
+        })
     }
 
     /// Every configuration key, read from the struct itself; a key's
@@ -231,79 +342,94 @@ impl Config {
     }
 
     fn check(&self) -> Result<(), Error> {
-        let invalid = |key: &'static str, reason: String| Error::Invalid {
-            key,
+        let invalid = |key: &str, reason: String| Error::Invalid {
+            key: key.to_owned(),
             env: key.to_uppercase(),
             reason,
         };
-        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+        if self.tls.cert_file.is_empty() != self.tls.key_file.is_empty() {
             return Err(invalid(
                 "tls_cert_file",
                 "set both tls_cert_file and tls_key_file, or neither".into(),
             ));
         }
-        if !self.tls_client_ca_file.is_empty() && self.tls_cert_file.is_empty() {
+        if !self.tls.client_ca_file.is_empty() && self.tls.cert_file.is_empty() {
             return Err(invalid(
                 "tls_client_ca_file",
                 "mTLS needs the server's own tls_cert_file and tls_key_file".into(),
             ));
         }
-        if self.multipart_part_bytes < 5 * 1024 * 1024 {
+        if self.ingress.multipart_part_bytes < 5 * 1024 * 1024 {
             return Err(invalid(
                 "multipart_part_bytes",
                 format!(
                     "{} is below the 5 MiB minimum part size of S3",
-                    self.multipart_part_bytes
+                    self.ingress.multipart_part_bytes
                 ),
             ));
         }
-        if self.single_put_max_bytes > MAX_SINGLE_PUT {
+        if self.ingress.single_put_max_bytes > MAX_SINGLE_PUT {
             return Err(invalid(
                 "single_put_max_bytes",
                 format!(
                     "{} is above the {MAX_SINGLE_PUT}-byte (5 GiB) limit of one S3 PutObject",
-                    self.single_put_max_bytes
+                    self.ingress.single_put_max_bytes
                 ),
             ));
         }
-        if self.inline_threshold_bytes > MAX_INLINE_THRESHOLD {
+        if self.ingress.inline_threshold_bytes > MAX_INLINE_THRESHOLD {
             return Err(invalid(
                 "inline_threshold_bytes",
                 format!(
                     "{} is above the {MAX_INLINE_THRESHOLD}-byte limit that keeps a message within one Tarantool tuple",
-                    self.inline_threshold_bytes
+                    self.ingress.inline_threshold_bytes
                 ),
             ));
         }
-        if self.retention_max_age_seconds > MAX_RETENTION_AGE_MS / 1000 {
+        if self.egress.retention_max_age_seconds > MAX_RETENTION_AGE_MS / 1000 {
             return Err(invalid(
                 "retention_max_age_seconds",
                 format!(
                     "{} is above the limit of {} (100 years); 0 keeps messages forever",
-                    self.retention_max_age_seconds,
+                    self.egress.retention_max_age_seconds,
                     MAX_RETENTION_AGE_MS / 1000
                 ),
             ));
         }
-        if self.minio_key_prefix.starts_with('/') {
+        if self.object_store.key_prefix.starts_with('/') {
             return Err(invalid(
                 "minio_key_prefix",
                 "must not start with '/' (S3 keys have no leading slash)".into(),
             ));
         }
         for (key, value) in [
-            ("tarantool_timeout_ms", self.tarantool_timeout_ms),
-            ("minio_timeout_ms", self.minio_timeout_ms),
-            ("health_check_interval_ms", self.health_check_interval_ms),
-            ("max_payload_bytes", self.max_payload_bytes),
-            ("long_poll_seconds", self.long_poll_seconds),
-            ("maintenance_interval_ms", self.maintenance_interval_ms),
-            ("max_concurrent_uploads", self.max_concurrent_uploads),
-            ("max_uploads_per_client", self.max_uploads_per_client),
-            ("stream_idle_timeout_ms", self.stream_idle_timeout_ms),
+            ("tarantool_timeout_ms", self.tarantool.timeout_ms),
+            ("minio_timeout_ms", self.object_store.timeout_ms),
+            (
+                "health_check_interval_ms",
+                self.lifecycle.health_check_interval_ms,
+            ),
+            ("max_payload_bytes", self.ingress.max_payload_bytes),
+            ("long_poll_seconds", self.egress.long_poll_seconds),
+            (
+                "maintenance_interval_ms",
+                self.egress.maintenance_interval_ms,
+            ),
+            (
+                "max_concurrent_uploads",
+                self.ingress.max_concurrent_uploads,
+            ),
+            (
+                "max_uploads_per_client",
+                self.ingress.max_uploads_per_client,
+            ),
+            (
+                "stream_idle_timeout_ms",
+                self.ingress.stream_idle_timeout_ms,
+            ),
             (
                 "max_delivered_payload_bytes",
-                self.max_delivered_payload_bytes,
+                self.egress.max_delivered_payload_bytes,
             ),
         ] {
             if value == 0 {
@@ -311,9 +437,9 @@ impl Config {
             }
         }
         for (key, value) in [
-            ("tarantool_address", &self.tarantool_address),
-            ("minio_endpoint", &self.minio_endpoint),
-            ("minio_bucket_name", &self.minio_bucket_name),
+            ("tarantool_address", &self.tarantool.address),
+            ("minio_endpoint", &self.object_store.endpoint),
+            ("minio_bucket_name", &self.object_store.bucket_name),
         ] {
             if value.trim().is_empty() {
                 return Err(invalid(key, "must not be empty".into()));
@@ -321,87 +447,135 @@ impl Config {
         }
         Ok(())
     }
-
-    /// Deadline of one Tarantool call.
-    pub fn tarantool_timeout(&self) -> Duration {
-        Duration::from_millis(self.tarantool_timeout_ms)
-    }
-
-    /// Deadline of one S3 call.
-    pub fn minio_timeout(&self) -> Duration {
-        Duration::from_millis(self.minio_timeout_ms)
-    }
-
-    /// The S3 endpoint as a URL, honouring `minio_use_ssl` when no scheme is given.
-    pub fn minio_url(&self) -> String {
-        if self.minio_endpoint.contains("://") {
-            self.minio_endpoint.clone()
-        } else if self.minio_use_ssl {
-            format!("https://{}", self.minio_endpoint)
-        } else {
-            format!("http://{}", self.minio_endpoint)
-        }
-    }
 }
 
 impl Config {
     /// The built-in defaults for a service listening on `port`.
     fn built_in(port: u16) -> Self {
         Self {
-            server_host: "0.0.0.0".into(),
-            server_port: port,
-            metrics_port: 9090,
-            tarantool_address: "127.0.0.1:3301".into(),
-            tarantool_user: "guest".into(),
-            tarantool_password: "".into(),
-            tarantool_timeout_ms: 5000,
-            minio_endpoint: "127.0.0.1:9000".into(),
-            minio_access_key_id: "minioadmin".into(),
-            minio_secret_access_key: "minioadmin".into(),
-            minio_bucket_name: "minitoolstream".into(),
-            minio_use_ssl: false,
-            minio_region: "us-east-1".into(),
-            minio_timeout_ms: 30_000,
-            minio_key_prefix: "minitoolstream/".into(),
-            log_level: "info".into(),
-            log_format: LogFormat::Json,
-            inline_threshold_bytes: 256 * 1024,
-            max_payload_bytes: 64 * 1024 * 1024,
-            shutdown_grace_seconds: 20,
-            health_check_interval_ms: 1000,
-            startup_timeout_seconds: 60,
-            long_poll_seconds: 30,
-            retention_max_age_seconds: 7 * 24 * 3600,
-            retention_max_messages: 0,
-            retention_max_bytes: 0,
-            maintenance_interval_ms: 1000,
-            orphan_grace_seconds: 3600,
-            orphan_sweep_interval_seconds: 600,
-            dedup_window_ms: 120_000,
-            multipart_part_bytes: 8 * 1024 * 1024,
-            single_put_max_bytes: 64 * 1024 * 1024,
-            max_concurrent_uploads: 16,
-            max_uploads_per_client: 4,
-            stream_idle_timeout_ms: 60_000,
-            max_inline_delivery_bytes: 1024 * 1024,
-            max_delivered_payload_bytes: 64 * 1024 * 1024,
-            auth_enabled: false,
-            require_auth: true,
-            jwt_issuer: "".into(),
-            jwt_secret: "".into(),
-            jwt_secret_file: "".into(),
-            jwt_public_key: "".into(),
-            jwt_public_key_file: "".into(),
-            jwt_leeway_seconds: 30,
-            tls_cert_file: "".into(),
-            tls_key_file: "".into(),
-            tls_client_ca_file: "".into(),
-            max_connection_age_seconds: 0,
-            max_connection_age_grace_seconds: 30,
-            publish_rate_per_second: 0,
-            publish_burst: 0,
+            server: Server {
+                host: "0.0.0.0".into(),
+                port,
+                metrics_port: 9090,
+                max_connection_age_seconds: 0,
+                max_connection_age_grace_seconds: 30,
+            },
+            lifecycle: Lifecycle {
+                shutdown_grace_seconds: 20,
+                health_check_interval_ms: 1000,
+                startup_timeout_seconds: 60,
+            },
+            tarantool: Tarantool {
+                address: "127.0.0.1:3301".into(),
+                user: "guest".into(),
+                password: "".into(),
+                timeout_ms: 5000,
+            },
+            object_store: ObjectStore {
+                endpoint: "127.0.0.1:9000".into(),
+                access_key_id: "minioadmin".into(),
+                secret_access_key: "minioadmin".into(),
+                bucket_name: "minitoolstream".into(),
+                use_ssl: false,
+                region: "us-east-1".into(),
+                timeout_ms: 30_000,
+                key_prefix: "minitoolstream/".into(),
+            },
+            telemetry: Telemetry {
+                log_level: "info".into(),
+                log_format: LogFormat::Json,
+            },
+            auth: Auth {
+                enabled: false,
+                require_auth: true,
+                jwt_issuer: "".into(),
+                jwt_secret: "".into(),
+                jwt_secret_file: "".into(),
+                jwt_public_key: "".into(),
+                jwt_public_key_file: "".into(),
+                jwt_leeway_seconds: 30,
+            },
+            tls: Tls {
+                cert_file: "".into(),
+                key_file: "".into(),
+                client_ca_file: "".into(),
+            },
+            ingress: Ingress {
+                inline_threshold_bytes: 256 * 1024,
+                max_payload_bytes: 64 * 1024 * 1024,
+                dedup_window_ms: 120_000,
+                multipart_part_bytes: 8 * 1024 * 1024,
+                single_put_max_bytes: 64 * 1024 * 1024,
+                max_concurrent_uploads: 16,
+                max_uploads_per_client: 4,
+                stream_idle_timeout_ms: 60_000,
+                publish_rate_per_second: 0,
+                publish_burst: 0,
+            },
+            egress: Egress {
+                long_poll_seconds: 30,
+                retention_max_age_seconds: 7 * 24 * 3600,
+                retention_max_messages: 0,
+                retention_max_bytes: 0,
+                maintenance_interval_ms: 1000,
+                orphan_grace_seconds: 3600,
+                orphan_sweep_interval_seconds: 600,
+                max_inline_delivery_bytes: 1024 * 1024,
+                max_delivered_payload_bytes: 64 * 1024 * 1024,
+            },
         }
     }
+}
+
+impl Tarantool {
+    /// Deadline of one Tarantool call.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+}
+
+impl ObjectStore {
+    /// Deadline of one S3 call.
+    pub fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// The endpoint as a URL, honouring `minio_use_ssl` when no scheme is given.
+    pub fn url(&self) -> String {
+        if self.endpoint.contains("://") {
+            self.endpoint.clone()
+        } else if self.use_ssl {
+            format!("https://{}", self.endpoint)
+        } else {
+            format!("http://{}", self.endpoint)
+        }
+    }
+}
+
+/// An environment value as the type of its key's default, so that the
+/// flattened sections deserialize it (strings alone would not become numbers).
+fn typed(key: &str, default: &config::Value, value: &str) -> Result<config::Value, Error> {
+    let invalid = |what: &str| Error::Invalid {
+        key: key.to_owned(),
+        env: key.to_uppercase(),
+        reason: format!("{value:?} is not {what}"),
+    };
+    Ok(match default.kind {
+        config::ValueKind::Boolean(_) => match value.trim().to_ascii_lowercase().as_str() {
+            "true" | "1" | "yes" | "on" => true.into(),
+            "false" | "0" | "no" | "off" => false.into(),
+            _ => return Err(invalid("true or false")),
+        },
+        config::ValueKind::I64(_)
+        | config::ValueKind::U64(_)
+        | config::ValueKind::I128(_)
+        | config::ValueKind::U128(_) => value
+            .trim()
+            .parse::<u64>()
+            .map_err(|_| invalid("a whole number"))?
+            .into(),
+        _ => value.into(),
+    })
 }
 
 /// Loads the configuration of this process: `--config PATH` from the command
@@ -435,13 +609,13 @@ mod tests {
     #[test]
     fn defaults_match_the_deployment_guide() {
         let c = Config::defaults(50051);
-        assert_eq!(c.server_port, 50051);
-        assert_eq!(c.tarantool_address, "127.0.0.1:3301");
-        assert_eq!(c.minio_bucket_name, "minitoolstream");
-        assert_eq!(c.inline_threshold_bytes, 256 * 1024);
-        assert_eq!(c.max_payload_bytes, 64 * 1024 * 1024);
-        assert_eq!(c.log_format, LogFormat::Json);
-        assert_eq!(c.minio_url(), "http://127.0.0.1:9000");
+        assert_eq!(c.server.port, 50051);
+        assert_eq!(c.tarantool.address, "127.0.0.1:3301");
+        assert_eq!(c.object_store.bucket_name, "minitoolstream");
+        assert_eq!(c.ingress.inline_threshold_bytes, 256 * 1024);
+        assert_eq!(c.ingress.max_payload_bytes, 64 * 1024 * 1024);
+        assert_eq!(c.telemetry.log_format, LogFormat::Json);
+        assert_eq!(c.object_store.url(), "http://127.0.0.1:9000");
     }
 
     #[test]
@@ -465,16 +639,16 @@ mod tests {
             ]),
         )
         .unwrap();
-        assert_eq!(c.server_port, 6000);
-        assert_eq!(c.tarantool_address, "tt:3302");
-        assert_eq!(c.tarantool_user, "minitoolstream_connector");
-        assert_eq!(c.tarantool_password, "pw");
-        assert_eq!(c.minio_access_key_id, "ak");
-        assert_eq!(c.minio_secret_access_key, "sk");
-        assert_eq!(c.minio_bucket_name, "b");
-        assert_eq!(c.minio_url(), "https://minio:9000");
-        assert_eq!(c.log_level, "debug");
-        assert_eq!(c.log_format, LogFormat::Console);
+        assert_eq!(c.server.port, 6000);
+        assert_eq!(c.tarantool.address, "tt:3302");
+        assert_eq!(c.tarantool.user, "minitoolstream_connector");
+        assert_eq!(c.tarantool.password, "pw");
+        assert_eq!(c.object_store.access_key_id, "ak");
+        assert_eq!(c.object_store.secret_access_key, "sk");
+        assert_eq!(c.object_store.bucket_name, "b");
+        assert_eq!(c.object_store.url(), "https://minio:9000");
+        assert_eq!(c.telemetry.log_level, "debug");
+        assert_eq!(c.telemetry.log_format, LogFormat::Console);
     }
 
     #[test]
@@ -493,8 +667,8 @@ mod tests {
             env(&[("MINIO_BUCKET_NAME", "from-env")]),
         )
         .unwrap();
-        assert_eq!(c.server_port, 7000);
-        assert_eq!(c.minio_bucket_name, "from-env");
+        assert_eq!(c.server.port, 7000);
+        assert_eq!(c.object_store.bucket_name, "from-env");
         std::fs::remove_dir_all(dir).unwrap();
     }
 

@@ -159,7 +159,7 @@ pub struct Authenticator {
 impl Authenticator {
     /// From `auth_enabled`, `require_auth` and the `jwt_*` keys.
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
-        let mode = match (config.auth_enabled, config.require_auth) {
+        let mode = match (config.auth.enabled, config.auth.require_auth) {
             (false, _) => Mode::Off,
             (true, false) => Mode::Optional,
             (true, true) => Mode::Required,
@@ -174,10 +174,14 @@ impl Authenticator {
                 (false, false) => Err(ConfigError(format!("set {key} or {key}_file, not both"))),
             }
         };
-        let secret = read(&config.jwt_secret, &config.jwt_secret_file, "jwt_secret")?;
+        let secret = read(
+            &config.auth.jwt_secret,
+            &config.auth.jwt_secret_file,
+            "jwt_secret",
+        )?;
         let public = read(
-            &config.jwt_public_key,
-            &config.jwt_public_key_file,
+            &config.auth.jwt_public_key,
+            &config.auth.jwt_public_key_file,
             "jwt_public_key",
         )?;
         let (key, algorithm) = match (secret, public) {
@@ -201,13 +205,13 @@ impl Authenticator {
                     "auth_enabled needs jwt_secret(_file) for HS256 or jwt_public_key(_file) for RS256".into(),
                 ));
             }
-            if config.jwt_issuer.is_empty() {
+            if config.auth.jwt_issuer.is_empty() {
                 return Err(ConfigError("auth_enabled needs jwt_issuer".into()));
             }
         }
         let mut validation = Validation::new(algorithm);
-        validation.set_issuer(&[config.jwt_issuer.as_str()]);
-        validation.leeway = config.jwt_leeway_seconds;
+        validation.set_issuer(&[config.auth.jwt_issuer.as_str()]);
+        validation.leeway = config.auth.jwt_leeway_seconds;
         validation.set_required_spec_claims(&["exp", "iss"]);
         Ok(Self {
             mode,

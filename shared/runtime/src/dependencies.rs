@@ -37,19 +37,19 @@ pub enum Error {
 
 /// Connects to Tarantool (applying the schema) and makes sure the bucket exists.
 pub async fn connect(config: &Config) -> Result<(Store, BlobStore), Error> {
-    let deadline = Instant::now() + Duration::from_secs(config.startup_timeout_seconds);
+    let deadline = Instant::now() + Duration::from_secs(config.lifecycle.startup_timeout_seconds);
     let store = retry(deadline, "tarantool", || Store::connect(config))
         .await
         .map_err(|source| Error::Tarantool {
-            address: config.tarantool_address.clone(),
+            address: config.tarantool.address.clone(),
             source,
         })?;
     let blobs = BlobStore::new(config);
     retry(deadline, "object store", || blobs.ensure_bucket())
         .await
         .map_err(|source| Error::ObjectStore {
-            endpoint: config.minio_url(),
-            bucket: config.minio_bucket_name.clone(),
+            endpoint: config.object_store.url(),
+            bucket: config.object_store.bucket_name.clone(),
             source,
         })?;
     Ok((store, blobs))

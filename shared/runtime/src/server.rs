@@ -81,7 +81,8 @@ impl Setup {
             store.with_observer(Arc::clone(&observer)),
             blobs.with_observer(observer),
         );
-        let admin = TcpListener::bind(SocketAddr::new(host(config)?, config.metrics_port)).await?;
+        let admin =
+            TcpListener::bind(SocketAddr::new(host(config)?, config.server.metrics_port)).await?;
         let (health, health_server) = Health::new(name).await;
         Ok(Self {
             store,
@@ -110,13 +111,13 @@ impl Setup {
         if let Some(tls) = tls_config(&self.config)? {
             builder = builder.tls_config(tls)?;
         }
-        if self.config.max_connection_age_seconds > 0 {
+        if self.config.server.max_connection_age_seconds > 0 {
             builder = builder
                 .max_connection_age(jittered(Duration::from_secs(
-                    self.config.max_connection_age_seconds,
+                    self.config.server.max_connection_age_seconds,
                 )))
                 .max_connection_age_grace(Duration::from_secs(
-                    self.config.max_connection_age_grace_seconds,
+                    self.config.server.max_connection_age_grace_seconds,
                 ));
         }
         // Nagle's algorithm is turned off where connections are accepted
@@ -160,7 +161,7 @@ impl Setup {
             self.store.clone(),
             self.blobs.clone(),
             Arc::clone(&self.metrics),
-            Duration::from_millis(self.config.health_check_interval_ms),
+            Duration::from_millis(self.config.lifecycle.health_check_interval_ms),
         ));
         let (admin_stop, admin_stopped) = tokio::sync::oneshot::channel::<()>();
         let health = self.health.clone();
@@ -172,7 +173,7 @@ impl Setup {
                 let _ = admin_stopped.await;
             },
         ));
-        let grace = Duration::from_secs(self.config.shutdown_grace_seconds);
+        let grace = Duration::from_secs(self.config.lifecycle.shutdown_grace_seconds);
         let result = run(router, listener, self.health, grace, shutdown, on_drain).await;
         monitor.abort();
         let _ = admin_stop.send(());
@@ -184,7 +185,7 @@ impl Setup {
 /// TLS for the gRPC port when a certificate is configured; mTLS when a
 /// client CA is too.
 fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, Error> {
-    if config.tls_cert_file.is_empty() {
+    if config.tls.cert_file.is_empty() {
         return Ok(None);
     }
     let read = |path: &str| {
@@ -192,12 +193,12 @@ fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, Error> {
             .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{path}: {e}"))))
     };
     let identity = tonic::transport::Identity::from_pem(
-        read(&config.tls_cert_file)?,
-        read(&config.tls_key_file)?,
+        read(&config.tls.cert_file)?,
+        read(&config.tls.key_file)?,
     );
     let mut tls = ServerTlsConfig::new().identity(identity);
-    if !config.tls_client_ca_file.is_empty() {
-        tls = tls.client_ca_root(Certificate::from_pem(read(&config.tls_client_ca_file)?));
+    if !config.tls.client_ca_file.is_empty() {
+        tls = tls.client_ca_root(Certificate::from_pem(read(&config.tls.client_ca_file)?));
     }
     Ok(Some(tls))
 }
@@ -210,23 +211,23 @@ fn jittered(age: Duration) -> Duration {
 }
 
 fn host(config: &Config) -> Result<std::net::IpAddr, Error> {
-    config.server_host.parse().map_err(|e| {
+    config.server.host.parse().map_err(|e| {
         Error::Io(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
-            format!("server_host {:?}: {e}", config.server_host),
+            format!("server_host {:?}: {e}", config.server.host),
         ))
     })
 }
 
 /// Binds the configured host and port.
 pub async fn bind(config: &Config) -> std::io::Result<TcpListener> {
-    let host: std::net::IpAddr = config.server_host.parse().map_err(|e| {
+    let host: std::net::IpAddr = config.server.host.parse().map_err(|e| {
         std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("server_host: {e}"),
         )
     })?;
-    TcpListener::bind(SocketAddr::new(host, config.server_port)).await
+    TcpListener::bind(SocketAddr::new(host, config.server.port)).await
 }
 
 /// The connections `listener` accepts, with Nagle's algorithm off. The
@@ -304,7 +305,7 @@ where
     let listener = match bind(&config).await {
         Ok(listener) => listener,
         Err(err) => {
-            tracing::error!(%err, port = config.server_port, "cannot bind the gRPC port");
+            tracing::error!(%err, port = config.server.port, "cannot bind the gRPC port");
             return ExitCode::FAILURE;
         }
     };

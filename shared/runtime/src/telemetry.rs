@@ -55,7 +55,7 @@ pub fn init(config: &Config, name: &str) -> Telemetry {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         EnvFilter::new(format!(
             "{},h2=warn,hyper=warn,tower=warn,aws_smithy_runtime=warn,aws_sdk_s3=warn,aws_config=warn,tarant=warn,opentelemetry=warn",
-            config.log_level
+            config.telemetry.log_level
         ))
     });
     let (provider, export_error) = match span_exporter(name) {
@@ -68,7 +68,7 @@ pub fn init(config: &Config, name: &str) -> Telemetry {
     let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()));
     let registry = tracing_subscriber::registry().with(filter).with(otel);
-    match config.log_format {
+    match config.telemetry.log_format {
         LogFormat::Json => registry.with(fmt.json().with_current_span(true)).init(),
         LogFormat::Console => registry.with(fmt).init(),
     }

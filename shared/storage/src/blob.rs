@@ -166,20 +166,20 @@ impl BlobStore {
     /// A client for the configured endpoint; makes no request.
     pub fn new(config: &Config) -> Self {
         let credentials = Credentials::new(
-            config.minio_access_key_id.clone(),
-            config.minio_secret_access_key.clone(),
+            config.object_store.access_key_id.clone(),
+            config.object_store.secret_access_key.clone(),
             None,
             None,
             "minitoolstream-config",
         );
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(CONNECT_TIMEOUT)
-            .operation_timeout(config.minio_timeout())
+            .operation_timeout(config.object_store.timeout())
             .build();
         let s3_config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(config.minio_region.clone()))
-            .endpoint_url(config.minio_url())
+            .region(Region::new(config.object_store.region.clone()))
+            .endpoint_url(config.object_store.url())
             .credentials_provider(credentials)
             .force_path_style(true)
             .timeout_config(timeouts)
@@ -187,9 +187,9 @@ impl BlobStore {
             .build();
         Self {
             client: aws_sdk_s3::Client::from_conf(s3_config),
-            bucket: config.minio_bucket_name.clone(),
-            key_prefix: config.minio_key_prefix.clone(),
-            timeout: config.minio_timeout(),
+            bucket: config.object_store.bucket_name.clone(),
+            key_prefix: config.object_store.key_prefix.clone(),
+            timeout: config.object_store.timeout(),
             observer: None,
         }
     }

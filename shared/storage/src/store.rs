@@ -462,20 +462,20 @@ impl Store {
             min: crate::backoff::jittered(Duration::from_millis(100)),
             max: crate::backoff::jittered(Duration::from_secs(2)),
         };
-        let mut options = ConnectOptions::new(config.tarantool_address.clone())
-            .connect_timeout(config.tarantool_timeout())
+        let mut options = ConnectOptions::new(config.tarantool.address.clone())
+            .connect_timeout(config.tarantool.timeout())
             .reconnect(reconnect);
-        if config.tarantool_user != "guest" {
+        if config.tarantool.user != "guest" {
             options = options
-                .user(config.tarantool_user.clone())
-                .password(config.tarantool_password.clone());
+                .user(config.tarantool.user.clone())
+                .password(config.tarantool.password.clone());
         }
         let client = Client::with_options(options)
             .await
             .map_err(Error::classify)?;
         let mut store = Self {
             client,
-            timeout: config.tarantool_timeout(),
+            timeout: config.tarantool.timeout(),
             schema_lock: Arc::default(),
             observer: None,
             group: None,

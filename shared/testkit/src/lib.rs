@@ -55,18 +55,18 @@ fn required(name: &str) -> String {
 /// on an ephemeral port.
 pub fn config() -> Config {
     let mut config = Config::defaults(0);
-    config.server_host = "127.0.0.1".into();
-    config.tarantool_address = required("MTS_TEST_TARANTOOL_ADDRESS");
-    config.tarantool_user = required("MTS_TEST_TARANTOOL_USER");
-    config.tarantool_password = required("MTS_TEST_TARANTOOL_PASSWORD");
-    config.minio_endpoint = required("MTS_TEST_S3_ENDPOINT");
-    config.minio_access_key_id = required("MTS_TEST_S3_ACCESS_KEY");
-    config.minio_secret_access_key = required("MTS_TEST_S3_SECRET_KEY");
-    config.minio_bucket_name = required("MTS_TEST_S3_BUCKET");
-    config.log_format = mts_config::LogFormat::Console;
-    config.health_check_interval_ms = 200;
-    config.metrics_port = 0;
-    config.startup_timeout_seconds = 20;
+    config.server.host = "127.0.0.1".into();
+    config.tarantool.address = required("MTS_TEST_TARANTOOL_ADDRESS");
+    config.tarantool.user = required("MTS_TEST_TARANTOOL_USER");
+    config.tarantool.password = required("MTS_TEST_TARANTOOL_PASSWORD");
+    config.object_store.endpoint = required("MTS_TEST_S3_ENDPOINT");
+    config.object_store.access_key_id = required("MTS_TEST_S3_ACCESS_KEY");
+    config.object_store.secret_access_key = required("MTS_TEST_S3_SECRET_KEY");
+    config.object_store.bucket_name = required("MTS_TEST_S3_BUCKET");
+    config.telemetry.log_format = mts_config::LogFormat::Console;
+    config.lifecycle.health_check_interval_ms = 200;
+    config.server.metrics_port = 0;
+    config.lifecycle.startup_timeout_seconds = 20;
     config
 }
 
@@ -264,9 +264,9 @@ impl TarantoolProcess {
     /// A service config using this Tarantool and the shared S3 server.
     pub fn config(&self) -> Config {
         let mut config = config();
-        config.tarantool_address = self.address();
-        config.tarantool_user = "minitoolstream_connector".into();
-        config.tarantool_password = "minitoolstream".into();
+        config.tarantool.address = self.address();
+        config.tarantool.user = "minitoolstream_connector".into();
+        config.tarantool.password = "minitoolstream".into();
         config
     }
 
@@ -332,9 +332,15 @@ impl GarageProcess {
                 self.dir.join("garage.toml").to_str().expect("utf-8 path"),
             ])
             .args(["server", "--single-node", "--default-bucket"])
-            .env("GARAGE_DEFAULT_ACCESS_KEY", &config.minio_access_key_id)
-            .env("GARAGE_DEFAULT_SECRET_KEY", &config.minio_secret_access_key)
-            .env("GARAGE_DEFAULT_BUCKET", &config.minio_bucket_name)
+            .env(
+                "GARAGE_DEFAULT_ACCESS_KEY",
+                &config.object_store.access_key_id,
+            )
+            .env(
+                "GARAGE_DEFAULT_SECRET_KEY",
+                &config.object_store.secret_access_key,
+            )
+            .env("GARAGE_DEFAULT_BUCKET", &config.object_store.bucket_name)
             .env("RUST_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::from(log))

@@ -19,7 +19,7 @@ mod settle;
 async fn raw_client(config: &Config) -> tarant::Client {
     tarant::Client::connect(&format!(
         "tarantool://{}:{}@{}",
-        config.tarantool_user, config.tarantool_password, config.tarantool_address
+        config.tarantool.user, config.tarantool.password, config.tarantool.address
     ))
     .await
     .unwrap()

@@ -12,8 +12,8 @@ use crate::{inline, raw_client};
 async fn through_proxy(tarantool: &TarantoolProcess, timeout_ms: u64) -> (Store, LossyProxy) {
     let proxy = LossyProxy::start(tarantool.address()).await;
     let mut config = tarantool.config();
-    config.tarantool_address = proxy.address();
-    config.tarantool_timeout_ms = timeout_ms;
+    config.tarantool.address = proxy.address();
+    config.tarantool.timeout_ms = timeout_ms;
     (Store::connect(&config).await.unwrap(), proxy)
 }
 

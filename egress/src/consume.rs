@@ -96,7 +96,6 @@ pub async fn open(
         outstanding: HashMap::new(),
         acks: Vec::new(),
         acks_since: None,
-        hot: None,
         sender,
     };
     tokio::spawn(session.run(inbound));
@@ -142,6 +141,50 @@ enum End {
     With(Status),
 }
 
+/// How a session learns that there may be messages to lease.
+enum Mode {
+    /// Quiet: the subject's watcher wakes it on a commit. `look` says
+    /// whether to ask Tarantool: set by a commit, a timer (a redelivery or
+    /// lease end falls due, or acks waited long enough), a nack or a push that
+    /// filled all the room; an ack alone frees room but brings nothing new,
+    /// so it waits for one of those to carry it.
+    Watching {
+        commits: tokio::sync::watch::Receiver<u64>,
+        look: bool,
+    },
+    /// Busy: each lease call waits in Tarantool (up to `HOT_WAIT`) for the
+    /// next commit and always looks; holds one of the process's
+    /// `MAX_HOT_STREAMS` permits.
+    Busy {
+        _permit: tokio::sync::OwnedSemaphorePermit,
+    },
+}
+
+impl Mode {
+    /// Whether to ask Tarantool for messages now.
+    fn looks(&self) -> bool {
+        match self {
+            Self::Watching { look, .. } => *look,
+            Self::Busy { .. } => true,
+        }
+    }
+
+    /// Something may be waiting: look on the next turn.
+    fn look(&mut self) {
+        if let Self::Watching { look, .. } = self {
+            *look = true;
+        }
+    }
+
+    /// The next commit on the subject while watching; never while busy.
+    async fn commit(&mut self) -> Result<(), tokio::sync::watch::error::RecvError> {
+        match self {
+            Self::Watching { commits, .. } => commits.changed().await,
+            Self::Busy { .. } => std::future::pending().await,
+        }
+    }
+}
+
 /// Ends the stream with `err`'s status.
 fn ended(err: impl Into<Error>) -> End {
     End::With(err.into().into())
@@ -164,9 +207,6 @@ struct Session {
     acks: Vec<u64>,
     /// When the oldest of `acks` arrived.
     acks_since: Option<Instant>,
-    /// Held while the stream is busy: its lease calls wait for commits in
-    /// Tarantool, and the subject's watcher does not wake it.
-    hot: Option<tokio::sync::OwnedSemaphorePermit>,
     sender: mpsc::Sender<Result<Message, Status>>,
 }
 
@@ -193,48 +233,50 @@ impl Session {
     }
 
     async fn serve(&mut self, inbound: &mut Streaming<ConsumeRequest>) -> End {
-        let mut commits = Some(self.egress.watchers.watch(&self.subject, 0));
+        let mut mode = self.watching();
         let mut draining = self.egress.draining.clone();
         let mut redelivery_due: Option<Instant> = None;
-        // Whether to ask Tarantool: set by a commit, a timer (a redelivery or
-        // lease end falls due, or acks waited long enough) or a push that
-        // filled all the room; an ack alone frees room but brings nothing
-        // new, so it waits for one of those to carry it.
-        let mut maybe_waiting = true;
         loop {
             // A lease that ran out is no longer this stream's to count.
             let now = now_ns();
             self.outstanding.retain(|_, deadline| *deadline > now);
             let room = self.max_in_flight.saturating_sub(self.outstanding.len());
-            if room > 0 && (maybe_waiting || self.hot.is_some()) {
-                let wait = if self.hot.is_some() {
-                    HOT_WAIT
-                } else {
-                    Duration::ZERO
+            if room > 0 && mode.looks() {
+                let wait = match mode {
+                    Mode::Busy { .. } => HOT_WAIT,
+                    Mode::Watching { .. } => Duration::ZERO,
                 };
                 let (sent, due) = match self.push(room, wait).await {
                     Ok(pushed) => pushed,
                     Err(end) => return end,
                 };
                 redelivery_due = due;
-                if sent > 0 && self.hot.is_none() {
-                    if let Ok(permit) = Arc::clone(&self.egress.hot_streams).try_acquire_owned() {
-                        self.hot = Some(permit);
-                        commits = None;
+                mode = match mode {
+                    Mode::Watching { commits, .. } if sent > 0 => {
+                        match Arc::clone(&self.egress.hot_streams).try_acquire_owned() {
+                            Ok(permit) => Mode::Busy { _permit: permit },
+                            Err(_) => Mode::Watching {
+                                commits,
+                                look: sent == room,
+                            },
+                        }
                     }
-                } else if sent == 0 && self.hot.take().is_some() {
+                    Mode::Watching { commits, .. } => Mode::Watching {
+                        commits,
+                        look: false,
+                    },
                     // Quiet for a whole wait: back to the watcher, and one
                     // more look, as a commit may have come before it watches.
-                    commits = Some(self.egress.watchers.watch(&self.subject, 0));
-                    maybe_waiting = true;
-                    continue;
-                }
-                maybe_waiting = sent == room;
-                if self.hot.is_some() {
+                    Mode::Busy { .. } if sent == 0 => {
+                        mode = self.watching();
+                        continue;
+                    }
+                    busy @ Mode::Busy { .. } => busy,
+                };
+                if let Mode::Busy { .. } = mode {
                     // What the client sent meanwhile, then the next wait.
-                    match self.answer_waiting(inbound).await {
-                        Ok(released) => maybe_waiting |= released,
-                        Err(end) => return end,
+                    if let Err(end) = self.answer_waiting(inbound).await {
+                        return end;
                     }
                     if self.sender.is_closed() {
                         return End::Quiet;
@@ -266,7 +308,8 @@ impl Session {
                 frame = inbound.next() => match frame {
                     Some(Ok(ConsumeRequest { request: Some(frame) })) => {
                         match self.answer_ready(frame, inbound).await {
-                            Ok(released) => maybe_waiting |= released,
+                            Ok(true) => mode.look(),
+                            Ok(false) => {}
                             Err(end) => return end,
                         }
                     }
@@ -274,28 +317,32 @@ impl Session {
                     // The client finished sending, or went away.
                     None | Some(Err(_)) => return End::Quiet,
                 },
-                changed = async {
-                    match commits.as_mut() {
-                        Some(commits) => commits.changed().await,
-                        None => std::future::pending().await,
-                    }
-                } => {
+                changed = mode.commit() => {
                     if changed.is_err() {
                         return End::With(Status::unavailable("notifications stopped; reconnect"));
                     }
-                    maybe_waiting = true;
+                    mode.look();
                 }
                 () = async {
                     match wake {
                         Some(at) => tokio::time::sleep_until(at).await,
                         None => std::future::pending().await,
                     }
-                } => maybe_waiting = true,
+                } => mode.look(),
                 () = self.sender.closed() => return End::Quiet,
                 () = async { let _ = draining.wait_for(|draining| *draining).await; } => {
                     return End::With(draining_status());
                 }
             }
+        }
+    }
+
+    /// Watching the subject's commits, looking once first (a commit may have
+    /// come before the watch began).
+    fn watching(&self) -> Mode {
+        Mode::Watching {
+            commits: self.egress.watchers.watch(&self.subject, 0),
+            look: true,
         }
     }
 

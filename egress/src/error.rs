@@ -1,7 +1,8 @@
-//! Everything that can fail in the egress, and the one mapping of those
+//! Everything an egress request can fail with (start-up failures are
+//! `mts_runtime::server::Error`), and the one mapping of those
 //! failures to gRPC status codes.
 
-use mts_runtime::{server, status, validate};
+use mts_runtime::{status, validate};
 use mts_storage::{blob, store};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -97,9 +98,6 @@ pub enum Error {
     /// The caller may not do this.
     #[error(transparent)]
     Auth(#[from] mts_runtime::auth::Error),
-    /// The service could not start or keep serving.
-    #[error(transparent)]
-    Server(#[from] server::Error),
 }
 
 impl From<Error> for tonic::Status {
@@ -122,7 +120,6 @@ impl From<Error> for tonic::Status {
             Error::PayloadTooLarge { .. } => tonic::Status::resource_exhausted(err.to_string()),
             Error::OffsetPastEnd { .. } => tonic::Status::out_of_range(err.to_string()),
             Error::Auth(source) => source.into(),
-            Error::Server(_) => tonic::Status::internal(err.to_string()),
         }
     }
 }

@@ -37,7 +37,7 @@ pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
+) -> Result<(), server::Error> {
     let mut setup = server::Setup::new(&config, service_names::EGRESS).await?;
     let (draining_tx, draining) = tokio::sync::watch::channel(false);
     let watchers = Arc::new(notify::SubjectWatchers::new(
@@ -74,5 +74,5 @@ pub async fn run(
         })
         .await;
     maintenance.abort();
-    Ok(served?)
+    served
 }

@@ -1,7 +1,8 @@
-//! Everything that can fail in the ingress, and the one mapping of those
+//! Everything a publish can fail with (start-up failures are
+//! `mts_runtime::server::Error`), and the one mapping of those
 //! failures to gRPC status codes.
 
-use mts_runtime::{server, status, validate};
+use mts_runtime::{status, validate};
 use mts_storage::{blob, store};
 use tonic_types::{ErrorDetails, StatusExt};
 
@@ -45,9 +46,6 @@ pub enum Error {
     /// The caller may not do this.
     #[error(transparent)]
     Auth(#[from] mts_runtime::auth::Error),
-    /// The service could not start or keep serving.
-    #[error(transparent)]
-    Server(#[from] server::Error),
 }
 
 impl From<Error> for tonic::Status {
@@ -84,7 +82,7 @@ impl From<Error> for tonic::Status {
             Error::ClientGone(_) => tonic::Status::cancelled(err.to_string()),
             Error::Idle(_) => tonic::Status::deadline_exceeded(err.to_string()),
             Error::Auth(source) => source.into(),
-            Error::Server(_) | Error::Panicked(_) => tonic::Status::internal(err.to_string()),
+            Error::Panicked(_) => tonic::Status::internal(err.to_string()),
         }
     }
 }
@@ -160,7 +158,7 @@ mod tests {
                 code: 2,
                 reason: "Failed to allocate".into(),
             }),
-            Error::Server(server::Error::Io(std::io::Error::other("x"))),
+            Error::Panicked("x".into()),
         ];
         for err in errors {
             let text = err.to_string();

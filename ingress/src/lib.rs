@@ -36,7 +36,7 @@ pub async fn run(
     config: Config,
     listener: TcpListener,
     shutdown: impl Future<Output = ()> + Send + 'static,
-) -> Result<(), Error> {
+) -> Result<(), server::Error> {
     let mut setup = server::Setup::new(&config, service_names::INGRESS).await?;
     let mut ingress = Ingress::new(
         setup.store.clone(),
@@ -70,5 +70,5 @@ pub async fn run(
         )),
         None => setup.router()?.add_service(service),
     };
-    Ok(setup.serve(router, listener, shutdown, || {}).await?)
+    setup.serve(router, listener, shutdown, || {}).await
 }

@@ -218,40 +218,6 @@ async fn refused_commit_removes_the_uploaded_object() {
     assert_eq!(store.last_seq(&subject).await.unwrap(), 0);
 }
 
-#[tokio::test]
-async fn a_settled_object_can_never_be_committed_late() {
-    let config = testing::config();
-    let store = Store::connect(&config).await.unwrap();
-    let subject = testing::unique_subject("settle");
-    let key = format!("{subject}/late");
-    assert_eq!(
-        store
-            .settle_object(&key, mts_storage::store::Error::closed())
-            .await
-            .unwrap(),
-        None
-    );
-    let late = store
-        .publish(&subject, &HashMap::new(), None, Some(&key), 10)
-        .await
-        .unwrap_err();
-    assert_eq!(mts_runtime::status::store(late).code(), Code::Aborted);
-    assert_eq!(store.last_seq(&subject).await.unwrap(), 0);
-
-    let committed = format!("{subject}/committed");
-    let seq = store
-        .publish(&subject, &HashMap::new(), None, Some(&committed), 10)
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .settle_object(&committed, mts_storage::store::Error::closed())
-            .await
-            .unwrap(),
-        Some(seq)
-    );
-}
-
 fn authenticator(config: &mts_config::Config) -> std::sync::Arc<mts_runtime::auth::Authenticator> {
     std::sync::Arc::new(mts_runtime::auth::Authenticator::from_config(config).unwrap())
 }

@@ -1,0 +1,344 @@
+//! Durable consumers: leases, acks (exact and cumulative), nacks and
+//! releases, and each consumer's settings, state and lag.
+
+use super::*;
+
+/// Where a new consumer starts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeliverPolicy {
+    /// From the first message still stored.
+    All,
+    /// Only messages published after the consumer is created.
+    New,
+    /// From a given sequence.
+    ByStartSequence,
+    /// From the first message committed at or after a given time.
+    ByStartTime,
+}
+
+impl DeliverPolicy {
+    /// The name the stored procedures use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::New => "new",
+            Self::ByStartSequence => "by_start_sequence",
+            Self::ByStartTime => "by_start_time",
+        }
+    }
+
+    /// The policy named `name` by the stored procedures.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            Self::All,
+            Self::New,
+            Self::ByStartSequence,
+            Self::ByStartTime,
+        ]
+        .into_iter()
+        .find(|p| p.as_str() == name)
+    }
+}
+
+/// Consumer settings to create or update with; `None` keeps the current
+/// value, or takes the default on creation.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ConsumerSettings {
+    /// Lease length in milliseconds.
+    pub ack_wait_ms: Option<u32>,
+    /// Deliveries before dead-lettering; 0 = unlimited.
+    pub max_deliver: Option<u32>,
+    /// Most leased messages at once; 0 = unlimited.
+    pub max_ack_pending: Option<u32>,
+    /// Where a new consumer starts.
+    pub deliver_policy: Option<DeliverPolicy>,
+    /// With `ByStartSequence`.
+    pub start_seq: Option<u64>,
+    /// With `ByStartTime`, nanoseconds since the Unix epoch.
+    pub start_time_ns: Option<u64>,
+    /// Dead-letter subject; empty = none.
+    pub dlq_subject: Option<String>,
+}
+
+impl ConsumerSettings {
+    fn to_lua_map(&self) -> tarant::Value {
+        use tarant::Value;
+        let mut map: Vec<(Value, Value)> = Vec::new();
+        let mut put = |key: &str, value: Value| map.push((Value::from(key), value));
+        if let Some(v) = self.ack_wait_ms {
+            put("ack_wait_ms", Value::from(v));
+        }
+        if let Some(v) = self.max_deliver {
+            put("max_deliver", Value::from(v));
+        }
+        if let Some(v) = self.max_ack_pending {
+            put("max_ack_pending", Value::from(v));
+        }
+        if let Some(v) = self.deliver_policy {
+            put("deliver_policy", Value::from(v.as_str()));
+        }
+        if let Some(v) = self.start_seq {
+            put("start_seq", Value::from(v));
+        }
+        if let Some(v) = self.start_time_ns {
+            put("start_time_ns", Value::from(v));
+        }
+        if let Some(v) = &self.dlq_subject {
+            put("dlq_subject", Value::from(v.as_str()));
+        }
+        Value::Map(map)
+    }
+}
+
+/// A consumer's settings and state, read at one instant.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConsumerState {
+    /// The subject.
+    pub subject: String,
+    /// The durable name.
+    pub durable: String,
+    /// Creation time, nanoseconds since the Unix epoch.
+    pub created_ns: u64,
+    /// Lease length.
+    pub ack_wait_ms: u64,
+    /// Deliveries before dead-lettering; 0 = unlimited.
+    pub max_deliver: u64,
+    /// Most leased messages at once; 0 = unlimited.
+    pub max_ack_pending: u64,
+    /// The deliver policy's name.
+    pub deliver_policy: String,
+    /// Start sequence given at creation (0 if none).
+    pub start_seq: u64,
+    /// Start time given at creation (0 if none).
+    pub start_time_ns: u64,
+    /// Dead-letter subject; empty = none.
+    pub dlq_subject: String,
+    /// Everything up to and including it is acknowledged.
+    pub ack_floor: u64,
+    /// Highest sequence ever delivered.
+    pub last_delivered: u64,
+    /// Published, never delivered.
+    pub num_pending: u64,
+    /// Delivered, not acknowledged.
+    pub num_ack_pending: u64,
+    /// Of those, delivered more than once.
+    pub num_redelivered: u64,
+    /// Age of the oldest unacknowledged message, in nanoseconds.
+    pub oldest_unacked_age_ns: u64,
+    /// The subject's last sequence.
+    pub last_seq: u64,
+}
+
+/// How far behind a consumer is.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ConsumerLag {
+    /// The subject.
+    pub subject: String,
+    /// The durable name.
+    pub durable: String,
+    /// Published, never delivered.
+    pub pending: u64,
+    /// Delivered, not acknowledged.
+    pub ack_pending: u64,
+    /// Age of the oldest unacknowledged message, in milliseconds.
+    pub oldest_unacked_age_ms: u64,
+}
+
+/// A message handed out under a lease.
+#[derive(Debug, Clone, Deserialize)]
+pub struct Leased {
+    /// The message.
+    pub message: StoredMessage,
+    /// Deliveries so far, this one included.
+    pub deliveries: u32,
+    /// When the lease runs out, nanoseconds since the Unix epoch.
+    pub deadline_ns: u64,
+}
+
+/// What one `consume` call handed out.
+#[derive(Debug, Clone)]
+pub struct Batch {
+    /// Leased messages, redeliveries first, then in sequence order.
+    pub messages: Vec<Leased>,
+    /// Earliest lease deadline still ahead (0 if none): when redeliveries can
+    /// next become due.
+    pub next_deadline_ns: u64,
+}
+
+/// An ack or nack naming sequences the consumer does not hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NotHeld(pub Vec<u64>);
+
+/// The verdict on a cumulative ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckOutcome {
+    /// The durable's position is now `position`.
+    Acked {
+        /// Everything up to and including this is acknowledged.
+        position: u64,
+    },
+    /// The sequence is beyond the subject's last sequence.
+    BeyondLast {
+        /// The subject's last sequence.
+        last: u64,
+    },
+}
+
+impl Store {
+    /// Registers a subscription: creates the durable on first use (starting
+    /// at `start_seq - 1` when given) and returns the point after which the
+    /// subscriber has not been notified, and the last sequence.
+    pub async fn subscribe(
+        &self,
+        subject: &str,
+        durable: &str,
+        start_seq: u64,
+    ) -> Result<(u64, u64), Error> {
+        self.call("mts_subscribe", (subject, durable, start_seq), self.timeout)
+            .await
+    }
+
+    /// Leases up to `limit` messages to the consumer (creating it with
+    /// defaults on first use): due redeliveries first, then new messages.
+    pub async fn consume(&self, subject: &str, durable: &str, limit: u32) -> Result<Batch, Error> {
+        let (messages, next_deadline_ns): (Vec<Leased>, u64) = self
+            .call("mts_consume", (subject, durable, limit), self.timeout)
+            .await?;
+        Ok(Batch {
+            messages,
+            next_deadline_ns,
+        })
+    }
+
+    /// Acknowledges exactly `acks` (all must be held, or nothing happens)
+    /// and then leases up to `limit` messages, in one transaction: a consume
+    /// stream's acks ride along with its next lease. With nothing to lease,
+    /// waits up to `wait` for a commit (or a redelivery falling due) and
+    /// looks again.
+    pub async fn ack_and_consume(
+        &self,
+        subject: &str,
+        durable: &str,
+        acks: &[u64],
+        limit: u32,
+        wait: Duration,
+    ) -> Result<Result<Batch, NotHeld>, Error> {
+        let wait_ms = millis(wait);
+        let (status, messages, next_deadline_ns, missing): (String, Vec<Leased>, u64, Vec<u64>) =
+            self.call(
+                "mts_ack_consume",
+                (subject, durable, acks, limit, wait_ms),
+                self.timeout + wait,
+            )
+            .await?;
+        Ok(if status == "ok" {
+            Ok(Batch {
+                messages,
+                next_deadline_ns,
+            })
+        } else {
+            Err(NotHeld(missing))
+        })
+    }
+
+    /// Acknowledges exactly `seqs`; all must be held, or none is acked.
+    /// Returns the new ack floor.
+    pub async fn ack_each(
+        &self,
+        subject: &str,
+        durable: &str,
+        seqs: &[u64],
+    ) -> Result<Result<u64, NotHeld>, Error> {
+        let (status, detail): (String, tarant::Value) = self
+            .call("mts_ack_each", (subject, durable, seqs), self.timeout)
+            .await?;
+        Ok(if status == "ok" {
+            Ok(detail.as_u64().unwrap_or_default())
+        } else {
+            Err(NotHeld(sequences(&detail)))
+        })
+    }
+
+    /// Makes `seqs` deliverable again after `delay_ms`; all must be held.
+    pub async fn nack(
+        &self,
+        subject: &str,
+        durable: &str,
+        seqs: &[u64],
+        delay_ms: u32,
+    ) -> Result<Result<(), NotHeld>, Error> {
+        let (status, missing): (String, tarant::Value) = self
+            .call("mts_nack", (subject, durable, seqs, delay_ms), self.timeout)
+            .await?;
+        Ok(if status == "ok" {
+            Ok(())
+        } else {
+            Err(NotHeld(sequences(&missing)))
+        })
+    }
+
+    /// Gives leases back at once (best effort, for a stream that ended).
+    pub async fn release(&self, subject: &str, durable: &str, seqs: &[u64]) -> Result<(), Error> {
+        let _: (bool,) = self
+            .call("mts_release", (subject, durable, seqs), self.timeout)
+            .await?;
+        Ok(())
+    }
+
+    /// The original cumulative ack: everything up to `seq`, never back.
+    pub async fn ack(&self, subject: &str, durable: &str, seq: u64) -> Result<AckOutcome, Error> {
+        let (status, value): (String, u64) = self
+            .call("mts_ack", (subject, durable, seq), self.timeout)
+            .await?;
+        Ok(if status == "ok" {
+            AckOutcome::Acked { position: value }
+        } else {
+            AckOutcome::BeyondLast { last: value }
+        })
+    }
+
+    /// Creates the consumer or updates its settings; true when created.
+    pub async fn put_consumer(
+        &self,
+        subject: &str,
+        durable: &str,
+        settings: &ConsumerSettings,
+    ) -> Result<bool, Error> {
+        let (outcome,): (String,) = self
+            .call(
+                "mts_consumer_put",
+                (subject, durable, settings.to_lua_map()),
+                self.timeout,
+            )
+            .await?;
+        Ok(outcome == "created")
+    }
+
+    /// The consumer's settings and state, if it exists.
+    pub async fn consumer_info(
+        &self,
+        subject: &str,
+        durable: &str,
+    ) -> Result<Option<ConsumerState>, Error> {
+        let (state,): (Option<ConsumerState>,) = self
+            .call("mts_consumer_info", (subject, durable), self.timeout)
+            .await?;
+        Ok(state)
+    }
+
+    /// Lag of up to `limit` consumers.
+    pub async fn consumers_lag(&self, limit: u32) -> Result<Vec<ConsumerLag>, Error> {
+        let (lag,): (Vec<ConsumerLag>,) = self
+            .call("mts_consumers_lag", (limit,), self.timeout)
+            .await?;
+        Ok(lag)
+    }
+
+    /// Deletes the consumer and its leases; true if it existed.
+    pub async fn delete_consumer(&self, subject: &str, durable: &str) -> Result<bool, Error> {
+        let (existed,): (bool,) = self
+            .call("mts_consumer_delete", (subject, durable), self.timeout)
+            .await?;
+        Ok(existed)
+    }
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mts_config::Config;
-use mts_storage::blob::{self, BlobStore};
+use mts_storage::object_store::{self, ObjectStore};
 use mts_storage::store::{SCHEMA_VERSION, Store};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
@@ -73,8 +73,8 @@ pub async fn backup(config: &Config, dir: &Path) -> Result<Summary, Error> {
         source,
     };
     let store = Store::connect(config).await.map_err(tarantool)?;
-    let blobs = BlobStore::new(config);
-    blobs.check().await.map_err(Error::object(""))?;
+    let object_store = ObjectStore::new(config);
+    object_store.check().await.map_err(Error::object(""))?;
 
     let created_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -95,7 +95,7 @@ pub async fn backup(config: &Config, dir: &Path) -> Result<Summary, Error> {
             }
         }
     });
-    let copied = copy(&store, &blobs, dir, files, &config.tarantool.address).await;
+    let copied = copy(&store, &object_store, dir, files, &config.tarantool.address).await;
     renewer.abort();
     // Unpin and lift the hold whatever happened.
     let stopped = store.backup_stop().await;
@@ -147,7 +147,7 @@ type Copied = (Vec<SavedFile>, u64, u64, Vec<String>);
 
 async fn copy(
     store: &Store,
-    blobs: &BlobStore,
+    object_store: &ObjectStore,
     dir: &Path,
     files: Vec<(String, u64)>,
     address: &str,
@@ -209,7 +209,7 @@ async fn copy(
             after.clone_from(last);
             for (key, expected) in page {
                 let path = dir.join("objects").join(key_path(&key)?);
-                match save_object(blobs, &key, &path).await {
+                match save_object(object_store, &key, &path).await {
                     Ok(written) if source == "messages" && written != expected => {
                         return Err(Error::Damaged {
                             path,
@@ -223,7 +223,7 @@ async fn copy(
                         bytes += written;
                     }
                     Err(Error::ObjectStore {
-                        source: blob::Error::NotFound(_),
+                        source: object_store::Error::NotFound(_),
                         ..
                     }) => {
                         if source == "messages" {
@@ -239,8 +239,11 @@ async fn copy(
 }
 
 /// Streams one object into `path`; the bytes written.
-async fn save_object(blobs: &BlobStore, key: &str, path: &Path) -> Result<u64, Error> {
-    let mut body = blobs.read_from(key, 0).await.map_err(Error::object(key))?;
+async fn save_object(object_store: &ObjectStore, key: &str, path: &Path) -> Result<u64, Error> {
+    let mut body = object_store
+        .read_from(key, 0)
+        .await
+        .map_err(Error::object(key))?;
     if let Some(parent) = path.parent() {
         tokio::fs::create_dir_all(parent)
             .await
@@ -253,7 +256,7 @@ async fn save_object(blobs: &BlobStore, key: &str, path: &Path) -> Result<u64, E
     while let Some(chunk) = body.next().await {
         let chunk = chunk.map_err(|e| Error::ObjectStore {
             key: key.to_owned(),
-            source: blob::Error::Unavailable(e.to_string()),
+            source: object_store::Error::Unavailable(e.to_string()),
         })?;
         out.write_all(&chunk).await.map_err(Error::file(path))?;
         written += chunk.len() as u64;

@@ -25,7 +25,7 @@ pub enum Error {
         key: String,
         /// What went wrong.
         #[source]
-        source: mts_storage::blob::Error,
+        source: mts_storage::object_store::Error,
     },
     /// A local file could not be read or written.
     #[error("{path}: {source}")]
@@ -68,7 +68,9 @@ impl Error {
         move |source| Self::File { path, source }
     }
 
-    pub(crate) fn object(key: impl Into<String>) -> impl FnOnce(mts_storage::blob::Error) -> Self {
+    pub(crate) fn object(
+        key: impl Into<String>,
+    ) -> impl FnOnce(mts_storage::object_store::Error) -> Self {
         let key = key.into();
         move |source| Self::ObjectStore { key, source }
     }

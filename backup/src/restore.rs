@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 
 use bytes::BytesMut;
 use mts_config::Config;
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncReadExt;
 
@@ -44,13 +44,19 @@ impl fmt::Display for Summary {
 pub async fn restore(config: &Config, dir: &Path, tarantool_dir: &Path) -> Result<Summary, Error> {
     let manifest = read_manifest(dir).await?;
     ensure_no_tarantool_data(tarantool_dir).await?;
-    let blobs = BlobStore::new(config);
-    blobs.ensure_bucket().await.map_err(Error::object(""))?;
-    let present = blobs.list_keys("").await.map_err(Error::object(""))?;
+    let object_store = ObjectStore::new(config);
+    object_store
+        .ensure_bucket()
+        .await
+        .map_err(Error::object(""))?;
+    let present = object_store
+        .list_keys("")
+        .await
+        .map_err(Error::object(""))?;
     if let Some(key) = present.first() {
         return Err(Error::NotEmpty(format!(
             "bucket {} already holds objects (e.g. {key}); restore into an empty bucket",
-            blobs.bucket()
+            object_store.bucket()
         )));
     }
 
@@ -79,7 +85,7 @@ pub async fn restore(config: &Config, dir: &Path, tarantool_dir: &Path) -> Resul
                 continue;
             }
             let key = object_key(&objects_dir, &path)?;
-            object_bytes += upload(&blobs, config, &key, &path).await?;
+            object_bytes += upload(&object_store, config, &key, &path).await?;
             objects += 1;
         }
     }
@@ -253,7 +259,7 @@ fn object_key(objects_dir: &Path, path: &Path) -> Result<String, Error> {
 /// Uploads one file as `key`, in parts of `multipart_part_bytes` when
 /// larger than one part; the bytes sent.
 async fn upload(
-    blobs: &BlobStore,
+    object_store: &ObjectStore,
     config: &Config,
     key: &str,
     path: &PathBuf,
@@ -267,10 +273,16 @@ async fn upload(
         let data = read_part(&mut file, part)
             .await
             .map_err(Error::file(path))?;
-        blobs.put(key, data).await.map_err(Error::object(key))?;
+        object_store
+            .put(key, data)
+            .await
+            .map_err(Error::object(key))?;
         return Ok(length);
     }
-    let mut upload = blobs.start_upload(key).await.map_err(Error::object(key))?;
+    let mut upload = object_store
+        .start_upload(key)
+        .await
+        .map_err(Error::object(key))?;
     let mut sent = 0;
     loop {
         let data = read_part(&mut file, part)

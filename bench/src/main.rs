@@ -258,8 +258,8 @@ async fn run(args: Args) -> Result<String, String> {
                         .await?
                 }
                 System::S3 => {
-                    let blobs = mts_storage::blob::BlobStore::new(&settings()?);
-                    publish::s3(blobs, &subject, size, concurrency, duration).await
+                    let object_store = mts_storage::object_store::ObjectStore::new(&settings()?);
+                    publish::s3(object_store, &subject, size, concurrency, duration).await
                 }
                 _ => return unsupported(system),
             };

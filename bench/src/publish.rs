@@ -11,7 +11,7 @@ use bytes::Bytes;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{PublishFrame, PublishHeader, PublishRequest};
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::{InlineMessage, Store};
 use tokio::sync::{mpsc, oneshot};
 use tokio_stream::wrappers::UnboundedReceiverStream;
@@ -307,7 +307,7 @@ pub async fn tarantool(
 
 /// S3 PutObject of `size` bytes to the same server: the payload path's ceiling.
 pub async fn s3(
-    blobs: BlobStore,
+    object_store: ObjectStore,
     prefix: &str,
     size: usize,
     workers: usize,
@@ -316,10 +316,10 @@ pub async fn s3(
     let data = Bytes::from(vec![7u8; size]);
     let prefix = prefix.to_owned();
     let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    closed_loop(vec![blobs; workers], duration, move |blobs| {
+    closed_loop(vec![object_store; workers], duration, move |object_store| {
         let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (key, data) = (format!("{prefix}/{n}"), data.clone());
-        async move { succeeded(blobs.put(&key, data).await) }
+        async move { succeeded(object_store.put(&key, data).await) }
     })
     .await
 }

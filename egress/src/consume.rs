@@ -367,7 +367,7 @@ impl Session {
                 .insert(leased.message.seq, leased.deadline_ns);
         }
         let mut messages = std::pin::pin!(wire_messages(
-            self.egress.blobs.clone(),
+            self.egress.object_store.clone(),
             batch.messages,
             self.payloads,
         ));

@@ -3,7 +3,7 @@
 
 use futures::{Stream, StreamExt};
 use mts_proto::pb::Message;
-use mts_storage::blob::{self, BlobStore};
+use mts_storage::object_store::{self, ObjectStore};
 use mts_storage::store::Leased;
 
 use tracing::Instrument;
@@ -67,12 +67,12 @@ impl Payloads {
 /// A `deliver` span linked to the publish's, when spans are exported (only
 /// then: it is one span per message on the delivery path).
 pub async fn deliver(
-    blobs: BlobStore,
+    object_store: ObjectStore,
     leased: Leased,
     payloads: Payloads,
 ) -> Result<Message, Error> {
     if !mts_runtime::telemetry::exporting() {
-        return complete(blobs, leased, payloads).await;
+        return complete(object_store, leased, payloads).await;
     }
     let span = tracing::info_span!(
         "deliver",
@@ -81,10 +81,16 @@ pub async fn deliver(
         deliveries = leased.deliveries,
     );
     mts_runtime::telemetry::link_to_stored(&span, &leased.message.headers);
-    complete(blobs, leased, payloads).instrument(span).await
+    complete(object_store, leased, payloads)
+        .instrument(span)
+        .await
 }
 
-async fn complete(blobs: BlobStore, leased: Leased, payloads: Payloads) -> Result<Message, Error> {
+async fn complete(
+    object_store: ObjectStore,
+    leased: Leased,
+    payloads: Payloads,
+) -> Result<Message, Error> {
     let omitted = payloads.omits(&leased.message);
     let stored = leased.message;
     if !omitted && stored.size > payloads.limits.inline_max {
@@ -105,16 +111,16 @@ async fn complete(blobs: BlobStore, leased: Leased, payloads: Payloads) -> Resul
     }
     let data = match (&stored.object_key, stored.data) {
         _ if omitted => Default::default(),
-        (Some(key), _) => match blobs.get(key).await {
+        (Some(key), _) => match object_store.get(key).await {
             Ok(bytes) => bytes,
-            Err(blob::Error::NotFound(_)) => {
+            Err(object_store::Error::NotFound(_)) => {
                 return Err(Error::MissingPayload {
                     subject: stored.subject,
                     sequence: stored.seq,
                     key: key.clone(),
                 });
             }
-            Err(err) => return Err(Error::Blob(err)),
+            Err(err) => return Err(Error::ObjectStore(err)),
         },
         (None, Some(inline)) => inline.into_vec().into(),
         (None, None) => Default::default(),
@@ -139,7 +145,7 @@ const PAYLOAD_READS_IN_FLIGHT: usize = 4;
 /// ending at the first failure so that no later message arrives without an
 /// earlier one.
 pub(crate) fn wire_messages(
-    blobs: BlobStore,
+    object_store: ObjectStore,
     batch: Vec<Leased>,
     payloads: Payloads,
 ) -> impl Stream<Item = Result<Message, Error>> + Send {
@@ -148,7 +154,7 @@ pub(crate) fn wire_messages(
     });
     let reads = if large { 1 } else { PAYLOAD_READS_IN_FLIGHT };
     futures::stream::iter(batch)
-        .map(move |leased| deliver(blobs.clone(), leased, payloads))
+        .map(move |leased| deliver(object_store.clone(), leased, payloads))
         .buffered(reads)
         .scan(false, |failed, item| {
             let out = if *failed { None } else { Some(item) };

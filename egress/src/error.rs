@@ -3,7 +3,7 @@
 //! failures to gRPC status codes.
 
 use mts_runtime::{status, validate};
-use mts_storage::{blob, store};
+use mts_storage::{object_store, store};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// An egress failure.
@@ -17,7 +17,7 @@ pub enum Error {
     Store(#[from] store::Error),
     /// The object store failed while reading a payload.
     #[error(transparent)]
-    Blob(blob::Error),
+    ObjectStore(object_store::Error),
     /// Metadata names an object that is gone.
     #[error("payload of {subject} #{sequence} is missing from the object store (object {key})")]
     MissingPayload {
@@ -109,7 +109,7 @@ impl From<Error> for tonic::Status {
                 ErrorDetails::with_bad_request_violation(violation.field, violation.reason),
             ),
             Error::Store(source) => status::store(source),
-            Error::Blob(source) => status::object_store(source),
+            Error::ObjectStore(source) => status::object_store(source),
             Error::MissingPayload { .. } => tonic::Status::data_loss(err.to_string()),
             Error::AckBeyondLast { .. } | Error::NotHeld { .. } => {
                 tonic::Status::failed_precondition(err.to_string())
@@ -143,11 +143,11 @@ mod tests {
             (Error::Store(store::Error::closed()), Code::Unavailable),
             (Error::Store(store::Error::protocol("x")), Code::Internal),
             (
-                Error::Blob(blob::Error::Unavailable("refused".into())),
+                Error::ObjectStore(object_store::Error::Unavailable("refused".into())),
                 Code::Unavailable,
             ),
             (
-                Error::Blob(blob::Error::NotFound("k".into())),
+                Error::ObjectStore(object_store::Error::NotFound("k".into())),
                 Code::NotFound,
             ),
             (

@@ -46,7 +46,7 @@ pub async fn run(
     ));
     let egress = Egress::new(
         setup.store.clone(),
-        setup.blobs.clone(),
+        setup.object_store.clone(),
         watchers,
         draining,
         delivery::PayloadLimits {
@@ -59,7 +59,7 @@ pub async fn run(
     let maintenance = tokio::spawn(
         maintenance::Maintenance::new(
             setup.store.clone(),
-            setup.blobs.clone(),
+            setup.object_store.clone(),
             &config,
             setup.metrics.clone(),
         )

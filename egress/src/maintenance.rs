@@ -10,7 +10,7 @@
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use mts_config::Config;
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::{Limits, Store};
 
 use crate::Error;
@@ -28,7 +28,7 @@ const OBJECT_BATCH: usize = 100;
 pub struct Maintenance {
     metrics: std::sync::Arc<mts_runtime::metrics::Metrics>,
     store: Store,
-    blobs: BlobStore,
+    object_store: ObjectStore,
     holder: String,
     defaults: Limits,
     interval: Duration,
@@ -40,14 +40,14 @@ impl Maintenance {
     /// A worker with the retention defaults and intervals of `config`.
     pub fn new(
         store: Store,
-        blobs: BlobStore,
+        object_store: ObjectStore,
         config: &Config,
         metrics: std::sync::Arc<mts_runtime::metrics::Metrics>,
     ) -> Self {
         Self {
             metrics,
             store,
-            blobs,
+            object_store,
             holder: format!("egress-{}", uuid::Uuid::now_v7()),
             // 0 means unlimited, in the config as in Tarantool.
             defaults: Limits {
@@ -131,7 +131,10 @@ impl Maintenance {
                 return Ok(());
             }
             for key in &keys {
-                self.blobs.delete(key).await.map_err(Error::Blob)?;
+                self.object_store
+                    .delete(key)
+                    .await
+                    .map_err(Error::ObjectStore)?;
             }
             self.store.forget_objects(&keys).await?;
         }
@@ -147,16 +150,19 @@ impl Maintenance {
         let cutoff = SystemTime::now()
             .checked_sub(self.orphan_grace)
             .unwrap_or(UNIX_EPOCH);
-        let prefix = self.blobs.store_prefix(&identity.store_id);
+        let prefix = self.object_store.store_prefix(&identity.store_id);
         let candidates = self
-            .blobs
+            .object_store
             .keys_modified_within(&prefix, (created, cutoff))
             .await
-            .map_err(Error::Blob)?;
+            .map_err(Error::ObjectStore)?;
         let mut removed = 0;
         for chunk in candidates.chunks(OBJECT_BATCH) {
             for key in self.store.settle_objects(chunk).await? {
-                self.blobs.delete(&key).await.map_err(Error::Blob)?;
+                self.object_store
+                    .delete(&key)
+                    .await
+                    .map_err(Error::ObjectStore)?;
                 tracing::info!(object = %key, "orphan sweep deleted an object no message names");
                 self.metrics.orphans_deleted.inc();
                 removed += 1;

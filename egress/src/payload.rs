@@ -6,7 +6,7 @@
 use bytes::{Bytes, BytesMut};
 use mts_proto::pb::{FetchPayloadRequest, PayloadChunk};
 use mts_runtime::validate;
-use mts_storage::blob;
+use mts_storage::object_store;
 use tokio::sync::mpsc;
 use tonic::Status;
 
@@ -54,19 +54,20 @@ pub async fn open(
     let offset = request.offset;
     match (&message.object_key, message.data) {
         (Some(key), _) if offset < message.size => {
-            let body = egress
-                .blobs
-                .read_from(key, offset)
-                .await
-                .map_err(|err| match err {
-                    blob::Error::NotFound(_) => Error::MissingPayload {
-                        subject: message.subject.clone(),
-                        sequence: message.seq,
-                        key: key.clone(),
-                    },
-                    other => Error::Blob(other),
-                })?;
-            let timeout = egress.blobs.timeout();
+            let body =
+                egress
+                    .object_store
+                    .read_from(key, offset)
+                    .await
+                    .map_err(|err| match err {
+                        object_store::Error::NotFound(_) => Error::MissingPayload {
+                            subject: message.subject.clone(),
+                            sequence: message.seq,
+                            key: key.clone(),
+                        },
+                        other => Error::ObjectStore(other),
+                    })?;
+            let timeout = egress.object_store.timeout();
             tokio::spawn(relay(body, offset, timeout, sender, chunk));
         }
         (_, data) => {

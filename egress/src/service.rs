@@ -286,7 +286,7 @@ impl EgressService for Egress {
             limits: self.payload_limits,
             omit_large: request.get_ref().omit_large_payloads,
         };
-        let messages = wire_messages(self.blobs.clone(), batch, payloads).map(|delivered| {
+        let messages = wire_messages(self.object_store.clone(), batch, payloads).map(|delivered| {
             delivered
                 .inspect_err(|err| tracing::warn!(%err, "fetch failed mid-batch"))
                 .map_err(Status::from)

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use mts_runtime::auth::Authenticator;
 use mts_runtime::metrics::Metrics;
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::{Leased, Store};
 use tokio::sync::watch;
 use tonic::Status;
@@ -24,7 +24,7 @@ const MAX_HOT_STREAMS: usize = 64;
 #[derive(Clone)]
 pub struct Egress {
     pub(crate) store: Store,
-    pub(crate) blobs: BlobStore,
+    pub(crate) object_store: ObjectStore,
     pub(crate) watchers: Arc<SubjectWatchers>,
     pub(crate) draining: watch::Receiver<bool>,
     pub(crate) payload_limits: delivery::PayloadLimits,
@@ -35,11 +35,11 @@ pub struct Egress {
 }
 
 impl Egress {
-    /// A service reading through `store` and `blobs`; open streams end when
+    /// A service reading through `store` and `object_store`; open streams end when
     /// `draining` turns true.
     pub fn new(
         store: Store,
-        blobs: BlobStore,
+        object_store: ObjectStore,
         watchers: Arc<SubjectWatchers>,
         draining: watch::Receiver<bool>,
         payload_limits: delivery::PayloadLimits,
@@ -47,7 +47,7 @@ impl Egress {
     ) -> Self {
         Self {
             store,
-            blobs,
+            object_store,
             watchers,
             draining,
             payload_limits,

@@ -3,7 +3,7 @@
 //! failures to gRPC status codes.
 
 use mts_runtime::{status, validate};
-use mts_storage::{blob, store};
+use mts_storage::{object_store, store};
 use tonic_types::{ErrorDetails, StatusExt};
 
 /// An ingress failure.
@@ -14,7 +14,7 @@ pub enum Error {
     Invalid(#[from] validate::Error),
     /// The payload could not be uploaded; nothing was stored.
     #[error("payload upload failed: {0}")]
-    Upload(#[source] blob::Error),
+    Upload(#[source] object_store::Error),
     /// The metadata could not be committed; the upload (if any) was removed.
     #[error("metadata commit failed: {0}")]
     Commit(#[source] store::Error),
@@ -107,7 +107,7 @@ mod tests {
 
     #[test]
     fn dependency_failures_are_retryable() {
-        let upload = tonic::Status::from(Error::Upload(blob::Error::Unavailable(
+        let upload = tonic::Status::from(Error::Upload(object_store::Error::Unavailable(
             "connection refused".into(),
         )));
         assert_eq!(upload.code(), Code::Unavailable);
@@ -151,8 +151,8 @@ mod tests {
     fn no_failure_maps_to_unknown() {
         let errors = [
             Error::Invalid(validate::Error::new("data", "too big")),
-            Error::Upload(blob::Error::Rejected("AccessDenied".into())),
-            Error::Upload(blob::Error::NotFound("k".into())),
+            Error::Upload(object_store::Error::Rejected("AccessDenied".into())),
+            Error::Upload(object_store::Error::NotFound("k".into())),
             Error::Commit(store::Error::protocol("bad")),
             Error::Commit(store::Error::Refused {
                 code: 2,

@@ -40,7 +40,7 @@ pub async fn run(
     let mut setup = server::Setup::new(&config, service_names::INGRESS).await?;
     let mut ingress = Ingress::new(
         setup.store.clone(),
-        setup.blobs.clone(),
+        setup.object_store.clone(),
         setup.auth.clone(),
         &config,
     )

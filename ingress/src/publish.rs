@@ -12,7 +12,7 @@ use mts_proto::pb::{PublishRequest, PublishResponse};
 use mts_runtime::auth::Authenticator;
 use mts_runtime::metrics::Metrics;
 use mts_runtime::validate;
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::{self, InlineMessage, NewMessage, Payload, Published, Store};
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
@@ -26,7 +26,7 @@ const MAX_MESSAGE_ID_BYTES: usize = 256;
 #[derive(Clone)]
 pub struct Ingress {
     pub(crate) store: Store,
-    pub(crate) blobs: BlobStore,
+    pub(crate) object_store: ObjectStore,
     pub(crate) inline_threshold: u64,
     pub(crate) max_payload: u64,
     pub(crate) part_size: usize,
@@ -100,12 +100,17 @@ pub(crate) fn sha256_hex(data: &[u8]) -> String {
 }
 
 impl Ingress {
-    /// A service storing through `store` and `blobs` with the limits of `config`.
-    pub fn new(store: Store, blobs: BlobStore, auth: Arc<Authenticator>, config: &Config) -> Self {
+    /// A service storing through `store` and `object_store` with the limits of `config`.
+    pub fn new(
+        store: Store,
+        object_store: ObjectStore,
+        auth: Arc<Authenticator>,
+        config: &Config,
+    ) -> Self {
         let slots = |n: u64| usize::try_from(n).unwrap_or(usize::MAX);
         Self {
             store,
-            blobs,
+            object_store,
             inline_threshold: config.ingress.inline_threshold_bytes,
             max_payload: config.ingress.max_payload_bytes,
             part_size: usize::try_from(config.ingress.multipart_part_bytes).unwrap_or(usize::MAX),
@@ -219,13 +224,16 @@ impl Ingress {
             return Ok(reply(published, String::new(), size, sha256));
         }
         let key = self.object_key(&envelope);
-        self.blobs.put(&key, data).await.map_err(Error::Upload)?;
+        self.object_store
+            .put(&key, data)
+            .await
+            .map_err(Error::Upload)?;
         self.commit_object(&envelope, key, size, sha256).await
     }
 
     /// A fresh key for the payload of `envelope`, under this store's prefix.
     pub(crate) fn object_key(&self, envelope: &Envelope) -> String {
-        self.blobs
+        self.object_store
             .new_key(&self.store.identity().store_id, &envelope.subject)
     }
 
@@ -321,7 +329,7 @@ impl Ingress {
 
     /// Best effort: an object whose metadata will never be committed.
     pub(crate) async fn discard(&self, key: &str) {
-        if let Err(err) = self.blobs.delete(key).await {
+        if let Err(err) = self.object_store.delete(key).await {
             tracing::warn!(object = %key, %err, "could not delete an uncommitted object");
         }
     }

@@ -15,7 +15,7 @@ use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{PublishFrame, PublishResponse};
 use mts_runtime::auth::{Caller, Permission};
 use mts_runtime::validate;
-use mts_storage::blob::{self, StreamedBody, Upload, UploadEnded};
+use mts_storage::object_store::{self, StreamedBody, Upload, UploadEnded};
 use mts_storage::store::Published;
 use sha2::{Digest, Sha256};
 use tonic::Streaming;
@@ -123,7 +123,7 @@ async fn in_one_put(
         }
         walked
     };
-    let put = ingress.blobs.put_streamed(key, body, total);
+    let put = ingress.object_store.put_streamed(key, body, total);
     let (mut receive, mut put) = (std::pin::pin!(receive), std::pin::pin!(put));
     let (walked, uploaded) = tokio::select! {
         walked = &mut receive => {
@@ -135,7 +135,7 @@ async fn in_one_put(
             let uploaded = tokio::time::timeout(timeout, &mut put)
                 .await
                 .unwrap_or_else(|_| {
-                    Err(blob::Error::Unavailable(format!(
+                    Err(object_store::Error::Unavailable(format!(
                         "no answer within {timeout:?} after the payload was sent"
                     )))
                 });
@@ -150,7 +150,7 @@ async fn in_one_put(
     uploaded.map_err(Error::Upload)?;
     walked.map_err(|stop| match stop {
         Stop::Refused(err) => err,
-        Stop::UploadEnded => Error::Upload(blob::Error::Unavailable(
+        Stop::UploadEnded => Error::Upload(object_store::Error::Unavailable(
             "the object store stopped reading the payload".into(),
         )),
     })
@@ -192,7 +192,7 @@ async fn in_parts(
                     Some(started) => started,
                     None => upload.insert(
                         ingress
-                            .blobs
+                            .object_store
                             .start_upload(&key)
                             .await
                             .map_err(Error::Upload)?,
@@ -221,7 +221,7 @@ async fn in_parts(
         None if size <= ingress.inline_threshold => {
             return Ok((size, sha256, Landed::Inline(part)));
         }
-        None => ingress.blobs.put(&key, part).await,
+        None => ingress.object_store.put(&key, part).await,
         Some(mut upload) => {
             if !part.is_empty() {
                 upload.put_part(part).await.map_err(Error::Upload)?;

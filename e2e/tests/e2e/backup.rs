@@ -8,7 +8,7 @@ use std::process::Command;
 
 use mts_config::Config;
 use mts_proto::pb::{AckRequest, ConsumerRequest, GetLastSequenceRequest, PublishRequest};
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_testkit::{self as testing, GarageProcess, TarantoolProcess};
 use sha2::{Digest, Sha256};
 
@@ -119,11 +119,11 @@ async fn a_restore_brings_back_every_message_counter_and_consumer_position() {
     // Lose everything.
     tarantool.kill();
     destroy_tarantool_data(tarantool.dir());
-    let blobs = BlobStore::new(&config);
-    for key in blobs.list_keys("").await.unwrap() {
-        blobs.delete(&key).await.unwrap();
+    let object_store = ObjectStore::new(&config);
+    for key in object_store.list_keys("").await.unwrap() {
+        object_store.delete(&key).await.unwrap();
     }
-    assert!(blobs.list_keys("").await.unwrap().is_empty());
+    assert!(object_store.list_keys("").await.unwrap().is_empty());
 
     let restore = [
         "restore",

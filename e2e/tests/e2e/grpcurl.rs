@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD as BASE64;
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_testkit as testing;
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
@@ -176,7 +176,7 @@ async fn a_person_with_grpcurl_can_do_everything() {
     assert_eq!(object_names[1], "");
     assert!(!object_names[2].is_empty(), "1 MiB goes to S3");
     assert!(
-        BlobStore::new(&config)
+        ObjectStore::new(&config)
             .exists(&object_names[2])
             .await
             .unwrap()

@@ -10,7 +10,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{FetchPayloadRequest, PublishEnd, PublishFrame, PublishHeader};
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::Store;
 use mts_testkit as testing;
 use sha2::{Digest, Sha256};
@@ -118,8 +118,8 @@ async fn two_hundred_mib_round_trip_with_equal_digests() {
         ((BLOCKS * MIB) as u64, whole.as_str())
     );
 
-    let blobs = BlobStore::new(&config);
-    let (size, etag) = blobs
+    let object_store = ObjectStore::new(&config);
+    let (size, etag) = object_store
         .describe(&stored.object_name)
         .await
         .unwrap()

@@ -9,7 +9,7 @@ use mts_proto::pb::{
     CreateOrUpdateConsumerRequest, DeliverPolicy, NackRequest,
 };
 use mts_proto::service_names::EGRESS;
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_testkit::Running;
 use tonic::Code;
 
@@ -207,7 +207,7 @@ async fn nack_redelivers_at_once_or_after_its_delay() {
 #[tokio::test]
 async fn max_deliver_sends_a_message_to_the_dead_letter_subject() {
     let mut f = fixture("dlq").await;
-    let blobs = BlobStore::new(&f.config);
+    let object_store = ObjectStore::new(&f.config);
     let dlq = format!("{}.dlq", f.subject);
     let info = f
         .create(
@@ -227,7 +227,10 @@ async fn max_deliver_sends_a_message_to_the_dead_letter_subject() {
     // A large message: its payload lives in S3, and the dead letter must share it.
     let payload: Vec<u8> = (0..400_000u32).map(|i| (i % 253) as u8).collect();
     let key = format!("{}/big", f.subject);
-    blobs.put(&key, payload.clone().into()).await.unwrap();
+    object_store
+        .put(&key, payload.clone().into())
+        .await
+        .unwrap();
     let headers = HashMap::from([("kind".to_string(), "big".to_string())]);
     f.store
         .publish(&f.subject, &headers, None, Some(&key), payload.len() as u64)
@@ -269,7 +272,10 @@ async fn max_deliver_sends_a_message_to_the_dead_letter_subject() {
         "the payload is still readable"
     );
     assert_eq!(
-        blobs.list_keys(&format!("{}/", f.subject)).await.unwrap(),
+        object_store
+            .list_keys(&format!("{}/", f.subject))
+            .await
+            .unwrap(),
         vec![key],
         "no second copy"
     );

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use mts_proto::pb::{FetchRequest, SubscribeRequest};
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_testkit as testing;
 use tonic::Code;
 
@@ -78,10 +78,13 @@ async fn an_old_style_client_fetches_and_acks_cumulatively() {
 async fn fetch_reads_offloaded_payloads_from_s3() {
     let mut f = fixture("fetch-s3").await;
     let config = testing::config();
-    let blobs = BlobStore::new(&config);
+    let object_store = ObjectStore::new(&config);
     let key = format!("{}/object", f.subject);
     let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    blobs.put(&key, payload.clone().into()).await.unwrap();
+    object_store
+        .put(&key, payload.clone().into())
+        .await
+        .unwrap();
     f.store
         .publish(
             &f.subject,
@@ -96,7 +99,7 @@ async fn fetch_reads_offloaded_payloads_from_s3() {
     assert_eq!(fetched[0].data.as_ref(), payload.as_slice());
 
     // Metadata pointing at an object that is gone is reported, not hidden.
-    blobs.delete(&key).await.unwrap();
+    object_store.delete(&key).await.unwrap();
     let mut stream = f
         .client
         .fetch(FetchRequest {

@@ -9,7 +9,7 @@ use mts_config::Config;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::{SetSubjectLimitsRequest, SubjectInfo, SubjectLimits, SubjectRequest};
 use mts_proto::service_names::EGRESS;
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::Store;
 use mts_testkit::{self as testing, Running, TarantoolProcess};
 use tonic::Code;
@@ -21,7 +21,7 @@ struct Isolated {
     service: Running,
     client: EgressServiceClient<Channel>,
     store: Store,
-    blobs: BlobStore,
+    object_store: ObjectStore,
 }
 
 async fn isolated(tweak: impl FnOnce(&mut Config)) -> Isolated {
@@ -37,7 +37,7 @@ async fn isolated(tweak: impl FnOnce(&mut Config)) -> Isolated {
             .await
             .unwrap(),
         store: Store::connect(&config).await.unwrap(),
-        blobs: BlobStore::new(&config),
+        object_store: ObjectStore::new(&config),
         service,
         tarantool,
         config,
@@ -58,7 +58,7 @@ impl Isolated {
         let data = vec![7u8; size];
         if offload {
             let key = self.new_key(subject);
-            self.blobs.put(&key, data.into()).await.unwrap();
+            self.object_store.put(&key, data.into()).await.unwrap();
             let seq = self
                 .store
                 .publish(subject, &HashMap::new(), None, Some(&key), size as u64)
@@ -77,15 +77,16 @@ impl Isolated {
 
     /// A fresh object key of `subject`, laid out as the ingress lays it out.
     fn new_key(&self, subject: &str) -> String {
-        self.blobs.new_key(&self.store.identity().store_id, subject)
+        self.object_store
+            .new_key(&self.store.identity().store_id, subject)
     }
 
     /// The keys of `subject`'s objects in the bucket.
     async fn keys_of(&self, subject: &str) -> Vec<String> {
         let prefix = self
-            .blobs
+            .object_store
             .subject_prefix(&self.store.identity().store_id, subject);
-        self.blobs.list_keys(&prefix).await.unwrap()
+        self.object_store.list_keys(&prefix).await.unwrap()
     }
 
     async fn limit(&mut self, subject: &str, limits: SubjectLimits) -> SubjectInfo {
@@ -148,8 +149,18 @@ async fn retention_by_count_removes_metadata_and_objects_together() {
         t.keys_of(&limited).await.len() == 1
     })
     .await;
-    assert!(t.blobs.exists(keys[4].as_ref().unwrap()).await.unwrap());
-    assert!(!t.blobs.exists(keys[0].as_ref().unwrap()).await.unwrap());
+    assert!(
+        t.object_store
+            .exists(keys[4].as_ref().unwrap())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !t.object_store
+            .exists(keys[0].as_ref().unwrap())
+            .await
+            .unwrap()
+    );
     let info = t.info(&limited).await;
     assert_eq!((info.bytes, info.messages), (30, 3));
     t.service.stop().await.unwrap();
@@ -230,30 +241,33 @@ async fn the_orphan_sweep_deletes_this_stores_objects_without_metadata_only() {
     // service used before it had a prefix.
     let foreign = [
         "other-application/report.pdf".to_string(),
-        t.blobs.new_key("another-store", &subject),
+        t.object_store.new_key("another-store", &subject),
         format!("{subject}/written-before-prefixes"),
     ];
     for key in &foreign {
-        t.blobs.put(key, vec![3u8; 10].into()).await.unwrap();
+        t.object_store.put(key, vec![3u8; 10].into()).await.unwrap();
     }
     let (_, committed) = t.publish(&subject, 50, true).await;
     let committed = committed.unwrap();
     // An upload whose commit never came.
     let orphan = t.new_key(&subject);
-    t.blobs.put(&orphan, vec![1u8; 50].into()).await.unwrap();
+    t.object_store
+        .put(&orphan, vec![1u8; 50].into())
+        .await
+        .unwrap();
     testing::eventually("the orphan is swept", || async {
-        !t.blobs.exists(&orphan).await.unwrap()
+        !t.object_store.exists(&orphan).await.unwrap()
     })
     .await;
     assert!(
-        t.blobs.exists(&committed).await.unwrap(),
+        t.object_store.exists(&committed).await.unwrap(),
         "an object with metadata stays"
     );
     // Swept at least twice since the foreign objects passed their grace period.
     tokio::time::sleep(Duration::from_millis(1200)).await;
     for key in &foreign {
         assert!(
-            t.blobs.exists(key).await.unwrap(),
+            t.object_store.exists(key).await.unwrap(),
             "{key} is not ours to delete"
         );
     }
@@ -363,7 +377,7 @@ async fn a_running_backup_holds_object_deletions_until_it_stops() {
     // backup lists it among the keys the checkpoint may name.
     tokio::time::sleep(Duration::from_millis(1000)).await;
     assert!(
-        t.blobs.exists(&first).await.unwrap(),
+        t.object_store.exists(&first).await.unwrap(),
         "deleted during the backup"
     );
     let queued = t.store.backup_keys("gc", "", 100).await.unwrap();
@@ -385,7 +399,7 @@ async fn a_running_backup_holds_object_deletions_until_it_stops() {
     t.store.backup_stop().await.unwrap();
     testing::eventually(
         "the held deletion happens once the backup stops",
-        || async { !t.blobs.exists(&first).await.unwrap() },
+        || async { !t.object_store.exists(&first).await.unwrap() },
     )
     .await;
     t.service.stop().await.unwrap();
@@ -414,18 +428,18 @@ async fn an_empty_tarantool_pointed_at_an_old_bucket_deletes_nothing() {
     // A genuine orphan of the new store shows when its sweep has run.
     let orphan = fresh.new_key(&subject);
     fresh
-        .blobs
+        .object_store
         .put(&orphan, vec![1u8; 10].into())
         .await
         .unwrap();
     testing::eventually("the new store's sweep ran", || async {
-        !fresh.blobs.exists(&orphan).await.unwrap()
+        !fresh.object_store.exists(&orphan).await.unwrap()
     })
     .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for key in &payloads {
         assert!(
-            fresh.blobs.exists(key).await.unwrap(),
+            fresh.object_store.exists(key).await.unwrap(),
             "{key} is still there for the operator to recover"
         );
     }

@@ -7,7 +7,7 @@ use mts_proto::pb::PublishRequest;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::ingress_service_server::IngressService;
 use mts_proto::service_names::INGRESS;
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::Store;
 use mts_testkit::{self as testing, Running, TarantoolProcess};
 use tonic::Code;
@@ -33,7 +33,7 @@ fn request(subject: &str, data: Vec<u8>) -> PublishRequest {
 async fn small_payloads_stay_inline_and_large_ones_go_to_s3() {
     let (service, mut client) = start().await;
     let config = testing::config();
-    let blobs = BlobStore::new(&config);
+    let object_store = ObjectStore::new(&config);
     let subject = testing::unique_subject("inline-vs-s3");
 
     let empty = client
@@ -75,8 +75,11 @@ async fn small_payloads_stay_inline_and_large_ones_go_to_s3() {
         "{}",
         offloaded.object_name
     );
-    assert_eq!(blobs.get(&offloaded.object_name).await.unwrap(), above);
-    assert_eq!(blobs.list_keys(&prefix).await.unwrap().len(), 1);
+    assert_eq!(
+        object_store.get(&offloaded.object_name).await.unwrap(),
+        above
+    );
+    assert_eq!(object_store.list_keys(&prefix).await.unwrap().len(), 1);
 
     let store = Store::connect(&config).await.unwrap();
     let stored: Vec<_> = store
@@ -140,7 +143,7 @@ async fn oversized_payload_is_refused_before_anything_is_stored() {
     let store = Store::connect(&config).await.unwrap();
     assert_eq!(store.last_seq(&subject).await.unwrap(), 0);
     assert!(
-        BlobStore::new(&config)
+        ObjectStore::new(&config)
             .list_keys(&testing::payload_prefix(&config, &subject).await)
             .await
             .unwrap()
@@ -158,7 +161,7 @@ async fn failed_upload_is_unavailable_and_stores_no_metadata() {
     unreachable.object_store.timeout_ms = 2000;
     let ingress = Ingress::new(
         store.clone(),
-        BlobStore::new(&unreachable),
+        ObjectStore::new(&unreachable),
         authenticator(&config),
         &config,
     );
@@ -193,10 +196,10 @@ async fn refused_commit_removes_the_uploaded_object() {
         )
         .await
         .unwrap();
-    let blobs = BlobStore::new(&config);
+    let object_store = ObjectStore::new(&config);
     let ingress = Ingress::new(
         store.clone(),
-        blobs.clone(),
+        object_store.clone(),
         authenticator(&config),
         &config,
     );
@@ -209,7 +212,7 @@ async fn refused_commit_removes_the_uploaded_object() {
     assert_eq!(status.code(), Code::Internal, "{status:?}");
     assert!(status.message().contains("commit refused for the test"));
     assert!(
-        blobs
+        object_store
             .list_keys(&testing::payload_prefix(&config, &subject).await)
             .await
             .unwrap()

@@ -9,7 +9,7 @@ use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::publish_frame::Frame;
 use mts_proto::pb::{PublishEnd, PublishFrame, PublishHeader, PublishRequest, PublishResponse};
 use mts_proto::service_names::INGRESS;
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::Store;
 use mts_testkit::{self as testing, Running};
 use sha2::{Digest, Sha256};
@@ -25,7 +25,7 @@ struct Fixture {
     service: Running,
     client: IngressServiceClient<Channel>,
     store: Store,
-    blobs: BlobStore,
+    object_store: ObjectStore,
     subject: String,
 }
 
@@ -39,7 +39,7 @@ async fn fixture(name: &str, tweak: impl FnOnce(&mut Config)) -> Fixture {
             .await
             .unwrap(),
         store: Store::connect(&config).await.unwrap(),
-        blobs: BlobStore::new(&config),
+        object_store: ObjectStore::new(&config),
         subject: testing::unique_subject(name),
         service,
     }
@@ -107,12 +107,12 @@ impl Fixture {
 
     /// Where this fixture's subject's payloads go.
     fn prefix_of(&self, subject: &str) -> String {
-        self.blobs
+        self.object_store
             .subject_prefix(&self.store.identity().store_id, subject)
     }
 
     async fn unfinished(&self) -> usize {
-        self.blobs
+        self.object_store
             .unfinished_uploads(&self.prefix_of(&self.subject))
             .await
             .unwrap()
@@ -274,7 +274,7 @@ async fn streamed_payloads_are_stored_with_size_and_digest() {
         );
         assert_eq!(stored.headers["kind"], "stream");
         if !inline {
-            assert_eq!(f.blobs.get(&reply.object_name).await.unwrap(), data);
+            assert_eq!(f.object_store.get(&reply.object_name).await.unwrap(), data);
         }
     }
     assert_eq!(f.unfinished().await, 0);
@@ -349,7 +349,7 @@ async fn a_message_id_is_stored_once_per_subject_within_the_window() {
         (large.sequence, true, "")
     );
     assert_eq!(
-        f.blobs
+        f.object_store
             .list_keys(&f.prefix_of(&subject))
             .await
             .unwrap()
@@ -384,8 +384,8 @@ async fn a_message_id_is_stored_once_per_subject_within_the_window() {
 
 #[tokio::test]
 async fn a_streamed_put_stores_all_or_nothing() {
-    use mts_storage::blob::StreamedBody;
-    let blobs = BlobStore::new(&testing::config());
+    use mts_storage::object_store::StreamedBody;
+    let object_store = ObjectStore::new(&testing::config());
     let subject = testing::unique_subject("streamed-put");
     let data: Vec<u8> = (0..3 * MIB + 5).map(|i| (i * 13 % 251) as u8).collect();
 
@@ -397,9 +397,12 @@ async fn a_streamed_put_stores_all_or_nothing() {
             sender.send(chunk).await.unwrap();
         }
     };
-    let (stored, ()) = tokio::join!(blobs.put_streamed(&key, body, data.len() as u64), feed);
+    let (stored, ()) = tokio::join!(
+        object_store.put_streamed(&key, body, data.len() as u64),
+        feed
+    );
     stored.unwrap();
-    assert_eq!(blobs.get(&key).await.unwrap(), data);
+    assert_eq!(object_store.get(&key).await.unwrap(), data);
 
     // Given up before the last byte: the request fails and no object exists.
     let key = format!("{subject}/aborted");
@@ -409,9 +412,15 @@ async fn a_streamed_put_stores_all_or_nothing() {
         sender.send(first).await.unwrap();
         sender.abort().await;
     };
-    let (stored, ()) = tokio::join!(blobs.put_streamed(&key, body, data.len() as u64), feed);
+    let (stored, ()) = tokio::join!(
+        object_store.put_streamed(&key, body, data.len() as u64),
+        feed
+    );
     assert!(stored.is_err(), "an aborted body stores nothing");
-    assert!(blobs.get(&key).await.is_err(), "no object under {key}");
+    assert!(
+        object_store.get(&key).await.is_err(),
+        "no object under {key}"
+    );
 }
 
 /// Waits for the stream's answer: a refusal with `code` whose message says `says`.
@@ -433,7 +442,7 @@ async fn nothing_stored(f: &Fixture) {
         "no metadata"
     );
     assert!(
-        f.blobs
+        f.object_store
             .list_keys(&f.prefix_of(&f.subject))
             .await
             .unwrap()

@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant};
 
 use mts_config::Config;
-use mts_storage::blob::{self, BlobStore};
+use mts_storage::object_store::{self, ObjectStore};
 use mts_storage::store::{self, Store};
 
 /// A dependency that stayed unreachable for the whole start-up window.
@@ -31,12 +31,12 @@ pub enum Error {
         /// The bucket.
         bucket: String,
         /// The last failure.
-        source: blob::Error,
+        source: object_store::Error,
     },
 }
 
 /// Connects to Tarantool (applying the schema) and makes sure the bucket exists.
-pub async fn connect(config: &Config) -> Result<(Store, BlobStore), Error> {
+pub async fn connect(config: &Config) -> Result<(Store, ObjectStore), Error> {
     let deadline = Instant::now() + Duration::from_secs(config.lifecycle.startup_timeout_seconds);
     let store = retry(deadline, "tarantool", || Store::connect(config))
         .await
@@ -44,15 +44,15 @@ pub async fn connect(config: &Config) -> Result<(Store, BlobStore), Error> {
             address: config.tarantool.address.clone(),
             source,
         })?;
-    let blobs = BlobStore::new(config);
-    retry(deadline, "object store", || blobs.ensure_bucket())
+    let object_store = ObjectStore::new(config);
+    retry(deadline, "object store", || object_store.ensure_bucket())
         .await
         .map_err(|source| Error::ObjectStore {
             endpoint: config.object_store.url(),
             bucket: config.object_store.bucket_name.clone(),
             source,
         })?;
-    Ok((store, blobs))
+    Ok((store, object_store))
 }
 
 async fn retry<T, E: std::fmt::Display, F: Future<Output = Result<T, E>>>(

@@ -10,7 +10,7 @@ use tonic_health::ServingStatus;
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::{HealthReporter, HealthService};
 
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::Store;
 
 /// The health service name that is SERVING for as long as the process runs.
@@ -81,7 +81,7 @@ impl Health {
     pub async fn monitor(
         self,
         store: Store,
-        blobs: BlobStore,
+        object_store: ObjectStore,
         metrics: std::sync::Arc<crate::metrics::Metrics>,
         interval: Duration,
     ) {
@@ -89,7 +89,7 @@ impl Health {
         loop {
             let (tarantool, s3) = tokio::join!(
                 tokio::time::timeout(interval.max(Duration::from_secs(2)), store.check()),
-                tokio::time::timeout(interval.max(Duration::from_secs(2)), blobs.check()),
+                tokio::time::timeout(interval.max(Duration::from_secs(2)), object_store.check()),
             );
             metrics.set_dependency_up("tarantool", matches!(tarantool, Ok(Ok(()))));
             metrics.set_dependency_up("s3", matches!(s3, Ok(Ok(()))));

@@ -19,7 +19,7 @@ use crate::dependencies;
 use crate::health::Health;
 use crate::metrics::{Metrics, MetricsLayer};
 use mts_config::Config;
-use mts_storage::blob::BlobStore;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::Store;
 
 /// Largest HTTP/2 frame a peer may send (the protocol's default is 16 KiB).
@@ -56,8 +56,8 @@ pub type ServiceRouter = Router<Stack<MetricsLayer, Identity>>;
 pub struct Setup {
     /// The Tarantool store.
     pub store: Store,
-    /// The S3 blob store.
-    pub blobs: BlobStore,
+    /// The S3 object store.
+    pub object_store: ObjectStore,
     /// This process's metrics.
     pub metrics: Arc<Metrics>,
     /// Checks callers' tokens.
@@ -75,18 +75,18 @@ impl Setup {
     pub async fn new(config: &Config, name: &'static str) -> Result<Self, Error> {
         let auth = Arc::new(crate::auth::Authenticator::from_config(config)?);
         let metrics = Metrics::new();
-        let (store, blobs) = dependencies::connect(config).await?;
+        let (store, object_store) = dependencies::connect(config).await?;
         let observer: Arc<dyn mts_storage::Observer> = metrics.clone();
-        let (store, blobs) = (
+        let (store, object_store) = (
             store.with_observer(Arc::clone(&observer)),
-            blobs.with_observer(observer),
+            object_store.with_observer(observer),
         );
         let admin =
             TcpListener::bind(SocketAddr::new(host(config)?, config.server.metrics_port)).await?;
         let (health, health_server) = Health::new(name).await;
         Ok(Self {
             store,
-            blobs,
+            object_store,
             metrics,
             auth,
             health,
@@ -159,7 +159,7 @@ impl Setup {
         );
         let monitor = tokio::spawn(self.health.clone().monitor(
             self.store.clone(),
-            self.blobs.clone(),
+            self.object_store.clone(),
             Arc::clone(&self.metrics),
             Duration::from_millis(self.config.lifecycle.health_check_interval_ms),
         ));

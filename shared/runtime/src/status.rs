@@ -2,7 +2,7 @@
 //! when Tarantool or the object store fails. A service's own error type maps
 //! its store failures through these, in its one error→status match.
 
-use mts_storage::{blob, store};
+use mts_storage::{object_store, store};
 use tonic::Status;
 
 /// The status of a Tarantool failure.
@@ -33,12 +33,12 @@ pub fn store(err: store::Error) -> Status {
 }
 
 /// The status of an object-store failure.
-pub fn object_store(err: blob::Error) -> Status {
+pub fn object_store(err: object_store::Error) -> Status {
     match &err {
-        blob::Error::Unavailable(_) | blob::Error::Rejected(_) => {
+        object_store::Error::Unavailable(_) | object_store::Error::Rejected(_) => {
             Status::unavailable(format!("object store unavailable, retry later: {err}"))
         }
-        blob::Error::NotFound(_) => Status::not_found(err.to_string()),
+        object_store::Error::NotFound(_) => Status::not_found(err.to_string()),
     }
 }
 
@@ -105,11 +105,11 @@ mod tests {
     #[test]
     fn each_object_store_failure_has_its_code() {
         assert_eq!(
-            object_store(blob::Error::Unavailable("x".into())).code(),
+            object_store(object_store::Error::Unavailable("x".into())).code(),
             Code::Unavailable
         );
         assert_eq!(
-            object_store(blob::Error::NotFound("k".into())).code(),
+            object_store(object_store::Error::NotFound("k".into())).code(),
             Code::NotFound
         );
     }

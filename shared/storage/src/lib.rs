@@ -7,7 +7,7 @@
 #![forbid(unsafe_code)]
 
 pub mod backoff;
-pub mod blob;
+pub mod object_store;
 pub mod store;
 
 /// Told about every call the stores make, so that metrics can count and time

@@ -600,5 +600,6 @@ pub async fn payload_prefix(config: &Config, subject: &str) -> String {
     let store = mts_storage::store::Store::connect(config)
         .await
         .expect("connect to the test Tarantool");
-    mts_storage::blob::BlobStore::new(config).subject_prefix(&store.identity().store_id, subject)
+    mts_storage::object_store::ObjectStore::new(config)
+        .subject_prefix(&store.identity().store_id, subject)
 }

@@ -1,4 +1,4 @@
-//! The S3 blob store for payloads above the inline threshold. Any
+//! The S3 object store for payloads above the inline threshold. Any
 //! S3-compatible server works (MinIO in production, Garage in tests): path-style
 //! addressing, static credentials, the bucket created when missing.
 
@@ -152,7 +152,7 @@ impl http_body::Body for StreamedBody {
 
 /// A handle on the payload bucket; cheap to clone.
 #[derive(Clone, Debug)]
-pub struct BlobStore {
+pub struct ObjectStore {
     client: aws_sdk_s3::Client,
     bucket: String,
     /// Every key this service writes starts with it (`minio_key_prefix`).
@@ -162,7 +162,7 @@ pub struct BlobStore {
     observer: Option<std::sync::Arc<dyn crate::Observer>>,
 }
 
-impl BlobStore {
+impl ObjectStore {
     /// A client for the configured endpoint; makes no request.
     pub fn new(config: &Config) -> Self {
         let credentials = Credentials::new(
@@ -570,7 +570,7 @@ impl BlobStore {
 /// holds at most one part. Complete or abort it: parts of an upload that is
 /// dropped stay in the bucket until it is aborted.
 pub struct Upload {
-    store: BlobStore,
+    store: ObjectStore,
     key: String,
     upload_id: String,
     parts: Vec<aws_sdk_s3::types::CompletedPart>,

@@ -37,9 +37,14 @@ pub enum Error {
     ClientGone(tonic::Status),
     /// The client stopped sending in the middle of a stream.
     #[error(
-        "the publisher sent nothing for {0:?} in the middle of its PublishStream (stream_idle_timeout_ms); nothing was stored"
+        "the publisher ({client}) sent nothing for {idle:?} in the middle of its PublishStream (stream_idle_timeout_ms); nothing was stored"
     )]
-    Idle(std::time::Duration),
+    Idle {
+        /// How long it was silent.
+        idle: std::time::Duration,
+        /// Who it is (token client, or address).
+        client: String,
+    },
     /// A publish task failed unexpectedly.
     #[error("the publish failed unexpectedly: {0}")]
     Panicked(String),
@@ -80,7 +85,7 @@ impl From<Error> for tonic::Status {
                 ErrorDetails::with_retry_info(Some(std::time::Duration::from_secs(1))),
             ),
             Error::ClientGone(_) => tonic::Status::cancelled(err.to_string()),
-            Error::Idle(_) => tonic::Status::deadline_exceeded(err.to_string()),
+            Error::Idle { .. } => tonic::Status::deadline_exceeded(err.to_string()),
             Error::Auth(source) => source.into(),
             Error::Panicked(_) => tonic::Status::internal(err.to_string()),
         }

@@ -32,8 +32,11 @@ pub async fn publish(
     trace: Vec<(String, String)>,
     mut frames: Streaming<PublishFrame>,
 ) -> Result<PublishResponse, Error> {
-    let idle = ingress.stream_idle;
-    let header = match next_frame(&mut frames, idle).await? {
+    let silence = Silence {
+        limit: ingress.stream_idle,
+        client: client.to_owned(),
+    };
+    let header = match next_frame(&mut frames, &silence).await? {
         Some(Frame::Header(header)) => header,
         Some(Frame::Chunk(_) | Frame::End(_)) | None => {
             return Err(validate::Error::new(
@@ -63,10 +66,10 @@ pub async fn publish(
     let total_size = header.total_size;
     let (size, sha256, landed) = match total_size {
         Some(total) if total > ingress.inline_threshold && total <= ingress.single_put_max => {
-            let (size, sha256) = in_one_put(ingress, &key, &mut frames, total).await?;
+            let (size, sha256) = in_one_put(ingress, &key, &mut frames, total, silence).await?;
             (size, sha256, Landed::Object(key))
         }
-        _ => in_parts(ingress, key, &mut frames, total_size).await?,
+        _ => in_parts(ingress, key, &mut frames, total_size, silence).await?,
     };
     match landed {
         Landed::Object(key) => ingress.commit_object(&envelope, key, size, sha256).await,
@@ -94,6 +97,7 @@ async fn in_one_put(
     key: &str,
     frames: &mut Streaming<PublishFrame>,
     total: u64,
+    silence: Silence,
 ) -> Result<(u64, String), Error> {
     let (sender, body) = StreamedBody::channel(total);
     // A store that stops reading is as gone as a client that stops sending.
@@ -103,7 +107,7 @@ async fn in_one_put(
         Ok(Err(UploadEnded)) | Err(_) => Err(Stop::UploadEnded),
     };
     let receive = async {
-        let mut walk = Walk::new(Some(total), idle);
+        let mut walk = Walk::new(Some(total), silence);
         let mut held: Option<Bytes> = None;
         let walked = async {
             while let Some(chunk) = walk.next_chunk(frames).await? {
@@ -178,10 +182,11 @@ async fn in_parts(
     key: String,
     frames: &mut Streaming<PublishFrame>,
     total_size: Option<u64>,
+    silence: Silence,
 ) -> Result<(u64, String, Landed), Error> {
     let mut part = BytesMut::with_capacity(ingress.part_size);
     let mut upload: Option<Upload> = None;
-    let mut walk = Walk::new(total_size, ingress.stream_idle);
+    let mut walk = Walk::new(total_size, silence);
     let walked = async {
         while let Some(chunk) = walk.next_chunk(frames).await? {
             part.extend_from_slice(&chunk);
@@ -233,14 +238,26 @@ async fn in_parts(
     Ok((size, sha256, Landed::Object(key)))
 }
 
-/// The next frame, waiting at most `idle` for it.
+/// How long a publisher may stay silent, and who it is, to say so.
+#[derive(Clone)]
+struct Silence {
+    limit: Duration,
+    client: String,
+}
+
+/// The next frame, waiting at most the silence limit for it.
 async fn next_frame(
     frames: &mut Streaming<PublishFrame>,
-    idle: Duration,
+    silence: &Silence,
 ) -> Result<Option<Frame>, Error> {
     loop {
-        match tokio::time::timeout(idle, frames.message()).await {
-            Err(_) => return Err(Error::Idle(idle)),
+        match tokio::time::timeout(silence.limit, frames.message()).await {
+            Err(_) => {
+                return Err(Error::Idle {
+                    idle: silence.limit,
+                    client: silence.client.clone(),
+                });
+            }
             Ok(Err(status)) => return Err(Error::ClientGone(status)),
             Ok(Ok(None)) => return Ok(None),
             Ok(Ok(Some(PublishFrame { frame: Some(frame) }))) => return Ok(Some(frame)),
@@ -255,7 +272,7 @@ async fn next_frame(
 struct Walk {
     total_size: Option<u64>,
     /// How long the client may stay silent.
-    idle: Duration,
+    silence: Silence,
     hasher: Sha256,
     size: u64,
     claimed: Option<String>,
@@ -263,10 +280,10 @@ struct Walk {
 }
 
 impl Walk {
-    fn new(total_size: Option<u64>, idle: Duration) -> Self {
+    fn new(total_size: Option<u64>, silence: Silence) -> Self {
         Self {
             total_size,
-            idle,
+            silence,
             hasher: Sha256::new(),
             size: 0,
             claimed: None,
@@ -279,7 +296,7 @@ impl Walk {
         &mut self,
         frames: &mut Streaming<PublishFrame>,
     ) -> Result<Option<Bytes>, Error> {
-        while let Some(frame) = next_frame(frames, self.idle).await? {
+        while let Some(frame) = next_frame(frames, &self.silence).await? {
             if self.ended {
                 return Err(
                     validate::Error::new("end", "no frame may follow the end frame").into(),

@@ -355,7 +355,7 @@ impl Session {
         let verdict = self
             .egress
             .store
-            .ack_and_consume(&self.subject, &self.durable, &acks, limit, wait)
+            .ack_consume(&self.subject, &self.durable, &acks, limit, wait)
             .await
             .map_err(ended)?;
         let batch = held(&self.subject, &self.durable, verdict).map_err(ended)?;
@@ -482,7 +482,7 @@ impl Session {
         let verdict = self
             .egress
             .store
-            .ack_each(&self.subject, &self.durable, &acks)
+            .ack_sequences(&self.subject, &self.durable, &acks)
             .await
             .map_err(ended)?;
         held(&self.subject, &self.durable, verdict)

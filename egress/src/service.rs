@@ -114,7 +114,7 @@ impl Egress {
         };
         let batch = self
             .store
-            .consume(&request.subject, &request.durable_name, limit)
+            .fetch(&request.subject, &request.durable_name, limit)
             .await?
             .messages;
         self.count_deliveries(&batch);
@@ -128,7 +128,7 @@ impl Egress {
         }
         match self
             .store
-            .ack(&request.subject, &request.durable_name, request.sequence)
+            .ack_message(&request.subject, &request.durable_name, request.sequence)
             .await?
         {
             AckOutcome::Acked { position } => Ok(position),
@@ -148,7 +148,7 @@ impl Egress {
         let settings = consumer::settings(&request.subject, request.config)?;
         let created = self
             .store
-            .put_consumer(&request.subject, &request.durable_name, &settings)
+            .create_or_update_consumer(&request.subject, &request.durable_name, &settings)
             .await?;
         let state = self
             .consumer_state(&request.subject, &request.durable_name)
@@ -175,7 +175,7 @@ impl Egress {
         sequence_list(&request.sequences)?;
         let verdict = self
             .store
-            .ack_each(&request.subject, &request.durable_name, &request.sequences)
+            .ack_sequences(&request.subject, &request.durable_name, &request.sequences)
             .await?;
         held(&request.subject, &request.durable_name, verdict)
     }
@@ -446,8 +446,8 @@ impl EgressService for Egress {
                 max_messages: limits.max_messages,
                 max_bytes: limits.max_bytes,
             };
-            self.store.set_limits(&request.subject, limits).await?;
-            Ok::<_, Error>(self.store.subject_state(&request.subject).await?)
+            self.store.set_subject_limits(&request.subject, limits).await?;
+            Ok::<_, Error>(self.store.subject_info(&request.subject).await?)
         }
         .await
         .inspect_err(|err| tracing::warn!(%err, "set subject limits failed"))?;
@@ -464,7 +464,7 @@ impl EgressService for Egress {
         let subject = request.into_inner().subject;
         let state = async {
             validate::subject(&subject)?;
-            Ok::<_, Error>(self.store.subject_state(&subject).await?)
+            Ok::<_, Error>(self.store.subject_info(&subject).await?)
         }
         .await
         .inspect_err(|err| tracing::warn!(%err, "subject info failed"))?;

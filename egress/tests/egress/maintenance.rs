@@ -320,7 +320,7 @@ async fn the_maintenance_replica_exports_consumer_lag() {
     }
     let fetched = t
         .store
-        .consume(&subject, "slow-reader", 2)
+        .fetch(&subject, "slow-reader", 2)
         .await
         .unwrap()
         .messages;

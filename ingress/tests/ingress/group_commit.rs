@@ -81,7 +81,7 @@ async fn queued_messages_get_gap_free_sequences_in_queue_order() {
     assert_eq!(concurrent_seqs.len(), 50, "every message its own sequence");
     assert_eq!(store.last_seq(&one).await.unwrap(), 200 + 50);
     assert_eq!(store.last_seq(&two).await.unwrap(), 100);
-    let info = store.subject_state(&one).await.unwrap();
+    let info = store.subject_info(&one).await.unwrap();
     assert_eq!((info.count, info.bytes), (250, 250 * 4));
 }
 
@@ -122,7 +122,7 @@ async fn a_message_tarantool_refuses_is_answered_alone() {
             .as_slice(),
         [3u8; 10]
     );
-    let info = store.subject_state(&subject).await.unwrap();
+    let info = store.subject_info(&subject).await.unwrap();
     assert_eq!((info.last_seq, info.count, info.bytes), (2, 2, 20));
 }
 

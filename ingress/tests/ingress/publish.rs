@@ -83,7 +83,7 @@ async fn small_payloads_stay_inline_and_large_ones_go_to_s3() {
 
     let store = Store::connect(&config).await.unwrap();
     let stored: Vec<_> = store
-        .consume(&subject, "inspector", 10)
+        .fetch(&subject, "inspector", 10)
         .await
         .unwrap()
         .messages
@@ -116,7 +116,7 @@ async fn binary_payloads_round_trip_through_tarantool_unchanged() {
         .await
         .unwrap();
     let store = Store::connect(&testing::config()).await.unwrap();
-    let stored = store.consume(&subject, "d", 1).await.unwrap().messages;
+    let stored = store.fetch(&subject, "d", 1).await.unwrap().messages;
     let stored: Vec<_> = stored.into_iter().map(|leased| leased.message).collect();
     assert_eq!(
         stored[0].data.as_deref().map(|d| d.as_slice()),

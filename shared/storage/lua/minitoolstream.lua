@@ -14,7 +14,7 @@ local fio = require('fio')
 local ffi = require('ffi')
 local uuid = require('uuid')
 
-local SCHEMA_VERSION = 9
+local SCHEMA_VERSION = 10
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -750,7 +750,7 @@ end
 
 -- Leases in one transaction, so competing fetchers get disjoint messages.
 -- Returns what `hand_out` hands out and when redeliveries can next be due.
-rawset(_G, 'mts_consume', function(subject, durable, limit)
+rawset(_G, 'mts_fetch', function(subject, durable, limit)
     local out, next_deadline, notify_subjects
     box.atomic(function()
         out, next_deadline, notify_subjects = hand_out(subject, durable, limit)
@@ -785,7 +785,7 @@ end
 -- With nothing to hand out, waits up to `wait_ms` for a commit (or for a
 -- lease or nack delay to run out) and looks again: a busy stream's next
 -- messages come back on the same call, without a separate wake-up.
--- Returns 'ok', the leased list and the next deadline (as mts_consume) and
+-- Returns 'ok', the leased list and the next deadline (as mts_fetch) and
 -- an empty list, or 'not_held', nothing leased, 0 and the sequences not held.
 rawset(_G, 'mts_ack_consume', function(subject, durable, acks, limit, wait_ms)
     local missing, out, next_deadline, notify_subjects
@@ -831,7 +831,7 @@ end)
 -- Per-message acks: every sequence must be pending for this consumer, or
 -- nothing is acked. Returns 'ok' and the new floor, or 'not_held' and the
 -- sequences that are not pending.
-rawset(_G, 'mts_ack_each', function(subject, durable, seqs)
+rawset(_G, 'mts_ack_sequences', function(subject, durable, seqs)
     local missing
     local floor = 0
     box.atomic(function()
@@ -876,7 +876,7 @@ end)
 -- The original cumulative ack: acknowledges every message <= seq, delivered
 -- or not (an old client may ack ahead to skip), and never moves back.
 -- Returns 'ok' and the floor, or 'beyond_last' and the last sequence.
-rawset(_G, 'mts_ack', function(subject, durable, seq)
+rawset(_G, 'mts_ack_message', function(subject, durable, seq)
     local last = last_seq(subject)
     if seq > last then
         return 'beyond_last', last
@@ -938,7 +938,7 @@ end)
 -- Creates a consumer, or updates the settings of an existing one (the deliver
 -- policy and start point apply at creation only). Returns 'created' or
 -- 'updated'.
-rawset(_G, 'mts_consumer_put', function(subject, durable, cfg)
+rawset(_G, 'mts_create_or_update_consumer', function(subject, durable, cfg)
     local outcome = 'updated'
     box.atomic(function()
         local row = box.space.mts_consumers:get({subject, durable})
@@ -1047,7 +1047,7 @@ rawset(_G, 'mts_consumers_lag', function(limit)
 end)
 
 -- Deletes a consumer and its leases. Returns whether it existed.
-rawset(_G, 'mts_consumer_delete', function(subject, durable)
+rawset(_G, 'mts_delete_consumer', function(subject, durable)
     local existed = false
     box.atomic(function()
         existed = box.space.mts_consumers:delete({subject, durable}) ~= nil
@@ -1072,7 +1072,7 @@ end)
 
 -- Sets a subject's limits (a map of max_age_ms, max_messages, max_bytes; 0 =
 -- unlimited), creating the subject row if it has never been published to.
-rawset(_G, 'mts_subject_limits', function(subject, limits)
+rawset(_G, 'mts_set_subject_limits', function(subject, limits)
     box.atomic(function()
         if box.space.mts_subjects:get(subject) == nil then
             box.space.mts_subjects:insert({subject, 0, 0, 0})
@@ -1415,23 +1415,38 @@ rawset(_G, 'mts_backup_stop', function()
     return true
 end)
 
+-- The names schema 9 gave procedures that are now named after their RPC, for
+-- services of that version during a rolling upgrade; each means exactly what
+-- its new name does. To go in schema 11 (then `mts_ack_consume` can become
+-- `mts_consume`, the Consume RPC's name).
+local SCHEMA_9_NAMES = {
+    mts_consume = 'mts_fetch',
+    mts_ack = 'mts_ack_message',
+    mts_ack_each = 'mts_ack_sequences',
+    mts_consumer_put = 'mts_create_or_update_consumer',
+    mts_consumer_delete = 'mts_delete_consumer',
+    mts_subject_limits = 'mts_set_subject_limits',
+}
+for old, new in pairs(SCHEMA_9_NAMES) do
+    rawset(_G, old, rawget(_G, new))
+end
+
 -- A role with exactly what the services need, so a production user can be
 -- granted it instead of universe rights (the Kubernetes init does that).
 with_schema_lock(function()
     local PROCEDURES = {
         'mts_schema_version', 'mts_publish', 'mts_publish_batch', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
-        'mts_consume', 'mts_ack_consume', 'mts_ack', 'mts_ack_each', 'mts_nack', 'mts_release', 'mts_consumer_put',
-        'mts_consumer_info', 'mts_consumer_delete', 'mts_settle_object', 'mts_subject_limits',
-        'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done', 'mts_lease',
-        'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag', 'mts_settle_attempt',
-        'mts_identity',
+        'mts_fetch', 'mts_ack_consume', 'mts_ack_message', 'mts_ack_sequences', 'mts_nack', 'mts_release',
+        'mts_create_or_update_consumer', 'mts_consumer_info', 'mts_delete_consumer', 'mts_settle_object',
+        'mts_set_subject_limits', 'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done',
+        'mts_lease', 'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
+        'mts_settle_attempt', 'mts_identity',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
     }
-    box.schema.role.create('minitoolstream', {if_not_exists = true})
-    -- Schema 1's non-leasing fetch, replaced by mts_consume.
-    if box.func.mts_fetch ~= nil then
-        box.schema.func.drop('mts_fetch')
+    for old in pairs(SCHEMA_9_NAMES) do
+        PROCEDURES[#PROCEDURES + 1] = old
     end
+    box.schema.role.create('minitoolstream', {if_not_exists = true})
     for _, name in ipairs(PROCEDURES) do
         box.schema.func.create(name, {if_not_exists = true})
         box.schema.role.grant('minitoolstream', 'execute', 'function', name, {if_not_exists = true})

@@ -200,9 +200,9 @@ impl Store {
 
     /// Leases up to `limit` messages to the consumer (creating it with
     /// defaults on first use): due redeliveries first, then new messages.
-    pub async fn consume(&self, subject: &str, durable: &str, limit: u32) -> Result<Batch, Error> {
+    pub async fn fetch(&self, subject: &str, durable: &str, limit: u32) -> Result<Batch, Error> {
         let (messages, next_deadline_ns): (Vec<Leased>, u64) = self
-            .call("mts_consume", (subject, durable, limit), self.timeout)
+            .call("mts_fetch", (subject, durable, limit), self.timeout)
             .await?;
         Ok(Batch {
             messages,
@@ -215,7 +215,7 @@ impl Store {
     /// stream's acks ride along with its next lease. With nothing to lease,
     /// waits up to `wait` for a commit (or a redelivery falling due) and
     /// looks again.
-    pub async fn ack_and_consume(
+    pub async fn ack_consume(
         &self,
         subject: &str,
         durable: &str,
@@ -243,14 +243,14 @@ impl Store {
 
     /// Acknowledges exactly `seqs`; all must be held, or none is acked.
     /// Returns the new ack floor.
-    pub async fn ack_each(
+    pub async fn ack_sequences(
         &self,
         subject: &str,
         durable: &str,
         seqs: &[u64],
     ) -> Result<Result<u64, NotHeld>, Error> {
         let (status, detail): (String, tarant::Value) = self
-            .call("mts_ack_each", (subject, durable, seqs), self.timeout)
+            .call("mts_ack_sequences", (subject, durable, seqs), self.timeout)
             .await?;
         Ok(if status == "ok" {
             Ok(detail.as_u64().unwrap_or_default())
@@ -286,9 +286,14 @@ impl Store {
     }
 
     /// The original cumulative ack: everything up to `seq`, never back.
-    pub async fn ack(&self, subject: &str, durable: &str, seq: u64) -> Result<AckOutcome, Error> {
+    pub async fn ack_message(
+        &self,
+        subject: &str,
+        durable: &str,
+        seq: u64,
+    ) -> Result<AckOutcome, Error> {
         let (status, value): (String, u64) = self
-            .call("mts_ack", (subject, durable, seq), self.timeout)
+            .call("mts_ack_message", (subject, durable, seq), self.timeout)
             .await?;
         Ok(if status == "ok" {
             AckOutcome::Acked { position: value }
@@ -298,7 +303,7 @@ impl Store {
     }
 
     /// Creates the consumer or updates its settings; true when created.
-    pub async fn put_consumer(
+    pub async fn create_or_update_consumer(
         &self,
         subject: &str,
         durable: &str,
@@ -306,7 +311,7 @@ impl Store {
     ) -> Result<bool, Error> {
         let (outcome,): (String,) = self
             .call(
-                "mts_consumer_put",
+                "mts_create_or_update_consumer",
                 (subject, durable, settings.to_lua_map()),
                 self.timeout,
             )
@@ -337,7 +342,7 @@ impl Store {
     /// Deletes the consumer and its leases; true if it existed.
     pub async fn delete_consumer(&self, subject: &str, durable: &str) -> Result<bool, Error> {
         let (existed,): (bool,) = self
-            .call("mts_consumer_delete", (subject, durable), self.timeout)
+            .call("mts_delete_consumer", (subject, durable), self.timeout)
             .await?;
         Ok(existed)
     }

@@ -50,10 +50,10 @@ pub struct SubjectState {
 
 impl Store {
     /// Sets a subject's own retention limits (`None` fields stay as they are).
-    pub async fn set_limits(&self, subject: &str, limits: Limits) -> Result<(), Error> {
+    pub async fn set_subject_limits(&self, subject: &str, limits: Limits) -> Result<(), Error> {
         let _: (bool,) = self
             .call(
-                "mts_subject_limits",
+                "mts_set_subject_limits",
                 (subject, limits.to_lua_map()),
                 self.timeout,
             )
@@ -62,7 +62,7 @@ impl Store {
     }
 
     /// What is stored for a subject.
-    pub async fn subject_state(&self, subject: &str) -> Result<SubjectState, Error> {
+    pub async fn subject_info(&self, subject: &str) -> Result<SubjectState, Error> {
         let (state,): (SubjectState,) = self
             .call("mts_subject_info", (subject,), self.timeout)
             .await?;

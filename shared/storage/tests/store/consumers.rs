@@ -27,17 +27,23 @@ fn seqs(batch: &mts_storage::store::Batch) -> Vec<u64> {
 #[tokio::test]
 async fn competing_consumers_lease_disjoint_messages_and_acks_move_the_floor() {
     let (store, subject) = subject_with("lease", 5).await;
-    let first = store.consume(&subject, "d", 2).await.unwrap();
-    let second = store.consume(&subject, "d", 2).await.unwrap();
+    let first = store.fetch(&subject, "d", 2).await.unwrap();
+    let second = store.fetch(&subject, "d", 2).await.unwrap();
     assert_eq!((seqs(&first), seqs(&second)), (vec![1, 2], vec![3, 4]));
     assert!(first.next_deadline_ns > 0);
     assert_eq!(first.messages[0].deliveries, 1);
 
     // Acks of sequences not held change nothing, and name what was not held.
-    let refused = store.ack_each(&subject, "d", &[2, 5]).await.unwrap();
+    let refused = store.ack_sequences(&subject, "d", &[2, 5]).await.unwrap();
     assert_eq!(refused.unwrap_err().0, vec![5]);
-    assert_eq!(store.ack_each(&subject, "d", &[2]).await.unwrap(), Ok(0));
-    assert_eq!(store.ack_each(&subject, "d", &[1]).await.unwrap(), Ok(2));
+    assert_eq!(
+        store.ack_sequences(&subject, "d", &[2]).await.unwrap(),
+        Ok(0)
+    );
+    assert_eq!(
+        store.ack_sequences(&subject, "d", &[1]).await.unwrap(),
+        Ok(2)
+    );
     let info = store.consumer_info(&subject, "d").await.unwrap().unwrap();
     assert_eq!(
         (
@@ -54,7 +60,7 @@ async fn competing_consumers_lease_disjoint_messages_and_acks_move_the_floor() {
 async fn a_nack_or_a_lapsed_lease_redelivers_and_max_deliver_dead_letters() {
     let (store, subject) = subject_with("redeliver", 2).await;
     store
-        .put_consumer(
+        .create_or_update_consumer(
             &subject,
             "d",
             &ConsumerSettings {
@@ -65,16 +71,16 @@ async fn a_nack_or_a_lapsed_lease_redelivers_and_max_deliver_dead_letters() {
         )
         .await
         .unwrap();
-    let batch = store.consume(&subject, "d", 10).await.unwrap();
+    let batch = store.fetch(&subject, "d", 10).await.unwrap();
     assert_eq!(seqs(&batch), vec![1, 2]);
     store.nack(&subject, "d", &[1], 0).await.unwrap().unwrap();
-    let again = store.consume(&subject, "d", 10).await.unwrap();
+    let again = store.fetch(&subject, "d", 10).await.unwrap();
     assert_eq!(seqs(&again), vec![1]);
     assert_eq!(again.messages[0].deliveries, 2);
 
     // Both leases lapse; both reached max_deliver 2 only for #1.
     tokio::time::sleep(Duration::from_millis(150)).await;
-    let third = store.consume(&subject, "d", 10).await.unwrap();
+    let third = store.fetch(&subject, "d", 10).await.unwrap();
     assert_eq!(seqs(&third), vec![2], "#1 went to the dead-letter subject");
     assert_eq!(third.messages[0].deliveries, 2);
     let dlq = format!("{subject}.dlq");
@@ -92,25 +98,25 @@ async fn a_nack_or_a_lapsed_lease_redelivers_and_max_deliver_dead_letters() {
 async fn acks_ride_with_the_next_lease_and_release_gives_leases_back() {
     let (store, subject) = subject_with("ack-consume", 4).await;
     let batch = store
-        .ack_and_consume(&subject, "d", &[], 2, Duration::ZERO)
+        .ack_consume(&subject, "d", &[], 2, Duration::ZERO)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(seqs(&batch), vec![1, 2]);
     let next = store
-        .ack_and_consume(&subject, "d", &[1, 2], 2, Duration::ZERO)
+        .ack_consume(&subject, "d", &[1, 2], 2, Duration::ZERO)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(seqs(&next), vec![3, 4]);
     let not_held = store
-        .ack_and_consume(&subject, "d", &[1], 2, Duration::ZERO)
+        .ack_consume(&subject, "d", &[1], 2, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(not_held.unwrap_err().0, vec![1], "acked already");
 
     store.release(&subject, "d", &[3, 4]).await.unwrap();
-    let back = store.consume(&subject, "d", 10).await.unwrap();
+    let back = store.fetch(&subject, "d", 10).await.unwrap();
     assert_eq!(seqs(&back), vec![3, 4]);
     assert!(back.messages.iter().all(|l| l.deliveries == 2));
 
@@ -119,7 +125,7 @@ async fn acks_ride_with_the_next_lease_and_release_gives_leases_back() {
         let (store, subject) = (store.clone(), subject.clone());
         tokio::spawn(async move {
             store
-                .ack_and_consume(&subject, "d", &[3, 4], 10, Duration::from_secs(5))
+                .ack_consume(&subject, "d", &[3, 4], 10, Duration::from_secs(5))
                 .await
         })
     };
@@ -136,20 +142,20 @@ async fn acks_ride_with_the_next_lease_and_release_gives_leases_back() {
 async fn the_cumulative_ack_skips_ahead_but_never_beyond_the_last_sequence() {
     let (store, subject) = subject_with("cumulative", 3).await;
     assert_eq!(
-        store.ack(&subject, "d", 2).await.unwrap(),
+        store.ack_message(&subject, "d", 2).await.unwrap(),
         AckOutcome::Acked { position: 2 }
     );
     assert_eq!(
-        store.ack(&subject, "d", 1).await.unwrap(),
+        store.ack_message(&subject, "d", 1).await.unwrap(),
         AckOutcome::Acked { position: 2 },
         "never back"
     );
     assert_eq!(
-        store.ack(&subject, "d", 4).await.unwrap(),
+        store.ack_message(&subject, "d", 4).await.unwrap(),
         AckOutcome::BeyondLast { last: 3 }
     );
     assert_eq!(
-        seqs(&store.consume(&subject, "d", 10).await.unwrap()),
+        seqs(&store.fetch(&subject, "d", 10).await.unwrap()),
         vec![3]
     );
 }
@@ -161,7 +167,7 @@ async fn consumers_start_where_their_policy_says_and_can_be_deleted() {
         let (store, subject) = (store.clone(), subject.clone());
         async move {
             store
-                .put_consumer(&subject, durable, &settings)
+                .create_or_update_consumer(&subject, durable, &settings)
                 .await
                 .unwrap()
         }
@@ -193,14 +199,14 @@ async fn consumers_start_where_their_policy_says_and_can_be_deleted() {
     );
     assert!(
         store
-            .consume(&subject, "new", 10)
+            .fetch(&subject, "new", 10)
             .await
             .unwrap()
             .messages
             .is_empty()
     );
     assert_eq!(
-        seqs(&store.consume(&subject, "from-2", 10).await.unwrap()),
+        seqs(&store.fetch(&subject, "from-2", 10).await.unwrap()),
         vec![2, 3]
     );
     let (notified, last) = store.subscribe(&subject, "sub", 0).await.unwrap();
@@ -225,5 +231,60 @@ async fn consumers_start_where_their_policy_says_and_can_be_deleted() {
             .await
             .unwrap()
             .is_none()
+    );
+}
+
+#[tokio::test]
+async fn services_of_schema_9_find_their_procedure_names() {
+    // During a rolling upgrade, pods of the previous version call the names
+    // schema 9 gave these procedures; the service user may, and they mean
+    // what the new names mean.
+    let (store, subject) = subject_with("schema-9", 3).await;
+    let client = crate::raw_client(&testing::config()).await;
+    let (leased, _deadline): (Vec<tarant::Value>, u64) = client
+        .call("mts_consume", (&subject, "old", 2u32))
+        .await
+        .unwrap();
+    assert_eq!(leased.len(), 2, "mts_consume leases as mts_fetch does");
+    let (status, missing): (String, Vec<u64>) = client
+        .call("mts_ack_each", (&subject, "old", vec![9u64]))
+        .await
+        .unwrap();
+    assert_eq!((status.as_str(), missing), ("not_held", vec![9]));
+    let (status, floor): (String, u64) = client
+        .call("mts_ack", (&subject, "old", 2u64))
+        .await
+        .unwrap();
+    assert_eq!((status.as_str(), floor), ("ok", 2));
+    let (outcome,): (String,) = client
+        .call(
+            "mts_consumer_put",
+            (
+                &subject,
+                "old-put",
+                std::collections::HashMap::<String, u32>::new(),
+            ),
+        )
+        .await
+        .unwrap();
+    assert_eq!(outcome, "created");
+    let (existed,): (bool,) = client
+        .call("mts_consumer_delete", (&subject, "old-put"))
+        .await
+        .unwrap();
+    assert!(existed);
+    let limits = std::collections::HashMap::from([("max_messages", 7u64)]);
+    let (_,): (bool,) = client
+        .call("mts_subject_limits", (&subject, limits))
+        .await
+        .unwrap();
+    assert_eq!(
+        store
+            .subject_info(&subject)
+            .await
+            .unwrap()
+            .limits
+            .max_messages,
+        Some(7)
     );
 }

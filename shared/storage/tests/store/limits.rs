@@ -47,7 +47,7 @@ async fn very_long_retention_ages_keep_every_message() {
         let subject = testing::unique_subject(name);
         publish_three(&store, &subject).await;
         store
-            .set_limits(
+            .set_subject_limits(
                 &subject,
                 Limits {
                     max_age_ms: Some(age),
@@ -58,7 +58,7 @@ async fn very_long_retention_ages_keep_every_message() {
             .unwrap();
         assert_eq!(retention(&store, Limits::default()).await, 0, "{name}");
         assert_eq!(
-            store.subject_state(&subject).await.unwrap().count,
+            store.subject_info(&subject).await.unwrap().count,
             3,
             "{name}"
         );
@@ -71,7 +71,7 @@ async fn very_long_retention_ages_keep_every_message() {
         ..Limits::default()
     };
     assert_eq!(retention(&store, defaults).await, 0);
-    assert_eq!(store.subject_state(&subject).await.unwrap().count, 3);
+    assert_eq!(store.subject_info(&subject).await.unwrap().count, 3);
 
     // A short age still removes them.
     tokio::time::sleep(Duration::from_millis(5)).await;
@@ -80,7 +80,7 @@ async fn very_long_retention_ages_keep_every_message() {
         ..Limits::default()
     };
     assert_eq!(retention(&store, short).await, 3);
-    assert_eq!(store.subject_state(&subject).await.unwrap().count, 0);
+    assert_eq!(store.subject_info(&subject).await.unwrap().count, 0);
 }
 
 #[tokio::test]
@@ -103,7 +103,7 @@ async fn every_procedure_takes_integers_at_their_limits() {
         let (notified, last) = store.subscribe(&subject, "sub", edge).await.unwrap();
         assert_eq!((notified, last), (edge - 1, 3), "{what}");
         let created = store
-            .put_consumer(
+            .create_or_update_consumer(
                 &subject,
                 "by-seq",
                 &ConsumerSettings {
@@ -126,7 +126,7 @@ async fn every_procedure_takes_integers_at_their_limits() {
             "{what}"
         );
         let later = store
-            .put_consumer(
+            .create_or_update_consumer(
                 &subject,
                 "by-time",
                 &ConsumerSettings {
@@ -141,16 +141,16 @@ async fn every_procedure_takes_integers_at_their_limits() {
         // A consumer that starts beyond the subject hands out nothing.
         assert!(
             store
-                .consume(&subject, "by-seq", 10)
+                .fetch(&subject, "by-seq", 10)
                 .await
                 .unwrap()
                 .messages
                 .is_empty()
         );
 
-        let batch = store.consume(&subject, "all", 10).await.unwrap();
+        let batch = store.fetch(&subject, "all", 10).await.unwrap();
         assert_eq!(batch.messages.len(), 3, "{what}");
-        let not_held = store.ack_each(&subject, "all", &[edge]).await.unwrap();
+        let not_held = store.ack_sequences(&subject, "all", &[edge]).await.unwrap();
         assert_eq!(not_held.unwrap_err().0, vec![edge], "{what}");
         let not_held = store
             .nack(&subject, "all", &[edge], u32::MAX)
@@ -164,7 +164,7 @@ async fn every_procedure_takes_integers_at_their_limits() {
             .unwrap()
             .unwrap();
         store.release(&subject, "all", &[edge]).await.unwrap();
-        let beyond = store.ack(&subject, "all", edge).await.unwrap();
+        let beyond = store.ack_message(&subject, "all", edge).await.unwrap();
         assert_eq!(
             beyond,
             mts_storage::store::AckOutcome::BeyondLast { last: 3 },
@@ -187,9 +187,9 @@ async fn every_procedure_takes_integers_at_their_limits() {
             max_messages: Some(edge),
             max_bytes: Some(edge),
         };
-        store.set_limits(&subject, limits).await.unwrap();
+        store.set_subject_limits(&subject, limits).await.unwrap();
         assert_eq!(
-            store.subject_state(&subject).await.unwrap().limits,
+            store.subject_info(&subject).await.unwrap().limits,
             limits,
             "{what}"
         );

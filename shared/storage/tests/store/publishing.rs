@@ -97,7 +97,7 @@ async fn retention_queues_released_objects_and_a_backup_holds_their_deletion() {
             .unwrap();
     }
     store
-        .set_limits(
+        .set_subject_limits(
             &subject,
             Limits {
                 max_messages: Some(1),
@@ -144,5 +144,5 @@ async fn retention_queues_released_objects_and_a_backup_holds_their_deletion() {
     );
     store.forget_objects(&released).await.unwrap();
     assert!(store.released_objects(10).await.unwrap().is_empty());
-    assert_eq!(store.subject_state(&subject).await.unwrap().first_seq, 3);
+    assert_eq!(store.subject_info(&subject).await.unwrap().first_seq, 3);
 }

@@ -4,16 +4,20 @@
 
 #![forbid(unsafe_code)]
 
+mod acks;
+mod admin;
 mod consume;
 mod consumer;
 mod delivery;
 mod error;
+mod fetch;
 mod maintenance;
 mod notify;
 mod payload;
 mod rules;
 mod service;
 mod state;
+mod subscribe;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -1,11 +1,10 @@
-//! The egress RPCs: thin adapters that authenticate, validate, call an inner
-//! function and map its error to a status (Consume and FetchPayload have
-//! modules of their own).
+//! The egress RPCs: thin adapters that authenticate, call the handler of
+//! their RPC family (`subscribe`, `fetch`, `acks`, `admin`, `consume`,
+//! `payload`) and map its error to a status.
 
 use std::pin::Pin;
 
 use futures::{Stream, StreamExt};
-use mts_config::MAX_RETENTION_AGE_MS;
 use mts_proto::pb::egress_service_server::EgressService;
 use mts_proto::pb::{
     AckRequest, AckResponse, AckSequencesRequest, AckSequencesResponse, ConsumeRequest,
@@ -14,26 +13,19 @@ use mts_proto::pb::{
     NackResponse, Notification, SubscribeRequest,
 };
 use mts_proto::pb::{
-    FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectLimits,
-    SubjectRequest,
+    FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectRequest,
 };
 use mts_runtime::auth::Permission;
 use mts_runtime::validate;
-use mts_storage::store::{AckOutcome, Leased, Limits, SubjectState};
-use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
+use crate::admin::subject_info;
 use crate::delivery::{self, wire_messages};
-use crate::rules::{consumer_names, held, sequence_list};
-use crate::state::{Egress, draining_status};
+use crate::rules::consumer_names;
+use crate::state::Egress;
 use crate::{Error, consume, consumer};
-
-/// Batch size when the client asks for 0 or less.
-const DEFAULT_BATCH: u32 = 10;
-/// Largest batch one Fetch may ask for.
-const MAX_BATCH: i32 = 1000;
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -72,182 +64,6 @@ impl Egress {
         let caller = self.auth.authenticate(request.metadata())?;
         caller.authorize(permission, request.get_ref().subject())?;
         Ok(())
-    }
-
-    async fn open_subscription(
-        &self,
-        request: SubscribeRequest,
-    ) -> Result<mpsc::Receiver<Result<Notification, Status>>, Error> {
-        consumer_names(&request.subject, &request.durable_name)?;
-        let start = request.start_sequence.unwrap_or(0);
-        let (notified, last) = self
-            .store
-            .subscribe(&request.subject, &request.durable_name, start)
-            .await?;
-        let updates = self.watchers.watch(&request.subject, last);
-        let (sender, receiver) = mpsc::channel(16);
-        let open = self.metrics.stream_opened("subscribe");
-        tokio::spawn(push_notifications(
-            open,
-            request.subject,
-            notified,
-            last,
-            updates,
-            sender,
-            self.draining.clone(),
-        ));
-        Ok(receiver)
-    }
-
-    async fn lease_batch(&self, request: &FetchRequest) -> Result<Vec<Leased>, Error> {
-        consumer_names(&request.subject, &request.durable_name)?;
-        let limit = match request.batch_size {
-            n if n <= 0 => DEFAULT_BATCH,
-            n if n > MAX_BATCH => {
-                return Err(validate::Error::new(
-                    "batch_size",
-                    format!("{n} is above the limit of {MAX_BATCH}"),
-                )
-                .into());
-            }
-            n => n.unsigned_abs(),
-        };
-        let batch = self
-            .store
-            .fetch(&request.subject, &request.durable_name, limit)
-            .await?
-            .messages;
-        self.count_deliveries(&batch);
-        Ok(batch)
-    }
-
-    async fn cumulative_ack(&self, request: AckRequest) -> Result<u64, Error> {
-        consumer_names(&request.subject, &request.durable_name)?;
-        if request.sequence == 0 {
-            return Err(validate::Error::new("sequence", "must be at least 1").into());
-        }
-        match self
-            .store
-            .ack_message(&request.subject, &request.durable_name, request.sequence)
-            .await?
-        {
-            AckOutcome::Acked { position } => Ok(position),
-            AckOutcome::BeyondLast { last } => Err(Error::AckBeyondLast {
-                subject: request.subject,
-                sequence: request.sequence,
-                last,
-            }),
-        }
-    }
-
-    async fn put_consumer(
-        &self,
-        request: CreateOrUpdateConsumerRequest,
-    ) -> Result<ConsumerInfo, Error> {
-        consumer_names(&request.subject, &request.durable_name)?;
-        let settings = consumer::settings(&request.subject, request.config)?;
-        let created = self
-            .store
-            .create_or_update_consumer(&request.subject, &request.durable_name, &settings)
-            .await?;
-        let state = self
-            .consumer_state(&request.subject, &request.durable_name)
-            .await?;
-        Ok(consumer::info(state, created))
-    }
-
-    async fn consumer_state(
-        &self,
-        subject: &str,
-        durable: &str,
-    ) -> Result<mts_storage::store::ConsumerState, Error> {
-        self.store
-            .consumer_info(subject, durable)
-            .await?
-            .ok_or_else(|| Error::ConsumerNotFound {
-                subject: subject.to_owned(),
-                durable: durable.to_owned(),
-            })
-    }
-
-    async fn ack_sequences(&self, request: AckSequencesRequest) -> Result<u64, Error> {
-        consumer_names(&request.subject, &request.durable_name)?;
-        sequence_list(&request.sequences)?;
-        let verdict = self
-            .store
-            .ack_sequences(&request.subject, &request.durable_name, &request.sequences)
-            .await?;
-        held(&request.subject, &request.durable_name, verdict)
-    }
-
-    async fn nack_sequences(&self, request: NackRequest) -> Result<(), Error> {
-        consumer_names(&request.subject, &request.durable_name)?;
-        sequence_list(&request.sequences)?;
-        let verdict = self
-            .store
-            .nack(
-                &request.subject,
-                &request.durable_name,
-                &request.sequences,
-                request.delay_ms,
-            )
-            .await?;
-        held(&request.subject, &request.durable_name, verdict)
-    }
-}
-
-fn subject_info(state: SubjectState) -> SubjectInfo {
-    SubjectInfo {
-        subject: state.subject,
-        first_sequence: state.first_seq,
-        last_sequence: state.last_seq,
-        messages: state.count,
-        bytes: state.bytes,
-        limits: Some(SubjectLimits {
-            max_age_ms: state.limits.max_age_ms,
-            max_messages: state.limits.max_messages,
-            max_bytes: state.limits.max_bytes,
-        }),
-    }
-}
-
-/// Sends a notification whenever the last sequence passes what the
-/// subscriber was last told, until the client leaves or the server drains.
-async fn push_notifications(
-    _open: mts_runtime::metrics::StreamGuard,
-    subject: String,
-    mut notified: u64,
-    mut last: u64,
-    mut updates: watch::Receiver<u64>,
-    sender: mpsc::Sender<Result<Notification, Status>>,
-    mut draining: watch::Receiver<bool>,
-) {
-    loop {
-        if last > notified {
-            let note = Notification {
-                subject: subject.clone(),
-                sequence: last,
-            };
-            if sender.send(Ok(note)).await.is_err() {
-                return;
-            }
-            notified = last;
-        }
-        tokio::select! {
-            changed = updates.changed() => {
-                if changed.is_err() {
-                    let _ = sender.send(Err(Status::unavailable("notifications stopped; reconnect"))).await;
-                    return;
-                }
-                last = last.max(*updates.borrow_and_update());
-            }
-            () = sender.closed() => return,
-            // The watch guard must not live across the send below.
-            () = async { let _ = draining.wait_for(|draining| *draining).await; } => {
-                let _ = sender.send(Err(draining_status())).await;
-                return;
-            }
-        }
     }
 }
 
@@ -429,28 +245,10 @@ impl EgressService for Egress {
     ) -> Result<Response<SubjectInfo>, Status> {
         self.admit(&request, Permission::Admin)?;
         let request = request.into_inner();
-        let state = async {
-            validate::subject(&request.subject)?;
-            let limits = request.limits.unwrap_or_default();
-            if let Some(age) = limits.max_age_ms.filter(|age| *age > MAX_RETENTION_AGE_MS) {
-                return Err(validate::Error::new(
-                    "limits.max_age_ms",
-                    format!(
-                        "{age} is above the limit of {MAX_RETENTION_AGE_MS} (100 years); 0 keeps messages forever"
-                    ),
-                )
-                .into());
-            }
-            let limits = Limits {
-                max_age_ms: limits.max_age_ms,
-                max_messages: limits.max_messages,
-                max_bytes: limits.max_bytes,
-            };
-            self.store.set_subject_limits(&request.subject, limits).await?;
-            Ok::<_, Error>(self.store.subject_info(&request.subject).await?)
-        }
-        .await
-        .inspect_err(|err| tracing::warn!(%err, "set subject limits failed"))?;
+        let state = self
+            .set_limits(request)
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "set subject limits failed"))?;
         tracing::info!(limits = ?state.limits, "subject limits set");
         Ok(Response::new(subject_info(state)))
     }

@@ -1,0 +1,90 @@
+//! Consumer and subject administration: creating, reading and deleting
+//! consumers, and subjects' retention limits and state.
+
+use mts_config::MAX_RETENTION_AGE_MS;
+use mts_proto::pb::{
+    ConsumerInfo, CreateOrUpdateConsumerRequest, SetSubjectLimitsRequest, SubjectInfo,
+    SubjectLimits,
+};
+use mts_runtime::validate;
+use mts_storage::store::{ConsumerState, Limits, SubjectState};
+
+use crate::rules::consumer_names;
+use crate::state::Egress;
+use crate::{Error, consumer};
+
+impl Egress {
+    pub(crate) async fn put_consumer(
+        &self,
+        request: CreateOrUpdateConsumerRequest,
+    ) -> Result<ConsumerInfo, Error> {
+        consumer_names(&request.subject, &request.durable_name)?;
+        let settings = consumer::settings(&request.subject, request.config)?;
+        let created = self
+            .store
+            .create_or_update_consumer(&request.subject, &request.durable_name, &settings)
+            .await?;
+        let state = self
+            .consumer_state(&request.subject, &request.durable_name)
+            .await?;
+        Ok(consumer::info(state, created))
+    }
+
+    pub(crate) async fn consumer_state(
+        &self,
+        subject: &str,
+        durable: &str,
+    ) -> Result<ConsumerState, Error> {
+        self.store
+            .consumer_info(subject, durable)
+            .await?
+            .ok_or_else(|| Error::ConsumerNotFound {
+                subject: subject.to_owned(),
+                durable: durable.to_owned(),
+            })
+    }
+
+    /// Checks and sets a subject's own retention limits; what is stored for
+    /// it, afterwards.
+    pub(crate) async fn set_limits(
+        &self,
+        request: SetSubjectLimitsRequest,
+    ) -> Result<SubjectState, Error> {
+        validate::subject(&request.subject)?;
+        let limits = request.limits.unwrap_or_default();
+        if let Some(age) = limits.max_age_ms.filter(|age| *age > MAX_RETENTION_AGE_MS) {
+            return Err(validate::Error::new(
+                "limits.max_age_ms",
+                format!(
+                    "{age} is above the limit of {MAX_RETENTION_AGE_MS} (100 years); 0 keeps messages forever"
+                ),
+            )
+            .into());
+        }
+        let limits = Limits {
+            max_age_ms: limits.max_age_ms,
+            max_messages: limits.max_messages,
+            max_bytes: limits.max_bytes,
+        };
+        self.store
+            .set_subject_limits(&request.subject, limits)
+            .await?;
+        Ok(self.store.subject_info(&request.subject).await?)
+    }
+}
+
+/// The wire form of what is stored for a subject.
+pub(crate) fn subject_info(state: SubjectState) -> SubjectInfo {
+    SubjectInfo {
+        subject: state.subject,
+        first_sequence: state.first_seq,
+        last_sequence: state.last_seq,
+        messages: state.count,
+        bytes: state.bytes,
+        limits: Some(SubjectLimits {
+            max_age_ms: state.limits.max_age_ms,
+            max_messages: state.limits.max_messages,
+            max_bytes: state.limits.max_bytes,
+        }),
+    }
+}

@@ -1432,7 +1432,8 @@ for old, new in pairs(SCHEMA_9_NAMES) do
 end
 
 -- A role with exactly what the services need, so a production user can be
--- granted it instead of universe rights (the Kubernetes init does that).
+-- granted it instead of universe rights (init.lua does that for every
+-- deployment).
 with_schema_lock(function()
     local PROCEDURES = {
         'mts_schema_version', 'mts_publish', 'mts_publish_batch', 'mts_last_seq', 'mts_wait', 'mts_subscribe',

@@ -355,7 +355,7 @@ impl Session {
         let verdict = self
             .egress
             .store
-            .ack_consume(&self.subject, &self.durable, &acks, limit, wait)
+            .consume(&self.subject, &self.durable, &acks, limit, wait)
             .await
             .map_err(ended)?;
         let batch = held(&self.subject, &self.durable, verdict).map_err(ended)?;

@@ -787,7 +787,7 @@ end
 -- messages come back on the same call, without a separate wake-up.
 -- Returns 'ok', the leased list and the next deadline (as mts_fetch) and
 -- an empty list, or 'not_held', nothing leased, 0 and the sequences not held.
-rawset(_G, 'mts_ack_consume', function(subject, durable, acks, limit, wait_ms)
+local function consume(subject, durable, acks, limit, wait_ms)
     local missing, out, next_deadline, notify_subjects
     box.atomic(function()
         missing = ack_held(subject, durable, acks)
@@ -826,6 +826,16 @@ rawset(_G, 'mts_ack_consume', function(subject, durable, acks, limit, wait_ms)
         notify(dlq)
     end
     return 'ok', out, next_deadline, {}
+end
+
+-- The Consume RPC's procedure. Schema 9 services call this name for Fetch,
+-- as mts_consume(subject, durable, limit): a number where Consume passes
+-- its acks, answered as mts_fetch would until schema 11 drops that form.
+rawset(_G, 'mts_consume', function(subject, durable, acks, limit, wait_ms)
+    if type(acks) ~= 'table' then
+        return rawget(_G, 'mts_fetch')(subject, durable, acks)
+    end
+    return consume(subject, durable, acks, limit, wait_ms)
 end)
 
 -- Per-message acks: every sequence must be pending for this consumer, or
@@ -1417,10 +1427,10 @@ end)
 
 -- The names schema 9 gave procedures that are now named after their RPC, for
 -- services of that version during a rolling upgrade; each means exactly what
--- its new name does. To go in schema 11 (then `mts_ack_consume` can become
--- `mts_consume`, the Consume RPC's name).
+-- its new name does (and mts_consume still answers schema 9's Fetch calls).
+-- To go in schema 11.
 local SCHEMA_9_NAMES = {
-    mts_consume = 'mts_fetch',
+    mts_ack_consume = 'mts_consume',
     mts_ack = 'mts_ack_message',
     mts_ack_each = 'mts_ack_sequences',
     mts_consumer_put = 'mts_create_or_update_consumer',
@@ -1437,7 +1447,7 @@ end
 with_schema_lock(function()
     local PROCEDURES = {
         'mts_schema_version', 'mts_publish', 'mts_publish_batch', 'mts_last_seq', 'mts_wait', 'mts_subscribe',
-        'mts_fetch', 'mts_ack_consume', 'mts_ack_message', 'mts_ack_sequences', 'mts_nack', 'mts_release',
+        'mts_fetch', 'mts_consume', 'mts_ack_message', 'mts_ack_sequences', 'mts_nack', 'mts_release',
         'mts_create_or_update_consumer', 'mts_consumer_info', 'mts_delete_consumer', 'mts_settle_object',
         'mts_set_subject_limits', 'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done',
         'mts_lease', 'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',

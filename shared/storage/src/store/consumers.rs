@@ -215,7 +215,7 @@ impl Store {
     /// stream's acks ride along with its next lease. With nothing to lease,
     /// waits up to `wait` for a commit (or a redelivery falling due) and
     /// looks again.
-    pub async fn ack_consume(
+    pub async fn consume(
         &self,
         subject: &str,
         durable: &str,
@@ -226,7 +226,7 @@ impl Store {
         let wait_ms = millis(wait);
         let (status, messages, next_deadline_ns, missing): (String, Vec<Leased>, u64, Vec<u64>) =
             self.call(
-                "mts_ack_consume",
+                "mts_consume",
                 (subject, durable, acks, limit, wait_ms),
                 self.timeout + wait,
             )

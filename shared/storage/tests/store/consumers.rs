@@ -98,19 +98,19 @@ async fn a_nack_or_a_lapsed_lease_redelivers_and_max_deliver_dead_letters() {
 async fn acks_ride_with_the_next_lease_and_release_gives_leases_back() {
     let (store, subject) = subject_with("ack-consume", 4).await;
     let batch = store
-        .ack_consume(&subject, "d", &[], 2, Duration::ZERO)
+        .consume(&subject, "d", &[], 2, Duration::ZERO)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(seqs(&batch), vec![1, 2]);
     let next = store
-        .ack_consume(&subject, "d", &[1, 2], 2, Duration::ZERO)
+        .consume(&subject, "d", &[1, 2], 2, Duration::ZERO)
         .await
         .unwrap()
         .unwrap();
     assert_eq!(seqs(&next), vec![3, 4]);
     let not_held = store
-        .ack_consume(&subject, "d", &[1], 2, Duration::ZERO)
+        .consume(&subject, "d", &[1], 2, Duration::ZERO)
         .await
         .unwrap();
     assert_eq!(not_held.unwrap_err().0, vec![1], "acked already");
@@ -125,7 +125,7 @@ async fn acks_ride_with_the_next_lease_and_release_gives_leases_back() {
         let (store, subject) = (store.clone(), subject.clone());
         tokio::spawn(async move {
             store
-                .ack_consume(&subject, "d", &[3, 4], 10, Duration::from_secs(5))
+                .consume(&subject, "d", &[3, 4], 10, Duration::from_secs(5))
                 .await
         })
     };
@@ -246,6 +246,18 @@ async fn services_of_schema_9_find_their_procedure_names() {
         .await
         .unwrap();
     assert_eq!(leased.len(), 2, "mts_consume leases as mts_fetch does");
+    let (status, leased, _deadline, _missing): (String, Vec<tarant::Value>, u64, Vec<u64>) = client
+        .call(
+            "mts_ack_consume",
+            (&subject, "old-stream", Vec::<u64>::new(), 1u32, 0u64),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        (status.as_str(), leased.len()),
+        ("ok", 1),
+        "mts_ack_consume is mts_consume"
+    );
     let (status, missing): (String, Vec<u64>) = client
         .call("mts_ack_each", (&subject, "old", vec![9u64]))
         .await

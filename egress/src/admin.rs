@@ -2,16 +2,13 @@
 //! consumers, and subjects' retention limits and state.
 
 use mts_config::MAX_RETENTION_AGE_MS;
-use mts_proto::pb::{
-    ConsumerInfo, CreateOrUpdateConsumerRequest, SetSubjectLimitsRequest, SubjectInfo,
-    SubjectLimits,
-};
+use mts_proto::pb::{ConsumerInfo, CreateOrUpdateConsumerRequest, SetSubjectLimitsRequest};
 use mts_runtime::validate;
-use mts_storage::store::{ConsumerState, Limits, SubjectState};
+use mts_storage::store::{ConsumerState, SubjectState};
 
 use crate::rules::consumer_names;
 use crate::state::Egress;
-use crate::{Error, consumer};
+use crate::{Error, wire};
 
 impl Egress {
     pub(crate) async fn put_consumer(
@@ -19,7 +16,7 @@ impl Egress {
         request: CreateOrUpdateConsumerRequest,
     ) -> Result<ConsumerInfo, Error> {
         consumer_names(&request.subject, &request.durable_name)?;
-        let settings = consumer::settings(&request.subject, request.config)?;
+        let settings = wire::consumer_settings(&request.subject, request.config)?;
         let created = self
             .store
             .create_or_update_consumer(&request.subject, &request.durable_name, &settings)
@@ -27,7 +24,7 @@ impl Egress {
         let state = self
             .consumer_state(&request.subject, &request.durable_name)
             .await?;
-        Ok(consumer::info(state, created))
+        Ok(wire::consumer_info(state, created))
     }
 
     pub(crate) async fn consumer_state(
@@ -61,30 +58,9 @@ impl Egress {
             )
             .into());
         }
-        let limits = Limits {
-            max_age_ms: limits.max_age_ms,
-            max_messages: limits.max_messages,
-            max_bytes: limits.max_bytes,
-        };
         self.store
-            .set_subject_limits(&request.subject, limits)
+            .set_subject_limits(&request.subject, wire::limits(limits))
             .await?;
         Ok(self.store.subject_info(&request.subject).await?)
-    }
-}
-
-/// The wire form of what is stored for a subject.
-pub(crate) fn subject_info(state: SubjectState) -> SubjectInfo {
-    SubjectInfo {
-        subject: state.subject,
-        first_sequence: state.first_seq,
-        last_sequence: state.last_seq,
-        messages: state.count,
-        bytes: state.bytes,
-        limits: Some(SubjectLimits {
-            max_age_ms: state.limits.max_age_ms,
-            max_messages: state.limits.max_messages,
-            max_bytes: state.limits.max_bytes,
-        }),
     }
 }

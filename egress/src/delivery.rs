@@ -9,18 +9,11 @@ use mts_storage::store::Leased;
 use tracing::Instrument;
 
 use crate::Error;
+use crate::wire::timestamp;
 
 /// Header telling clients without the `delivery_count` field how often a
 /// message has been delivered.
 pub const DELIVERY_COUNT_HEADER: &str = "mts-delivery-count";
-
-/// A protobuf timestamp from nanoseconds since the Unix epoch.
-pub fn timestamp(ns: u64) -> prost_types::Timestamp {
-    prost_types::Timestamp {
-        seconds: i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX),
-        nanos: i32::try_from(ns % 1_000_000_000).unwrap_or(0),
-    }
-}
 
 /// Headers that tell clients without the newer fields about the payload.
 pub const PAYLOAD_SIZE_HEADER: &str = "mts-payload-size";

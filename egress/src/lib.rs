@@ -7,7 +7,6 @@
 mod acks;
 mod admin;
 mod consume;
-mod consumer;
 mod delivery;
 mod error;
 mod fetch;
@@ -18,6 +17,7 @@ mod rules;
 mod service;
 mod state;
 mod subscribe;
+mod wire;
 
 use std::sync::Arc;
 use std::time::Duration;

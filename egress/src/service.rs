@@ -21,11 +21,11 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
-use crate::admin::subject_info;
 use crate::delivery::{self, wire_messages};
 use crate::rules::consumer_names;
 use crate::state::Egress;
-use crate::{Error, consume, consumer};
+use crate::wire::subject_info;
+use crate::{Error, consume, wire};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -173,7 +173,7 @@ impl EgressService for Egress {
         }
         .await
         .inspect_err(|err| tracing::debug!(%err, "consumer info failed"))?;
-        Ok(Response::new(consumer::info(state, false)))
+        Ok(Response::new(wire::consumer_info(state, false)))
     }
 
     #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name))]

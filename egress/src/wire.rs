@@ -1,11 +1,12 @@
-//! Consumer settings and state between the wire and the store, with the
-//! validation of settings a client sends.
+//! The egress's conversions between the wire and the store: consumer
+//! settings (checked as a client sends them) and state, subject limits and
+//! state, and timestamps.
 
-use mts_proto::pb::{ConsumerConfig, ConsumerInfo, DeliverPolicy as WirePolicy};
+use mts_proto::pb::{
+    ConsumerConfig, ConsumerInfo, DeliverPolicy as WirePolicy, SubjectInfo, SubjectLimits,
+};
 use mts_runtime::validate;
-use mts_storage::store::{ConsumerSettings, ConsumerState, DeliverPolicy};
-
-use crate::delivery::timestamp;
+use mts_storage::store::{ConsumerSettings, ConsumerState, DeliverPolicy, Limits, SubjectState};
 
 /// Longest lease a consumer may ask for.
 const MAX_ACK_WAIT_MS: u32 = 12 * 60 * 60 * 1000;
@@ -15,7 +16,7 @@ const MIN_ACK_WAIT_MS: u32 = 10;
 const MAX_ACK_PENDING: u32 = 100_000;
 
 /// Checks `config` for `subject` and turns it into store settings.
-pub fn settings(
+pub fn consumer_settings(
     subject: &str,
     config: Option<ConsumerConfig>,
 ) -> Result<ConsumerSettings, validate::Error> {
@@ -127,7 +128,7 @@ fn start_time_ns(time: &prost_types::Timestamp) -> Result<u64, validate::Error> 
 }
 
 /// The wire form of a consumer's state.
-pub fn info(state: ConsumerState, created_now: bool) -> ConsumerInfo {
+pub fn consumer_info(state: ConsumerState, created_now: bool) -> ConsumerInfo {
     let policy = match DeliverPolicy::from_name(&state.deliver_policy) {
         Some(DeliverPolicy::All) | None => WirePolicy::DeliverAll,
         Some(DeliverPolicy::New) => WirePolicy::DeliverNew,
@@ -159,6 +160,39 @@ pub fn info(state: ConsumerState, created_now: bool) -> ConsumerInfo {
     }
 }
 
+/// A protobuf timestamp from nanoseconds since the Unix epoch.
+pub fn timestamp(ns: u64) -> prost_types::Timestamp {
+    prost_types::Timestamp {
+        seconds: i64::try_from(ns / 1_000_000_000).unwrap_or(i64::MAX),
+        nanos: i32::try_from(ns % 1_000_000_000).unwrap_or(0),
+    }
+}
+
+/// The wire form of what is stored for a subject.
+pub fn subject_info(state: SubjectState) -> SubjectInfo {
+    SubjectInfo {
+        subject: state.subject,
+        first_sequence: state.first_seq,
+        last_sequence: state.last_seq,
+        messages: state.count,
+        bytes: state.bytes,
+        limits: Some(SubjectLimits {
+            max_age_ms: state.limits.max_age_ms,
+            max_messages: state.limits.max_messages,
+            max_bytes: state.limits.max_bytes,
+        }),
+    }
+}
+
+/// Subject limits as the store takes them.
+pub fn limits(limits: SubjectLimits) -> Limits {
+    Limits {
+        max_age_ms: limits.max_age_ms,
+        max_messages: limits.max_messages,
+        max_bytes: limits.max_bytes,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -169,7 +203,10 @@ mod tests {
 
     #[test]
     fn empty_config_keeps_defaults() {
-        assert_eq!(settings("s", None).unwrap(), ConsumerSettings::default());
+        assert_eq!(
+            consumer_settings("s", None).unwrap(),
+            ConsumerSettings::default()
+        );
     }
 
     #[test]
@@ -234,7 +271,9 @@ mod tests {
         ];
         for (config, field) in cases {
             assert_eq!(
-                settings("s", Some(config.clone())).unwrap_err().field,
+                consumer_settings("s", Some(config.clone()))
+                    .unwrap_err()
+                    .field,
                 field,
                 "{config:?}"
             );
@@ -243,7 +282,7 @@ mod tests {
 
     #[test]
     fn start_points_and_an_empty_dlq_pass_through() {
-        let by_seq = settings(
+        let by_seq = consumer_settings(
             "s",
             Some(ConsumerConfig {
                 deliver_policy: WirePolicy::DeliverByStartSequence.into(),
@@ -255,7 +294,7 @@ mod tests {
         .unwrap();
         assert_eq!(by_seq.start_seq, Some(7));
         assert_eq!(by_seq.dlq_subject.as_deref(), Some(""));
-        let by_time = settings(
+        let by_time = consumer_settings(
             "s",
             Some(ConsumerConfig {
                 deliver_policy: WirePolicy::DeliverByStartTime.into(),
@@ -273,7 +312,7 @@ mod tests {
     #[test]
     fn start_times_outside_the_stores_clock_say_why() {
         let at = |seconds, nanos| {
-            settings(
+            consumer_settings(
                 "s",
                 Some(ConsumerConfig {
                     deliver_policy: WirePolicy::DeliverByStartTime.into(),

@@ -4,19 +4,13 @@
 
 #![forbid(unsafe_code)]
 
-mod acks;
-mod admin;
-mod consume;
 mod delivery;
 mod error;
-mod fetch;
+mod handlers;
 mod maintenance;
 mod notify;
-mod payload;
 mod rules;
 mod service;
-mod state;
-mod subscribe;
 mod wire;
 
 use std::sync::Arc;
@@ -29,7 +23,7 @@ use mts_runtime::server;
 use tokio::net::TcpListener;
 
 pub use error::Error;
-pub use state::Egress;
+pub use handlers::Egress;
 
 /// The gRPC port of the deployment guide.
 pub const DEFAULT_PORT: u16 = 50052;

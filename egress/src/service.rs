@@ -16,16 +16,15 @@ use mts_proto::pb::{
     FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectRequest,
 };
 use mts_runtime::auth::Permission;
-use mts_runtime::validate;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
-use crate::delivery::{self, wire_messages};
+use crate::handlers::Egress;
+use crate::handlers::{consume, payload};
 use crate::rules::consumer_names;
-use crate::state::Egress;
 use crate::wire::subject_info;
-use crate::{Error, consume, wire};
+use crate::{Error, wire};
 
 type ResponseStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -61,7 +60,7 @@ touches!(
 impl Egress {
     /// Authenticates the caller and checks `permission` on the request's subject.
     fn admit<T: Touches>(&self, request: &Request<T>, permission: Permission) -> Result<(), Error> {
-        let caller = self.auth.authenticate(request.metadata())?;
+        let caller = self.authenticate(request.metadata())?;
         caller.authorize(permission, request.get_ref().subject())?;
         Ok(())
     }
@@ -98,15 +97,13 @@ impl EgressService for Egress {
             .await
             .inspect_err(|err| tracing::warn!(%err, "fetch failed"))?;
         tracing::debug!(messages = batch.len(), "fetched");
-        let payloads = delivery::Payloads {
-            limits: self.payload_limits,
-            omit_large: request.get_ref().omit_large_payloads,
-        };
-        let messages = wire_messages(self.object_store.clone(), batch, payloads).map(|delivered| {
-            delivered
-                .inspect_err(|err| tracing::warn!(%err, "fetch failed mid-batch"))
-                .map_err(Status::from)
-        });
+        let messages = self
+            .fetched(batch, request.get_ref().omit_large_payloads)
+            .map(|delivered| {
+                delivered
+                    .inspect_err(|err| tracing::warn!(%err, "fetch failed mid-batch"))
+                    .map_err(Status::from)
+            });
         Ok(Response::new(Box::pin(messages)))
     }
 
@@ -117,12 +114,10 @@ impl EgressService for Egress {
     ) -> Result<Response<GetLastSequenceResponse>, Status> {
         self.admit(&request, Permission::Subscribe)?;
         let subject = request.into_inner().subject;
-        let last = async {
-            validate::subject(&subject)?;
-            Ok::<_, Error>(self.store.last_seq(&subject).await?)
-        }
-        .await
-        .inspect_err(|err| tracing::warn!(%err, "get last sequence failed"))?;
+        let last = self
+            .last_sequence(&subject)
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "get last sequence failed"))?;
         Ok(Response::new(GetLastSequenceResponse {
             last_sequence: last,
         }))
@@ -183,16 +178,10 @@ impl EgressService for Egress {
     ) -> Result<Response<DeleteConsumerResponse>, Status> {
         self.admit(&request, Permission::Admin)?;
         let request = request.into_inner();
-        let deleted = async {
-            consumer_names(&request.subject, &request.durable_name)?;
-            Ok::<_, Error>(
-                self.store
-                    .delete_consumer(&request.subject, &request.durable_name)
-                    .await?,
-            )
-        }
-        .await
-        .inspect_err(|err| tracing::warn!(%err, "delete consumer failed"))?;
+        let deleted = self
+            .delete(&request.subject, &request.durable_name)
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "delete consumer failed"))?;
         if !deleted {
             return Err(Error::ConsumerNotFound {
                 subject: request.subject,
@@ -232,7 +221,7 @@ impl EgressService for Egress {
         request: Request<FetchPayloadRequest>,
     ) -> Result<Response<Self::FetchPayloadStream>, Status> {
         self.admit(&request, Permission::Fetch)?;
-        let receiver = crate::payload::open(self, request.into_inner())
+        let receiver = payload::open(self, request.into_inner())
             .await
             .inspect_err(|err| tracing::warn!(%err, "fetch payload failed"))?;
         Ok(Response::new(Box::pin(ReceiverStream::new(receiver))))
@@ -260,12 +249,10 @@ impl EgressService for Egress {
     ) -> Result<Response<SubjectInfo>, Status> {
         self.admit(&request, Permission::Subscribe)?;
         let subject = request.into_inner().subject;
-        let state = async {
-            validate::subject(&subject)?;
-            Ok::<_, Error>(self.store.subject_info(&subject).await?)
-        }
-        .await
-        .inspect_err(|err| tracing::warn!(%err, "subject info failed"))?;
+        let state = self
+            .subject_state(&subject)
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "subject info failed"))?;
         Ok(Response::new(subject_info(state)))
     }
 
@@ -274,10 +261,7 @@ impl EgressService for Egress {
         &self,
         request: Request<Streaming<ConsumeRequest>>,
     ) -> Result<Response<Self::ConsumeStream>, Status> {
-        let caller = self
-            .auth
-            .authenticate(request.metadata())
-            .map_err(Error::from)?;
+        let caller = self.authenticate(request.metadata())?;
         let messages = consume::open(self.clone(), caller, request.into_inner())
             .await
             .inspect_err(|err| tracing::warn!(%err, "consume failed"))?;

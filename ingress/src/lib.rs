@@ -5,11 +5,9 @@
 #![forbid(unsafe_code)]
 
 mod error;
-mod many;
 mod publish;
 mod rate_limit;
 mod service;
-mod stream;
 mod trace;
 mod upload_slots;
 

@@ -1,7 +1,9 @@
 //! The ingress's state and how a publish is stored: checks, inline
 //! messages by group commit, large payloads uploaded before their metadata
 //! commit (so a sequence is only ever handed out for a message whose bytes
-//! are safe), and the settling of a commit whose outcome is unknown.
+//! are safe), and the settling of a commit whose outcome is unknown. The
+//! streaming RPCs' paths (`many`, `stream`) are submodules: the state is
+//! theirs and this module's alone.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -19,30 +21,33 @@ use tracing::Instrument;
 
 use crate::Error;
 
+pub(crate) mod many;
+pub(crate) mod stream;
+
 /// Longest message id, in bytes.
 const MAX_MESSAGE_ID_BYTES: usize = 256;
 
 /// The ingress service state; cheap to clone.
 #[derive(Clone)]
 pub struct Ingress {
-    pub(crate) store: Store,
-    pub(crate) object_store: ObjectStore,
-    pub(crate) inline_threshold: u64,
-    pub(crate) max_payload: u64,
-    pub(crate) part_size: usize,
+    store: Store,
+    object_store: ObjectStore,
+    inline_threshold: u64,
+    max_payload: u64,
+    part_size: usize,
     /// Largest announced size streamed into one PutObject.
-    pub(crate) single_put_max: u64,
+    single_put_max: u64,
     /// How long the object store may take to answer a request.
-    pub(crate) object_store_timeout: std::time::Duration,
-    pub(crate) dedup_window: Duration,
-    pub(crate) uploads: Arc<crate::upload_slots::UploadSlots>,
+    object_store_timeout: std::time::Duration,
+    dedup_window: Duration,
+    uploads: Arc<crate::upload_slots::UploadSlots>,
     /// A PublishStream client silent this long is cut off.
-    pub(crate) stream_idle: Duration,
-    pub(crate) auth: Arc<Authenticator>,
-    pub(crate) metrics: Option<Arc<Metrics>>,
+    stream_idle: Duration,
+    auth: Arc<Authenticator>,
+    metrics: Option<Arc<Metrics>>,
     /// The publish rate limit, when one is set: the layer in front takes a
     /// token per call, a PublishMany stream one per message.
-    pub(crate) limiter: Option<Arc<crate::rate_limit::Limiter>>,
+    limiter: Option<Arc<crate::rate_limit::Limiter>>,
 }
 
 /// A checked message, by where its payload goes.
@@ -138,6 +143,23 @@ impl Ingress {
     pub fn with_rate_limit(mut self, limiter: Arc<crate::rate_limit::Limiter>) -> Self {
         self.limiter = Some(limiter);
         self
+    }
+
+    /// Who is calling: verified once by the rate-limit layer when it runs
+    /// (it leaves the caller in the request's extensions), else here.
+    pub(crate) fn caller<T>(
+        &self,
+        request: &tonic::Request<T>,
+    ) -> Result<mts_runtime::auth::Caller, Error> {
+        match request.extensions().get::<mts_runtime::auth::Caller>() {
+            Some(caller) => Ok(caller.clone()),
+            None => Ok(self.auth.authenticate(request.metadata())?),
+        }
+    }
+
+    /// Counts a stored publish (a duplicate stored nothing).
+    pub(crate) fn count(&self, reply: &PublishResponse, started: std::time::Instant) {
+        record(self.metrics.as_deref(), reply, started);
     }
 
     /// Checks a message and decides where its payload goes.

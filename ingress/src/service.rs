@@ -10,19 +10,8 @@ use tonic::{Request, Response, Status, Streaming};
 use tracing::instrument;
 
 use crate::Error;
-use crate::publish::{Checked, Ingress, detached, record};
+use crate::publish::{Checked, Ingress, detached};
 use crate::trace::{trace_context, with_trace};
-
-impl Ingress {
-    /// Who is calling: verified once by the rate-limit layer when it runs
-    /// (it leaves the caller in the request's extensions), else here.
-    fn caller<T>(&self, request: &Request<T>) -> Result<Caller, Error> {
-        match request.extensions().get::<Caller>() {
-            Some(caller) => Ok(caller.clone()),
-            None => Ok(self.auth.authenticate(request.metadata())?),
-        }
-    }
-}
 
 /// Whose share of the upload slots a streamed publish takes: the token's
 /// client, else the caller's address.
@@ -62,7 +51,7 @@ impl IngressService for Ingress {
             duplicate = reply.duplicate,
             "published"
         );
-        record(self.metrics.as_deref(), &reply, started);
+        self.count(&reply, started);
         Ok(Response::new(reply))
     }
 
@@ -75,7 +64,7 @@ impl IngressService for Ingress {
     ) -> Result<Response<Self::PublishManyStream>, Status> {
         let caller = self.caller(&request)?;
         let trace = trace_context(request.metadata());
-        Ok(Response::new(crate::many::serve(
+        Ok(Response::new(crate::publish::many::serve(
             self.clone(),
             caller,
             trace,
@@ -95,7 +84,7 @@ impl IngressService for Ingress {
         let ingress = self.clone();
         let frames = request.into_inner();
         let reply = detached(async move {
-            crate::stream::publish(&ingress, caller, &client, trace, frames).await
+            crate::publish::stream::publish(&ingress, caller, &client, trace, frames).await
         })
         .await
         .inspect_err(|err| tracing::warn!(%err, "streamed publish failed"))?;
@@ -105,7 +94,7 @@ impl IngressService for Ingress {
             duplicate = reply.duplicate,
             "streamed publish stored"
         );
-        record(self.metrics.as_deref(), &reply, started);
+        self.count(&reply, started);
         Ok(Response::new(reply))
     }
 }

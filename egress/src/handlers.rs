@@ -1,5 +1,13 @@
-//! The egress's state, shared by its RPCs: the stores, the subjects'
-//! commit watchers, the drain signal and the delivery limits.
+//! The egress's state — the stores, the subjects' commit watchers, the drain
+//! signal and the delivery limits — and, in the submodules, the handlers of
+//! each RPC family, the only code that sees it.
+
+mod acks;
+mod admin;
+pub(crate) mod consume;
+mod fetch;
+pub(crate) mod payload;
+mod subscribe;
 
 use std::sync::Arc;
 
@@ -23,15 +31,15 @@ const MAX_HOT_STREAMS: usize = 64;
 /// The egress service state; cheap to clone.
 #[derive(Clone)]
 pub struct Egress {
-    pub(crate) store: Store,
-    pub(crate) object_store: ObjectStore,
-    pub(crate) watchers: Arc<SubjectWatchers>,
-    pub(crate) draining: watch::Receiver<bool>,
-    pub(crate) payload_limits: delivery::PayloadLimits,
-    pub(crate) auth: Arc<Authenticator>,
-    pub(crate) metrics: Arc<Metrics>,
+    store: Store,
+    object_store: ObjectStore,
+    watchers: Arc<SubjectWatchers>,
+    draining: watch::Receiver<bool>,
+    payload_limits: delivery::PayloadLimits,
+    auth: Arc<Authenticator>,
+    metrics: Arc<Metrics>,
     /// Room for Consume streams whose lease calls wait in Tarantool.
-    pub(crate) hot_streams: Arc<tokio::sync::Semaphore>,
+    hot_streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl Egress {
@@ -68,6 +76,16 @@ impl Egress {
         self.metrics.deliveries.inc_by(batch.len() as u64);
         let again = batch.iter().filter(|leased| leased.deliveries > 1).count();
         self.metrics.redeliveries.inc_by(again as u64);
+    }
+}
+
+impl Egress {
+    /// Who is calling, from the request's metadata.
+    pub(crate) fn authenticate(
+        &self,
+        metadata: &tonic::metadata::MetadataMap,
+    ) -> Result<mts_runtime::auth::Caller, crate::Error> {
+        Ok(self.auth.authenticate(metadata)?)
     }
 }
 

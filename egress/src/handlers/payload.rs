@@ -11,7 +11,7 @@ use tokio::sync::mpsc;
 use tonic::Status;
 
 use crate::Error;
-use crate::state::Egress;
+use crate::handlers::Egress;
 
 /// Bytes per chunk sent.
 const CHUNK: usize = 1024 * 1024;

@@ -5,8 +5,8 @@ use mts_runtime::validate;
 use mts_storage::store::Leased;
 
 use crate::Error;
+use crate::handlers::Egress;
 use crate::rules::consumer_names;
-use crate::state::Egress;
 
 /// Batch size when the client asks for 0 or less.
 const DEFAULT_BATCH: u32 = 10;
@@ -34,5 +34,19 @@ impl Egress {
             .messages;
         self.count_deliveries(&batch);
         Ok(batch)
+    }
+
+    /// The wire messages of a fetched batch, large payloads left out when
+    /// the client asked for that.
+    pub(crate) fn fetched(
+        &self,
+        batch: Vec<Leased>,
+        omit_large: bool,
+    ) -> impl futures::Stream<Item = Result<mts_proto::pb::Message, Error>> + Send + use<> {
+        let payloads = crate::delivery::Payloads {
+            limits: self.payload_limits,
+            omit_large,
+        };
+        crate::delivery::wire_messages(self.object_store.clone(), batch, payloads)
     }
 }

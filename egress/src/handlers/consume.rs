@@ -23,8 +23,8 @@ use tonic::{Status, Streaming};
 use crate::Error;
 use crate::delivery::Payloads;
 use crate::delivery::wire_messages;
+use crate::handlers::{Egress, draining_status};
 use crate::rules::{MAX_SEQUENCES, consumer_names, held, sequence_list};
-use crate::state::{Egress, draining_status};
 
 /// `max_in_flight` when the client gives 0.
 const DEFAULT_MAX_IN_FLIGHT: u32 = 100;

@@ -6,10 +6,16 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::Error;
+use crate::handlers::{Egress, draining_status};
 use crate::rules::consumer_names;
-use crate::state::{Egress, draining_status};
 
 impl Egress {
+    /// The subject's last sequence; 0 if nothing was ever published to it.
+    pub(crate) async fn last_sequence(&self, subject: &str) -> Result<u64, Error> {
+        mts_runtime::validate::subject(subject)?;
+        Ok(self.store.last_seq(subject).await?)
+    }
+
     pub(crate) async fn open_subscription(
         &self,
         request: SubscribeRequest,

@@ -6,11 +6,23 @@ use mts_proto::pb::{ConsumerInfo, CreateOrUpdateConsumerRequest, SetSubjectLimit
 use mts_runtime::validate;
 use mts_storage::store::{ConsumerState, SubjectState};
 
+use crate::handlers::Egress;
 use crate::rules::consumer_names;
-use crate::state::Egress;
 use crate::{Error, wire};
 
 impl Egress {
+    /// Deletes a consumer; whether it existed.
+    pub(crate) async fn delete(&self, subject: &str, durable: &str) -> Result<bool, Error> {
+        consumer_names(subject, durable)?;
+        Ok(self.store.delete_consumer(subject, durable).await?)
+    }
+
+    /// What is stored for a subject, and its limits.
+    pub(crate) async fn subject_state(&self, subject: &str) -> Result<SubjectState, Error> {
+        validate::subject(subject)?;
+        Ok(self.store.subject_info(subject).await?)
+    }
+
     pub(crate) async fn put_consumer(
         &self,
         request: CreateOrUpdateConsumerRequest,

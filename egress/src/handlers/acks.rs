@@ -5,8 +5,8 @@ use mts_runtime::validate;
 use mts_storage::store::AckOutcome;
 
 use crate::Error;
+use crate::handlers::Egress;
 use crate::rules::{consumer_names, held, sequence_list};
-use crate::state::Egress;
 
 impl Egress {
     pub(crate) async fn cumulative_ack(&self, request: AckRequest) -> Result<u64, Error> {

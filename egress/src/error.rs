@@ -148,7 +148,7 @@ mod tests {
             ),
             (
                 Error::ObjectStore(object_store::Error::NotFound("k".into())),
-                Code::NotFound,
+                Code::Internal,
             ),
             (
                 Error::MissingPayload {

@@ -61,9 +61,16 @@ impl From<Error> for tonic::Status {
                 violation.to_string(),
                 ErrorDetails::with_bad_request_violation(violation.field, violation.reason),
             ),
-            Error::Upload(source) => tonic::Status::unavailable(format!(
-                "payload upload failed, nothing was stored; retry later: {source}"
-            )),
+            Error::Upload(source) => {
+                let status = status::object_store(source);
+                tonic::Status::new(
+                    status.code(),
+                    format!(
+                        "payload upload failed, nothing was stored: {}",
+                        status.message()
+                    ),
+                )
+            }
             // Unknown is not "not stored": the status says which it is.
             Error::Commit(source @ store::Error::OutcomeUnknown { .. }) => {
                 let status = status::store(source);

@@ -32,13 +32,20 @@ pub fn store(err: store::Error) -> Status {
     }
 }
 
-/// The status of an object-store failure.
+/// The status of an object-store failure, the same in both services. Only
+/// an outage is worth a client's retry; a refusal (credentials, permissions)
+/// or a missing bucket or object is the deployment's to fix, and says so.
 pub fn object_store(err: object_store::Error) -> Status {
     match &err {
-        object_store::Error::Unavailable(_) | object_store::Error::Rejected(_) => {
+        object_store::Error::Unavailable(_) => {
             Status::unavailable(format!("object store unavailable, retry later: {err}"))
         }
-        object_store::Error::NotFound(_) => Status::not_found(err.to_string()),
+        object_store::Error::Rejected(_) => Status::internal(format!(
+            "the object store refused the service's request (check its credentials, permissions and bucket): {err}"
+        )),
+        object_store::Error::NotFound(_) => Status::internal(format!(
+            "the object store is missing what the service expects (check the bucket): {err}"
+        )),
     }
 }
 
@@ -108,9 +115,16 @@ mod tests {
             object_store(object_store::Error::Unavailable("x".into())).code(),
             Code::Unavailable
         );
+        let refused = object_store(object_store::Error::Rejected("AccessDenied".into()));
+        assert_eq!(refused.code(), Code::Internal);
+        assert!(
+            !refused.message().contains("retry later"),
+            "{}",
+            refused.message()
+        );
         assert_eq!(
             object_store(object_store::Error::NotFound("k".into())).code(),
-            Code::NotFound
+            Code::Internal
         );
     }
 }

@@ -241,6 +241,11 @@ impl Session {
             let now = now_ns();
             self.outstanding.retain(|_, deadline| *deadline > now);
             let room = self.max_in_flight.saturating_sub(self.outstanding.len());
+            if room == 0 && matches!(mode, Mode::Busy { .. }) {
+                // A full stream waits for its client, not for commits: it
+                // gives its permit back and watches again.
+                mode = self.watching();
+            }
             if room > 0 && mode.looks() {
                 let wait = match mode {
                     Mode::Busy { .. } => HOT_WAIT,
@@ -375,9 +380,13 @@ impl Session {
             match message {
                 Ok(message) => {
                     if message.data.len() as u64 > self.payloads.limits.omit_above {
-                        match self.large_gate.acquire().await {
-                            Ok(permit) => permit.forget(),
-                            Err(_) => return Err(End::Quiet),
+                        // A client that left never takes the one before.
+                        tokio::select! {
+                            permit = self.large_gate.acquire() => match permit {
+                                Ok(permit) => permit.forget(),
+                                Err(_) => return Err(End::Quiet),
+                            },
+                            () = self.sender.closed() => return Err(End::Quiet),
                         }
                     }
                     if self.sender.send(Ok(message)).await.is_err() {

@@ -75,10 +75,10 @@ pub enum Error {
     /// A reply that does not have the expected shape.
     #[error("unexpected reply from Tarantool: {0}")]
     Protocol(#[source] Arc<tarant::Error>),
-    /// A write's answer was lost, and Tarantool could not be asked within
+    /// A write's answer was lost, and Tarantool could not tell within
     /// `waited` whether it was applied: it may or may not have been.
     #[error(
-        "the outcome is unknown: the answer was lost ({cause}) and Tarantool could not be asked within {waited:?} whether the write was applied"
+        "the outcome is unknown: the answer was lost ({cause}) and Tarantool could not tell within {waited:?} whether the write was applied"
     )]
     OutcomeUnknown {
         /// Why the answer was lost.
@@ -235,7 +235,9 @@ impl Store {
             .deadline(self.timeout, self.client.call("mts_schema_version", ()))
             .await;
         match installed {
-            Ok((version,)) if version == SCHEMA_VERSION => Ok(()),
+            // A newer schema keeps the names and meanings of this one (for
+            // rolling upgrades): never put an older one back over it.
+            Ok((version,)) if version >= SCHEMA_VERSION => Ok(()),
             Ok(_) | Err(Error::Rejected(_)) => self.apply_schema().await.map(drop),
             Err(other) => Err(other),
         }
@@ -357,7 +359,12 @@ impl Store {
                 Ok(settled) => return Ok(settled),
                 Err(err) => {
                     tracing::debug!(%err, %cause, "settling a write whose answer was lost");
-                    if Instant::now() + pause >= deadline {
+                    // A refusal will not change by asking again.
+                    let refused = !err.outcome_unknown();
+                    if refused {
+                        tracing::warn!(%err, %cause, "Tarantool refused to settle a write whose answer was lost");
+                    }
+                    if refused || Instant::now() + pause >= deadline {
                         return Err(Error::OutcomeUnknown {
                             cause: Box::new(cause),
                             waited: self.timeout,

@@ -224,7 +224,8 @@ async fn commit(store: Store, mut batch: Vec<Queued>, answered: Answered) {
             answered.add([attempt]);
             answer(&mut batch, verdicts);
         }
-        Err(err) if err.outcome_unknown() => {
+        // A reply that did not decode came from a call that ran: as unknown.
+        Err(err) if err.outcome_unknown() || matches!(err, Error::Protocol(_)) => {
             // Forgetting them may not have happened; doing it twice is harmless.
             answered.add(forget);
             tokio::spawn(settle(store, attempt, batch, err, answered));

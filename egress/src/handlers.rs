@@ -52,6 +52,7 @@ impl Egress {
         draining: watch::Receiver<bool>,
         payload_limits: delivery::PayloadLimits,
         auth: Arc<Authenticator>,
+        metrics: Arc<Metrics>,
     ) -> Self {
         Self {
             store,
@@ -60,15 +61,9 @@ impl Egress {
             draining,
             payload_limits,
             auth,
-            metrics: Metrics::new(),
+            metrics,
             hot_streams: Arc::new(tokio::sync::Semaphore::new(MAX_HOT_STREAMS)),
         }
-    }
-
-    /// Records streams and deliveries in `metrics`.
-    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
-        self.metrics = metrics;
-        self
     }
 
     /// Counts a batch handed out.

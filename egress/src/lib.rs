@@ -52,8 +52,8 @@ pub async fn run(
             inline_max: config.egress.max_delivered_payload_bytes,
         },
         setup.auth.clone(),
-    )
-    .with_metrics(setup.metrics.clone());
+        setup.metrics.clone(),
+    );
     let maintenance = tokio::spawn(
         maintenance::Maintenance::new(
             setup.store.clone(),

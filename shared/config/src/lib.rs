@@ -300,9 +300,9 @@ impl Config {
             builder = builder.add_source(config::File::from(path).required(true));
         }
         let env: HashMap<String, String> = env.into_iter().collect();
-        for (key, default) in &defaults {
+        for key in defaults.keys() {
             if let Some(value) = env.get(&key.to_uppercase()) {
-                builder = builder.set_override(key, typed(key, default, value)?)?;
+                builder = builder.set_override(key, value.as_str())?;
             }
         }
         let built = builder.build()?;
@@ -550,32 +550,6 @@ impl ObjectStore {
             format!("http://{}", self.endpoint)
         }
     }
-}
-
-/// An environment value as the type of its key's default, so that the
-/// flattened sections deserialize it (strings alone would not become numbers).
-fn typed(key: &str, default: &config::Value, value: &str) -> Result<config::Value, Error> {
-    let invalid = |what: &str| Error::Invalid {
-        key: key.to_owned(),
-        env: key.to_uppercase(),
-        reason: format!("{value:?} is not {what}"),
-    };
-    Ok(match default.kind {
-        config::ValueKind::Boolean(_) => match value.trim().to_ascii_lowercase().as_str() {
-            "true" | "1" | "yes" | "on" => true.into(),
-            "false" | "0" | "no" | "off" => false.into(),
-            _ => return Err(invalid("true or false")),
-        },
-        config::ValueKind::I64(_)
-        | config::ValueKind::U64(_)
-        | config::ValueKind::I128(_)
-        | config::ValueKind::U128(_) => value
-            .trim()
-            .parse::<u64>()
-            .map_err(|_| invalid("a whole number"))?
-            .into(),
-        _ => value.into(),
-    })
 }
 
 /// Loads the configuration of this process: `--config PATH` from the command

@@ -699,8 +699,9 @@ local function hand_out(subject, durable, limit)
         if p.subject ~= subject or p.durable ~= durable then
             break
         end
-        if p.deadline_ns > now then
-            next_deadline = p.deadline_ns
+        local deadline_ns = p.deadline_ns
+        if deadline_ns > now then
+            next_deadline = deadline_ns
             break
         end
         if #due >= limit then
@@ -709,20 +710,22 @@ local function hand_out(subject, durable, limit)
         due[#due + 1] = p
     end
     for _, p in ipairs(due) do
-        local message = box.space.mts_messages:get({subject, p.seq})
+        -- Each field read by name costs a lookup: once per row here.
+        local seq, deliveries = p.seq, p.deliveries
+        local message = box.space.mts_messages:get({subject, seq})
         if message == nil then
             -- Removed by retention while pending: nothing left to deliver.
-            box.space.mts_pending:delete({subject, durable, p.seq})
-        elseif c.max_deliver > 0 and p.deliveries >= c.max_deliver then
-            local dlq = dead_letter(c, message, p.deliveries)
+            box.space.mts_pending:delete({subject, durable, seq})
+        elseif c.max_deliver > 0 and deliveries >= c.max_deliver then
+            local dlq = dead_letter(c, message, deliveries)
             if dlq ~= nil then
                 notify_subjects[#notify_subjects + 1] = dlq
             end
         else
-            box.space.mts_pending:update({subject, durable, p.seq}, {
-                {'=', 'deliveries', p.deliveries + 1}, {'=', 'deadline_ns', lease_end},
+            box.space.mts_pending:update({subject, durable, seq}, {
+                {'=', 'deliveries', deliveries + 1}, {'=', 'deadline_ns', lease_end},
             })
-            out[#out + 1] = {message, p.deliveries + 1, lease_end}
+            out[#out + 1] = {message, deliveries + 1, lease_end}
         end
     end
     local room = limit - #out

@@ -65,6 +65,9 @@ pub struct Config {
     /// Delivery and housekeeping (the egress).
     #[serde(flatten)]
     pub egress: Egress,
+    /// The hot tier in Tarantool and the cold tier of segments in the object store.
+    #[serde(flatten)]
+    pub tiering: Tiering,
 }
 
 /// The gRPC server and its admin port.
@@ -250,6 +253,34 @@ pub struct Egress {
     pub max_delivered_payload_bytes: u64,
 }
 
+/// The two storage tiers: recent messages in Tarantool (hot), older ones
+/// packed into segment objects in the object store (cold).
+#[derive(Debug, Clone, Deserialize, Serialize)]
+pub struct Tiering {
+    /// Most bytes of hot message rows in Tarantool; 0 = half of its
+    /// memtx_memory.
+    pub hot_tier_max_bytes: u64,
+    /// Most hot message rows in Tarantool; 0 = one per KiB of its memtx_memory.
+    pub hot_tier_max_messages: u64,
+    /// What a publish meets when the hot tier is full, for subjects without
+    /// a policy of their own: `new` refuses it (RESOURCE_EXHAUSTED), `old`
+    /// evicts the subject's oldest hot message.
+    pub hot_tier_discard: String,
+    /// A subject's hot messages are sealed into a segment once they hold this
+    /// many payload bytes...
+    pub segment_max_bytes: u64,
+    /// ...or this many messages...
+    pub segment_max_messages: u64,
+    /// ...or once its oldest hot message is this old (and at once, whatever
+    /// their size, while the hot tier is over half its budget).
+    pub segment_seal_age_ms: u64,
+    /// Bytes of segment blocks each egress keeps in memory for readers.
+    pub segment_cache_bytes: u64,
+    /// Whether this egress may move messages to the cold tier (one replica
+    /// at a time does, holding the `tiering` lease).
+    pub tiering_enabled: bool,
+}
+
 /// A configuration that cannot be used; the message names the key.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
@@ -320,7 +351,8 @@ impl Config {
             auth: built.clone().try_deserialize()?,
             tls: built.clone().try_deserialize()?,
             ingress: built.clone().try_deserialize()?,
-            egress: built.try_deserialize()?,
+            egress: built.clone().try_deserialize()?,
+            tiering: built.try_deserialize()?,
         })
     }
 
@@ -394,6 +426,21 @@ impl Config {
                     self.egress.retention_max_age_seconds,
                     MAX_RETENTION_AGE_MS / 1000
                 ),
+            ));
+        }
+        if !matches!(self.tiering.hot_tier_discard.as_str(), "new" | "old") {
+            return Err(invalid(
+                "hot_tier_discard",
+                format!(
+                    "{:?} is not a discard policy: use new (refuse publishes while the hot tier is full) or old (evict the oldest)",
+                    self.tiering.hot_tier_discard
+                ),
+            ));
+        }
+        if self.tiering.segment_max_bytes == 0 || self.tiering.segment_max_messages == 0 {
+            return Err(invalid(
+                "segment_max_bytes",
+                "segment_max_bytes and segment_max_messages must be above 0".into(),
             ));
         }
         if self.object_store.key_prefix.starts_with('/') {
@@ -522,6 +569,16 @@ impl Config {
                 orphan_sweep_interval_seconds: 600,
                 max_inline_delivery_bytes: 1024 * 1024,
                 max_delivered_payload_bytes: 64 * 1024 * 1024,
+            },
+            tiering: Tiering {
+                hot_tier_max_bytes: 0,
+                hot_tier_max_messages: 0,
+                hot_tier_discard: "new".into(),
+                segment_max_bytes: 8 * 1024 * 1024,
+                segment_max_messages: 100_000,
+                segment_seal_age_ms: 60_000,
+                segment_cache_bytes: 64 * 1024 * 1024,
+                tiering_enabled: true,
             },
         }
     }

@@ -84,6 +84,14 @@ pub struct Metrics {
     pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
     /// `minitoolstream_consumer_oldest_unacked_age_seconds`
     pub consumer_oldest_unacked: Family<ConsumerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// The storage tiers, as the maintenance replica last read them.
+    pub tiers: TierGauges,
+    /// Segments written to the cold tier.
+    pub segments_written: Counter,
+    /// Failed attempts to move messages to the cold tier.
+    pub tiering_errors: Counter,
+    /// Reads of segment blocks: from the egress's cache or the object store.
+    pub segment_block_reads: Family<SourceLabels, Counter>,
 }
 
 /// Labels naming a durable consumer.
@@ -116,6 +124,36 @@ pub struct StorageLabels {
 pub struct StreamLabels {
     /// `subscribe` or `consume`.
     pub kind: &'static str,
+}
+
+/// Where a segment block was read from.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    /// `cache` or `object_store`.
+    pub source: &'static str,
+}
+
+/// Gauges of the two storage tiers.
+#[derive(Debug, Default)]
+pub struct TierGauges {
+    /// Bytes of hot rows in Tarantool.
+    pub hot_bytes: Gauge,
+    /// Hot rows in Tarantool.
+    pub hot_messages: Gauge,
+    /// The hot tier's budget in bytes.
+    pub budget_bytes: Gauge,
+    /// The hot tier's budget in rows.
+    pub budget_messages: Gauge,
+    /// Tarantool's memtx arena in use.
+    pub arena_used_bytes: Gauge,
+    /// Tarantool's memtx quota.
+    pub quota_bytes: Gauge,
+    /// Age of the oldest message not yet in a segment.
+    pub oldest_untiered_seconds: Gauge<f64, std::sync::atomic::AtomicU64>,
+    /// Segments in the cold tier.
+    pub segments: Gauge,
+    /// Their bytes.
+    pub segment_bytes: Gauge,
 }
 
 fn latency_buckets() -> Histogram {
@@ -226,6 +264,74 @@ impl Metrics {
             "Age of the consumer's oldest unacknowledged message",
             consumer_oldest_unacked.clone(),
         );
+        let tiers = TierGauges::default();
+        for (name, help, gauge) in [
+            (
+                "hot_tier_bytes",
+                "Bytes of message rows in Tarantool's hot tier",
+                &tiers.hot_bytes,
+            ),
+            (
+                "hot_tier_messages",
+                "Message rows in Tarantool's hot tier",
+                &tiers.hot_messages,
+            ),
+            (
+                "hot_tier_budget_bytes",
+                "The hot tier's budget in bytes",
+                &tiers.budget_bytes,
+            ),
+            (
+                "hot_tier_budget_messages",
+                "The hot tier's budget in rows",
+                &tiers.budget_messages,
+            ),
+            (
+                "tarantool_arena_used_bytes",
+                "Tarantool's memtx arena in use",
+                &tiers.arena_used_bytes,
+            ),
+            (
+                "tarantool_quota_bytes",
+                "Tarantool's memtx memory quota",
+                &tiers.quota_bytes,
+            ),
+            (
+                "cold_tier_segments",
+                "Segment objects in the cold tier",
+                &tiers.segments,
+            ),
+            (
+                "cold_tier_bytes",
+                "Bytes of segment objects in the cold tier",
+                &tiers.segment_bytes,
+            ),
+        ] {
+            registry.register(name, help, gauge.clone());
+        }
+        registry.register(
+            "oldest_untiered_message_age_seconds",
+            "Age of the oldest message still only in the hot tier",
+            tiers.oldest_untiered_seconds.clone(),
+        );
+        let segments_written = Counter::default();
+        registry.register(
+            "segments_written",
+            "Segments written to the cold tier",
+            segments_written.clone(),
+        );
+        let tiering_errors = Counter::default();
+        registry.register(
+            "tiering_errors",
+            "Failed attempts to move hot messages into a segment",
+            tiering_errors.clone(),
+        );
+        let segment_block_reads = Family::<SourceLabels, Counter>::default();
+        registry.register(
+            "segment_block_reads",
+            "Segment blocks read for delivery, from the egress's cache or the object store",
+            segment_block_reads.clone(),
+        );
         let known_methods = mts_proto::method_paths()
             .into_iter()
             .chain(SERVED_PATHS.iter().map(|p| (*p).to_owned()))
@@ -248,7 +354,29 @@ impl Metrics {
             deliveries,
             redeliveries,
             orphans_deleted,
+            tiers,
+            segments_written,
+            tiering_errors,
+            segment_block_reads,
         })
+    }
+
+    /// Sets the tier gauges from `stats`.
+    pub fn set_storage_stats(&self, stats: &mts_storage::store::StorageStats) {
+        let g = &self.tiers;
+        let set = |gauge: &Gauge, value: u64| {
+            gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
+        };
+        set(&g.hot_bytes, stats.hot_bytes);
+        set(&g.hot_messages, stats.hot_messages);
+        set(&g.budget_bytes, stats.budget_bytes);
+        set(&g.budget_messages, stats.budget_messages);
+        set(&g.arena_used_bytes, stats.arena_used);
+        set(&g.quota_bytes, stats.quota_size);
+        set(&g.segments, stats.segments);
+        set(&g.segment_bytes, stats.segment_bytes);
+        g.oldest_untiered_seconds
+            .set(stats.oldest_untiered_age_ms as f64 / 1000.0);
     }
 
     /// The Prometheus text exposition of every metric.

@@ -19,6 +19,8 @@ pub fn store(err: store::Error) -> Status {
         (_, Some(Refusal::Full)) => Status::resource_exhausted(format!(
             "metadata store is full; free space or raise memtx_memory: {err}"
         )),
+        // A state with a policy, not a fault: the message says what to do.
+        (_, Some(Refusal::HotFull)) => Status::resource_exhausted(err.to_string()),
         (_, Some(Refusal::Late)) => {
             Status::unavailable(format!("metadata store was too slow, retry later: {err}"))
         }
@@ -85,6 +87,13 @@ mod tests {
                     reason: "abandoned".into(),
                 },
                 Code::Aborted,
+            ),
+            (
+                store::Error::Refused {
+                    code: 10004,
+                    reason: "the hot tier is full".into(),
+                },
+                Code::ResourceExhausted,
             ),
             (
                 store::Error::OutcomeUnknown {

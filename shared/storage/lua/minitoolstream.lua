@@ -14,7 +14,7 @@ local fio = require('fio')
 local ffi = require('ffi')
 local uuid = require('uuid')
 
-local SCHEMA_VERSION = 10
+local SCHEMA_VERSION = 11
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -23,6 +23,7 @@ local ARRAY = {__serialize = 'array'}
 local ABANDONED = 10001
 local LATE = 10002
 local FENCED = 10003
+local HOT_FULL = 10004
 
 -- Integers arrive from requests and tuples as Lua numbers or, from about 2^47
 -- on, as uint64_t cdata. The two mix in comparisons and + - * /, but not in
@@ -101,6 +102,12 @@ with_schema_lock(function()
         {name = 'max_age_ms', type = 'unsigned', is_nullable = true},
         {name = 'max_messages', type = 'unsigned', is_nullable = true},
         {name = 'max_bytes', type = 'unsigned', is_nullable = true},
+        -- Of `count` and `bytes`, those in segments (the cold tier); nil = 0.
+        {name = 'cold_count', type = 'unsigned', is_nullable = true},
+        {name = 'cold_bytes', type = 'unsigned', is_nullable = true},
+        -- What a publish meets when the hot tier is full: 'new' refuses it,
+        -- 'old' evicts the subject's oldest hot messages; nil = the default.
+        {name = 'discard', type = 'string', is_nullable = true},
     }
     box.schema.space.create('mts_subjects', {if_not_exists = true, format = SUBJECT_FORMAT})
     box.space.mts_subjects:format(SUBJECT_FORMAT)
@@ -257,6 +264,45 @@ with_schema_lock(function()
         box.space.mts_identity:insert({uuid.str(), clock.realtime64()})
     end
 
+    -- The cold tier: sealed runs of a subject's oldest messages, packed into
+    -- one object each (shared/storage/src/segment.rs writes and reads the
+    -- format). A segment holds every message from first_seq to last_seq;
+    -- `blocks` locates them: {first_seq, first_ts_ns, offset, length} per
+    -- block, in order. Hot rows (mts_messages) are always newer than a
+    -- subject's segments.
+    local SEGMENT_FORMAT = {
+        {name = 'subject', type = 'string'},
+        {name = 'first_seq', type = 'unsigned'},
+        {name = 'last_seq', type = 'unsigned'},
+        {name = 'first_ts_ns', type = 'unsigned'},
+        {name = 'last_ts_ns', type = 'unsigned'},
+        {name = 'count', type = 'unsigned'},
+        {name = 'bytes', type = 'unsigned'},
+        {name = 'object_key', type = 'string'},
+        {name = 'object_size', type = 'unsigned'},
+        {name = 'blocks', type = 'array'},
+        {name = 'created_ns', type = 'unsigned'},
+    }
+    box.schema.space.create('mts_segments', {if_not_exists = true, format = SEGMENT_FORMAT})
+    box.space.mts_segments:create_index('primary', {parts = {'subject', 'first_seq'}, if_not_exists = true})
+    box.space.mts_segments:create_index('last', {parts = {'subject', 'last_seq'}, if_not_exists = true})
+    box.space.mts_segments:create_index('object_key', {parts = {'object_key'}, if_not_exists = true})
+
+    -- Offloaded payloads that segments name (their messages' rows are gone
+    -- from mts_messages): the object stays while one of these names it.
+    box.schema.space.create('mts_segment_objects', {
+        if_not_exists = true,
+        format = {
+            {name = 'object_key', type = 'string'},
+            {name = 'subject', type = 'string'},
+            {name = 'seq', type = 'unsigned'},
+        },
+    })
+    box.space.mts_segment_objects:create_index('primary', {
+        parts = {'object_key', 'subject', 'seq'}, if_not_exists = true,
+    })
+    box.space.mts_segment_objects:create_index('message', {parts = {'subject', 'seq'}, if_not_exists = true})
+
     -- Schema 3 counts messages and bytes per subject; fill in rows written before.
     do
         local uncounted = {}
@@ -302,6 +348,116 @@ local function notify(subject)
     if waiting ~= nil then
         waiting.cond:broadcast()
     end
+end
+
+------------------------------------------------------------------------------
+-- Reading across the tiers. A subject's stored messages run gap-free from its
+-- first to its last stored sequence (only the oldest are ever removed):
+-- first through its segments, in order, then through its hot rows. A message
+-- in a segment is answered as a reference the service resolves from the
+-- object store: the message's fields with only subject and seq filled in,
+-- and a ninth field {segment object key, block offset, block length}.
+------------------------------------------------------------------------------
+
+-- The block of segment `seg` that holds `seq` (a binary search).
+local function block_of(seg, seq)
+    local blocks = seg.blocks
+    local lo, hi = 1, #blocks
+    while lo < hi do
+        local mid = math.floor((lo + hi + 1) / 2)
+        if blocks[mid][1] <= seq then
+            lo = mid
+        else
+            hi = mid - 1
+        end
+    end
+    return blocks[lo]
+end
+
+local function cold_ref(seg, seq)
+    local block = block_of(seg, seq)
+    return setmetatable({
+        seg.subject, seq, block[2], setmetatable({}, MAP), box.NULL, box.NULL, 0, box.NULL,
+        setmetatable({seg.object_key, block[3], block[4]}, ARRAY),
+    }, ARRAY)
+end
+
+-- The segment holding `seq` of `subject`, or nil.
+local function segment_of(subject, seq)
+    local seg = box.space.mts_segments.index.last:select({subject, seq}, {iterator = 'GE', limit = 1})[1]
+    if seg ~= nil and seg.subject == subject and seg.first_seq <= seq then
+        return seg
+    end
+    return nil
+end
+
+-- Message `seq` of `subject`: its hot tuple, a reference into its segment,
+-- or nil when it is not stored.
+local function locate(subject, seq)
+    local hot = box.space.mts_messages:get({subject, seq})
+    if hot ~= nil then
+        return hot
+    end
+    local seg = segment_of(subject, seq)
+    if seg ~= nil then
+        return cold_ref(seg, seq)
+    end
+    return nil
+end
+
+-- Calls visit(seq, message) for each stored message of `subject` after
+-- `after`, in order (`message` a hot tuple or a reference), until visit
+-- returns false.
+local function each_after(subject, after, visit)
+    for _, seg in box.space.mts_segments.index.last:pairs({subject, after}, {iterator = 'GT'}) do
+        if seg.subject ~= subject then
+            break
+        end
+        local seq = max(seg.first_seq, after + 1)
+        local last = seg.last_seq
+        while seq <= last do
+            if not visit(seq, cold_ref(seg, seq)) then
+                return
+            end
+            seq = seq + 1
+        end
+        after = last
+    end
+    for _, m in box.space.mts_messages.index.primary:pairs({subject, after}, {iterator = 'GT'}) do
+        if m.subject ~= subject then
+            break
+        end
+        if not visit(m.seq, m) then
+            return
+        end
+    end
+end
+
+-- The first stored sequence of `subject` after `after` and its commit time
+-- (for a message in a segment, its block's first commit time: at most that
+-- old), or nil.
+local function first_after(subject, after)
+    local seg = box.space.mts_segments.index.last:select({subject, after}, {iterator = 'GT', limit = 1})[1]
+    if seg ~= nil and seg.subject == subject then
+        local seq = max(seg.first_seq, after + 1)
+        return seq, block_of(seg, seq)[2]
+    end
+    local m = box.space.mts_messages.index.primary:select({subject, after}, {iterator = 'GT', limit = 1})[1]
+    if m ~= nil and m.subject == subject then
+        return m.seq, m.ts_ns
+    end
+    return nil
+end
+
+-- Defined with retention below; publishing evicts with it too.
+local remove_message
+
+-- Whether a stored message, hot or in a segment, or a segment itself names
+-- object `key`.
+local function object_referenced(key)
+    return box.space.mts_messages.index.object_key:select({key}, {limit = 1})[1] ~= nil
+        or box.space.mts_segments.index.object_key:get(key) ~= nil
+        or box.space.mts_segment_objects:select({key}, {limit = 1})[1] ~= nil
 end
 
 rawset(_G, 'mts_schema_version', function()
@@ -375,6 +531,70 @@ local function store_message(subject, headers, data, object_key, size, sha256)
     return seq
 end
 
+------------------------------------------------------------------------------
+-- The hot tier's budget. Hot rows are bounded in bytes (of tuples) and in
+-- rows; the service passes its configured budget with every publish as
+-- {max_bytes, max_rows, discard} (0 = derived from memtx_memory: half of it
+-- for bytes, one row per KiB of it). Once over, each subject's discard
+-- policy decides: 'new' refuses the publish, 'old' evicts the subject's
+-- oldest hot message for each new one.
+------------------------------------------------------------------------------
+
+local function hot_budget(hot)
+    if hot == nil then
+        return nil
+    end
+    local memtx = box.cfg.memtx_memory or (256 * 1024 * 1024)
+    local max_bytes = hot.max_bytes or 0
+    local max_rows = hot.max_rows or 0
+    if max_bytes == 0 then
+        max_bytes = math.floor(memtx / 2)
+    end
+    if max_rows == 0 then
+        max_rows = math.floor(memtx / 1024)
+    end
+    return {max_bytes = max_bytes, max_rows = max_rows, discard = hot.discard or 'new'}
+end
+
+local function hot_full(budget)
+    local space = box.space.mts_messages
+    return space:bsize() >= budget.max_bytes or space:len() >= budget.max_rows
+end
+
+-- Whether message `message_id` on subject `s` would be a duplicate (which
+-- stores nothing, so is never refused for room).
+local function seen_recently(s, message_id, now)
+    if message_id == nil or message_id == '' then
+        return false
+    end
+    local seen = box.space.mts_dedup:get({s.name, message_id})
+    return seen ~= nil and seen.expires_ns > now
+end
+
+-- Inside a transaction, with the hot tier over `budget`: makes room for one
+-- message of open subject `s` as its discard policy says. Returns nil when
+-- there is room now, or the reason the message is refused.
+local function make_room(s, budget)
+    local row = box.space.mts_subjects:get(s.name)
+    local discard = budget.discard
+    if row ~= nil and row.discard ~= nil then
+        discard = row.discard
+    end
+    if discard == 'old' then
+        local oldest = box.space.mts_messages.index.primary:select({s.name}, {iterator = 'EQ', limit = 1})[1]
+        if oldest ~= nil then
+            remove_message(oldest)
+            return nil
+        end
+    end
+    local space = box.space.mts_messages
+    return string.format(
+        'the hot tier is full (%s of %s bytes, %s of %s messages not yet moved to the object store),'
+            .. ' and subject %s discards new messages: publish again once tiering catches up'
+            .. ' (is the object store reachable?), or set the subject\'s discard policy to old',
+        decimal(space:bsize()), decimal(budget.max_bytes), decimal(space:len()), decimal(budget.max_rows), s.name)
+end
+
 local LATE_REASON = 'publish reached Tarantool after its deadline; nothing was stored'
     .. ' (if this persists, check clock sync between the services and Tarantool)'
 
@@ -388,14 +608,17 @@ end
 -- (held back by a reconnecting client, say) is refused rather than stored
 -- behind the back of a publisher that was told it failed.
 --
--- With `dedup` = {message_id, window_ms}, a second publish of the same id on
--- the same subject within the window stores nothing and returns the first
--- one's sequence; the second return value says whether that happened.
-rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, deadline_ns, sha256, dedup)
-    local message_id, window_ms = nil, 0
-    if dedup ~= nil then
-        -- {message_id, window_ms}
-        message_id, window_ms = dedup[1], dedup[2]
+-- `options` is a map: with message_id and window_ms, a second publish of the
+-- same id on the same subject within the window stores nothing and returns
+-- the first one's sequence (the second return value says whether that
+-- happened); `hot` is the hot tier's budget (see hot_budget). Schema 10
+-- services pass {message_id, window_ms} instead.
+rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, deadline_ns, sha256, options)
+    local message_id, window_ms, hot = nil, 0, nil
+    if options ~= nil and options[1] ~= nil then
+        message_id, window_ms = options[1], options[2]
+    elseif options ~= nil then
+        message_id, window_ms, hot = options.message_id, options.window_ms or 0, options.hot
     end
     if late(deadline_ns, now_ns()) then
         box.error({reason = LATE_REASON, code = LATE})
@@ -403,10 +626,18 @@ rawset(_G, 'mts_publish', function(subject, headers, data, object_key, size, dea
     if object_key ~= nil and box.space.mts_abandoned:get(object_key) ~= nil then
         box.error({reason = 'object ' .. object_key .. ' was abandoned; publish again', code = ABANDONED})
     end
+    local budget = hot_budget(hot)
     local seq, duplicate
     box.atomic(function()
+        local now = now_ns()
         local s = open_subject(subject)
-        seq, duplicate = add_message(now_ns(), s, headers, data, object_key, size, sha256, message_id, window_ms)
+        if budget ~= nil and hot_full(budget) and not seen_recently(s, message_id, now) then
+            local refused = make_room(s, budget)
+            if refused ~= nil then
+                box.error({reason = refused, code = HOT_FULL})
+            end
+        end
+        seq, duplicate = add_message(now, s, headers, data, object_key, size, sha256, message_id, window_ms)
         close_subject(s)
     end)
     if not duplicate then
@@ -436,15 +667,18 @@ local IN = {
 -- name in the same transaction, for mts_settle_attempt. An attempt already
 -- settled as fenced stores nothing; one already committed answers its
 -- verdicts again. `forget` lists earlier attempts whose answers arrived.
-rawset(_G, 'mts_publish_batch', function(messages, attempt, forget)
+-- `hot` is the hot tier's budget (see hot_budget).
+rawset(_G, 'mts_publish_batch', function(messages, attempt, forget, hot)
     local results = setmetatable({}, ARRAY)
     local subjects = {}
     if attempt == '' then
         attempt = nil
     end
     local replayed = false
+    local budget = hot_budget(hot)
     box.atomic(function()
         local now = now_ns()
+        local full = budget ~= nil and hot_full(budget)
         for _, id in ipairs(forget or {}) do
             box.space.mts_attempts:delete(id)
         end
@@ -471,9 +705,18 @@ rawset(_G, 'mts_publish_batch', function(messages, attempt, forget)
                     s = open_subject(m[IN.subject])
                     subjects[m[IN.subject]] = s
                 end
-                local ok, seq, duplicate = pcall(add_message, now, s, m[IN.headers], m[IN.data], nil,
-                    m[IN.size], m[IN.sha256], m[IN.message_id], m[IN.window_ms])
+                local refused = nil
+                if full and not seen_recently(s, m[IN.message_id], now) then
+                    refused = make_room(s, budget)
+                end
+                local ok, seq, duplicate = refused == nil, 0, false
                 if ok then
+                    ok, seq, duplicate = pcall(add_message, now, s, m[IN.headers], m[IN.data], nil,
+                        m[IN.size], m[IN.sha256], m[IN.message_id], m[IN.window_ms])
+                end
+                if refused ~= nil then
+                    results[i] = {0, false, HOT_FULL, refused}
+                elseif ok then
                     results[i] = {seq, duplicate}
                 else
                     local err = seq
@@ -510,9 +753,9 @@ rawset(_G, 'mts_dedup_lookup', function(subject, message_id)
     return 0
 end)
 
--- One stored message, or nil.
+-- One stored message (a hot tuple or a reference into its segment), or nil.
 rawset(_G, 'mts_message', function(subject, seq)
-    local message = box.space.mts_messages:get({subject, seq})
+    local message = locate(subject, seq)
     if message == nil then
         return box.NULL
     end
@@ -597,6 +840,38 @@ local function consumer_view(row)
     }
 end
 
+-- The segment and block where the first message of `subject` committed at
+-- or after `t` is, if it is in a segment: the last block that begins before
+-- t (or the first block) of the first segment that ends at or after t.
+local function time_block(subject, t)
+    for _, seg in box.space.mts_segments.index.primary:pairs({subject}, {iterator = 'EQ'}) do
+        if seg.last_ts_ns >= t then
+            local blocks = seg.blocks
+            local start = blocks[1]
+            for i = 2, #blocks do
+                if blocks[i][2] >= t then
+                    break
+                end
+                start = blocks[i]
+            end
+            return seg, start
+        end
+    end
+    return nil
+end
+
+-- Where the first message of `subject` committed at or after `t` is when it
+-- lies in a segment: a reference to the first message of the block to read
+-- (the message is in it, or is the first one after it); nil when the hot
+-- tier answers exactly.
+rawset(_G, 'mts_locate_time', function(subject, t)
+    local seg, block = time_block(subject, t)
+    if seg == nil then
+        return box.NULL
+    end
+    return cold_ref(seg, block[1])
+end)
+
 -- Where a new consumer starts: everything at or below it counts as acked.
 local function start_point(subject, policy, start_seq, start_time_ns)
     if policy == 'new' then
@@ -607,8 +882,15 @@ local function start_point(subject, policy, start_seq, start_time_ns)
         end
         return start_seq - 1
     elseif policy == 'by_start_time' then
+        local t = start_time_ns or 0
+        -- In a segment, to its block (the service passes the exact point,
+        -- start_after, having read the block: see mts_locate_time).
+        local _, block = time_block(subject, t)
+        if block ~= nil then
+            return block[1] - 1
+        end
         local first = box.space.mts_messages.index.ts:select(
-            {subject, start_time_ns or 0}, {iterator = 'GE', limit = 1})[1]
+            {subject, t}, {iterator = 'GE', limit = 1})[1]
         if first ~= nil and first.subject == subject then
             return first.seq - 1
         end
@@ -626,7 +908,9 @@ local function ensure_consumer(subject, durable, cfg)
     end
     cfg = cfg or {}
     local policy = cfg.deliver_policy or CONSUMER_DEFAULTS.deliver_policy
-    local start = start_point(subject, policy, cfg.start_seq, cfg.start_time_ns)
+    -- start_after: the start point the service worked out (by_start_time in
+    -- a segment).
+    local start = cfg.start_after or start_point(subject, policy, cfg.start_seq, cfg.start_time_ns)
     row = box.space.mts_consumers:insert({
         subject, durable, start, now_ns(), start,
         cfg.ack_wait_ms or CONSUMER_DEFAULTS.ack_wait_ms,
@@ -712,10 +996,14 @@ local function hand_out(subject, durable, limit)
     for _, p in ipairs(due) do
         -- Each field read by name costs a lookup: once per row here.
         local seq, deliveries = p.seq, p.deliveries
-        local message = box.space.mts_messages:get({subject, seq})
+        local message = locate(subject, seq)
         if message == nil then
             -- Removed by retention while pending: nothing left to deliver.
             box.space.mts_pending:delete({subject, durable, seq})
+        elseif c.max_deliver > 0 and deliveries >= c.max_deliver and message[9] ~= nil then
+            -- In a segment: the service reads it and dead-letters it with
+            -- mts_dead_letter. A lease deadline of 0 says so.
+            out[#out + 1] = {message, deliveries, 0}
         elseif c.max_deliver > 0 and deliveries >= c.max_deliver then
             local dlq = dead_letter(c, message, deliveries)
             if dlq ~= nil then
@@ -733,16 +1021,13 @@ local function hand_out(subject, durable, limit)
         room = min(room, c.max_ack_pending - pending_count(c))
     end
     if room > 0 then
-        for _, message in box.space.mts_messages.index.primary:pairs({subject, c.delivered}, {iterator = 'GT'}) do
-            if message.subject ~= subject or room <= 0 then
-                break
-            end
-            local seq = message.seq
+        each_after(subject, c.delivered, function(seq, message)
             box.space.mts_pending:insert({subject, durable, seq, 1, lease_end, now})
             out[#out + 1] = {message, 1, lease_end}
             c.delivered = seq
             room = room - 1
-        end
+            return room > 0
+        end)
     end
     if #out > 0 and (next_deadline == 0 or next_deadline > lease_end) then
         next_deadline = lease_end
@@ -750,6 +1035,33 @@ local function hand_out(subject, durable, limit)
     settle_floor(c)
     return out, next_deadline, notify_subjects
 end
+
+-- Dead-letters a message that hand_out answered with a lease deadline of 0
+-- (it lives in a segment, which only the service can read): if the consumer
+-- still holds it due after `deliveries` deliveries, drops the lease and
+-- publishes `message` ({headers, data, object_key, size, sha256}, read from
+-- the segment) to the dead-letter subject. Returns whether it did.
+rawset(_G, 'mts_dead_letter', function(subject, durable, seq, deliveries, message)
+    local dlq, done = nil, false
+    box.atomic(function()
+        local p = box.space.mts_pending:get({subject, durable, seq})
+        local row = box.space.mts_consumers:get({subject, durable})
+        if p == nil or row == nil or p.deliveries ~= deliveries or p.deadline_ns > now_ns() then
+            return
+        end
+        local c = consumer_view(row)
+        dlq = dead_letter(c, {
+            seq = seq, headers = message.headers or {}, data = message.data, object_key = message.object_key,
+            size = message.size, sha256 = message.sha256,
+        }, deliveries)
+        settle_floor(c)
+        done = true
+    end)
+    if dlq ~= nil then
+        notify(dlq)
+    end
+    return done
+end)
 
 -- Leases in one transaction, so competing fetchers get disjoint messages.
 -- Returns what `hand_out` hands out and when redeliveries can next be due.
@@ -831,13 +1143,8 @@ local function consume(subject, durable, acks, limit, wait_ms)
     return 'ok', out, next_deadline, {}
 end
 
--- The Consume RPC's procedure. Schema 9 services call this name for Fetch,
--- as mts_consume(subject, durable, limit): a number where Consume passes
--- its acks, answered as mts_fetch would until schema 11 drops that form.
+-- The Consume RPC's procedure.
 rawset(_G, 'mts_consume', function(subject, durable, acks, limit, wait_ms)
-    if type(acks) ~= 'table' then
-        return rawget(_G, 'mts_fetch')(subject, durable, acks)
-    end
     return consume(subject, durable, acks, limit, wait_ms)
 end)
 
@@ -986,15 +1293,13 @@ end)
 -- first one still stored are contiguous: retention only removes the oldest.
 local function backlog(c, last, now)
     local pending, age_ns = 0, 0
-    local next_new = box.space.mts_messages.index.primary:select(
-        {c.subject, c.delivered}, {iterator = 'GT', limit = 1})[1]
-    if next_new ~= nil and next_new.subject == c.subject then
-        pending = last - next_new.seq + 1
+    local next_new = first_after(c.subject, c.delivered)
+    if next_new ~= nil then
+        pending = last - next_new + 1
     end
-    local oldest = box.space.mts_messages.index.primary:select(
-        {c.subject, c.floor}, {iterator = 'GT', limit = 1})[1]
-    if oldest ~= nil and oldest.subject == c.subject and now > oldest.ts_ns then
-        age_ns = now - oldest.ts_ns
+    local _, oldest_ts = first_after(c.subject, c.floor)
+    if oldest_ts ~= nil and now > oldest_ts then
+        age_ns = now - oldest_ts
     end
     return pending, age_ns
 end
@@ -1083,27 +1388,36 @@ end)
 -- oldest message forward in bounded steps.
 ------------------------------------------------------------------------------
 
+-- Inside a transaction: gives the subject's row every field of its format,
+-- so that any of them can be updated (an update cannot skip over absent
+-- fields).
+local function pad_subject(subject)
+    local row = box.space.mts_subjects:get(subject):totable()
+    local fields = #box.space.mts_subjects:format()
+    if #row < fields then
+        for i = #row + 1, fields do
+            row[i] = box.NULL
+        end
+        box.space.mts_subjects:replace(row)
+    end
+end
+
 -- Sets a subject's limits (a map of max_age_ms, max_messages, max_bytes; 0 =
--- unlimited), creating the subject row if it has never been published to.
+-- unlimited) and discard policy ('new' or 'old'), creating the subject row if
+-- it has never been published to.
 rawset(_G, 'mts_set_subject_limits', function(subject, limits)
     box.atomic(function()
         if box.space.mts_subjects:get(subject) == nil then
             box.space.mts_subjects:insert({subject, 0, 0, 0})
         end
         local ops = {}
-        for _, field in ipairs({'max_age_ms', 'max_messages', 'max_bytes'}) do
+        for _, field in ipairs({'max_age_ms', 'max_messages', 'max_bytes', 'discard'}) do
             if limits[field] ~= nil then
                 ops[#ops + 1] = {'=', field, limits[field]}
             end
         end
         if #ops > 0 then
-            -- Later fields can only be set once the earlier ones exist.
-            local row = box.space.mts_subjects:get(subject)
-            box.space.mts_subjects:update({subject}, {
-                {'=', 'max_age_ms', row.max_age_ms or box.NULL},
-                {'=', 'max_messages', row.max_messages or box.NULL},
-                {'=', 'max_bytes', row.max_bytes or box.NULL},
-            })
+            pad_subject(subject)
             box.space.mts_subjects:update({subject}, ops)
         end
     end)
@@ -1116,26 +1430,29 @@ rawset(_G, 'mts_subject_info', function(subject)
     if row == nil then
         return {subject = subject, first_seq = 0, last_seq = 0, count = 0, bytes = 0}
     end
-    local first = box.space.mts_messages.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
+    local first = first_after(subject, 0)
     return {
         subject = subject,
-        first_seq = first and first.seq or 0,
+        first_seq = first or 0,
         last_seq = row.last_seq,
         count = row.count or 0,
         bytes = row.bytes or 0,
         max_age_ms = row.max_age_ms,
         max_messages = row.max_messages,
         max_bytes = row.max_bytes,
+        discard = row.discard,
+        cold_count = row.cold_count or 0,
+        cold_bytes = row.cold_bytes or 0,
     }
 end)
 
 -- Inside a transaction: removes a message's metadata and, when no other
 -- message shares its object, queues the object for deletion.
-local function remove_message(m)
+remove_message = function(m)
     box.space.mts_messages:delete({m.subject, m.seq})
     box.space.mts_subjects:update({m.subject}, {{'-', 'count', 1}, {'-', 'bytes', m.size}})
     local key = m.object_key
-    if key ~= nil and box.space.mts_messages.index.object_key:select({key}, {limit = 1})[1] == nil then
+    if key ~= nil and not object_referenced(key) then
         box.space.mts_gc:replace({key, now_ns()})
     end
 end
@@ -1148,14 +1465,56 @@ local function present(value)
     return value
 end
 
--- Whether the oldest message `m` of a subject with these limits must go.
+-- A subject's limits: its own, or the service defaults `limits`.
+local function limits_of(row, limits)
+    return present(row.max_age_ms) or limits.max_age_ms or 0,
+        present(row.max_messages) or limits.max_messages or 0,
+        present(row.max_bytes) or limits.max_bytes or 0
+end
+
+-- Whether the oldest (hot) message `m` of a subject with these limits must go.
 local function expired(m, row, limits, now)
-    local max_age = present(row.max_age_ms) or limits.max_age_ms or 0
-    local max_messages = present(row.max_messages) or limits.max_messages or 0
-    local max_bytes = present(row.max_bytes) or limits.max_bytes or 0
+    local max_age, max_messages, max_bytes = limits_of(row, limits)
     return (max_messages > 0 and row.count > max_messages)
         or (max_bytes > 0 and row.bytes > max_bytes)
         or (max_age > 0 and older_than(m.ts_ns, now, max_age))
+end
+
+-- Whether the oldest segment `seg` of a subject must go: only once every
+-- message in it is past a limit, so a subject keeps up to a segment more
+-- than its count and byte limits, and a message up to its segment's age
+-- longer than the age limit.
+local function segment_expired(seg, row, limits, now)
+    local max_age, max_messages, max_bytes = limits_of(row, limits)
+    return (max_messages > 0 and row.count - seg.count >= max_messages)
+        or (max_bytes > 0 and row.bytes - seg.bytes >= max_bytes)
+        or (max_age > 0 and older_than(seg.last_ts_ns, now, max_age))
+end
+
+-- Inside a transaction: removes a segment's row and queues its object, and
+-- the offloaded payloads only it named, for deletion.
+local function remove_segment(seg)
+    local subject, first, last = seg.subject, seg.first_seq, seg.last_seq
+    box.space.mts_segments:delete({subject, first})
+    box.space.mts_subjects:update({subject}, {
+        {'-', 'count', seg.count}, {'-', 'bytes', seg.bytes},
+        {'-', 'cold_count', seg.count}, {'-', 'cold_bytes', seg.bytes},
+    })
+    local named = {}
+    for _, o in box.space.mts_segment_objects.index.message:pairs({subject, first}, {iterator = 'GE'}) do
+        if o.subject ~= subject or o.seq > last then
+            break
+        end
+        named[#named + 1] = {o.object_key, o.subject, o.seq}
+    end
+    local now = now_ns()
+    for _, key in ipairs(named) do
+        box.space.mts_segment_objects:delete(key)
+        if not object_referenced(key[1]) then
+            box.space.mts_gc:replace({key[1], now})
+        end
+    end
+    box.space.mts_gc:replace({seg.object_key, now})
 end
 
 -- How long an attempt's verdicts or fence is kept when nobody forgets it.
@@ -1179,12 +1538,23 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
             end
             local subject = row.name
             while deleted < budget do
-                local oldest = box.space.mts_messages.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
-                if oldest == nil or not expired(oldest, row, limits, now) then
-                    break
+                -- Segments hold a subject's oldest messages; hot rows the rest.
+                local seg = box.space.mts_segments.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
+                if seg ~= nil then
+                    if not segment_expired(seg, row, limits, now) then
+                        break
+                    end
+                    remove_segment(seg)
+                    deleted = deleted + seg.count
+                else
+                    local oldest = box.space.mts_messages.index.primary:select(
+                        {subject}, {iterator = 'EQ', limit = 1})[1]
+                    if oldest == nil or not expired(oldest, row, limits, now) then
+                        break
+                    end
+                    remove_message(oldest)
+                    deleted = deleted + 1
                 end
-                remove_message(oldest)
-                deleted = deleted + 1
                 row = box.space.mts_subjects:get(subject)
             end
             if deleted >= budget then
@@ -1230,6 +1600,153 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
         end
     end)
     return resume, deleted
+end)
+
+------------------------------------------------------------------------------
+-- Tiering: the service that holds the `tiering` lease moves each subject's
+-- oldest hot messages into segment objects. It plans (mts_tier_plan), reads
+-- the rows (mts_tier_read), uploads the segment, then swaps the rows for one
+-- segment row in one transaction (mts_tier_commit). A crash before the swap
+-- leaves at most an object no row names, which the orphan sweep removes; a
+-- swap whose rows are gone (another replica, retention, eviction) changes
+-- nothing, and its object is deleted by the caller.
+------------------------------------------------------------------------------
+
+-- Hot-tier use against the budget, as a fraction of the fuller of bytes and rows.
+local function hot_use(budget)
+    local space = box.space.mts_messages
+    return math.max(tonumber(space:bsize()) / budget.max_bytes, tonumber(space:len()) / budget.max_rows)
+end
+
+-- Subjects with hot messages due to move: `opts` = {segment_bytes,
+-- segment_messages, seal_age_ms, hot (the budget, as for publishing)}. A
+-- subject is due when its hot messages fill a segment, when its oldest is
+-- older than seal_age_ms, or when the hot tier is half full. Returns up to
+-- `limit` of {subject, first hot seq, hot messages, hot bytes}, most bytes first.
+rawset(_G, 'mts_tier_plan', function(opts, limit)
+    local now = now_ns()
+    local budget = hot_budget(opts.hot or {})
+    local pressed = hot_use(budget) >= 0.5
+    local due = {}
+    for _, row in box.space.mts_subjects:pairs() do
+        local count = (row.count or 0) - (row.cold_count or 0)
+        if count > 0 then
+            local bytes = (row.bytes or 0) - (row.cold_bytes or 0)
+            local oldest = box.space.mts_messages.index.primary:select({row.name}, {iterator = 'EQ', limit = 1})[1]
+            if oldest ~= nil and (pressed or bytes >= opts.segment_bytes or count >= opts.segment_messages
+                or older_than(oldest.ts_ns, now, opts.seal_age_ms)) then
+                due[#due + 1] = {row.name, oldest.seq, count, bytes}
+            end
+        end
+    end
+    table.sort(due, function(a, b) return a[4] > b[4] end)
+    local out = setmetatable({}, ARRAY)
+    for i = 1, math.min(limit, #due) do
+        out[i] = due[i]
+    end
+    return out
+end)
+
+-- Up to `max_rows` hot messages of `subject` after `after`, in order, and
+-- no more than `max_bytes` of payload (but always one).
+rawset(_G, 'mts_tier_read', function(subject, after, max_rows, max_bytes)
+    local out = setmetatable({}, ARRAY)
+    local bytes = 0
+    for _, m in box.space.mts_messages.index.primary:pairs({subject, after}, {iterator = 'GT'}) do
+        if m.subject ~= subject or #out >= max_rows or (#out > 0 and bytes + m.size > max_bytes) then
+            break
+        end
+        out[#out + 1] = m
+        bytes = bytes + m.size
+    end
+    return out
+end)
+
+-- Swaps hot messages first_seq..last_seq of a subject for the segment that
+-- now holds them, in one transaction. `seg` is a map of the mts_segments
+-- fields (without created_ns) and `objects`, the offloaded payloads' keys
+-- as {object_key, seq}. Returns 'ok'; 'gone' when the rows are no longer
+-- all hot (moved or removed meanwhile: nothing changes); or 'abandoned' when
+-- the orphan sweep gave the object up.
+rawset(_G, 'mts_tier_commit', function(seg)
+    local subject, first, last = seg.subject, seg.first_seq, seg.last_seq
+    if box.space.mts_abandoned:get(seg.object_key) ~= nil then
+        return 'abandoned'
+    end
+    local outcome = 'ok'
+    box.atomic(function()
+        -- Only the oldest hot rows are ever removed, so with both ends
+        -- present every row between is too.
+        local head = box.space.mts_messages:get({subject, first})
+        local tail = box.space.mts_messages:get({subject, last})
+        local before = box.space.mts_messages.index.primary:select({subject, first}, {iterator = 'LT', limit = 1})[1]
+        if head == nil or tail == nil or (before ~= nil and before.subject == subject)
+            or seg.count ~= last - first + 1 then
+            outcome = 'gone'
+            return
+        end
+        local bytes = 0
+        local seq = first
+        while seq <= last do
+            local m = box.space.mts_messages:delete({subject, seq})
+            bytes = bytes + m.size
+            seq = seq + 1
+        end
+        if bytes ~= seg.bytes then
+            box.error(box.error.PROC_LUA, string.format(
+                'segment %s claims %s payload bytes; its messages hold %s',
+                seg.object_key, decimal(seg.bytes), decimal(bytes)))
+        end
+        box.space.mts_segments:insert({
+            subject, first, last, seg.first_ts_ns, seg.last_ts_ns, seg.count, seg.bytes,
+            seg.object_key, seg.object_size, seg.blocks, now_ns(),
+        })
+        for _, o in ipairs(seg.objects or {}) do
+            box.space.mts_segment_objects:replace({o[1], subject, o[2]})
+        end
+        pad_subject(subject)
+        local row = box.space.mts_subjects:get(subject)
+        box.space.mts_subjects:update({subject}, {
+            {'=', 'cold_count', (row.cold_count or 0) + seg.count},
+            {'=', 'cold_bytes', (row.cold_bytes or 0) + seg.bytes},
+        })
+    end)
+    return outcome
+end)
+
+-- The two tiers at a glance, for gauges and health: hot rows and their
+-- bytes against the budget (`hot` as for publishing), Tarantool's memory,
+-- the age of the oldest message not yet in a segment, and the segments.
+rawset(_G, 'mts_storage_stats', function(hot)
+    local budget = hot_budget(hot or {})
+    local now = now_ns()
+    local oldest_ns = 0
+    for _, row in box.space.mts_subjects:pairs() do
+        if (row.count or 0) > (row.cold_count or 0) then
+            local m = box.space.mts_messages.index.primary:select({row.name}, {iterator = 'EQ', limit = 1})[1]
+            if m ~= nil and now > m.ts_ns and now - m.ts_ns > oldest_ns then
+                oldest_ns = now - m.ts_ns
+            end
+        end
+    end
+    local segments, segment_bytes = 0, 0
+    for _, seg in box.space.mts_segments:pairs() do
+        segments = segments + 1
+        segment_bytes = segment_bytes + seg.object_size
+    end
+    local slab = box.slab.info()
+    return {
+        hot_bytes = box.space.mts_messages:bsize(),
+        hot_messages = box.space.mts_messages:len(),
+        budget_bytes = budget.max_bytes,
+        budget_messages = budget.max_rows,
+        arena_used = slab.arena_used,
+        quota_size = slab.quota_size,
+        quota_used = slab.quota_used,
+        oldest_untiered_age_ms = tonumber(oldest_ns / 1000000),
+        segments = segments,
+        segment_bytes = segment_bytes,
+    }
 end)
 
 -- A backup holds object deletions (a lease row) so that every object its
@@ -1289,6 +1806,10 @@ rawset(_G, 'mts_settle_object', function(object_key)
     if #found > 0 then
         return found[1].seq
     end
+    local tiered = box.space.mts_segment_objects:select({object_key}, {limit = 1})[1]
+    if tiered ~= nil then
+        return tiered.seq
+    end
     box.space.mts_abandoned:replace({object_key, now_ns()})
     return 0
 end)
@@ -1326,7 +1847,7 @@ rawset(_G, 'mts_settle_objects', function(keys)
     local orphans = {}
     box.atomic(function()
         for _, key in ipairs(keys) do
-            if box.space.mts_messages.index.object_key:select({key}, {limit = 1})[1] == nil then
+            if not object_referenced(key) then
                 box.space.mts_abandoned:replace({key, now_ns()})
                 orphans[#orphans + 1] = key
             end
@@ -1405,6 +1926,28 @@ rawset(_G, 'mts_backup_keys', function(source, after, limit)
         end
         return keys
     end
+    if source == 'segments' then
+        for _, seg in box.space.mts_segments.index.object_key:pairs({after}, {iterator = 'GT'}) do
+            if #keys >= limit then
+                break
+            end
+            keys[#keys + 1] = {seg.object_key, seg.object_size}
+        end
+        return keys
+    end
+    if source == 'segment_objects' then
+        local last = after
+        for _, o in box.space.mts_segment_objects:pairs({after}, {iterator = 'GT'}) do
+            if #keys >= limit then
+                break
+            end
+            if o.object_key ~= last then
+                keys[#keys + 1] = {o.object_key, 0}
+                last = o.object_key
+            end
+        end
+        return keys
+    end
     local last = after
     for _, m in box.space.mts_messages.index.object_key:pairs({after}, {iterator = 'GT'}) do
         if #keys >= limit then
@@ -1428,22 +1971,6 @@ rawset(_G, 'mts_backup_stop', function()
     return true
 end)
 
--- The names schema 9 gave procedures that are now named after their RPC, for
--- services of that version during a rolling upgrade; each means exactly what
--- its new name does (and mts_consume still answers schema 9's Fetch calls).
--- To go in schema 11.
-local SCHEMA_9_NAMES = {
-    mts_ack_consume = 'mts_consume',
-    mts_ack = 'mts_ack_message',
-    mts_ack_each = 'mts_ack_sequences',
-    mts_consumer_put = 'mts_create_or_update_consumer',
-    mts_consumer_delete = 'mts_delete_consumer',
-    mts_subject_limits = 'mts_set_subject_limits',
-}
-for old, new in pairs(SCHEMA_9_NAMES) do
-    rawset(_G, old, rawget(_G, new))
-end
-
 -- A role with exactly what the services need, so a production user can be
 -- granted it instead of universe rights (init.lua does that for every
 -- deployment).
@@ -1454,12 +1981,10 @@ with_schema_lock(function()
         'mts_create_or_update_consumer', 'mts_consumer_info', 'mts_delete_consumer', 'mts_settle_object',
         'mts_set_subject_limits', 'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done',
         'mts_lease', 'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
-        'mts_settle_attempt', 'mts_identity',
+        'mts_settle_attempt', 'mts_identity', 'mts_dead_letter',
+        'mts_locate_time', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
     }
-    for old in pairs(SCHEMA_9_NAMES) do
-        PROCEDURES[#PROCEDURES + 1] = old
-    end
     box.schema.role.create('minitoolstream', {if_not_exists = true})
     for _, name in ipairs(PROCEDURES) do
         box.schema.func.create(name, {if_not_exists = true})
@@ -1467,7 +1992,7 @@ with_schema_lock(function()
     end
     for _, space in ipairs({
         'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned', 'mts_gc', 'mts_leases',
-        'mts_dedup', 'mts_attempts', 'mts_identity',
+        'mts_dedup', 'mts_attempts', 'mts_identity', 'mts_segments', 'mts_segment_objects',
     }) do
         box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
     end

@@ -8,6 +8,7 @@
 
 pub mod backoff;
 pub mod object_store;
+pub mod segment;
 pub mod store;
 
 /// Told about every call the stores make, so that metrics can count and time

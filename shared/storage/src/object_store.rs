@@ -218,6 +218,15 @@ impl ObjectStore {
         )
     }
 
+    /// A fresh key for a segment of `subject` starting at `first_seq`.
+    pub fn segment_key(&self, store_id: &str, subject: &str, first_seq: u64) -> String {
+        format!(
+            "{}segments/{first_seq:020}-{}",
+            self.subject_prefix(store_id, subject),
+            uuid::Uuid::now_v7().simple()
+        )
+    }
+
     /// Tells `observer` of every call's latency and outcome.
     pub fn with_observer(mut self, observer: std::sync::Arc<dyn crate::Observer>) -> Self {
         self.observer = Some(observer);
@@ -379,6 +388,30 @@ impl ObjectStore {
             .await
             .map_err(|e| Error::Unavailable(describe(&e)))?;
         Ok(body.into_bytes())
+    }
+
+    /// Up to `length` bytes of the object under `key` from `offset` (fewer
+    /// when the object ends first).
+    pub async fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Bytes, Error> {
+        self.timed("GetObjectRange", async {
+            let last = offset + length.max(1) - 1;
+            let object = self
+                .client
+                .get_object()
+                .bucket(&self.bucket)
+                .key(key)
+                .range(format!("bytes={offset}-{last}"))
+                .send()
+                .await
+                .map_err(|e| Error::from_sdk(e, |e| e.is_no_such_key().then(|| key.to_string())))?;
+            let body = object
+                .body
+                .collect()
+                .await
+                .map_err(|e| Error::Unavailable(describe(&e)))?;
+            Ok(body.into_bytes())
+        })
+        .await
     }
 
     /// Size and ETag of the object under `key`, if it exists. A multipart

@@ -23,18 +23,20 @@ mod group_commit;
 mod housekeeping;
 mod publish;
 mod subjects;
+mod tiering;
 
 pub use consumers::{
     AckOutcome, Batch, ConsumerLag, ConsumerSettings, ConsumerState, DeliverPolicy, Leased, NotHeld,
 };
 pub use group_commit::InlineMessage;
-pub use publish::{NewMessage, Payload, Published, StoredMessage};
-pub use subjects::{Limits, SubjectState};
+pub use publish::{NewMessage, Payload, Published, SegmentRef, StoredMessage};
+pub use subjects::{Discard, Limits, SubjectState};
+pub use tiering::{HotBudget, SegmentPlan, StorageStats, TierCommit, TieringOptions};
 
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 /// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
-pub const SCHEMA_VERSION: u64 = 10;
+pub const SCHEMA_VERSION: u64 = 11;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);
@@ -47,6 +49,10 @@ const LATE: ErrorCode = ErrorCode(10002);
 /// Answered by `mts_publish_batch` for an attempt already settled as not
 /// stored (Lua's `FENCED`).
 const FENCED: ErrorCode = ErrorCode(10003);
+/// Raised by `mts_publish` (and answered by `mts_publish_batch`) when the hot
+/// tier is over its budget and the subject discards new messages (Lua's
+/// `HOT_FULL`).
+const HOT_FULL: ErrorCode = ErrorCode(10004);
 
 /// What can go wrong talking to Tarantool. Cheap to clone: a group commit
 /// hands one call's failure to every message in it.
@@ -99,6 +105,8 @@ pub enum Refusal {
     Abandoned,
     /// The publish attempt was settled as not stored before it arrived.
     Fenced,
+    /// The hot tier is over its budget and the subject discards new messages.
+    HotFull,
 }
 
 impl Error {
@@ -109,6 +117,7 @@ impl Error {
             Some(LATE) => Some(Refusal::Late),
             Some(ABANDONED) => Some(Refusal::Abandoned),
             Some(FENCED) => Some(Refusal::Fenced),
+            Some(HOT_FULL) => Some(Refusal::HotFull),
             _ => None,
         }
     }
@@ -177,6 +186,8 @@ pub struct Store {
     group: Option<group_commit::Queue>,
     /// This store's identity as last read (refreshed by every `check`).
     identity: Arc<Mutex<Identity>>,
+    /// The hot tier's budget, sent with every publish.
+    hot: HotBudget,
 }
 
 impl Store {
@@ -210,6 +221,7 @@ impl Store {
                 store_id: String::new(),
                 created_ns: 0,
             })),
+            hot: HotBudget::from_config(&config.tiering),
         };
         store.ensure_schema().await?;
         let identity = store.read_identity().await?;
@@ -406,7 +418,12 @@ mod tests {
 
     #[test]
     fn rust_and_lua_name_the_error_codes_alike() {
-        for (name, code) in [("ABANDONED", ABANDONED), ("LATE", LATE), ("FENCED", FENCED)] {
+        for (name, code) in [
+            ("ABANDONED", ABANDONED),
+            ("LATE", LATE),
+            ("FENCED", FENCED),
+            ("HOT_FULL", HOT_FULL),
+        ] {
             assert!(
                 SCHEMA_LUA.contains(&format!("local {name} = {}\n", code.0)),
                 "{name} is {} in store.rs and must be the same in the Lua file",

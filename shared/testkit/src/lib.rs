@@ -490,6 +490,7 @@ struct Faults {
     lose_reply: std::sync::atomic::AtomicBool,
     lose_request: std::sync::atomic::AtomicBool,
     refuse: std::sync::atomic::AtomicBool,
+    sever: tokio::sync::Notify,
 }
 
 impl Faults {
@@ -546,6 +547,11 @@ impl LossyProxy {
             .refuse
             .store(refuse, std::sync::atomic::Ordering::SeqCst);
     }
+
+    /// Closes every open connection, as a server that went away would.
+    pub fn sever(&self) {
+        self.faults.sever.notify_waiters();
+    }
 }
 
 impl Drop for LossyProxy {
@@ -591,6 +597,7 @@ async fn forward(
     tokio::select! {
         () = requests => {}
         () = replies => {}
+        () = faults.sever.notified() => {}
     }
 }
 

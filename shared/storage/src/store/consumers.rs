@@ -58,6 +58,10 @@ pub struct ConsumerSettings {
     pub start_time_ns: Option<u64>,
     /// Dead-letter subject; empty = none.
     pub dlq_subject: Option<String>,
+    /// Where a new consumer starts, when the caller worked it out: everything
+    /// up to and including it counts as acknowledged. Not a setting: only
+    /// `ByStartTime` over messages in segments needs it.
+    pub start_after: Option<u64>,
 }
 
 impl ConsumerSettings {
@@ -85,6 +89,9 @@ impl ConsumerSettings {
         }
         if let Some(v) = &self.dlq_subject {
             put("dlq_subject", Value::from(v.as_str()));
+        }
+        if let Some(v) = self.start_after {
+            put("start_after", Value::from(v));
         }
         Value::Map(map)
     }

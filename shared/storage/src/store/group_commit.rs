@@ -215,7 +215,7 @@ async fn commit(store: Store, mut batch: Vec<Queued>, answered: Answered) {
     let reply: Result<(Vec<Verdict>,), Error> = store
         .call(
             "mts_publish_batch",
-            (&batch, &attempt, &forget),
+            (&batch, &attempt, &forget, store.hot.to_lua_map()),
             store.timeout,
         )
         .await;

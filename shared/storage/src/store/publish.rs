@@ -24,6 +24,21 @@ pub struct StoredMessage {
     /// Hex SHA-256 of the payload (absent on messages stored before it was recorded).
     #[serde(default)]
     pub sha256: Option<String>,
+    /// Set when the message lives in a segment of the cold tier: then only
+    /// `subject` and `seq` are filled in, and the rest is read from there.
+    #[serde(default)]
+    pub segment: Option<SegmentRef>,
+}
+
+/// Where in the cold tier a message is: the block of a segment object.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+pub struct SegmentRef {
+    /// The segment object's key.
+    pub object_key: String,
+    /// Offset of the message's block in it.
+    pub offset: u64,
+    /// Length of that block.
+    pub length: u64,
 }
 
 /// Where a new message's payload is.
@@ -111,7 +126,7 @@ impl Store {
                     message.size,
                     deadline_ns,
                     message.sha256,
-                    message.message_id.map(|id| (id, window_ms)),
+                    self.publish_options(message.message_id, window_ms),
                 ),
                 self.timeout,
             )

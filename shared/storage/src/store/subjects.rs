@@ -2,7 +2,35 @@
 
 use super::*;
 
-/// Retention limits; `None` = the service default, `Some(0)` = unlimited.
+/// What a publish meets while the hot tier is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Discard {
+    /// The publish is refused (RESOURCE_EXHAUSTED).
+    New,
+    /// The subject's oldest hot message is evicted to make room.
+    Old,
+}
+
+impl Discard {
+    /// The name the stored procedures and the configuration use.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::New => "new",
+            Self::Old => "old",
+        }
+    }
+
+    /// The policy called `name`.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Self::New, Self::Old]
+            .into_iter()
+            .find(|d| d.as_str() == name)
+    }
+}
+
+/// Retention limits and the discard policy; `None` = the service default,
+/// `Some(0)` = unlimited.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct Limits {
     /// Longest a message is kept, in milliseconds.
@@ -11,6 +39,9 @@ pub struct Limits {
     pub max_messages: Option<u64>,
     /// Most payload bytes kept.
     pub max_bytes: Option<u64>,
+    /// What a publish meets while the hot tier is full.
+    #[serde(default)]
+    pub discard: Option<Discard>,
 }
 
 impl Limits {
@@ -21,12 +52,14 @@ impl Limits {
             ("max_messages", self.max_messages),
             ("max_bytes", self.max_bytes),
         ];
-        Value::Map(
-            fields
-                .into_iter()
-                .filter_map(|(k, v)| v.map(|v| (Value::from(k), Value::from(v))))
-                .collect(),
-        )
+        let mut map: Vec<(Value, Value)> = fields
+            .into_iter()
+            .filter_map(|(k, v)| v.map(|v| (Value::from(k), Value::from(v))))
+            .collect();
+        if let Some(discard) = self.discard {
+            map.push((Value::from("discard"), Value::from(discard.as_str())));
+        }
+        Value::Map(map)
     }
 }
 
@@ -43,6 +76,12 @@ pub struct SubjectState {
     pub count: u64,
     /// Their payload bytes.
     pub bytes: u64,
+    /// Of those messages, how many are in segments (the cold tier).
+    #[serde(default)]
+    pub cold_count: u64,
+    /// And their payload bytes.
+    #[serde(default)]
+    pub cold_bytes: u64,
     /// The subject's own limits.
     #[serde(flatten)]
     pub limits: Limits,

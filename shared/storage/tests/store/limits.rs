@@ -186,6 +186,7 @@ async fn every_procedure_takes_integers_at_their_limits() {
             max_age_ms: Some(edge),
             max_messages: Some(edge),
             max_bytes: Some(edge),
+            discard: None,
         };
         store.set_subject_limits(&subject, limits).await.unwrap();
         assert_eq!(

@@ -13,6 +13,7 @@ mod identity;
 mod limits;
 mod publishing;
 mod settle;
+mod tiering;
 
 /// A Tarantool connection of its own, as the services' user, for calling
 /// stored procedures directly.

@@ -1,0 +1,302 @@
+//! The two tiers: the hot tier's budget, moving a subject's oldest hot
+//! messages into a segment (plan, read, swap), dead-lettering messages that
+//! live in segments, and the numbers behind the tiering gauges.
+
+use super::*;
+
+use crate::segment::{BlockIndex, Sealed};
+
+/// The hot tier's budget, as the configuration gives it (0 = derived from
+/// Tarantool's memtx_memory, in Lua).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HotBudget {
+    /// Most bytes of hot rows; 0 = half of memtx_memory.
+    pub max_bytes: u64,
+    /// Most hot rows; 0 = one per KiB of memtx_memory.
+    pub max_messages: u64,
+    /// The discard policy of subjects without their own.
+    pub discard: Discard,
+}
+
+impl HotBudget {
+    /// The budget of `config`.
+    pub fn from_config(config: &mts_config::Tiering) -> Self {
+        Self {
+            max_bytes: config.hot_tier_max_bytes,
+            max_messages: config.hot_tier_max_messages,
+            discard: Discard::from_name(&config.hot_tier_discard).unwrap_or(Discard::New),
+        }
+    }
+
+    pub(super) fn to_lua_map(&self) -> tarant::Value {
+        use tarant::Value;
+        Value::Map(vec![
+            (Value::from("max_bytes"), Value::from(self.max_bytes)),
+            (Value::from("max_rows"), Value::from(self.max_messages)),
+            (Value::from("discard"), Value::from(self.discard.as_str())),
+        ])
+    }
+}
+
+/// When a subject's hot messages are due to move.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TieringOptions {
+    /// Once they hold this many payload bytes.
+    pub segment_bytes: u64,
+    /// Or this many messages.
+    pub segment_messages: u64,
+    /// Or once the oldest is this old.
+    pub seal_age: Duration,
+}
+
+/// A subject with hot messages due to move.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct SegmentPlan {
+    /// The subject.
+    pub subject: String,
+    /// Its oldest hot sequence.
+    pub first_seq: u64,
+    /// Its hot messages.
+    pub hot_messages: u64,
+    /// Their payload bytes.
+    pub hot_bytes: u64,
+}
+
+/// What became of a swap of hot rows for a segment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TierCommit {
+    /// The segment now holds the messages.
+    Committed,
+    /// The rows were no longer all hot (moved or removed meanwhile): nothing
+    /// changed, and the segment object is nobody's.
+    Gone,
+    /// The orphan sweep gave the object up: nothing changed.
+    Abandoned,
+}
+
+/// The two tiers at a glance.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+pub struct StorageStats {
+    /// Bytes of hot rows in Tarantool.
+    pub hot_bytes: u64,
+    /// Hot rows.
+    pub hot_messages: u64,
+    /// The hot tier's budget in bytes.
+    pub budget_bytes: u64,
+    /// And in rows.
+    pub budget_messages: u64,
+    /// Tarantool's memtx arena in use.
+    pub arena_used: u64,
+    /// Tarantool's memtx quota.
+    pub quota_size: u64,
+    /// Of which taken by slabs.
+    pub quota_used: u64,
+    /// Age of the oldest message not yet in a segment.
+    pub oldest_untiered_age_ms: u64,
+    /// Segments.
+    pub segments: u64,
+    /// Their object bytes.
+    pub segment_bytes: u64,
+}
+
+impl StorageStats {
+    /// How full the hot tier is: the fuller of bytes and rows, 1.0 = full.
+    pub fn hot_use(&self) -> f64 {
+        let of = |used: u64, budget: u64| used as f64 / budget.max(1) as f64;
+        of(self.hot_bytes, self.budget_bytes).max(of(self.hot_messages, self.budget_messages))
+    }
+}
+
+/// A Lua map of `fields` (the procedures read their arguments by name).
+fn lua_map(fields: Vec<(&str, tarant::Value)>) -> tarant::Value {
+    tarant::Value::Map(
+        fields
+            .into_iter()
+            .map(|(k, v)| (tarant::Value::from(k), v))
+            .collect(),
+    )
+}
+
+fn optional(value: Option<&str>) -> tarant::Value {
+    value.map_or(tarant::Value::Nil, tarant::Value::from)
+}
+
+impl Store {
+    /// The hot tier's budget this store publishes with.
+    pub fn hot_budget(&self) -> &HotBudget {
+        &self.hot
+    }
+
+    /// The options `mts_publish` takes: the message id and its window, and
+    /// the hot tier's budget.
+    pub(super) fn publish_options(
+        &self,
+        message_id: Option<&str>,
+        window_ms: u64,
+    ) -> tarant::Value {
+        let mut fields = vec![("hot", self.hot.to_lua_map())];
+        if let Some(id) = message_id {
+            fields.push(("message_id", id.into()));
+            fields.push(("window_ms", window_ms.into()));
+        }
+        lua_map(fields)
+    }
+
+    /// Up to `limit` subjects with hot messages due to move, most bytes first.
+    pub async fn tier_plan(
+        &self,
+        options: TieringOptions,
+        limit: u32,
+    ) -> Result<Vec<SegmentPlan>, Error> {
+        use tarant::Value;
+        let opts = Value::Map(vec![
+            (
+                Value::from("segment_bytes"),
+                Value::from(options.segment_bytes),
+            ),
+            (
+                Value::from("segment_messages"),
+                Value::from(options.segment_messages),
+            ),
+            (
+                Value::from("seal_age_ms"),
+                Value::from(millis(options.seal_age)),
+            ),
+            (Value::from("hot"), self.hot.to_lua_map()),
+        ]);
+        let (plans,): (Vec<SegmentPlan>,) = self
+            .call("mts_tier_plan", (opts, limit), self.timeout)
+            .await?;
+        Ok(plans)
+    }
+
+    /// Up to `max_messages` hot messages of `subject` after `after`, in
+    /// order, holding at most `max_bytes` of payload (but at least one).
+    pub async fn tier_read(
+        &self,
+        subject: &str,
+        after: u64,
+        max_messages: u32,
+        max_bytes: u64,
+    ) -> Result<Vec<StoredMessage>, Error> {
+        let (messages,): (Vec<StoredMessage>,) = self
+            .call(
+                "mts_tier_read",
+                (subject, after, max_messages, max_bytes),
+                self.timeout,
+            )
+            .await?;
+        Ok(messages)
+    }
+
+    /// Swaps the hot rows that `sealed` holds for its segment row, in one
+    /// transaction; the object must already be stored under `object_key`.
+    pub async fn tier_commit(
+        &self,
+        subject: &str,
+        object_key: &str,
+        sealed: &Sealed,
+    ) -> Result<TierCommit, Error> {
+        use tarant::Value;
+        let blocks = sealed
+            .blocks
+            .iter()
+            .map(|b: &BlockIndex| {
+                Value::Array(vec![
+                    b.first_seq.into(),
+                    b.first_ts_ns.into(),
+                    b.offset.into(),
+                    b.length.into(),
+                ])
+            })
+            .collect();
+        let objects = sealed
+            .objects
+            .iter()
+            .map(|(key, seq)| Value::Array(vec![key.as_str().into(), (*seq).into()]))
+            .collect();
+        let row = lua_map(vec![
+            ("subject", subject.into()),
+            ("first_seq", sealed.first_seq.into()),
+            ("last_seq", sealed.last_seq.into()),
+            ("first_ts_ns", sealed.first_ts_ns.into()),
+            ("last_ts_ns", sealed.last_ts_ns.into()),
+            ("count", sealed.count.into()),
+            ("bytes", sealed.bytes.into()),
+            ("object_key", object_key.into()),
+            ("object_size", (sealed.body.len() as u64).into()),
+            ("blocks", Value::Array(blocks)),
+            ("objects", Value::Array(objects)),
+        ]);
+        let (outcome,): (String,) = self.call("mts_tier_commit", (row,), self.timeout).await?;
+        match outcome.as_str() {
+            "ok" => Ok(TierCommit::Committed),
+            "gone" => Ok(TierCommit::Gone),
+            "abandoned" => Ok(TierCommit::Abandoned),
+            other => Err(Error::protocol(format!(
+                "mts_tier_commit answered {other:?}"
+            ))),
+        }
+    }
+
+    /// When the first message of `subject` committed at or after
+    /// `time_ns` lies in a segment: a reference to the first message of the
+    /// block that holds it (or that it follows). `None` when the hot tier
+    /// answers exactly.
+    pub async fn locate_time(
+        &self,
+        subject: &str,
+        time_ns: u64,
+    ) -> Result<Option<StoredMessage>, Error> {
+        let (at,): (Option<StoredMessage>,) = self
+            .call("mts_locate_time", (subject, time_ns), self.timeout)
+            .await?;
+        Ok(at)
+    }
+
+    /// The two tiers at a glance.
+    pub async fn storage_stats(&self) -> Result<StorageStats, Error> {
+        let (stats,): (StorageStats,) = self
+            .call("mts_storage_stats", (self.hot.to_lua_map(),), self.timeout)
+            .await?;
+        Ok(stats)
+    }
+
+    /// Dead-letters `message` (read from its segment), which the consumer
+    /// holds due after `deliveries` deliveries; true if it did (false when
+    /// the consumer no longer holds it so, e.g. another fetcher did it).
+    pub async fn dead_letter(
+        &self,
+        durable: &str,
+        message: &StoredMessage,
+        deliveries: u32,
+    ) -> Result<bool, Error> {
+        use tarant::Value;
+        let headers = message
+            .headers
+            .iter()
+            .map(|(k, v)| (Value::from(k.as_str()), Value::from(v.as_str())))
+            .collect();
+        let copy = lua_map(vec![
+            ("headers", Value::Map(headers)),
+            (
+                "data",
+                message
+                    .data
+                    .as_ref()
+                    .map_or(Value::Nil, |d| Value::Binary(d.to_vec())),
+            ),
+            ("object_key", optional(message.object_key.as_deref())),
+            ("size", message.size.into()),
+            ("sha256", optional(message.sha256.as_deref())),
+        ]);
+        let (done,): (bool,) = self
+            .call(
+                "mts_dead_letter",
+                (&message.subject, durable, message.seq, deliveries, copy),
+                self.timeout,
+            )
+            .await?;
+        Ok(done)
+    }
+}

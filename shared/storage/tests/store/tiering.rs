@@ -1,0 +1,296 @@
+//! The tiers at the level of the stored procedures: swapping hot rows for a
+//! segment row (once, whatever races it), reading across both tiers,
+//! retention of whole segments, and the hot tier's budget with each discard
+//! policy. The segment objects themselves are not uploaded here: Tarantool
+//! only ever sees their rows (the egress tests read real ones).
+
+use std::collections::HashMap;
+
+use mts_storage::segment::{self, Sealed, Writer};
+use mts_storage::store::{Discard, Limits, Refusal, Store, TierCommit};
+use mts_testkit as testing;
+
+/// Publishes `n` inline messages with a header each; returns their payloads.
+async fn publish_n(store: &Store, subject: &str, n: u64) -> Vec<Vec<u8>> {
+    let mut payloads = Vec::new();
+    for i in 1..=n {
+        let data = format!("payload {i} of {subject}").into_bytes();
+        let headers = HashMap::from([("n".to_owned(), i.to_string())]);
+        store
+            .publish(subject, &headers, Some(&data), None, data.len() as u64)
+            .await
+            .unwrap();
+        payloads.push(data);
+    }
+    payloads
+}
+
+/// The segment of the subject's oldest `n` hot messages, as the tiering
+/// worker packs it.
+async fn seal(store: &Store, subject: &str, n: u32) -> Sealed {
+    let rows = store.tier_read(subject, 0, n, u64::MAX).await.unwrap();
+    assert_eq!(rows.len(), n as usize);
+    let mut writer = Writer::new(64);
+    for row in &rows {
+        writer.push(row);
+    }
+    writer.finish()
+}
+
+#[tokio::test]
+async fn a_run_of_hot_messages_moves_into_a_segment_once_and_reads_through_it() {
+    let store = Store::connect(&testing::config()).await.unwrap();
+    let subject = testing::unique_subject("tier");
+    let payloads = publish_n(&store, &subject, 10).await;
+    let sealed = seal(&store, &subject, 6).await;
+    let key = format!("{subject}/segments/1");
+    assert_eq!(
+        store.tier_commit(&subject, &key, &sealed).await.unwrap(),
+        TierCommit::Committed
+    );
+    // Another replica with the same run finds its rows gone: nothing changes.
+    assert_eq!(
+        store.tier_commit(&subject, "other", &sealed).await.unwrap(),
+        TierCommit::Gone
+    );
+    let info = store.subject_info(&subject).await.unwrap();
+    assert_eq!(
+        (info.first_seq, info.last_seq, info.count, info.cold_count),
+        (1, 10, 10, 6)
+    );
+    assert_eq!(
+        info.bytes,
+        payloads.iter().map(|p| p.len() as u64).sum::<u64>()
+    );
+
+    // A message in the segment is answered as a reference to its block.
+    let cold = store.message(&subject, 3).await.unwrap().unwrap();
+    let at = cold.segment.clone().expect("a reference into the segment");
+    assert_eq!(at.object_key, key);
+    let range = at.offset as usize..(at.offset + at.length) as usize;
+    let blocks = segment::decode_blocks(sealed.body.slice(range), at.offset).unwrap();
+    let record = blocks[0]
+        .get(3)
+        .unwrap()
+        .clone()
+        .into_message(subject.clone());
+    assert_eq!(record.data.unwrap().into_vec(), payloads[2]);
+    assert_eq!(record.headers["n"], "3");
+    let hot = store.message(&subject, 8).await.unwrap().unwrap();
+    assert!(hot.segment.is_none());
+    assert_eq!(hot.data.unwrap().into_vec(), payloads[7]);
+
+    // A consumer reads across both tiers, in order, each message once.
+    let batch = store.fetch(&subject, "reader", 100).await.unwrap();
+    let seqs: Vec<u64> = batch.messages.iter().map(|l| l.message.seq).collect();
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    let cold_seqs = batch
+        .messages
+        .iter()
+        .filter(|l| l.message.segment.is_some())
+        .count();
+    assert_eq!(cold_seqs, 6);
+    // Redelivery of a message in a segment still finds it.
+    let seqs: Vec<u64> = (1..=10).collect();
+    store
+        .nack(&subject, "reader", &seqs, 0)
+        .await
+        .unwrap()
+        .unwrap();
+    let again = store.fetch(&subject, "reader", 100).await.unwrap();
+    assert_eq!(again.messages.len(), 10);
+    assert!(again.messages.iter().all(|l| l.deliveries == 2));
+    // Lag counts messages in segments too.
+    let state = store
+        .consumer_info(&subject, "late")
+        .await
+        .unwrap()
+        .map(|s| s.num_pending);
+    assert_eq!(state, None);
+    store
+        .create_or_update_consumer(&subject, "late", &Default::default())
+        .await
+        .unwrap();
+    let late = store
+        .consumer_info(&subject, "late")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(late.num_pending, 10);
+    assert!(late.oldest_unacked_age_ns > 0);
+}
+
+#[tokio::test]
+async fn two_replicas_swapping_the_same_run_at_once_commit_one_segment() {
+    let store = Store::connect(&testing::config()).await.unwrap();
+    let subject = testing::unique_subject("race");
+    publish_n(&store, &subject, 20).await;
+    let sealed = seal(&store, &subject, 20).await;
+    let (key_a, key_b) = (format!("{subject}/a"), format!("{subject}/b"));
+    let (a, b) = tokio::join!(
+        store.tier_commit(&subject, &key_a, &sealed),
+        store.tier_commit(&subject, &key_b, &sealed),
+    );
+    let mut outcomes = [a.unwrap(), b.unwrap()];
+    outcomes.sort_by_key(|o| *o == TierCommit::Committed);
+    assert_eq!(outcomes, [TierCommit::Gone, TierCommit::Committed]);
+    let info = store.subject_info(&subject).await.unwrap();
+    assert_eq!((info.count, info.cold_count), (20, 20));
+}
+
+#[tokio::test]
+async fn the_orphan_sweep_and_a_late_swap_agree_on_who_owns_a_segment_object() {
+    let store = Store::connect(&testing::config()).await.unwrap();
+    let subject = testing::unique_subject("owner");
+    let payload = format!("{subject}/payload");
+    store
+        .publish(&subject, &HashMap::new(), None, Some(&payload), 5)
+        .await
+        .unwrap();
+    publish_n(&store, &subject, 3).await;
+    let sealed = seal(&store, &subject, 4).await;
+    assert_eq!(sealed.objects, vec![(payload.clone(), 1)]);
+
+    // Uploaded, then the swap came too late: the sweep had fenced it.
+    let stalled = format!("{subject}/segments/stalled");
+    let orphans = store
+        .settle_objects(std::slice::from_ref(&stalled))
+        .await
+        .unwrap();
+    assert_eq!(orphans, vec![stalled.clone()]);
+    assert_eq!(
+        store
+            .tier_commit(&subject, &stalled, &sealed)
+            .await
+            .unwrap(),
+        TierCommit::Abandoned
+    );
+
+    let key = format!("{subject}/segments/1");
+    assert_eq!(
+        store.tier_commit(&subject, &key, &sealed).await.unwrap(),
+        TierCommit::Committed
+    );
+    // The segment and the payload it names belong to stored messages.
+    let orphans = store
+        .settle_objects(&[key.clone(), payload.clone()])
+        .await
+        .unwrap();
+    assert!(orphans.is_empty(), "{orphans:?}");
+    // A lost publish answer for the offloaded payload still finds its sequence.
+    let cause = mts_storage::store::Error::closed();
+    assert_eq!(store.settle_object(&payload, cause).await.unwrap(), Some(1));
+    for source in ["segments", "segment_objects"] {
+        let keys = store.backup_keys(source, &subject, 100).await.unwrap();
+        assert!(
+            keys.iter().any(|(k, _)| *k == key || *k == payload),
+            "{source}: {keys:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn retention_drops_a_segment_only_once_all_its_messages_are_past_the_limit() {
+    let store = Store::connect(&testing::config()).await.unwrap();
+    let subject = testing::unique_subject("segment-retention");
+    publish_n(&store, &subject, 10).await;
+    let sealed = seal(&store, &subject, 6).await;
+    let key = format!("{subject}/segments/1");
+    store.tier_commit(&subject, &key, &sealed).await.unwrap();
+
+    let limit = |max_messages| Limits {
+        max_messages: Some(max_messages),
+        ..Limits::default()
+    };
+    let step = || store.retention_step(&subject, Limits::default(), 500, 50);
+    // Keeping 5 of 10: message 6, the segment's newest, is among the
+    // newest 5, so the segment stays whole (and the hot rows, all newer,
+    // stay with it).
+    store.set_subject_limits(&subject, limit(5)).await.unwrap();
+    step().await.unwrap();
+    let info = store.subject_info(&subject).await.unwrap();
+    assert_eq!((info.first_seq, info.count, info.cold_count), (1, 10, 6));
+    // Keeping 4: every message of the segment is past it; the segment goes
+    // whole, with its object queued for deletion.
+    store.set_subject_limits(&subject, limit(4)).await.unwrap();
+    step().await.unwrap();
+    let info = store.subject_info(&subject).await.unwrap();
+    assert_eq!(
+        (info.first_seq, info.count, info.cold_count, info.cold_bytes),
+        (7, 4, 0, 0)
+    );
+    let released = store.backup_keys("gc", &subject, 100).await.unwrap();
+    assert!(released.iter().any(|(k, _)| *k == key), "{released:?}");
+    assert!(store.message(&subject, 6).await.unwrap().is_none());
+    assert!(store.message(&subject, 7).await.unwrap().is_some());
+}
+
+#[tokio::test]
+async fn a_full_hot_tier_refuses_or_evicts_as_each_subject_says() {
+    let mut config = testing::config();
+    // One row is already over budget: every publish of this store finds the
+    // hot tier full.
+    config.tiering.hot_tier_max_messages = 1;
+    let store = Store::connect(&config).await.unwrap();
+    let refusing = testing::unique_subject("full-new");
+    let err = store
+        .publish(&refusing, &HashMap::new(), Some(b"x"), None, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.refusal(), Some(Refusal::HotFull), "{err}");
+    assert!(err.to_string().contains("hot tier is full"), "{err}");
+    assert_eq!(store.subject_info(&refusing).await.unwrap().count, 0);
+    // The group-commit path answers the same.
+    let err = store
+        .publish_inline(crate::inline(&refusing, b"y"))
+        .await
+        .unwrap_err();
+    assert_eq!(err.refusal(), Some(Refusal::HotFull), "{err}");
+
+    // Policy old: each new message evicts the subject's oldest hot one, so
+    // the subject keeps publishing at a constant hot size.
+    let evicting = testing::unique_subject("full-old");
+    let roomy = Store::connect(&testing::config()).await.unwrap();
+    publish_n(&roomy, &evicting, 3).await;
+    store
+        .set_subject_limits(
+            &evicting,
+            Limits {
+                discard: Some(Discard::Old),
+                ..Limits::default()
+            },
+        )
+        .await
+        .unwrap();
+    for _ in 0..2 {
+        store
+            .publish(&evicting, &HashMap::new(), Some(b"new"), None, 3)
+            .await
+            .unwrap();
+    }
+    store
+        .publish_inline(crate::inline(&evicting, b"newer"))
+        .await
+        .unwrap();
+    let info = store.subject_info(&evicting).await.unwrap();
+    assert_eq!((info.first_seq, info.last_seq, info.count), (4, 6, 3));
+    assert_eq!(info.limits.discard, Some(Discard::Old));
+
+    // A subject with policy old but nothing hot to evict is refused.
+    let empty = testing::unique_subject("full-old-empty");
+    store
+        .set_subject_limits(
+            &empty,
+            Limits {
+                discard: Some(Discard::Old),
+                ..Limits::default()
+            },
+        )
+        .await
+        .unwrap();
+    let err = store
+        .publish(&empty, &HashMap::new(), Some(b"x"), None, 1)
+        .await
+        .unwrap_err();
+    assert_eq!(err.refusal(), Some(Refusal::HotFull), "{err}");
+}

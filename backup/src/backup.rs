@@ -194,9 +194,13 @@ async fn copy(
     }
 
     let (mut objects, mut bytes, mut missing) = (0, 0, Vec::new());
-    // Objects of stored messages, then those deleted since the checkpoint
-    // (their deletion waits behind the hold).
-    for source in ["messages", "gc"] {
+    // Objects of stored messages (hot), segments and the payloads segments
+    // name (cold), then those deleted since the checkpoint (their deletion
+    // waits behind the hold).
+    for source in ["messages", "segments", "segment_objects", "gc"] {
+        // Sizes are known for these; a payload a segment names says none.
+        let sized = matches!(source, "messages" | "segments");
+        let required = source != "gc";
         let mut after = String::new();
         loop {
             let page = store
@@ -210,7 +214,7 @@ async fn copy(
             for (key, expected) in page {
                 let path = dir.join("objects").join(key_path(&key)?);
                 match save_object(object_store, &key, &path).await {
-                    Ok(written) if source == "messages" && written != expected => {
+                    Ok(written) if sized && written != expected => {
                         return Err(Error::Damaged {
                             path,
                             reason: format!(
@@ -226,7 +230,7 @@ async fn copy(
                         source: object_store::Error::NotFound(_),
                         ..
                     }) => {
-                        if source == "messages" {
+                        if required {
                             missing.push(key);
                         }
                     }

@@ -28,6 +28,14 @@ pub enum Error {
         /// The object key in its metadata.
         key: String,
     },
+    /// A segment object that does not read as one.
+    #[error("segment {key} is damaged: {detail}; restore it from a backup")]
+    CorruptSegment {
+        /// The segment's object key.
+        key: String,
+        /// What is wrong.
+        detail: String,
+    },
     /// An ack for a sequence the subject has not reached.
     #[error("cannot ack sequence {sequence}: the last sequence of {subject} is {last}")]
     AckBeyondLast {
@@ -110,7 +118,9 @@ impl From<Error> for tonic::Status {
             ),
             Error::Store(source) => status::store(source),
             Error::ObjectStore(source) => status::object_store(source),
-            Error::MissingPayload { .. } => tonic::Status::data_loss(err.to_string()),
+            Error::MissingPayload { .. } | Error::CorruptSegment { .. } => {
+                tonic::Status::data_loss(err.to_string())
+            }
             Error::AckBeyondLast { .. } | Error::NotHeld { .. } => {
                 tonic::Status::failed_precondition(err.to_string())
             }
@@ -155,6 +165,13 @@ mod tests {
                     subject: "s".into(),
                     sequence: 3,
                     key: "s/k".into(),
+                },
+                Code::DataLoss,
+            ),
+            (
+                Error::CorruptSegment {
+                    key: "s/segments/1".into(),
+                    detail: "checksum mismatch".into(),
                 },
                 Code::DataLoss,
             ),

@@ -20,6 +20,7 @@ use tonic::Status;
 
 use crate::delivery;
 use crate::notify::SubjectWatchers;
+use crate::segments::Segments;
 
 /// Busy Consume streams of one process that may wait in Tarantool at once;
 /// each waiting call holds one of Tarantool's request slots (`net_msg_max`:
@@ -40,30 +41,67 @@ pub struct Egress {
     metrics: Arc<Metrics>,
     /// Room for Consume streams whose lease calls wait in Tarantool.
     hot_streams: Arc<tokio::sync::Semaphore>,
+    /// Reads messages that live in segments of the cold tier.
+    segments: Arc<Segments>,
 }
 
 impl Egress {
-    /// A service reading through `store` and `object_store`; open streams end when
+    /// A service reading through `store` and `object_store`, with the
+    /// delivery limits and segment cache of `config`; open streams end when
     /// `draining` turns true.
     pub fn new(
         store: Store,
         object_store: ObjectStore,
         watchers: Arc<SubjectWatchers>,
         draining: watch::Receiver<bool>,
-        payload_limits: delivery::PayloadLimits,
+        config: &mts_config::Config,
         auth: Arc<Authenticator>,
         metrics: Arc<Metrics>,
     ) -> Self {
         Self {
+            segments: Arc::new(Segments::new(
+                object_store.clone(),
+                config.tiering.segment_cache_bytes,
+                metrics.clone(),
+            )),
             store,
             object_store,
             watchers,
             draining,
-            payload_limits,
+            payload_limits: delivery::PayloadLimits {
+                omit_above: config.egress.max_inline_delivery_bytes,
+                inline_max: config.egress.max_delivered_payload_bytes,
+            },
             auth,
             metrics,
             hot_streams: Arc::new(tokio::sync::Semaphore::new(MAX_HOT_STREAMS)),
         }
+    }
+
+    /// A leased batch ready to send: messages that live in segments read
+    /// from there, and those the store handed back for dead-lettering (a
+    /// lease deadline of 0: due for it, but in a segment, which only the
+    /// service reads) dead-lettered and left out.
+    pub(crate) async fn ready(
+        &self,
+        durable: &str,
+        mut batch: Vec<Leased>,
+    ) -> Result<Vec<Leased>, crate::Error> {
+        if batch.iter().all(|leased| leased.message.segment.is_none()) {
+            return Ok(batch);
+        }
+        self.segments.resolve_all(&mut batch).await?;
+        let mut ready = Vec::with_capacity(batch.len());
+        for leased in batch {
+            if leased.deadline_ns == 0 {
+                self.store
+                    .dead_letter(durable, &leased.message, leased.deliveries)
+                    .await?;
+            } else {
+                ready.push(leased);
+            }
+        }
+        Ok(ready)
     }
 
     /// Counts a batch handed out.

@@ -10,7 +10,9 @@ mod handlers;
 mod maintenance;
 mod notify;
 mod rules;
+mod segments;
 mod service;
+mod tiering;
 mod wire;
 
 use std::sync::Arc;
@@ -47,10 +49,7 @@ pub async fn run(
         setup.object_store.clone(),
         watchers,
         draining,
-        delivery::PayloadLimits {
-            omit_above: config.egress.max_inline_delivery_bytes,
-            inline_max: config.egress.max_delivered_payload_bytes,
-        },
+        &config,
         setup.auth.clone(),
         setup.metrics.clone(),
     );
@@ -63,6 +62,17 @@ pub async fn run(
         )
         .run(),
     );
+    let tiering = config.tiering.tiering_enabled.then(|| {
+        tokio::spawn(
+            tiering::Tiering::new(
+                setup.store.clone(),
+                setup.object_store.clone(),
+                &config,
+                setup.metrics.clone(),
+            )
+            .run(),
+        )
+    });
     let router = setup
         .router()?
         .add_service(EgressServiceServer::new(egress));
@@ -72,5 +82,8 @@ pub async fn run(
         })
         .await;
     maintenance.abort();
+    if let Some(tiering) = tiering {
+        tiering.abort();
+    }
     served
 }

@@ -54,6 +54,7 @@ impl Maintenance {
                 max_age_ms: Some(config.egress.retention_max_age_seconds.saturating_mul(1000)),
                 max_messages: Some(config.egress.retention_max_messages),
                 max_bytes: Some(config.egress.retention_max_bytes),
+                discard: None,
             },
             interval: Duration::from_millis(config.egress.maintenance_interval_ms),
             orphan_grace: Duration::from_secs(config.egress.orphan_grace_seconds),
@@ -92,6 +93,10 @@ impl Maintenance {
             match self.store.consumers_lag(LAG_CONSUMERS).await {
                 Ok(lag) => self.metrics.set_consumer_lag(&lag),
                 Err(err) => tracing::debug!(%err, "reading consumer lag failed"),
+            }
+            match self.store.storage_stats().await {
+                Ok(stats) => self.metrics.set_storage_stats(&stats),
+                Err(err) => tracing::debug!(%err, "reading storage stats failed"),
             }
             if let Some(every) = self.sweep_interval
                 && last_sweep.is_none_or(|at| at.elapsed() >= every)

@@ -6,7 +6,9 @@ use mts_proto::pb::{
     ConsumerConfig, ConsumerInfo, DeliverPolicy as WirePolicy, SubjectInfo, SubjectLimits,
 };
 use mts_runtime::validate;
-use mts_storage::store::{ConsumerSettings, ConsumerState, DeliverPolicy, Limits, SubjectState};
+use mts_storage::store::{
+    ConsumerSettings, ConsumerState, DeliverPolicy, Discard, Limits, SubjectState,
+};
 
 /// Longest lease a consumer may ask for.
 const MAX_ACK_WAIT_MS: u32 = 12 * 60 * 60 * 1000;
@@ -70,6 +72,7 @@ pub fn consumer_settings(
         start_seq: None,
         start_time_ns: None,
         dlq_subject: config.dead_letter_subject,
+        start_after: None,
     };
     match policy {
         Some(DeliverPolicy::ByStartSequence) => {
@@ -180,17 +183,32 @@ pub fn subject_info(state: SubjectState) -> SubjectInfo {
             max_age_ms: state.limits.max_age_ms,
             max_messages: state.limits.max_messages,
             max_bytes: state.limits.max_bytes,
+            discard: state.limits.discard.map(|d| d.as_str().to_owned()),
         }),
+        cold_messages: state.cold_count,
+        cold_bytes: state.cold_bytes,
     }
 }
 
 /// Subject limits as the store takes them.
-pub fn limits(limits: SubjectLimits) -> Limits {
-    Limits {
+pub fn limits(limits: SubjectLimits) -> Result<Limits, validate::Error> {
+    let discard = match limits.discard.as_deref() {
+        None => None,
+        Some(name) => Some(Discard::from_name(name).ok_or_else(|| {
+            validate::Error::new(
+                "limits.discard",
+                format!(
+                    "{name:?} is not a discard policy: use \"new\" (refuse publishes while the hot tier is full) or \"old\" (evict the subject's oldest hot messages)"
+                ),
+            )
+        })?),
+    };
+    Ok(Limits {
         max_age_ms: limits.max_age_ms,
         max_messages: limits.max_messages,
         max_bytes: limits.max_bytes,
-    }
+        discard,
+    })
 }
 
 #[cfg(test)]

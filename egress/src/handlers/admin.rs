@@ -4,7 +4,7 @@
 use mts_config::MAX_RETENTION_AGE_MS;
 use mts_proto::pb::{ConsumerInfo, CreateOrUpdateConsumerRequest, SetSubjectLimitsRequest};
 use mts_runtime::validate;
-use mts_storage::store::{ConsumerState, SubjectState};
+use mts_storage::store::{ConsumerSettings, ConsumerState, DeliverPolicy, SubjectState};
 
 use crate::handlers::Egress;
 use crate::rules::consumer_names;
@@ -28,7 +28,9 @@ impl Egress {
         request: CreateOrUpdateConsumerRequest,
     ) -> Result<ConsumerInfo, Error> {
         consumer_names(&request.subject, &request.durable_name)?;
-        let settings = wire::consumer_settings(&request.subject, request.config)?;
+        let mut settings = wire::consumer_settings(&request.subject, request.config)?;
+        self.resolve_start_time(&request.subject, &mut settings)
+            .await?;
         let created = self
             .store
             .create_or_update_consumer(&request.subject, &request.durable_name, &settings)
@@ -37,6 +39,25 @@ impl Egress {
             .consumer_state(&request.subject, &request.durable_name)
             .await?;
         Ok(wire::consumer_info(state, created))
+    }
+
+    /// For a consumer starting at a time that falls among messages in a
+    /// segment, finds the exact message there (Tarantool knows only each
+    /// block's first commit time).
+    async fn resolve_start_time(
+        &self,
+        subject: &str,
+        settings: &mut ConsumerSettings,
+    ) -> Result<(), Error> {
+        let (Some(DeliverPolicy::ByStartTime), Some(time_ns)) =
+            (settings.deliver_policy, settings.start_time_ns)
+        else {
+            return Ok(());
+        };
+        if let Some(block) = self.store.locate_time(subject, time_ns).await? {
+            settings.start_after = Some(self.segments.start_after(block, time_ns).await?);
+        }
+        Ok(())
     }
 
     pub(crate) async fn consumer_state(
@@ -71,7 +92,7 @@ impl Egress {
             .into());
         }
         self.store
-            .set_subject_limits(&request.subject, wire::limits(limits))
+            .set_subject_limits(&request.subject, wire::limits(limits)?)
             .await?;
         Ok(self.store.subject_info(&request.subject).await?)
     }

@@ -365,15 +365,20 @@ impl Session {
             .map_err(ended)?;
         let batch = held(&self.subject, &self.durable, verdict).map_err(ended)?;
         let due = (batch.next_deadline_ns > 0).then(|| instant_of(batch.next_deadline_ns));
-        let sent = batch.messages.len();
-        self.egress.count_deliveries(&batch.messages);
-        for leased in &batch.messages {
+        let leased = self
+            .egress
+            .ready(&self.durable, batch.messages)
+            .await
+            .map_err(ended)?;
+        let sent = leased.len();
+        self.egress.count_deliveries(&leased);
+        for leased in &leased {
             self.outstanding
                 .insert(leased.message.seq, leased.deadline_ns);
         }
         let mut messages = std::pin::pin!(wire_messages(
             self.egress.object_store.clone(),
-            batch.messages,
+            leased,
             self.payloads,
         ));
         while let Some(message) = messages.next().await {

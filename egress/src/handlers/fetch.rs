@@ -32,6 +32,7 @@ impl Egress {
             .fetch(&request.subject, &request.durable_name, limit)
             .await?
             .messages;
+        let batch = self.ready(&request.durable_name, batch).await?;
         self.count_deliveries(&batch);
         Ok(batch)
     }

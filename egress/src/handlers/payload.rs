@@ -27,7 +27,7 @@ pub async fn open(
     if request.sequence == 0 {
         return Err(validate::Error::new("sequence", "must be at least 1").into());
     }
-    let message = egress
+    let mut message = egress
         .store
         .message(&request.subject, request.sequence)
         .await?
@@ -35,6 +35,7 @@ pub async fn open(
             subject: request.subject.clone(),
             sequence: request.sequence,
         })?;
+    egress.segments.resolve(&mut message).await?;
     if request.offset > message.size {
         return Err(Error::OffsetPastEnd {
             subject: message.subject,

@@ -7,3 +7,4 @@ mod consumers;
 mod delivery;
 mod maintenance;
 mod support;
+mod tiering;

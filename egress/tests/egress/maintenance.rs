@@ -15,16 +15,16 @@ use mts_testkit::{self as testing, Running, TarantoolProcess};
 use tonic::Code;
 use tonic::transport::Channel;
 
-struct Isolated {
-    tarantool: TarantoolProcess,
-    config: Config,
-    service: Running,
-    client: EgressServiceClient<Channel>,
-    store: Store,
-    object_store: ObjectStore,
+pub(crate) struct Isolated {
+    pub(crate) tarantool: TarantoolProcess,
+    pub(crate) config: Config,
+    pub(crate) service: Running,
+    pub(crate) client: EgressServiceClient<Channel>,
+    pub(crate) store: Store,
+    pub(crate) object_store: ObjectStore,
 }
 
-async fn isolated(tweak: impl FnOnce(&mut Config)) -> Isolated {
+pub(crate) async fn isolated(tweak: impl FnOnce(&mut Config)) -> Isolated {
     let tarantool = TarantoolProcess::start();
     let mut config = tarantool.config();
     config.object_store.bucket_name = format!("mts-{}", uuid_hex());
@@ -54,7 +54,12 @@ fn uuid_hex() -> String {
 
 impl Isolated {
     /// Publishes `size` bytes; offloaded ones go to S3 first, as the ingress does.
-    async fn publish(&self, subject: &str, size: usize, offload: bool) -> (u64, Option<String>) {
+    pub(crate) async fn publish(
+        &self,
+        subject: &str,
+        size: usize,
+        offload: bool,
+    ) -> (u64, Option<String>) {
         let data = vec![7u8; size];
         if offload {
             let key = self.new_key(subject);
@@ -76,20 +81,20 @@ impl Isolated {
     }
 
     /// A fresh object key of `subject`, laid out as the ingress lays it out.
-    fn new_key(&self, subject: &str) -> String {
+    pub(crate) fn new_key(&self, subject: &str) -> String {
         self.object_store
             .new_key(&self.store.identity().store_id, subject)
     }
 
     /// The keys of `subject`'s objects in the bucket.
-    async fn keys_of(&self, subject: &str) -> Vec<String> {
+    pub(crate) async fn keys_of(&self, subject: &str) -> Vec<String> {
         let prefix = self
             .object_store
             .subject_prefix(&self.store.identity().store_id, subject);
         self.object_store.list_keys(&prefix).await.unwrap()
     }
 
-    async fn limit(&mut self, subject: &str, limits: SubjectLimits) -> SubjectInfo {
+    pub(crate) async fn limit(&mut self, subject: &str, limits: SubjectLimits) -> SubjectInfo {
         self.client
             .set_subject_limits(SetSubjectLimitsRequest {
                 subject: subject.into(),
@@ -100,7 +105,7 @@ impl Isolated {
             .into_inner()
     }
 
-    async fn info(&self, subject: &str) -> SubjectInfo {
+    pub(crate) async fn info(&self, subject: &str) -> SubjectInfo {
         self.client
             .clone()
             .get_subject_info(SubjectRequest {
@@ -295,7 +300,11 @@ async fn one_replica_at_a_time_holds_the_maintenance_lease() {
             .tarantool
             .admin_client()
             .await
-            .eval("local h = {} for _, l in box.space.mts_leases:pairs() do h[#h + 1] = l[2] end return h", ())
+            .eval(
+                "local h = {} for _, l in box.space.mts_leases:pairs() do \
+                 if l.name == 'maintenance' then h[#h + 1] = l.holder end end return h",
+                (),
+            )
             .await
             .unwrap();
         holders

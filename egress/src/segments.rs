@@ -1,0 +1,212 @@
+//! Reading messages that live in the cold tier: Tarantool answers them as
+//! references to a block of a segment object; this reads the block (and the
+//! blocks after it, in one ranged GET, since readers mostly go forward),
+//! keeps recently read blocks in a cache bounded in bytes, and fills the
+//! messages in from their records.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use mts_runtime::metrics::{Metrics, SourceLabels};
+use mts_storage::object_store::{self, ObjectStore};
+use mts_storage::segment::{self, Block};
+use mts_storage::store::{Leased, SegmentRef, StoredMessage};
+
+use crate::Error;
+
+/// Bytes one read of a segment fetches at least: the block asked for and
+/// those after it, for the reads that follow.
+const READ_AHEAD: u64 = 1024 * 1024;
+
+type BlockId = (String, u64);
+
+/// Recently read blocks, least recently used evicted first.
+#[derive(Debug, Default)]
+struct Cache {
+    blocks: HashMap<BlockId, (Arc<Block>, u64)>,
+    by_use: BTreeMap<u64, BlockId>,
+    bytes: usize,
+    clock: u64,
+}
+
+impl Cache {
+    fn get(&mut self, id: &BlockId) -> Option<Arc<Block>> {
+        self.clock += 1;
+        let clock = self.clock;
+        let (block, used) = self.blocks.get_mut(id)?;
+        self.by_use.remove(used);
+        *used = clock;
+        self.by_use.insert(clock, id.clone());
+        Some(block.clone())
+    }
+
+    fn put(&mut self, id: BlockId, block: Arc<Block>, max_bytes: usize) {
+        if self.blocks.contains_key(&id) {
+            return;
+        }
+        self.clock += 1;
+        self.bytes += block.weight();
+        self.by_use.insert(self.clock, id.clone());
+        self.blocks.insert(id, (block, self.clock));
+        while self.bytes > max_bytes {
+            let Some((_, oldest)) = self.by_use.pop_first() else {
+                break;
+            };
+            if let Some((block, _)) = self.blocks.remove(&oldest) {
+                self.bytes -= block.weight();
+            }
+        }
+    }
+}
+
+/// The egress's reader of segments; shared by every request.
+#[derive(Debug)]
+pub struct Segments {
+    object_store: ObjectStore,
+    cache: Mutex<Cache>,
+    max_bytes: usize,
+    metrics: Arc<Metrics>,
+}
+
+impl Segments {
+    /// A reader caching up to `max_bytes` of blocks.
+    pub fn new(object_store: ObjectStore, max_bytes: u64, metrics: Arc<Metrics>) -> Self {
+        Self {
+            object_store,
+            cache: Mutex::default(),
+            max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+            metrics,
+        }
+    }
+
+    /// Fills in every message of `batch` that is a reference into a
+    /// segment; hot messages are left as they are.
+    pub async fn resolve_all(&self, batch: &mut [Leased]) -> Result<(), Error> {
+        for leased in batch {
+            if leased.message.segment.is_some() {
+                self.resolve(&mut leased.message).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fills in `message` from its segment, if it is a reference into one.
+    pub async fn resolve(&self, message: &mut StoredMessage) -> Result<(), Error> {
+        let Some(at) = message.segment.take() else {
+            return Ok(());
+        };
+        let block = self.block(&message.subject, message.seq, &at).await?;
+        let Some(record) = block.get(message.seq) else {
+            return Err(Error::CorruptSegment {
+                key: at.object_key,
+                detail: format!(
+                    "the block at offset {} does not hold message {} of {}",
+                    at.offset, message.seq, message.subject
+                ),
+            });
+        };
+        *message = record
+            .clone()
+            .into_message(std::mem::take(&mut message.subject));
+        Ok(())
+    }
+
+    /// Given `first`, a reference to the first message of the block that
+    /// holds the first message committed at or after `time_ns` (or that
+    /// it directly follows): the sequence just before that message.
+    pub async fn start_after(&self, first: StoredMessage, time_ns: u64) -> Result<u64, Error> {
+        let Some(at) = &first.segment else {
+            return Ok(first.seq.saturating_sub(1));
+        };
+        let block = self.block(&first.subject, first.seq, at).await?;
+        let last = block.records.last().map_or(first.seq, |r| r.seq);
+        Ok(block
+            .records
+            .iter()
+            .find(|r| r.ts_ns >= time_ns)
+            .map_or(last, |r| r.seq - 1))
+    }
+
+    async fn block(&self, subject: &str, seq: u64, at: &SegmentRef) -> Result<Arc<Block>, Error> {
+        let id = (at.object_key.clone(), at.offset);
+        if let Some(block) = self.lock().get(&id) {
+            self.count_read("cache");
+            return Ok(block);
+        }
+        self.count_read("object_store");
+        let bytes = self
+            .object_store
+            .get_range(&at.object_key, at.offset, at.length.max(READ_AHEAD))
+            .await
+            .map_err(|err| match err {
+                object_store::Error::NotFound(_) => Error::MissingPayload {
+                    subject: subject.to_owned(),
+                    sequence: seq,
+                    key: at.object_key.clone(),
+                },
+                err => Error::ObjectStore(err),
+            })?;
+        let blocks =
+            segment::decode_blocks(bytes, at.offset).map_err(|err| Error::CorruptSegment {
+                key: at.object_key.clone(),
+                detail: err.to_string(),
+            })?;
+        let mut wanted = None;
+        let mut cache = self.lock();
+        for block in blocks {
+            let block = Arc::new(block);
+            if block.offset == at.offset {
+                wanted = Some(block.clone());
+            }
+            cache.put((at.object_key.clone(), block.offset), block, self.max_bytes);
+        }
+        wanted.ok_or_else(|| Error::CorruptSegment {
+            key: at.object_key.clone(),
+            detail: format!(
+                "no whole block at offset {} (length {})",
+                at.offset, at.length
+            ),
+        })
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {
+        // A panic while holding the lock leaves a consistent cache.
+        self.cache
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn count_read(&self, source: &'static str) {
+        self.metrics
+            .segment_block_reads
+            .get_or_create(&SourceLabels { source })
+            .inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn block(offset: u64, length: u64) -> Arc<Block> {
+        Arc::new(Block {
+            offset,
+            length,
+            records: Vec::new(),
+        })
+    }
+
+    #[test]
+    fn the_cache_evicts_the_least_recently_used_blocks_beyond_its_bytes() {
+        let mut cache = Cache::default();
+        let id = |n: u64| ("k".to_owned(), n);
+        cache.put(id(0), block(0, 100), 250);
+        cache.put(id(1), block(1, 100), 250);
+        assert!(cache.get(&id(0)).is_some());
+        cache.put(id(2), block(2, 100), 250);
+        assert!(cache.get(&id(1)).is_none(), "the least recently used went");
+        assert!(cache.get(&id(0)).is_some());
+        assert!(cache.get(&id(2)).is_some());
+        assert!(cache.bytes <= 250);
+    }
+}

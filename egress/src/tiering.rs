@@ -1,0 +1,182 @@
+//! Moving messages to the cold tier, run by the one egress replica that
+//! holds the `tiering` lease: each subject's oldest hot messages are packed
+//! into a segment, uploaded, and only then swapped for one segment row in one
+//! transaction. A crash between the two leaves an object no row names (the
+//! orphan sweep's to delete); a swap that finds its rows gone changes
+//! nothing, and its object is deleted here. Runs back to back while work is
+//! due, so the hot tier drains as fast as the object store takes segments.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use mts_config::Config;
+use mts_runtime::metrics::Metrics;
+use mts_storage::object_store::ObjectStore;
+use mts_storage::segment::Writer;
+use mts_storage::store::{SegmentPlan, Store, TierCommit, TieringOptions};
+
+use crate::Error;
+
+/// Bytes of one block of a segment: what a reader of one message fetches.
+const BLOCK_BYTES: usize = 64 * 1024;
+/// Hot messages read per Tarantool call while packing a segment.
+const READ_MESSAGES: u32 = 2000;
+/// Payload bytes read per Tarantool call while packing a segment.
+const READ_BYTES: u64 = 4 * 1024 * 1024;
+/// Subjects planned per pass.
+const PLAN_SUBJECTS: u32 = 16;
+/// How long the lease lasts without renewal: longer than one segment's work.
+const LEASE_TTL: Duration = Duration::from_secs(30);
+
+/// The tiering worker of one egress process.
+pub struct Tiering {
+    store: Store,
+    object_store: ObjectStore,
+    metrics: Arc<Metrics>,
+    holder: String,
+    options: TieringOptions,
+    interval: Duration,
+}
+
+impl Tiering {
+    /// A worker with the segment sizes of `config`.
+    pub fn new(
+        store: Store,
+        object_store: ObjectStore,
+        config: &Config,
+        metrics: Arc<Metrics>,
+    ) -> Self {
+        Self {
+            store,
+            object_store,
+            metrics,
+            holder: format!("egress-{}", uuid::Uuid::now_v7()),
+            options: TieringOptions {
+                segment_bytes: config.tiering.segment_max_bytes,
+                segment_messages: config.tiering.segment_max_messages,
+                seal_age: Duration::from_millis(config.tiering.segment_seal_age_ms),
+            },
+            interval: Duration::from_millis(config.egress.maintenance_interval_ms),
+        }
+    }
+
+    /// Runs until dropped.
+    pub async fn run(self) {
+        loop {
+            match self.store.lease("tiering", &self.holder, LEASE_TTL).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    tokio::time::sleep(self.interval).await;
+                    continue;
+                }
+                Err(err) => {
+                    tracing::debug!(%err, "tiering lease unavailable");
+                    tokio::time::sleep(self.interval).await;
+                    continue;
+                }
+            }
+            match self.pass().await {
+                Ok(0) => tokio::time::sleep(self.interval).await,
+                Ok(written) => tracing::debug!(written, "segments written"),
+                Err(err) => {
+                    self.metrics.tiering_errors.inc();
+                    tracing::warn!(%err, "moving messages to the cold tier failed; retrying");
+                    tokio::time::sleep(self.interval).await;
+                }
+            }
+        }
+    }
+
+    /// Seals one segment for each subject that is due; returns how many.
+    pub async fn pass(&self) -> Result<usize, Error> {
+        let plans = self.store.tier_plan(self.options, PLAN_SUBJECTS).await?;
+        let mut written = 0;
+        for plan in &plans {
+            if self.seal(plan).await? {
+                written += 1;
+            }
+        }
+        Ok(written)
+    }
+
+    /// Packs the subject's oldest hot messages into a segment, uploads it
+    /// and swaps the rows for it; true when the segment now holds them.
+    async fn seal(&self, plan: &SegmentPlan) -> Result<bool, Error> {
+        let subject = plan.subject.as_str();
+        let mut writer = Writer::new(BLOCK_BYTES);
+        let mut after = plan.first_seq.saturating_sub(1);
+        let full = |w: &Writer| {
+            w.count() >= self.options.segment_messages
+                || w.len() as u64 >= self.options.segment_bytes
+        };
+        'read: while !full(&writer) {
+            let room = self.options.segment_messages - writer.count();
+            let rows = self
+                .store
+                .tier_read(
+                    subject,
+                    after,
+                    u32::try_from(room).unwrap_or(u32::MAX).min(READ_MESSAGES),
+                    READ_BYTES,
+                )
+                .await?;
+            if rows.is_empty() {
+                break;
+            }
+            for message in &rows {
+                // A segment holds a gap-free run.
+                if !writer.is_empty() && message.seq != after + 1 {
+                    break 'read;
+                }
+                writer.push(message);
+                after = message.seq;
+                if full(&writer) {
+                    break 'read;
+                }
+            }
+        }
+        if writer.is_empty() {
+            return Ok(false);
+        }
+        let sealed = writer.finish();
+        let identity = self.store.identity();
+        let key = self
+            .object_store
+            .segment_key(&identity.store_id, subject, sealed.first_seq);
+        self.object_store
+            .put(&key, sealed.body.clone())
+            .await
+            .map_err(Error::ObjectStore)?;
+        match self.store.tier_commit(subject, &key, &sealed).await {
+            Ok(TierCommit::Committed) => {
+                self.metrics.segments_written.inc();
+                tracing::debug!(
+                    subject,
+                    first = sealed.first_seq,
+                    last = sealed.last_seq,
+                    bytes = sealed.body.len(),
+                    "segment written"
+                );
+                Ok(true)
+            }
+            Ok(outcome) => {
+                tracing::info!(subject, ?outcome, object = %key, "segment not needed; deleting it");
+                self.discard(&key).await;
+                Ok(false)
+            }
+            // The swap may have happened: the object stays, and the orphan
+            // sweep deletes it if no row names it.
+            Err(err) if err.outcome_unknown() => Err(err.into()),
+            Err(err) => {
+                self.discard(&key).await;
+                Err(err.into())
+            }
+        }
+    }
+
+    async fn discard(&self, key: &str) {
+        if let Err(err) = self.object_store.delete(key).await {
+            tracing::warn!(%err, object = %key, "deleting an unused segment failed; the orphan sweep will");
+        }
+    }
+}

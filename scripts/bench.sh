@@ -8,7 +8,7 @@
 #   scripts/bench.sh --smoke   --quick on unoptimised builds, failing when a scenario
 #                              moves nothing or ours has errors: checks the harness
 #                              itself; its figures mean nothing
-#   scripts/bench.sh --only publish   one scenario (publish, delivery, large-publish, ...)
+#   scripts/bench.sh --only publish   one scenario (publish, delivery, large-publish, ..., capacity)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
@@ -19,7 +19,7 @@ while [ $# -gt 0 ]; do
         --quick) quick=1 ;;
         --smoke) quick=1 smoke=1 ;;
         --only) only=$2; shift ;;
-        *) die "usage: scripts/bench.sh [--quick|--smoke] [--only publish|delivery|large-publish|fanout|large-payloads|drain]" ;;
+        *) die "usage: scripts/bench.sh [--quick|--smoke] [--only publish|delivery|large-publish|fanout|large-payloads|drain|capacity]" ;;
     esac
     shift
 done
@@ -49,8 +49,9 @@ mkdir -p "$work/run" "$work/nats"
 
 tarantool_port=$(free_port) s3_port=$(free_port) rpc_port=$(free_port) nats_port=$(free_port)
 password=$(openssl rand -hex 12) access_key="GK$(openssl rand -hex 12)" secret_key=$(openssl rand -hex 32)
-# Room for every message the runs store (the 30 s runs write a few GiB).
-MTS_TARANTOOL_MEMTX_MB=6144 start_tarantool "$work/tarantool" "$tarantool_port" "$password"
+# The local default: the hot tier keeps Tarantool within it however much the
+# runs store (the 30 s runs write a few GiB); the rest goes to segments.
+MTS_TARANTOOL_MEMTX_MB=256 start_tarantool "$work/tarantool" "$tarantool_port" "$password"
 start_garage "$work/garage" "$s3_port" "$rpc_port" "$access_key" "$secret_key" minitoolstream-bench
 nats-server -js -sd "$work/nats" -a 127.0.0.1 -p "$nats_port" >"$work/nats.log" 2>&1 &
 echo $! >"$work/run/nats.pid"
@@ -89,9 +90,9 @@ mkdir -p bench-results
 stamp=$(date -u +%Y%m%dT%H%M%SZ)
 results="bench-results/$stamp.jsonl"
 if [ "$quick" = 1 ]; then
-    secs=3 rate=2000 large_mib=4 streams=100 fan_msgs=10 payload_mib=64 drain=5000
+    secs=3 rate=2000 large_mib=4 streams=100 fan_msgs=10 payload_mib=64 drain=5000 capacity=100000
 else
-    secs=30 rate=5000 large_mib=16 streams=1000 fan_msgs=50 payload_mib=1024 drain=100000
+    secs=30 rate=5000 large_mib=16 streams=1000 fan_msgs=50 payload_mib=1024 drain=100000 capacity=5000000
 fi
 run() {
     [ -z "$only" ] || [ "$1" = "$only" ] || return 0
@@ -120,6 +121,7 @@ done
 for system in ours jetstream; do
     run drain --system "$system" --size 1024 --messages "$drain" --consumers 4
 done
+run capacity --size 1024 --messages "$capacity"
 
 mode=()
 [ "$smoke" = 1 ] && mode=(--smoke)

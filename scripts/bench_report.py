@@ -28,7 +28,7 @@ def failures(runs):
     found, warnings = ([] if runs else ["no scenario ran"]), []
     for r in runs:
         name = f"{r['scenario']} {r.get('system', '')}".strip()
-        if r["scenario"] == "5-large-payloads":
+        if r["scenario"] in ("5-large-payloads", "7-capacity"):
             if not r.get("verified"):
                 found.append(f"{name}: payloads not verified")
         elif not r["msg_per_s"]:
@@ -47,7 +47,7 @@ def main(path, smoke=False):
     print("| scenario | system | configuration | msg/s | MB/s | p50 ms | p90 ms | p99 ms | max ms | errors | peak RSS / CPU |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in runs:
-        if r["scenario"] == "5-large-payloads":
+        if r["scenario"] in ("5-large-payloads", "7-capacity"):
             continue
         lat = r["latency_ms"]
         config = ", ".join(f"{k} {v}" for k, v in r["config"].items())
@@ -62,6 +62,13 @@ def main(path, smoke=False):
                 p = r[phase]
                 print(f"| | {r['payload_mib']} × {r['concurrency']} | {phase} | {p['mib_per_s']} | "
                       f"{processes(p['processes'])} |")
+
+    for r in (r for r in runs if r["scenario"] == "7-capacity"):
+        print(f"\n7-capacity: {r['published']} × {r['config']['size']} B published in {r['publish_seconds']} s "
+              f"({r['publish_msg_per_s']} msg/s, {r['refused_and_retried']} refused for room and sent again); "
+              f"Tarantool RSS (MiB) while publishing: {r['tarantool_rss_mib_samples']}, after: "
+              f"{r['tarantool_rss_mib_after']}; replayed {r['replayed']} from sequence 1 in {r['replay_seconds']} s "
+              f"({r['replay_msg_per_s']} msg/s, goal ≥ 100000), verified: {r['verified']}")
 
     def find(scenario, system):
         return next((r for r in runs if r["scenario"] == scenario and r["system"] == system), None)

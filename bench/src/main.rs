@@ -7,6 +7,7 @@
 
 #![forbid(unsafe_code)]
 
+mod capacity;
 mod delivery;
 mod drain;
 mod fanout;
@@ -125,6 +126,14 @@ enum Scenario {
         #[arg(long, default_value_t = 1)]
         concurrency: usize,
     },
+    /// 7: far more messages than Tarantool's memory holds, then one
+    /// consumer replaying all of them from sequence 1, payloads verified.
+    Capacity {
+        #[arg(long, default_value_t = 1024)]
+        size: usize,
+        #[arg(long, default_value_t = 5_000_000)]
+        messages: u64,
+    },
     /// 6: competing consumers draining a backlog with acks.
     Drain {
         #[arg(long, value_enum)]
@@ -173,6 +182,18 @@ async fn run(args: Args) -> Result<String, String> {
         Scenario::LargePayloads { mib, concurrency } => {
             return large_payloads::run(&args.ingress, &args.egress, mib, concurrency, &services)
                 .await;
+        }
+        Scenario::Capacity { size, messages } => {
+            let subject = subject("capacity");
+            return capacity::run(
+                &args.ingress,
+                &args.egress,
+                &subject,
+                size,
+                messages,
+                &services,
+            )
+            .await;
         }
         Scenario::Publish {
             system,

@@ -44,6 +44,30 @@ impl Services {
     }
 }
 
+impl Services {
+    /// Resident memory of process `name` now, in bytes.
+    pub fn current_rss(&self, name: &str) -> Option<u64> {
+        rss(self.pid(name)?)
+    }
+
+    /// A reader of process `name`'s resident memory, for a sampling task.
+    pub fn rss_reader(&self, name: &str) -> impl Fn() -> Option<u64> + Send + 'static {
+        let pid = self.pid(name);
+        move || rss(pid?)
+    }
+
+    fn pid(&self, name: &str) -> Option<u32> {
+        self.pids.iter().find(|(n, _)| n == name).map(|(_, pid)| *pid)
+    }
+}
+
+fn rss(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
 fn peak_rss(pid: u32) -> Option<u64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;

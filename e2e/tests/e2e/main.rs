@@ -13,5 +13,6 @@ mod malformed;
 mod metrics;
 mod restart;
 mod system;
+mod tiering;
 mod tls;
 mod tracing_export;

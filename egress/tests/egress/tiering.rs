@@ -381,3 +381,12 @@ async fn the_maintenance_replica_exports_the_tiers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn over_half_its_budget_the_hot_tier_moves_whatever_is_there() {
+    // Default segment sizes and seal age: only the pressure moves these.
+    let t = isolated(|c| c.tiering.hot_tier_max_messages = 200).await;
+    let subject = testing::unique_subject("pressure");
+    publish_numbered(&t, &subject, 150).await;
+    wait_all_cold(&t, &subject, 150).await;
+}

@@ -169,7 +169,12 @@ fn answer(
         Err(err) => {
             let status = Status::from(err);
             match status.code() {
-                tonic::Code::InvalidArgument | tonic::Code::PermissionDenied => {
+                // A client's mistake, or a full hot tier (a state the
+                // metrics and the tiering warnings already tell of): one
+                // line per message would flood the log.
+                tonic::Code::InvalidArgument
+                | tonic::Code::PermissionDenied
+                | tonic::Code::ResourceExhausted => {
                     tracing::debug!(%status, "message of a publish stream refused");
                 }
                 _ => tracing::warn!(%status, "message of a publish stream failed"),

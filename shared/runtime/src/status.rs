@@ -17,7 +17,7 @@ pub fn store(err: store::Error) -> Status {
             "{err}; to retry without storing twice, publish again with the same message_id"
         )),
         (_, Some(Refusal::Full)) => Status::resource_exhausted(format!(
-            "metadata store is full; free space or raise memtx_memory: {err}"
+            "Tarantool is out of memory, nothing was stored; publish again later, and lower hot_tier_max_bytes or raise memtx_memory: {err}"
         )),
         // A state with a policy, not a fault: the message says what to do.
         (_, Some(Refusal::HotFull)) => Status::resource_exhausted(err.to_string()),
@@ -87,6 +87,14 @@ mod tests {
                     reason: "abandoned".into(),
                 },
                 Code::Aborted,
+            ),
+            (
+                store::Error::Refused {
+                    code: 0,
+                    reason: "Failed to allocate 1193 bytes in slab allocator for memtx_tuple"
+                        .into(),
+                },
+                Code::ResourceExhausted,
             ),
             (
                 store::Error::Refused {

@@ -24,6 +24,20 @@ local ABANDONED = 10001
 local LATE = 10002
 local FENCED = 10003
 local HOT_FULL = 10004
+-- Tarantool's ER_MEMORY_ISSUE, which an OutOfMemory error (memtx full) does
+-- not carry in Lua.
+local MEMORY_ISSUE = 2
+
+-- The code to answer a refused message with.
+local function error_code(err)
+    if type(err) ~= 'cdata' then
+        return 0
+    end
+    if err.type == 'OutOfMemory' then
+        return MEMORY_ISSUE
+    end
+    return err.code or 0
+end
 
 -- Integers arrive from requests and tuples as Lua numbers or, from about 2^47
 -- on, as uint64_t cdata. The two mix in comparisons and + - * /, but not in
@@ -532,12 +546,14 @@ local function store_message(subject, headers, data, object_key, size, sha256)
 end
 
 ------------------------------------------------------------------------------
--- The hot tier's budget. Hot rows are bounded in bytes (of tuples) and in
--- rows; the service passes its configured budget with every publish as
--- {max_bytes, max_rows, discard} (0 = derived from memtx_memory: half of it
--- for bytes, one row per KiB of it). Once over, each subject's discard
--- policy decides: 'new' refuses the publish, 'old' evicts the subject's
--- oldest hot message for each new one.
+-- The hot tier's budget. Hot rows, and the message ids remembered for
+-- deduplication (which no tiering can move), are bounded in bytes (of
+-- tuples) and in rows; the service passes its configured budget with every
+-- publish as {max_bytes, max_rows, discard} (0 = derived from memtx_memory:
+-- a quarter of it for bytes, one row per 2 KiB of it: the allocator, the
+-- indexes, consumers and segment rows need the rest). Once over, each
+-- subject's discard policy decides: 'new' refuses the publish, 'old' evicts
+-- the subject's oldest hot message for each new one.
 ------------------------------------------------------------------------------
 
 local function hot_budget(hot)
@@ -548,17 +564,23 @@ local function hot_budget(hot)
     local max_bytes = hot.max_bytes or 0
     local max_rows = hot.max_rows or 0
     if max_bytes == 0 then
-        max_bytes = math.floor(memtx / 2)
+        max_bytes = math.floor(memtx / 4)
     end
     if max_rows == 0 then
-        max_rows = math.floor(memtx / 1024)
+        max_rows = math.floor(memtx / 2048)
     end
     return {max_bytes = max_bytes, max_rows = max_rows, discard = hot.discard or 'new'}
 end
 
+-- Bytes and rows counted against the budget.
+local function hot_size()
+    local messages, ids = box.space.mts_messages, box.space.mts_dedup
+    return messages:bsize() + ids:bsize(), messages:len() + ids:len()
+end
+
 local function hot_full(budget)
-    local space = box.space.mts_messages
-    return space:bsize() >= budget.max_bytes or space:len() >= budget.max_rows
+    local bytes, rows = hot_size()
+    return bytes >= budget.max_bytes or rows >= budget.max_rows
 end
 
 -- Whether message `message_id` on subject `s` would be a duplicate (which
@@ -587,12 +609,12 @@ local function make_room(s, budget)
             return nil
         end
     end
-    local space = box.space.mts_messages
+    local bytes, rows = hot_size()
     return string.format(
-        'the hot tier is full (%s of %s bytes, %s of %s messages not yet moved to the object store),'
-            .. ' and subject %s discards new messages: publish again once tiering catches up'
-            .. ' (is the object store reachable?), or set the subject\'s discard policy to old',
-        decimal(space:bsize()), decimal(budget.max_bytes), decimal(space:len()), decimal(budget.max_rows), s.name)
+        'the hot tier is full (%s of %s bytes, %s of %s rows of messages not yet moved to the object store'
+            .. ' and of remembered message ids), and subject %s discards new messages: publish again once'
+            .. ' tiering catches up (is the object store reachable?), or set the subject\'s discard policy to old',
+        decimal(bytes), decimal(budget.max_bytes), decimal(rows), decimal(budget.max_rows), s.name)
 end
 
 local LATE_REASON = 'publish reached Tarantool after its deadline; nothing was stored'
@@ -653,6 +675,21 @@ local FENCED_REASON = 'this publish attempt was settled as not stored before it 
 local IN = {
     subject = 1, headers = 2, data = 3, size = 4, sha256 = 5, message_id = 6, window_ms = 7, deadline_ns = 8,
 }
+
+-- The verdicts an attempt keeps: without refusal reasons, which would make
+-- its row large, and rows of many large sizes strand memtx memory in
+-- nearly empty slabs of their own.
+local function kept_verdicts(results)
+    local kept = setmetatable({}, ARRAY)
+    for i, verdict in ipairs(results) do
+        if verdict[3] ~= nil then
+            kept[i] = {0, false, verdict[3]}
+        else
+            kept[i] = verdict
+        end
+    end
+    return kept
+end
 
 -- Group commit: stores inline messages from many publishers in one
 -- transaction, so one WAL write serves them all, and each subject's row is
@@ -719,9 +756,7 @@ rawset(_G, 'mts_publish_batch', function(messages, attempt, forget, hot)
                 elseif ok then
                     results[i] = {seq, duplicate}
                 else
-                    local err = seq
-                    local code = type(err) == 'cdata' and err.code or 0
-                    results[i] = {0, false, code, tostring(err)}
+                    results[i] = {0, false, error_code(seq), tostring(seq)}
                 end
             end
         end
@@ -729,7 +764,7 @@ rawset(_G, 'mts_publish_batch', function(messages, attempt, forget, hot)
             close_subject(s)
         end
         if attempt ~= nil then
-            box.space.mts_attempts:insert({attempt, now, false, results})
+            box.space.mts_attempts:insert({attempt, now, false, kept_verdicts(results)})
         end
     end)
     if replayed then
@@ -1614,8 +1649,8 @@ end)
 
 -- Hot-tier use against the budget, as a fraction of the fuller of bytes and rows.
 local function hot_use(budget)
-    local space = box.space.mts_messages
-    return math.max(tonumber(space:bsize()) / budget.max_bytes, tonumber(space:len()) / budget.max_rows)
+    local bytes, rows = hot_size()
+    return math.max(tonumber(bytes) / budget.max_bytes, tonumber(rows) / budget.max_rows)
 end
 
 -- Subjects with hot messages due to move: `opts` = {segment_bytes,
@@ -1735,9 +1770,10 @@ rawset(_G, 'mts_storage_stats', function(hot)
         segment_bytes = segment_bytes + seg.object_size
     end
     local slab = box.slab.info()
+    local hot_bytes, hot_rows = hot_size()
     return {
-        hot_bytes = box.space.mts_messages:bsize(),
-        hot_messages = box.space.mts_messages:len(),
+        hot_bytes = hot_bytes,
+        hot_messages = hot_rows,
         budget_bytes = budget.max_bytes,
         budget_messages = budget.max_rows,
         arena_used = slab.arena_used,

@@ -112,6 +112,9 @@ pub enum Refusal {
 impl Error {
     /// Which of the refusals callers tell apart this is, if any.
     pub fn refusal(&self) -> Option<Refusal> {
+        if self.out_of_memory() {
+            return Some(Refusal::Full);
+        }
         match self.server_code() {
             Some(MEMORY_ISSUE) => Some(Refusal::Full),
             Some(LATE) => Some(Refusal::Late),
@@ -152,6 +155,17 @@ impl Error {
     }
 
     /// Tarantool's code for an error it raised, if it raised one.
+    /// Whether Tarantool ran out of memory for data (its OutOfMemory errors
+    /// may come without ER_MEMORY_ISSUE's code, but always with this text).
+    fn out_of_memory(&self) -> bool {
+        let text = match self {
+            Self::Rejected(err) | Self::Full(err) => err.to_string(),
+            Self::Refused { reason, .. } => reason.clone(),
+            _ => return false,
+        };
+        text.contains("Failed to allocate")
+    }
+
     fn server_code(&self) -> Option<ErrorCode> {
         match self {
             Self::Rejected(err) | Self::Full(err) => match &**err {

@@ -193,12 +193,18 @@ pub fn free_port() -> u16 {
 pub struct TarantoolProcess {
     dir: PathBuf,
     port: u16,
+    memtx_bytes: u64,
     child: Option<Child>,
 }
 
 impl TarantoolProcess {
     /// Starts Tarantool on a free port with its data under a new directory.
     pub fn start() -> Self {
+        Self::start_with_memtx(256 << 20)
+    }
+
+    /// As `start`, with `memtx_bytes` of memory for data.
+    pub fn start_with_memtx(memtx_bytes: u64) -> Self {
         let dir =
             std::env::temp_dir().join(format!("mts-tarantool-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).expect("create tarantool dir");
@@ -215,6 +221,7 @@ impl TarantoolProcess {
         let mut process = Self {
             dir,
             port: free_port(),
+            memtx_bytes,
             child: None,
         };
         process.spawn();
@@ -234,7 +241,7 @@ impl TarantoolProcess {
             .env("TARANTOOL_WORK_DIR", &self.dir)
             .env("TARANTOOL_PASSWORD", "minitoolstream")
             .env("TARANTOOL_USER", "minitoolstream_connector")
-            .env("TARANTOOL_MEMTX_MEMORY", (256u64 << 20).to_string())
+            .env("TARANTOOL_MEMTX_MEMORY", self.memtx_bytes.to_string())
             .env("TARANTOOL_LOG", self.dir.join("tarantool.log"))
             .env("MTS_SCHEMA_FILE", self.dir.join("minitoolstream.lua"))
             .env("TARANTOOL_INIT_EXTRA", self.dir.join("test-admin.lua"))

@@ -91,7 +91,8 @@ impl Serialize for Queued {
     }
 }
 
-/// One message's verdict: `{seq, duplicate}`, or `{0, false, code, reason}`.
+/// One message's verdict: `{seq, duplicate}`, or `{0, false, code, reason}`
+/// (without the reason when settled after a lost answer).
 #[derive(Debug, Deserialize)]
 struct Verdict {
     seq: u64,
@@ -109,9 +110,12 @@ impl Verdict {
                 seq: self.seq,
                 duplicate: self.duplicate,
             }),
+            // Settled attempts keep codes only.
             Some(code) => Err(Error::Refused {
                 code,
-                reason: self.reason.unwrap_or_default(),
+                reason: self.reason.unwrap_or_else(|| {
+                    "refused before its answer was lost (the reason is not kept)".into()
+                }),
             }),
         }
     }

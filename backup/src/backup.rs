@@ -194,13 +194,11 @@ async fn copy(
     }
 
     let (mut objects, mut bytes, mut missing) = (0, 0, Vec::new());
-    // Objects of stored messages (hot), segments and the payloads segments
-    // name (cold), then those deleted since the checkpoint (their deletion
+    // Offloaded payloads of stored messages (hot or in segments), the
+    // segments, then objects deleted since the checkpoint (their deletion
     // waits behind the hold).
-    for source in ["messages", "segments", "segment_objects", "gc"] {
-        // Sizes are known for these; a payload a segment names says none.
-        let sized = matches!(source, "messages" | "segments");
-        let required = source != "gc";
+    for source in ["messages", "segments", "gc"] {
+        let (sized, required) = (source != "gc", source != "gc");
         let mut after = String::new();
         loop {
             let page = store

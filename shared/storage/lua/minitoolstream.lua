@@ -141,15 +141,8 @@ with_schema_lock(function()
     }
     box.schema.space.create('mts_messages', {if_not_exists = true, format = MESSAGE_FORMAT})
     box.space.mts_messages:format(MESSAGE_FORMAT)
+    -- One index only: every index entry is paid for by every publish.
     box.space.mts_messages:create_index('primary', {parts = {'subject', 'seq'}, if_not_exists = true})
-    box.space.mts_messages:create_index('ts', {
-        parts = {'subject', 'ts_ns'}, unique = false, if_not_exists = true,
-    })
-    box.space.mts_messages:create_index('object_key', {
-        parts = {{field = 'object_key', type = 'string', is_nullable = true}},
-        unique = false,
-        if_not_exists = true,
-    })
 
     local CONSUMER_FORMAT = {
         {name = 'subject', type = 'string'},
@@ -302,20 +295,42 @@ with_schema_lock(function()
     box.space.mts_segments:create_index('last', {parts = {'subject', 'last_seq'}, if_not_exists = true})
     box.space.mts_segments:create_index('object_key', {parts = {'object_key'}, if_not_exists = true})
 
-    -- Offloaded payloads that segments name (their messages' rows are gone
-    -- from mts_messages): the object stays while one of these names it.
-    box.schema.space.create('mts_segment_objects', {
+    -- Offloaded payloads and the stored messages (hot or in a segment) that
+    -- name them: an object stays while one of these names it. Kept apart
+    -- from mts_messages so that inline messages, nearly all of them, pay for
+    -- no index of object keys.
+    box.schema.space.create('mts_object_refs', {
         if_not_exists = true,
         format = {
             {name = 'object_key', type = 'string'},
             {name = 'subject', type = 'string'},
             {name = 'seq', type = 'unsigned'},
+            {name = 'size', type = 'unsigned'},
         },
     })
-    box.space.mts_segment_objects:create_index('primary', {
+    box.space.mts_object_refs:create_index('primary', {
         parts = {'object_key', 'subject', 'seq'}, if_not_exists = true,
     })
-    box.space.mts_segment_objects:create_index('message', {parts = {'subject', 'seq'}, if_not_exists = true})
+    box.space.mts_object_refs:create_index('message', {parts = {'subject', 'seq'}, if_not_exists = true})
+
+    -- Before schema 11 mts_messages indexed object keys and commit times
+    -- itself: move the keys over, then drop both indexes.
+    local messages = box.space.mts_messages
+    if messages.index.object_key ~= nil then
+        local refs = {}
+        for _, m in messages.index.object_key:pairs({box.NULL}, {iterator = 'GT'}) do
+            refs[#refs + 1] = {m.object_key, m.subject, m.seq, m.size}
+        end
+        box.atomic(function()
+            for _, ref in ipairs(refs) do
+                box.space.mts_object_refs:replace(ref)
+            end
+        end)
+        messages.index.object_key:drop()
+    end
+    if messages.index.ts ~= nil then
+        messages.index.ts:drop()
+    end
 
     -- Schema 3 counts messages and bytes per subject; fill in rows written before.
     do
@@ -469,9 +484,8 @@ local remove_message
 -- Whether a stored message, hot or in a segment, or a segment itself names
 -- object `key`.
 local function object_referenced(key)
-    return box.space.mts_messages.index.object_key:select({key}, {limit = 1})[1] ~= nil
+    return box.space.mts_object_refs:select({key}, {limit = 1})[1] ~= nil
         or box.space.mts_segments.index.object_key:get(key) ~= nil
-        or box.space.mts_segment_objects:select({key}, {limit = 1})[1] ~= nil
 end
 
 rawset(_G, 'mts_schema_version', function()
@@ -519,11 +533,16 @@ local function add_message(now, s, headers, data, object_key, size, sha256, mess
         object_key = box.NULL
     end
     local row = {s.name, seq, now, setmetatable(headers or {}, MAP), data, object_key, size, sha256}
-    if dedup then
+    if dedup or object_key ~= nil then
         local savepoint = box.savepoint()
         local ok, err = pcall(function()
             box.space.mts_messages:insert(row)
-            box.space.mts_dedup:replace({s.name, message_id, seq, after_ms(now, window_ms or 0)})
+            if object_key ~= nil then
+                box.space.mts_object_refs:replace({object_key, s.name, seq, size})
+            end
+            if dedup then
+                box.space.mts_dedup:replace({s.name, message_id, seq, after_ms(now, window_ms or 0)})
+            end
         end)
         if not ok then
             box.rollback_to_savepoint(savepoint)
@@ -875,6 +894,28 @@ local function consumer_view(row)
     }
 end
 
+-- The sequence before the first hot message of `subject` committed at or
+-- after `t` (the last sequence when none is): a binary search over the hot
+-- rows, which run gap-free and were committed in sequence order.
+local function hot_time_point(subject, t)
+    local first = box.space.mts_messages:select({subject}, {iterator = 'EQ', limit = 1})[1]
+    local last = box.space.mts_messages:select({subject}, {iterator = 'REQ', limit = 1})[1]
+    if first == nil or last.ts_ns < t then
+        return last_seq(subject)
+    end
+    local lo, hi = first.seq, last.seq
+    while lo < hi do
+        local mid = lo + math.floor(tonumber(hi - lo) / 2)
+        local m = box.space.mts_messages:get({subject, mid})
+        if m == nil or m.ts_ns >= t then
+            hi = mid
+        else
+            lo = mid + 1
+        end
+    end
+    return lo - 1
+end
+
 -- The segment and block where the first message of `subject` committed at
 -- or after `t` is, if it is in a segment: the last block that begins before
 -- t (or the first block) of the first segment that ends at or after t.
@@ -924,12 +965,7 @@ local function start_point(subject, policy, start_seq, start_time_ns)
         if block ~= nil then
             return block[1] - 1
         end
-        local first = box.space.mts_messages.index.ts:select(
-            {subject, t}, {iterator = 'GE', limit = 1})[1]
-        if first ~= nil and first.subject == subject then
-            return first.seq - 1
-        end
-        return last_seq(subject)
+        return hot_time_point(subject, t)
     end
     return 0
 end
@@ -1487,8 +1523,11 @@ remove_message = function(m)
     box.space.mts_messages:delete({m.subject, m.seq})
     box.space.mts_subjects:update({m.subject}, {{'-', 'count', 1}, {'-', 'bytes', m.size}})
     local key = m.object_key
-    if key ~= nil and not object_referenced(key) then
-        box.space.mts_gc:replace({key, now_ns()})
+    if key ~= nil then
+        box.space.mts_object_refs:delete({key, m.subject, m.seq})
+        if not object_referenced(key) then
+            box.space.mts_gc:replace({key, now_ns()})
+        end
     end
 end
 
@@ -1536,7 +1575,7 @@ local function remove_segment(seg)
         {'-', 'cold_count', seg.count}, {'-', 'cold_bytes', seg.bytes},
     })
     local named = {}
-    for _, o in box.space.mts_segment_objects.index.message:pairs({subject, first}, {iterator = 'GE'}) do
+    for _, o in box.space.mts_object_refs.index.message:pairs({subject, first}, {iterator = 'GE'}) do
         if o.subject ~= subject or o.seq > last then
             break
         end
@@ -1544,7 +1583,7 @@ local function remove_segment(seg)
     end
     local now = now_ns()
     for _, key in ipairs(named) do
-        box.space.mts_segment_objects:delete(key)
+        box.space.mts_object_refs:delete(key)
         if not object_referenced(key[1]) then
             box.space.mts_gc:replace({key[1], now})
         end
@@ -1699,8 +1738,8 @@ end)
 
 -- Swaps hot messages first_seq..last_seq of a subject for the segment that
 -- now holds them, in one transaction. `seg` is a map of the mts_segments
--- fields (without created_ns) and `objects`, the offloaded payloads' keys
--- as {object_key, seq}. Returns 'ok'; 'gone' when the rows are no longer
+-- fields (without created_ns); the offloaded payloads its messages name
+-- keep their mts_object_refs rows. Returns 'ok'; 'gone' when the rows are no longer
 -- all hot (moved or removed meanwhile: nothing changes); or 'abandoned' when
 -- the orphan sweep gave the object up.
 rawset(_G, 'mts_tier_commit', function(seg)
@@ -1736,9 +1775,6 @@ rawset(_G, 'mts_tier_commit', function(seg)
             subject, first, last, seg.first_ts_ns, seg.last_ts_ns, seg.count, seg.bytes,
             seg.object_key, seg.object_size, seg.blocks, now_ns(),
         })
-        for _, o in ipairs(seg.objects or {}) do
-            box.space.mts_segment_objects:replace({o[1], subject, o[2]})
-        end
         pad_subject(subject)
         local row = box.space.mts_subjects:get(subject)
         box.space.mts_subjects:update({subject}, {
@@ -1838,13 +1874,9 @@ end)
 -- the object's metadata was committed, otherwise marks the key abandoned (so
 -- a late commit is refused) and returns 0.
 rawset(_G, 'mts_settle_object', function(object_key)
-    local found = box.space.mts_messages.index.object_key:select({object_key}, {limit = 1})
-    if #found > 0 then
-        return found[1].seq
-    end
-    local tiered = box.space.mts_segment_objects:select({object_key}, {limit = 1})[1]
-    if tiered ~= nil then
-        return tiered.seq
+    local ref = box.space.mts_object_refs:select({object_key}, {limit = 1})[1]
+    if ref ~= nil then
+        return ref.seq
     end
     box.space.mts_abandoned:replace({object_key, now_ns()})
     return 0
@@ -1971,28 +2003,15 @@ rawset(_G, 'mts_backup_keys', function(source, after, limit)
         end
         return keys
     end
-    if source == 'segment_objects' then
-        local last = after
-        for _, o in box.space.mts_segment_objects:pairs({after}, {iterator = 'GT'}) do
-            if #keys >= limit then
-                break
-            end
-            if o.object_key ~= last then
-                keys[#keys + 1] = {o.object_key, 0}
-                last = o.object_key
-            end
-        end
-        return keys
-    end
     local last = after
-    for _, m in box.space.mts_messages.index.object_key:pairs({after}, {iterator = 'GT'}) do
+    for _, ref in box.space.mts_object_refs:pairs({after}, {iterator = 'GT'}) do
         if #keys >= limit then
             break
         end
-        -- The index is not unique; a key shows once.
-        if m.object_key ~= last then
-            keys[#keys + 1] = {m.object_key, m.size}
-            last = m.object_key
+        -- Several messages may name one object; it shows once.
+        if ref.object_key ~= last then
+            keys[#keys + 1] = {ref.object_key, ref.size}
+            last = ref.object_key
         end
     end
     return keys
@@ -2028,7 +2047,7 @@ with_schema_lock(function()
     end
     for _, space in ipairs({
         'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned', 'mts_gc', 'mts_leases',
-        'mts_dedup', 'mts_attempts', 'mts_identity', 'mts_segments', 'mts_segment_objects',
+        'mts_dedup', 'mts_attempts', 'mts_identity', 'mts_segments', 'mts_object_refs',
     }) do
         box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
     end

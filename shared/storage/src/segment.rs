@@ -99,8 +99,6 @@ pub struct Sealed {
     pub count: u64,
     /// Their payload bytes.
     pub bytes: u64,
-    /// Offloaded payloads it names: object key and sequence.
-    pub objects: Vec<(String, u64)>,
 }
 
 /// Packs messages, in sequence order, into blocks of about `block_bytes`.
@@ -134,7 +132,6 @@ impl Writer {
                 last_ts_ns: 0,
                 count: 0,
                 bytes: 0,
-                objects: Vec::new(),
             },
         }
     }
@@ -166,9 +163,6 @@ impl Writer {
         s.last_ts_ns = m.ts_ns;
         s.count += 1;
         s.bytes += m.size;
-        if let Some(key) = &m.object_key {
-            s.objects.push((key.clone(), m.seq));
-        }
         if self.block_first.is_none() {
             self.block_first = Some((m.seq, m.ts_ns));
         }
@@ -408,7 +402,6 @@ mod tests {
             (sealed.first_seq, sealed.last_seq, sealed.count),
             (10, 109, 100)
         );
-        assert_eq!(sealed.objects.len(), 10);
         assert!(
             sealed.blocks.len() > 5,
             "small blocks: {}",

@@ -210,11 +210,6 @@ impl Store {
                 ])
             })
             .collect();
-        let objects = sealed
-            .objects
-            .iter()
-            .map(|(key, seq)| Value::Array(vec![key.as_str().into(), (*seq).into()]))
-            .collect();
         let row = lua_map(vec![
             ("subject", subject.into()),
             ("first_seq", sealed.first_seq.into()),
@@ -226,7 +221,6 @@ impl Store {
             ("object_key", object_key.into()),
             ("object_size", (sealed.body.len() as u64).into()),
             ("blocks", Value::Array(blocks)),
-            ("objects", Value::Array(objects)),
         ]);
         let (outcome,): (String,) = self.call("mts_tier_commit", (row,), self.timeout).await?;
         match outcome.as_str() {

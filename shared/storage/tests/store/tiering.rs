@@ -149,7 +149,10 @@ async fn the_orphan_sweep_and_a_late_swap_agree_on_who_owns_a_segment_object() {
         .unwrap();
     publish_n(&store, &subject, 3).await;
     let sealed = seal(&store, &subject, 4).await;
-    assert_eq!(sealed.objects, vec![(payload.clone(), 1)]);
+    assert_eq!(
+        sealed.first_seq, 1,
+        "the offloaded message is in the segment"
+    );
 
     // Uploaded, then the swap came too late: the sweep had fenced it.
     let stalled = format!("{subject}/segments/stalled");
@@ -180,7 +183,7 @@ async fn the_orphan_sweep_and_a_late_swap_agree_on_who_owns_a_segment_object() {
     // A lost publish answer for the offloaded payload still finds its sequence.
     let cause = mts_storage::store::Error::closed();
     assert_eq!(store.settle_object(&payload, cause).await.unwrap(), Some(1));
-    for source in ["segments", "segment_objects"] {
+    for source in ["segments", "messages"] {
         let keys = store.backup_keys(source, &subject, 100).await.unwrap();
         assert!(
             keys.iter().any(|(k, _)| *k == key || *k == payload),
@@ -293,4 +296,52 @@ async fn a_full_hot_tier_refuses_or_evicts_as_each_subject_says() {
         .await
         .unwrap_err();
     assert_eq!(err.refusal(), Some(Refusal::HotFull), "{err}");
+}
+
+#[tokio::test]
+async fn upgrading_from_schema_10_keeps_every_offloaded_payload_named() {
+    // Schema 10 indexed object keys and commit times in mts_messages itself.
+    let tarantool = testing::TarantoolProcess::start();
+    let admin = tarantool.admin_client().await;
+    let _: Vec<tarant::Value> = admin
+        .eval(
+            "local m = box.space.mts_messages \
+             m:create_index('object_key', {parts = {{field = 'object_key', type = 'string', \
+               is_nullable = true}}, unique = false}) \
+             m:create_index('ts', {parts = {'subject', 'ts_ns'}, unique = false}) \
+             box.space.mts_subjects:replace({'old', 2, 2, 15}) \
+             local h = setmetatable({}, {__serialize = 'map'}) \
+             m:insert({'old', 1, 1, h, box.NULL, 'p/old-object', 10, box.NULL}) \
+             m:insert({'old', 2, 2, h, 'inline', box.NULL, 5, box.NULL})",
+            (),
+        )
+        .await
+        .unwrap();
+    let _: (u64,) = admin
+        .eval(mts_storage::store::SCHEMA_LUA, ())
+        .await
+        .unwrap();
+    let (dropped,): (bool,) = admin
+        .eval(
+            "local i = box.space.mts_messages.index return i.object_key == nil and i.ts == nil",
+            (),
+        )
+        .await
+        .unwrap();
+    assert!(dropped, "the old indexes are gone");
+    let store = Store::connect(&tarantool.config()).await.unwrap();
+    let key = "p/old-object".to_owned();
+    assert!(
+        store
+            .settle_objects(std::slice::from_ref(&key))
+            .await
+            .unwrap()
+            .is_empty(),
+        "the sweep must not take a stored message's payload"
+    );
+    let named = store.backup_keys("messages", "", 10).await.unwrap();
+    assert_eq!(named, vec![(key, 10)]);
+    // Messages from before read as before.
+    let old = store.message("old", 1).await.unwrap().unwrap();
+    assert_eq!(old.object_key.as_deref(), Some("p/old-object"));
 }

@@ -57,7 +57,10 @@ impl Services {
     }
 
     fn pid(&self, name: &str) -> Option<u32> {
-        self.pids.iter().find(|(n, _)| n == name).map(|(_, pid)| *pid)
+        self.pids
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, pid)| *pid)
     }
 }
 

@@ -2,9 +2,11 @@
 //! references to a block of a segment object; this reads the block (and the
 //! blocks after it, in one ranged GET, since readers mostly go forward),
 //! keeps recently read blocks in a cache bounded in bytes, and fills the
-//! messages in from their records.
+//! messages in from their records. A reader nearing the end of what is
+//! cached of a segment has the next range fetched in the background, so a
+//! sequential replay rarely waits for the object store.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 
 use mts_runtime::metrics::{Metrics, SourceLabels};
@@ -16,7 +18,9 @@ use crate::Error;
 
 /// Bytes one read of a segment fetches at least: the block asked for and
 /// those after it, for the reads that follow.
-const READ_AHEAD: u64 = 1024 * 1024;
+const READ_AHEAD: u64 = 2 * 1024 * 1024;
+/// Segments whose read-ahead position is remembered.
+const FRONTIERS: usize = 4096;
 
 type BlockId = (String, u64);
 
@@ -27,6 +31,10 @@ struct Cache {
     by_use: BTreeMap<u64, BlockId>,
     bytes: usize,
     clock: u64,
+    /// Per segment, where what is cached (or being fetched) of it ends.
+    frontier: HashMap<String, u64>,
+    /// Segments with a background read under way.
+    reading_ahead: HashSet<String>,
 }
 
 impl Cache {
@@ -81,7 +89,7 @@ impl Segments {
 
     /// Fills in every message of `batch` that is a reference into a
     /// segment; hot messages are left as they are.
-    pub async fn resolve_all(&self, batch: &mut [Leased]) -> Result<(), Error> {
+    pub async fn resolve_all(self: &Arc<Self>, batch: &mut [Leased]) -> Result<(), Error> {
         for leased in batch {
             if leased.message.segment.is_some() {
                 self.resolve(&mut leased.message).await?;
@@ -91,7 +99,7 @@ impl Segments {
     }
 
     /// Fills in `message` from its segment, if it is a reference into one.
-    pub async fn resolve(&self, message: &mut StoredMessage) -> Result<(), Error> {
+    pub async fn resolve(self: &Arc<Self>, message: &mut StoredMessage) -> Result<(), Error> {
         let Some(at) = message.segment.take() else {
             return Ok(());
         };
@@ -114,7 +122,11 @@ impl Segments {
     /// Given `first`, a reference to the first message of the block that
     /// holds the first message committed at or after `time_ns` (or that
     /// it directly follows): the sequence just before that message.
-    pub async fn start_after(&self, first: StoredMessage, time_ns: u64) -> Result<u64, Error> {
+    pub async fn start_after(
+        self: &Arc<Self>,
+        first: StoredMessage,
+        time_ns: u64,
+    ) -> Result<u64, Error> {
         let Some(at) = &first.segment else {
             return Ok(first.seq.saturating_sub(1));
         };
@@ -127,46 +139,109 @@ impl Segments {
             .map_or(last, |r| r.seq - 1))
     }
 
-    async fn block(&self, subject: &str, seq: u64, at: &SegmentRef) -> Result<Arc<Block>, Error> {
+    async fn block(
+        self: &Arc<Self>,
+        subject: &str,
+        seq: u64,
+        at: &SegmentRef,
+    ) -> Result<Arc<Block>, Error> {
         let id = (at.object_key.clone(), at.offset);
-        if let Some(block) = self.lock().get(&id) {
-            self.count_read("cache");
-            return Ok(block);
-        }
-        self.count_read("object_store");
+        let cached = self.lock().get(&id);
+        let block = match cached {
+            Some(block) => {
+                self.count_read("cache");
+                block
+            }
+            None => {
+                self.count_read("object_store");
+                let blocks = self
+                    .fetch(&at.object_key, at.offset, at.length.max(READ_AHEAD))
+                    .await
+                    .map_err(|err| match err {
+                        Error::ObjectStore(object_store::Error::NotFound(_)) => {
+                            Error::MissingPayload {
+                                subject: subject.to_owned(),
+                                sequence: seq,
+                                key: at.object_key.clone(),
+                            }
+                        }
+                        err => err,
+                    })?;
+                let wanted = blocks.iter().find(|b| b.offset == at.offset).cloned();
+                self.keep(&at.object_key, blocks);
+                wanted.ok_or_else(|| Error::CorruptSegment {
+                    key: at.object_key.clone(),
+                    detail: format!(
+                        "no whole block at offset {} (length {})",
+                        at.offset, at.length
+                    ),
+                })?
+            }
+        };
+        self.read_ahead(&at.object_key, at.offset + at.length);
+        Ok(block)
+    }
+
+    /// The whole blocks in `length` bytes of segment `key` from `offset`.
+    async fn fetch(&self, key: &str, offset: u64, length: u64) -> Result<Vec<Arc<Block>>, Error> {
         let bytes = self
             .object_store
-            .get_range(&at.object_key, at.offset, at.length.max(READ_AHEAD))
+            .get_range(key, offset, length)
             .await
-            .map_err(|err| match err {
-                object_store::Error::NotFound(_) => Error::MissingPayload {
-                    subject: subject.to_owned(),
-                    sequence: seq,
-                    key: at.object_key.clone(),
-                },
-                err => Error::ObjectStore(err),
-            })?;
+            .map_err(Error::ObjectStore)?;
         let blocks =
-            segment::decode_blocks(bytes, at.offset).map_err(|err| Error::CorruptSegment {
-                key: at.object_key.clone(),
+            segment::decode_blocks(bytes, offset).map_err(|err| Error::CorruptSegment {
+                key: key.to_owned(),
                 detail: err.to_string(),
             })?;
-        let mut wanted = None;
+        Ok(blocks.into_iter().map(Arc::new).collect())
+    }
+
+    /// Caches `blocks` of segment `key` and moves its frontier past them.
+    fn keep(&self, key: &str, blocks: Vec<Arc<Block>>) {
         let mut cache = self.lock();
-        for block in blocks {
-            let block = Arc::new(block);
-            if block.offset == at.offset {
-                wanted = Some(block.clone());
+        if let Some(last) = blocks.last() {
+            let end = last.offset + last.length;
+            if cache.frontier.len() >= FRONTIERS {
+                cache.frontier.clear();
             }
-            cache.put((at.object_key.clone(), block.offset), block, self.max_bytes);
+            let frontier = cache.frontier.entry(key.to_owned()).or_default();
+            *frontier = (*frontier).max(end);
         }
-        wanted.ok_or_else(|| Error::CorruptSegment {
-            key: at.object_key.clone(),
-            detail: format!(
-                "no whole block at offset {} (length {})",
-                at.offset, at.length
-            ),
-        })
+        for block in blocks {
+            cache.put((key.to_owned(), block.offset), block, self.max_bytes);
+        }
+    }
+
+    /// With a reader at `position` in segment `key` less than a read-ahead
+    /// from the end of what is cached of it, fetches the next range in the
+    /// background (one at a time per segment; failures, such as reading
+    /// past the object's end, just stop it).
+    fn read_ahead(self: &Arc<Self>, key: &str, position: u64) {
+        let start = {
+            let mut cache = self.lock();
+            let Some(&frontier) = cache.frontier.get(key) else {
+                return;
+            };
+            if frontier < position
+                || frontier - position >= READ_AHEAD
+                || !cache.reading_ahead.insert(key.to_owned())
+            {
+                return;
+            }
+            frontier
+        };
+        let (segments, key) = (Arc::clone(self), key.to_owned());
+        tokio::spawn(async move {
+            match segments.fetch(&key, start, READ_AHEAD).await {
+                Ok(blocks) if !blocks.is_empty() => segments.keep(&key, blocks),
+                // The end of the segment, or a failure: no more reading ahead.
+                _ => {
+                    segments.lock().frontier.remove(&key);
+                }
+            }
+            segments.lock().reading_ahead.remove(&key);
+        });
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Cache> {

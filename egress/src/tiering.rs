@@ -12,7 +12,7 @@ use std::time::Duration;
 use mts_config::Config;
 use mts_runtime::metrics::Metrics;
 use mts_storage::object_store::ObjectStore;
-use mts_storage::segment::Writer;
+use mts_storage::segment::{Sealed, Writer};
 use mts_storage::store::{SegmentPlan, Store, TierCommit, TieringOptions};
 
 use crate::Error;
@@ -25,10 +25,15 @@ const READ_MESSAGES: u32 = 2000;
 const READ_BYTES: u64 = 4 * 1024 * 1024;
 /// Subjects planned per pass.
 const PLAN_SUBJECTS: u32 = 16;
+/// Subjects sealed at once.
+const SUBJECTS_AT_ONCE: usize = 2;
+/// Segments one subject may write in one pass before the others' turn.
+const SEGMENTS_PER_PASS: usize = 8;
 /// How long the lease lasts without renewal: longer than one segment's work.
 const LEASE_TTL: Duration = Duration::from_secs(30);
 
 /// The tiering worker of one egress process.
+#[derive(Clone)]
 pub struct Tiering {
     store: Store,
     object_store: ObjectStore,
@@ -87,24 +92,78 @@ impl Tiering {
         }
     }
 
-    /// Seals one segment for each subject that is due; returns how many.
+    /// Seals what is due of each subject that is due, a few subjects at a
+    /// time; returns how many segments were written.
     pub async fn pass(&self) -> Result<usize, Error> {
+        use futures::StreamExt;
         let plans = self.store.tier_plan(self.options, PLAN_SUBJECTS).await?;
-        let mut written = 0;
-        for plan in &plans {
-            if self.seal(plan).await? {
-                written += 1;
+        // Owned futures: borrowing ones make the task's future not Send.
+        let mut sealed = futures::stream::iter(plans)
+            .map(|plan| {
+                let this = self.clone();
+                async move { this.seal(&plan).await }
+            })
+            .buffer_unordered(SUBJECTS_AT_ONCE);
+        let (mut written, mut failed) = (0, None);
+        while let Some(result) = sealed.next().await {
+            match result {
+                Ok(n) => written += n,
+                Err(err) => failed = Some(err),
             }
         }
-        Ok(written)
+        match failed {
+            Some(err) if written == 0 => Err(err),
+            Some(err) => {
+                self.metrics.tiering_errors.inc();
+                tracing::warn!(%err, "moving one subject's messages to the cold tier failed; retrying");
+                Ok(written)
+            }
+            None => Ok(written),
+        }
     }
 
-    /// Packs the subject's oldest hot messages into a segment, uploads it
-    /// and swaps the rows for it; true when the segment now holds them.
-    async fn seal(&self, plan: &SegmentPlan) -> Result<bool, Error> {
+    /// Moves the subject's oldest hot messages into segments: up to
+    /// `SEGMENTS_PER_PASS` of them while full ones keep coming (a backlog),
+    /// packing the next while the last uploads; each is swapped in only
+    /// after the one before it. Returns how many were written.
+    async fn seal(&self, plan: &SegmentPlan) -> Result<usize, Error> {
         let subject = plan.subject.as_str();
+        let Some(mut current) = self.pack(subject, plan.first_seq.saturating_sub(1)).await? else {
+            return Ok(0);
+        };
+        let mut written = 0;
+        loop {
+            let (sealed, full) = current;
+            let key = self.object_store.segment_key(
+                &self.store.identity().store_id,
+                subject,
+                sealed.first_seq,
+            );
+            let more = full && written + 1 < SEGMENTS_PER_PASS;
+            let (uploaded, next) =
+                tokio::join!(self.object_store.put(&key, sealed.body.clone()), async {
+                    if more {
+                        self.pack(subject, sealed.last_seq).await
+                    } else {
+                        Ok(None)
+                    }
+                });
+            uploaded.map_err(Error::ObjectStore)?;
+            if !self.swap(subject, &key, &sealed).await? {
+                return Ok(written);
+            }
+            written += 1;
+            match next? {
+                Some(next) => current = next,
+                None => return Ok(written),
+            }
+        }
+    }
+
+    /// Packs the hot messages of `subject` after `after` into a segment;
+    /// with whether it is full (more may be due). `None` when there are none.
+    async fn pack(&self, subject: &str, mut after: u64) -> Result<Option<(Sealed, bool)>, Error> {
         let mut writer = Writer::new(BLOCK_BYTES);
-        let mut after = plan.first_seq.saturating_sub(1);
         let full = |w: &Writer| {
             w.count() >= self.options.segment_messages
                 || w.len() as u64 >= self.options.segment_bytes
@@ -136,18 +195,17 @@ impl Tiering {
             }
         }
         if writer.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
-        let sealed = writer.finish();
-        let identity = self.store.identity();
-        let key = self
-            .object_store
-            .segment_key(&identity.store_id, subject, sealed.first_seq);
-        self.object_store
-            .put(&key, sealed.body.clone())
-            .await
-            .map_err(Error::ObjectStore)?;
-        match self.store.tier_commit(subject, &key, &sealed).await {
+        let is_full = full(&writer);
+        Ok(Some((writer.finish(), is_full)))
+    }
+
+    /// Swaps the hot rows for the uploaded segment under `key`; true when
+    /// the segment now holds them (otherwise its object is deleted, unless
+    /// the outcome is unknown: then the orphan sweep decides).
+    async fn swap(&self, subject: &str, key: &str, sealed: &Sealed) -> Result<bool, Error> {
+        match self.store.tier_commit(subject, key, sealed).await {
             Ok(TierCommit::Committed) => {
                 self.metrics.segments_written.inc();
                 tracing::debug!(
@@ -161,14 +219,12 @@ impl Tiering {
             }
             Ok(outcome) => {
                 tracing::info!(subject, ?outcome, object = %key, "segment not needed; deleting it");
-                self.discard(&key).await;
+                self.discard(key).await;
                 Ok(false)
             }
-            // The swap may have happened: the object stays, and the orphan
-            // sweep deletes it if no row names it.
             Err(err) if err.outcome_unknown() => Err(err.into()),
             Err(err) => {
-                self.discard(&key).await;
+                self.discard(key).await;
                 Err(err.into())
             }
         }

@@ -7,7 +7,9 @@ use std::path::Path;
 use std::process::Command;
 
 use mts_config::Config;
-use mts_proto::pb::{AckRequest, ConsumerRequest, GetLastSequenceRequest, PublishRequest};
+use mts_proto::pb::{
+    AckRequest, ConsumerRequest, GetLastSequenceRequest, PublishRequest, SubjectRequest,
+};
 use mts_storage::object_store::ObjectStore;
 use mts_testkit::{self as testing, GarageProcess, TarantoolProcess};
 use sha2::{Digest, Sha256};
@@ -56,6 +58,9 @@ async fn a_restore_brings_back_every_message_counter_and_consumer_position() {
     let garage = GarageProcess::start();
     let mut config = tarantool.config();
     config.object_store.endpoint = garage.endpoint();
+    // Every message moves to a segment within a moment: the backup must
+    // carry the cold tier too.
+    config.tiering.segment_seal_age_ms = 100;
     let system = System::start(config.clone()).await;
     let mut publisher = system.publisher().await;
     let mut subscriber = system.subscriber().await;
@@ -101,12 +106,38 @@ async fn a_restore_brings_back_every_message_counter_and_consumer_position() {
             .unwrap();
     }
     system.fetch(&orders, "idle", 1).await;
+    testing::eventually("every message in a segment", || {
+        let (mut client, orders, audit) = (subscriber.clone(), orders.clone(), audit.clone());
+        async move {
+            let mut all_cold = true;
+            for subject in [&orders, &audit] {
+                let info = client
+                    .get_subject_info(SubjectRequest {
+                        subject: subject.clone(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                all_cold &= info.messages > 0 && info.cold_messages == info.messages;
+            }
+            all_cold
+        }
+    })
+    .await;
+    let (segments,): (u64,) = tarantool
+        .admin_client()
+        .await
+        .eval("return box.space.mts_segments:len()", ())
+        .await
+        .unwrap();
+    assert!(segments >= 2);
 
     let backup_dir = tarantool.dir().with_extension("backup");
     let (ok, output) = mts_backup(&config, &["backup", "--to", backup_dir.to_str().unwrap()]);
     assert!(ok, "{output}");
+    // The three offloaded payloads and the segments.
     assert!(
-        output.contains("3 objects") && output.contains(".snap"),
+        output.contains(&format!("{} objects", 3 + segments)) && output.contains(".snap"),
         "the summary says what was saved: {output}"
     );
     // Published after the backup: not part of it.

@@ -369,16 +369,18 @@ impl ObjectStore {
 
     /// Reads the whole object under `key`.
     pub async fn get(&self, key: &str) -> Result<Bytes, Error> {
-        self.timed("GetObject", self.get_untimed(key)).await
+        self.timed("GetObject", self.get_untimed(key, None)).await
     }
 
-    /// Untimed body of the call above.
-    async fn get_untimed(&self, key: &str) -> Result<Bytes, Error> {
+    /// Untimed body of the calls above and below: the whole object, or
+    /// `range` (an HTTP Range value) of it.
+    async fn get_untimed(&self, key: &str, range: Option<String>) -> Result<Bytes, Error> {
         let object = self
             .client
             .get_object()
             .bucket(&self.bucket)
             .key(key)
+            .set_range(range)
             .send()
             .await
             .map_err(|e| Error::from_sdk(e, |e| e.is_no_such_key().then(|| key.to_string())))?;
@@ -393,25 +395,10 @@ impl ObjectStore {
     /// Up to `length` bytes of the object under `key` from `offset` (fewer
     /// when the object ends first).
     pub async fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Bytes, Error> {
-        self.timed("GetObjectRange", async {
-            let last = offset + length.max(1) - 1;
-            let object = self
-                .client
-                .get_object()
-                .bucket(&self.bucket)
-                .key(key)
-                .range(format!("bytes={offset}-{last}"))
-                .send()
-                .await
-                .map_err(|e| Error::from_sdk(e, |e| e.is_no_such_key().then(|| key.to_string())))?;
-            let body = object
-                .body
-                .collect()
-                .await
-                .map_err(|e| Error::Unavailable(describe(&e)))?;
-            Ok(body.into_bytes())
-        })
-        .await
+        let last = offset + length.max(1) - 1;
+        let range = format!("bytes={offset}-{last}");
+        self.timed("GetObjectRange", self.get_untimed(key, Some(range)))
+            .await
     }
 
     /// Size and ETag of the object under `key`, if it exists. A multipart

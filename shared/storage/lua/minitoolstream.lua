@@ -388,9 +388,16 @@ end
 -- and a ninth field {segment object key, block offset, block length}.
 ------------------------------------------------------------------------------
 
--- The block of segment `seg` that holds `seq` (a binary search).
-local function block_of(seg, seq)
-    local blocks = seg.blocks
+-- What a reader needs of a segment row, its fields read once: reading
+-- `blocks` off the tuple builds a Lua table per block every time, which
+-- per message handed out cost a replay most of its time.
+local function segment_view(seg)
+    return {subject = seg.subject, object_key = seg.object_key, blocks = seg.blocks}
+end
+
+-- The block of segment view `view` that holds `seq` (a binary search).
+local function block_of(view, seq)
+    local blocks = view.blocks
     local lo, hi = 1, #blocks
     while lo < hi do
         local mid = math.floor((lo + hi + 1) / 2)
@@ -403,11 +410,11 @@ local function block_of(seg, seq)
     return blocks[lo]
 end
 
-local function cold_ref(seg, seq)
-    local block = block_of(seg, seq)
+local function cold_ref(view, seq)
+    local block = block_of(view, seq)
     return setmetatable({
-        seg.subject, seq, block[2], setmetatable({}, MAP), box.NULL, box.NULL, 0, box.NULL,
-        setmetatable({seg.object_key, block[3], block[4]}, ARRAY),
+        view.subject, seq, block[2], setmetatable({}, MAP), box.NULL, box.NULL, 0, box.NULL,
+        setmetatable({view.object_key, block[3], block[4]}, ARRAY),
     }, ARRAY)
 end
 
@@ -429,7 +436,7 @@ local function locate(subject, seq)
     end
     local seg = segment_of(subject, seq)
     if seg ~= nil then
-        return cold_ref(seg, seq)
+        return cold_ref(segment_view(seg), seq)
     end
     return nil
 end
@@ -444,8 +451,9 @@ local function each_after(subject, after, visit)
         end
         local seq = max(seg.first_seq, after + 1)
         local last = seg.last_seq
+        local view = segment_view(seg)
         while seq <= last do
-            if not visit(seq, cold_ref(seg, seq)) then
+            if not visit(seq, cold_ref(view, seq)) then
                 return
             end
             seq = seq + 1
@@ -469,7 +477,7 @@ local function first_after(subject, after)
     local seg = box.space.mts_segments.index.last:select({subject, after}, {iterator = 'GT', limit = 1})[1]
     if seg ~= nil and seg.subject == subject then
         local seq = max(seg.first_seq, after + 1)
-        return seq, block_of(seg, seq)[2]
+        return seq, block_of(segment_view(seg), seq)[2]
     end
     local m = box.space.mts_messages.index.primary:select({subject, after}, {iterator = 'GT', limit = 1})[1]
     if m ~= nil and m.subject == subject then
@@ -945,7 +953,7 @@ rawset(_G, 'mts_locate_time', function(subject, t)
     if seg == nil then
         return box.NULL
     end
-    return cold_ref(seg, block[1])
+    return cold_ref(segment_view(seg), block[1])
 end)
 
 -- Where a new consumer starts: everything at or below it counts as acked.

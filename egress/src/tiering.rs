@@ -19,10 +19,12 @@ use crate::Error;
 
 /// Bytes of one block of a segment: what a reader of one message fetches.
 const BLOCK_BYTES: usize = 64 * 1024;
-/// Hot messages read per Tarantool call while packing a segment.
-const READ_MESSAGES: u32 = 2000;
+/// Hot messages read per Tarantool call while packing a segment: small
+/// calls, since a call holds Tarantool's transaction thread (and every
+/// publish and delivery waiting on it) for as long as it runs.
+const READ_MESSAGES: u32 = 256;
 /// Payload bytes read per Tarantool call while packing a segment.
-const READ_BYTES: u64 = 4 * 1024 * 1024;
+const READ_BYTES: u64 = 256 * 1024;
 /// Subjects planned per pass.
 const PLAN_SUBJECTS: u32 = 16;
 /// Subjects sealed at once.

@@ -620,28 +620,39 @@ local function seen_recently(s, message_id, now)
     return seen ~= nil and seen.expires_ns > now
 end
 
--- Inside a transaction, with the hot tier over `budget`: makes room for one
--- message of open subject `s` as its discard policy says. Returns nil when
--- there is room now, or the reason the message is refused.
-local function make_room(s, budget)
-    local row = box.space.mts_subjects:get(s.name)
-    local discard = budget.discard
-    if row ~= nil and row.discard ~= nil then
-        discard = row.discard
-    end
-    if discard == 'old' then
-        local oldest = box.space.mts_messages.index.primary:select({s.name}, {iterator = 'EQ', limit = 1})[1]
-        if oldest ~= nil then
-            remove_message(oldest)
-            return nil
-        end
-    end
+-- Why a message of open subject `s` is refused for room.
+local function refusal(s, budget)
     local bytes, rows = hot_size()
     return string.format(
         'the hot tier is full (%s of %s bytes, %s of %s rows of messages not yet moved to the object store'
             .. ' and of remembered message ids), and subject %s discards new messages: publish again once'
             .. ' tiering catches up (is the object store reachable?), or set the subject\'s discard policy to old',
         decimal(bytes), decimal(budget.max_bytes), decimal(rows), decimal(budget.max_rows), s.name)
+end
+
+-- Inside a transaction, with the hot tier over `budget`: makes room for one
+-- message of open subject `s` as its discard policy says. Returns nil when
+-- there is room now, or the reason the message is refused. The policy and
+-- the reason are worked out once per subject and call.
+local function make_room(s, budget)
+    if s.discard == nil then
+        local row = box.space.mts_subjects:get(s.name)
+        s.discard = budget.discard
+        if row ~= nil and row.discard ~= nil then
+            s.discard = row.discard
+        end
+    end
+    if s.discard == 'old' then
+        local oldest = box.space.mts_messages.index.primary:select({s.name}, {iterator = 'EQ', limit = 1})[1]
+        if oldest ~= nil then
+            remove_message(oldest)
+            return nil
+        end
+    end
+    if s.refused == nil then
+        s.refused = refusal(s, budget)
+    end
+    return s.refused
 end
 
 local LATE_REASON = 'publish reached Tarantool after its deadline; nothing was stored'
@@ -773,17 +784,16 @@ rawset(_G, 'mts_publish_batch', function(messages, attempt, forget, hot)
                 if full and not seen_recently(s, m[IN.message_id], now) then
                     refused = make_room(s, budget)
                 end
-                local ok, seq, duplicate = refused == nil, 0, false
-                if ok then
-                    ok, seq, duplicate = pcall(add_message, now, s, m[IN.headers], m[IN.data], nil,
-                        m[IN.size], m[IN.sha256], m[IN.message_id], m[IN.window_ms])
-                end
                 if refused ~= nil then
                     results[i] = {0, false, HOT_FULL, refused}
-                elseif ok then
-                    results[i] = {seq, duplicate}
                 else
-                    results[i] = {0, false, error_code(seq), tostring(seq)}
+                    local ok, seq, duplicate = pcall(add_message, now, s, m[IN.headers], m[IN.data], nil,
+                        m[IN.size], m[IN.sha256], m[IN.message_id], m[IN.window_ms])
+                    if ok then
+                        results[i] = {seq, duplicate}
+                    else
+                        results[i] = {0, false, error_code(seq), tostring(seq)}
+                    end
                 end
             end
         end

@@ -200,8 +200,8 @@ pub struct Store {
     group: Option<group_commit::Queue>,
     /// This store's identity as last read (refreshed by every `check`).
     identity: Arc<Mutex<Identity>>,
-    /// The hot tier's budget, sent with every publish.
-    hot: HotBudget,
+    /// The hot tier's budget as every publish sends it, built once.
+    hot: Arc<tarant::Value>,
 }
 
 impl Store {
@@ -235,7 +235,7 @@ impl Store {
                 store_id: String::new(),
                 created_ns: 0,
             })),
-            hot: HotBudget::from_config(&config.tiering),
+            hot: Arc::new(HotBudget::from_config(&config.tiering).to_lua_map()),
         };
         store.ensure_schema().await?;
         let identity = store.read_identity().await?;

@@ -219,7 +219,7 @@ async fn commit(store: Store, mut batch: Vec<Queued>, answered: Answered) {
     let reply: Result<(Vec<Verdict>,), Error> = store
         .call(
             "mts_publish_batch",
-            (&batch, &attempt, &forget, store.hot.to_lua_map()),
+            (&batch, &attempt, &forget, &*store.hot),
             store.timeout,
         )
         .await;

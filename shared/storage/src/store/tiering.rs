@@ -99,14 +99,6 @@ pub struct StorageStats {
     pub segment_bytes: u64,
 }
 
-impl StorageStats {
-    /// How full the hot tier is: the fuller of bytes and rows, 1.0 = full.
-    pub fn hot_use(&self) -> f64 {
-        let of = |used: u64, budget: u64| used as f64 / budget.max(1) as f64;
-        of(self.hot_bytes, self.budget_bytes).max(of(self.hot_messages, self.budget_messages))
-    }
-}
-
 /// A Lua map of `fields` (the procedures read their arguments by name).
 fn lua_map(fields: Vec<(&str, tarant::Value)>) -> tarant::Value {
     tarant::Value::Map(
@@ -122,11 +114,6 @@ fn optional(value: Option<&str>) -> tarant::Value {
 }
 
 impl Store {
-    /// The hot tier's budget this store publishes with.
-    pub fn hot_budget(&self) -> &HotBudget {
-        &self.hot
-    }
-
     /// The options `mts_publish` takes: the message id and its window, and
     /// the hot tier's budget.
     pub(super) fn publish_options(
@@ -134,7 +121,7 @@ impl Store {
         message_id: Option<&str>,
         window_ms: u64,
     ) -> tarant::Value {
-        let mut fields = vec![("hot", self.hot.to_lua_map())];
+        let mut fields = vec![("hot", (*self.hot).clone())];
         if let Some(id) = message_id {
             fields.push(("message_id", id.into()));
             fields.push(("window_ms", window_ms.into()));
@@ -162,7 +149,7 @@ impl Store {
                 Value::from("seal_age_ms"),
                 Value::from(millis(options.seal_age)),
             ),
-            (Value::from("hot"), self.hot.to_lua_map()),
+            (Value::from("hot"), (*self.hot).clone()),
         ]);
         let (plans,): (Vec<SegmentPlan>,) = self
             .call("mts_tier_plan", (opts, limit), self.timeout)
@@ -251,7 +238,7 @@ impl Store {
     /// The two tiers at a glance.
     pub async fn storage_stats(&self) -> Result<StorageStats, Error> {
         let (stats,): (StorageStats,) = self
-            .call("mts_storage_stats", (self.hot.to_lua_map(),), self.timeout)
+            .call("mts_storage_stats", (&*self.hot,), self.timeout)
             .await?;
         Ok(stats)
     }

@@ -90,10 +90,23 @@ impl Segments {
     /// Fills in every message of `batch` that is a reference into a
     /// segment; hot messages are left as they are.
     pub async fn resolve_all(self: &Arc<Self>, batch: &mut [Leased]) -> Result<(), Error> {
+        // A batch's messages mostly share blocks: each block is looked up
+        // once, not once per message.
+        let mut last: Option<(SegmentRef, Arc<Block>)> = None;
         for leased in batch {
-            if leased.message.segment.is_some() {
-                self.resolve(&mut leased.message).await?;
-            }
+            let message = &mut leased.message;
+            let Some(at) = message.segment.take() else {
+                continue;
+            };
+            let block = match &last {
+                Some((seen, block)) if *seen == at => Arc::clone(block),
+                _ => {
+                    let block = self.block(&message.subject, message.seq, &at).await?;
+                    last = Some((at.clone(), Arc::clone(&block)));
+                    block
+                }
+            };
+            fill(message, &block, at)?;
         }
         Ok(())
     }
@@ -104,19 +117,7 @@ impl Segments {
             return Ok(());
         };
         let block = self.block(&message.subject, message.seq, &at).await?;
-        let Some(record) = block.get(message.seq) else {
-            return Err(Error::CorruptSegment {
-                key: at.object_key,
-                detail: format!(
-                    "the block at offset {} does not hold message {} of {}",
-                    at.offset, message.seq, message.subject
-                ),
-            });
-        };
-        *message = record
-            .clone()
-            .into_message(std::mem::take(&mut message.subject));
-        Ok(())
+        fill(message, &block, at)
     }
 
     /// Given `first`, a reference to the first message of the block that
@@ -257,6 +258,23 @@ impl Segments {
             .get_or_create(&SourceLabels { source })
             .inc();
     }
+}
+
+/// Replaces the reference `message` with its record in `block`.
+fn fill(message: &mut StoredMessage, block: &Block, at: SegmentRef) -> Result<(), Error> {
+    let Some(record) = block.get(message.seq) else {
+        return Err(Error::CorruptSegment {
+            key: at.object_key,
+            detail: format!(
+                "the block at offset {} does not hold message {} of {}",
+                at.offset, message.seq, message.subject
+            ),
+        });
+    };
+    *message = record
+        .clone()
+        .into_message(std::mem::take(&mut message.subject));
+    Ok(())
 }
 
 #[cfg(test)]

@@ -250,19 +250,17 @@ async fn a_full_hot_tier_refuses_or_evicts_as_each_subject_says() {
         .unwrap_err();
     assert_eq!(err.refusal(), Some(Refusal::HotFull), "{err}");
 
+    let evict_oldest = Limits {
+        discard: Some(Discard::Old),
+        ..Limits::default()
+    };
     // Policy old: each new message evicts the subject's oldest hot one, so
     // the subject keeps publishing at a constant hot size.
     let evicting = testing::unique_subject("full-old");
     let roomy = Store::connect(&testing::config()).await.unwrap();
     publish_n(&roomy, &evicting, 3).await;
     store
-        .set_subject_limits(
-            &evicting,
-            Limits {
-                discard: Some(Discard::Old),
-                ..Limits::default()
-            },
-        )
+        .set_subject_limits(&evicting, evict_oldest)
         .await
         .unwrap();
     for _ in 0..2 {
@@ -282,13 +280,7 @@ async fn a_full_hot_tier_refuses_or_evicts_as_each_subject_says() {
     // A subject with policy old but nothing hot to evict is refused.
     let empty = testing::unique_subject("full-old-empty");
     store
-        .set_subject_limits(
-            &empty,
-            Limits {
-                discard: Some(Discard::Old),
-                ..Limits::default()
-            },
-        )
+        .set_subject_limits(&empty, evict_oldest)
         .await
         .unwrap();
     let err = store

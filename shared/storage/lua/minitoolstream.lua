@@ -14,7 +14,7 @@ local fio = require('fio')
 local ffi = require('ffi')
 local uuid = require('uuid')
 
-local SCHEMA_VERSION = 11
+local SCHEMA_VERSION = 12
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -275,8 +275,9 @@ with_schema_lock(function()
     -- one object each (shared/storage/src/segment.rs writes and reads the
     -- format). A segment holds every message from first_seq to last_seq;
     -- `blocks` locates them: {first_seq, first_ts_ns, offset, length} per
-    -- block, in order. Hot rows (mts_messages) are always newer than a
-    -- subject's segments.
+    -- block, in order. Hot rows (mts_messages) are newer than a subject's
+    -- segments, but for the rows a swap has yet to trim (see mts_tier_commit):
+    -- copies of messages a segment holds, never read in its place.
     local SEGMENT_FORMAT = {
         {name = 'subject', type = 'string'},
         {name = 'first_seq', type = 'unsigned'},
@@ -427,8 +428,29 @@ local function segment_of(subject, seq)
     return nil
 end
 
+-- The last sequence of `subject` held in a segment, or 0. Hot rows at or
+-- below it are a swap's leftovers (see mts_tier_commit).
+local function tiered_through(subject)
+    local seg = box.space.mts_segments.index.last:select({subject}, {iterator = 'REQ', limit = 1})[1]
+    if seg ~= nil then
+        return seg.last_seq
+    end
+    return 0
+end
+
+-- The first hot row of `subject` that no segment holds, or nil.
+local function first_hot(subject)
+    local m = box.space.mts_messages.index.primary:select(
+        {subject, tiered_through(subject)}, {iterator = 'GT', limit = 1})[1]
+    if m ~= nil and m.subject == subject then
+        return m
+    end
+    return nil
+end
+
 -- Message `seq` of `subject`: its hot tuple, a reference into its segment,
--- or nil when it is not stored.
+-- or nil when it is not stored. (A leftover hot row of a segment's message
+-- is the same message.)
 local function locate(subject, seq)
     local hot = box.space.mts_messages:get({subject, seq})
     if hot ~= nil then
@@ -645,7 +667,12 @@ local function make_room(s, budget)
     if s.discard == 'old' then
         local oldest = box.space.mts_messages.index.primary:select({s.name}, {iterator = 'EQ', limit = 1})[1]
         if oldest ~= nil then
-            remove_message(oldest)
+            if oldest.seq <= tiered_through(s.name) then
+                -- A swap's leftover: the message stays, in its segment.
+                box.space.mts_messages:delete({s.name, oldest.seq})
+            else
+                remove_message(oldest)
+            end
             return nil
         end
     end
@@ -1583,11 +1610,22 @@ local function segment_expired(seg, row, limits, now)
         or (max_age > 0 and older_than(seg.last_ts_ns, now, max_age))
 end
 
--- Inside a transaction: removes a segment's row and queues its object, and
--- the offloaded payloads only it named, for deletion.
+-- Inside a transaction: removes a segment's row (and hot rows a swap left
+-- of its messages) and queues its object, and the offloaded payloads only it
+-- named, for deletion.
 local function remove_segment(seg)
     local subject, first, last = seg.subject, seg.first_seq, seg.last_seq
     box.space.mts_segments:delete({subject, first})
+    local leftovers = {}
+    for _, m in box.space.mts_messages.index.primary:pairs({subject, first}, {iterator = 'GE'}) do
+        if m.subject ~= subject or m.seq > last then
+            break
+        end
+        leftovers[#leftovers + 1] = m.seq
+    end
+    for _, seq in ipairs(leftovers) do
+        box.space.mts_messages:delete({subject, seq})
+    end
     box.space.mts_subjects:update({subject}, {
         {'-', 'count', seg.count}, {'-', 'bytes', seg.bytes},
         {'-', 'cold_count', seg.count}, {'-', 'cold_bytes', seg.bytes},
@@ -1698,11 +1736,42 @@ end)
 -- Tiering: the service that holds the `tiering` lease moves each subject's
 -- oldest hot messages into segment objects. It plans (mts_tier_plan), reads
 -- the rows (mts_tier_read), uploads the segment, then swaps the rows for one
--- segment row in one transaction (mts_tier_commit). A crash before the swap
--- leaves at most an object no row names, which the orphan sweep removes; a
+-- segment row (mts_tier_commit): one transaction inserts the segment row,
+-- after which the hot rows are copies nothing reads, trimmed in slices so
+-- that no publish waits behind thousands of deletions. A crash before the
+-- swap leaves at most an object no row names, which the orphan sweep
+-- removes; one while trimming leaves copies that the next plan trims; a
 -- swap whose rows are gone (another replica, retention, eviction) changes
 -- nothing, and its object is deleted by the caller.
 ------------------------------------------------------------------------------
+
+-- Rows a swap reads or deletes between yields: a publish waits for at most
+-- one such slice (well under a millisecond).
+local SWAP_SLICE = 256
+
+-- Deletes the hot rows of `subject` up to `through`, copies of messages a
+-- segment holds, a slice per transaction.
+local function trim_tiered(subject, through)
+    while true do
+        local seqs = {}
+        for _, m in ipairs(box.space.mts_messages.index.primary:select(
+            {subject}, {iterator = 'EQ', limit = SWAP_SLICE})) do
+            if m.seq > through then
+                break
+            end
+            seqs[#seqs + 1] = m.seq
+        end
+        if #seqs == 0 then
+            return
+        end
+        box.atomic(function()
+            for _, seq in ipairs(seqs) do
+                box.space.mts_messages:delete({subject, seq})
+            end
+        end)
+        fiber.yield()
+    end
+end
 
 -- Hot-tier use against the budget, as a fraction of the fuller of bytes and rows.
 local function hot_use(budget)
@@ -1720,16 +1789,28 @@ rawset(_G, 'mts_tier_plan', function(opts, limit)
     local budget = hot_budget(opts.hot or {})
     local pressed = hot_use(budget) >= 0.5
     local due = {}
+    local untrimmed = {}
     for _, row in box.space.mts_subjects:pairs() do
+        local oldest = box.space.mts_messages.index.primary:select({row.name}, {iterator = 'EQ', limit = 1})[1]
         local count = (row.count or 0) - (row.cold_count or 0)
-        if count > 0 then
+        if oldest ~= nil then
+            local through = tiered_through(row.name)
+            if oldest.seq <= through then
+                -- A swap cut off while trimming.
+                untrimmed[#untrimmed + 1] = {row.name, through}
+                oldest = first_hot(row.name)
+            end
+        end
+        if oldest ~= nil and count > 0 then
             local bytes = (row.bytes or 0) - (row.cold_bytes or 0)
-            local oldest = box.space.mts_messages.index.primary:select({row.name}, {iterator = 'EQ', limit = 1})[1]
-            if oldest ~= nil and (pressed or bytes >= opts.segment_bytes or count >= opts.segment_messages
-                or older_than(oldest.ts_ns, now, opts.seal_age_ms)) then
+            if pressed or bytes >= opts.segment_bytes or count >= opts.segment_messages
+                or older_than(oldest.ts_ns, now, opts.seal_age_ms) then
                 due[#due + 1] = {row.name, oldest.seq, count, bytes}
             end
         end
+    end
+    for _, t in ipairs(untrimmed) do
+        trim_tiered(t[1], t[2])
     end
     table.sort(due, function(a, b) return a[4] > b[4] end)
     local out = setmetatable({}, ARRAY)
@@ -1755,9 +1836,10 @@ rawset(_G, 'mts_tier_read', function(subject, after, max_rows, max_bytes)
 end)
 
 -- Swaps hot messages first_seq..last_seq of a subject for the segment that
--- now holds them, in one transaction. `seg` is a map of the mts_segments
--- fields (without created_ns); the offloaded payloads its messages name
--- keep their mts_object_refs rows. Returns 'ok'; 'gone' when the rows are no longer
+-- now holds them: one transaction inserts the segment row, then the hot
+-- rows are trimmed. `seg` is a map of the mts_segments fields (without
+-- created_ns); the offloaded payloads its messages name keep their
+-- mts_object_refs rows. Returns 'ok'; 'gone' when the rows are no longer
 -- all hot (moved or removed meanwhile: nothing changes); or 'abandoned' when
 -- the orphan sweep gave the object up.
 rawset(_G, 'mts_tier_commit', function(seg)
@@ -1765,29 +1847,44 @@ rawset(_G, 'mts_tier_commit', function(seg)
     if box.space.mts_abandoned:get(seg.object_key) ~= nil then
         return 'abandoned'
     end
-    local outcome = 'ok'
-    box.atomic(function()
-        -- Only the oldest hot rows are ever removed, so with both ends
-        -- present every row between is too.
-        local head = box.space.mts_messages:get({subject, first})
-        local tail = box.space.mts_messages:get({subject, last})
-        local before = box.space.mts_messages.index.primary:select({subject, first}, {iterator = 'LT', limit = 1})[1]
-        if head == nil or tail == nil or (before ~= nil and before.subject == subject)
-            or seg.count ~= last - first + 1 then
-            outcome = 'gone'
-            return
-        end
-        local bytes = 0
-        local seq = first
-        while seq <= last do
-            local m = box.space.mts_messages:delete({subject, seq})
+    if seg.count ~= last - first + 1 then
+        return 'gone'
+    end
+    -- The payload bytes, checked a slice at a time before the swap: stored
+    -- messages never change and only a subject's oldest are ever removed,
+    -- so with both ends still there at the swap, these are its rows.
+    local bytes, seq = 0, first
+    while seq <= last do
+        local from = seq
+        for _, m in ipairs(box.space.mts_messages.index.primary:select(
+            {subject, seq}, {iterator = 'GE', limit = SWAP_SLICE})) do
+            if m.subject ~= subject or m.seq ~= seq or seq > last then
+                break
+            end
             bytes = bytes + m.size
             seq = seq + 1
         end
-        if bytes ~= seg.bytes then
-            box.error(box.error.PROC_LUA, string.format(
-                'segment %s claims %s payload bytes; its messages hold %s',
-                seg.object_key, decimal(seg.bytes), decimal(bytes)))
+        if seq == from then
+            return 'gone'
+        end
+        fiber.yield()
+    end
+    if bytes ~= seg.bytes then
+        box.error(box.error.PROC_LUA, string.format(
+            'segment %s claims %s payload bytes; its messages hold %s',
+            seg.object_key, decimal(seg.bytes), decimal(bytes)))
+    end
+    local outcome = 'ok'
+    box.atomic(function()
+        -- The run must start where the subject's segments end (leftover
+        -- copies of their messages aside), and both its ends be hot.
+        local through = tiered_through(subject)
+        local before = box.space.mts_messages.index.primary:select({subject, first}, {iterator = 'LT', limit = 1})[1]
+        if first <= through or box.space.mts_messages:get({subject, first}) == nil
+            or box.space.mts_messages:get({subject, last}) == nil
+            or (before ~= nil and before.subject == subject and before.seq > through) then
+            outcome = 'gone'
+            return
         end
         box.space.mts_segments:insert({
             subject, first, last, seg.first_ts_ns, seg.last_ts_ns, seg.count, seg.bytes,
@@ -1800,6 +1897,9 @@ rawset(_G, 'mts_tier_commit', function(seg)
             {'=', 'cold_bytes', (row.cold_bytes or 0) + seg.bytes},
         })
     end)
+    if outcome == 'ok' then
+        trim_tiered(subject, last)
+    end
     return outcome
 end)
 
@@ -1812,7 +1912,7 @@ rawset(_G, 'mts_storage_stats', function(hot)
     local oldest_ns = 0
     for _, row in box.space.mts_subjects:pairs() do
         if (row.count or 0) > (row.cold_count or 0) then
-            local m = box.space.mts_messages.index.primary:select({row.name}, {iterator = 'EQ', limit = 1})[1]
+            local m = first_hot(row.name)
             if m ~= nil and now > m.ts_ns and now - m.ts_ns > oldest_ns then
                 oldest_ns = now - m.ts_ns
             end

@@ -10,9 +10,9 @@ use crate::segment::{BlockIndex, Sealed};
 /// Tarantool's memtx_memory, in Lua).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HotBudget {
-    /// Most bytes of hot rows; 0 = half of memtx_memory.
+    /// Most bytes of hot rows; 0 = a quarter of memtx_memory.
     pub max_bytes: u64,
-    /// Most hot rows; 0 = one per KiB of memtx_memory.
+    /// Most hot rows; 0 = one per 2 KiB of memtx_memory.
     pub max_messages: u64,
     /// The discard policy of subjects without their own.
     pub discard: Discard,

@@ -5,9 +5,10 @@
 //! only ever sees their rows (the egress tests read real ones).
 
 use std::collections::HashMap;
+use std::time::Duration;
 
 use mts_storage::segment::{self, Sealed, Writer};
-use mts_storage::store::{Discard, Limits, Refusal, Store, TierCommit};
+use mts_storage::store::{Discard, Limits, Refusal, Store, TierCommit, TieringOptions};
 use mts_testkit as testing;
 
 /// Publishes `n` inline messages with a header each; returns their payloads.
@@ -336,4 +337,95 @@ async fn upgrading_from_schema_10_keeps_every_offloaded_payload_named() {
     // Messages from before read as before.
     let old = store.message("old", 1).await.unwrap().unwrap();
     assert_eq!(old.object_key.as_deref(), Some("p/old-object"));
+}
+
+#[tokio::test]
+async fn a_swap_cut_off_while_trimming_leaves_copies_that_are_never_read_twice_or_tiered_again() {
+    // A crash after the swap's transaction, before its slices trimmed the
+    // hot rows, leaves hot copies of the segment's messages: put back here
+    // as they were.
+    let tarantool = testing::TarantoolProcess::start();
+    let admin = tarantool.admin_client().await;
+    let store = Store::connect(&tarantool.config()).await.unwrap();
+    let subject = testing::unique_subject("leftover");
+    publish_n(&store, &subject, 10).await;
+    let save = format!(
+        "rawset(_G, 'saved', box.space.mts_messages:select({{'{subject}'}}, {{limit = 6}}))"
+    );
+    let _: Vec<tarant::Value> = admin.eval(&save, ()).await.unwrap();
+    let restore = "for _, t in ipairs(saved) do box.space.mts_messages:replace(t) end";
+    let hot_rows = format!("return box.space.mts_messages:count({{'{subject}'}})");
+    let hot_rows = || async {
+        let (n,): (u64,) = admin.eval(&hot_rows, ()).await.unwrap();
+        n
+    };
+    let sealed = seal(&store, &subject, 6).await;
+    let key = format!("{subject}/segments/1");
+    assert_eq!(
+        store.tier_commit(&subject, &key, &sealed).await.unwrap(),
+        TierCommit::Committed
+    );
+    assert_eq!(hot_rows().await, 4, "the swap trimmed its rows");
+    let _: Vec<tarant::Value> = admin.eval(restore, ()).await.unwrap();
+    assert_eq!(hot_rows().await, 10);
+
+    // Counted and read once.
+    let info = store.subject_info(&subject).await.unwrap();
+    assert_eq!((info.first_seq, info.count, info.cold_count), (1, 10, 6));
+    let delivered = store.fetch(&subject, "d", 20).await.unwrap().messages;
+    let seqs: Vec<u64> = delivered.iter().map(|l| l.message.seq).collect();
+    assert_eq!(seqs, (1..=10).collect::<Vec<_>>());
+    let cold: Vec<bool> = delivered
+        .iter()
+        .map(|l| l.message.segment.is_some())
+        .collect();
+    assert_eq!(cold, [[true; 6], [false; 6]].concat()[..10]);
+    // The same swap again (another replica's, say) finds the run tiered.
+    assert_eq!(
+        store.tier_commit(&subject, "again", &sealed).await.unwrap(),
+        TierCommit::Gone
+    );
+    // The next run swaps though the copies are still there.
+    let next = store.tier_read(&subject, 6, 2, u64::MAX).await.unwrap();
+    let mut writer = Writer::new(64);
+    for row in &next {
+        writer.push(row);
+    }
+    let next = writer.finish();
+    assert_eq!((next.first_seq, next.last_seq), (7, 8));
+    assert_eq!(
+        store
+            .tier_commit(&subject, &format!("{subject}/segments/7"), &next)
+            .await
+            .unwrap(),
+        TierCommit::Committed
+    );
+
+    // A plan offers only what no segment holds, and trims the copies.
+    let _: Vec<tarant::Value> = admin.eval(restore, ()).await.unwrap();
+    let due_now = TieringOptions {
+        segment_bytes: 1,
+        segment_messages: 1,
+        seal_age: Duration::ZERO,
+    };
+    let plans = store.tier_plan(due_now, 1000).await.unwrap();
+    let plan = plans.iter().find(|p| p.subject == subject).unwrap();
+    assert_eq!((plan.first_seq, plan.hot_messages), (9, 2));
+    assert_eq!(hot_rows().await, 2);
+
+    // Retention takes a segment's copies with it.
+    let _: Vec<tarant::Value> = admin.eval(restore, ()).await.unwrap();
+    let keep = Limits {
+        max_messages: Some(4),
+        ..Limits::default()
+    };
+    store.set_subject_limits(&subject, keep).await.unwrap();
+    store
+        .retention_step(&subject, Limits::default(), 500, 50)
+        .await
+        .unwrap();
+    let info = store.subject_info(&subject).await.unwrap();
+    assert_eq!((info.first_seq, info.count, info.cold_count), (7, 4, 2));
+    assert!(store.message(&subject, 3).await.unwrap().is_none());
+    assert_eq!(hot_rows().await, 2);
 }

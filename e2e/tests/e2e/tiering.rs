@@ -280,3 +280,43 @@ async fn crashes_of_tarantool_and_of_the_tiering_egress_lose_and_double_nothing(
     drop(tierer);
     system.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_hot_tier_refuses_publishes_and_says_so_in_health_until_tiering_makes_room() {
+    use mts_runtime::health::HOT_TIER;
+    let tarantool = TarantoolProcess::start();
+    let mut config = tarantool.config();
+    config.tiering.hot_tier_max_messages = 20;
+    let mut stalled = config.clone();
+    stalled.tiering.tiering_enabled = false;
+    let system = System::start_with(config.clone(), stalled).await;
+    let within = Duration::from_secs(10);
+    testing::wait_serving(system.ingress.addr, HOT_TIER, within).await;
+
+    let subject = testing::unique_subject("full");
+    let mut publisher = system.publisher().await;
+    let (mut stored, mut refused) = (0, 0);
+    for id in 1..=40 {
+        match publisher.publish(request(&subject, id)).await {
+            Ok(_) => stored += 1,
+            Err(status) => {
+                assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status}");
+                assert!(status.message().contains("hot tier is full"), "{status}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((stored, refused), (20, 20));
+    // Degraded, not down: the service serves, its hot tier says it is full,
+    // and reads go on.
+    testing::wait_status(system.ingress.addr, HOT_TIER, false, within).await;
+    testing::wait_serving(system.ingress.addr, "", within).await;
+    assert_eq!(system.fetch(&subject, "reader", 100).await.len(), 20);
+
+    // An egress that tiers moves the messages out, and publishing resumes.
+    let tiering = Running::start(EGRESS, config, mts_egress::run).await;
+    testing::wait_serving(system.ingress.addr, HOT_TIER, Duration::from_secs(60)).await;
+    publisher.publish(request(&subject, 41)).await.unwrap();
+    tiering.stop().await.unwrap();
+    system.stop().await;
+}

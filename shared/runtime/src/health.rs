@@ -1,6 +1,8 @@
 //! `grpc.health.v1` status driven by the dependencies: SERVING only while
 //! Tarantool and the object store answer, NOT_SERVING from the moment the
-//! process starts draining.
+//! process starts draining. A full hot tier is a degraded state, not an
+//! outage (reads go on, subjects that discard old messages publish on): it
+//! has a health service name of its own, `hot-tier`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -15,6 +17,10 @@ use mts_storage::store::Store;
 
 /// The health service name that is SERVING for as long as the process runs.
 pub const LIVENESS: &str = "liveness";
+
+/// The health service name that is NOT_SERVING while the hot tier is full
+/// (publishes to subjects that discard new messages are refused).
+pub const HOT_TIER: &str = "hot-tier";
 
 /// The health status of one gRPC service (and of the server as a whole).
 #[derive(Clone)]
@@ -42,6 +48,10 @@ impl Health {
         health
             .reporter
             .set_service_status(LIVENESS, ServingStatus::Serving)
+            .await;
+        health
+            .reporter
+            .set_service_status(HOT_TIER, ServingStatus::Unknown)
             .await;
         (health, server)
     }
@@ -75,6 +85,38 @@ impl Health {
         self.report(false).await;
     }
 
+    /// Reports whether the hot tier is full; returns what it found (or
+    /// `was_full` when Tarantool did not say).
+    async fn check_hot_tier(&self, store: &Store, was_full: Option<bool>) -> Option<bool> {
+        let hot = match store.hot_tier().await {
+            Ok(hot) => hot,
+            Err(err) => {
+                tracing::debug!(%err, "hot tier not checked");
+                return was_full;
+            }
+        };
+        let full = hot.is_full();
+        if was_full != Some(full) {
+            if full {
+                tracing::warn!(
+                    service = self.service,
+                    %hot,
+                    "the hot tier is full: subjects that discard new messages refuse publishes \
+                     until tiering moves messages to the object store"
+                );
+            } else if was_full.is_some() {
+                tracing::info!(service = self.service, %hot, "the hot tier has room again");
+            }
+        }
+        let status = if full {
+            ServingStatus::NotServing
+        } else {
+            ServingStatus::Serving
+        };
+        self.reporter.set_service_status(HOT_TIER, status).await;
+        Some(full)
+    }
+
     /// Probes both dependencies every `interval` and reports the result.
     /// Runs until dropped; the store re-applies its schema when Tarantool
     /// comes back empty-handed after a restart.
@@ -86,12 +128,14 @@ impl Health {
         interval: Duration,
     ) {
         let mut was_serving = None;
+        let mut was_full = None;
         loop {
             let (tarantool, s3) = tokio::join!(
                 tokio::time::timeout(interval.max(Duration::from_secs(2)), store.check()),
                 tokio::time::timeout(interval.max(Duration::from_secs(2)), object_store.check()),
             );
-            metrics.set_dependency_up("tarantool", matches!(tarantool, Ok(Ok(()))));
+            let tarantool_up = matches!(tarantool, Ok(Ok(())));
+            metrics.set_dependency_up("tarantool", tarantool_up);
             metrics.set_dependency_up("s3", matches!(s3, Ok(Ok(()))));
             let problems: Vec<String> = [
                 tarantool
@@ -119,6 +163,9 @@ impl Health {
                 was_serving = Some(serving);
             }
             self.set(serving).await;
+            if tarantool_up {
+                was_full = self.check_hot_tier(&store, was_full).await;
+            }
             tokio::time::sleep(interval).await;
         }
     }

@@ -1903,6 +1903,19 @@ rawset(_G, 'mts_tier_commit', function(seg)
     return outcome
 end)
 
+-- The hot tier against its budget (`hot` as for publishing): cheap enough
+-- for every health check.
+rawset(_G, 'mts_hot_tier', function(hot)
+    local budget = hot_budget(hot or {})
+    local bytes, rows = hot_size()
+    return {
+        hot_bytes = bytes,
+        hot_messages = rows,
+        budget_bytes = budget.max_bytes,
+        budget_messages = budget.max_rows,
+    }
+end)
+
 -- The two tiers at a glance, for gauges and health: hot rows and their
 -- bytes against the budget (`hot` as for publishing), Tarantool's memory,
 -- the age of the oldest message not yet in a segment, and the segments.
@@ -2155,7 +2168,7 @@ with_schema_lock(function()
         'mts_set_subject_limits', 'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done',
         'mts_lease', 'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
         'mts_settle_attempt', 'mts_identity', 'mts_dead_letter',
-        'mts_locate_time', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats',
+        'mts_locate_time', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats', 'mts_hot_tier',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
     }
     box.schema.role.create('minitoolstream', {if_not_exists = true})

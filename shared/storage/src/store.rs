@@ -31,7 +31,7 @@ pub use consumers::{
 pub use group_commit::InlineMessage;
 pub use publish::{NewMessage, Payload, Published, SegmentRef, StoredMessage};
 pub use subjects::{Discard, Limits, SubjectState};
-pub use tiering::{HotBudget, SegmentPlan, StorageStats, TierCommit, TieringOptions};
+pub use tiering::{HotBudget, HotTier, SegmentPlan, StorageStats, TierCommit, TieringOptions};
 
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");

@@ -99,6 +99,36 @@ pub struct StorageStats {
     pub segment_bytes: u64,
 }
 
+/// The hot tier's use and budget.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+pub struct HotTier {
+    /// Bytes of hot rows and remembered message ids.
+    pub hot_bytes: u64,
+    /// Their rows.
+    pub hot_messages: u64,
+    /// The budget in bytes.
+    pub budget_bytes: u64,
+    /// And in rows.
+    pub budget_messages: u64,
+}
+
+impl HotTier {
+    /// Whether publishes meet the subjects' discard policies now.
+    pub fn is_full(&self) -> bool {
+        self.hot_bytes >= self.budget_bytes || self.hot_messages >= self.budget_messages
+    }
+}
+
+impl std::fmt::Display for HotTier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} of {} bytes, {} of {} rows",
+            self.hot_bytes, self.budget_bytes, self.hot_messages, self.budget_messages
+        )
+    }
+}
+
 /// A Lua map of `fields` (the procedures read their arguments by name).
 fn lua_map(fields: Vec<(&str, tarant::Value)>) -> tarant::Value {
     tarant::Value::Map(
@@ -233,6 +263,14 @@ impl Store {
             .call("mts_locate_time", (subject, time_ns), self.timeout)
             .await?;
         Ok(at)
+    }
+
+    /// The hot tier against its budget.
+    pub async fn hot_tier(&self) -> Result<HotTier, Error> {
+        let (hot,): (HotTier,) = self
+            .call("mts_hot_tier", (&*self.hot,), self.timeout)
+            .await?;
+        Ok(hot)
     }
 
     /// The two tiers at a glance.

@@ -122,6 +122,8 @@ with_schema_lock(function()
         -- What a publish meets when the hot tier is full: 'new' refuses it,
         -- 'old' evicts the subject's oldest hot messages; nil = the default.
         {name = 'discard', type = 'string', is_nullable = true},
+        -- Bytes of this subject's segment objects; nil = none.
+        {name = 'segment_bytes', type = 'unsigned', is_nullable = true},
     }
     box.schema.space.create('mts_subjects', {if_not_exists = true, format = SUBJECT_FORMAT})
     box.space.mts_subjects:format(SUBJECT_FORMAT)
@@ -313,6 +315,30 @@ with_schema_lock(function()
         parts = {'object_key', 'subject', 'seq'}, if_not_exists = true,
     })
     box.space.mts_object_refs:create_index('message', {parts = {'subject', 'seq'}, if_not_exists = true})
+
+    -- Schema 12 keeps each subject's segment object bytes, so that the
+    -- gauges need not walk every segment: add up those written before.
+    do
+        local unsummed = {}
+        for _, row in box.space.mts_subjects:pairs() do
+            if (row.cold_count or 0) > 0 and row.segment_bytes == nil then
+                unsummed[#unsummed + 1] = row.name
+            end
+        end
+        local fields = #SUBJECT_FORMAT
+        for _, name in ipairs(unsummed) do
+            local bytes = 0
+            for _, seg in box.space.mts_segments.index.primary:pairs({name}, {iterator = 'EQ'}) do
+                bytes = bytes + seg.object_size
+            end
+            local row = box.space.mts_subjects:get(name):totable()
+            for i = #row + 1, fields do
+                row[i] = box.NULL
+            end
+            row[fields] = bytes
+            box.space.mts_subjects:replace(row)
+        end
+    end
 
     -- Before schema 11 mts_messages indexed object keys and commit times
     -- itself: move the keys over, then drop both indexes.
@@ -1629,6 +1655,7 @@ local function remove_segment(seg)
     box.space.mts_subjects:update({subject}, {
         {'-', 'count', seg.count}, {'-', 'bytes', seg.bytes},
         {'-', 'cold_count', seg.count}, {'-', 'cold_bytes', seg.bytes},
+        {'-', 'segment_bytes', seg.object_size},
     })
     local named = {}
     for _, o in box.space.mts_object_refs.index.message:pairs({subject, first}, {iterator = 'GE'}) do
@@ -1895,6 +1922,7 @@ rawset(_G, 'mts_tier_commit', function(seg)
         box.space.mts_subjects:update({subject}, {
             {'=', 'cold_count', (row.cold_count or 0) + seg.count},
             {'=', 'cold_bytes', (row.cold_bytes or 0) + seg.bytes},
+            {'=', 'segment_bytes', (row.segment_bytes or 0) + seg.object_size},
         })
     end)
     if outcome == 'ok' then
@@ -1922,7 +1950,7 @@ end)
 rawset(_G, 'mts_storage_stats', function(hot)
     local budget = hot_budget(hot or {})
     local now = now_ns()
-    local oldest_ns = 0
+    local oldest_ns, segment_bytes = 0, 0
     for _, row in box.space.mts_subjects:pairs() do
         if (row.count or 0) > (row.cold_count or 0) then
             local m = first_hot(row.name)
@@ -1930,12 +1958,9 @@ rawset(_G, 'mts_storage_stats', function(hot)
                 oldest_ns = now - m.ts_ns
             end
         end
+        segment_bytes = segment_bytes + (row.segment_bytes or 0)
     end
-    local segments, segment_bytes = 0, 0
-    for _, seg in box.space.mts_segments:pairs() do
-        segments = segments + 1
-        segment_bytes = segment_bytes + seg.object_size
-    end
+    local segments = box.space.mts_segments:len()
     local slab = box.slab.info()
     local hot_bytes, hot_rows = hot_size()
     return {

@@ -429,3 +429,59 @@ async fn a_swap_cut_off_while_trimming_leaves_copies_that_are_never_read_twice_o
     assert!(store.message(&subject, 3).await.unwrap().is_none());
     assert_eq!(hot_rows().await, 2);
 }
+
+#[tokio::test]
+async fn the_gauges_count_segments_and_their_bytes_as_they_come_and_go() {
+    let tarantool = testing::TarantoolProcess::start();
+    let admin = tarantool.admin_client().await;
+    let store = Store::connect(&tarantool.config()).await.unwrap();
+    let subject = testing::unique_subject("gauges");
+    publish_n(&store, &subject, 10).await;
+    let first = seal(&store, &subject, 4).await;
+    store
+        .tier_commit(&subject, &format!("{subject}/1"), &first)
+        .await
+        .unwrap();
+    let rest = store.tier_read(&subject, 4, 6, u64::MAX).await.unwrap();
+    let mut writer = Writer::new(64);
+    for row in &rest {
+        writer.push(row);
+    }
+    let second = writer.finish();
+    store
+        .tier_commit(&subject, &format!("{subject}/5"), &second)
+        .await
+        .unwrap();
+    let both = (first.body.len() + second.body.len()) as u64;
+    let stats = store.storage_stats().await.unwrap();
+    assert_eq!((stats.segments, stats.segment_bytes), (2, both));
+
+    // Segments written before the subjects kept their bytes are added up
+    // when the schema is applied.
+    let forget = format!(
+        "box.space.mts_subjects:update({{'{subject}'}}, {{{{'=', 'segment_bytes', box.NULL}}}})"
+    );
+    let _: Vec<tarant::Value> = admin.eval(&forget, ()).await.unwrap();
+    let _: (u64,) = admin
+        .eval(mts_storage::store::SCHEMA_LUA, ())
+        .await
+        .unwrap();
+    let stats = store.storage_stats().await.unwrap();
+    assert_eq!((stats.segments, stats.segment_bytes), (2, both));
+
+    // Retention takes the first segment and its bytes.
+    let keep = Limits {
+        max_messages: Some(6),
+        ..Limits::default()
+    };
+    store.set_subject_limits(&subject, keep).await.unwrap();
+    store
+        .retention_step(&subject, Limits::default(), 500, 50)
+        .await
+        .unwrap();
+    let stats = store.storage_stats().await.unwrap();
+    assert_eq!(
+        (stats.segments, stats.segment_bytes),
+        (1, second.body.len() as u64)
+    );
+}

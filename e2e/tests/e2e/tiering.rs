@@ -18,9 +18,18 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::system::System;
 
-/// Message `id`'s 1 KiB payload.
+/// Every this many messages one is large: its payload goes to the object
+/// store, and a segment names it.
+const LARGE_EVERY: u64 = 25_000;
+
+/// Message `id`'s payload: 1 KiB, or 300 KiB for every LARGE_EVERY-th.
 fn payload(id: u64) -> Vec<u8> {
-    let mut data = id.to_le_bytes().repeat(128);
+    let words = if id % LARGE_EVERY == 0 {
+        300 * 128
+    } else {
+        128
+    };
+    let mut data = id.to_le_bytes().repeat(words);
     data[0] ^= 0x5a;
     data
 }
@@ -121,8 +130,8 @@ async fn a_small_tarantool_takes_far_more_messages_than_fit_in_its_memory() {
     let config = tarantool.config();
     let system = System::start(config.clone()).await;
     let subject = testing::unique_subject("capacity");
-    // Four times Tarantool's memory in 1 KiB messages.
-    let n: u64 = 250_000;
+    // Eight times Tarantool's memory in 1 KiB messages, and some large ones.
+    let n: u64 = 500_000;
     let started = Instant::now();
     let streams: Vec<_> = (0..4u64)
         .map(|p| {

@@ -24,7 +24,7 @@ const LARGE_EVERY: u64 = 25_000;
 
 /// Message `id`'s payload: 1 KiB, or 300 KiB for every LARGE_EVERY-th.
 fn payload(id: u64) -> Vec<u8> {
-    let words = if id % LARGE_EVERY == 0 {
+    let words = if id.is_multiple_of(LARGE_EVERY) {
         300 * 128
     } else {
         128

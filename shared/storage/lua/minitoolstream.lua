@@ -1933,7 +1933,7 @@ end)
 
 -- The hot tier against its budget (`hot` as for publishing): cheap enough
 -- for every health check.
-rawset(_G, 'mts_hot_tier', function(hot)
+local function hot_tier(hot)
     local budget = hot_budget(hot or {})
     local bytes, rows = hot_size()
     return {
@@ -1942,13 +1942,13 @@ rawset(_G, 'mts_hot_tier', function(hot)
         budget_bytes = budget.max_bytes,
         budget_messages = budget.max_rows,
     }
-end)
+end
 
--- The two tiers at a glance, for gauges and health: hot rows and their
--- bytes against the budget (`hot` as for publishing), Tarantool's memory,
+rawset(_G, 'mts_hot_tier', hot_tier)
+
+-- The two tiers at a glance, for gauges: the hot tier, Tarantool's memory,
 -- the age of the oldest message not yet in a segment, and the segments.
 rawset(_G, 'mts_storage_stats', function(hot)
-    local budget = hot_budget(hot or {})
     local now = now_ns()
     local oldest_ns, segment_bytes = 0, 0
     for _, row in box.space.mts_subjects:pairs() do
@@ -1960,21 +1960,15 @@ rawset(_G, 'mts_storage_stats', function(hot)
         end
         segment_bytes = segment_bytes + (row.segment_bytes or 0)
     end
-    local segments = box.space.mts_segments:len()
     local slab = box.slab.info()
-    local hot_bytes, hot_rows = hot_size()
-    return {
-        hot_bytes = hot_bytes,
-        hot_messages = hot_rows,
-        budget_bytes = budget.max_bytes,
-        budget_messages = budget.max_rows,
-        arena_used = slab.arena_used,
-        quota_size = slab.quota_size,
-        quota_used = slab.quota_used,
-        oldest_untiered_age_ms = tonumber(oldest_ns / 1000000),
-        segments = segments,
-        segment_bytes = segment_bytes,
-    }
+    local stats = hot_tier(hot)
+    stats.arena_used = slab.arena_used
+    stats.quota_size = slab.quota_size
+    stats.quota_used = slab.quota_used
+    stats.oldest_untiered_age_ms = tonumber(oldest_ns / 1000000)
+    stats.segments = box.space.mts_segments:len()
+    stats.segment_bytes = segment_bytes
+    return stats
 end)
 
 -- A backup holds object deletions (a lease row) so that every object its

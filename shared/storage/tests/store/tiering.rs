@@ -26,6 +26,20 @@ async fn publish_n(store: &Store, subject: &str, n: u64) -> Vec<Vec<u8>> {
     payloads
 }
 
+/// A Tarantool of the test's own (whose admin can reach behind the
+/// procedures, and whose totals no other test changes), its admin client,
+/// a store and a subject with 10 messages.
+async fn own_tarantool_with_10(
+    prefix: &str,
+) -> (testing::TarantoolProcess, tarant::Client, Store, String) {
+    let tarantool = testing::TarantoolProcess::start();
+    let admin = tarantool.admin_client().await;
+    let store = Store::connect(&tarantool.config()).await.unwrap();
+    let subject = testing::unique_subject(prefix);
+    publish_n(&store, &subject, 10).await;
+    (tarantool, admin, store, subject)
+}
+
 /// The segment of the subject's oldest `n` hot messages, as the tiering
 /// worker packs it.
 async fn seal(store: &Store, subject: &str, n: u32) -> Sealed {
@@ -344,11 +358,7 @@ async fn a_swap_cut_off_while_trimming_leaves_copies_that_are_never_read_twice_o
     // A crash after the swap's transaction, before its slices trimmed the
     // hot rows, leaves hot copies of the segment's messages: put back here
     // as they were.
-    let tarantool = testing::TarantoolProcess::start();
-    let admin = tarantool.admin_client().await;
-    let store = Store::connect(&tarantool.config()).await.unwrap();
-    let subject = testing::unique_subject("leftover");
-    publish_n(&store, &subject, 10).await;
+    let (_tarantool, admin, store, subject) = own_tarantool_with_10("leftover").await;
     let save = format!(
         "rawset(_G, 'saved', box.space.mts_messages:select({{'{subject}'}}, {{limit = 6}}))"
     );
@@ -432,11 +442,7 @@ async fn a_swap_cut_off_while_trimming_leaves_copies_that_are_never_read_twice_o
 
 #[tokio::test]
 async fn the_gauges_count_segments_and_their_bytes_as_they_come_and_go() {
-    let tarantool = testing::TarantoolProcess::start();
-    let admin = tarantool.admin_client().await;
-    let store = Store::connect(&tarantool.config()).await.unwrap();
-    let subject = testing::unique_subject("gauges");
-    publish_n(&store, &subject, 10).await;
+    let (_tarantool, admin, store, subject) = own_tarantool_with_10("gauges").await;
     let first = seal(&store, &subject, 4).await;
     store
         .tier_commit(&subject, &format!("{subject}/1"), &first)

@@ -26,6 +26,19 @@ async fn publish_n(store: &Store, subject: &str, n: u64) -> Vec<Vec<u8>> {
     payloads
 }
 
+/// Limits `subject` to its newest `n` messages and runs a retention step.
+async fn keep_newest(store: &Store, subject: &str, n: u64) {
+    let keep = Limits {
+        max_messages: Some(n),
+        ..Limits::default()
+    };
+    store.set_subject_limits(subject, keep).await.unwrap();
+    store
+        .retention_step(subject, Limits::default(), 500, 50)
+        .await
+        .unwrap();
+}
+
 /// A Tarantool of the test's own (whose admin can reach behind the
 /// procedures, and whose totals no other test changes), its admin client,
 /// a store and a subject with 10 messages.
@@ -43,7 +56,12 @@ async fn own_tarantool_with_10(
 /// The segment of the subject's oldest `n` hot messages, as the tiering
 /// worker packs it.
 async fn seal(store: &Store, subject: &str, n: u32) -> Sealed {
-    let rows = store.tier_read(subject, 0, n, u64::MAX).await.unwrap();
+    seal_after(store, subject, 0, n).await
+}
+
+/// The segment of the subject's `n` hot messages after `after`.
+async fn seal_after(store: &Store, subject: &str, after: u64, n: u32) -> Sealed {
+    let rows = store.tier_read(subject, after, n, u64::MAX).await.unwrap();
     assert_eq!(rows.len(), n as usize);
     let mut writer = Writer::new(64);
     for row in &rows {
@@ -396,12 +414,7 @@ async fn a_swap_cut_off_while_trimming_leaves_copies_that_are_never_read_twice_o
         TierCommit::Gone
     );
     // The next run swaps though the copies are still there.
-    let next = store.tier_read(&subject, 6, 2, u64::MAX).await.unwrap();
-    let mut writer = Writer::new(64);
-    for row in &next {
-        writer.push(row);
-    }
-    let next = writer.finish();
+    let next = seal_after(&store, &subject, 6, 2).await;
     assert_eq!((next.first_seq, next.last_seq), (7, 8));
     assert_eq!(
         store
@@ -425,15 +438,7 @@ async fn a_swap_cut_off_while_trimming_leaves_copies_that_are_never_read_twice_o
 
     // Retention takes a segment's copies with it.
     let _: Vec<tarant::Value> = admin.eval(restore, ()).await.unwrap();
-    let keep = Limits {
-        max_messages: Some(4),
-        ..Limits::default()
-    };
-    store.set_subject_limits(&subject, keep).await.unwrap();
-    store
-        .retention_step(&subject, Limits::default(), 500, 50)
-        .await
-        .unwrap();
+    keep_newest(&store, &subject, 4).await;
     let info = store.subject_info(&subject).await.unwrap();
     assert_eq!((info.first_seq, info.count, info.cold_count), (7, 4, 2));
     assert!(store.message(&subject, 3).await.unwrap().is_none());
@@ -448,12 +453,7 @@ async fn the_gauges_count_segments_and_their_bytes_as_they_come_and_go() {
         .tier_commit(&subject, &format!("{subject}/1"), &first)
         .await
         .unwrap();
-    let rest = store.tier_read(&subject, 4, 6, u64::MAX).await.unwrap();
-    let mut writer = Writer::new(64);
-    for row in &rest {
-        writer.push(row);
-    }
-    let second = writer.finish();
+    let second = seal_after(&store, &subject, 4, 6).await;
     store
         .tier_commit(&subject, &format!("{subject}/5"), &second)
         .await
@@ -476,15 +476,7 @@ async fn the_gauges_count_segments_and_their_bytes_as_they_come_and_go() {
     assert_eq!((stats.segments, stats.segment_bytes), (2, both));
 
     // Retention takes the first segment and its bytes.
-    let keep = Limits {
-        max_messages: Some(6),
-        ..Limits::default()
-    };
-    store.set_subject_limits(&subject, keep).await.unwrap();
-    store
-        .retention_step(&subject, Limits::default(), 500, 50)
-        .await
-        .unwrap();
+    keep_newest(&store, &subject, 6).await;
     let stats = store.storage_stats().await.unwrap();
     assert_eq!(
         (stats.segments, stats.segment_bytes),

@@ -13,6 +13,7 @@ local digest = require('digest')
 local fio = require('fio')
 local ffi = require('ffi')
 local uuid = require('uuid')
+local log = require('log')
 
 local SCHEMA_VERSION = 12
 local MAP = {__serialize = 'map'}
@@ -325,7 +326,12 @@ with_schema_lock(function()
                 unsummed[#unsummed + 1] = row.name
             end
         end
-        local fields = #SUBJECT_FORMAT
+        local fields, at = #SUBJECT_FORMAT, nil
+        for i, field in ipairs(SUBJECT_FORMAT) do
+            if field.name == 'segment_bytes' then
+                at = i
+            end
+        end
         for _, name in ipairs(unsummed) do
             local bytes = 0
             for _, seg in box.space.mts_segments.index.primary:pairs({name}, {iterator = 'EQ'}) do
@@ -335,7 +341,7 @@ with_schema_lock(function()
             for i = #row + 1, fields do
                 row[i] = box.NULL
             end
-            row[fields] = bytes
+            row[at] = bytes
             box.space.mts_subjects:replace(row)
         end
     end
@@ -1642,6 +1648,8 @@ end
 local function remove_segment(seg)
     local subject, first, last = seg.subject, seg.first_seq, seg.last_seq
     box.space.mts_segments:delete({subject, first})
+    pad_subject(subject)
+    local row = box.space.mts_subjects:get(subject)
     local leftovers = {}
     for _, m in box.space.mts_messages.index.primary:pairs({subject, first}, {iterator = 'GE'}) do
         if m.subject ~= subject or m.seq > last then
@@ -1655,7 +1663,9 @@ local function remove_segment(seg)
     box.space.mts_subjects:update({subject}, {
         {'-', 'count', seg.count}, {'-', 'bytes', seg.bytes},
         {'-', 'cold_count', seg.count}, {'-', 'cold_bytes', seg.bytes},
-        {'-', 'segment_bytes', seg.object_size},
+        -- Written by every swap since schema 12; a swap by an older service
+        -- during an upgrade may have left it short, never below zero here.
+        {'=', 'segment_bytes', max(0, (present(row.segment_bytes) or 0) - seg.object_size)},
     })
     local named = {}
     for _, o in box.space.mts_object_refs.index.message:pairs({subject, first}, {iterator = 'GE'}) do
@@ -1777,9 +1787,12 @@ end)
 local SWAP_SLICE = 256
 
 -- Deletes the hot rows of `subject` up to `through`, copies of messages a
--- segment holds, a slice per transaction.
-local function trim_tiered(subject, through)
-    while true do
+-- segment holds, a slice per transaction, at most `max_slices` slices (nil
+-- = all). Returns whether none are left. Raises when a slice fails.
+local function trim_tiered(subject, through, max_slices)
+    local slices = 0
+    while max_slices == nil or slices < max_slices do
+        slices = slices + 1
         local seqs = {}
         for _, m in ipairs(box.space.mts_messages.index.primary:select(
             {subject}, {iterator = 'EQ', limit = SWAP_SLICE})) do
@@ -1789,7 +1802,7 @@ local function trim_tiered(subject, through)
             seqs[#seqs + 1] = m.seq
         end
         if #seqs == 0 then
-            return
+            return true
         end
         box.atomic(function()
             for _, seq in ipairs(seqs) do
@@ -1798,7 +1811,12 @@ local function trim_tiered(subject, through)
         end)
         fiber.yield()
     end
+    return false
 end
+
+-- Slices a plan trims per subject: the rest waits for the next plan, so a
+-- crash's leftovers never hold one call past its timeout.
+local PLAN_TRIM_SLICES = 16
 
 -- Hot-tier use against the budget, as a fraction of the fuller of bytes and rows.
 local function hot_use(budget)
@@ -1837,7 +1855,10 @@ rawset(_G, 'mts_tier_plan', function(opts, limit)
         end
     end
     for _, t in ipairs(untrimmed) do
-        trim_tiered(t[1], t[2])
+        local ok, err = pcall(trim_tiered, t[1], t[2], PLAN_TRIM_SLICES)
+        if not ok then
+            log.warn('tiering: trimming the hot copies of %s failed: %s', t[1], tostring(err))
+        end
     end
     table.sort(due, function(a, b) return a[4] > b[4] end)
     local out = setmetatable({}, ARRAY)
@@ -1905,6 +1926,11 @@ rawset(_G, 'mts_tier_commit', function(seg)
     box.atomic(function()
         -- The run must start where the subject's segments end (leftover
         -- copies of their messages aside), and both its ends be hot.
+        -- The sweep may have fenced the object while the bytes were checked.
+        if box.space.mts_abandoned:get(seg.object_key) ~= nil then
+            outcome = 'abandoned'
+            return
+        end
         local through = tiered_through(subject)
         local before = box.space.mts_messages.index.primary:select({subject, first}, {iterator = 'LT', limit = 1})[1]
         if first <= through or box.space.mts_messages:get({subject, first}) == nil
@@ -1926,7 +1952,12 @@ rawset(_G, 'mts_tier_commit', function(seg)
         })
     end)
     if outcome == 'ok' then
-        trim_tiered(subject, last)
+        -- Committed: a failed slice leaves copies for the next plan, and
+        -- must not make the caller think the segment was refused.
+        local ok, err = pcall(trim_tiered, subject, last)
+        if not ok then
+            log.warn('tiering: trimming the hot copies of %s failed: %s', subject, tostring(err))
+        end
     end
     return outcome
 end)

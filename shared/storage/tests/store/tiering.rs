@@ -483,3 +483,26 @@ async fn the_gauges_count_segments_and_their_bytes_as_they_come_and_go() {
         (1, second.body.len() as u64)
     );
 }
+
+#[tokio::test]
+async fn a_run_of_several_slices_is_checked_swapped_and_trimmed_whole() {
+    let store = Store::connect(&testing::config()).await.unwrap();
+    let subject = testing::unique_subject("slices");
+    // Beyond two slices of 256 rows, and not a multiple of one.
+    publish_n(&store, &subject, 700).await;
+    let sealed = seal(&store, &subject, 700).await;
+    assert_eq!(
+        store
+            .tier_commit(&subject, &format!("{subject}/1"), &sealed)
+            .await
+            .unwrap(),
+        TierCommit::Committed
+    );
+    let info = store.subject_info(&subject).await.unwrap();
+    assert_eq!((info.count, info.cold_count), (700, 700));
+    let left = store.tier_read(&subject, 0, 1000, u64::MAX).await.unwrap();
+    assert!(left.is_empty(), "{} hot rows left", left.len());
+    let delivered = store.fetch(&subject, "d", 1000).await.unwrap().messages;
+    let seqs: Vec<u64> = delivered.iter().map(|l| l.message.seq).collect();
+    assert_eq!(seqs, (1..=700).collect::<Vec<_>>());
+}

@@ -165,6 +165,11 @@ impl Health {
             self.set(serving).await;
             if tarantool_up {
                 was_full = self.check_hot_tier(&store, was_full).await;
+            } else if was_full.take().is_some() {
+                // Whether it is full cannot be known now.
+                self.reporter
+                    .set_service_status(HOT_TIER, ServingStatus::Unknown)
+                    .await;
             }
             tokio::time::sleep(interval).await;
         }

@@ -144,6 +144,16 @@ async fn a_small_tarantool_takes_far_more_messages_than_fit_in_its_memory() {
         "published {n} x 1 KiB in {:?}; {refused} refused for room and sent again",
         started.elapsed()
     );
+    let offloaded = eval_u64(
+        &tarantool,
+        &format!("return box.space.mts_object_refs.index.message:count({{'{subject}'}})"),
+    )
+    .await;
+    assert_eq!(
+        offloaded,
+        n / LARGE_EVERY,
+        "each large payload offloaded and named"
+    );
     let hot_bytes = eval_u64(&tarantool, "return box.space.mts_messages:bsize()").await;
     let arena = eval_u64(&tarantool, "return box.slab.info().arena_used").await;
     eprintln!("hot tier {hot_bytes} bytes; memtx arena in use {arena} bytes");

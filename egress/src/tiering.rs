@@ -1,7 +1,6 @@
 //! Moving messages to the cold tier, run by the one egress replica that
 //! holds the `tiering` lease: each subject's oldest hot messages are packed
-//! into a segment, uploaded, and only then swapped for one segment row in one
-//! transaction. A crash between the two leaves an object no row names (the
+//! into a segment, uploaded, and only then swapped for one segment row. A crash between the two leaves an object no row names (the
 //! orphan sweep's to delete); a swap that finds its rows gone changes
 //! nothing, and its object is deleted here. Runs back to back while work is
 //! due, so the hot tier drains as fast as the object store takes segments.
@@ -126,14 +125,17 @@ impl Tiering {
 
     /// Moves the subject's oldest hot messages into segments: up to
     /// `SEGMENTS_PER_PASS` of them while full ones keep coming (a backlog),
-    /// packing the next while the last uploads; each is swapped in only
-    /// after the one before it. Returns how many were written.
+    /// as a pipeline: while one segment uploads, the next is packed and the
+    /// one before it is swapped in. Each is swapped in only after the one
+    /// before it. Returns how many were written.
     async fn seal(&self, plan: &SegmentPlan) -> Result<usize, Error> {
         let subject = plan.subject.as_str();
         let Some(mut current) = self.pack(subject, plan.first_seq.saturating_sub(1)).await? else {
             return Ok(0);
         };
         let mut written = 0;
+        // Uploaded, waiting for its swap.
+        let mut uploaded: Option<(String, Sealed)> = None;
         loop {
             let (sealed, full) = current;
             let key = self.object_store.segment_key(
@@ -141,25 +143,48 @@ impl Tiering {
                 subject,
                 sealed.first_seq,
             );
-            let more = full && written + 1 < SEGMENTS_PER_PASS;
-            let (uploaded, next) =
-                tokio::join!(self.object_store.put(&key, sealed.body.clone()), async {
+            let more = full && written + usize::from(uploaded.is_some()) + 1 < SEGMENTS_PER_PASS;
+            let (put, next, swapped) = tokio::join!(
+                self.object_store.put(&key, sealed.body.clone()),
+                async {
                     if more {
                         self.pack(subject, sealed.last_seq).await
                     } else {
                         Ok(None)
                     }
-                });
-            uploaded.map_err(Error::ObjectStore)?;
-            if !self.swap(subject, &key, &sealed).await? {
-                return Ok(written);
+                },
+                async {
+                    match &uploaded {
+                        Some((key, sealed)) => self.swap(subject, key, sealed).await.map(Some),
+                        None => Ok(None),
+                    }
+                },
+            );
+            match swapped {
+                Ok(Some(true)) => written += 1,
+                Ok(None) => {}
+                // The run was gone, or the swap failed: this segment, which
+                // follows it, cannot be swapped in either.
+                Ok(Some(false)) | Err(_) => {
+                    if put.is_ok() {
+                        self.discard(&key).await;
+                    }
+                    return swapped.map(|_| written);
+                }
             }
-            written += 1;
+            put.map_err(Error::ObjectStore)?;
+            uploaded = Some((key, sealed));
             match next? {
                 Some(next) => current = next,
-                None => return Ok(written),
+                None => break,
             }
         }
+        if let Some((key, sealed)) = &uploaded
+            && self.swap(subject, key, sealed).await?
+        {
+            written += 1;
+        }
+        Ok(written)
     }
 
     /// Packs the hot messages of `subject` after `after` into a segment;

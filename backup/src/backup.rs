@@ -198,7 +198,9 @@ async fn copy(
     // segments, then objects deleted since the checkpoint (their deletion
     // waits behind the hold).
     for source in ["messages", "segments", "gc"] {
-        let (sized, required) = (source != "gc", source != "gc");
+        // Stored messages' objects must be there, at the sizes they name;
+        // those waiting for deletion may be gone already.
+        let named = source != "gc";
         let mut after = String::new();
         loop {
             let page = store
@@ -212,7 +214,7 @@ async fn copy(
             for (key, expected) in page {
                 let path = dir.join("objects").join(key_path(&key)?);
                 match save_object(object_store, &key, &path).await {
-                    Ok(written) if sized && written != expected => {
+                    Ok(written) if named && written != expected => {
                         return Err(Error::Damaged {
                             path,
                             reason: format!(
@@ -228,7 +230,7 @@ async fn copy(
                         source: object_store::Error::NotFound(_),
                         ..
                     }) => {
-                        if required {
+                        if named {
                             missing.push(key);
                         }
                     }

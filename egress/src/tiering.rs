@@ -1,9 +1,10 @@
 //! Moving messages to the cold tier, run by the one egress replica that
 //! holds the `tiering` lease: each subject's oldest hot messages are packed
-//! into a segment, uploaded, and only then swapped for one segment row. A crash between the two leaves an object no row names (the
-//! orphan sweep's to delete); a swap that finds its rows gone changes
-//! nothing, and its object is deleted here. Runs back to back while work is
-//! due, so the hot tier drains as fast as the object store takes segments.
+//! into a segment, uploaded, and only then swapped for one segment row. A
+//! crash between the two leaves an object no row names (the orphan sweep's
+//! to delete); a swap that finds its rows gone changes nothing, and its
+//! object is deleted here. Runs back to back while work is due, so the hot
+//! tier drains as fast as the object store takes segments.
 
 use std::sync::Arc;
 use std::time::Duration;

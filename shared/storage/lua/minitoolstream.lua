@@ -105,6 +105,22 @@ local function with_schema_lock(apply)
     end
 end
 
+-- Inside a transaction: gives the subject's row every field of its format,
+-- so that any of them can be updated (an update cannot skip over absent
+-- fields); returns the row.
+local function pad_subject(subject)
+    local row = box.space.mts_subjects:get(subject)
+    local fields = #box.space.mts_subjects:format()
+    if #row < fields then
+        local padded = row:totable()
+        for i = #row + 1, fields do
+            padded[i] = box.NULL
+        end
+        row = box.space.mts_subjects:replace(padded)
+    end
+    return row
+end
+
 with_schema_lock(function()
     local SUBJECT_FORMAT = {
         {name = 'name', type = 'string'},
@@ -326,23 +342,13 @@ with_schema_lock(function()
                 unsummed[#unsummed + 1] = row.name
             end
         end
-        local fields, at = #SUBJECT_FORMAT, nil
-        for i, field in ipairs(SUBJECT_FORMAT) do
-            if field.name == 'segment_bytes' then
-                at = i
-            end
-        end
         for _, name in ipairs(unsummed) do
             local bytes = 0
             for _, seg in box.space.mts_segments.index.primary:pairs({name}, {iterator = 'EQ'}) do
                 bytes = bytes + seg.object_size
             end
-            local row = box.space.mts_subjects:get(name):totable()
-            for i = #row + 1, fields do
-                row[i] = box.NULL
-            end
-            row[at] = bytes
-            box.space.mts_subjects:replace(row)
+            pad_subject(name)
+            box.space.mts_subjects:update({name}, {{'=', 'segment_bytes', bytes}})
         end
     end
 
@@ -470,10 +476,11 @@ local function tiered_through(subject)
     return 0
 end
 
--- The first hot row of `subject` that no segment holds, or nil.
-local function first_hot(subject)
+-- The first hot row of `subject` that no segment holds, or nil; `through`
+-- is tiered_through(subject) when the caller has it.
+local function first_hot(subject, through)
     local m = box.space.mts_messages.index.primary:select(
-        {subject, tiered_through(subject)}, {iterator = 'GT', limit = 1})[1]
+        {subject, through or tiered_through(subject)}, {iterator = 'GT', limit = 1})[1]
     if m ~= nil and m.subject == subject then
         return m
     end
@@ -1536,19 +1543,6 @@ end)
 -- oldest message forward in bounded steps.
 ------------------------------------------------------------------------------
 
--- Inside a transaction: gives the subject's row every field of its format,
--- so that any of them can be updated (an update cannot skip over absent
--- fields).
-local function pad_subject(subject)
-    local row = box.space.mts_subjects:get(subject):totable()
-    local fields = #box.space.mts_subjects:format()
-    if #row < fields then
-        for i = #row + 1, fields do
-            row[i] = box.NULL
-        end
-        box.space.mts_subjects:replace(row)
-    end
-end
 
 -- Sets a subject's limits (a map of max_age_ms, max_messages, max_bytes; 0 =
 -- unlimited) and discard policy ('new' or 'old'), creating the subject row if
@@ -1648,8 +1642,7 @@ end
 local function remove_segment(seg)
     local subject, first, last = seg.subject, seg.first_seq, seg.last_seq
     box.space.mts_segments:delete({subject, first})
-    pad_subject(subject)
-    local row = box.space.mts_subjects:get(subject)
+    local row = pad_subject(subject)
     local leftovers = {}
     for _, m in box.space.mts_messages.index.primary:pairs({subject, first}, {iterator = 'GE'}) do
         if m.subject ~= subject or m.seq > last then
@@ -1843,7 +1836,7 @@ rawset(_G, 'mts_tier_plan', function(opts, limit)
             if oldest.seq <= through then
                 -- A swap cut off while trimming.
                 untrimmed[#untrimmed + 1] = {row.name, through}
-                oldest = first_hot(row.name)
+                oldest = first_hot(row.name, through)
             end
         end
         if oldest ~= nil and count > 0 then
@@ -1943,8 +1936,7 @@ rawset(_G, 'mts_tier_commit', function(seg)
             subject, first, last, seg.first_ts_ns, seg.last_ts_ns, seg.count, seg.bytes,
             seg.object_key, seg.object_size, seg.blocks, now_ns(),
         })
-        pad_subject(subject)
-        local row = box.space.mts_subjects:get(subject)
+        local row = pad_subject(subject)
         box.space.mts_subjects:update({subject}, {
             {'=', 'cold_count', (row.cold_count or 0) + seg.count},
             {'=', 'cold_bytes', (row.cold_bytes or 0) + seg.bytes},

@@ -95,7 +95,7 @@ impl Health {
                 return was_full;
             }
         };
-        let full = hot.is_full();
+        let full = hot.full;
         if was_full != Some(full) {
             if full {
                 tracing::warn!(

@@ -367,10 +367,10 @@ impl Metrics {
         let set = |gauge: &Gauge, value: u64| {
             gauge.set(i64::try_from(value).unwrap_or(i64::MAX));
         };
-        set(&g.hot_bytes, stats.hot_bytes);
-        set(&g.hot_messages, stats.hot_messages);
-        set(&g.budget_bytes, stats.budget_bytes);
-        set(&g.budget_messages, stats.budget_messages);
+        set(&g.hot_bytes, stats.hot.hot_bytes);
+        set(&g.hot_messages, stats.hot.hot_messages);
+        set(&g.budget_bytes, stats.hot.budget_bytes);
+        set(&g.budget_messages, stats.hot.budget_messages);
         set(&g.arena_used_bytes, stats.arena_used);
         set(&g.quota_bytes, stats.quota_size);
         set(&g.segments, stats.segments);

@@ -666,8 +666,12 @@ local function hot_size()
     return messages:bsize() + ids:bsize(), messages:len() + ids:len()
 end
 
-local function hot_full(budget)
-    local bytes, rows = hot_size()
+-- Whether the hot tier is over `budget`, with its size measured now
+-- unless given.
+local function hot_full(budget, bytes, rows)
+    if bytes == nil then
+        bytes, rows = hot_size()
+    end
     return bytes >= budget.max_bytes or rows >= budget.max_rows
 end
 
@@ -1964,6 +1968,7 @@ local function hot_tier(hot)
         hot_messages = rows,
         budget_bytes = budget.max_bytes,
         budget_messages = budget.max_rows,
+        full = hot_full(budget, bytes, rows),
     }
 end
 

@@ -77,14 +77,9 @@ pub enum TierCommit {
 /// The two tiers at a glance.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 pub struct StorageStats {
-    /// Bytes of hot rows in Tarantool.
-    pub hot_bytes: u64,
-    /// Hot rows.
-    pub hot_messages: u64,
-    /// The hot tier's budget in bytes.
-    pub budget_bytes: u64,
-    /// And in rows.
-    pub budget_messages: u64,
+    /// The hot tier against its budget.
+    #[serde(flatten)]
+    pub hot: HotTier,
     /// Tarantool's memtx arena in use.
     pub arena_used: u64,
     /// Tarantool's memtx quota.
@@ -100,7 +95,7 @@ pub struct StorageStats {
 }
 
 /// The hot tier's use and budget.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct HotTier {
     /// Bytes of hot rows and remembered message ids.
     pub hot_bytes: u64,
@@ -110,13 +105,9 @@ pub struct HotTier {
     pub budget_bytes: u64,
     /// And in rows.
     pub budget_messages: u64,
-}
-
-impl HotTier {
-    /// Whether publishes meet the subjects' discard policies now.
-    pub fn is_full(&self) -> bool {
-        self.hot_bytes >= self.budget_bytes || self.hot_messages >= self.budget_messages
-    }
+    /// Whether it is over its budget, so that publishes meet the subjects'
+    /// discard policies (as Tarantool decides it for each publish).
+    pub full: bool,
 }
 
 impl std::fmt::Display for HotTier {

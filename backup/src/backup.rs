@@ -171,14 +171,19 @@ async fn copy(
         let mut hash = Sha256::new();
         let mut offset = 0;
         while offset < file_size {
+            let asked = CHUNK.min(file_size - offset);
             let chunk = store
-                .backup_read(&name, offset, CHUNK.min(file_size - offset))
+                .backup_read(&name, offset, asked)
                 .await
                 .map_err(tarantool)?;
-            if chunk.is_empty() {
+            if chunk.is_empty() || chunk.len() as u64 > asked {
                 return Err(Error::Damaged {
                     path: path.clone(),
-                    reason: format!("Tarantool's {name} ended at {offset} of {file_size} bytes"),
+                    reason: format!(
+                        "Tarantool answered {} bytes of {name} at {offset} when asked for {asked} \
+                         (of {file_size})",
+                        chunk.len()
+                    ),
                 });
             }
             hash.update(&chunk);

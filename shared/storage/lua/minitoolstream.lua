@@ -12,10 +12,11 @@ local clock = require('clock')
 local digest = require('digest')
 local fio = require('fio')
 local ffi = require('ffi')
+local buffer = require('buffer')
 local uuid = require('uuid')
 local log = require('log')
 
-local SCHEMA_VERSION = 12
+local SCHEMA_VERSION = 13
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -2156,8 +2157,22 @@ rawset(_G, 'mts_backup_read', function(name, offset, length)
     if file == nil then
         box.error(box.error.PROC_LUA, 'cannot open ' .. path .. ': ' .. tostring(err))
     end
-    local chunk = file:pread(length, offset)
+    -- A buffer of this call's own: without one, fio reads into a buffer
+    -- shared by every fiber, and the read yields while another call reuses it.
+    local buf = buffer.ibuf()
+    local ok, chunk = pcall(function()
+        local into = buf:reserve(length)
+        local got, err = file:pread(into, length, offset)
+        if got == nil then
+            error(err)
+        end
+        return ffi.string(into, got)
+    end)
+    buf:recycle()
     file:close()
+    if not ok then
+        box.error(box.error.PROC_LUA, 'cannot read ' .. path .. ': ' .. tostring(chunk))
+    end
     return digest.base64_encode(chunk, {nowrap = true})
 end)
 

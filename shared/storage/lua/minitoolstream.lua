@@ -187,19 +187,25 @@ with_schema_lock(function()
     box.space.mts_consumers:format(CONSUMER_FORMAT)
     box.space.mts_consumers:create_index('primary', {parts = {'subject', 'durable'}, if_not_exists = true})
 
-    -- One row per message handed out and not yet acknowledged: leased until
-    -- deadline_ns, or (after a nack) waiting until deadline_ns to be redelivered.
-    box.schema.space.create('mts_pending', {
-        if_not_exists = true,
-        format = {
-            {name = 'subject', type = 'string'},
-            {name = 'durable', type = 'string'},
-            {name = 'seq', type = 'unsigned'},
-            {name = 'deliveries', type = 'unsigned'},
-            {name = 'deadline_ns', type = 'unsigned'},
-            {name = 'first_delivered_ns', type = 'unsigned'},
-        },
-    })
+    -- One row per run of messages handed out together and not all
+    -- acknowledged (see "Leases are kept in runs"): leased until deadline_ns,
+    -- or (after a nack) waiting until deadline_ns to be redelivered.
+    local PENDING_FORMAT = {
+        {name = 'subject', type = 'string'},
+        {name = 'durable', type = 'string'},
+        -- The run's first sequence (always held).
+        {name = 'seq', type = 'unsigned'},
+        {name = 'deliveries', type = 'unsigned'},
+        {name = 'deadline_ns', type = 'unsigned'},
+        {name = 'first_delivered_ns', type = 'unsigned'},
+        -- Since schema 13; rows before are runs of one (seq).
+        {name = 'last_seq', type = 'unsigned', is_nullable = true},
+        -- '1' held, '0' not, one per sequence from seq; nil = all held.
+        {name = 'held', type = 'string', is_nullable = true},
+        {name = 'held_count', type = 'unsigned', is_nullable = true},
+    }
+    box.schema.space.create('mts_pending', {if_not_exists = true, format = PENDING_FORMAT})
+    box.space.mts_pending:format(PENDING_FORMAT)
     box.space.mts_pending:create_index('primary', {parts = {'subject', 'durable', 'seq'}, if_not_exists = true})
     box.space.mts_pending:create_index('deadline', {
         parts = {'subject', 'durable', 'deadline_ns', 'seq'}, if_not_exists = true,
@@ -1082,8 +1088,169 @@ local function ensure_consumer(subject, durable, cfg)
     return consumer_view(row)
 end
 
--- Moves the floor up to just below the lowest pending sequence (or to
--- `delivered` when nothing is pending), and stores `delivered`.
+-- Leases are kept in runs: one mts_pending row holds the consecutive
+-- sequences handed out together, with one delivery count and deadline, and
+-- `held` marks which of them are still held ('1') and which were acked or
+-- went elsewhere ('0'); nil means all of them. A run starts and ends on a
+-- held sequence and runs never overlap, so the run holding a sequence is
+-- the last one starting at or before it. A lease costs a row per batch,
+-- not per message; an ack rewrites the run's marks. Rows written before
+-- runs (no last_seq) are runs of one.
+
+local HELD, FREE = 49, 48 -- '1', '0'
+
+local function run_last(p)
+    return p.last_seq or p.seq
+end
+
+local function run_marks(p)
+    return p.held or string.rep('1', run_last(p) - p.seq + 1)
+end
+
+local function run_count(p)
+    return p.held_count or (run_last(p) - p.seq + 1)
+end
+
+-- The attributes a run's held sequences share.
+local function run_attrs(p)
+    return {deliveries = p.deliveries, deadline_ns = p.deadline_ns, first_ns = p.first_delivered_ns}
+end
+
+-- Writes marks (a string, the first one for sequence `first`) as one run,
+-- trimmed to its held ends; nothing when none is held. Returns how many are.
+local function put_run(subject, durable, first, marks, attrs)
+    local from = marks:find('1', 1, true)
+    if from == nil then
+        return 0
+    end
+    local to = marks:match('.*()1')
+    marks = marks:sub(from, to)
+    local count = #marks
+    local held = box.NULL
+    if marks:find('0', 1, true) ~= nil then
+        count = select(2, marks:gsub('1', '1'))
+        held = marks
+    end
+    box.space.mts_pending:replace({
+        subject, durable, first + from - 1, attrs.deliveries, attrs.deadline_ns, attrs.first_ns,
+        first + to - 1, held, count,
+    })
+    return count
+end
+
+-- The run holding `seq` for the consumer, or nil.
+local function run_of(subject, durable, seq)
+    local p = box.space.mts_pending.index.primary:select({subject, durable, seq}, {iterator = 'LE', limit = 1})[1]
+    if p == nil or p.subject ~= subject or p.durable ~= durable or run_last(p) < seq then
+        return nil
+    end
+    local held = p.held
+    if held ~= nil and held:byte(seq - p.seq + 1) ~= HELD then
+        return nil
+    end
+    return p
+end
+
+-- Gone from a run: acked, dead-lettered or removed.
+local GONE = {}
+
+-- Rewrites run `p` after `fate` (sequence -> GONE, or the attributes that
+-- sequence takes on) into runs of held sequences sharing attributes, in
+-- order and not overlapping. Sequences without a fate keep the run's.
+local function recut(p, fate)
+    local subject, durable, first = p.subject, p.durable, p.seq
+    local marks = run_marks(p)
+    local old = run_attrs(p)
+    box.space.mts_pending:delete({subject, durable, first})
+    local start, attrs, piece = nil, nil, {}
+    local function flush()
+        if start ~= nil then
+            put_run(subject, durable, start, table.concat(piece), attrs)
+        end
+        start, attrs, piece = nil, nil, {}
+    end
+    for i = 1, #marks do
+        local seq = first + i - 1
+        local mine = nil
+        if marks:byte(i) == HELD then
+            mine = fate[seq]
+            if mine == nil then
+                mine = old
+            elseif mine == GONE then
+                mine = nil
+            end
+        end
+        if mine ~= nil and start ~= nil and mine ~= attrs then
+            flush()
+        end
+        if mine ~= nil and start == nil then
+            start, attrs = seq, mine
+        end
+        if start ~= nil then
+            piece[#piece + 1] = mine ~= nil and '1' or '0'
+        end
+    end
+    flush()
+end
+
+-- Drops `seqs` (sorted, all held by run `p`) from it.
+local function drop_from_run(p, seqs)
+    if #seqs == run_count(p) then
+        box.space.mts_pending:delete({p.subject, p.durable, p.seq})
+        return
+    end
+    local marks = run_marks(p)
+    local n = #marks
+    local buf = ffi.new('char[?]', n)
+    ffi.copy(buf, marks, n)
+    for _, seq in ipairs(seqs) do
+        buf[seq - p.seq] = FREE
+    end
+    box.space.mts_pending:delete({p.subject, p.durable, p.seq})
+    put_run(p.subject, p.durable, p.seq, ffi.string(buf, n), run_attrs(p))
+end
+
+-- Groups `seqs` by the run holding each. Returns a list of {run, sorted
+-- seqs} and the sequences no run holds.
+local function runs_holding(subject, durable, seqs)
+    local sorted = {}
+    for i, seq in ipairs(seqs) do
+        sorted[i] = seq
+    end
+    table.sort(sorted)
+    local groups, missing = {}, {}
+    local current = nil
+    local previous = nil
+    for _, seq in ipairs(sorted) do
+        if seq == previous then
+            -- Named twice: held once.
+            goto next
+        end
+        previous = seq
+        if current ~= nil and seq <= run_last(current[1]) then
+            local p = current[1]
+            local held = p.held
+            if held == nil or held:byte(seq - p.seq + 1) == HELD then
+                table.insert(current[2], seq)
+            else
+                missing[#missing + 1] = seq
+            end
+        else
+            local p = run_of(subject, durable, seq)
+            if p == nil then
+                missing[#missing + 1] = seq
+            else
+                current = {p, {seq}}
+                groups[#groups + 1] = current
+            end
+        end
+        ::next::
+    end
+    return groups, missing
+end
+
+-- Moves the floor up to just below the lowest held sequence (or to
+-- `delivered` when nothing is held), and stores `delivered`.
 local function settle_floor(c)
     local lowest = box.space.mts_pending.index.primary:select(
         {c.subject, c.durable}, {iterator = 'GE', limit = 1})[1]
@@ -1101,15 +1268,29 @@ local function settle_floor(c)
     c.floor = floor
 end
 
+-- Calls visit(run) for each of the consumer's runs, in sequence order.
+local function each_run(subject, durable, visit)
+    for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
+        if p.subject ~= subject or p.durable ~= durable then
+            break
+        end
+        visit(p)
+    end
+end
+
+-- How many messages the consumer holds.
 local function pending_count(c)
-    return box.space.mts_pending.index.primary:count({c.subject, c.durable})
+    local held = 0
+    each_run(c.subject, c.durable, function(p)
+        held = held + run_count(p)
+    end)
+    return held
 end
 
 -- Inside a transaction: publishes a copy of `message` to the consumer's
--- dead-letter subject (sharing its object, never copying it) and drops the
--- lease. Returns the dead-letter subject to notify, or nil.
+-- dead-letter subject (sharing its object, never copying it). Returns the
+-- dead-letter subject to notify, or nil. The caller drops the lease.
 local function dead_letter(c, message, deliveries)
-    box.space.mts_pending:delete({c.subject, c.durable, message.seq})
     if c.dlq_subject == '' then
         return nil
     end
@@ -1125,6 +1306,34 @@ local function dead_letter(c, message, deliveries)
     return c.dlq_subject
 end
 
+-- The held sequences of run `p`, in order.
+local function held_seqs(p)
+    local out = {}
+    local held = p.held
+    for seq = p.seq, run_last(p) do
+        if held == nil or held:byte(seq - p.seq + 1) == HELD then
+            out[#out + 1] = seq
+        end
+    end
+    return out
+end
+
+-- Marks for the sorted sequences `seqs`, from seqs[1] to seqs[#seqs]: nil
+-- when they run without a gap.
+local function marks_of(seqs)
+    local first, last = seqs[1], seqs[#seqs]
+    local n = last - first + 1
+    if n == #seqs then
+        return nil
+    end
+    local buf = ffi.new('char[?]', n)
+    ffi.fill(buf, n, FREE)
+    for _, seq in ipairs(seqs) do
+        buf[seq - first] = HELD
+    end
+    return ffi.string(buf, n)
+end
+
 -- Inside a transaction: hands out up to `limit` messages to the consumer:
 -- first those whose lease ran out or whose nack delay passed (dead-lettering
 -- any that reached max_deliver), then new ones, never more than
@@ -1138,7 +1347,7 @@ local function hand_out(subject, durable, limit)
     local c = ensure_consumer(subject, durable)
     local now = now_ns()
     local lease_end = after_ms(now, c.ack_wait_ms)
-    local due = {}
+    local due, due_count = {}, 0
     for _, p in box.space.mts_pending.index.deadline:pairs({subject, durable}, {iterator = 'GE'}) do
         if p.subject ~= subject or p.durable ~= durable then
             break
@@ -1148,32 +1357,42 @@ local function hand_out(subject, durable, limit)
             next_deadline = deadline_ns
             break
         end
-        if #due >= limit then
+        if due_count >= limit then
             break
         end
         due[#due + 1] = p
+        due_count = due_count + run_count(p)
     end
     for _, p in ipairs(due) do
-        -- Each field read by name costs a lookup: once per row here.
-        local seq, deliveries = p.seq, p.deliveries
-        local message = locate(subject, seq)
-        if message == nil then
-            -- Removed by retention while pending: nothing left to deliver.
-            box.space.mts_pending:delete({subject, durable, seq})
-        elseif c.max_deliver > 0 and deliveries >= c.max_deliver and message[9] ~= nil then
-            -- In a segment: the service reads it and dead-letters it with
-            -- mts_dead_letter. A lease deadline of 0 says so.
-            out[#out + 1] = {message, deliveries, 0}
-        elseif c.max_deliver > 0 and deliveries >= c.max_deliver then
-            local dlq = dead_letter(c, message, deliveries)
-            if dlq ~= nil then
-                notify_subjects[#notify_subjects + 1] = dlq
+        local deliveries = p.deliveries
+        local dead = c.max_deliver > 0 and deliveries >= c.max_deliver
+        local again = {deliveries = deliveries + 1, deadline_ns = lease_end, first_ns = p.first_delivered_ns}
+        local fate, changed = {}, false
+        for _, seq in ipairs(held_seqs(p)) do
+            if #out >= limit then
+                break
             end
-        else
-            box.space.mts_pending:update({subject, durable, seq}, {
-                {'=', 'deliveries', deliveries + 1}, {'=', 'deadline_ns', lease_end},
-            })
-            out[#out + 1] = {message, deliveries + 1, lease_end}
+            local message = locate(subject, seq)
+            if message == nil then
+                -- Removed by retention while pending: nothing left to deliver.
+                fate[seq], changed = GONE, true
+            elseif dead and message[9] ~= nil then
+                -- In a segment: the service reads it and dead-letters it with
+                -- mts_dead_letter. A lease deadline of 0 says so.
+                out[#out + 1] = {message, deliveries, 0}
+            elseif dead then
+                local dlq = dead_letter(c, message, deliveries)
+                if dlq ~= nil then
+                    notify_subjects[#notify_subjects + 1] = dlq
+                end
+                fate[seq], changed = GONE, true
+            else
+                out[#out + 1] = {message, deliveries + 1, lease_end}
+                fate[seq], changed = again, true
+            end
+        end
+        if changed then
+            recut(p, fate)
         end
     end
     local room = limit - #out
@@ -1181,13 +1400,19 @@ local function hand_out(subject, durable, limit)
         room = min(room, c.max_ack_pending - pending_count(c))
     end
     if room > 0 then
+        local seqs = {}
         each_after(subject, c.delivered, function(seq, message)
-            box.space.mts_pending:insert({subject, durable, seq, 1, lease_end, now})
             out[#out + 1] = {message, 1, lease_end}
-            c.delivered = seq
+            seqs[#seqs + 1] = seq
             room = room - 1
             return room > 0
         end)
+        if #seqs > 0 then
+            box.space.mts_pending:insert({
+                subject, durable, seqs[1], 1, lease_end, now, seqs[#seqs], marks_of(seqs) or box.NULL, #seqs,
+            })
+            c.delivered = seqs[#seqs]
+        end
     end
     if #out > 0 and (next_deadline == 0 or next_deadline > lease_end) then
         next_deadline = lease_end
@@ -1204,7 +1429,7 @@ end
 rawset(_G, 'mts_dead_letter', function(subject, durable, seq, deliveries, message)
     local dlq, done = nil, false
     box.atomic(function()
-        local p = box.space.mts_pending:get({subject, durable, seq})
+        local p = run_of(subject, durable, seq)
         local row = box.space.mts_consumers:get({subject, durable})
         if p == nil or row == nil or p.deliveries ~= deliveries or p.deadline_ns > now_ns() then
             return
@@ -1214,6 +1439,7 @@ rawset(_G, 'mts_dead_letter', function(subject, durable, seq, deliveries, messag
             seq = seq, headers = message.headers or {}, data = message.data, object_key = message.object_key,
             size = message.size, sha256 = message.sha256,
         }, deliveries)
+        drop_from_run(p, {seq})
         settle_floor(c)
         done = true
     end)
@@ -1239,16 +1465,16 @@ end)
 -- Inside a transaction: the sequences of `seqs` that the consumer does not
 -- hold; when there are none, they are all acknowledged (not yet settled).
 local function ack_held(subject, durable, seqs)
-    local missing = {}
-    local exists = box.space.mts_consumers:get({subject, durable}) ~= nil
-    for _, seq in ipairs(seqs) do
-        if not exists or box.space.mts_pending:get({subject, durable, seq}) == nil then
-            missing[#missing + 1] = seq
-        end
+    if #seqs == 0 then
+        return {}
     end
+    if box.space.mts_consumers:get({subject, durable}) == nil then
+        return seqs
+    end
+    local groups, missing = runs_holding(subject, durable, seqs)
     if #missing == 0 then
-        for _, seq in ipairs(seqs) do
-            box.space.mts_pending:delete({subject, durable, seq})
+        for _, group in ipairs(groups) do
+            drop_from_run(group[1], group[2])
         end
     end
     return missing
@@ -1329,22 +1555,33 @@ rawset(_G, 'mts_ack_sequences', function(subject, durable, seqs)
     return 'ok', floor
 end)
 
+-- Gives `seqs` (sorted, held by run `p`) the attributes `attrs`.
+local function retime(p, seqs, attrs)
+    if #seqs == run_count(p) then
+        box.space.mts_pending:update({p.subject, p.durable, p.seq}, {{'=', 'deadline_ns', attrs.deadline_ns}})
+        return
+    end
+    local fate = {}
+    for _, seq in ipairs(seqs) do
+        fate[seq] = attrs
+    end
+    recut(p, fate)
+end
+
 -- Nacks: every sequence must be pending; each becomes deliverable again
 -- after `delay_ms`. Returns 'ok' or 'not_held' and the missing sequences.
 rawset(_G, 'mts_nack', function(subject, durable, seqs, delay_ms)
     local missing = {}
     box.atomic(function()
-        for _, seq in ipairs(seqs) do
-            if box.space.mts_pending:get({subject, durable, seq}) == nil then
-                missing[#missing + 1] = seq
-            end
-        end
+        local groups
+        groups, missing = runs_holding(subject, durable, seqs)
         if #missing > 0 then
             return
         end
         local at = after_ms(now_ns(), delay_ms)
-        for _, seq in ipairs(seqs) do
-            box.space.mts_pending:update({subject, durable, seq}, {{'=', 'deadline_ns', at}})
+        for _, group in ipairs(groups) do
+            local p = group[1]
+            retime(p, group[2], {deliveries = p.deliveries, deadline_ns = at, first_ns = p.first_delivered_ns})
         end
     end)
     if #missing > 0 then
@@ -1364,15 +1601,22 @@ rawset(_G, 'mts_ack_message', function(subject, durable, seq)
     local floor
     box.atomic(function()
         local c = ensure_consumer(subject, durable)
-        local held = {}
-        for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
-            if p.subject ~= subject or p.durable ~= durable or p.seq > seq then
-                break
+        local runs = {}
+        each_run(subject, durable, function(p)
+            if p.seq <= seq then
+                runs[#runs + 1] = p
             end
-            held[#held + 1] = p.seq
-        end
-        for _, s in ipairs(held) do
-            box.space.mts_pending:delete({subject, durable, s})
+        end)
+        for _, p in ipairs(runs) do
+            if run_last(p) <= seq then
+                box.space.mts_pending:delete({subject, durable, p.seq})
+            else
+                local fate = {}
+                for s = p.seq, seq do
+                    fate[s] = GONE
+                end
+                recut(p, fate)
+            end
         end
         c.delivered = max(c.delivered, seq)
         c.floor = max(c.floor, seq)
@@ -1383,14 +1627,15 @@ rawset(_G, 'mts_ack_message', function(subject, durable, seq)
 end)
 
 -- Gives back leases early (a consume stream that ended): the messages are
--- deliverable again at once, with their delivery count kept.
+-- deliverable again at once, with their delivery count kept. Sequences not
+-- held are passed over.
 rawset(_G, 'mts_release', function(subject, durable, seqs)
     local now = now_ns()
     box.atomic(function()
-        for _, seq in ipairs(seqs) do
-            if box.space.mts_pending:get({subject, durable, seq}) ~= nil then
-                box.space.mts_pending:update({subject, durable, seq}, {{'=', 'deadline_ns', now}})
-            end
+        local groups = runs_holding(subject, durable, seqs)
+        for _, group in ipairs(groups) do
+            local p = group[1]
+            retime(p, group[2], {deliveries = p.deliveries, deadline_ns = now, first_ns = p.first_delivered_ns})
         end
     end)
     return true
@@ -1475,15 +1720,13 @@ rawset(_G, 'mts_consumer_info', function(subject, durable)
     local now = now_ns()
     local last = last_seq(subject)
     local ack_pending, redelivered = 0, 0
-    for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
-        if p.subject ~= subject or p.durable ~= durable then
-            break
-        end
-        ack_pending = ack_pending + 1
+    each_run(subject, durable, function(p)
+        local held = run_count(p)
+        ack_pending = ack_pending + held
         if p.deliveries > 1 then
-            redelivered = redelivered + 1
+            redelivered = redelivered + held
         end
-    end
+    end)
     local num_pending, oldest_unacked_age_ns = backlog(c, last, now)
     return {
         subject = subject,
@@ -1530,12 +1773,9 @@ rawset(_G, 'mts_delete_consumer', function(subject, durable)
     box.atomic(function()
         existed = box.space.mts_consumers:delete({subject, durable}) ~= nil
         local seqs = {}
-        for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
-            if p.subject ~= subject or p.durable ~= durable then
-                break
-            end
+        each_run(subject, durable, function(p)
             seqs[#seqs + 1] = p.seq
-        end
+        end)
         for _, seq in ipairs(seqs) do
             box.space.mts_pending:delete({subject, durable, seq})
         end

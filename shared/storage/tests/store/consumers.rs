@@ -233,3 +233,158 @@ async fn consumers_start_where_their_policy_says_and_can_be_deleted() {
             .is_none()
     );
 }
+
+/// The consumer's lease rows (runs) as (first, last, held marks) through an
+/// admin connection.
+async fn runs(subject: &str, durable: &str) -> Vec<(u64, u64, Option<String>)> {
+    let admin = testing::admin_client().await;
+    let (rows,): (Vec<(u64, u64, Option<String>)>,) = admin
+        .eval(
+            "local out = {}
+             for _, p in box.space.mts_pending:pairs({...}, {iterator = 'EQ'}) do
+                 out[#out + 1] = {p.seq, p.last_seq or p.seq, p.held or box.NULL}
+             end
+             return out",
+            (subject, durable),
+        )
+        .await
+        .unwrap();
+    rows
+}
+
+fn deliveries(batch: &mts_storage::store::Batch) -> Vec<(u64, u32)> {
+    batch
+        .messages
+        .iter()
+        .map(|l| (l.message.seq, l.deliveries))
+        .collect()
+}
+
+#[tokio::test]
+async fn a_batch_is_leased_as_one_run_that_acks_nacks_and_lapses_cut_exactly() {
+    let (store, subject) = subject_with("runs", 10).await;
+    store
+        .create_or_update_consumer(
+            &subject,
+            "d",
+            &ConsumerSettings {
+                ack_wait_ms: Some(300),
+                ..ConsumerSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+    let batch = store.fetch(&subject, "d", 10).await.unwrap();
+    assert_eq!(seqs(&batch), (1..=10).collect::<Vec<_>>());
+    assert_eq!(runs(&subject, "d").await, vec![(1, 10, None)], "one row");
+
+    store
+        .ack_sequences(&subject, "d", &[6, 2, 5])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        runs(&subject, "d").await,
+        vec![(1, 10, Some("1011001111".into()))]
+    );
+    let again = store.ack_sequences(&subject, "d", &[5, 7]).await.unwrap();
+    assert_eq!(again.unwrap_err().0, vec![5], "acked already; 7 stays held");
+    assert_eq!(runs(&subject, "d").await.len(), 1);
+
+    // A nack cuts its sequences out into runs of their own.
+    store
+        .nack(&subject, "d", &[3, 8], 0)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(
+        runs(&subject, "d").await,
+        vec![
+            (1, 1, None),
+            (3, 3, None),
+            (4, 7, Some("1001".into())),
+            (8, 8, None),
+            (9, 10, None)
+        ]
+    );
+    let redelivered = store.fetch(&subject, "d", 10).await.unwrap();
+    assert_eq!(deliveries(&redelivered), vec![(3, 2), (8, 2)]);
+    assert_eq!(
+        store.ack_sequences(&subject, "d", &[1]).await.unwrap(),
+        Ok(2),
+        "the floor stops below 3, the lowest held"
+    );
+    let info = store.consumer_info(&subject, "d").await.unwrap().unwrap();
+    assert_eq!((info.num_ack_pending, info.num_redelivered), (6, 2));
+
+    // Every lease lapses: the first run's first, at most `limit` at a time,
+    // the rest still due.
+    tokio::time::sleep(Duration::from_millis(350)).await;
+    let some = store.fetch(&subject, "d", 3).await.unwrap();
+    assert_eq!(deliveries(&some), vec![(4, 2), (7, 2), (9, 2)]);
+    let rest = store.fetch(&subject, "d", 10).await.unwrap();
+    assert_eq!(deliveries(&rest), vec![(10, 2), (3, 3), (8, 3)]);
+
+    // The cumulative ack takes whole runs and cuts the one it ends in.
+    assert_eq!(
+        store.ack_message(&subject, "d", 8).await.unwrap(),
+        AckOutcome::Acked { position: 8 }
+    );
+    // 9 and 10 went out again in different batches: runs of their own.
+    assert_eq!(
+        runs(&subject, "d").await,
+        vec![(9, 9, None), (10, 10, None)]
+    );
+    let info = store.consumer_info(&subject, "d").await.unwrap().unwrap();
+    assert_eq!(
+        (info.ack_floor, info.num_ack_pending, info.num_redelivered),
+        (8, 2, 2)
+    );
+    store
+        .ack_sequences(&subject, "d", &[10, 9])
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(runs(&subject, "d").await.is_empty());
+    let info = store.consumer_info(&subject, "d").await.unwrap().unwrap();
+    assert_eq!((info.ack_floor, info.num_ack_pending), (10, 0));
+}
+
+/// Lease rows written before runs (one per message, without the run's
+/// fields) keep working after the upgrade.
+#[tokio::test]
+async fn leases_of_one_message_each_from_before_runs_are_acked_and_redelivered() {
+    let (store, subject) = subject_with("old-leases", 3).await;
+    let batch = store.fetch(&subject, "d", 3).await.unwrap();
+    assert_eq!(seqs(&batch), vec![1, 2, 3]);
+    let admin = testing::admin_client().await;
+    let _: Vec<tarant::Value> = admin
+        .eval(
+            "local subject, durable = ...
+             local p = box.space.mts_pending:get({subject, durable, 1})
+             box.space.mts_pending:delete({subject, durable, 1})
+             for seq = 1, 3 do
+                 box.space.mts_pending:insert({subject, durable, seq, 1, p.deadline_ns, p.first_delivered_ns})
+             end",
+            (&subject, "d"),
+        )
+        .await
+        .unwrap();
+    store
+        .ack_sequences(&subject, "d", &[1])
+        .await
+        .unwrap()
+        .unwrap();
+    store.nack(&subject, "d", &[3], 0).await.unwrap().unwrap();
+    assert_eq!(
+        deliveries(&store.fetch(&subject, "d", 10).await.unwrap()),
+        vec![(3, 2)]
+    );
+    let info = store.consumer_info(&subject, "d").await.unwrap().unwrap();
+    assert_eq!((info.ack_floor, info.num_ack_pending), (1, 2));
+    assert_eq!(
+        store.ack_message(&subject, "d", 3).await.unwrap(),
+        AckOutcome::Acked { position: 3 }
+    );
+    assert!(runs(&subject, "d").await.is_empty());
+}

@@ -1,7 +1,7 @@
 //! Turning a leased message into a wire message: the payload (inline, or
 //! read from the object store), headers, commit time and delivery count.
 
-use futures::{Stream, StreamExt};
+use futures::{FutureExt, Stream, StreamExt};
 use mts_proto::pb::Message;
 use mts_storage::object_store::{self, ObjectStore};
 use mts_storage::store::Leased;
@@ -84,16 +84,53 @@ async fn complete(
     leased: Leased,
     payloads: Payloads,
 ) -> Result<Message, Error> {
-    let omitted = payloads.omits(&leased.message);
-    let stored = leased.message;
-    if !omitted && stored.size > payloads.limits.inline_max {
+    let data = match &leased.message.object_key {
+        Some(key) if payloads.reads_whole(&leased.message) => {
+            check_inline_size(&leased.message, payloads)?;
+            match object_store.get(key).await {
+                Ok(bytes) => Some(bytes),
+                Err(object_store::Error::NotFound(_)) => {
+                    return Err(Error::MissingPayload {
+                        subject: leased.message.subject,
+                        sequence: leased.message.seq,
+                        key: key.clone(),
+                    });
+                }
+                Err(err) => return Err(Error::ObjectStore(err)),
+            }
+        }
+        _ => None,
+    };
+    wire_message(leased, payloads, data)
+}
+
+/// A payload too large to send inline to a client that did not ask for it
+/// to be left out fails with `PayloadTooLarge`.
+fn check_inline_size(
+    stored: &mts_storage::store::StoredMessage,
+    payloads: Payloads,
+) -> Result<(), Error> {
+    if !payloads.omits(stored) && stored.size > payloads.limits.inline_max {
         return Err(Error::PayloadTooLarge {
-            subject: stored.subject,
+            subject: stored.subject.clone(),
             sequence: stored.seq,
             size: stored.size,
             limit: payloads.limits.inline_max,
         });
     }
+    Ok(())
+}
+
+/// The wire message of `leased`, with `read` the payload read from the
+/// object store when it was offloaded and not left out.
+fn wire_message(
+    leased: Leased,
+    payloads: Payloads,
+    read: Option<bytes::Bytes>,
+) -> Result<Message, Error> {
+    check_inline_size(&leased.message, payloads)?;
+    let omitted = payloads.omits(&leased.message);
+    let stored = leased.message;
     let mut headers = stored.headers;
     headers.insert(DELIVERY_COUNT_HEADER.into(), leased.deliveries.to_string());
     let sha256 = stored.sha256.unwrap_or_default();
@@ -102,19 +139,9 @@ async fn complete(
         headers.insert(PAYLOAD_SIZE_HEADER.into(), stored.size.to_string());
         headers.insert(PAYLOAD_SHA256_HEADER.into(), sha256.clone());
     }
-    let data = match (&stored.object_key, stored.data) {
+    let data = match (read, stored.data) {
         _ if omitted => Default::default(),
-        (Some(key), _) => match object_store.get(key).await {
-            Ok(bytes) => bytes,
-            Err(object_store::Error::NotFound(_)) => {
-                return Err(Error::MissingPayload {
-                    subject: stored.subject,
-                    sequence: stored.seq,
-                    key: key.clone(),
-                });
-            }
-            Err(err) => return Err(Error::ObjectStore(err)),
-        },
+        (Some(read), _) => read,
         (None, Some(inline)) => inline.into_vec().into(),
         (None, None) => Default::default(),
     };
@@ -142,18 +169,39 @@ pub(crate) fn wire_messages(
     batch: Vec<Leased>,
     payloads: Payloads,
 ) -> impl Stream<Item = Result<Message, Error>> + Send {
+    let reads = batch
+        .iter()
+        .any(|leased| payloads.reads_whole(&leased.message))
+        || mts_runtime::telemetry::exporting();
     let large = batch.iter().any(|leased| {
         payloads.reads_whole(&leased.message) && leased.message.size > payloads.limits.omit_above
     });
-    let reads = if large { 1 } else { PAYLOAD_READS_IN_FLIGHT };
-    futures::stream::iter(batch)
-        .map(move |leased| deliver(object_store.clone(), leased, payloads))
-        .buffered(reads)
-        .scan(false, |failed, item| {
-            let out = if *failed { None } else { Some(item) };
-            if let Some(Err(_)) = &out {
-                *failed = true;
-            }
-            std::future::ready(out)
-        })
+    let in_flight = if large { 1 } else { PAYLOAD_READS_IN_FLIGHT };
+    let messages = if reads {
+        // Only a payload read from the object store (or a span) takes a
+        // future of its own, boxed: an object read's future is large, and
+        // the buffer moves it around.
+        futures::stream::iter(batch)
+            .map(move |leased| {
+                if payloads.reads_whole(&leased.message) || mts_runtime::telemetry::exporting() {
+                    Box::pin(deliver(object_store.clone(), leased, payloads)).left_future()
+                } else {
+                    std::future::ready(wire_message(leased, payloads, None)).right_future()
+                }
+            })
+            .buffered(in_flight)
+            .left_stream()
+    } else {
+        // Nothing to read and no span: no future per message.
+        futures::stream::iter(batch)
+            .map(move |leased| wire_message(leased, payloads, None))
+            .right_stream()
+    };
+    messages.scan(false, |failed, item| {
+        let out = if *failed { None } else { Some(item) };
+        if let Some(Err(_)) = &out {
+            *failed = true;
+        }
+        std::future::ready(out)
+    })
 }

@@ -68,7 +68,8 @@ def main(path, smoke=False):
               f"({r['publish_msg_per_s']} msg/s, {r['refused_and_retried']} refused for room and sent again); "
               f"Tarantool RSS (MiB) while publishing: {r['tarantool_rss_mib_samples']}, after: "
               f"{r['tarantool_rss_mib_after']}; replayed {r['replayed']} from sequence 1 in {r['replay_seconds']} s "
-              f"({r['replay_msg_per_s']} msg/s, goal ≥ 100000), verified: {r['verified']}")
+              f"({r['replay_msg_per_s']} msg/s on a Consume stream, goal ≥ 100000; "
+              f"{r.get('fetch_replay_msg_per_s', '-')} msg/s with Fetch and Ack), verified: {r['verified']}")
 
     def find(scenario, system):
         return next((r for r in runs if r["scenario"] == scenario and r["system"] == system), None)

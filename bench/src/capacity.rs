@@ -14,6 +14,7 @@ use mts_proto::pb::{AckSequencesRequest, FetchRequest, PublishRequest};
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::delivery::{acks, consume};
 use crate::process::{Services, round};
 use crate::publish::ingress_clients;
 
@@ -154,12 +155,55 @@ pub async fn run(
     sampler.abort();
     let rss_after_publish = tarantool_rss(services);
 
-    // The replay: one consumer from sequence 1, acking each batch.
+    // The replays: one consumer from sequence 1 on a Consume stream, then
+    // another with Fetch and Ack, as the original clients read.
+    let streamed = replay_streaming(egress, subject, size, messages).await?;
+    let fetched = replay_fetching(egress, subject, size).await?;
+    let samples = samples.lock().expect("not poisoned").clone();
+    Ok(json!({
+        "scenario": "7-capacity",
+        "system": "minitoolstream",
+        "config": {"size": size, "messages": messages, "streams": STREAMS},
+        "published": published.load(Ordering::Relaxed),
+        "refused_and_retried": refused,
+        "publish_seconds": round(publish_seconds, 1),
+        "publish_msg_per_s": round(messages as f64 / publish_seconds, 0),
+        "tarantool_rss_mib_samples": Value::from(samples),
+        "tarantool_rss_mib_after": rss_after_publish,
+        "replayed": streamed.replayed,
+        "replay_errors": streamed.bad + messages.saturating_sub(streamed.replayed),
+        "replay_seconds": round(streamed.seconds, 1),
+        "replay_msg_per_s": round(streamed.replayed as f64 / streamed.seconds.max(f64::EPSILON), 0),
+        "fetch_replayed": fetched.replayed,
+        "fetch_replay_errors": fetched.bad + messages.saturating_sub(fetched.replayed),
+        "fetch_replay_msg_per_s": round(fetched.replayed as f64 / fetched.seconds.max(f64::EPSILON), 0),
+        "verified": streamed.bad == 0 && streamed.replayed == messages
+            && fetched.bad == 0 && fetched.replayed == messages,
+    })
+    .to_string())
+}
+
+/// Sequences acknowledged per ack frame of the streamed replay.
+const REPLAY_ACK_EVERY: usize = 500;
+/// Messages the streamed replay keeps in flight.
+const REPLAY_IN_FLIGHT: u32 = 4000;
+
+/// How a replay went: messages read, how many arrived out of order or with
+/// wrong bytes, and how long it took.
+struct Replay {
+    replayed: u64,
+    bad: u64,
+    seconds: f64,
+}
+
+/// Replays `messages` from sequence 1 as an old-style client does: Fetch a
+/// batch, Ack it, Fetch the next.
+async fn replay_fetching(egress: &str, subject: &str, size: usize) -> Result<Replay, String> {
     let mut client = EgressServiceClient::connect(egress.to_owned())
         .await
         .map_err(|e| format!("{egress}: {e}"))?
         .max_decoding_message_size(256 << 20);
-    let durable = "capacity-replay";
+    let durable = "capacity-replay-fetch";
     let started = Instant::now();
     let (mut replayed, mut bad, mut next) = (0u64, 0u64, 1u64);
     loop {
@@ -195,23 +239,49 @@ pub async fn run(
             .await
             .map_err(|e| format!("Ack: {e}"))?;
     }
-    let replay_seconds = started.elapsed().as_secs_f64();
-    let samples = samples.lock().expect("not poisoned").clone();
-    Ok(json!({
-        "scenario": "7-capacity",
-        "system": "minitoolstream",
-        "config": {"size": size, "messages": messages, "streams": STREAMS},
-        "published": published.load(Ordering::Relaxed),
-        "refused_and_retried": refused,
-        "publish_seconds": round(publish_seconds, 1),
-        "publish_msg_per_s": round(messages as f64 / publish_seconds, 0),
-        "tarantool_rss_mib_samples": Value::from(samples),
-        "tarantool_rss_mib_after": rss_after_publish,
-        "replayed": replayed,
-        "replay_errors": bad + messages.saturating_sub(replayed),
-        "replay_seconds": round(replay_seconds, 1),
-        "replay_msg_per_s": round(replayed as f64 / replay_seconds.max(f64::EPSILON), 0),
-        "verified": bad == 0 && replayed == messages,
+    Ok(Replay {
+        replayed,
+        bad,
+        seconds: started.elapsed().as_secs_f64(),
     })
-    .to_string())
+}
+
+/// Replays `messages` from sequence 1 on one Consume stream, acknowledging
+/// in frames of `REPLAY_ACK_EVERY` sequences while the next ones arrive.
+async fn replay_streaming(
+    egress: &str,
+    subject: &str,
+    size: usize,
+    messages: u64,
+) -> Result<Replay, String> {
+    let started = Instant::now();
+    let (frames, mut stream) =
+        consume(egress, subject, "capacity-replay", REPLAY_IN_FLIGHT).await?;
+    let (mut replayed, mut bad, mut next) = (0u64, 0u64, 1u64);
+    let mut sequences = Vec::with_capacity(REPLAY_ACK_EVERY);
+    while replayed < messages {
+        let message = match tokio::time::timeout(Duration::from_secs(30), stream.next()).await {
+            Ok(Some(Ok(message))) => message,
+            Ok(Some(Err(e))) => return Err(format!("Consume: {e}")),
+            Ok(None) => return Err("Consume: the stream ended".into()),
+            Err(_) => break,
+        };
+        if message.sequence != next || !verified(&message.data, size) {
+            bad += 1;
+        }
+        next = message.sequence + 1;
+        replayed += 1;
+        sequences.push(message.sequence);
+        if sequences.len() == REPLAY_ACK_EVERY || replayed == messages {
+            frames
+                .send(acks(std::mem::take(&mut sequences)))
+                .await
+                .map_err(|_| "Consume: the stream ended".to_owned())?;
+        }
+    }
+    Ok(Replay {
+        replayed,
+        bad,
+        seconds: started.elapsed().as_secs_f64(),
+    })
 }

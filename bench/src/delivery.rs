@@ -94,10 +94,13 @@ pub async fn consume(
 
 /// An ack frame for one sequence.
 pub fn ack(sequence: u64) -> ConsumeRequest {
+    acks(vec![sequence])
+}
+
+/// An ack frame for `sequences`.
+pub fn acks(sequences: Vec<u64>) -> ConsumeRequest {
     ConsumeRequest {
-        request: Some(Request::Ack(AckSequences {
-            sequences: vec![sequence],
-        })),
+        request: Some(Request::Ack(AckSequences { sequences })),
     }
 }
 

@@ -953,8 +953,8 @@ end)
 -- nacked, and then it is delivered again with its delivery count increased.
 -- At max_deliver deliveries it goes to the dead-letter subject instead.
 -- `ack_seq` (the floor) and `delivered_seq` bound what is in flight: every
--- sequence <= floor is acked, every one in (floor, delivered] is acked or has
--- a row in mts_pending, every one > delivered was never handed out.
+-- sequence <= floor is acked, every one in (floor, delivered] is acked or is
+-- held by a run in mts_pending, every one > delivered was never handed out.
 ------------------------------------------------------------------------------
 
 local CONSUMER_DEFAULTS = {
@@ -1099,16 +1099,30 @@ end
 
 local HELD, FREE = 49, 48 -- '1', '0'
 
+-- A null field may read as nil or as box.NULL (which is truthy): `== nil`
+-- is true for both, `or` is not.
 local function run_last(p)
-    return p.last_seq or p.seq
+    local last = p.last_seq
+    if last == nil then
+        return p.seq
+    end
+    return last
 end
 
 local function run_marks(p)
-    return p.held or string.rep('1', run_last(p) - p.seq + 1)
+    local held = p.held
+    if held == nil then
+        return string.rep('1', run_last(p) - p.seq + 1)
+    end
+    return held
 end
 
 local function run_count(p)
-    return p.held_count or (run_last(p) - p.seq + 1)
+    local count = p.held_count
+    if count == nil then
+        return run_last(p) - p.seq + 1
+    end
+    return count
 end
 
 -- The attributes a run's held sequences share.
@@ -1363,13 +1377,15 @@ local function hand_out(subject, durable, limit)
         due[#due + 1] = p
         due_count = due_count + run_count(p)
     end
+    local lettered = 0
     for _, p in ipairs(due) do
         local deliveries = p.deliveries
         local dead = c.max_deliver > 0 and deliveries >= c.max_deliver
         local again = {deliveries = deliveries + 1, deadline_ns = lease_end, first_ns = p.first_delivered_ns}
         local fate, changed = {}, false
         for _, seq in ipairs(held_seqs(p)) do
-            if #out >= limit then
+            -- Dead letters count: each is a publish in this transaction.
+            if #out + lettered >= limit then
                 break
             end
             local message = locate(subject, seq)
@@ -1385,6 +1401,7 @@ local function hand_out(subject, durable, limit)
                 if dlq ~= nil then
                     notify_subjects[#notify_subjects + 1] = dlq
                 end
+                lettered = lettered + 1
                 fate[seq], changed = GONE, true
             else
                 out[#out + 1] = {message, deliveries + 1, lease_end}

@@ -1353,7 +1353,8 @@ end
 -- any that reached max_deliver), then new ones, never more than
 -- max_ack_pending leased. Returns a list of {message tuple, delivery count,
 -- lease deadline}, the earliest deadline still ahead (0 if none): when
--- redeliveries can next be due, and the dead-letter subjects to notify.
+-- redeliveries can next be due, the dead-letter subjects to notify, and
+-- whether the consumer holds max_ack_pending (only acks make room then).
 local function hand_out(subject, durable, limit)
     local out = {}
     local notify_subjects = {}
@@ -1413,8 +1414,11 @@ local function hand_out(subject, durable, limit)
         end
     end
     local room = limit - #out
+    local full = false
     if c.max_ack_pending > 0 then
-        room = min(room, c.max_ack_pending - pending_count(c))
+        local free = c.max_ack_pending - pending_count(c)
+        full = free <= 0
+        room = min(room, free)
     end
     if room > 0 then
         local seqs = {}
@@ -1435,7 +1439,7 @@ local function hand_out(subject, durable, limit)
         next_deadline = lease_end
     end
     settle_floor(c)
-    return out, next_deadline, notify_subjects
+    return out, next_deadline, notify_subjects, full
 end
 
 -- Dead-letters a message that hand_out answered with a lease deadline of 0
@@ -1506,18 +1510,20 @@ end
 -- Returns 'ok', the leased list and the next deadline (as mts_fetch) and
 -- an empty list, or 'not_held', nothing leased, 0 and the sequences not held.
 local function consume(subject, durable, acks, limit, wait_ms)
-    local missing, out, next_deadline, notify_subjects
+    local missing, out, next_deadline, notify_subjects, full
     box.atomic(function()
         missing = ack_held(subject, durable, acks)
         if #missing == 0 then
-            out, next_deadline, notify_subjects = hand_out(subject, durable, limit)
+            out, next_deadline, notify_subjects, full = hand_out(subject, durable, limit)
         end
     end)
     if #missing > 0 then
         return 'not_held', {}, 0, missing
     end
     local deadline = fiber.clock() + (wait_ms or 0) / 1000
-    while #out == 0 do
+    -- At max_ack_pending no commit makes room: only acks, which come on
+    -- calls of their own, so there is nothing to wait for here.
+    while #out == 0 and not full do
         local remaining = deadline - fiber.clock()
         if next_deadline > 0 then
             -- A deadline already passed must not wrap around into a long wait.
@@ -1534,7 +1540,7 @@ local function consume(subject, durable, acks, limit, wait_ms)
         wait_commit(subject, remaining)
         local more
         box.atomic(function()
-            out, next_deadline, more = hand_out(subject, durable, limit)
+            out, next_deadline, more, full = hand_out(subject, durable, limit)
         end)
         for _, dlq in ipairs(more) do
             notify_subjects[#notify_subjects + 1] = dlq

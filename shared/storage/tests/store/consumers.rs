@@ -388,3 +388,46 @@ async fn leases_of_one_message_each_from_before_runs_are_acked_and_redelivered()
     );
     assert!(runs(&subject, "d").await.is_empty());
 }
+
+/// A consumer holding `max_ack_pending` messages gets nothing new until it
+/// acks, and a commit does not change that: its consume call comes back at
+/// once instead of waiting out its wait for commits that cannot help.
+#[tokio::test]
+async fn a_consumer_at_max_ack_pending_is_answered_at_once() {
+    let (store, subject) = subject_with("ack-pending", 4).await;
+    store
+        .create_or_update_consumer(
+            &subject,
+            "d",
+            &ConsumerSettings {
+                max_ack_pending: Some(2),
+                ..ConsumerSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+    let batch = store
+        .consume(&subject, "d", &[], 10, Duration::ZERO)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seqs(&batch), vec![1, 2]);
+    let started = std::time::Instant::now();
+    let full = store
+        .consume(&subject, "d", &[], 10, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(full.messages.is_empty());
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "waited {:?} for commits that could not make room",
+        started.elapsed()
+    );
+    let next = store
+        .consume(&subject, "d", &[1], 10, Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seqs(&next), vec![3], "an ack makes room for one");
+}

@@ -14,7 +14,7 @@ use mts_proto::pb::{AckSequencesRequest, FetchRequest, PublishRequest};
 use serde_json::{Value, json};
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::delivery::{acks, consume};
+use crate::delivery::{acks, consume, create_consumer};
 use crate::process::{Services, round};
 use crate::publish::ingress_clients;
 
@@ -255,6 +255,7 @@ async fn replay_streaming(
     messages: u64,
 ) -> Result<Replay, String> {
     let started = Instant::now();
+    create_consumer(egress, subject, "capacity-replay", REPLAY_IN_FLIGHT).await?;
     let (frames, mut stream) =
         consume(egress, subject, "capacity-replay", REPLAY_IN_FLIGHT).await?;
     let (mut replayed, mut bad, mut next) = (0u64, 0u64, 1u64);

@@ -10,7 +10,10 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mts_proto::pb::consume_request::Request;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
-use mts_proto::pb::{AckSequences, ConsumeRequest, ConsumeStart, Message, PublishRequest};
+use mts_proto::pb::{
+    AckSequences, ConsumeRequest, ConsumeStart, ConsumerConfig, CreateOrUpdateConsumerRequest,
+    Message, PublishRequest,
+};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 
@@ -90,6 +93,30 @@ pub async fn consume(
         .map_err(|e| format!("consume: {e}"))?
         .into_inner();
     Ok((frames, messages))
+}
+
+/// Creates durable consumer `durable` on `subject` with `max_ack_pending`.
+pub async fn create_consumer(
+    egress: &str,
+    subject: &str,
+    durable: &str,
+    max_ack_pending: u32,
+) -> Result<(), String> {
+    let mut client = EgressServiceClient::connect(egress.to_owned())
+        .await
+        .map_err(|e| format!("{egress}: {e}"))?;
+    client
+        .create_or_update_consumer(CreateOrUpdateConsumerRequest {
+            subject: subject.to_owned(),
+            durable_name: durable.to_owned(),
+            config: Some(ConsumerConfig {
+                max_ack_pending: Some(max_ack_pending),
+                ..ConsumerConfig::default()
+            }),
+        })
+        .await
+        .map_err(|e| format!("CreateOrUpdateConsumer: {e}"))?;
+    Ok(())
 }
 
 /// An ack frame for one sequence.

@@ -10,9 +10,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mts_proto::pb::PublishRequest;
 
-use crate::delivery::{ack, consume};
+use crate::delivery::{ack, consume, create_consumer};
 use crate::publish::{Outcome, ingress_clients, jetstream_stream};
 use crate::report::Latencies;
+
+/// Messages leased and unacknowledged at once, across the consumers.
+const MAX_ACK_PENDING: u32 = 1024;
 
 /// Publishes `total` messages of `size` bytes with 64 publishers.
 async fn prefill(ingress: &str, subject: &str, size: usize, total: u64) -> Result<(), String> {
@@ -81,10 +84,13 @@ pub async fn ours(
     prefill(ingress, subject, size, total).await?;
     let seen = Arc::new(Mutex::new(HashSet::new()));
     let latencies = Arc::new(Mutex::new(Latencies::default()));
+    // As many leased at once as JetStream's consumer below allows.
+    create_consumer(egress, subject, "drain", MAX_ACK_PENDING).await?;
     let started = Instant::now();
     let mut streams = Vec::new();
     for _ in 0..consumers {
-        let (frames, mut messages) = consume(egress, subject, "drain", 256).await?;
+        let (frames, mut messages) =
+            consume(egress, subject, "drain", MAX_ACK_PENDING / consumers as u32).await?;
         let (seen, latencies) = (Arc::clone(&seen), Arc::clone(&latencies));
         streams.push(tokio::spawn(async move {
             while let Some(Ok(message)) = messages.next().await {
@@ -136,7 +142,7 @@ pub async fn jetstream(
         .create_consumer(pull::Config {
             durable_name: Some("drain".into()),
             ack_policy: AckPolicy::Explicit,
-            max_ack_pending: 1024,
+            max_ack_pending: i64::from(MAX_ACK_PENDING),
             ..Default::default()
         })
         .await

@@ -184,7 +184,7 @@ pub async fn run(
 }
 
 /// Sequences acknowledged per ack frame of the streamed replay.
-const REPLAY_ACK_EVERY: usize = 500;
+const REPLAY_ACK_EVERY: usize = 1000;
 /// Messages the streamed replay keeps in flight.
 const REPLAY_IN_FLIGHT: u32 = 4000;
 

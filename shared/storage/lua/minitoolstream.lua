@@ -66,6 +66,14 @@ local function min(a, b)
     return b
 end
 
+-- nil for both nil and box.NULL (which is truthy in Lua).
+local function present(value)
+    if value == nil then
+        return nil
+    end
+    return value
+end
+
 -- The decimal digits of an unsigned integer (tostring adds 'ULL' to cdata).
 local function decimal(value)
     return (tostring(u64(value)):gsub('ULL$', ''))
@@ -1099,30 +1107,22 @@ end
 
 local HELD, FREE = 49, 48 -- '1', '0'
 
--- A null field may read as nil or as box.NULL (which is truthy): `== nil`
--- is true for both, `or` is not.
 local function run_last(p)
-    local last = p.last_seq
-    if last == nil then
-        return p.seq
-    end
-    return last
+    return present(p.last_seq) or p.seq
 end
 
 local function run_marks(p)
-    local held = p.held
-    if held == nil then
-        return string.rep('1', run_last(p) - p.seq + 1)
-    end
-    return held
+    return present(p.held) or string.rep('1', run_last(p) - p.seq + 1)
 end
 
 local function run_count(p)
-    local count = p.held_count
-    if count == nil then
-        return run_last(p) - p.seq + 1
-    end
-    return count
+    return present(p.held_count) or (run_last(p) - p.seq + 1)
+end
+
+-- Whether run `p` still holds `seq` (within its range).
+local function holds(p, seq)
+    local held = present(p.held)
+    return held == nil or held:byte(seq - p.seq + 1) == HELD
 end
 
 -- The attributes a run's held sequences share.
@@ -1155,11 +1155,8 @@ end
 -- The run holding `seq` for the consumer, or nil.
 local function run_of(subject, durable, seq)
     local p = box.space.mts_pending.index.primary:select({subject, durable, seq}, {iterator = 'LE', limit = 1})[1]
-    if p == nil or p.subject ~= subject or p.durable ~= durable or run_last(p) < seq then
-        return nil
-    end
-    local held = p.held
-    if held ~= nil and held:byte(seq - p.seq + 1) ~= HELD then
+    if p == nil or p.subject ~= subject or p.durable ~= durable
+            or run_last(p) < seq or not holds(p, seq) then
         return nil
     end
     return p
@@ -1242,9 +1239,7 @@ local function runs_holding(subject, durable, seqs)
         end
         previous = seq
         if current ~= nil and seq <= run_last(current[1]) then
-            local p = current[1]
-            local held = p.held
-            if held == nil or held:byte(seq - p.seq + 1) == HELD then
+            if holds(current[1], seq) then
                 table.insert(current[2], seq)
             else
                 missing[#missing + 1] = seq
@@ -1282,13 +1277,13 @@ local function settle_floor(c)
     c.floor = floor
 end
 
--- Calls visit(run) for each of the consumer's runs, in sequence order.
+-- Calls visit(run) for each of the consumer's runs, in sequence order,
+-- until visit returns false.
 local function each_run(subject, durable, visit)
     for _, p in box.space.mts_pending.index.primary:pairs({subject, durable}, {iterator = 'GE'}) do
-        if p.subject ~= subject or p.durable ~= durable then
+        if p.subject ~= subject or p.durable ~= durable or visit(p) == false then
             break
         end
-        visit(p)
     end
 end
 
@@ -1323,9 +1318,8 @@ end
 -- The held sequences of run `p`, in order.
 local function held_seqs(p)
     local out = {}
-    local held = p.held
     for seq = p.seq, run_last(p) do
-        if held == nil or held:byte(seq - p.seq + 1) == HELD then
+        if holds(p, seq) then
             out[#out + 1] = seq
         end
     end
@@ -1626,9 +1620,10 @@ rawset(_G, 'mts_ack_message', function(subject, durable, seq)
         local c = ensure_consumer(subject, durable)
         local runs = {}
         each_run(subject, durable, function(p)
-            if p.seq <= seq then
-                runs[#runs + 1] = p
+            if p.seq > seq then
+                return false
             end
+            runs[#runs + 1] = p
         end)
         for _, p in ipairs(runs) do
             if run_last(p) <= seq then
@@ -1868,14 +1863,6 @@ remove_message = function(m)
             box.space.mts_gc:replace({key, now_ns()})
         end
     end
-end
-
--- nil for both nil and box.NULL (which is truthy in Lua).
-local function present(value)
-    if value == nil then
-        return nil
-    end
-    return value
 end
 
 -- A subject's limits: its own, or the service defaults `limits`.
@@ -2208,7 +2195,7 @@ rawset(_G, 'mts_tier_commit', function(seg)
         box.space.mts_subjects:update({subject}, {
             {'=', 'cold_count', (row.cold_count or 0) + seg.count},
             {'=', 'cold_bytes', (row.cold_bytes or 0) + seg.bytes},
-            {'=', 'segment_bytes', (row.segment_bytes or 0) + seg.object_size},
+            {'=', 'segment_bytes', (present(row.segment_bytes) or 0) + seg.object_size},
         })
     end)
     if outcome == 'ok' then
@@ -2250,7 +2237,7 @@ rawset(_G, 'mts_storage_stats', function(hot)
                 oldest_ns = now - m.ts_ns
             end
         end
-        segment_bytes = segment_bytes + (row.segment_bytes or 0)
+        segment_bytes = segment_bytes + (present(row.segment_bytes) or 0)
     end
     local slab = box.slab.info()
     local stats = hot_tier(hot)

@@ -2062,6 +2062,15 @@ local function trim_tiered(subject, through, max_slices)
     return false
 end
 
+-- trim_tiered, with a failure logged instead of raised: the copies it
+-- leaves are the next plan's to trim.
+local function trim_tiered_or_log(subject, through, max_slices)
+    local ok, err = pcall(trim_tiered, subject, through, max_slices)
+    if not ok then
+        log.warn('tiering: trimming the hot copies of %s failed: %s', subject, tostring(err))
+    end
+end
+
 -- Slices a plan trims per subject: the rest waits for the next plan, so a
 -- crash's leftovers never hold one call past its timeout.
 local PLAN_TRIM_SLICES = 16
@@ -2103,10 +2112,7 @@ rawset(_G, 'mts_tier_plan', function(opts, limit)
         end
     end
     for _, t in ipairs(untrimmed) do
-        local ok, err = pcall(trim_tiered, t[1], t[2], PLAN_TRIM_SLICES)
-        if not ok then
-            log.warn('tiering: trimming the hot copies of %s failed: %s', t[1], tostring(err))
-        end
+        trim_tiered_or_log(t[1], t[2], PLAN_TRIM_SLICES)
     end
     table.sort(due, function(a, b) return a[4] > b[4] end)
     local out = setmetatable({}, ARRAY)
@@ -2201,10 +2207,7 @@ rawset(_G, 'mts_tier_commit', function(seg)
     if outcome == 'ok' then
         -- Committed: a failed slice leaves copies for the next plan, and
         -- must not make the caller think the segment was refused.
-        local ok, err = pcall(trim_tiered, subject, last)
-        if not ok then
-            log.warn('tiering: trimming the hot copies of %s failed: %s', subject, tostring(err))
-        end
+        trim_tiered_or_log(subject, last)
     end
     return outcome
 end)

@@ -263,9 +263,20 @@ async fn retention_drops_a_segment_only_once_all_its_messages_are_past_the_limit
 
 #[tokio::test]
 async fn a_full_hot_tier_refuses_or_evicts_as_each_subject_says() {
-    let mut config = testing::config();
     // One row is already over budget: every publish of this store finds the
-    // hot tier full.
+    // hot tier full. The shared Tarantool may hold none yet.
+    let roomy = Store::connect(&testing::config()).await.unwrap();
+    roomy
+        .publish(
+            &testing::unique_subject("full-seed"),
+            &HashMap::new(),
+            Some(b"x"),
+            None,
+            1,
+        )
+        .await
+        .unwrap();
+    let mut config = testing::config();
     config.tiering.hot_tier_max_messages = 1;
     let store = Store::connect(&config).await.unwrap();
     let refusing = testing::unique_subject("full-new");

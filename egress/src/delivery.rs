@@ -84,24 +84,29 @@ async fn complete(
     leased: Leased,
     payloads: Payloads,
 ) -> Result<Message, Error> {
-    let data = match &leased.message.object_key {
-        Some(key) if payloads.reads_whole(&leased.message) => {
-            check_inline_size(&leased.message, payloads)?;
-            match object_store.get(key).await {
-                Ok(bytes) => Some(bytes),
-                Err(object_store::Error::NotFound(_)) => {
-                    return Err(Error::MissingPayload {
-                        subject: leased.message.subject,
-                        sequence: leased.message.seq,
-                        key: key.clone(),
-                    });
-                }
-                Err(err) => return Err(Error::ObjectStore(err)),
+    check_inline_size(&leased.message, payloads)?;
+    let read = match &leased.message.object_key {
+        Some(key) if payloads.reads_whole(&leased.message) => match object_store.get(key).await {
+            Ok(bytes) => Some(bytes),
+            Err(object_store::Error::NotFound(_)) => {
+                return Err(Error::MissingPayload {
+                    subject: leased.message.subject,
+                    sequence: leased.message.seq,
+                    key: key.clone(),
+                });
             }
-        }
+            Err(err) => return Err(Error::ObjectStore(err)),
+        },
         _ => None,
     };
-    wire_message(leased, payloads, data)
+    Ok(assemble(leased, payloads, read))
+}
+
+/// The wire message of `leased` when there is nothing to read for it: its
+/// payload is inline, or left out.
+fn wire_message(leased: Leased, payloads: Payloads) -> Result<Message, Error> {
+    check_inline_size(&leased.message, payloads)?;
+    Ok(assemble(leased, payloads, None))
 }
 
 /// A payload too large to send inline to a client that did not ask for it
@@ -121,14 +126,9 @@ fn check_inline_size(
     Ok(())
 }
 
-/// The wire message of `leased`, with `read` the payload read from the
-/// object store when it was offloaded and not left out.
-fn wire_message(
-    leased: Leased,
-    payloads: Payloads,
-    read: Option<bytes::Bytes>,
-) -> Result<Message, Error> {
-    check_inline_size(&leased.message, payloads)?;
+/// The wire message of `leased`, size already checked, with `read` the
+/// payload read from the object store when it was offloaded and not left out.
+fn assemble(leased: Leased, payloads: Payloads, read: Option<bytes::Bytes>) -> Message {
     let omitted = payloads.omits(&leased.message);
     let stored = leased.message;
     let mut headers = stored.headers;
@@ -145,7 +145,7 @@ fn wire_message(
         (None, Some(inline)) => inline.into_vec().into(),
         (None, None) => Default::default(),
     };
-    Ok(Message {
+    Message {
         subject: stored.subject,
         sequence: stored.seq,
         data,
@@ -155,7 +155,7 @@ fn wire_message(
         size: stored.size,
         sha256,
         payload_omitted: omitted,
-    })
+    }
 }
 
 /// Offloaded payloads read from the object store at once per Fetch.
@@ -169,34 +169,23 @@ pub(crate) fn wire_messages(
     batch: Vec<Leased>,
     payloads: Payloads,
 ) -> impl Stream<Item = Result<Message, Error>> + Send {
-    let reads = batch
-        .iter()
-        .any(|leased| payloads.reads_whole(&leased.message))
-        || mts_runtime::telemetry::exporting();
     let large = batch.iter().any(|leased| {
         payloads.reads_whole(&leased.message) && leased.message.size > payloads.limits.omit_above
     });
     let in_flight = if large { 1 } else { PAYLOAD_READS_IN_FLIGHT };
-    let messages = if reads {
-        // Only a payload read from the object store (or a span) takes a
-        // future of its own, boxed: an object read's future is large, and
-        // the buffer moves it around.
-        futures::stream::iter(batch)
-            .map(move |leased| {
-                if payloads.reads_whole(&leased.message) || mts_runtime::telemetry::exporting() {
-                    Box::pin(deliver(object_store.clone(), leased, payloads)).left_future()
-                } else {
-                    std::future::ready(wire_message(leased, payloads, None)).right_future()
-                }
-            })
-            .buffered(in_flight)
-            .left_stream()
-    } else {
-        // Nothing to read and no span: no future per message.
-        futures::stream::iter(batch)
-            .map(move |leased| wire_message(leased, payloads, None))
-            .right_stream()
-    };
+    let spans = mts_runtime::telemetry::exporting();
+    // Only a payload read from the object store (or a span) takes a future
+    // of its own, boxed: an object read's future is large, and the buffer
+    // would move it around for every message.
+    let messages = futures::stream::iter(batch)
+        .map(move |leased| {
+            if spans || payloads.reads_whole(&leased.message) {
+                Box::pin(deliver(object_store.clone(), leased, payloads)).left_future()
+            } else {
+                std::future::ready(wire_message(leased, payloads)).right_future()
+            }
+        })
+        .buffered(in_flight);
     messages.scan(false, |failed, item| {
         let out = if *failed { None } else { Some(item) };
         if let Some(Err(_)) = &out {

@@ -20,6 +20,16 @@ async fn subject_with(name: &str, n: u8) -> (Store, String) {
     (store, subject)
 }
 
+/// As `subject_with`, and durable consumer "d" created with `settings`.
+async fn consumer_with(name: &str, n: u8, settings: ConsumerSettings) -> (Store, String) {
+    let (store, subject) = subject_with(name, n).await;
+    store
+        .create_or_update_consumer(&subject, "d", &settings)
+        .await
+        .unwrap();
+    (store, subject)
+}
+
 fn seqs(batch: &mts_storage::store::Batch) -> Vec<u64> {
     batch.messages.iter().map(|l| l.message.seq).collect()
 }
@@ -58,19 +68,16 @@ async fn competing_consumers_lease_disjoint_messages_and_acks_move_the_floor() {
 
 #[tokio::test]
 async fn a_nack_or_a_lapsed_lease_redelivers_and_max_deliver_dead_letters() {
-    let (store, subject) = subject_with("redeliver", 2).await;
-    store
-        .create_or_update_consumer(
-            &subject,
-            "d",
-            &ConsumerSettings {
-                ack_wait_ms: Some(100),
-                max_deliver: Some(2),
-                ..ConsumerSettings::default()
-            },
-        )
-        .await
-        .unwrap();
+    let (store, subject) = consumer_with(
+        "redeliver",
+        2,
+        ConsumerSettings {
+            ack_wait_ms: Some(100),
+            max_deliver: Some(2),
+            ..ConsumerSettings::default()
+        },
+    )
+    .await;
     let batch = store.fetch(&subject, "d", 10).await.unwrap();
     assert_eq!(seqs(&batch), vec![1, 2]);
     store.nack(&subject, "d", &[1], 0).await.unwrap().unwrap();
@@ -262,18 +269,15 @@ fn deliveries(batch: &mts_storage::store::Batch) -> Vec<(u64, u32)> {
 
 #[tokio::test]
 async fn a_batch_is_leased_as_one_run_that_acks_nacks_and_lapses_cut_exactly() {
-    let (store, subject) = subject_with("runs", 10).await;
-    store
-        .create_or_update_consumer(
-            &subject,
-            "d",
-            &ConsumerSettings {
-                ack_wait_ms: Some(300),
-                ..ConsumerSettings::default()
-            },
-        )
-        .await
-        .unwrap();
+    let (store, subject) = consumer_with(
+        "runs",
+        10,
+        ConsumerSettings {
+            ack_wait_ms: Some(300),
+            ..ConsumerSettings::default()
+        },
+    )
+    .await;
     let batch = store.fetch(&subject, "d", 10).await.unwrap();
     assert_eq!(seqs(&batch), (1..=10).collect::<Vec<_>>());
     assert_eq!(runs(&subject, "d").await, vec![(1, 10, None)], "one row");
@@ -394,18 +398,15 @@ async fn leases_of_one_message_each_from_before_runs_are_acked_and_redelivered()
 /// once instead of waiting out its wait for commits that cannot help.
 #[tokio::test]
 async fn a_consumer_at_max_ack_pending_is_answered_at_once() {
-    let (store, subject) = subject_with("ack-pending", 4).await;
-    store
-        .create_or_update_consumer(
-            &subject,
-            "d",
-            &ConsumerSettings {
-                max_ack_pending: Some(2),
-                ..ConsumerSettings::default()
-            },
-        )
-        .await
-        .unwrap();
+    let (store, subject) = consumer_with(
+        "ack-pending",
+        4,
+        ConsumerSettings {
+            max_ack_pending: Some(2),
+            ..ConsumerSettings::default()
+        },
+    )
+    .await;
     let batch = store
         .consume(&subject, "d", &[], 10, Duration::ZERO)
         .await

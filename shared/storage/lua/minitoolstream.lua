@@ -16,7 +16,7 @@ local buffer = require('buffer')
 local uuid = require('uuid')
 local log = require('log')
 
-local SCHEMA_VERSION = 13
+local SCHEMA_VERSION = 14
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -439,17 +439,19 @@ end
 -- first through its segments, in order, then through its hot rows. A message
 -- in a segment is answered as a reference the service resolves from the
 -- object store: the message's fields with only subject and seq filled in,
--- and a ninth field {segment object key, block offset, block length}.
+-- and a ninth field {segment object key, block offset, block length} (and,
+-- for a consumer that takes spans, the object's size).
 ------------------------------------------------------------------------------
 
 -- What a reader needs of a segment row, its fields read once: reading
 -- `blocks` off the tuple builds a Lua table per block every time, which
 -- per message handed out cost a replay most of its time.
 local function segment_view(seg)
-    return {subject = seg.subject, object_key = seg.object_key, blocks = seg.blocks}
+    return {subject = seg.subject, object_key = seg.object_key, object_size = seg.object_size, blocks = seg.blocks}
 end
 
--- The block of segment view `view` that holds `seq` (a binary search).
+-- The block of segment view `view` that holds `seq` (a binary search), and
+-- its index in the view's blocks.
 local function block_of(view, seq)
     local blocks = view.blocks
     local lo, hi = 1, #blocks
@@ -461,15 +463,24 @@ local function block_of(view, seq)
             hi = mid - 1
         end
     end
-    return blocks[lo]
+    return blocks[lo], lo
+end
+
+-- A reference to message `seq` in `block` of segment view `view`; `sized`:
+-- with the object's size after the block (for callers that take it).
+local function block_ref(view, block, seq, sized)
+    local at = {view.object_key, block[3], block[4]}
+    if sized then
+        at[4] = view.object_size
+    end
+    return setmetatable({
+        view.subject, seq, block[2], setmetatable({}, MAP), box.NULL, box.NULL, 0, box.NULL,
+        setmetatable(at, ARRAY),
+    }, ARRAY)
 end
 
 local function cold_ref(view, seq)
-    local block = block_of(view, seq)
-    return setmetatable({
-        view.subject, seq, block[2], setmetatable({}, MAP), box.NULL, box.NULL, 0, box.NULL,
-        setmetatable({view.object_key, block[3], block[4]}, ARRAY),
-    }, ARRAY)
+    return block_ref(view, block_of(view, seq), seq)
 end
 
 -- The segment holding `seq` of `subject`, or nil.
@@ -517,30 +528,38 @@ local function locate(subject, seq)
     return nil
 end
 
--- Calls visit(seq, message) for each stored message of `subject` after
--- `after`, in order (`message` a hot tuple or a reference), until visit
--- returns false.
-local function each_after(subject, after, visit)
+-- Calls visit(first, last, message) for the stored messages of `subject`
+-- after `after`, in order, until visit returns false: a hot message alone
+-- (first == last, `message` its tuple), or the messages from first to last
+-- of one block of a segment, `message` a reference to `first` (the block
+-- holds them all; `sized`: it names the object's size too).
+local function each_span_after(subject, after, sized, visit)
     for _, seg in box.space.mts_segments.index.last:pairs({subject, after}, {iterator = 'GT'}) do
         if seg.subject ~= subject then
             break
         end
-        local seq = max(seg.first_seq, after + 1)
-        local last = seg.last_seq
         local view = segment_view(seg)
-        while seq <= last do
-            if not visit(seq, cold_ref(view, seq)) then
+        local blocks = view.blocks
+        local seq = max(seg.first_seq, after + 1)
+        local block, i = block_of(view, seq)
+        while block ~= nil do
+            local next_block = blocks[i + 1]
+            local last = seg.last_seq
+            if next_block ~= nil then
+                last = next_block[1] - 1
+            end
+            if not visit(seq, last, block_ref(view, block, seq, sized)) then
                 return
             end
-            seq = seq + 1
+            seq, block, i = last + 1, next_block, i + 1
         end
-        after = last
+        after = seg.last_seq
     end
     for _, m in box.space.mts_messages.index.primary:pairs({subject, after}, {iterator = 'GT'}) do
         if m.subject ~= subject then
             break
         end
-        if not visit(m.seq, m) then
+        if not visit(m.seq, m.seq, m) then
             return
         end
     end
@@ -1051,6 +1070,23 @@ rawset(_G, 'mts_locate_time', function(subject, t)
     return cold_ref(segment_view(seg), block[1])
 end)
 
+-- The segment that follows the one stored as object `key`, for a reader
+-- reading ahead across segments: {object key, offset, length} of its first
+-- block and the object's size; nil when there is none (yet), or `key` is no segment.
+rawset(_G, 'mts_segment_next', function(key)
+    local seg = box.space.mts_segments.index.object_key:get(key)
+    if seg == nil then
+        return box.NULL
+    end
+    local after = box.space.mts_segments.index.last:select(
+        {seg.subject, seg.last_seq}, {iterator = 'GT', limit = 1})[1]
+    if after == nil or after.subject ~= seg.subject then
+        return box.NULL
+    end
+    local first = after.blocks[1]
+    return setmetatable({after.object_key, first[3], first[4], after.object_size}, ARRAY)
+end)
+
 -- Where a new consumer starts: everything at or below it counts as acked.
 local function start_point(subject, policy, start_seq, start_time_ns)
     if policy == 'new' then
@@ -1342,14 +1378,30 @@ local function marks_of(seqs)
     return ffi.string(buf, n)
 end
 
+-- Marks for the sorted, disjoint spans `spans` ({first, last} each), with
+-- `count` sequences in all: nil when they run without a gap.
+local function marks_of_spans(spans, count)
+    local first, last = spans[1][1], spans[#spans][2]
+    local n = last - first + 1
+    if n == count then
+        return nil
+    end
+    local buf = ffi.new('char[?]', n)
+    ffi.fill(buf, n, FREE)
+    for _, span in ipairs(spans) do
+        ffi.fill(buf + (span[1] - first), span[2] - span[1] + 1, HELD)
+    end
+    return ffi.string(buf, n)
+end
+
 -- Inside a transaction: hands out up to `limit` messages to the consumer:
 -- first those whose lease ran out or whose nack delay passed (dead-lettering
 -- any that reached max_deliver), then new ones, never more than
 -- max_ack_pending leased. Returns a list of {message tuple, delivery count,
--- lease deadline}, the earliest deadline still ahead (0 if none): when
+-- lease deadline[, last sequence of a span of a segment's block]}, the earliest deadline still ahead (0 if none): when
 -- redeliveries can next be due, the dead-letter subjects to notify, and
 -- whether the consumer holds max_ack_pending (only acks make room then).
-local function hand_out(subject, durable, limit)
+local function hand_out(subject, durable, limit, spans)
     local out = {}
     local notify_subjects = {}
     local next_deadline = 0
@@ -1415,18 +1467,35 @@ local function hand_out(subject, durable, limit)
         room = min(room, free)
     end
     if room > 0 then
-        local seqs = {}
-        each_after(subject, c.delivered, function(seq, message)
-            out[#out + 1] = {message, 1, lease_end}
-            seqs[#seqs + 1] = seq
-            room = room - 1
+        -- For a caller that takes spans, a block's messages in a segment go
+        -- out as one entry: its first message's reference (naming the
+        -- object's size) and, fourth, the last sequence it stands for; for
+        -- others, a reference each, as before spans.
+        local taken, count = {}, 0
+        each_span_after(subject, c.delivered, spans, function(first, last, message)
+            last = min(last, first + room - 1)
+            if last == first then
+                out[#out + 1] = {message, 1, lease_end}
+            elseif spans then
+                out[#out + 1] = {message, 1, lease_end, last}
+            else
+                for seq = first, last do
+                    local ref = table.copy(message)
+                    ref[2] = seq
+                    out[#out + 1] = {setmetatable(ref, ARRAY), 1, lease_end}
+                end
+            end
+            taken[#taken + 1] = {first, last}
+            count = count + (last - first + 1)
+            room = room - (last - first + 1)
             return room > 0
         end)
-        if #seqs > 0 then
+        if count > 0 then
+            local first, last = taken[1][1], taken[#taken][2]
             box.space.mts_pending:insert({
-                subject, durable, seqs[1], 1, lease_end, now, seqs[#seqs], marks_of(seqs) or box.NULL, #seqs,
+                subject, durable, first, 1, lease_end, now, last, marks_of_spans(taken, count) or box.NULL, count,
             })
-            c.delivered = seqs[#seqs]
+            c.delivered = last
         end
     end
     if #out > 0 and (next_deadline == 0 or next_deadline > lease_end) then
@@ -1466,10 +1535,10 @@ end)
 
 -- Leases in one transaction, so competing fetchers get disjoint messages.
 -- Returns what `hand_out` hands out and when redeliveries can next be due.
-rawset(_G, 'mts_fetch', function(subject, durable, limit)
+rawset(_G, 'mts_fetch', function(subject, durable, limit, spans)
     local out, next_deadline, notify_subjects
     box.atomic(function()
-        out, next_deadline, notify_subjects = hand_out(subject, durable, limit)
+        out, next_deadline, notify_subjects = hand_out(subject, durable, limit, spans)
     end)
     for _, dlq in ipairs(notify_subjects) do
         notify(dlq)
@@ -1503,12 +1572,12 @@ end
 -- messages come back on the same call, without a separate wake-up.
 -- Returns 'ok', the leased list and the next deadline (as mts_fetch) and
 -- an empty list, or 'not_held', nothing leased, 0 and the sequences not held.
-local function consume(subject, durable, acks, limit, wait_ms)
+local function consume(subject, durable, acks, limit, wait_ms, spans)
     local missing, out, next_deadline, notify_subjects, full
     box.atomic(function()
         missing = ack_held(subject, durable, acks)
         if #missing == 0 then
-            out, next_deadline, notify_subjects, full = hand_out(subject, durable, limit)
+            out, next_deadline, notify_subjects, full = hand_out(subject, durable, limit, spans)
         end
     end)
     if #missing > 0 then
@@ -1534,7 +1603,7 @@ local function consume(subject, durable, acks, limit, wait_ms)
         wait_commit(subject, remaining)
         local more
         box.atomic(function()
-            out, next_deadline, more, full = hand_out(subject, durable, limit)
+            out, next_deadline, more, full = hand_out(subject, durable, limit, spans)
         end)
         for _, dlq in ipairs(more) do
             notify_subjects[#notify_subjects + 1] = dlq
@@ -1547,8 +1616,8 @@ local function consume(subject, durable, acks, limit, wait_ms)
 end
 
 -- The Consume RPC's procedure.
-rawset(_G, 'mts_consume', function(subject, durable, acks, limit, wait_ms)
-    return consume(subject, durable, acks, limit, wait_ms)
+rawset(_G, 'mts_consume', function(subject, durable, acks, limit, wait_ms, spans)
+    return consume(subject, durable, acks, limit, wait_ms, spans)
 end)
 
 -- Per-message acks: every sequence must be pending for this consumer, or
@@ -2483,7 +2552,7 @@ with_schema_lock(function()
         'mts_set_subject_limits', 'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done',
         'mts_lease', 'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
         'mts_settle_attempt', 'mts_identity', 'mts_dead_letter',
-        'mts_locate_time', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats', 'mts_hot_tier',
+        'mts_locate_time', 'mts_segment_next', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats', 'mts_hot_tier',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
     }
     box.schema.role.create('minitoolstream', {if_not_exists = true})

@@ -375,7 +375,8 @@ impl ObjectStore {
     /// Untimed body of the calls above and below: the whole object, or
     /// `range` (an HTTP Range value) of it.
     async fn get_untimed(&self, key: &str, range: Option<String>) -> Result<Bytes, Error> {
-        let object = self
+        let ranged = range.is_some();
+        let object = match self
             .client
             .get_object()
             .bucket(&self.bucket)
@@ -383,7 +384,20 @@ impl ObjectStore {
             .set_range(range)
             .send()
             .await
-            .map_err(|e| Error::from_sdk(e, |e| e.is_no_such_key().then(|| key.to_string())))?;
+        {
+            Ok(object) => object,
+            // A range that starts past the object's end holds no bytes.
+            Err(SdkError::ServiceError(e))
+                if ranged && e.err().meta().code() == Some("InvalidRange") =>
+            {
+                return Ok(Bytes::new());
+            }
+            Err(e) => {
+                return Err(Error::from_sdk(e, |e| {
+                    e.is_no_such_key().then(|| key.to_string())
+                }));
+            }
+        };
         let body = object
             .body
             .collect()
@@ -393,7 +407,7 @@ impl ObjectStore {
     }
 
     /// Up to `length` bytes of the object under `key` from `offset` (fewer
-    /// when the object ends first).
+    /// when the object ends first, none when it ends before `offset`).
     pub async fn get_range(&self, key: &str, offset: u64, length: u64) -> Result<Bytes, Error> {
         let last = offset + length.max(1) - 1;
         let range = format!("bytes={offset}-{last}");

@@ -162,6 +162,51 @@ pub struct Leased {
     pub deadline_ns: u64,
 }
 
+/// A leased message as Tarantool hands it out; with `through` past its
+/// sequence it stands for every message of a segment's block from it to
+/// `through`, leased alike (one entry, not one per message).
+#[derive(Deserialize)]
+struct Handed {
+    message: StoredMessage,
+    deliveries: u32,
+    deadline_ns: u64,
+    #[serde(default)]
+    through: u64,
+}
+
+/// One `Leased` per message of what Tarantool handed out.
+fn expand(handed: Vec<Handed>) -> Vec<Leased> {
+    let count = handed
+        .iter()
+        .map(|h| h.through.saturating_sub(h.message.seq) + 1)
+        .sum::<u64>();
+    let mut out = Vec::with_capacity(usize::try_from(count).unwrap_or_default());
+    for handed in handed {
+        let Handed {
+            message,
+            deliveries,
+            deadline_ns,
+            through,
+        } = handed;
+        let (first, at) = (message.seq, out.len());
+        out.push(Leased {
+            message,
+            deliveries,
+            deadline_ns,
+        });
+        for seq in first + 1..=through {
+            let mut message = out[at].message.clone();
+            message.seq = seq;
+            out.push(Leased {
+                message,
+                deliveries,
+                deadline_ns,
+            });
+        }
+    }
+    out
+}
+
 /// What one `consume` call handed out.
 #[derive(Debug, Clone)]
 pub struct Batch {
@@ -208,11 +253,11 @@ impl Store {
     /// Leases up to `limit` messages to the consumer (creating it with
     /// defaults on first use): due redeliveries first, then new messages.
     pub async fn fetch(&self, subject: &str, durable: &str, limit: u32) -> Result<Batch, Error> {
-        let (messages, next_deadline_ns): (Vec<Leased>, u64) = self
-            .call("mts_fetch", (subject, durable, limit), self.timeout)
+        let (handed, next_deadline_ns): (Vec<Handed>, u64) = self
+            .call("mts_fetch", (subject, durable, limit, true), self.timeout)
             .await?;
         Ok(Batch {
-            messages,
+            messages: expand(handed),
             next_deadline_ns,
         })
     }
@@ -231,16 +276,16 @@ impl Store {
         wait: Duration,
     ) -> Result<Result<Batch, NotHeld>, Error> {
         let wait_ms = millis(wait);
-        let (status, messages, next_deadline_ns, missing): (String, Vec<Leased>, u64, Vec<u64>) =
+        let (status, handed, next_deadline_ns, missing): (String, Vec<Handed>, u64, Vec<u64>) =
             self.call(
                 "mts_consume",
-                (subject, durable, acks, limit, wait_ms),
+                (subject, durable, acks, limit, wait_ms, true),
                 self.timeout + wait,
             )
             .await?;
         Ok(if status == "ok" {
             Ok(Batch {
-                messages,
+                messages: expand(handed),
                 next_deadline_ns,
             })
         } else {

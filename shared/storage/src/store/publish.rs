@@ -39,6 +39,9 @@ pub struct SegmentRef {
     pub offset: u64,
     /// Length of that block.
     pub length: u64,
+    /// Size of the whole object; 0 when not told.
+    #[serde(default)]
+    pub object_size: u64,
 }
 
 /// Where a new message's payload is.

@@ -256,6 +256,15 @@ impl Store {
         Ok(at)
     }
 
+    /// The first block of the segment after the one stored as object `key`
+    /// (of the same subject), for reading ahead; `None` when there is none
+    /// yet.
+    pub async fn segment_next(&self, key: &str) -> Result<Option<SegmentRef>, Error> {
+        let (next,): (Option<SegmentRef>,) =
+            self.call("mts_segment_next", (key,), self.timeout).await?;
+        Ok(next)
+    }
+
     /// The hot tier against its budget.
     pub async fn hot_tier(&self) -> Result<HotTier, Error> {
         let (hot,): (HotTier,) = self

@@ -243,7 +243,7 @@ async fn consumers_start_where_their_policy_says_and_can_be_deleted() {
 
 /// The consumer's lease rows (runs) as (first, last, held marks) through an
 /// admin connection.
-async fn runs(subject: &str, durable: &str) -> Vec<(u64, u64, Option<String>)> {
+pub(super) async fn runs(subject: &str, durable: &str) -> Vec<(u64, u64, Option<String>)> {
     let admin = testing::admin_client().await;
     let (rows,): (Vec<(u64, u64, Option<String>)>,) = admin
         .eval(

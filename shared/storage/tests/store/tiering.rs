@@ -517,3 +517,100 @@ async fn a_run_of_several_slices_is_checked_swapped_and_trimmed_whole() {
     let seqs: Vec<u64> = delivered.iter().map(|l| l.message.seq).collect();
     assert_eq!(seqs, (1..=700).collect::<Vec<_>>());
 }
+
+#[tokio::test]
+async fn fresh_messages_of_a_segment_are_handed_out_a_block_at_a_time_each_at_its_own_block() {
+    let store = Store::connect(&testing::config()).await.unwrap();
+    let subject = testing::unique_subject("spans");
+    publish_n(&store, &subject, 40).await;
+    // Blocks of a few messages each, so that batches start and end inside
+    // them.
+    let rows = store.tier_read(&subject, 0, 30, u64::MAX).await.unwrap();
+    let mut writer = Writer::new(300);
+    for row in &rows {
+        writer.push(row);
+    }
+    let sealed = writer.finish();
+    assert!(sealed.blocks.len() >= 5, "{} blocks", sealed.blocks.len());
+    let key = format!("{subject}/segments/1");
+    assert_eq!(
+        store.tier_commit(&subject, &key, &sealed).await.unwrap(),
+        TierCommit::Committed
+    );
+    // A hot message gone (as eviction takes one): the batch runs past the gap.
+    let admin = testing::admin_client().await;
+    let (deleted,): (bool,) = admin
+        .eval(
+            "return box.space.mts_messages:delete({...}) ~= nil",
+            (&subject, 33u64),
+        )
+        .await
+        .unwrap();
+    assert!(deleted);
+
+    let block_of = |seq: u64| {
+        let block = sealed
+            .blocks
+            .iter()
+            .rev()
+            .find(|b| b.first_seq <= seq)
+            .unwrap();
+        (key.clone(), block.offset, block.length)
+    };
+    let first = store.fetch(&subject, "d", 13).await.unwrap();
+    let rest = store.fetch(&subject, "d", 100).await.unwrap();
+    let mut seen = Vec::new();
+    for leased in first.messages.iter().chain(&rest.messages) {
+        let message = &leased.message;
+        assert_eq!(
+            (leased.deliveries, message.subject.as_str()),
+            (1, subject.as_str())
+        );
+        match &message.segment {
+            Some(at) => assert_eq!(
+                (at.object_key.clone(), at.offset, at.length),
+                block_of(message.seq),
+                "message {}",
+                message.seq
+            ),
+            None => assert!(message.seq > 30, "message {} is hot", message.seq),
+        }
+        seen.push(message.seq);
+    }
+    let expected: Vec<u64> = (1..=40).filter(|&seq| seq != 33).collect();
+    assert_eq!(seen, expected);
+    assert_eq!(first.messages.len(), 13);
+    assert_eq!(
+        super::consumers::runs(&subject, "d").await,
+        vec![
+            (1, 13, None),
+            (
+                14,
+                40,
+                Some(format!("{}0{}", "1".repeat(19), "1".repeat(7)))
+            )
+        ],
+        "one run a batch, the gap marked"
+    );
+    // A caller from before spans (no fourth argument) gets an entry per
+    // message, each its own reference.
+    let (entries,): (Vec<(u64, u64)>,) = admin
+        .eval(
+            "local out = mts_fetch(...)
+             local seen = {}
+             for _, entry in ipairs(out) do seen[#seen + 1] = {entry[1][2], #entry} end
+             return seen",
+            (&subject, "old", 13u32),
+        )
+        .await
+        .unwrap();
+    assert_eq!(entries, (1..=13).map(|seq| (seq, 3)).collect::<Vec<_>>());
+    let refused = store.ack_sequences(&subject, "d", &[33]).await.unwrap();
+    assert_eq!(refused.unwrap_err().0, vec![33]);
+    store
+        .ack_sequences(&subject, "d", &expected)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(super::consumers::runs(&subject, "d").await.is_empty());
+}

@@ -61,6 +61,7 @@ impl Egress {
         Self {
             segments: Arc::new(Segments::new(
                 object_store.clone(),
+                store.clone(),
                 config.tiering.segment_cache_bytes,
                 metrics.clone(),
             )),

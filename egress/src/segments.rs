@@ -4,25 +4,58 @@
 //! keeps recently read blocks in a cache bounded in bytes, and fills the
 //! messages in from their records. A reader nearing the end of what is
 //! cached of a segment has the next range fetched in the background, so a
-//! sequential replay rarely waits for the object store.
+//! sequential replay rarely waits for the object store; a reader that asks
+//! for a block such a read is fetching waits for it instead of reading the
+//! same bytes again.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 
 use mts_runtime::metrics::{Metrics, SourceLabels};
 use mts_storage::object_store::{self, ObjectStore};
 use mts_storage::segment::{self, Block};
-use mts_storage::store::{Leased, SegmentRef, StoredMessage};
+use mts_storage::store::{Leased, SegmentRef, Store, StoredMessage};
+use tokio::sync::watch;
 
 use crate::Error;
 
 /// Bytes one read of a segment fetches at least: the block asked for and
 /// those after it, for the reads that follow.
-const READ_AHEAD: u64 = 2 * 1024 * 1024;
+const READ_AHEAD: u64 = 8 * 1024 * 1024;
+/// The most bytes one GET of a read asks for; a longer read is several,
+/// side by side.
+const READ_PART: u64 = 2 * 1024 * 1024;
+/// How many bytes a read of a segment of `size` bytes (0 when not told)
+/// asks for: with the size known, a long range in parts side by side; else
+/// one GET's worth, none of it past the object's end but the last.
+fn read_length(size: u64) -> u64 {
+    if size > 0 { READ_AHEAD } else { READ_PART }
+}
+
+/// How far ahead of a sequential reader reading ahead keeps a segment
+/// cached: two reads, so that the next is under way while the reader works
+/// through the one before.
+const KEEP_AHEAD: u64 = 2 * READ_AHEAD;
 /// Segments whose read-ahead position is remembered.
 const FRONTIERS: usize = 4096;
 
 type BlockId = (String, u64);
+
+/// How far a segment has been read, for reading ahead.
+#[derive(Debug, Default)]
+struct Track {
+    /// Where what is cached (or being fetched) of the segment ends.
+    frontier: u64,
+    /// The object ends at `frontier`: nothing more to read ahead in it.
+    ended: bool,
+    /// The segment after it has been asked for (and read ahead, if any).
+    next_asked: bool,
+    /// The object's size, when told (0 when not).
+    size: u64,
+    /// Reads under way, each of the bytes from its first offset to its
+    /// second; its receiver turns true (or closes) when it is done.
+    reading: Vec<(u64, u64, watch::Receiver<bool>)>,
+}
 
 /// Recently read blocks, least recently used evicted first.
 #[derive(Debug, Default)]
@@ -31,10 +64,8 @@ struct Cache {
     by_use: BTreeMap<u64, BlockId>,
     bytes: usize,
     clock: u64,
-    /// Per segment, where what is cached (or being fetched) of it ends.
-    frontier: HashMap<String, u64>,
-    /// Segments with a background read under way.
-    reading_ahead: HashSet<String>,
+    /// Per segment, how far it has been read.
+    tracks: HashMap<String, Track>,
 }
 
 impl Cache {
@@ -65,12 +96,61 @@ impl Cache {
             }
         }
     }
+
+    /// The read of segment `key` under way that will bring the block at
+    /// `offset`, if there is one.
+    fn reading(&self, key: &str, offset: u64) -> Option<watch::Receiver<bool>> {
+        let track = self.tracks.get(key)?;
+        let (_, _, done) = track
+            .reading
+            .iter()
+            .find(|(start, end, _)| *start <= offset && offset < *end)?;
+        Some(done.clone())
+    }
+
+    /// Marks a read of `length` bytes of segment `key` (of `size` bytes, 0
+    /// when not told) from `offset` as under way; the sender tells whoever waits for it that it is done.
+    fn begin(&mut self, key: &str, offset: u64, length: u64, size: u64) -> watch::Sender<bool> {
+        let track = self.track(key);
+        if size > 0 {
+            track.size = size;
+        }
+        if track.frontier < offset {
+            // A new track (the next segment's, read ahead): it starts here.
+            track.frontier = offset;
+            track.ended = false;
+        }
+        let (done, receiver) = watch::channel(false);
+        track.reading.push((offset, offset + length, receiver));
+        done
+    }
+
+    /// The track of segment `key`, forgetting every other when there are
+    /// too many (a bound on memory; a forgotten segment just reads ahead
+    /// anew).
+    fn track(&mut self, key: &str) -> &mut Track {
+        if !self.tracks.contains_key(key) && self.tracks.len() >= FRONTIERS {
+            self.tracks.retain(|_, track| !track.reading.is_empty());
+        }
+        self.tracks.entry(key.to_owned()).or_default()
+    }
+}
+
+/// What a reader of a block does.
+enum Step {
+    /// Takes it from the cache.
+    Cached(Arc<Block>),
+    /// Waits for the read under way that brings it.
+    Wait(watch::Receiver<bool>),
+    /// Reads it (and what follows), having marked the read under way.
+    Read(watch::Sender<bool>),
 }
 
 /// The egress's reader of segments; shared by every request.
-#[derive(Debug)]
 pub struct Segments {
     object_store: ObjectStore,
+    /// Asked which segment follows one, for reading ahead across them.
+    store: Store,
     cache: Mutex<Cache>,
     max_bytes: usize,
     metrics: Arc<Metrics>,
@@ -78,9 +158,15 @@ pub struct Segments {
 
 impl Segments {
     /// A reader caching up to `max_bytes` of blocks.
-    pub fn new(object_store: ObjectStore, max_bytes: u64, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        object_store: ObjectStore,
+        store: Store,
+        max_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
             object_store,
+            store,
             cache: Mutex::default(),
             max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
             metrics,
@@ -147,101 +233,212 @@ impl Segments {
         at: &SegmentRef,
     ) -> Result<Arc<Block>, Error> {
         let id = (at.object_key.clone(), at.offset);
-        let cached = self.lock().get(&id);
-        let block = match cached {
-            Some(block) => {
-                self.count_read("cache");
-                block
-            }
-            None => {
-                self.count_read("object_store");
-                let blocks = self
-                    .fetch(&at.object_key, at.offset, at.length.max(READ_AHEAD))
-                    .await
-                    .map_err(|err| match err {
-                        Error::ObjectStore(object_store::Error::NotFound(_)) => {
-                            Error::MissingPayload {
-                                subject: subject.to_owned(),
-                                sequence: seq,
-                                key: at.object_key.clone(),
-                            }
-                        }
-                        err => err,
-                    })?;
-                let wanted = blocks.iter().find(|b| b.offset == at.offset).cloned();
-                self.keep(&at.object_key, blocks);
-                wanted.ok_or_else(|| Error::CorruptSegment {
-                    key: at.object_key.clone(),
-                    detail: format!(
-                        "no whole block at offset {} (length {})",
-                        at.offset, at.length
-                    ),
-                })?
+        let length = at.length.max(read_length(at.object_size));
+        let step = {
+            let mut cache = self.lock();
+            match cache.get(&id) {
+                Some(block) => Step::Cached(block),
+                None => match cache.reading(&at.object_key, at.offset) {
+                    Some(reading) => Step::Wait(reading),
+                    None => {
+                        Step::Read(cache.begin(&at.object_key, at.offset, length, at.object_size))
+                    }
+                },
             }
         };
+        // Before waiting for anything: what to read next is read meanwhile.
         self.read_ahead(&at.object_key, at.offset + at.length);
-        Ok(block)
+        let done = match step {
+            Step::Cached(block) => {
+                self.count_read("cache");
+                return Ok(block);
+            }
+            Step::Wait(mut reading) => {
+                // Its bytes are on their way: wait for them, not a GET of
+                // its own. A failed read leaves it to a GET below.
+                let _ = reading.wait_for(|done| *done).await;
+                let mut cache = self.lock();
+                if let Some(block) = cache.get(&id) {
+                    drop(cache);
+                    self.count_read("cache");
+                    return Ok(block);
+                }
+                cache.begin(&at.object_key, at.offset, length, at.object_size)
+            }
+            Step::Read(done) => done,
+        };
+        self.count_read("object_store");
+        let blocks = self
+            .finish(&at.object_key, at.offset, length, true, done)
+            .await
+            .map_err(|err| match err {
+                Error::ObjectStore(object_store::Error::NotFound(_)) => Error::MissingPayload {
+                    subject: subject.to_owned(),
+                    sequence: seq,
+                    key: at.object_key.clone(),
+                },
+                err => err,
+            })?;
+        blocks
+            .into_iter()
+            .find(|b| b.offset == at.offset)
+            .ok_or_else(|| Error::CorruptSegment {
+                key: at.object_key.clone(),
+                detail: format!(
+                    "no whole block at offset {} (length {})",
+                    at.offset, at.length
+                ),
+            })
     }
 
-    /// The whole blocks in `length` bytes of segment `key` from `offset`.
-    async fn fetch(&self, key: &str, offset: u64, length: u64) -> Result<Vec<Arc<Block>>, Error> {
-        let bytes = self
-            .object_store
-            .get_range(key, offset, length)
+    /// Reads the `length` bytes of segment `key` from `offset` that
+    /// `Cache::begin` marked as under way, caches their blocks and tells
+    /// whoever waits for them. `anew`: a reader asked for them (they were
+    /// not cached), so the segment's track starts anew there: what it
+    /// passed may have been evicted since.
+    async fn finish(
+        &self,
+        key: &str,
+        offset: u64,
+        length: u64,
+        anew: bool,
+        done: watch::Sender<bool>,
+    ) -> Result<Vec<Arc<Block>>, Error> {
+        let size = self.lock().tracks.get(key).map_or(0, |track| track.size);
+        let read = self.fetch(key, offset, length, size).await;
+        {
+            let mut cache = self.lock();
+            let track = cache.track(key);
+            track.reading.retain(|(start, _, _)| *start != offset);
+            match &read {
+                Ok((blocks, ended)) if !blocks.is_empty() => {
+                    let end = blocks.last().map_or(offset, |b| b.offset + b.length);
+                    if anew || end >= track.frontier {
+                        track.frontier = end;
+                        track.ended = *ended;
+                    }
+                }
+                // Past the end (the object ended on the last block read),
+                // or a failure: no more reading ahead in it.
+                _ => track.ended = true,
+            }
+            if let Ok((blocks, _)) = &read {
+                for block in blocks {
+                    cache.put(
+                        (key.to_owned(), block.offset),
+                        Arc::clone(block),
+                        self.max_bytes,
+                    );
+                }
+            }
+        }
+        let _ = done.send(true);
+        read.map(|(blocks, _)| blocks)
+    }
+
+    /// The whole blocks in `length` bytes of segment `key` (of `size`
+    /// bytes, 0 when not told) from `offset`, and whether the object ends
+    /// after them. A long range is read as parts side by side: the store
+    /// serves one GET at a fraction of what it serves several.
+    async fn fetch(
+        &self,
+        key: &str,
+        offset: u64,
+        length: u64,
+        size: u64,
+    ) -> Result<(Vec<Arc<Block>>, bool), Error> {
+        let length = match size {
+            0 => length,
+            size => length.min(size.saturating_sub(offset)),
+        };
+        let parts = (0..length).step_by(READ_PART as usize).map(|start| {
+            self.object_store
+                .get_range(key, offset + start, READ_PART.min(length - start))
+        });
+        let parts = futures::future::try_join_all(parts)
             .await
             .map_err(Error::ObjectStore)?;
+        let read = parts.iter().map(|part| part.len() as u64).sum::<u64>();
+        let bytes = match parts.len() {
+            1 => parts.into_iter().next().unwrap_or_default(),
+            _ => {
+                let mut whole = bytes::BytesMut::with_capacity(read as usize);
+                for part in &parts {
+                    whole.extend_from_slice(part);
+                }
+                whole.freeze()
+            }
+        };
+        let ended = read < length || (size > 0 && offset + read >= size);
         let blocks =
             segment::decode_blocks(bytes, offset).map_err(|err| Error::CorruptSegment {
                 key: key.to_owned(),
                 detail: err.to_string(),
             })?;
-        Ok(blocks.into_iter().map(Arc::new).collect())
+        Ok((blocks.into_iter().map(Arc::new).collect(), ended))
     }
 
-    /// Caches `blocks` of segment `key` and moves its frontier past them.
-    fn keep(&self, key: &str, blocks: Vec<Arc<Block>>) {
-        let mut cache = self.lock();
-        if let Some(last) = blocks.last() {
-            let end = last.offset + last.length;
-            if cache.frontier.len() >= FRONTIERS {
-                cache.frontier.clear();
-            }
-            let frontier = cache.frontier.entry(key.to_owned()).or_default();
-            *frontier = (*frontier).max(end);
-        }
-        for block in blocks {
-            cache.put((key.to_owned(), block.offset), block, self.max_bytes);
-        }
-    }
-
-    /// With a reader at `position` in segment `key` less than a read-ahead
-    /// from the end of what is cached of it, fetches the next range in the
-    /// background (one at a time per segment; failures, such as reading
-    /// past the object's end, just stop it).
+    /// With a reader at `position` in segment `key` less than `KEEP_AHEAD`
+    /// from the end of what is cached of it, reads the next range in the
+    /// background (one read at a time per segment; a failure just stops
+    /// it, and the reader's own GET takes over); once the segment is cached
+    /// to its end, the first range of the segment after it.
     fn read_ahead(self: &Arc<Self>, key: &str, position: u64) {
-        let start = {
+        let ahead = {
             let mut cache = self.lock();
-            let Some(&frontier) = cache.frontier.get(key) else {
+            let Some(track) = cache.tracks.get_mut(key) else {
                 return;
             };
-            if frontier < position
-                || frontier - position >= READ_AHEAD
-                || !cache.reading_ahead.insert(key.to_owned())
-            {
+            // Where what is cached or being read of it will end.
+            let reach = track
+                .reading
+                .iter()
+                .map(|(_, end, _)| *end)
+                .fold(track.frontier, u64::max);
+            if reach < position || reach - position >= KEEP_AHEAD {
                 return;
             }
-            frontier
+            if track.ended || (track.size > 0 && reach >= track.size) {
+                // All of it is cached or on its way: the next segment's turn.
+                if track.next_asked {
+                    return;
+                }
+                track.next_asked = true;
+                None
+            } else if track.reading.is_empty() {
+                // Marked before the task starts, so that a reader asking for
+                // these bytes meanwhile waits for them.
+                let start = track.frontier;
+                let length = read_length(track.size);
+                Some((start, length, cache.begin(key, start, length, 0)))
+            } else {
+                return;
+            }
         };
         let (segments, key) = (Arc::clone(self), key.to_owned());
         tokio::spawn(async move {
-            match segments.fetch(&key, start, READ_AHEAD).await {
-                Ok(blocks) if !blocks.is_empty() => segments.keep(&key, blocks),
-                // The end of the segment, or a failure: no more reading ahead.
-                _ => {
-                    segments.lock().frontier.remove(&key);
-                }
-            }
-            segments.lock().reading_ahead.remove(&key);
+            let (key, start, length, done) = match ahead {
+                Some((start, length, done)) => (key, start, length, done),
+                None => match segments.store.segment_next(&key).await {
+                    Ok(Some(next)) => {
+                        let mut cache = segments.lock();
+                        // Unless a reader got there first.
+                        if cache.tracks.contains_key(&next.object_key) {
+                            return;
+                        }
+                        let length = read_length(next.object_size);
+                        let done =
+                            cache.begin(&next.object_key, next.offset, length, next.object_size);
+                        (next.object_key, next.offset, length, done)
+                    }
+                    Ok(None) => return,
+                    Err(err) => {
+                        tracing::debug!(%err, "no reading ahead into the next segment");
+                        return;
+                    }
+                },
+            };
+            let _ = segments.finish(&key, start, length, false, done).await;
         });
     }
 

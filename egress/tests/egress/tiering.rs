@@ -398,3 +398,62 @@ async fn over_half_its_budget_the_hot_tier_moves_whatever_is_there() {
     let info = t.info(&subject).await;
     assert_eq!(info.messages, 150);
 }
+
+#[tokio::test]
+async fn a_replay_reads_each_segment_from_the_object_store_once() {
+    let port = testing::free_port();
+    let t = isolated(|c| {
+        eager(c);
+        c.server.metrics_port = port;
+    })
+    .await;
+    let subject = testing::unique_subject("read-once");
+    let n = 1200;
+    publish_numbered(&t, &subject, n).await;
+    wait_all_cold(&t, &subject, n).await;
+    let segments = t
+        .keys_of(&subject)
+        .await
+        .into_iter()
+        .filter(|k| k.contains("/segments/"))
+        .count();
+    assert!(segments > 3, "small segments: {segments}");
+
+    start_consumer(
+        &t,
+        &subject,
+        "replay",
+        ConsumerConfig {
+            max_ack_pending: Some(0),
+            ..ConsumerConfig::default()
+        },
+    )
+    .await;
+    // Batches that end inside segments and span them, so that readers and
+    // reads ahead of them meet in the middle of segments.
+    let mut seen = 0;
+    loop {
+        let batch = fetch(&t, &subject, "replay", 70).await;
+        if batch.is_empty() {
+            break;
+        }
+        for message in &batch {
+            seen += 1;
+            assert_eq!(message.sequence, seen);
+            check(message);
+        }
+    }
+    assert_eq!(seen, n);
+    let text = testing::scrape_metrics(port).await;
+    let ranged_gets: u64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("minitoolstream_dependency_call_duration_seconds_count")
+                && l.contains("GetObjectRange")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    // A segment is far smaller than one GET's range: one GET each, none
+    // past its end and none again for a block being read already.
+    assert_eq!(ranged_gets, segments as u64, "{text}");
+}

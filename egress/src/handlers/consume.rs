@@ -16,6 +16,7 @@ use mts_proto::pb::consume_request::Request as Frame;
 use mts_proto::pb::{ConsumeRequest, ConsumeStart, Message};
 use mts_runtime::auth::{Caller, Permission};
 use mts_runtime::validate;
+use mts_storage::store::Leased;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
@@ -40,6 +41,10 @@ const HOT_WAIT: Duration = Duration::from_millis(50);
 /// stream's acks always find one; a quiet stream's cost one call at most
 /// this often. Bounds how late an ack frees room under `max_ack_pending`.
 const ACK_LINGER: Duration = Duration::from_millis(5);
+
+/// Room above which a stream leases in halves, the second while the first
+/// goes out.
+const SPLIT_ABOVE: usize = 512;
 
 /// Reads the start frame, checks it and starts the stream's task; returns
 /// the messages it sends.
@@ -96,6 +101,7 @@ pub async fn open(
         outstanding: HashMap::new(),
         acks: Vec::new(),
         acks_since: None,
+        ahead: None,
         sender,
     };
     tokio::spawn(session.run(inbound));
@@ -207,7 +213,82 @@ struct Session {
     acks: Vec<u64>,
     /// When the oldest of `acks` arrived.
     acks_since: Option<Instant>,
+    /// A batch leased while the one before it went out, to send next (its
+    /// messages are in `outstanding` already).
+    ahead: Option<Lease>,
     sender: mpsc::Sender<Result<Message, Status>>,
+}
+
+/// Messages leased by one call, ready to send.
+struct Lease {
+    messages: Vec<Leased>,
+    /// When redeliveries can next be due.
+    due: Option<Instant>,
+    /// The call handed out all it was allowed: more are likely waiting.
+    full: bool,
+}
+
+/// Sends `leased` down the stream, payloads read as they go; one large
+/// payload sent whole at a time.
+async fn send_all(
+    sender: &mpsc::Sender<Result<Message, Status>>,
+    large_gate: &tokio::sync::Semaphore,
+    object_store: mts_storage::object_store::ObjectStore,
+    leased: Vec<Leased>,
+    payloads: Payloads,
+) -> Result<(), End> {
+    let mut messages = std::pin::pin!(wire_messages(object_store, leased, payloads));
+    while let Some(message) = messages.next().await {
+        match message {
+            Ok(message) => {
+                if message.data.len() as u64 > payloads.limits.omit_above {
+                    // A client that left never takes the one before.
+                    tokio::select! {
+                        permit = large_gate.acquire() => match permit {
+                            Ok(permit) => permit.forget(),
+                            Err(_) => return Err(End::Quiet),
+                        },
+                        () = sender.closed() => return Err(End::Quiet),
+                    }
+                }
+                if sender.send(Ok(message)).await.is_err() {
+                    return Err(End::Quiet);
+                }
+            }
+            Err(err) => {
+                tracing::warn!(%err, "consume failed mid-batch");
+                return Err(ended(err));
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Applies `acks`, leases up to `room` messages of the consumer (waiting up
+/// to `wait` for some) and reads those in segments.
+async fn lease(
+    egress: &Egress,
+    subject: &str,
+    durable: &str,
+    acks: &[u64],
+    room: usize,
+    wait: Duration,
+) -> Result<Lease, End> {
+    let limit = u32::try_from(room).unwrap_or(u32::MAX);
+    let verdict = egress
+        .store
+        .consume(subject, durable, acks, limit, wait)
+        .await
+        .map_err(ended)?;
+    let batch = held(subject, durable, verdict).map_err(ended)?;
+    let due = (batch.next_deadline_ns > 0).then(|| instant_of(batch.next_deadline_ns));
+    let full = batch.messages.len() >= room;
+    let messages = egress.ready(durable, batch.messages).await.map_err(ended)?;
+    Ok(Lease {
+        messages,
+        due,
+        full,
+    })
 }
 
 impl Session {
@@ -246,7 +327,7 @@ impl Session {
                 // gives its permit back and watches again.
                 mode = self.watching();
             }
-            if room > 0 && mode.looks() {
+            if (room > 0 && mode.looks()) || self.ahead.is_some() {
                 let wait = match mode {
                     Mode::Busy { .. } => HOT_WAIT,
                     Mode::Watching { .. } => Duration::ZERO,
@@ -351,60 +432,71 @@ impl Session {
         }
     }
 
-    /// Applies the waiting acks, leases up to `room` messages (waiting up to
-    /// `wait` for some) and sends them. Returns how many were sent and when
-    /// redeliveries can next be due.
+    /// Sends the batch leased ahead, or else applies the waiting acks,
+    /// leases up to `room` messages (waiting up to `wait` for some) and sends
+    /// them. A batch that took all the room it had says more are waiting
+    /// (a backlog, a replay): the next batch is leased, and read from the
+    /// object store, while this one goes out. Returns how many were sent
+    /// and when redeliveries can next be due.
     async fn push(&mut self, room: usize, wait: Duration) -> Result<(usize, Option<Instant>), End> {
-        let limit = u32::try_from(room).unwrap_or(u32::MAX);
-        let acks = self.take_acks();
-        let verdict = self
-            .egress
-            .store
-            .consume(&self.subject, &self.durable, &acks, limit, wait)
-            .await
-            .map_err(ended)?;
-        let batch = held(&self.subject, &self.durable, verdict).map_err(ended)?;
-        let due = (batch.next_deadline_ns > 0).then(|| instant_of(batch.next_deadline_ns));
-        let leased = self
-            .egress
-            .ready(&self.durable, batch.messages)
-            .await
-            .map_err(ended)?;
-        let sent = leased.len();
-        self.egress.count_deliveries(&leased);
-        for leased in &leased {
+        let batch = match self.ahead.take() {
+            Some(batch) => batch,
+            None => {
+                let acks = self.take_acks();
+                // Half of a large room now, so that the rest is leased (and
+                // read) while these go out.
+                let limit = if room > SPLIT_ABOVE { room / 2 } else { room };
+                let batch = lease(
+                    &self.egress,
+                    &self.subject,
+                    &self.durable,
+                    &acks,
+                    limit,
+                    wait,
+                )
+                .await?;
+                self.hold(&batch.messages);
+                batch
+            }
+        };
+        let (sent, due) = (batch.messages.len(), batch.due);
+        let room_after = self.max_in_flight.saturating_sub(self.outstanding.len());
+        let next = async {
+            if !batch.full || room_after == 0 {
+                return None;
+            }
+            let (egress, subject, durable) = (&self.egress, &self.subject, &self.durable);
+            Some(lease(egress, subject, durable, &[], room_after, Duration::ZERO).await)
+        };
+        let out = send_all(
+            &self.sender,
+            &self.large_gate,
+            self.egress.object_store.clone(),
+            batch.messages,
+            self.payloads,
+        );
+        let (out, next) = tokio::join!(out, next);
+        match next {
+            Some(Ok(next)) if !next.messages.is_empty() => {
+                // Held before anything else can end the stream, so that an
+                // end gives them back.
+                self.hold(&next.messages);
+                self.ahead = Some(next);
+            }
+            Some(Err(end)) => return Err(end),
+            Some(Ok(_)) | None => {}
+        }
+        out?;
+        Ok((sent, due))
+    }
+
+    /// Counts `messages` as handed out on this stream.
+    fn hold(&mut self, messages: &[Leased]) {
+        self.egress.count_deliveries(messages);
+        for leased in messages {
             self.outstanding
                 .insert(leased.message.seq, leased.deadline_ns);
         }
-        let mut messages = std::pin::pin!(wire_messages(
-            self.egress.object_store.clone(),
-            leased,
-            self.payloads,
-        ));
-        while let Some(message) = messages.next().await {
-            match message {
-                Ok(message) => {
-                    if message.data.len() as u64 > self.payloads.limits.omit_above {
-                        // A client that left never takes the one before.
-                        tokio::select! {
-                            permit = self.large_gate.acquire() => match permit {
-                                Ok(permit) => permit.forget(),
-                                Err(_) => return Err(End::Quiet),
-                            },
-                            () = self.sender.closed() => return Err(End::Quiet),
-                        }
-                    }
-                    if self.sender.send(Ok(message)).await.is_err() {
-                        return Err(End::Quiet);
-                    }
-                }
-                Err(err) => {
-                    tracing::warn!(%err, "consume failed mid-batch");
-                    return Err(ended(err));
-                }
-            }
-        }
-        Ok((sent, due))
     }
 
     /// Takes `frame` and every frame already waiting behind it, so that the

@@ -136,6 +136,50 @@ async fn flow_control_never_exceeds_max_in_flight() {
 }
 
 #[tokio::test]
+async fn a_backlog_streams_in_order_and_what_was_leased_ahead_comes_back_when_the_stream_ends() {
+    let mut f = fixture("consume-ahead").await;
+    create(&mut f, "ahead", 60_000).await;
+    for i in 0..1500u32 {
+        f.publish(&i.to_le_bytes()).await;
+    }
+    // A window this large is leased in halves, the second while the first
+    // goes out.
+    let mut stream = Stream::open(&mut f, "ahead", 1200).await;
+    let mut outstanding = 0;
+    for seq in 1..=900u64 {
+        let message = stream.next().await;
+        assert_eq!(message.sequence, seq, "in order");
+        assert_eq!(message.data[..], ((seq - 1) as u32).to_le_bytes());
+        outstanding += 1;
+        assert!(outstanding <= 1200);
+        if seq % 100 == 0 {
+            stream.ack(((seq - 99)..=seq).collect()).await;
+            outstanding -= 100;
+        }
+    }
+    // Ending the stream gives back what it held, sent or leased ahead and
+    // not yet sent: all of it comes at once on the next stream, not after
+    // the minute-long lease.
+    let Stream {
+        frames,
+        mut messages,
+    } = stream;
+    drop(frames);
+    while let Some(message) = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .expect("the stream ends")
+    {
+        assert!(message.unwrap().sequence > 900);
+    }
+    let mut again = Stream::open(&mut f, "ahead", 2000).await;
+    for seq in 901..=1500u64 {
+        assert_eq!(again.next().await.sequence, seq);
+    }
+    assert!(again.quiet().await);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
 async fn commits_are_pushed_and_nacks_come_back_on_the_stream() {
     let mut f = fixture("consume-push").await;
     create(&mut f, "push", 60_000).await;

@@ -19,23 +19,13 @@ use tokio::sync::watch;
 
 use crate::Error;
 
-/// Bytes one read of a segment fetches at least: the block asked for and
-/// those after it, for the reads that follow.
+/// Bytes one read of a segment fetches at most (and at least, given the
+/// object's size): the block asked for and those after it, for the reads
+/// that follow. Less with a small cache: an eighth of it.
 const READ_AHEAD: u64 = 8 * 1024 * 1024;
 /// The most bytes one GET of a read asks for; a longer read is several,
 /// side by side.
 const READ_PART: u64 = 2 * 1024 * 1024;
-/// How many bytes a read of a segment of `size` bytes (0 when not told)
-/// asks for: with the size known, a long range in parts side by side; else
-/// one GET's worth, none of it past the object's end but the last.
-fn read_length(size: u64) -> u64 {
-    if size > 0 { READ_AHEAD } else { READ_PART }
-}
-
-/// How far ahead of a sequential reader reading ahead keeps a segment
-/// cached: two reads, so that the next is under way while the reader works
-/// through the one before.
-const KEEP_AHEAD: u64 = 2 * READ_AHEAD;
 /// Segments whose read-ahead position is remembered.
 const FRONTIERS: usize = 4096;
 
@@ -136,6 +126,12 @@ impl Cache {
     }
 }
 
+/// Bytes a read of a segment of known size asks for with a cache of
+/// `cache_bytes`: an eighth of it, within a GET's worth and `READ_AHEAD`.
+fn read_bytes(cache_bytes: u64) -> u64 {
+    (cache_bytes / 8).clamp(READ_PART, READ_AHEAD)
+}
+
 /// What a reader of a block does.
 enum Step {
     /// Takes it from the cache.
@@ -153,6 +149,10 @@ pub struct Segments {
     store: Store,
     cache: Mutex<Cache>,
     max_bytes: usize,
+    /// Bytes a read of a segment of known size asks for (`READ_AHEAD`, or
+    /// less with a small cache), so that read-ahead for a few readers at
+    /// once does not evict itself before it is read.
+    read_bytes: u64,
     metrics: Arc<Metrics>,
 }
 
@@ -169,8 +169,16 @@ impl Segments {
             store,
             cache: Mutex::default(),
             max_bytes: usize::try_from(max_bytes).unwrap_or(usize::MAX),
+            read_bytes: read_bytes(max_bytes),
             metrics,
         }
+    }
+
+    /// How many bytes a read of a segment of `size` bytes (0 when not told)
+    /// asks for: with the size known, a long range in parts side by side;
+    /// else one GET's worth, none of it past the object's end but the last.
+    fn read_length(&self, size: u64) -> u64 {
+        if size > 0 { self.read_bytes } else { READ_PART }
     }
 
     /// Fills in every message of `batch` that is a reference into a
@@ -233,7 +241,7 @@ impl Segments {
         at: &SegmentRef,
     ) -> Result<Arc<Block>, Error> {
         let id = (at.object_key.clone(), at.offset);
-        let length = at.length.max(read_length(at.object_size));
+        let length = at.length.max(self.read_length(at.object_size));
         let step = {
             let mut cache = self.lock();
             match cache.get(&id) {
@@ -378,7 +386,7 @@ impl Segments {
         Ok((blocks.into_iter().map(Arc::new).collect(), ended))
     }
 
-    /// With a reader at `position` in segment `key` less than `KEEP_AHEAD`
+    /// With a reader at `position` in segment `key` less than two reads
     /// from the end of what is cached of it, reads the next range in the
     /// background (one read at a time per segment; a failure just stops
     /// it, and the reader's own GET takes over); once the segment is cached
@@ -395,7 +403,9 @@ impl Segments {
                 .iter()
                 .map(|(_, end, _)| *end)
                 .fold(track.frontier, u64::max);
-            if reach < position || reach - position >= KEEP_AHEAD {
+            // Two reads ahead: the next is under way while the reader works
+            // through the one before.
+            if reach < position || reach - position >= 2 * self.read_bytes {
                 return;
             }
             if track.ended || (track.size > 0 && reach >= track.size) {
@@ -409,7 +419,7 @@ impl Segments {
                 // Marked before the task starts, so that a reader asking for
                 // these bytes meanwhile waits for them.
                 let start = track.frontier;
-                let length = read_length(track.size);
+                let length = self.read_length(track.size);
                 Some((start, length, cache.begin(key, start, length, 0)))
             } else {
                 return;
@@ -426,7 +436,7 @@ impl Segments {
                         if cache.tracks.contains_key(&next.object_key) {
                             return;
                         }
-                        let length = read_length(next.object_size);
+                        let length = segments.read_length(next.object_size);
                         let done =
                             cache.begin(&next.object_key, next.offset, length, next.object_size);
                         (next.object_key, next.offset, length, done)
@@ -484,6 +494,15 @@ mod tests {
             length,
             records: Vec::new(),
         })
+    }
+
+    #[test]
+    fn reads_ahead_stay_a_fraction_of_the_cache() {
+        const MIB: u64 = 1024 * 1024;
+        assert_eq!(read_bytes(64 * MIB), 8 * MIB, "the default cache");
+        assert_eq!(read_bytes(1024 * MIB), READ_AHEAD);
+        assert_eq!(read_bytes(24 * MIB), 3 * MIB);
+        assert_eq!(read_bytes(MIB), READ_PART, "at least one GET's worth");
     }
 
     #[test]

@@ -22,13 +22,6 @@ use crate::delivery;
 use crate::notify::SubjectWatchers;
 use crate::segments::Segments;
 
-/// Busy Consume streams of one process that may wait in Tarantool at once;
-/// each waiting call holds one of Tarantool's request slots (`net_msg_max`:
-/// 768 by default, 4096 in the configurations shipped here), shared by every
-/// replica and the subjects' watchers. The rest are woken by the subject's
-/// watcher.
-const MAX_HOT_STREAMS: usize = 64;
-
 /// The egress service state; cheap to clone.
 #[derive(Clone)]
 pub struct Egress {
@@ -75,7 +68,9 @@ impl Egress {
             },
             auth,
             metrics,
-            hot_streams: Arc::new(tokio::sync::Semaphore::new(MAX_HOT_STREAMS)),
+            hot_streams: Arc::new(tokio::sync::Semaphore::new(
+                usize::try_from(config.egress.max_hot_streams).unwrap_or(usize::MAX),
+            )),
         }
     }
 

@@ -160,7 +160,7 @@ enum Mode {
     },
     /// Busy: each lease call waits in Tarantool (up to `HOT_WAIT`) for the
     /// next commit and always looks; holds one of the process's
-    /// `MAX_HOT_STREAMS` permits.
+    /// `max_hot_streams` permits.
     Busy {
         _permit: tokio::sync::OwnedSemaphorePermit,
     },
@@ -372,7 +372,8 @@ impl Session {
                     }
                     continue;
                 }
-                if sent == room {
+                // Room left, or a batch leased ahead to send: go on.
+                if sent == room || self.ahead.is_some() {
                     continue;
                 }
             }

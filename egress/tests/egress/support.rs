@@ -23,10 +23,16 @@ pub struct Fixture {
 }
 
 pub async fn fixture(name: &str) -> Fixture {
+    fixture_with(name, |_| {}).await
+}
+
+/// A fixture whose egress runs with `tweak` applied to its configuration.
+pub async fn fixture_with(name: &str, tweak: impl FnOnce(&mut Config)) -> Fixture {
     let mut config = testing::config();
     // Far above the 10 s a test waits for a notification: only a commit
     // waking the waiter in Tarantool can deliver one in time.
     config.egress.long_poll_seconds = 300;
+    tweak(&mut config);
     let service = Running::start(EGRESS, config.clone(), mts_egress::run).await;
     let client = EgressServiceClient::connect(service.endpoint())
         .await

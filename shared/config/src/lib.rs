@@ -251,6 +251,11 @@ pub struct Egress {
     /// For every other client, the largest payload Fetch and Consume send
     /// inline; a larger one fails the call with RESOURCE_EXHAUSTED.
     pub max_delivered_payload_bytes: u64,
+    /// Busy Consume streams of one process whose lease calls may wait in
+    /// Tarantool for the next commit; the rest are woken by the subject's
+    /// watcher. Each waiting call holds one of Tarantool's request slots
+    /// (`net_msg_max`), shared by every replica.
+    pub max_hot_streams: u64,
 }
 
 /// The two storage tiers: recent messages in Tarantool (hot), older ones
@@ -569,6 +574,7 @@ impl Config {
                 orphan_sweep_interval_seconds: 600,
                 max_inline_delivery_bytes: 1024 * 1024,
                 max_delivered_payload_bytes: 64 * 1024 * 1024,
+                max_hot_streams: 64,
             },
             tiering: Tiering {
                 hot_tier_max_bytes: 0,

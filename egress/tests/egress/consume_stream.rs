@@ -66,6 +66,17 @@ impl Stream {
         self.frames.send(frame).await.unwrap();
     }
 
+    /// Finishes sending; the stream then ends quietly.
+    async fn finish(self) {
+        let Self {
+            frames,
+            mut messages,
+        } = self;
+        drop(frames);
+        let end = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
+        assert!(matches!(end, Ok(None)), "the stream ends quietly: {end:?}");
+    }
+
     async fn nack(&self, sequences: Vec<u64>, delay_ms: u32) {
         let frame = ConsumeRequest {
             request: Some(Frame::Nack(NackSequences {
@@ -174,13 +185,7 @@ async fn backlog_in_order_and_leased_ahead_comes_back(mut f: Fixture) {
     }
     // Ending the stream gives back what it held, 901 to 1500: they come at
     // once on the next stream, not after the minute-long lease.
-    let Stream {
-        frames,
-        mut messages,
-    } = stream;
-    drop(frames);
-    let end = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
-    assert!(matches!(end, Ok(None)), "the stream ends quietly: {end:?}");
+    stream.finish().await;
     let mut again = Stream::open(&mut f, "ahead", 2000).await;
     for seq in 901..=1500u64 {
         assert_eq!(again.next().await.sequence, seq);
@@ -291,13 +296,7 @@ async fn acks_sent_just_before_the_stream_ends_are_applied() {
     let stream = three_delivered(&mut f, "last", 60_000).await;
     // Acks wait for a lease to carry them; the client finishes before one comes.
     stream.ack(vec![1, 2]).await;
-    let Stream {
-        frames,
-        mut messages,
-    } = stream;
-    drop(frames);
-    let end = tokio::time::timeout(Duration::from_secs(10), messages.next()).await;
-    assert!(matches!(end, Ok(None)), "the stream ends quietly: {end:?}");
+    stream.finish().await;
     assert_eq!(ack_floor(&mut f, "last").await, 2);
     let back = f.fetch_within("last", 10, Duration::from_secs(10)).await;
     assert_eq!(sequences(&back), vec![3], "1 and 2 were acked: {back:?}");

@@ -99,6 +99,43 @@ async fn start_consumer(t: &Isolated, subject: &str, durable: &str, config: Cons
         .unwrap();
 }
 
+/// How many segment objects `subject` has.
+async fn segment_count(t: &Isolated, subject: &str) -> usize {
+    t.keys_of(subject)
+        .await
+        .into_iter()
+        .filter(|k| k.contains("/segments/"))
+        .count()
+}
+
+/// Replays `subject` from its first sequence with Fetch batches of `batch`
+/// on a consumer without a limit on pending messages, checking each message
+/// and its order; returns how many there were.
+async fn replay_all(t: &Isolated, subject: &str, batch: i32) -> u64 {
+    start_consumer(
+        t,
+        subject,
+        "replay",
+        ConsumerConfig {
+            max_ack_pending: Some(0),
+            ..ConsumerConfig::default()
+        },
+    )
+    .await;
+    let mut seen = 0;
+    loop {
+        let messages = fetch(t, subject, "replay", batch).await;
+        if messages.is_empty() {
+            return seen;
+        }
+        for message in &messages {
+            seen += 1;
+            assert_eq!(message.sequence, seen);
+            check(message);
+        }
+    }
+}
+
 #[tokio::test]
 async fn messages_in_segments_read_back_exactly_as_published() {
     let t = isolated(eager).await;
@@ -111,13 +148,8 @@ async fn messages_in_segments_read_back_exactly_as_published() {
         (info.first_sequence, info.last_sequence, info.messages),
         (1, n, n)
     );
-    let segments: Vec<_> = t
-        .keys_of(&subject)
-        .await
-        .into_iter()
-        .filter(|k| k.contains("/segments/"))
-        .collect();
-    assert!(segments.len() > 3, "small segments: {}", segments.len());
+    let segments = segment_count(&t, &subject).await;
+    assert!(segments > 3, "small segments: {segments}");
     let (hot,): (u64,) = t
         .tarantool
         .admin_client()
@@ -128,29 +160,7 @@ async fn messages_in_segments_read_back_exactly_as_published() {
     assert_eq!(hot, 0, "no hot rows left");
 
     // A consumer replays everything from the first sequence, in order.
-    start_consumer(
-        &t,
-        &subject,
-        "replay",
-        ConsumerConfig {
-            max_ack_pending: Some(0),
-            ..ConsumerConfig::default()
-        },
-    )
-    .await;
-    let mut seen = 0;
-    loop {
-        let batch = fetch(&t, &subject, "replay", 500).await;
-        if batch.is_empty() {
-            break;
-        }
-        for message in &batch {
-            seen += 1;
-            assert_eq!(message.sequence, seen);
-            check(message);
-        }
-    }
-    assert_eq!(seen, n);
+    assert_eq!(replay_all(&t, &subject, 500).await, n);
 
     // FetchPayload of an inline and an offloaded message in segments.
     for seq in [7, 100] {
@@ -411,39 +421,11 @@ async fn a_replay_reads_each_segment_from_the_object_store_once() {
     let n = 1200;
     publish_numbered(&t, &subject, n).await;
     wait_all_cold(&t, &subject, n).await;
-    let segments = t
-        .keys_of(&subject)
-        .await
-        .into_iter()
-        .filter(|k| k.contains("/segments/"))
-        .count();
+    let segments = segment_count(&t, &subject).await;
     assert!(segments > 3, "small segments: {segments}");
-
-    start_consumer(
-        &t,
-        &subject,
-        "replay",
-        ConsumerConfig {
-            max_ack_pending: Some(0),
-            ..ConsumerConfig::default()
-        },
-    )
-    .await;
     // Batches that end inside segments and span them, so that readers and
     // reads ahead of them meet in the middle of segments.
-    let mut seen = 0;
-    loop {
-        let batch = fetch(&t, &subject, "replay", 70).await;
-        if batch.is_empty() {
-            break;
-        }
-        for message in &batch {
-            seen += 1;
-            assert_eq!(message.sequence, seen);
-            check(message);
-        }
-    }
-    assert_eq!(seen, n);
+    assert_eq!(replay_all(&t, &subject, 70).await, n);
     let text = testing::scrape_metrics(port).await;
     let ranged_gets: u64 = text
         .lines()

@@ -142,7 +142,7 @@ fn assemble(leased: Leased, payloads: Payloads, read: Option<bytes::Bytes>) -> M
     let data = match (read, stored.data) {
         _ if omitted => Default::default(),
         (Some(read), _) => read,
-        (None, Some(inline)) => inline.into_vec().into(),
+        (None, Some(inline)) => inline,
         (None, None) => Default::default(),
     };
     Message {

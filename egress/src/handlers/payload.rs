@@ -72,7 +72,7 @@ pub async fn open(
             tokio::spawn(relay(body, offset, timeout, sender, chunk));
         }
         (_, data) => {
-            let data = data.map_or_else(Bytes::new, |d| Bytes::from(d.into_vec()));
+            let data = data.unwrap_or_default();
             let start = usize::try_from(offset)
                 .unwrap_or(usize::MAX)
                 .min(data.len());

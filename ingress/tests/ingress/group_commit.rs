@@ -69,7 +69,7 @@ async fn queued_messages_get_gap_free_sequences_in_queue_order() {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(stored.data.unwrap().as_slice(), (i as u32).to_be_bytes());
+        assert_eq!(stored.data.unwrap()[..], (i as u32).to_be_bytes());
         assert_eq!(stored.size, 4);
     }
     let mut concurrent_seqs = Vec::new();
@@ -118,8 +118,7 @@ async fn a_message_tarantool_refuses_is_answered_alone() {
             .unwrap()
             .unwrap()
             .data
-            .unwrap()
-            .as_slice(),
+            .unwrap()[..],
         [3u8; 10]
     );
     let info = store.subject_info(&subject).await.unwrap();

@@ -97,7 +97,7 @@ async fn messages_are_answered_and_stored_in_the_order_sent() {
             assert_eq!(stored.size, large as u64);
         } else {
             assert!(answer.object_name.is_empty());
-            assert_eq!(stored.data.unwrap().as_slice(), (i as u32).to_be_bytes());
+            assert_eq!(stored.data.unwrap()[..], (i as u32).to_be_bytes());
             assert_eq!(stored.headers["kind"], "many");
             assert_eq!(answer.size, 4);
             assert_eq!(answer.sha256.len(), 64);

@@ -118,10 +118,7 @@ async fn binary_payloads_round_trip_through_tarantool_unchanged() {
     let store = Store::connect(&testing::config()).await.unwrap();
     let stored = store.fetch(&subject, "d", 1).await.unwrap().messages;
     let stored: Vec<_> = stored.into_iter().map(|leased| leased.message).collect();
-    assert_eq!(
-        stored[0].data.as_deref().map(|d| d.as_slice()),
-        Some(every_byte.as_slice())
-    );
+    assert_eq!(stored[0].data.as_deref(), Some(every_byte.as_slice()));
     service.stop().await.unwrap();
 }
 

@@ -16,7 +16,7 @@ pub struct StoredMessage {
     /// Publisher's headers.
     pub headers: HashMap<String, String>,
     /// The payload when stored inline.
-    pub data: Option<serde_bytes::ByteBuf>,
+    pub data: Option<bytes::Bytes>,
     /// The object key when the payload lives in the object store.
     pub object_key: Option<String>,
     /// Payload size in bytes.

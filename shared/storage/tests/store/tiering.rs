@@ -107,11 +107,11 @@ async fn a_run_of_hot_messages_moves_into_a_segment_once_and_reads_through_it() 
         .unwrap()
         .clone()
         .into_message(subject.clone());
-    assert_eq!(record.data.unwrap().into_vec(), payloads[2]);
+    assert_eq!(record.data.unwrap(), payloads[2]);
     assert_eq!(record.headers["n"], "3");
     let hot = store.message(&subject, 8).await.unwrap().unwrap();
     assert!(hot.segment.is_none());
-    assert_eq!(hot.data.unwrap().into_vec(), payloads[7]);
+    assert_eq!(hot.data.unwrap(), payloads[7]);
 
     // A consumer reads across both tiers, in order, each message once.
     let batch = store.fetch(&subject, "reader", 100).await.unwrap();

@@ -1362,22 +1362,6 @@ local function held_seqs(p)
     return out
 end
 
--- Marks for the sorted sequences `seqs`, from seqs[1] to seqs[#seqs]: nil
--- when they run without a gap.
-local function marks_of(seqs)
-    local first, last = seqs[1], seqs[#seqs]
-    local n = last - first + 1
-    if n == #seqs then
-        return nil
-    end
-    local buf = ffi.new('char[?]', n)
-    ffi.fill(buf, n, FREE)
-    for _, seq in ipairs(seqs) do
-        buf[seq - first] = HELD
-    end
-    return ffi.string(buf, n)
-end
-
 -- Marks for the sorted, disjoint spans `spans` ({first, last} each), with
 -- `count` sequences in all: nil when they run without a gap.
 local function marks_of_spans(spans, count)
@@ -1485,7 +1469,14 @@ local function hand_out(subject, durable, limit, spans)
                     out[#out + 1] = {setmetatable(ref, ARRAY), 1, lease_end}
                 end
             end
-            taken[#taken + 1] = {first, last}
+            -- Hot messages come one at a time: each joins the span before it
+            -- when it follows on, rather than costing a table of its own.
+            local previous = taken[#taken]
+            if previous ~= nil and previous[2] + 1 == first then
+                previous[2] = last
+            else
+                taken[#taken + 1] = {first, last}
+            end
             count = count + (last - first + 1)
             room = room - (last - first + 1)
             return room > 0

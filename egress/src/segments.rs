@@ -99,8 +99,8 @@ impl Cache {
     }
 
     /// Marks a read of `length` bytes of segment `key` (of `size` bytes, 0
-    /// when not told) from `offset` as under way; the sender tells whoever waits for it that it is done.
-    fn begin(&mut self, key: &str, offset: u64, length: u64, size: u64) -> watch::Sender<bool> {
+    /// when not told) from `offset` as under way.
+    fn begin(&mut self, key: &str, offset: u64, length: u64, size: u64) -> Marked {
         let track = self.track(key);
         if size > 0 {
             track.size = size;
@@ -112,7 +112,12 @@ impl Cache {
         }
         let (done, receiver) = watch::channel(false);
         track.reading.push((offset, offset + length, receiver));
-        done
+        Marked {
+            offset,
+            length,
+            size: track.size,
+            done,
+        }
     }
 
     /// The track of segment `key`, forgetting every other when there are
@@ -132,6 +137,16 @@ fn read_bytes(cache_bytes: u64) -> u64 {
     (cache_bytes / 8).clamp(READ_PART, READ_AHEAD)
 }
 
+/// A read marked as under way (`Cache::begin`), to be made by `finish`.
+struct Marked {
+    offset: u64,
+    length: u64,
+    /// The object's size, as far as the segment's track knows (0: not).
+    size: u64,
+    /// Tells whoever waits for the read that it is done.
+    done: watch::Sender<bool>,
+}
+
 /// What a reader of a block does.
 enum Step {
     /// Takes it from the cache.
@@ -139,7 +154,7 @@ enum Step {
     /// Waits for the read under way that brings it.
     Wait(watch::Receiver<bool>),
     /// Reads it (and what follows), having marked the read under way.
-    Read(watch::Sender<bool>),
+    Read(Marked),
 }
 
 /// The egress's reader of segments; shared by every request.
@@ -256,7 +271,7 @@ impl Segments {
         };
         // Before waiting for anything: what to read next is read meanwhile.
         self.read_ahead(&at.object_key, at.offset + at.length);
-        let done = match step {
+        let marked = match step {
             Step::Cached(block) => {
                 self.count_read("cache");
                 return Ok(block);
@@ -273,11 +288,11 @@ impl Segments {
                 }
                 cache.begin(&at.object_key, at.offset, length, at.object_size)
             }
-            Step::Read(done) => done,
+            Step::Read(marked) => marked,
         };
         self.count_read("object_store");
         let blocks = self
-            .finish(&at.object_key, at.offset, length, true, done)
+            .finish(&at.object_key, marked, true)
             .await
             .map_err(|err| match err {
                 Error::ObjectStore(object_store::Error::NotFound(_)) => Error::MissingPayload {
@@ -299,20 +314,23 @@ impl Segments {
             })
     }
 
-    /// Reads the `length` bytes of segment `key` from `offset` that
-    /// `Cache::begin` marked as under way, caches their blocks and tells
-    /// whoever waits for them. `anew`: a reader asked for them (they were
-    /// not cached), so the segment's track starts anew there: what it
-    /// passed may have been evicted since.
+    /// Makes the read of segment `key` that `Cache::begin` marked as under
+    /// way, caches the blocks it brings and tells whoever waits for them.
+    /// `anew`: a reader asked for them (they were not cached), so the
+    /// segment's track starts anew there: what it passed may have been
+    /// evicted since.
     async fn finish(
         &self,
         key: &str,
-        offset: u64,
-        length: u64,
+        marked: Marked,
         anew: bool,
-        done: watch::Sender<bool>,
     ) -> Result<Vec<Arc<Block>>, Error> {
-        let size = self.lock().tracks.get(key).map_or(0, |track| track.size);
+        let Marked {
+            offset,
+            length,
+            size,
+            done,
+        } = marked;
         let read = self.fetch(key, offset, length, size).await;
         {
             let mut cache = self.lock();
@@ -420,15 +438,15 @@ impl Segments {
                 // these bytes meanwhile waits for them.
                 let start = track.frontier;
                 let length = self.read_length(track.size);
-                Some((start, length, cache.begin(key, start, length, 0)))
+                Some(cache.begin(key, start, length, 0))
             } else {
                 return;
             }
         };
         let (segments, key) = (Arc::clone(self), key.to_owned());
         tokio::spawn(async move {
-            let (key, start, length, done) = match ahead {
-                Some((start, length, done)) => (key, start, length, done),
+            let (key, marked) = match ahead {
+                Some(marked) => (key, marked),
                 None => match segments.store.segment_next(&key).await {
                     Ok(Some(next)) => {
                         let mut cache = segments.lock();
@@ -437,9 +455,9 @@ impl Segments {
                             return;
                         }
                         let length = segments.read_length(next.object_size);
-                        let done =
+                        let marked =
                             cache.begin(&next.object_key, next.offset, length, next.object_size);
-                        (next.object_key, next.offset, length, done)
+                        (next.object_key, marked)
                     }
                     Ok(None) => return,
                     Err(err) => {
@@ -448,7 +466,7 @@ impl Segments {
                     }
                 },
             };
-            let _ = segments.finish(&key, start, length, false, done).await;
+            let _ = segments.finish(&key, marked, false).await;
         });
     }
 

@@ -210,13 +210,16 @@ impl Tiering {
             if rows.is_empty() {
                 break;
             }
-            for message in &rows {
-                // A segment holds a gap-free run.
-                if !writer.is_empty() && message.seq != after + 1 {
-                    break 'read;
+            for row in &rows {
+                // A segment holds a gap-free run, and ends where a row ends.
+                match row.first() {
+                    Some(first) if writer.is_empty() || first.seq == after + 1 => {}
+                    _ => break 'read,
                 }
-                writer.push(message);
-                after = message.seq;
+                for message in row {
+                    writer.push(message);
+                    after = message.seq;
+                }
                 if full(&writer) {
                     break 'read;
                 }

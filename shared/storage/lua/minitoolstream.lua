@@ -15,8 +15,9 @@ local ffi = require('ffi')
 local buffer = require('buffer')
 local uuid = require('uuid')
 local log = require('log')
+local msgpack = require('msgpack')
 
-local SCHEMA_VERSION = 14
+local SCHEMA_VERSION = 15
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -166,6 +167,15 @@ with_schema_lock(function()
         {name = 'size', type = 'unsigned'},
         -- Hex SHA-256 of the payload; nil on messages stored before schema 4.
         {name = 'sha256', type = 'string', is_nullable = true},
+        -- Since schema 15 a row may hold a run of inline messages stored by
+        -- one group commit (a block row): seq to last_seq, all committed at
+        -- ts_ns, `size` their payload bytes, `batch` their
+        -- {headers, data, sha256} in order, as one MessagePack array (the
+        -- ingress encodes it, so that Tarantool handles one value, not one
+        -- per message); headers, data, object_key and sha256 are empty.
+        -- nil on a row of one message.
+        {name = 'last_seq', type = 'unsigned', is_nullable = true},
+        {name = 'batch', type = 'any', is_nullable = true},
     }
     box.schema.space.create('mts_messages', {if_not_exists = true, format = MESSAGE_FORMAT})
     box.space.mts_messages:format(MESSAGE_FORMAT)
@@ -434,6 +444,148 @@ local function notify(subject)
 end
 
 ------------------------------------------------------------------------------
+-- Hot rows. A row of mts_messages holds one message, its fields its own, or
+-- (a block row) the run seq..last_seq that one group commit stored for a
+-- subject (see MESSAGE_FORMAT). Readers get each message of a block row as
+-- a message tuple would be: an array of the same eight fields, also
+-- readable by their names.
+------------------------------------------------------------------------------
+
+local MESSAGE_FIELDS = {subject = 1, seq = 2, ts_ns = 3, headers = 4, data = 5, object_key = 6, size = 7, sha256 = 8}
+local MESSAGE = {
+    __serialize = 'array',
+    __index = function(t, name)
+        local i = MESSAGE_FIELDS[name]
+        if i ~= nil then
+            return rawget(t, i)
+        end
+        return nil
+    end,
+}
+
+-- The last sequence row `m` holds, and how many it holds.
+local function row_last(m)
+    return m.last_seq or m.seq
+end
+
+local function row_count(m)
+    return row_last(m) - m.seq + 1
+end
+
+-- A block row's {headers, data, sha256} per message, in order.
+local function block_items(m)
+    return msgpack.decode(m.batch)
+end
+
+-- Message `seq` of block row `m`, whose item it is.
+local function block_message(m, item, seq)
+    local data = item[2]
+    return setmetatable({
+        m.subject, seq, m.ts_ns, setmetatable(item[1], MAP), data, box.NULL, #data, item[3] or box.NULL,
+    }, MESSAGE)
+end
+
+-- Message `seq` of row `m`, which holds it.
+local function row_message(m, seq)
+    if m.batch == nil then
+        return m
+    end
+    return block_message(m, block_items(m)[seq - m.seq + 1], seq)
+end
+
+-- Calls visit(message) for the messages of row `m` after `after`, in
+-- order, until visit returns false; returns false then, else true.
+local function each_in_row(m, after, visit)
+    if m.batch == nil then
+        return m.seq <= after or visit(m)
+    end
+    local items = block_items(m)
+    for i = max(1, after - m.seq + 2), #items do
+        if not visit(block_message(m, items[i], m.seq + i - 1)) then
+            return false
+        end
+    end
+    return true
+end
+
+-- The hot row of `subject` holding `seq`, or nil.
+local function hot_at(subject, seq)
+    local m = box.space.mts_messages:get({subject, seq})
+    if m ~= nil then
+        return m
+    end
+    m = box.space.mts_messages.index.primary:select({subject, seq}, {iterator = 'LE', limit = 1})[1]
+    if m ~= nil and m.subject == subject and row_last(m) >= seq then
+        return m
+    end
+    return nil
+end
+
+-- The first hot row of `subject` holding a message after `after`, or nil.
+local function hot_row_after(subject, after)
+    local m = hot_at(subject, after + 1)
+    if m ~= nil then
+        return m
+    end
+    m = box.space.mts_messages.index.primary:select({subject, after}, {iterator = 'GT', limit = 1})[1]
+    if m ~= nil and m.subject == subject then
+        return m
+    end
+    return nil
+end
+
+-- Calls visit(message) for the hot messages of `subject` after `after`, in
+-- order, until visit returns false.
+local function each_hot_after(subject, after, visit)
+    local first = hot_at(subject, after + 1)
+    if first ~= nil then
+        if not each_in_row(first, after, visit) then
+            return
+        end
+        after = row_last(first)
+    end
+    for _, m in box.space.mts_messages.index.primary:pairs({subject, after}, {iterator = 'GT'}) do
+        if m.subject ~= subject or not each_in_row(m, after, visit) then
+            return
+        end
+    end
+end
+
+-- Inside a transaction: cuts the first `k` messages (fewer than it holds)
+-- off block row `m`; `counted`: they leave the subject's counts too (not
+-- so for copies of messages a segment holds). Returns their payload bytes.
+local function drop_front(m, k, counted)
+    local tail, dropped = setmetatable({}, ARRAY), 0
+    for i, item in ipairs(block_items(m)) do
+        if i <= k then
+            dropped = dropped + #item[2]
+        else
+            setmetatable(item[1], MAP)
+            tail[#tail + 1] = item
+        end
+    end
+    box.space.mts_messages:delete({m.subject, m.seq})
+    box.space.mts_messages:insert({
+        m.subject, m.seq + k, m.ts_ns, setmetatable({}, MAP), box.NULL, box.NULL, m.size - dropped, box.NULL,
+        m.last_seq, msgpack.encode(tail),
+    })
+    if counted then
+        box.space.mts_subjects:update({m.subject}, {{'-', 'count', k}, {'-', 'bytes', dropped}})
+    end
+    return dropped
+end
+
+-- Inside a transaction: deletes the hot copies of `subject`'s messages up
+-- to `through` that row `m` (its oldest) holds, which a segment holds too.
+local function drop_copies(m, through)
+    if row_last(m) <= through then
+        box.space.mts_messages:delete({m.subject, m.seq})
+    else
+        drop_front(m, through - m.seq + 1, false)
+    end
+end
+
+------------------------------------------------------------------------------
 -- Reading across the tiers. A subject's stored messages run gap-free from its
 -- first to its last stored sequence (only the oldest are ever removed):
 -- first through its segments, in order, then through its hot rows. A message
@@ -502,13 +654,14 @@ local function tiered_through(subject)
     return 0
 end
 
--- The first hot row of `subject` that no segment holds, or nil; `through`
--- is tiered_through(subject) when the caller has it.
+-- The first hot message of `subject` that no segment holds: its sequence
+-- and its row, or nil; `through` is tiered_through(subject) when the caller
+-- has it.
 local function first_hot(subject, through)
-    local m = box.space.mts_messages.index.primary:select(
-        {subject, through or tiered_through(subject)}, {iterator = 'GT', limit = 1})[1]
-    if m ~= nil and m.subject == subject then
-        return m
+    through = through or tiered_through(subject)
+    local m = hot_row_after(subject, through)
+    if m ~= nil then
+        return max(m.seq, through + 1), m
     end
     return nil
 end
@@ -517,9 +670,9 @@ end
 -- or nil when it is not stored. (A leftover hot row of a segment's message
 -- is the same message.)
 local function locate(subject, seq)
-    local hot = box.space.mts_messages:get({subject, seq})
+    local hot = hot_at(subject, seq)
     if hot ~= nil then
-        return hot
+        return row_message(hot, seq)
     end
     local seg = segment_of(subject, seq)
     if seg ~= nil then
@@ -555,14 +708,9 @@ local function each_span_after(subject, after, sized, visit)
         end
         after = seg.last_seq
     end
-    for _, m in box.space.mts_messages.index.primary:pairs({subject, after}, {iterator = 'GT'}) do
-        if m.subject ~= subject then
-            break
-        end
-        if not visit(m.seq, m.seq, m) then
-            return
-        end
-    end
+    each_hot_after(subject, after, function(m)
+        return visit(m.seq, m.seq, m)
+    end)
 end
 
 -- The first stored sequence of `subject` after `after` and its commit time
@@ -574,15 +722,15 @@ local function first_after(subject, after)
         local seq = max(seg.first_seq, after + 1)
         return seq, block_of(segment_view(seg), seq)[2]
     end
-    local m = box.space.mts_messages.index.primary:select({subject, after}, {iterator = 'GT', limit = 1})[1]
-    if m ~= nil and m.subject == subject then
-        return m.seq, m.ts_ns
+    local m = hot_row_after(subject, after)
+    if m ~= nil then
+        return max(m.seq, after + 1), m.ts_ns
     end
     return nil
 end
 
 -- Defined with retention below; publishing evicts with it too.
-local remove_message
+local remove_row
 
 -- Whether a stored message, hot or in a segment, or a segment itself names
 -- object `key`.
@@ -658,6 +806,18 @@ local function add_message(now, s, headers, data, object_key, size, sha256, mess
     return seq, false
 end
 
+-- Inside a transaction: stores `count` inline messages (`bytes` of payload,
+-- `batch` their {headers, data, sha256}, MessagePack-encoded) as one block
+-- row under the next sequences of the open subject `s`; returns the first.
+local function add_block(now, s, count, bytes, batch)
+    local first = s.seq + 1
+    box.space.mts_messages:insert({
+        s.name, first, now, setmetatable({}, MAP), box.NULL, box.NULL, bytes, box.NULL, s.seq + count, batch,
+    })
+    s.seq, s.count, s.bytes = s.seq + count, s.count + count, s.bytes + bytes
+    return first
+end
+
 -- Inside a transaction: stores a message under the next sequence of
 -- `subject`; returns the sequence.
 local function store_message(subject, headers, data, object_key, size, sha256)
@@ -729,11 +889,13 @@ local function refusal(s, budget)
         decimal(bytes), decimal(budget.max_bytes), decimal(rows), decimal(budget.max_rows), s.name)
 end
 
--- Inside a transaction, with the hot tier over `budget`: makes room for one
--- message of open subject `s` as its discard policy says. Returns nil when
--- there is room now, or the reason the message is refused. The policy and
--- the reason are worked out once per subject and call.
-local function make_room(s, budget)
+-- Inside a transaction, with the hot tier over `budget`: makes room for `n`
+-- messages (nil = 1) of open subject `s` as its discard policy says: 'old'
+-- removes the subject's oldest hot rows, as many messages as it adds at
+-- least (a row holds up to one group commit's). Returns nil when there is
+-- room now, or the reason the messages are refused. The policy and the
+-- reason are worked out once per subject and call.
+local function make_room(s, budget, n)
     if s.discard == nil then
         local row = box.space.mts_subjects:get(s.name)
         s.discard = budget.discard
@@ -741,17 +903,26 @@ local function make_room(s, budget)
             s.discard = row.discard
         end
     end
-    if s.discard == 'old' then
+    n = n or 1
+    s.room = s.room or 0
+    while s.discard == 'old' and s.room < n do
         local oldest = box.space.mts_messages.index.primary:select({s.name}, {iterator = 'EQ', limit = 1})[1]
-        if oldest ~= nil then
-            if oldest.seq <= tiered_through(s.name) then
-                -- A swap's leftover: the message stays, in its segment.
-                box.space.mts_messages:delete({s.name, oldest.seq})
-            else
-                remove_message(oldest)
-            end
-            return nil
+        if oldest == nil then
+            break
         end
+        local through = tiered_through(s.name)
+        if oldest.seq <= through then
+            -- A swap's leftover: its messages stay, in their segment.
+            s.room = s.room + min(row_last(oldest), through) - oldest.seq + 1
+            drop_copies(oldest, through)
+        else
+            s.room = s.room + row_count(oldest)
+            remove_row(oldest)
+        end
+    end
+    if s.room >= n then
+        s.room = s.room - n
+        return nil
     end
     if s.refused == nil then
         s.refused = refusal(s, budget)
@@ -818,6 +989,11 @@ local IN = {
     subject = 1, headers = 2, data = 3, size = 4, sha256 = 5, message_id = 6, window_ms = 7, deadline_ns = 8,
 }
 
+-- The fields of each block mts_publish_batch takes, in this order: a run of
+-- inline messages without message ids to one subject, `batch` as a block
+-- row keeps it, `deadline_ns` the earliest of theirs.
+local BLOCK = {subject = 1, count = 2, bytes = 3, deadline_ns = 4, batch = 5}
+
 -- The verdicts an attempt keeps: without refusal reasons, which would make
 -- its row large, and rows of many large sizes strand memtx memory in
 -- nearly empty slabs of their own.
@@ -842,12 +1018,18 @@ end
 -- message, in order; messages to the same subject get consecutive sequences
 -- in that order.
 --
+-- `blocks` (optional, since schema 15) are runs of messages each stored
+-- whole as one block row, or refused whole, after `messages`: each gets
+-- one more verdict, {first seq, false} or {0, false, error_code, reason};
+-- its messages have the sequences from the first on, in order. A subject
+-- with a block in a call has no message in `messages`.
+--
 -- `attempt` (optional) names this call: its verdicts are kept under that
 -- name in the same transaction, for mts_settle_attempt. An attempt already
 -- settled as fenced stores nothing; one already committed answers its
 -- verdicts again. `forget` lists earlier attempts whose answers arrived.
 -- `hot` is the hot tier's budget (see hot_budget).
-rawset(_G, 'mts_publish_batch', function(messages, attempt, forget, hot)
+rawset(_G, 'mts_publish_batch', function(messages, attempt, forget, hot, blocks)
     local results = setmetatable({}, ARRAY)
     local subjects = {}
     if attempt == '' then
@@ -866,7 +1048,7 @@ rawset(_G, 'mts_publish_batch', function(messages, attempt, forget, hot)
             if seen ~= nil then
                 replayed = true
                 if seen.fenced then
-                    for i = 1, #messages do
+                    for i = 1, #messages + #(blocks or {}) do
                         results[i] = {0, false, FENCED, FENCED_REASON}
                     end
                 else
@@ -895,6 +1077,32 @@ rawset(_G, 'mts_publish_batch', function(messages, attempt, forget, hot)
                         m[IN.size], m[IN.sha256], m[IN.message_id], m[IN.window_ms])
                     if ok then
                         results[i] = {seq, duplicate}
+                    else
+                        results[i] = {0, false, error_code(seq), tostring(seq)}
+                    end
+                end
+            end
+        end
+        for _, b in ipairs(blocks or {}) do
+            local i = #results + 1
+            if late(b[BLOCK.deadline_ns], now) then
+                results[i] = {0, false, LATE, LATE_REASON}
+            else
+                local s = subjects[b[BLOCK.subject]]
+                if s == nil then
+                    s = open_subject(b[BLOCK.subject])
+                    subjects[b[BLOCK.subject]] = s
+                end
+                local refused = nil
+                if full then
+                    refused = make_room(s, budget, b[BLOCK.count])
+                end
+                if refused ~= nil then
+                    results[i] = {0, false, HOT_FULL, refused}
+                else
+                    local ok, seq = pcall(add_block, now, s, b[BLOCK.count], b[BLOCK.bytes], b[BLOCK.batch])
+                    if ok then
+                        results[i] = {seq, false}
                     else
                         results[i] = {0, false, error_code(seq), tostring(seq)}
                     end
@@ -1025,10 +1233,10 @@ local function hot_time_point(subject, t)
     if first == nil or last.ts_ns < t then
         return last_seq(subject)
     end
-    local lo, hi = first.seq, last.seq
+    local lo, hi = first.seq, row_last(last)
     while lo < hi do
         local mid = lo + math.floor(tonumber(hi - lo) / 2)
-        local m = box.space.mts_messages:get({subject, mid})
+        local m = hot_at(subject, mid)
         if m == nil or m.ts_ns >= t then
             hi = mid
         else
@@ -1911,11 +2119,11 @@ rawset(_G, 'mts_subject_info', function(subject)
     }
 end)
 
--- Inside a transaction: removes a message's metadata and, when no other
+-- Inside a transaction: removes a hot row's messages and, when no other
 -- message shares its object, queues the object for deletion.
-remove_message = function(m)
+remove_row = function(m)
     box.space.mts_messages:delete({m.subject, m.seq})
-    box.space.mts_subjects:update({m.subject}, {{'-', 'count', 1}, {'-', 'bytes', m.size}})
+    box.space.mts_subjects:update({m.subject}, {{'-', 'count', row_count(m)}, {'-', 'bytes', m.size}})
     local key = m.object_key
     if key ~= nil then
         box.space.mts_object_refs:delete({key, m.subject, m.seq})
@@ -1932,12 +2140,45 @@ local function limits_of(row, limits)
         present(row.max_bytes) or limits.max_bytes or 0
 end
 
--- Whether the oldest (hot) message `m` of a subject with these limits must go.
-local function expired(m, row, limits, now)
+-- How many of the first messages of block row `m` hold `bytes` or more.
+local function front_holding(m, bytes)
+    local n, held = 0, 0
+    for _, item in ipairs(block_items(m)) do
+        n, held = n + 1, held + #item[2]
+        if held >= bytes then
+            break
+        end
+    end
+    return n
+end
+
+-- Inside a transaction: removes what the limits of subject `row` (its
+-- mts_subjects row) take of its oldest hot row `m`: all of it, past the age
+-- limit; as many of its first messages as the count and byte limits are
+-- exceeded by, otherwise. Returns how many messages went.
+local function expire_oldest(m, row, limits, now)
     local max_age, max_messages, max_bytes = limits_of(row, limits)
-    return (max_messages > 0 and row.count > max_messages)
-        or (max_bytes > 0 and row.bytes > max_bytes)
-        or (max_age > 0 and older_than(m.ts_ns, now, max_age))
+    local n, excess = row_count(m), 0
+    if max_age > 0 and older_than(m.ts_ns, now, max_age) then
+        excess = n
+    end
+    if max_messages > 0 and row.count > max_messages then
+        excess = max(excess, tonumber(row.count - max_messages))
+    end
+    if max_bytes > 0 and row.bytes > max_bytes and excess < n then
+        if m.batch == nil then
+            excess = n
+        else
+            excess = max(excess, front_holding(m, tonumber(row.bytes - max_bytes)))
+        end
+    end
+    if excess >= n then
+        remove_row(m)
+        return n
+    elseif excess > 0 then
+        drop_front(m, excess, true)
+    end
+    return excess
 end
 
 -- Whether the oldest segment `seg` of a subject must go: only once every
@@ -1963,10 +2204,10 @@ local function remove_segment(seg)
         if m.subject ~= subject or m.seq > last then
             break
         end
-        leftovers[#leftovers + 1] = m.seq
+        leftovers[#leftovers + 1] = m
     end
-    for _, seq in ipairs(leftovers) do
-        box.space.mts_messages:delete({subject, seq})
+    for _, m in ipairs(leftovers) do
+        drop_copies(m, last)
     end
     box.space.mts_subjects:update({subject}, {
         {'-', 'count', seg.count}, {'-', 'bytes', seg.bytes},
@@ -2024,11 +2265,14 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
                 else
                     local oldest = box.space.mts_messages.index.primary:select(
                         {subject}, {iterator = 'EQ', limit = 1})[1]
-                    if oldest == nil or not expired(oldest, row, limits, now) then
+                    local gone = 0
+                    if oldest ~= nil then
+                        gone = expire_oldest(oldest, row, limits, now)
+                    end
+                    if gone == 0 then
                         break
                     end
-                    remove_message(oldest)
-                    deleted = deleted + 1
+                    deleted = deleted + gone
                 end
                 row = box.space.mts_subjects:get(subject)
             end
@@ -2101,20 +2345,20 @@ local function trim_tiered(subject, through, max_slices)
     local slices = 0
     while max_slices == nil or slices < max_slices do
         slices = slices + 1
-        local seqs = {}
+        local rows = {}
         for _, m in ipairs(box.space.mts_messages.index.primary:select(
             {subject}, {iterator = 'EQ', limit = SWAP_SLICE})) do
             if m.seq > through then
                 break
             end
-            seqs[#seqs + 1] = m.seq
+            rows[#rows + 1] = m
         end
-        if #seqs == 0 then
+        if #rows == 0 then
             return true
         end
         box.atomic(function()
-            for _, seq in ipairs(seqs) do
-                box.space.mts_messages:delete({subject, seq})
+            for _, m in ipairs(rows) do
+                drop_copies(m, through)
             end
         end)
         fiber.yield()
@@ -2155,19 +2399,21 @@ rawset(_G, 'mts_tier_plan', function(opts, limit)
     for _, row in box.space.mts_subjects:pairs() do
         local oldest = box.space.mts_messages.index.primary:select({row.name}, {iterator = 'EQ', limit = 1})[1]
         local count = (row.count or 0) - (row.cold_count or 0)
+        local first = nil
         if oldest ~= nil then
+            first = oldest.seq
             local through = tiered_through(row.name)
             if oldest.seq <= through then
                 -- A swap cut off while trimming.
                 untrimmed[#untrimmed + 1] = {row.name, through}
-                oldest = first_hot(row.name, through)
+                first, oldest = first_hot(row.name, through)
             end
         end
         if oldest ~= nil and count > 0 then
             local bytes = (row.bytes or 0) - (row.cold_bytes or 0)
             if pressed or bytes >= opts.segment_bytes or count >= opts.segment_messages
                 or older_than(oldest.ts_ns, now, opts.seal_age_ms) then
-                due[#due + 1] = {row.name, oldest.seq, count, bytes}
+                due[#due + 1] = {row.name, first, count, bytes}
             end
         end
     end
@@ -2183,19 +2429,54 @@ rawset(_G, 'mts_tier_plan', function(opts, limit)
 end)
 
 -- Up to `max_rows` hot messages of `subject` after `after`, in order, and
--- no more than `max_bytes` of payload (but always one).
-rawset(_G, 'mts_tier_read', function(subject, after, max_rows, max_bytes)
+-- no more than `max_bytes` of payload (but always one). `rows` (since
+-- schema 15): the hot rows themselves, whole, from the one holding the
+-- message after `after` (the caller skips what it holds up to `after`),
+-- until they hold `max_rows` messages or `max_bytes`, so that a segment can
+-- end where a row ends; otherwise each message as a message tuple.
+rawset(_G, 'mts_tier_read', function(subject, after, max_rows, max_bytes, rows)
     local out = setmetatable({}, ARRAY)
-    local bytes = 0
-    for _, m in box.space.mts_messages.index.primary:pairs({subject, after}, {iterator = 'GT'}) do
-        if m.subject ~= subject or #out >= max_rows or (#out > 0 and bytes + m.size > max_bytes) then
-            break
+    local count, bytes = 0, 0
+    if rows then
+        local m = hot_row_after(subject, after)
+        if m == nil then
+            return out
+        end
+        for _, r in box.space.mts_messages.index.primary:pairs({subject, m.seq}, {iterator = 'GE'}) do
+            if r.subject ~= subject or count >= max_rows or (count > 0 and bytes + r.size > max_bytes) then
+                break
+            end
+            out[#out + 1] = r
+            count = count + row_last(r) - max(r.seq, after + 1) + 1
+            bytes = bytes + r.size
+        end
+        return out
+    end
+    each_hot_after(subject, after, function(m)
+        if #out >= max_rows or (#out > 0 and bytes + m.size > max_bytes) then
+            return false
         end
         out[#out + 1] = m
         bytes = bytes + m.size
-    end
+        return true
+    end)
     return out
 end)
+
+-- The payload bytes of the messages of row `m` from `lo` to `hi`.
+local function bytes_between(m, lo, hi)
+    if m.seq >= lo and row_last(m) <= hi then
+        return m.size
+    end
+    local bytes = 0
+    for i, item in ipairs(block_items(m)) do
+        local seq = m.seq + i - 1
+        if seq >= lo and seq <= hi then
+            bytes = bytes + #item[2]
+        end
+    end
+    return bytes
+end
 
 -- Swaps hot messages first_seq..last_seq of a subject for the segment that
 -- now holds them: one transaction inserts the segment row, then the hot
@@ -2215,20 +2496,25 @@ rawset(_G, 'mts_tier_commit', function(seg)
     -- The payload bytes, checked a slice at a time before the swap: stored
     -- messages never change and only a subject's oldest are ever removed,
     -- so with both ends still there at the swap, these are its rows.
-    local bytes, seq = 0, first
+    local start = hot_at(subject, first)
+    if start == nil then
+        return 'gone'
+    end
+    local bytes, seq, key = 0, first, start.seq
     while seq <= last do
         local from = seq
         for _, m in ipairs(box.space.mts_messages.index.primary:select(
-            {subject, seq}, {iterator = 'GE', limit = SWAP_SLICE})) do
-            if m.subject ~= subject or m.seq ~= seq or seq > last then
+            {subject, key}, {iterator = 'GE', limit = SWAP_SLICE})) do
+            if m.subject ~= subject or m.seq > seq or seq > last then
                 break
             end
-            bytes = bytes + m.size
-            seq = seq + 1
+            bytes = bytes + bytes_between(m, seq, last)
+            seq = row_last(m) + 1
         end
         if seq == from then
             return 'gone'
         end
+        key = seq
         fiber.yield()
     end
     if bytes ~= seg.bytes then
@@ -2246,10 +2532,8 @@ rawset(_G, 'mts_tier_commit', function(seg)
             return
         end
         local through = tiered_through(subject)
-        local before = box.space.mts_messages.index.primary:select({subject, first}, {iterator = 'LT', limit = 1})[1]
-        if first <= through or box.space.mts_messages:get({subject, first}) == nil
-            or box.space.mts_messages:get({subject, last}) == nil
-            or (before ~= nil and before.subject == subject and before.seq > through) then
+        if first <= through or hot_at(subject, first) == nil or hot_at(subject, last) == nil
+            or (first - 1 > through and hot_at(subject, first - 1) ~= nil) then
             outcome = 'gone'
             return
         end
@@ -2295,7 +2579,7 @@ rawset(_G, 'mts_storage_stats', function(hot)
     local oldest_ns, segment_bytes = 0, 0
     for _, row in box.space.mts_subjects:pairs() do
         if (row.count or 0) > (row.cold_count or 0) then
-            local m = first_hot(row.name)
+            local _, m = first_hot(row.name)
             if m ~= nil and now > m.ts_ns and now - m.ts_ns > oldest_ns then
                 oldest_ns = now - m.ts_ns
             end

@@ -14,6 +14,12 @@
 //! the order they arrive, and a stored procedure that does not yield before
 //! its commit assigns sequences in that order.
 //!
+//! A subject's messages in a call, when there are several and none carries
+//! a message id, go in blocks, each of which Tarantool stores as one row
+//! (see "Storage" in the README): one value to decode and one tuple to
+//! write instead of one per message, which is most of Tarantool's work per
+//! message. Blocks are encoded here, where it is cheap.
+//!
 //! A message whose caller has gone is still stored (or refused) like any
 //! other; its answer is dropped.
 //!
@@ -45,6 +51,14 @@ const MAX_MESSAGES: usize = 256;
 const MAX_BYTES: usize = 4 << 20;
 /// Calls in flight at once.
 const MAX_CALLS: usize = 2;
+/// Most messages in one block. Each extra message in a row saves less
+/// than the one before; and rows are kept to a few sizes (a block holds a
+/// power of two of messages), because memtx keeps a slab for each size of
+/// tuple it holds, sized for 128 of them: rows of many sizes would strand
+/// most of a small Tarantool's memory in nearly empty slabs.
+const BLOCK_MESSAGES: usize = 8;
+/// Most payload bytes in one block.
+const BLOCK_BYTES: usize = 8 << 10;
 
 /// An inline message to store; owns what it stores.
 #[derive(Debug, Clone)]
@@ -91,8 +105,162 @@ impl Serialize for Queued {
     }
 }
 
-/// One message's verdict: `{seq, duplicate}`, or `{0, false, code, reason}`
-/// (without the reason when settled after a lost answer).
+/// The messages of one call, as `mts_publish_batch` takes them: one at a
+/// time, then in blocks.
+#[derive(Default)]
+struct Call {
+    singles: Vec<Queued>,
+    blocks: Vec<Block>,
+}
+
+/// A subject's run of messages without message ids, stored as one row.
+struct Block {
+    subject: String,
+    /// The earliest deadline of its messages: Tarantool stores all or none.
+    deadline_ns: u64,
+    bytes: u64,
+    /// `{headers, data, sha256}` per message, one MessagePack array.
+    batch: Vec<u8>,
+    messages: Vec<Queued>,
+}
+
+/// The block as `mts_publish_batch` takes it.
+impl Serialize for Block {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut tuple = serializer.serialize_tuple(5)?;
+        tuple.serialize_element(&self.subject)?;
+        tuple.serialize_element(&(self.messages.len() as u64))?;
+        tuple.serialize_element(&self.bytes)?;
+        tuple.serialize_element(&self.deadline_ns)?;
+        tuple.serialize_element(serde_bytes::Bytes::new(&self.batch))?;
+        tuple.end()
+    }
+}
+
+impl Block {
+    fn new(subject: String, messages: Vec<Queued>) -> Self {
+        let mut batch = Vec::with_capacity(
+            16 + messages
+                .iter()
+                .map(|q| q.message.data.len() + 96)
+                .sum::<usize>(),
+        );
+        // Writing to a Vec cannot fail.
+        let _ = rmp::encode::write_array_len(&mut batch, messages.len() as u32);
+        for queued in &messages {
+            let m = &queued.message;
+            let _ = rmp::encode::write_array_len(&mut batch, 3);
+            let _ = rmp::encode::write_map_len(&mut batch, m.headers.len() as u32);
+            for (name, value) in &m.headers {
+                let _ = rmp::encode::write_str(&mut batch, name);
+                let _ = rmp::encode::write_str(&mut batch, value);
+            }
+            let _ = rmp::encode::write_bin(&mut batch, &m.data);
+            let _ = rmp::encode::write_str(&mut batch, &m.sha256);
+        }
+        Self {
+            subject,
+            deadline_ns: messages.iter().map(|q| q.deadline_ns).min().unwrap_or(0),
+            bytes: messages.iter().map(|q| q.message.data.len() as u64).sum(),
+            batch,
+            messages,
+        }
+    }
+}
+
+impl Call {
+    /// Sorts `batch` into singles and blocks, each subject's messages in
+    /// the order they were queued.
+    fn new(batch: Vec<Queued>) -> Self {
+        let mut subjects: Vec<(String, Vec<Queued>)> = Vec::new();
+        let mut index: HashMap<String, usize> = HashMap::new();
+        for queued in batch {
+            let at = *index
+                .entry(queued.message.subject.clone())
+                .or_insert_with(|| {
+                    subjects.push((queued.message.subject.clone(), Vec::new()));
+                    subjects.len() - 1
+                });
+            subjects[at].1.push(queued);
+        }
+        let mut call = Call::default();
+        for (subject, messages) in subjects {
+            let blockable = messages.len() > 1
+                && messages
+                    .iter()
+                    .all(|q| q.message.message_id.as_deref().unwrap_or("").is_empty());
+            if !blockable {
+                call.singles.extend(messages);
+                continue;
+            }
+            let mut messages = std::collections::VecDeque::from(messages);
+            while !messages.is_empty() {
+                let (mut fit, mut bytes) = (0usize, 0);
+                for q in messages.iter().take(BLOCK_MESSAGES) {
+                    bytes += q.message.data.len();
+                    if fit > 0 && bytes > BLOCK_BYTES {
+                        break;
+                    }
+                    fit += 1;
+                }
+                // A power of two of them: the rest go into the next block.
+                let block = messages.drain(..1 << fit.ilog2()).collect();
+                call.blocks.push(Block::new(subject.clone(), block));
+            }
+        }
+        call
+    }
+
+    fn len(&self) -> usize {
+        self.singles.len() + self.blocks.iter().map(|b| b.messages.len()).sum::<usize>()
+    }
+
+    /// Answers each message with its verdict: one per single, then one per
+    /// block.
+    fn answer(self, verdicts: Vec<Verdict>) {
+        let expected = self.singles.len() + self.blocks.len();
+        if verdicts.len() != expected {
+            let err = Error::protocol(format!(
+                "mts_publish_batch answered {} verdicts for {expected}",
+                verdicts.len(),
+            ));
+            return self.answer_all(&err);
+        }
+        let mut verdicts = verdicts.into_iter();
+        for (queued, verdict) in self.singles.into_iter().zip(verdicts.by_ref()) {
+            let _gone = queued.outcome.send(verdict.into_result());
+        }
+        for (block, verdict) in self.blocks.into_iter().zip(verdicts) {
+            match verdict.into_result() {
+                Ok(first) => {
+                    for (i, queued) in block.messages.into_iter().enumerate() {
+                        let _gone = queued.outcome.send(Ok(Published {
+                            seq: first.seq + i as u64,
+                            duplicate: false,
+                        }));
+                    }
+                }
+                Err(err) => {
+                    for queued in block.messages {
+                        let _gone = queued.outcome.send(Err(err.clone()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn answer_all(self, err: &Error) {
+        tracing::debug!(%err, messages = self.len(), "group commit failed");
+        let blocks = self.blocks.into_iter().flat_map(|b| b.messages);
+        for queued in self.singles.into_iter().chain(blocks) {
+            let _gone = queued.outcome.send(Err(err.clone()));
+        }
+    }
+}
+
+/// One message's verdict (or a block's: its first sequence): `{seq,
+/// duplicate}`, or `{0, false, code, reason}` (without the reason when
+/// settled after a lost answer).
 #[derive(Debug, Deserialize)]
 struct Verdict {
     seq: u64,
@@ -210,23 +378,30 @@ fn gather(first: Queued, queue: &mut mpsc::UnboundedReceiver<Queued>) -> Vec<Que
 
 /// Stores `batch` in one call and answers each message; a lost answer is
 /// settled in a task of its own, so that the queue goes on meanwhile.
-async fn commit(store: Store, mut batch: Vec<Queued>, answered: Answered) {
+async fn commit(store: Store, batch: Vec<Queued>, answered: Answered) {
     if let Some(observer) = &store.observer {
         observer.group_commit(batch.len());
     }
+    let batch = Call::new(batch);
     let attempt = uuid::Uuid::now_v7().simple().to_string();
     let forget = answered.take();
     let reply: Result<(Vec<Verdict>,), Error> = store
         .call(
             "mts_publish_batch",
-            (&batch, &attempt, &forget, &*store.hot),
+            (
+                &batch.singles,
+                &attempt,
+                &forget,
+                &*store.hot,
+                &batch.blocks,
+            ),
             store.timeout,
         )
         .await;
     match reply {
         Ok((verdicts,)) => {
             answered.add([attempt]);
-            answer(&mut batch, verdicts);
+            batch.answer(verdicts);
         }
         // A reply that did not decode came from a call that ran: as unknown.
         Err(err) if err.outcome_unknown() || matches!(err, Error::Protocol(_)) => {
@@ -237,19 +412,13 @@ async fn commit(store: Store, mut batch: Vec<Queued>, answered: Answered) {
         Err(err) => {
             // A refused call wrote nothing: they are still to forget.
             answered.add(forget);
-            answer_all(&mut batch, &err);
+            batch.answer_all(&err);
         }
     }
 }
 
 /// Learns what became of an attempt whose answer was lost, and answers.
-async fn settle(
-    store: Store,
-    attempt: String,
-    mut batch: Vec<Queued>,
-    cause: Error,
-    answered: Answered,
-) {
+async fn settle(store: Store, attempt: String, batch: Call, cause: Error, answered: Answered) {
     let settled = store
         .settling(cause.clone(), |left| {
             let (store, attempt) = (&store, &attempt);
@@ -264,38 +433,16 @@ async fn settle(
         Ok(Some(verdicts)) => {
             tracing::info!(%attempt, %cause, messages = batch.len(), "lost answer settled: stored");
             answered.add([attempt]);
-            answer(&mut batch, verdicts);
+            batch.answer(verdicts);
         }
         // Fenced: it never will be stored, so the failure stands as it was.
         Ok(None) => {
             tracing::info!(%attempt, %cause, messages = batch.len(), "lost answer settled: not stored");
-            answer_all(&mut batch, &cause);
+            batch.answer_all(&cause);
         }
         Err(unknown) => {
             tracing::warn!(%attempt, err = %unknown, messages = batch.len(), "publish outcome unknown");
-            answer_all(&mut batch, &unknown);
+            batch.answer_all(&unknown);
         }
-    }
-}
-
-/// Answers each message of `batch` with its verdict.
-fn answer(batch: &mut Vec<Queued>, verdicts: Vec<Verdict>) {
-    if verdicts.len() != batch.len() {
-        let err = Error::protocol(format!(
-            "mts_publish_batch answered {} of {} messages",
-            verdicts.len(),
-            batch.len()
-        ));
-        return answer_all(batch, &err);
-    }
-    for (queued, verdict) in batch.drain(..).zip(verdicts) {
-        let _gone = queued.outcome.send(verdict.into_result());
-    }
-}
-
-fn answer_all(batch: &mut Vec<Queued>, err: &Error) {
-    tracing::debug!(%err, messages = batch.len(), "group commit failed");
-    for queued in batch.drain(..) {
-        let _gone = queued.outcome.send(Err(err.clone()));
     }
 }

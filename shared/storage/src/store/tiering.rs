@@ -49,6 +49,81 @@ pub struct TieringOptions {
     pub seal_age: Duration,
 }
 
+/// A row of mts_messages: one message, or a block row (see the Lua).
+#[derive(Deserialize)]
+struct HotRow {
+    subject: String,
+    seq: u64,
+    ts_ns: u64,
+    headers: HashMap<String, String>,
+    data: Option<bytes::Bytes>,
+    object_key: Option<String>,
+    size: u64,
+    #[serde(default)]
+    sha256: Option<String>,
+    #[serde(default)]
+    last_seq: Option<u64>,
+    #[serde(default)]
+    batch: Option<serde_bytes::ByteBuf>,
+}
+
+/// A block row's message: headers, payload, hex SHA-256.
+type BlockItem = (
+    HashMap<String, String>,
+    serde_bytes::ByteBuf,
+    Option<String>,
+);
+
+impl HotRow {
+    /// Its messages after `after`.
+    fn messages_after(self, after: u64) -> Result<Vec<StoredMessage>, Error> {
+        let Some(batch) = self.batch else {
+            let message = StoredMessage {
+                subject: self.subject,
+                seq: self.seq,
+                ts_ns: self.ts_ns,
+                headers: self.headers,
+                data: self.data,
+                object_key: self.object_key,
+                size: self.size,
+                sha256: self.sha256,
+                segment: None,
+            };
+            return Ok(if message.seq > after {
+                vec![message]
+            } else {
+                Vec::new()
+            });
+        };
+        let items: Vec<BlockItem> = rmp_serde::from_slice(&batch)
+            .map_err(|err| Error::protocol(format!("block row {}: {err}", self.seq)))?;
+        let last = self.last_seq.unwrap_or(self.seq);
+        if last.checked_sub(self.seq).map(|n| n + 1) != Some(items.len() as u64) {
+            return Err(Error::protocol(format!(
+                "block row {}..{last} of {} holds {} messages",
+                self.seq,
+                self.subject,
+                items.len()
+            )));
+        }
+        Ok((self.seq..)
+            .zip(items)
+            .filter(|(seq, _)| *seq > after)
+            .map(|(seq, (headers, data, sha256))| StoredMessage {
+                subject: self.subject.clone(),
+                seq,
+                ts_ns: self.ts_ns,
+                headers,
+                size: data.len() as u64,
+                data: Some(data.into_vec().into()),
+                object_key: None,
+                sha256,
+                segment: None,
+            })
+            .collect())
+    }
+}
+
 /// A subject with hot messages due to move.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct SegmentPlan {
@@ -178,23 +253,27 @@ impl Store {
         Ok(plans)
     }
 
-    /// Up to `max_messages` hot messages of `subject` after `after`, in
-    /// order, holding at most `max_bytes` of payload (but at least one).
+    /// The hot messages of `subject` after `after`, in order, as the hot
+    /// rows hold them (a run per row, so that a segment can end where a row
+    /// ends): whole rows until they hold `max_messages` or `max_bytes` of
+    /// payload (but at least one).
     pub async fn tier_read(
         &self,
         subject: &str,
         after: u64,
         max_messages: u32,
         max_bytes: u64,
-    ) -> Result<Vec<StoredMessage>, Error> {
-        let (messages,): (Vec<StoredMessage>,) = self
+    ) -> Result<Vec<Vec<StoredMessage>>, Error> {
+        let (rows,): (Vec<HotRow>,) = self
             .call(
                 "mts_tier_read",
-                (subject, after, max_messages, max_bytes),
+                (subject, after, max_messages, max_bytes, true),
                 self.timeout,
             )
             .await?;
-        Ok(messages)
+        rows.into_iter()
+            .map(|row| row.messages_after(after))
+            .collect()
     }
 
     /// Swaps the hot rows that `sealed` holds for its segment row, in one

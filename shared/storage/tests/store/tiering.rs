@@ -61,7 +61,10 @@ async fn seal(store: &Store, subject: &str, n: u32) -> Sealed {
 
 /// The segment of the subject's `n` hot messages after `after`.
 async fn seal_after(store: &Store, subject: &str, after: u64, n: u32) -> Sealed {
-    let rows = store.tier_read(subject, after, n, u64::MAX).await.unwrap();
+    let rows: Vec<_> = (store.tier_read(subject, after, n, u64::MAX).await.unwrap())
+        .into_iter()
+        .flatten()
+        .collect();
     assert_eq!(rows.len(), n as usize);
     let mut writer = Writer::new(64);
     for row in &rows {
@@ -525,7 +528,10 @@ async fn fresh_messages_of_a_segment_are_handed_out_a_block_at_a_time_each_at_it
     publish_n(&store, &subject, 40).await;
     // Blocks of a few messages each, so that batches start and end inside
     // them.
-    let rows = store.tier_read(&subject, 0, 30, u64::MAX).await.unwrap();
+    let rows: Vec<_> = (store.tier_read(&subject, 0, 30, u64::MAX).await.unwrap())
+        .into_iter()
+        .flatten()
+        .collect();
     let mut writer = Writer::new(300);
     for row in &rows {
         writer.push(row);

@@ -1,4 +1,5 @@
-//! Rules the requests of several RPCs share: names, sequence lists, and
+//! Rules the requests of several RPCs share: names, sequence lists, lease
+//! extensions, and
 //! what "the consumer does not hold these" means to a client.
 
 use mts_runtime::validate;
@@ -36,6 +37,24 @@ pub(crate) fn sequence_list(sequences: &[u64]) -> Result<(), validate::Error> {
         return Err(validate::Error::new("sequences", "sequences start at 1"));
     }
     Ok(())
+}
+
+/// Longest a lease extension may reach: a worker that needs more says so
+/// again.
+pub(crate) const MAX_EXTENSION_MS: u32 = 12 * 3600 * 1000;
+
+/// Checks a lease extension's length; `None` is the consumer's ack_wait.
+pub(crate) fn extension(extend_ms: u32) -> Result<Option<u32>, validate::Error> {
+    match extend_ms {
+        0 => Ok(None),
+        ms if ms > MAX_EXTENSION_MS => Err(validate::Error::new(
+            "extend_ms",
+            format!(
+                "{ms} ms is longer than the limit of {MAX_EXTENSION_MS} (12 hours); extend again later"
+            ),
+        )),
+        ms => Ok(Some(ms)),
+    }
 }
 
 /// Maps "the consumer does not hold these" to the service error.

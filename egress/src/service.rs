@@ -9,8 +9,8 @@ use mts_proto::pb::egress_service_server::EgressService;
 use mts_proto::pb::{
     AckRequest, AckResponse, AckSequencesRequest, AckSequencesResponse, ConsumeRequest,
     ConsumerInfo, ConsumerRequest, CreateOrUpdateConsumerRequest, DeleteConsumerResponse,
-    FetchRequest, GetLastSequenceRequest, GetLastSequenceResponse, Message, NackRequest,
-    NackResponse, Notification, SubscribeRequest,
+    ExtendLeaseRequest, ExtendLeaseResponse, FetchRequest, GetLastSequenceRequest,
+    GetLastSequenceResponse, Message, NackRequest, NackResponse, Notification, SubscribeRequest,
 };
 use mts_proto::pb::{
     FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectRequest,
@@ -52,6 +52,7 @@ touches!(
     ConsumerRequest,
     AckSequencesRequest,
     NackRequest,
+    ExtendLeaseRequest,
     FetchPayloadRequest,
     SetSubjectLimitsRequest,
     SubjectRequest,
@@ -213,6 +214,21 @@ impl EgressService for Egress {
             .await
             .inspect_err(|err| tracing::warn!(%err, "nack failed"))?;
         Ok(Response::new(NackResponse {}))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name, count = request.get_ref().sequences.len()))]
+    async fn extend_lease(
+        &self,
+        request: Request<ExtendLeaseRequest>,
+    ) -> Result<Response<ExtendLeaseResponse>, Status> {
+        self.admit(&request, Permission::Ack)?;
+        let deadline_ns = self
+            .extend_leases(request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "lease extension failed"))?;
+        Ok(Response::new(ExtendLeaseResponse {
+            deadline: Some(crate::wire::timestamp(deadline_ns)),
+        }))
     }
 
     #[instrument(skip_all, fields(subject = %request.get_ref().subject, sequence = request.get_ref().sequence, offset = request.get_ref().offset))]

@@ -1,12 +1,12 @@
-//! AckMessage (cumulative), Ack (exact sequences) and Nack.
+//! AckMessage (cumulative), Ack (exact sequences), Nack and ExtendLease.
 
-use mts_proto::pb::{AckRequest, AckSequencesRequest, NackRequest};
+use mts_proto::pb::{AckRequest, AckSequencesRequest, ExtendLeaseRequest, NackRequest};
 use mts_runtime::validate;
 use mts_storage::store::AckOutcome;
 
 use crate::Error;
 use crate::handlers::Egress;
-use crate::rules::{consumer_names, held, sequence_list};
+use crate::rules::{consumer_names, extension, held, sequence_list};
 
 impl Egress {
     pub(crate) async fn cumulative_ack(&self, request: AckRequest) -> Result<u64, Error> {
@@ -48,6 +48,23 @@ impl Egress {
                 &request.durable_name,
                 &request.sequences,
                 request.delay_ms,
+            )
+            .await?;
+        held(&request.subject, &request.durable_name, verdict)
+    }
+
+    /// Returns when the leases now run out (ns since the Unix epoch).
+    pub(crate) async fn extend_leases(&self, request: ExtendLeaseRequest) -> Result<u64, Error> {
+        consumer_names(&request.subject, &request.durable_name)?;
+        sequence_list(&request.sequences)?;
+        let extend_ms = extension(request.extend_ms)?;
+        let verdict = self
+            .store
+            .extend_leases(
+                &request.subject,
+                &request.durable_name,
+                &request.sequences,
+                extend_ms,
             )
             .await?;
         held(&request.subject, &request.durable_name, verdict)

@@ -1,11 +1,12 @@
 //! The bidirectional Consume stream. The client opens it with a start frame
-//! and then sends acks and nacks; the server pushes messages as they are
-//! committed (woken by the subject's watcher, no polling) or become due for
-//! redelivery, never with more than `max_in_flight` of them outstanding —
-//! sent and neither acked, nacked nor past their lease. Acks are not answered
-//! one call each: they ride along with the next lease (one transaction, one
-//! WAL write), waiting at most `ACK_LINGER` for it. When the stream ends, its
-//! acks are applied and its leases given back for immediate redelivery.
+//! and then sends acks, nacks and lease extensions; the server pushes
+//! messages as they are committed (woken by the subject's watcher, no
+//! polling) or become due for redelivery, never with more than
+//! `max_in_flight` of them outstanding — sent and neither acked, nacked nor
+//! past their lease. Acks are not answered one call each: they ride along
+//! with the next lease (one transaction, one WAL write), waiting at most
+//! `ACK_LINGER` for it. When the stream ends, its acks are applied and its
+//! leases given back for immediate redelivery.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -25,7 +26,7 @@ use crate::Error;
 use crate::delivery::Payloads;
 use crate::delivery::wire_messages;
 use crate::handlers::{Egress, draining_status};
-use crate::rules::{MAX_SEQUENCES, consumer_names, held, sequence_list};
+use crate::rules::{MAX_SEQUENCES, consumer_names, extension, held, sequence_list};
 
 /// `max_in_flight` when the client gives 0.
 const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
@@ -534,10 +535,10 @@ impl Session {
         Ok(released)
     }
 
-    /// Takes an ack or nack frame. Acks are kept for the next lease (room
-    /// they free counts at once); a nack is applied now, after the acks
-    /// before it. True when the frame handed messages back (a nack), so there
-    /// is something to push.
+    /// Takes an ack, nack or extension frame. Acks are kept for the next
+    /// lease (room they free counts at once); a nack is applied now, after
+    /// the acks before it, and so is an extension. True when the frame
+    /// handed messages back (a nack), so there is something to push.
     async fn answer(&mut self, frame: Frame) -> Result<bool, End> {
         match frame {
             Frame::Ack(ack) => {
@@ -566,6 +567,23 @@ impl Session {
                     self.outstanding.remove(seq);
                 }
                 Ok(true)
+            }
+            Frame::Extend(extend) => {
+                sequence_list(&extend.sequences).map_err(ended)?;
+                let extend_ms = extension(extend.extend_ms).map_err(ended)?;
+                let verdict = self
+                    .egress
+                    .store
+                    .extend_leases(&self.subject, &self.durable, &extend.sequences, extend_ms)
+                    .await
+                    .map_err(ended)?;
+                let deadline = held(&self.subject, &self.durable, verdict).map_err(ended)?;
+                for seq in &extend.sequences {
+                    if let Some(lease_end) = self.outstanding.get_mut(seq) {
+                        *lease_end = deadline;
+                    }
+                }
+                Ok(false)
             }
             Frame::Start(_) => Err(ended(validate::Error::new(
                 "start",

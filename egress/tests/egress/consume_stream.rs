@@ -8,7 +8,7 @@ use futures::StreamExt;
 use mts_proto::pb::consume_request::Request as Frame;
 use mts_proto::pb::{
     AckSequences, ConsumeRequest, ConsumeStart, ConsumerConfig, CreateOrUpdateConsumerRequest,
-    Message, NackSequences,
+    ExtendSequences, Message, NackSequences,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -82,6 +82,18 @@ impl Stream {
             request: Some(Frame::Nack(NackSequences {
                 sequences,
                 delay_ms,
+            })),
+        };
+        self.frames.send(frame).await.unwrap();
+    }
+}
+
+impl Stream {
+    async fn extend(&self, sequences: Vec<u64>, extend_ms: u32) {
+        let frame = ConsumeRequest {
+            request: Some(Frame::Extend(ExtendSequences {
+                sequences,
+                extend_ms,
             })),
         };
         self.frames.send(frame).await.unwrap();
@@ -334,5 +346,40 @@ async fn a_stream_must_start_with_a_start_frame() {
         .unwrap()
         .unwrap_err();
     assert_eq!(ended.code(), Code::FailedPrecondition, "{ended:?}");
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_stream_extending_a_lease_keeps_its_message_from_the_other_streams() {
+    let mut f = fixture("consume-extend").await;
+    create(&mut f, "slow", 300).await;
+    f.publish(b"large work").await;
+    let mut worker = Stream::open(&mut f, "slow", 1).await;
+    assert_eq!(worker.next().await.sequence, 1);
+    let mut other = Stream::open(&mut f, "slow", 10).await;
+    // Five lease times, extended before each runs out: the other stream
+    // gets nothing meanwhile, and the worker nothing again.
+    for _ in 0..10 {
+        worker.extend(vec![1], 0).await;
+        let got = tokio::time::timeout(Duration::from_millis(150), other.messages.next()).await;
+        assert!(got.is_err(), "#1 went to another stream: {got:?}");
+    }
+    worker.ack(vec![1]).await;
+    worker.finish().await;
+    f.publish(b"next").await;
+    let next = other.next().await;
+    assert_eq!((next.sequence, next.delivery_count), (2, 1));
+    other.ack(vec![2]).await;
+    other.finish().await;
+
+    // A sequence the stream does not hold ends it, as an ack of one does.
+    let worker = Stream::open(&mut f, "slow", 1).await;
+    worker.extend(vec![7], 0).await;
+    let Stream { mut messages, .. } = worker;
+    let end = tokio::time::timeout(Duration::from_secs(10), messages.next())
+        .await
+        .unwrap();
+    let status = end.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
     f.service.stop().await.unwrap();
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use mts_proto::pb::{
     AckSequencesRequest, ConsumerConfig, ConsumerInfo, ConsumerRequest,
-    CreateOrUpdateConsumerRequest, DeliverPolicy, NackRequest,
+    CreateOrUpdateConsumerRequest, DeliverPolicy, ExtendLeaseRequest, NackRequest,
 };
 use mts_proto::service_names::EGRESS;
 use mts_storage::object_store::ObjectStore;
@@ -64,6 +64,28 @@ impl Fixture {
             })
             .await
             .map(drop)
+    }
+
+    /// Extends the leases of `sequences`; when they now run out.
+    async fn extend(
+        &mut self,
+        durable: &str,
+        sequences: Vec<u64>,
+        extend_ms: u32,
+    ) -> Result<std::time::SystemTime, tonic::Status> {
+        let deadline = self
+            .client
+            .extend_lease(ExtendLeaseRequest {
+                subject: self.subject.clone(),
+                durable_name: durable.into(),
+                sequences,
+                extend_ms,
+            })
+            .await?
+            .into_inner()
+            .deadline
+            .expect("a deadline");
+        Ok(std::time::SystemTime::try_from(deadline).unwrap())
     }
 }
 
@@ -201,6 +223,63 @@ async fn nack_redelivers_at_once_or_after_its_delay() {
     let not_held = f.nack("n", vec![2, 3], 0).await.unwrap_err();
     assert_eq!(not_held.code(), Code::FailedPrecondition);
     assert!(not_held.message().contains("[3]"), "{}", not_held.message());
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_slow_worker_extending_its_lease_keeps_its_message_for_five_lease_times() {
+    let mut f = fixture("extend").await;
+    f.create(
+        "slow",
+        ConsumerConfig {
+            ack_wait_ms: Some(300),
+            ..config()
+        },
+    )
+    .await;
+    f.publish(b"large work").await;
+    f.publish(b"next").await;
+    assert_eq!(sequences(&f.fetch("slow", 1).await), vec![1]);
+    // Five lease times, extended by ack_wait each time before it runs out:
+    // nobody else gets the message meanwhile.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_millis(1500) {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        let before = std::time::SystemTime::now();
+        let deadline = f.extend("slow", vec![1], 0).await.unwrap();
+        let lease = deadline.duration_since(before).unwrap();
+        assert!(
+            lease > Duration::from_millis(200) && lease < Duration::from_millis(1300),
+            "{lease:?}"
+        );
+        // Another worker of the same durable gets #2 (again and again, as
+        // nobody acks it), never #1.
+        let others = sequences(&f.fetch("slow", 10).await);
+        assert!(!others.contains(&1), "#1 delivered again: {others:?}");
+    }
+    // Longer than ack_wait when asked, and back to ack_wait.
+    let deadline = f.extend("slow", vec![1], 60_000).await.unwrap();
+    let lease = deadline
+        .duration_since(std::time::SystemTime::now())
+        .unwrap();
+    assert!(lease > Duration::from_secs(55), "{lease:?}");
+    assert_eq!(f.ack_each("slow", vec![1]).await.unwrap(), 1);
+
+    // What cannot be extended.
+    let too_long = f.extend("slow", vec![2], 43_200_001).await.unwrap_err();
+    assert_eq!(too_long.code(), Code::InvalidArgument);
+    assert!(
+        too_long.message().contains("extend_ms"),
+        "{}",
+        too_long.message()
+    );
+    let none = f.extend("slow", vec![], 0).await.unwrap_err();
+    assert_eq!(none.code(), Code::InvalidArgument);
+    let acked = f.extend("slow", vec![1], 0).await.unwrap_err();
+    assert_eq!(acked.code(), Code::FailedPrecondition);
+    assert!(acked.message().contains("[1]"), "{}", acked.message());
+    let unknown = f.extend("nobody", vec![1], 0).await.unwrap_err();
+    assert_eq!(unknown.code(), Code::FailedPrecondition);
     f.service.stop().await.unwrap();
 }
 

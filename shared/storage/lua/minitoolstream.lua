@@ -1855,24 +1855,55 @@ end
 
 -- Nacks: every sequence must be pending; each becomes deliverable again
 -- after `delay_ms`. Returns 'ok' or 'not_held' and the missing sequences.
+-- Inside a transaction: moves the deadline of held `seqs` to `at`, their
+-- delivery counts kept. Returns the sequences the consumer does not hold
+-- (then nothing changes).
+local function retime_held(subject, durable, seqs, at)
+    local groups, missing = runs_holding(subject, durable, seqs)
+    if #missing > 0 then
+        return missing
+    end
+    for _, group in ipairs(groups) do
+        local p = group[1]
+        retime(p, group[2], {deliveries = p.deliveries, deadline_ns = at, first_ns = p.first_delivered_ns})
+    end
+    return missing
+end
+
 rawset(_G, 'mts_nack', function(subject, durable, seqs, delay_ms)
     local missing = {}
     box.atomic(function()
-        local groups
-        groups, missing = runs_holding(subject, durable, seqs)
-        if #missing > 0 then
-            return
-        end
-        local at = after_ms(now_ns(), delay_ms)
-        for _, group in ipairs(groups) do
-            local p = group[1]
-            retime(p, group[2], {deliveries = p.deliveries, deadline_ns = at, first_ns = p.first_delivered_ns})
-        end
+        missing = retime_held(subject, durable, seqs, after_ms(now_ns(), delay_ms))
     end)
     if #missing > 0 then
         return 'not_held', missing
     end
     return 'ok', {}
+end)
+
+-- Lease extension, for a worker still at its messages: the leases of held
+-- `seqs` now run out `extend_ms` from now (0: the consumer's ack_wait),
+-- sooner or later than they did; delivery counts stay. Returns 'ok' and
+-- the new deadline (ns), or 'not_held' and the sequences the consumer does
+-- not hold (then nothing changes).
+rawset(_G, 'mts_extend_lease', function(subject, durable, seqs, extend_ms)
+    local missing, at = {}, 0
+    box.atomic(function()
+        local row = box.space.mts_consumers:get({subject, durable})
+        if row == nil then
+            missing = seqs
+            return
+        end
+        if extend_ms == nil or extend_ms == 0 then
+            extend_ms = consumer_view(row).ack_wait_ms
+        end
+        at = after_ms(now_ns(), extend_ms)
+        missing = retime_held(subject, durable, seqs, at)
+    end)
+    if #missing > 0 then
+        return 'not_held', missing
+    end
+    return 'ok', at
 end)
 
 -- The original cumulative ack: acknowledges every message <= seq, delivered
@@ -2826,7 +2857,7 @@ with_schema_lock(function()
         'mts_create_or_update_consumer', 'mts_consumer_info', 'mts_delete_consumer', 'mts_settle_object',
         'mts_set_subject_limits', 'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done',
         'mts_lease', 'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
-        'mts_settle_attempt', 'mts_identity', 'mts_dead_letter',
+        'mts_settle_attempt', 'mts_identity', 'mts_dead_letter', 'mts_extend_lease',
         'mts_locate_time', 'mts_segment_next', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats', 'mts_hot_tier',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
     }

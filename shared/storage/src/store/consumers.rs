@@ -329,6 +329,30 @@ impl Store {
         })
     }
 
+    /// Pushes the leases of `seqs` forward, for a worker still at them: they
+    /// run out `extend_ms` from now (`None`: the consumer's ack_wait). All
+    /// must be held. Returns when they now run out (ns since the Unix epoch).
+    pub async fn extend_leases(
+        &self,
+        subject: &str,
+        durable: &str,
+        seqs: &[u64],
+        extend_ms: Option<u32>,
+    ) -> Result<Result<u64, NotHeld>, Error> {
+        let (status, detail): (String, tarant::Value) = self
+            .call(
+                "mts_extend_lease",
+                (subject, durable, seqs, extend_ms.unwrap_or(0)),
+                self.timeout,
+            )
+            .await?;
+        Ok(if status == "ok" {
+            Ok(detail.as_u64().unwrap_or_default())
+        } else {
+            Err(NotHeld(sequences(&detail)))
+        })
+    }
+
     /// Gives leases back at once (best effort, for a stream that ended).
     pub async fn release(&self, subject: &str, durable: &str, seqs: &[u64]) -> Result<(), Error> {
         let _: (bool,) = self

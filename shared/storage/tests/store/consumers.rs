@@ -102,6 +102,78 @@ async fn a_nack_or_a_lapsed_lease_redelivers_and_max_deliver_dead_letters() {
 }
 
 #[tokio::test]
+async fn an_extended_lease_runs_out_when_the_extension_says_and_keeps_its_delivery_count() {
+    let (store, subject) = consumer_with(
+        "extend",
+        3,
+        ConsumerSettings {
+            ack_wait_ms: Some(100),
+            ..ConsumerSettings::default()
+        },
+    )
+    .await;
+    let batch = store.fetch(&subject, "d", 2).await.unwrap();
+    assert_eq!(seqs(&batch), vec![1, 2]);
+    let now = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
+    };
+    // Part of a run: #1 for 400 ms, #2 keeps its 100.
+    let asked = now();
+    let deadline = store
+        .extend_leases(&subject, "d", &[1], Some(400))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(deadline >= asked + 400_000_000 && deadline < now() + 450_000_000);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(
+        seqs(&store.fetch(&subject, "d", 10).await.unwrap()),
+        vec![2, 3]
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Due again in the order their leases ran out.
+    let again = store.fetch(&subject, "d", 10).await.unwrap();
+    assert_eq!(seqs(&again), vec![2, 3, 1]);
+    assert_eq!(
+        again.messages[2].deliveries, 2,
+        "one more delivery, not two"
+    );
+
+    // Without a length: the consumer's ack_wait.
+    let asked = now();
+    let deadline = store
+        .extend_leases(&subject, "d", &[1, 3], None)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(deadline >= asked + 100_000_000 && deadline < now() + 150_000_000);
+    // Nothing changes when one is not held.
+    store
+        .ack_sequences(&subject, "d", &[3])
+        .await
+        .unwrap()
+        .unwrap();
+    let refused = store
+        .extend_leases(&subject, "d", &[1, 3], Some(60_000))
+        .await
+        .unwrap();
+    assert_eq!(refused.unwrap_err().0, vec![3]);
+    let unknown = store
+        .extend_leases(&subject, "nobody", &[1], None)
+        .await
+        .unwrap();
+    assert_eq!(unknown.unwrap_err().0, vec![1]);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        seqs(&store.fetch(&subject, "d", 10).await.unwrap()),
+        vec![2, 1]
+    );
+}
+
+#[tokio::test]
 async fn acks_ride_with_the_next_lease_and_release_gives_leases_back() {
     let (store, subject) = subject_with("ack-consume", 4).await;
     let batch = store

@@ -1057,57 +1057,41 @@ rawset(_G, 'mts_publish_batch', function(messages, attempt, forget, hot, blocks)
                 return
             end
         end
-        for i, m in ipairs(messages) do
-            if late(m[IN.deadline_ns], now) then
-                results[i] = {0, false, LATE, LATE_REASON}
-            else
-                local s = subjects[m[IN.subject]]
-                if s == nil then
-                    s = open_subject(m[IN.subject])
-                    subjects[m[IN.subject]] = s
-                end
-                local refused = nil
-                if full and not seen_recently(s, m[IN.message_id], now) then
-                    refused = make_room(s, budget)
-                end
+        -- One message or block: its verdict; `add(s)` stores it in open
+        -- subject `s` and returns its (first) sequence and whether it was
+        -- a duplicate.
+        local function verdict(subject, deadline_ns, message_id, count, add)
+            if late(deadline_ns, now) then
+                return {0, false, LATE, LATE_REASON}
+            end
+            local s = subjects[subject]
+            if s == nil then
+                s = open_subject(subject)
+                subjects[subject] = s
+            end
+            if full and not seen_recently(s, message_id, now) then
+                local refused = make_room(s, budget, count)
                 if refused ~= nil then
-                    results[i] = {0, false, HOT_FULL, refused}
-                else
-                    local ok, seq, duplicate = pcall(add_message, now, s, m[IN.headers], m[IN.data], nil,
-                        m[IN.size], m[IN.sha256], m[IN.message_id], m[IN.window_ms])
-                    if ok then
-                        results[i] = {seq, duplicate}
-                    else
-                        results[i] = {0, false, error_code(seq), tostring(seq)}
-                    end
+                    return {0, false, HOT_FULL, refused}
                 end
             end
+            local ok, seq, duplicate = pcall(add, s)
+            if not ok then
+                return {0, false, error_code(seq), tostring(seq)}
+            end
+            return {seq, duplicate or false}
+        end
+        for i, m in ipairs(messages) do
+            results[i] = verdict(m[IN.subject], m[IN.deadline_ns], m[IN.message_id], 1, function(s)
+                return add_message(now, s, m[IN.headers], m[IN.data], nil, m[IN.size], m[IN.sha256],
+                    m[IN.message_id], m[IN.window_ms])
+            end)
         end
         for _, b in ipairs(blocks or {}) do
-            local i = #results + 1
-            if late(b[BLOCK.deadline_ns], now) then
-                results[i] = {0, false, LATE, LATE_REASON}
-            else
-                local s = subjects[b[BLOCK.subject]]
-                if s == nil then
-                    s = open_subject(b[BLOCK.subject])
-                    subjects[b[BLOCK.subject]] = s
-                end
-                local refused = nil
-                if full then
-                    refused = make_room(s, budget, b[BLOCK.count])
-                end
-                if refused ~= nil then
-                    results[i] = {0, false, HOT_FULL, refused}
-                else
-                    local ok, seq = pcall(add_block, now, s, b[BLOCK.count], b[BLOCK.bytes], b[BLOCK.batch])
-                    if ok then
-                        results[i] = {seq, false}
-                    else
-                        results[i] = {0, false, error_code(seq), tostring(seq)}
-                    end
-                end
-            end
+            results[#results + 1] = verdict(b[BLOCK.subject], b[BLOCK.deadline_ns], nil, b[BLOCK.count],
+                function(s)
+                    return add_block(now, s, b[BLOCK.count], b[BLOCK.bytes], b[BLOCK.batch])
+                end)
         end
         for _, s in pairs(subjects) do
             close_subject(s)

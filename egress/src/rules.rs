@@ -1,5 +1,5 @@
 //! Rules the requests of several RPCs share: names, sequence lists, lease
-//! extensions, and
+//! extensions, rejection reasons, and
 //! what "the consumer does not hold these" means to a client.
 
 use mts_runtime::validate;
@@ -55,6 +55,20 @@ pub(crate) fn extension(extend_ms: u32) -> Result<Option<u32>, validate::Error> 
         )),
         ms => Ok(Some(ms)),
     }
+}
+
+/// Longest reason a rejection may give.
+pub(crate) const MAX_REJECT_REASON: usize = 1024;
+
+/// Checks a rejection's reason.
+pub(crate) fn reject_reason(reason: &str) -> Result<(), validate::Error> {
+    if reason.len() > MAX_REJECT_REASON {
+        return Err(validate::Error::new(
+            "reason",
+            format!("{} bytes; the limit is {MAX_REJECT_REASON}", reason.len()),
+        ));
+    }
+    Ok(())
 }
 
 /// Maps "the consumer does not hold these" to the service error.

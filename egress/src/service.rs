@@ -10,7 +10,8 @@ use mts_proto::pb::{
     AckRequest, AckResponse, AckSequencesRequest, AckSequencesResponse, ConsumeRequest,
     ConsumerInfo, ConsumerRequest, CreateOrUpdateConsumerRequest, DeleteConsumerResponse,
     ExtendLeaseRequest, ExtendLeaseResponse, FetchRequest, GetLastSequenceRequest,
-    GetLastSequenceResponse, Message, NackRequest, NackResponse, Notification, SubscribeRequest,
+    GetLastSequenceResponse, Message, NackRequest, NackResponse, Notification, RejectRequest,
+    RejectResponse, SubscribeRequest,
 };
 use mts_proto::pb::{
     FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectRequest,
@@ -53,6 +54,7 @@ touches!(
     AckSequencesRequest,
     NackRequest,
     ExtendLeaseRequest,
+    RejectRequest,
     FetchPayloadRequest,
     SetSubjectLimitsRequest,
     SubjectRequest,
@@ -229,6 +231,19 @@ impl EgressService for Egress {
         Ok(Response::new(ExtendLeaseResponse {
             deadline: Some(crate::wire::timestamp(deadline_ns)),
         }))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name, count = request.get_ref().sequences.len()))]
+    async fn reject(
+        &self,
+        request: Request<RejectRequest>,
+    ) -> Result<Response<RejectResponse>, Status> {
+        self.admit(&request, Permission::Ack)?;
+        let ack_floor = self
+            .reject(request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "rejection failed"))?;
+        Ok(Response::new(RejectResponse { ack_floor }))
     }
 
     #[instrument(skip_all, fields(subject = %request.get_ref().subject, sequence = request.get_ref().sequence, offset = request.get_ref().offset))]

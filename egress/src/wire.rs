@@ -157,6 +157,7 @@ pub fn consumer_info(state: ConsumerState, created_now: bool) -> ConsumerInfo {
         num_pending: state.num_pending,
         num_ack_pending: state.num_ack_pending,
         num_redelivered: state.num_redelivered,
+        num_rejected: state.num_rejected,
         oldest_unacked_age_ms: state.oldest_unacked_age_ns / 1_000_000,
         last_sequence: state.last_seq,
         created_now,

@@ -1,12 +1,15 @@
-//! AckMessage (cumulative), Ack (exact sequences), Nack and ExtendLease.
+//! AckMessage (cumulative), Ack (exact sequences), Nack, ExtendLease and
+//! Reject.
 
-use mts_proto::pb::{AckRequest, AckSequencesRequest, ExtendLeaseRequest, NackRequest};
+use mts_proto::pb::{
+    AckRequest, AckSequencesRequest, ExtendLeaseRequest, NackRequest, RejectRequest,
+};
 use mts_runtime::validate;
 use mts_storage::store::AckOutcome;
 
 use crate::Error;
 use crate::handlers::Egress;
-use crate::rules::{consumer_names, extension, held, sequence_list};
+use crate::rules::{consumer_names, extension, held, reject_reason, sequence_list};
 
 impl Egress {
     pub(crate) async fn cumulative_ack(&self, request: AckRequest) -> Result<u64, Error> {
@@ -68,5 +71,65 @@ impl Egress {
             )
             .await?;
         held(&request.subject, &request.durable_name, verdict)
+    }
+
+    /// Returns the consumer's ack floor after the rejection.
+    pub(crate) async fn reject(&self, request: RejectRequest) -> Result<u64, Error> {
+        consumer_names(&request.subject, &request.durable_name)?;
+        sequence_list(&request.sequences)?;
+        reject_reason(&request.reason)?;
+        self.reject_held(
+            &request.subject,
+            &request.durable_name,
+            &request.sequences,
+            &request.reason,
+        )
+        .await
+    }
+
+    /// Rejects held `seqs`; those in segments are read from there for
+    /// their dead-letter copies, and rejected with them. Returns the ack
+    /// floor after it.
+    pub(crate) async fn reject_held(
+        &self,
+        subject: &str,
+        durable: &str,
+        seqs: &[u64],
+        reason: &str,
+    ) -> Result<u64, Error> {
+        let rejected = held(
+            subject,
+            durable,
+            self.store
+                .reject(subject, durable, seqs, reason, &[])
+                .await?,
+        )?;
+        if rejected.in_segments.is_empty() {
+            self.metrics.rejections.inc_by(seqs.len() as u64);
+            return Ok(rejected.ack_floor);
+        }
+        // Copies first, in order; one that retention took meanwhile goes
+        // last, without a copy, and is dropped.
+        let (mut copies, mut gone) = (Vec::new(), Vec::new());
+        for &seq in &rejected.in_segments {
+            match self.store.message(subject, seq).await? {
+                Some(mut message) => {
+                    self.segments.resolve(&mut message).await?;
+                    copies.push(message);
+                }
+                None => gone.push(seq),
+            }
+        }
+        let mut cold: Vec<u64> = copies.iter().map(|m| m.seq).collect();
+        cold.extend(gone);
+        let rejected = held(
+            subject,
+            durable,
+            self.store
+                .reject(subject, durable, &cold, reason, &copies)
+                .await?,
+        )?;
+        self.metrics.rejections.inc_by(seqs.len() as u64);
+        Ok(rejected.ack_floor)
     }
 }

@@ -1,6 +1,6 @@
 //! The bidirectional Consume stream. The client opens it with a start frame
-//! and then sends acks, nacks and lease extensions; the server pushes
-//! messages as they are committed (woken by the subject's watcher, no
+//! and then sends acks, nacks, lease extensions and rejections; the server
+//! pushes messages as they are committed (woken by the subject's watcher, no
 //! polling) or become due for redelivery, never with more than
 //! `max_in_flight` of them outstanding — sent and neither acked, nacked nor
 //! past their lease. Acks are not answered one call each: they ride along
@@ -26,7 +26,7 @@ use crate::Error;
 use crate::delivery::Payloads;
 use crate::delivery::wire_messages;
 use crate::handlers::{Egress, draining_status};
-use crate::rules::{MAX_SEQUENCES, consumer_names, extension, held, sequence_list};
+use crate::rules::{MAX_SEQUENCES, consumer_names, extension, held, reject_reason, sequence_list};
 
 /// `max_in_flight` when the client gives 0.
 const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
@@ -535,10 +535,11 @@ impl Session {
         Ok(released)
     }
 
-    /// Takes an ack, nack or extension frame. Acks are kept for the next
-    /// lease (room they free counts at once); a nack is applied now, after
-    /// the acks before it, and so is an extension. True when the frame
-    /// handed messages back (a nack), so there is something to push.
+    /// Takes an ack, nack, extension or rejection frame. Acks are kept for
+    /// the next lease (room they free counts at once); the others are
+    /// applied now, a nack or rejection after the acks before it. True when
+    /// the frame made room or handed messages back, so there may be
+    /// something to push.
     async fn answer(&mut self, frame: Frame) -> Result<bool, End> {
         match frame {
             Frame::Ack(ack) => {
@@ -584,6 +585,24 @@ impl Session {
                     }
                 }
                 Ok(false)
+            }
+            Frame::Reject(reject) => {
+                sequence_list(&reject.sequences).map_err(ended)?;
+                reject_reason(&reject.reason).map_err(ended)?;
+                self.flush_acks().await?;
+                self.egress
+                    .reject_held(
+                        &self.subject,
+                        &self.durable,
+                        &reject.sequences,
+                        &reject.reason,
+                    )
+                    .await
+                    .map_err(ended)?;
+                for seq in &reject.sequences {
+                    self.outstanding.remove(seq);
+                }
+                Ok(true)
             }
             Frame::Start(_) => Err(ended(validate::Error::new(
                 "start",

@@ -1,15 +1,16 @@
 //! The bidirectional Consume stream: push on commit, flow control, acks and
 //! nacks on the stream, and what happens to a broken stream's messages.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::Duration;
 
 use futures::StreamExt;
 use mts_proto::pb::consume_request::Request as Frame;
 use mts_proto::pb::{
     AckSequences, ConsumeRequest, ConsumeStart, ConsumerConfig, CreateOrUpdateConsumerRequest,
-    ExtendSequences, Message, NackSequences,
+    ExtendSequences, Message, NackSequences, RejectSequences,
 };
+use mts_storage::object_store::ObjectStore;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
@@ -89,6 +90,16 @@ impl Stream {
 }
 
 impl Stream {
+    async fn reject(&self, sequences: Vec<u64>, reason: &str) {
+        let frame = ConsumeRequest {
+            request: Some(Frame::Reject(RejectSequences {
+                sequences,
+                reason: reason.into(),
+            })),
+        };
+        self.frames.send(frame).await.unwrap();
+    }
+
     async fn extend(&self, sequences: Vec<u64>, extend_ms: u32) {
         let frame = ConsumeRequest {
             request: Some(Frame::Extend(ExtendSequences {
@@ -381,5 +392,49 @@ async fn a_stream_extending_a_lease_keeps_its_message_from_the_other_streams() {
         .unwrap();
     let status = end.unwrap().unwrap_err();
     assert_eq!(status.code(), Code::FailedPrecondition, "{status}");
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_rejected_large_message_goes_to_the_dead_letter_subject_and_the_stream_goes_on() {
+    let mut f = fixture("consume-reject").await;
+    create(&mut f, "picky", 60_000).await;
+    let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
+    let key = format!("{}/big", f.subject);
+    ObjectStore::new(&f.config)
+        .put(&key, payload.clone().into())
+        .await
+        .unwrap();
+    f.store
+        .publish(
+            &f.subject,
+            &HashMap::new(),
+            None,
+            Some(&key),
+            payload.len() as u64,
+        )
+        .await
+        .unwrap();
+    f.publish(b"small").await;
+    let mut stream = Stream::open(&mut f, "picky", 1).await;
+    assert_eq!(stream.next().await.sequence, 1);
+    stream.reject(vec![1], "too large to handle").await;
+    // Its room is free at once.
+    let next = stream.next().await;
+    assert_eq!((next.sequence, next.delivery_count), (2, 1));
+    stream.ack(vec![2]).await;
+    stream.finish().await;
+
+    let mut dead = fixture("consume-reject-dlq").await;
+    dead.subject = format!("{}.dlq", f.subject);
+    let letters = dead.fetch("inspector", 10).await;
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].data, payload, "the payload is still readable");
+    assert_eq!(
+        letters[0].headers["mts-reject-reason"],
+        "too large to handle"
+    );
+    assert_eq!(letters[0].headers["mts-origin-sequence"], "1");
+    dead.service.stop().await.unwrap();
     f.service.stop().await.unwrap();
 }

@@ -9,8 +9,8 @@ use std::time::Duration;
 use futures::StreamExt;
 use mts_config::Config;
 use mts_proto::pb::{
-    ConsumerConfig, CreateOrUpdateConsumerRequest, DeliverPolicy, FetchPayloadRequest,
-    FetchRequest, Message, SubjectLimits,
+    ConsumerConfig, ConsumerRequest, CreateOrUpdateConsumerRequest, DeliverPolicy,
+    FetchPayloadRequest, FetchRequest, Message, RejectRequest, SubjectLimits,
 };
 use mts_proto::service_names::EGRESS;
 use mts_storage::store::{Refusal, Store};
@@ -305,6 +305,71 @@ async fn a_message_in_a_segment_is_dead_lettered_with_its_payload() {
         assert_eq!(copy.headers["n"], origin.to_string());
         assert_eq!(copy.headers["mts-origin-durable"], "fragile");
     }
+}
+
+#[tokio::test]
+async fn a_rejected_message_in_a_segment_is_dead_lettered_with_its_payload_and_reason() {
+    let t = isolated(eager).await;
+    let subject = testing::unique_subject("cold-reject");
+    publish_numbered(&t, &subject, 3).await;
+    wait_all_cold(&t, &subject, 3).await;
+    start_consumer(&t, &subject, "picky", ConsumerConfig::default()).await;
+    assert_eq!(fetch(&t, &subject, "picky", 10).await.len(), 3);
+    let reject = |sequences: Vec<u64>| {
+        let mut client = t.client.clone();
+        let subject = subject.clone();
+        async move {
+            client
+                .reject(RejectRequest {
+                    subject,
+                    durable_name: "picky".into(),
+                    sequences,
+                    reason: "schema v1 is gone".into(),
+                })
+                .await
+        }
+    };
+    let floor = reject(vec![1, 3]).await.unwrap().into_inner().ack_floor;
+    assert_eq!(floor, 1);
+    let dlq = format!("{subject}.dlq");
+    let copies = fetch(&t, &dlq, "dlq-reader", 10).await;
+    let origins: Vec<u64> = copies
+        .iter()
+        .map(|c| c.headers["mts-origin-sequence"].parse().unwrap())
+        .collect();
+    assert_eq!(origins, [1, 3]);
+    for copy in &copies {
+        let origin: u64 = copy.headers["mts-origin-sequence"].parse().unwrap();
+        assert_eq!(copy.data, payload(origin));
+        assert_eq!(copy.headers["n"], origin.to_string());
+        assert_eq!(copy.headers["mts-reject-reason"], "schema v1 is gone");
+    }
+    let info = t
+        .client
+        .clone()
+        .get_consumer_info(ConsumerRequest {
+            subject: subject.clone(),
+            durable_name: "picky".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.num_rejected, info.num_ack_pending), (2, 1));
+    let again = reject(vec![3]).await.unwrap_err();
+    assert_eq!(again.code(), tonic::Code::FailedPrecondition);
+    reject(vec![2]).await.unwrap();
+    let long = t
+        .client
+        .clone()
+        .reject(RejectRequest {
+            subject: subject.clone(),
+            durable_name: "picky".into(),
+            sequences: vec![2],
+            reason: "x".repeat(1025),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(long.code(), tonic::Code::InvalidArgument);
 }
 
 #[tokio::test]

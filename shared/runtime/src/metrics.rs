@@ -76,6 +76,8 @@ pub struct Metrics {
     pub deliveries: Counter,
     /// `minitoolstream_redeliveries_total`
     pub redeliveries: Counter,
+    /// `minitoolstream_rejections_total`
+    pub rejections: Counter,
     /// `minitoolstream_orphan_objects_deleted_total`
     pub orphans_deleted: Counter,
     /// `minitoolstream_consumer_pending_messages`
@@ -239,6 +241,12 @@ impl Metrics {
             "Messages handed to consumers again after a lease ran out or a nack",
             redeliveries.clone(),
         );
+        let rejections = Counter::default();
+        registry.register(
+            "rejections",
+            "Messages consumers gave up by terminal rejection (dead-lettered or dropped)",
+            rejections.clone(),
+        );
         let orphans_deleted = Counter::default();
         registry.register(
             "orphan_objects_deleted",
@@ -353,6 +361,7 @@ impl Metrics {
             active_streams,
             deliveries,
             redeliveries,
+            rejections,
             orphans_deleted,
             tiers,
             segments_written,

@@ -115,20 +115,24 @@ local function with_schema_lock(apply)
     end
 end
 
--- Inside a transaction: gives the subject's row every field of its format,
--- so that any of them can be updated (an update cannot skip over absent
--- fields); returns the row.
-local function pad_subject(subject)
-    local row = box.space.mts_subjects:get(subject)
-    local fields = #box.space.mts_subjects:format()
+-- Inside a transaction: gives the row of `space` under `key` every field of
+-- its format, so that any of them can be updated (an update cannot skip
+-- over absent fields); returns the row.
+local function pad_row(space, key)
+    local row = space:get(key)
+    local fields = #space:format()
     if #row < fields then
         local padded = row:totable()
         for i = #row + 1, fields do
             padded[i] = box.NULL
         end
-        row = box.space.mts_subjects:replace(padded)
+        row = space:replace(padded)
     end
     return row
+end
+
+local function pad_subject(subject)
+    return pad_row(box.space.mts_subjects, subject)
 end
 
 with_schema_lock(function()
@@ -200,6 +204,8 @@ with_schema_lock(function()
         {name = 'start_time_ns', type = 'unsigned', is_nullable = true},
         -- Dead-letter subject; '' = none.
         {name = 'dlq_subject', type = 'string', is_nullable = true},
+        -- Messages given up by terminal rejection (mts_reject); nil = 0.
+        {name = 'rejected', type = 'unsigned', is_nullable = true},
     }
     box.schema.space.create('mts_consumers', {if_not_exists = true, format = CONSUMER_FORMAT})
     box.space.mts_consumers:format(CONSUMER_FORMAT)
@@ -1525,14 +1531,18 @@ local function pending_count(c)
 end
 
 -- Inside a transaction: publishes a copy of `message` to the consumer's
--- dead-letter subject (sharing its object, never copying it). Returns the
--- dead-letter subject to notify, or nil. The caller drops the lease.
-local function dead_letter(c, message, deliveries)
+-- dead-letter subject (sharing its object, never copying it), with the
+-- headers `extra` too. Returns the dead-letter subject to notify, or nil.
+-- The caller drops the lease.
+local function dead_letter(c, message, deliveries, extra)
     if c.dlq_subject == '' then
         return nil
     end
     local headers = {}
     for k, v in pairs(message.headers) do
+        headers[k] = v
+    end
+    for k, v in pairs(extra or {}) do
         headers[k] = v
     end
     headers['mts-origin-subject'] = c.subject
@@ -1890,6 +1900,78 @@ rawset(_G, 'mts_extend_lease', function(subject, durable, seqs, extend_ms)
     return 'ok', at
 end)
 
+-- Terminal rejection: held `seqs` are given up for good. Each goes to the
+-- consumer's dead-letter subject now, with the header mts-reject-reason, or
+-- is dropped when the consumer has none; it then counts as acked, and in the
+-- consumer's `rejected`. One that lives in a segment (which only the service
+-- reads) stays held and is returned, for the service to reject again with
+-- `copies`: its {headers, data, object_key, size, sha256}, one per sequence
+-- in `seqs`' order. Returns 'ok', the ack floor and the sequences left to
+-- the service; or 'not_held' and the sequences the consumer does not hold
+-- (then nothing changes).
+rawset(_G, 'mts_reject', function(subject, durable, seqs, reason, copies)
+    local missing, left, floor, dlq = {}, setmetatable({}, ARRAY), 0, nil
+    box.atomic(function()
+        local row = box.space.mts_consumers:get({subject, durable})
+        if row == nil then
+            missing = seqs
+            return
+        end
+        local groups
+        groups, missing = runs_holding(subject, durable, seqs)
+        if #missing > 0 then
+            return
+        end
+        local c = consumer_view(row)
+        local copy_of = {}
+        for i, seq in ipairs(seqs) do
+            local copy = copies ~= nil and copies[i] or nil
+            if copy ~= nil then
+                copy_of[seq] = {
+                    seq = seq, headers = copy.headers or {}, data = copy.data, object_key = copy.object_key,
+                    size = copy.size, sha256 = copy.sha256,
+                }
+            end
+        end
+        local rejected = 0
+        for _, group in ipairs(groups) do
+            local p, done = group[1], {}
+            for _, seq in ipairs(group[2]) do
+                local message = copy_of[seq]
+                if message == nil and c.dlq_subject ~= '' then
+                    message = locate(subject, seq)
+                end
+                if message ~= nil and message[9] ~= nil then
+                    left[#left + 1] = seq
+                else
+                    -- Gone already (retention) or nowhere to go: dropped.
+                    if message ~= nil then
+                        dlq = dead_letter(c, message, p.deliveries, {['mts-reject-reason'] = reason}) or dlq
+                    end
+                    done[#done + 1] = seq
+                end
+            end
+            if #done > 0 then
+                drop_from_run(p, done)
+                rejected = rejected + #done
+            end
+        end
+        if rejected > 0 then
+            local counted = pad_row(box.space.mts_consumers, {subject, durable})
+            box.space.mts_consumers:update({subject, durable}, {{'=', 'rejected', (counted.rejected or 0) + rejected}})
+        end
+        settle_floor(c)
+        floor = c.floor
+    end)
+    if #missing > 0 then
+        return 'not_held', missing, left
+    end
+    if dlq ~= nil then
+        notify(dlq)
+    end
+    return 'ok', floor, left
+end)
+
 -- The original cumulative ack: acknowledges every message <= seq, delivered
 -- or not (an old client may ack ahead to skip), and never moves back.
 -- Returns 'ok' and the floor, or 'beyond_last' and the last sequence.
@@ -2045,6 +2127,7 @@ rawset(_G, 'mts_consumer_info', function(subject, durable)
         num_pending = num_pending,
         num_ack_pending = ack_pending,
         num_redelivered = redelivered,
+        num_rejected = row.rejected or 0,
         oldest_unacked_age_ns = oldest_unacked_age_ns,
         last_seq = last,
     }
@@ -2841,7 +2924,7 @@ with_schema_lock(function()
         'mts_create_or_update_consumer', 'mts_consumer_info', 'mts_delete_consumer', 'mts_settle_object',
         'mts_set_subject_limits', 'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done',
         'mts_lease', 'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
-        'mts_settle_attempt', 'mts_identity', 'mts_dead_letter', 'mts_extend_lease',
+        'mts_settle_attempt', 'mts_identity', 'mts_dead_letter', 'mts_extend_lease', 'mts_reject',
         'mts_locate_time', 'mts_segment_next', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats', 'mts_hot_tier',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
     }

@@ -26,7 +26,8 @@ mod subjects;
 mod tiering;
 
 pub use consumers::{
-    AckOutcome, Batch, ConsumerLag, ConsumerSettings, ConsumerState, DeliverPolicy, Leased, NotHeld,
+    AckOutcome, Batch, ConsumerLag, ConsumerSettings, ConsumerState, DeliverPolicy, Leased,
+    NotHeld, Rejected,
 };
 pub use group_commit::InlineMessage;
 pub use publish::{NewMessage, Payload, Published, SegmentRef, StoredMessage};

@@ -130,10 +130,23 @@ pub struct ConsumerState {
     pub num_ack_pending: u64,
     /// Of those, delivered more than once.
     pub num_redelivered: u64,
+    /// Messages given up by terminal rejection, ever.
+    #[serde(default)]
+    pub num_rejected: u64,
     /// Age of the oldest unacknowledged message, in nanoseconds.
     pub oldest_unacked_age_ns: u64,
     /// The subject's last sequence.
     pub last_seq: u64,
+}
+
+/// What a rejection did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejected {
+    /// The consumer's ack floor after it.
+    pub ack_floor: u64,
+    /// Messages that live in segments, still held: the caller reads them and
+    /// rejects them again with their copies.
+    pub in_segments: Vec<u64>,
 }
 
 /// How far behind a consumer is.
@@ -348,6 +361,37 @@ impl Store {
             .await?;
         Ok(if status == "ok" {
             Ok(detail.as_u64().unwrap_or_default())
+        } else {
+            Err(NotHeld(sequences(&detail)))
+        })
+    }
+
+    /// Gives held `seqs` up for good (see mts_reject): each is dead-lettered
+    /// with `reason`, or dropped when the consumer has no dead-letter
+    /// subject. Those in segments are left to the caller, to read and pass
+    /// here again as `copies` (in `seqs`' order).
+    pub async fn reject(
+        &self,
+        subject: &str,
+        durable: &str,
+        seqs: &[u64],
+        reason: &str,
+        copies: &[StoredMessage],
+    ) -> Result<Result<Rejected, NotHeld>, Error> {
+        let copies: Vec<tarant::Value> = copies.iter().map(super::tiering::message_copy).collect();
+        let copies = (!copies.is_empty()).then_some(copies);
+        let (status, detail, left): (String, tarant::Value, Vec<u64>) = self
+            .call(
+                "mts_reject",
+                (subject, durable, seqs, reason, copies),
+                self.timeout,
+            )
+            .await?;
+        Ok(if status == "ok" {
+            Ok(Rejected {
+                ack_floor: detail.as_u64().unwrap_or_default(),
+                in_segments: left,
+            })
         } else {
             Err(NotHeld(sequences(&detail)))
         })

@@ -369,32 +369,42 @@ impl Store {
         message: &StoredMessage,
         deliveries: u32,
     ) -> Result<bool, Error> {
-        use tarant::Value;
-        let headers = message
-            .headers
-            .iter()
-            .map(|(k, v)| (Value::from(k.as_str()), Value::from(v.as_str())))
-            .collect();
-        let copy = lua_map(vec![
-            ("headers", Value::Map(headers)),
-            (
-                "data",
-                message
-                    .data
-                    .as_ref()
-                    .map_or(Value::Nil, |d| Value::Binary(d.to_vec())),
-            ),
-            ("object_key", optional(message.object_key.as_deref())),
-            ("size", message.size.into()),
-            ("sha256", optional(message.sha256.as_deref())),
-        ]);
         let (done,): (bool,) = self
             .call(
                 "mts_dead_letter",
-                (&message.subject, durable, message.seq, deliveries, copy),
+                (
+                    &message.subject,
+                    durable,
+                    message.seq,
+                    deliveries,
+                    message_copy(message),
+                ),
                 self.timeout,
             )
             .await?;
         Ok(done)
     }
+}
+
+/// What a dead-letter copy takes of `message`, for the Lua.
+pub(super) fn message_copy(message: &StoredMessage) -> tarant::Value {
+    use tarant::Value;
+    let headers = message
+        .headers
+        .iter()
+        .map(|(k, v)| (Value::from(k.as_str()), Value::from(v.as_str())))
+        .collect();
+    lua_map(vec![
+        ("headers", Value::Map(headers)),
+        (
+            "data",
+            message
+                .data
+                .as_ref()
+                .map_or(Value::Nil, |d| Value::Binary(d.to_vec())),
+        ),
+        ("object_key", optional(message.object_key.as_deref())),
+        ("size", message.size.into()),
+        ("sha256", optional(message.sha256.as_deref())),
+    ])
 }

@@ -174,6 +174,82 @@ async fn an_extended_lease_runs_out_when_the_extension_says_and_keeps_its_delive
 }
 
 #[tokio::test]
+async fn a_rejected_message_is_dead_lettered_with_its_reason_or_dropped_and_never_delivered_again()
+{
+    let (store, subject) = consumer_with(
+        "reject",
+        4,
+        ConsumerSettings {
+            ack_wait_ms: Some(100),
+            ..ConsumerSettings::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        seqs(&store.fetch(&subject, "d", 3).await.unwrap()),
+        vec![1, 2, 3]
+    );
+    // Nothing changes when one is not held.
+    let refused = store
+        .reject(&subject, "d", &[1, 4], "bad", &[])
+        .await
+        .unwrap();
+    assert_eq!(refused.unwrap_err().0, vec![4]);
+    let rejected = store
+        .reject(&subject, "d", &[1, 3], "cannot parse", &[])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((rejected.ack_floor, rejected.in_segments), (1, vec![]));
+    let dlq = format!("{subject}.dlq");
+    for (letter, origin) in [(1, 1u8), (2, 3)] {
+        let copy = store.message(&dlq, letter).await.unwrap().unwrap();
+        assert_eq!(copy.data.as_deref(), Some(&[origin - 1][..]));
+        assert_eq!(copy.headers["mts-reject-reason"], "cannot parse");
+        assert_eq!(copy.headers["mts-origin-sequence"], origin.to_string());
+        assert_eq!(copy.headers["mts-origin-delivery-count"], "1");
+    }
+    // Leases run out: #2 comes back, the rejected ones never do.
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert_eq!(
+        seqs(&store.fetch(&subject, "d", 10).await.unwrap()),
+        vec![2, 4]
+    );
+    let info = store.consumer_info(&subject, "d").await.unwrap().unwrap();
+    assert_eq!((info.num_rejected, info.num_ack_pending), (2, 2));
+
+    // Without a dead-letter subject a rejected message is dropped.
+    store
+        .create_or_update_consumer(
+            &subject,
+            "quiet",
+            &ConsumerSettings {
+                dlq_subject: Some(String::new()),
+                ..ConsumerSettings::default()
+            },
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        seqs(&store.fetch(&subject, "quiet", 1).await.unwrap()),
+        vec![1]
+    );
+    let rejected = store
+        .reject(&subject, "quiet", &[1], "", &[])
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rejected.ack_floor, 1);
+    assert_eq!(store.subject_info(&dlq).await.unwrap().count, 2);
+    let info = store
+        .consumer_info(&subject, "quiet")
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(info.num_rejected, 1);
+}
+
+#[tokio::test]
 async fn acks_ride_with_the_next_lease_and_release_gives_leases_back() {
     let (store, subject) = subject_with("ack-consume", 4).await;
     let batch = store

@@ -83,6 +83,7 @@ pub async fn consume(
                 durable_name: durable.to_owned(),
                 max_in_flight,
                 omit_large_payloads: true,
+                report_not_held: false,
             })),
         })
         .await

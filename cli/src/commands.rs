@@ -255,6 +255,7 @@ async fn subscribe(
         durable_name: durable,
         max_in_flight,
         omit_large_payloads: true,
+        report_not_held: false,
     });
     let _ = frames
         .send(ConsumeRequest {

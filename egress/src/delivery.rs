@@ -155,6 +155,7 @@ fn assemble(leased: Leased, payloads: Payloads, read: Option<bytes::Bytes>) -> M
         size: stored.size,
         sha256,
         payload_omitted: omitted,
+        not_held: None,
     }
 }
 

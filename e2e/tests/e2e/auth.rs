@@ -249,6 +249,7 @@ async fn call(system: &System, rpc: Rpc, token: Option<&str>, subject: &str) -> 
                     durable_name: durable,
                     max_in_flight: 1,
                     omit_large_payloads: false,
+                    report_not_held: false,
                 })),
             };
             egress

@@ -256,6 +256,7 @@ async fn clients_that_do_not_ask_for_omission_get_payloads_whole() {
                 durable_name: "old-consume".into(),
                 max_in_flight: 10,
                 omit_large_payloads: false,
+                report_not_held: false,
             })),
         })
         .await

@@ -14,10 +14,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use futures::StreamExt;
 use mts_proto::pb::consume_request::Request as Frame;
-use mts_proto::pb::{ConsumeRequest, ConsumeStart, Message};
+use mts_proto::pb::{ConsumeRequest, ConsumeStart, Message, NotHeldSequences};
 use mts_runtime::auth::{Caller, Permission};
 use mts_runtime::validate;
-use mts_storage::store::Leased;
+use mts_storage::store::{Leased, NotHeld};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Status, Streaming};
@@ -26,7 +26,7 @@ use crate::Error;
 use crate::delivery::Payloads;
 use crate::delivery::wire_messages;
 use crate::handlers::{Egress, draining_status};
-use crate::rules::{MAX_SEQUENCES, consumer_names, extension, held, reject_reason, sequence_list};
+use crate::rules::{MAX_SEQUENCES, consumer_names, extension, reject_reason, sequence_list};
 
 /// `max_in_flight` when the client gives 0.
 const DEFAULT_MAX_IN_FLIGHT: u32 = 100;
@@ -99,6 +99,7 @@ pub async fn open(
         subject: start.subject,
         durable: start.durable_name,
         max_in_flight: max_in_flight as usize,
+        report_not_held: start.report_not_held,
         outstanding: HashMap::new(),
         acks: Vec::new(),
         acks_since: None,
@@ -208,6 +209,9 @@ struct Session {
     subject: String,
     durable: String,
     max_in_flight: usize,
+    /// Whether the client takes result frames for frames naming sequences
+    /// this stream does not hold.
+    report_not_held: bool,
     /// Sent and not yet acked or nacked: sequence → lease deadline (ns).
     outstanding: HashMap<u64, u64>,
     /// Acked by the client and not yet applied.
@@ -223,6 +227,9 @@ struct Session {
 /// Messages leased by one call, ready to send.
 struct Lease {
     messages: Vec<Leased>,
+    /// Acks that rode with the call for sequences the consumer no longer
+    /// held: left out.
+    not_held: Vec<u64>,
     /// When redeliveries can next be due.
     due: Option<Instant>,
     /// The call handed out all it was allowed: more are likely waiting.
@@ -276,17 +283,17 @@ async fn lease(
     wait: Duration,
 ) -> Result<Lease, End> {
     let limit = u32::try_from(room).unwrap_or(u32::MAX);
-    let verdict = egress
+    let batch = egress
         .store
         .consume(subject, durable, acks, limit, wait)
         .await
         .map_err(ended)?;
-    let batch = held(subject, durable, verdict).map_err(ended)?;
     let due = (batch.next_deadline_ns > 0).then(|| instant_of(batch.next_deadline_ns));
     let full = batch.messages.len() >= room;
     let messages = egress.ready(durable, batch.messages).await.map_err(ended)?;
     Ok(Lease {
         messages,
+        not_held: batch.not_held,
         due,
         full,
     })
@@ -458,6 +465,7 @@ impl Session {
                 )
                 .await?;
                 self.hold(&batch.messages);
+                self.report("ack", batch.not_held.clone()).await?;
                 batch
             }
         };
@@ -544,27 +552,30 @@ impl Session {
         match frame {
             Frame::Ack(ack) => {
                 sequence_list(&ack.sequences).map_err(ended)?;
-                if self.acks.len() + ack.sequences.len() > MAX_SEQUENCES {
+                let (held, not_held) = self.split(ack.sequences);
+                if self.acks.len() + held.len() > MAX_SEQUENCES {
                     self.flush_acks().await?;
                 }
-                for seq in &ack.sequences {
+                for seq in &held {
                     self.outstanding.remove(seq);
                 }
-                self.acks.extend(ack.sequences);
-                self.acks_since.get_or_insert_with(Instant::now);
+                if !held.is_empty() {
+                    self.acks.extend(held);
+                    self.acks_since.get_or_insert_with(Instant::now);
+                }
+                self.report("ack", not_held).await?;
                 Ok(false)
             }
             Frame::Nack(nack) => {
                 sequence_list(&nack.sequences).map_err(ended)?;
                 self.flush_acks().await?;
-                let verdict = self
-                    .egress
-                    .store
-                    .nack(&self.subject, &self.durable, &nack.sequences, nack.delay_ms)
-                    .await
-                    .map_err(ended)?;
-                held(&self.subject, &self.durable, verdict).map_err(ended)?;
-                for seq in &nack.sequences {
+                let (store, subject, durable) = (&self.egress.store, &self.subject, &self.durable);
+                let gone = self
+                    .apply("nack", nack.sequences, |seqs| async move {
+                        store.nack(subject, durable, &seqs, nack.delay_ms).await
+                    })
+                    .await?;
+                for seq in &gone {
                     self.outstanding.remove(seq);
                 }
                 Ok(true)
@@ -572,14 +583,23 @@ impl Session {
             Frame::Extend(extend) => {
                 sequence_list(&extend.sequences).map_err(ended)?;
                 let extend_ms = extension(extend.extend_ms).map_err(ended)?;
-                let verdict = self
-                    .egress
-                    .store
-                    .extend_leases(&self.subject, &self.durable, &extend.sequences, extend_ms)
-                    .await
-                    .map_err(ended)?;
-                let deadline = held(&self.subject, &self.durable, verdict).map_err(ended)?;
-                for seq in &extend.sequences {
+                let (store, subject, durable) = (&self.egress.store, &self.subject, &self.durable);
+                let deadline = std::sync::Mutex::new(0);
+                let extended = self
+                    .apply("extend", extend.sequences, |seqs| {
+                        let deadline = &deadline;
+                        async move {
+                            let verdict = store
+                                .extend_leases(subject, durable, &seqs, extend_ms)
+                                .await?;
+                            Ok::<_, mts_storage::store::Error>(verdict.map(|at| {
+                                *deadline.lock().unwrap_or_else(|e| e.into_inner()) = at;
+                            }))
+                        }
+                    })
+                    .await?;
+                let deadline = deadline.into_inner().unwrap_or_else(|e| e.into_inner());
+                for seq in &extended {
                     if let Some(lease_end) = self.outstanding.get_mut(seq) {
                         *lease_end = deadline;
                     }
@@ -590,16 +610,18 @@ impl Session {
                 sequence_list(&reject.sequences).map_err(ended)?;
                 reject_reason(&reject.reason).map_err(ended)?;
                 self.flush_acks().await?;
-                self.egress
-                    .reject_held(
-                        &self.subject,
-                        &self.durable,
-                        &reject.sequences,
-                        &reject.reason,
-                    )
-                    .await
-                    .map_err(ended)?;
-                for seq in &reject.sequences {
+                let (egress, subject, durable, reason) =
+                    (&self.egress, &self.subject, &self.durable, &reject.reason);
+                let gone = self
+                    .apply("reject", reject.sequences, |seqs| async move {
+                        match egress.reject_held(subject, durable, &seqs, reason).await {
+                            Ok(_) => Ok(Ok(())),
+                            Err(Error::NotHeld { sequences, .. }) => Ok(Err(NotHeld(sequences))),
+                            Err(err) => Err(err),
+                        }
+                    })
+                    .await?;
+                for seq in &gone {
                     self.outstanding.remove(seq);
                 }
                 Ok(true)
@@ -609,6 +631,85 @@ impl Session {
                 "a stream takes one start frame",
             ))),
         }
+    }
+
+    /// `seqs` split into those this stream holds and the rest.
+    fn split(&self, seqs: Vec<u64>) -> (Vec<u64>, Vec<u64>) {
+        seqs.into_iter()
+            .partition(|seq| self.outstanding.contains_key(seq))
+    }
+
+    /// Applies `call` to the sequences of a `frame` this stream holds; those
+    /// it does not hold, and any the consumer turns out not to hold either
+    /// (a lease that ran out meanwhile), are left out and reported. Returns
+    /// the sequences it applied to.
+    async fn apply<F, Fut, E>(&self, frame: &str, seqs: Vec<u64>, call: F) -> Result<Vec<u64>, End>
+    where
+        F: Fn(Vec<u64>) -> Fut,
+        Fut: Future<Output = Result<Result<(), NotHeld>, E>>,
+        E: Into<Error>,
+    {
+        let (held, not_held) = self.split(seqs);
+        self.apply_held(frame, held, not_held, call).await
+    }
+
+    /// `apply` for sequences already split into `held` and `not_held`.
+    async fn apply_held<F, Fut, E>(
+        &self,
+        frame: &str,
+        mut held: Vec<u64>,
+        mut not_held: Vec<u64>,
+        call: F,
+    ) -> Result<Vec<u64>, End>
+    where
+        F: Fn(Vec<u64>) -> Fut,
+        Fut: Future<Output = Result<Result<(), NotHeld>, E>>,
+        E: Into<Error>,
+    {
+        let mut applied = Vec::new();
+        // Once more without those the consumer did not hold after all.
+        for _ in 0..2 {
+            if held.is_empty() {
+                break;
+            }
+            match call(held.clone()).await.map_err(ended)? {
+                Ok(()) => {
+                    applied = std::mem::take(&mut held);
+                    break;
+                }
+                Err(NotHeld(missing)) => {
+                    held.retain(|seq| !missing.contains(seq));
+                    not_held.extend(missing);
+                }
+            }
+        }
+        not_held.extend(held);
+        self.report(frame, not_held).await?;
+        Ok(applied)
+    }
+
+    /// Tells the client, when it asked, that its `frame` named `seqs`,
+    /// which this stream does not hold: nothing changed for them.
+    async fn report(&self, frame: &str, seqs: Vec<u64>) -> Result<(), End> {
+        if seqs.is_empty() {
+            return Ok(());
+        }
+        tracing::debug!(
+            frame,
+            ?seqs,
+            "a Consume frame named sequences the stream does not hold"
+        );
+        if !self.report_not_held {
+            return Ok(());
+        }
+        let result = Message {
+            not_held: Some(NotHeldSequences {
+                frame: frame.to_owned(),
+                sequences: seqs,
+            }),
+            ..Message::default()
+        };
+        self.sender.send(Ok(result)).await.map_err(|_| End::Quiet)
     }
 
     /// The waiting acks, leaving none.
@@ -623,14 +724,13 @@ impl Session {
         if acks.is_empty() {
             return Ok(());
         }
-        let verdict = self
-            .egress
-            .store
-            .ack_sequences(&self.subject, &self.durable, &acks)
-            .await
-            .map_err(ended)?;
-        held(&self.subject, &self.durable, verdict)
-            .map(drop)
-            .map_err(ended)
+        // Taken off `outstanding` when they came: held by this stream then.
+        let (store, subject, durable) = (&self.egress.store, &self.subject, &self.durable);
+        self.apply_held("ack", acks, Vec::new(), |seqs| async move {
+            let verdict = store.ack_sequences(subject, durable, &seqs).await?;
+            Ok::<_, mts_storage::store::Error>(verdict.map(drop))
+        })
+        .await
+        .map(drop)
     }
 }

@@ -1740,8 +1740,9 @@ rawset(_G, 'mts_fetch', function(subject, durable, limit, spans)
 end)
 
 -- Inside a transaction: the sequences of `seqs` that the consumer does not
--- hold; when there are none, they are all acknowledged (not yet settled).
-local function ack_held(subject, durable, seqs)
+-- hold; when there are none, or `tolerant`, the others are acknowledged
+-- (not yet settled).
+local function ack_held(subject, durable, seqs, tolerant)
     if #seqs == 0 then
         return {}
     end
@@ -1749,7 +1750,7 @@ local function ack_held(subject, durable, seqs)
         return seqs
     end
     local groups, missing = runs_holding(subject, durable, seqs)
-    if #missing == 0 then
+    if #missing == 0 or tolerant then
         for _, group in ipairs(groups) do
             drop_from_run(group[1], group[2])
         end
@@ -1765,15 +1766,17 @@ end
 -- messages come back on the same call, without a separate wake-up.
 -- Returns 'ok', the leased list and the next deadline (as mts_fetch) and
 -- an empty list, or 'not_held', nothing leased, 0 and the sequences not held.
-local function consume(subject, durable, acks, limit, wait_ms, spans)
+-- `tolerant` (since schema 15): acks the consumer does not hold are left
+-- out, the rest apply, and the answer is 'ok' with those left out last.
+local function consume(subject, durable, acks, limit, wait_ms, spans, tolerant)
     local missing, out, next_deadline, notify_subjects, full
     box.atomic(function()
-        missing = ack_held(subject, durable, acks)
-        if #missing == 0 then
+        missing = ack_held(subject, durable, acks, tolerant)
+        if #missing == 0 or tolerant then
             out, next_deadline, notify_subjects, full = hand_out(subject, durable, limit, spans)
         end
     end)
-    if #missing > 0 then
+    if #missing > 0 and not tolerant then
         return 'not_held', {}, 0, missing
     end
     local deadline = fiber.clock() + (wait_ms or 0) / 1000
@@ -1805,12 +1808,12 @@ local function consume(subject, durable, acks, limit, wait_ms, spans)
     for _, dlq in ipairs(notify_subjects) do
         notify(dlq)
     end
-    return 'ok', out, next_deadline, {}
+    return 'ok', out, next_deadline, setmetatable(missing, ARRAY)
 end
 
 -- The Consume RPC's procedure.
-rawset(_G, 'mts_consume', function(subject, durable, acks, limit, wait_ms, spans)
-    return consume(subject, durable, acks, limit, wait_ms, spans)
+rawset(_G, 'mts_consume', function(subject, durable, acks, limit, wait_ms, spans, tolerant)
+    return consume(subject, durable, acks, limit, wait_ms, spans, tolerant)
 end)
 
 -- Per-message acks: every sequence must be pending for this consumer, or

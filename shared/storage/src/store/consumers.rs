@@ -228,6 +228,9 @@ pub struct Batch {
     /// Earliest lease deadline still ahead (0 if none): when redeliveries can
     /// next become due.
     pub next_deadline_ns: u64,
+    /// Acks that came with the call naming sequences the consumer did not
+    /// hold: left out, the others applied.
+    pub not_held: Vec<u64>,
 }
 
 /// An ack or nack naming sequences the consumer does not hold.
@@ -272,14 +275,15 @@ impl Store {
         Ok(Batch {
             messages: expand(handed),
             next_deadline_ns,
+            not_held: Vec::new(),
         })
     }
 
-    /// Acknowledges exactly `acks` (all must be held, or nothing happens)
-    /// and then leases up to `limit` messages, in one transaction: a consume
-    /// stream's acks ride along with its next lease. With nothing to lease,
-    /// waits up to `wait` for a commit (or a redelivery falling due) and
-    /// looks again.
+    /// Acknowledges `acks` and then leases up to `limit` messages, in one
+    /// transaction: a consume stream's acks ride along with its next lease.
+    /// Acks of sequences the consumer does not hold are left out (and named
+    /// in the batch), the others apply. With nothing to lease, waits up to
+    /// `wait` for a commit (or a redelivery falling due) and looks again.
     pub async fn consume(
         &self,
         subject: &str,
@@ -287,22 +291,19 @@ impl Store {
         acks: &[u64],
         limit: u32,
         wait: Duration,
-    ) -> Result<Result<Batch, NotHeld>, Error> {
+    ) -> Result<Batch, Error> {
         let wait_ms = millis(wait);
-        let (status, handed, next_deadline_ns, missing): (String, Vec<Handed>, u64, Vec<u64>) =
+        let (_status, handed, next_deadline_ns, not_held): (String, Vec<Handed>, u64, Vec<u64>) =
             self.call(
                 "mts_consume",
-                (subject, durable, acks, limit, wait_ms, true),
+                (subject, durable, acks, limit, wait_ms, true, true),
                 self.timeout + wait,
             )
             .await?;
-        Ok(if status == "ok" {
-            Ok(Batch {
-                messages: expand(handed),
-                next_deadline_ns,
-            })
-        } else {
-            Err(NotHeld(missing))
+        Ok(Batch {
+            messages: expand(handed),
+            next_deadline_ns,
+            not_held,
         })
     }
 

@@ -10,7 +10,6 @@ use mts_proto::pb::{
     AckSequences, ConsumeRequest, ConsumeStart, ConsumerConfig, ConsumerRequest,
     CreateOrUpdateConsumerRequest, ExtendSequences, Message, NackSequences, RejectSequences,
 };
-use mts_storage::object_store::ObjectStore;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Streaming};
@@ -450,21 +449,7 @@ async fn a_rejected_large_message_goes_to_the_dead_letter_subject_and_the_stream
     let mut f = fixture("consume-reject").await;
     create(&mut f, "picky", 60_000).await;
     let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    let key = format!("{}/big", f.subject);
-    ObjectStore::new(&f.config)
-        .put(&key, payload.clone().into())
-        .await
-        .unwrap();
-    f.store
-        .publish(
-            &f.subject,
-            &HashMap::new(),
-            None,
-            Some(&key),
-            payload.len() as u64,
-        )
-        .await
-        .unwrap();
+    f.publish_offloaded(&payload, &HashMap::new()).await;
     f.publish(b"small").await;
     let mut stream = Stream::open(&mut f, "picky", 1).await;
     assert_eq!(stream.next().await.sequence, 1);

@@ -305,16 +305,8 @@ async fn max_deliver_sends_a_message_to_the_dead_letter_subject() {
 
     // A large message: its payload lives in S3, and the dead letter must share it.
     let payload: Vec<u8> = (0..400_000u32).map(|i| (i % 253) as u8).collect();
-    let key = format!("{}/big", f.subject);
-    object_store
-        .put(&key, payload.clone().into())
-        .await
-        .unwrap();
     let headers = HashMap::from([("kind".to_string(), "big".to_string())]);
-    f.store
-        .publish(&f.subject, &headers, None, Some(&key), payload.len() as u64)
-        .await
-        .unwrap();
+    let key = f.publish_offloaded(&payload, &headers).await;
 
     for delivery in 1..=2 {
         let got = f.fetch("d", 1).await;

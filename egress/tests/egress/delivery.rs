@@ -77,24 +77,9 @@ async fn an_old_style_client_fetches_and_acks_cumulatively() {
 #[tokio::test]
 async fn fetch_reads_offloaded_payloads_from_s3() {
     let mut f = fixture("fetch-s3").await;
-    let config = testing::config();
-    let object_store = ObjectStore::new(&config);
-    let key = format!("{}/object", f.subject);
+    let object_store = ObjectStore::new(&f.config);
     let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 251) as u8).collect();
-    object_store
-        .put(&key, payload.clone().into())
-        .await
-        .unwrap();
-    f.store
-        .publish(
-            &f.subject,
-            &HashMap::new(),
-            None,
-            Some(&key),
-            payload.len() as u64,
-        )
-        .await
-        .unwrap();
+    let key = f.publish_offloaded(&payload, &HashMap::new()).await;
     let fetched = f.fetch("d", 1).await;
     assert_eq!(fetched[0].data.as_ref(), payload.as_slice());
 

@@ -10,6 +10,7 @@ use mts_config::Config;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::{AckRequest, FetchRequest, GetLastSequenceRequest, Message};
 use mts_proto::service_names::EGRESS;
+use mts_storage::object_store::ObjectStore;
 use mts_storage::store::Store;
 use mts_testkit::{self as testing, Running};
 use tonic::transport::Channel;
@@ -53,6 +54,32 @@ impl Fixture {
             .publish(&self.subject, &headers, Some(data), None, data.len() as u64)
             .await
             .unwrap()
+    }
+
+    /// Publishes `payload` offloaded, as the ingress stores a large one: in
+    /// the bucket under a key of the subject's, which its metadata names.
+    /// Returns the key.
+    pub async fn publish_offloaded(
+        &self,
+        payload: &[u8],
+        headers: &HashMap<String, String>,
+    ) -> String {
+        let key = format!("{}/{}", self.subject, testing::unique_subject("object"));
+        ObjectStore::new(&self.config)
+            .put(&key, payload.to_vec().into())
+            .await
+            .unwrap();
+        self.store
+            .publish(
+                &self.subject,
+                headers,
+                None,
+                Some(&key),
+                payload.len() as u64,
+            )
+            .await
+            .unwrap();
+        key
     }
 
     pub async fn fetch(&mut self, durable: &str, batch_size: i32) -> Vec<Message> {

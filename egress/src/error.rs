@@ -46,6 +46,16 @@ pub enum Error {
         /// The subject's last sequence.
         last: u64,
     },
+    /// A seek past what the subject will deliver next.
+    #[error("cannot seek to sequence {sequence}: the last sequence of {subject} is {last}; seek to {next} at most", next = last + 1)]
+    SeekBeyondLast {
+        /// The subject.
+        subject: String,
+        /// The sequence asked for.
+        sequence: u64,
+        /// The subject's last sequence.
+        last: u64,
+    },
     /// An ack or nack names sequences the consumer does not hold.
     #[error(
         "durable {durable} on {subject} does not hold sequences {sequences:?}: they were acked already, never delivered to it, or dead-lettered"
@@ -128,7 +138,9 @@ impl From<Error> for tonic::Status {
                 tonic::Status::not_found(err.to_string())
             }
             Error::PayloadTooLarge { .. } => tonic::Status::resource_exhausted(err.to_string()),
-            Error::OffsetPastEnd { .. } => tonic::Status::out_of_range(err.to_string()),
+            Error::OffsetPastEnd { .. } | Error::SeekBeyondLast { .. } => {
+                tonic::Status::out_of_range(err.to_string())
+            }
             Error::Auth(source) => source.into(),
         }
     }

@@ -11,7 +11,7 @@ use mts_proto::pb::{
     ConsumerInfo, ConsumerRequest, CreateOrUpdateConsumerRequest, DeleteConsumerResponse,
     ExtendLeaseRequest, ExtendLeaseResponse, FetchRequest, GetLastSequenceRequest,
     GetLastSequenceResponse, Message, NackRequest, NackResponse, Notification, RejectRequest,
-    RejectResponse, SubscribeRequest,
+    RejectResponse, SeekConsumerRequest, SubscribeRequest,
 };
 use mts_proto::pb::{
     FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectRequest,
@@ -55,6 +55,7 @@ touches!(
     NackRequest,
     ExtendLeaseRequest,
     RejectRequest,
+    SeekConsumerRequest,
     FetchPayloadRequest,
     SetSubjectLimitsRequest,
     SubjectRequest,
@@ -172,6 +173,19 @@ impl EgressService for Egress {
         .await
         .inspect_err(|err| tracing::debug!(%err, "consumer info failed"))?;
         Ok(Response::new(wire::consumer_info(state, false)))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name))]
+    async fn seek_consumer(
+        &self,
+        request: Request<SeekConsumerRequest>,
+    ) -> Result<Response<ConsumerInfo>, Status> {
+        self.admit(&request, Permission::Admin)?;
+        let info = self
+            .seek(request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "seek failed"))?;
+        Ok(Response::new(info))
     }
 
     #[instrument(skip_all, fields(subject = %request.get_ref().subject, durable = %request.get_ref().durable_name))]

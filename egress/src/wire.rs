@@ -91,7 +91,7 @@ pub fn consumer_settings(
                     "DELIVER_BY_START_TIME needs a start_time",
                 )
             })?;
-            settings.start_time_ns = Some(start_time_ns(&time)?);
+            settings.start_time_ns = Some(time_ns(&time, "config.start_time")?);
         }
         _ => {}
     }
@@ -100,8 +100,9 @@ pub fn consumer_settings(
 
 /// A start time as nanoseconds since the Unix epoch, the store's clock:
 /// from 1970 to 2554, when that count runs out of 64 bits.
-fn start_time_ns(time: &prost_types::Timestamp) -> Result<u64, validate::Error> {
-    let field = "config.start_time";
+/// A wire time as ns since the Unix epoch, in the store's range; `field`
+/// names it in the refusal.
+pub fn time_ns(time: &prost_types::Timestamp, field: &'static str) -> Result<u64, validate::Error> {
     let nanos = u64::try_from(time.nanos)
         .ok()
         .filter(|n| *n < 1_000_000_000)

@@ -1,10 +1,13 @@
-//! Consumer and subject administration: creating, reading and deleting
-//! consumers, and subjects' retention limits and state.
+//! Consumer and subject administration: creating, reading, moving (seek)
+//! and deleting consumers, and subjects' retention limits and state.
 
 use mts_config::MAX_RETENTION_AGE_MS;
-use mts_proto::pb::{ConsumerInfo, CreateOrUpdateConsumerRequest, SetSubjectLimitsRequest};
+use mts_proto::pb::seek_consumer_request::To;
+use mts_proto::pb::{
+    ConsumerInfo, CreateOrUpdateConsumerRequest, SeekConsumerRequest, SetSubjectLimitsRequest,
+};
 use mts_runtime::validate;
-use mts_storage::store::{ConsumerSettings, ConsumerState, DeliverPolicy, SubjectState};
+use mts_storage::store::{ConsumerSettings, ConsumerState, DeliverPolicy, Seek, SubjectState};
 
 use crate::handlers::Egress;
 use crate::rules::consumer_names;
@@ -15,6 +18,48 @@ impl Egress {
     pub(crate) async fn delete(&self, subject: &str, durable: &str) -> Result<bool, Error> {
         consumer_names(subject, durable)?;
         Ok(self.store.delete_consumer(subject, durable).await?)
+    }
+
+    /// Moves a consumer to a sequence or a time; its state after.
+    pub(crate) async fn seek(&self, request: SeekConsumerRequest) -> Result<ConsumerInfo, Error> {
+        let (subject, durable) = (&request.subject, &request.durable_name);
+        consumer_names(subject, durable)?;
+        let to = match request.to {
+            None | Some(To::Sequence(0)) => {
+                return Err(validate::Error::new(
+                    "to",
+                    "name a sequence (from 1) or a time to seek to",
+                )
+                .into());
+            }
+            Some(To::Sequence(sequence)) => {
+                let last = self.store.last_seq(subject).await?;
+                if sequence > last + 1 {
+                    return Err(Error::SeekBeyondLast {
+                        subject: subject.clone(),
+                        sequence,
+                        last,
+                    });
+                }
+                Seek::After(sequence - 1)
+            }
+            Some(To::Time(time)) => {
+                let time_ns = wire::time_ns(&time, "time")?;
+                // Among messages in a segment, to the exact one.
+                match self.store.locate_time(subject, time_ns).await? {
+                    Some(block) => Seek::After(self.segments.start_after(block, time_ns).await?),
+                    None => Seek::Time(time_ns),
+                }
+            }
+        };
+        if self.store.seek(subject, durable, to).await?.is_none() {
+            return Err(Error::ConsumerNotFound {
+                subject: subject.clone(),
+                durable: durable.clone(),
+            });
+        }
+        let state = self.consumer_state(subject, durable).await?;
+        Ok(wire::consumer_info(state, false))
     }
 
     /// What is stored for a subject, and its limits.

@@ -7,6 +7,7 @@ use std::time::Duration;
 use mts_proto::pb::{
     AckSequencesRequest, ConsumerConfig, ConsumerInfo, ConsumerRequest,
     CreateOrUpdateConsumerRequest, DeliverPolicy, ExtendLeaseRequest, NackRequest,
+    SeekConsumerRequest, seek_consumer_request::To,
 };
 use mts_proto::service_names::EGRESS;
 use mts_storage::object_store::ObjectStore;
@@ -280,6 +281,60 @@ async fn a_slow_worker_extending_its_lease_keeps_its_message_for_five_lease_time
     assert!(acked.message().contains("[1]"), "{}", acked.message());
     let unknown = f.extend("nobody", vec![1], 0).await.unwrap_err();
     assert_eq!(unknown.code(), Code::FailedPrecondition);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn seeking_a_consumer_back_redelivers_and_forward_skips() {
+    let mut f = fixture("seek").await;
+    f.create("d", config()).await;
+    for data in [b"a", b"b", b"c"] {
+        f.publish(data).await;
+    }
+    assert_eq!(sequences(&f.fetch("d", 10).await), vec![1, 2, 3]);
+    f.ack_each("d", vec![1, 2, 3]).await.unwrap();
+    let (client, subject) = (f.client.clone(), f.subject.clone());
+    let seek = |to: Option<To>, durable: &str| {
+        let (mut client, subject, durable) = (client.clone(), subject.clone(), durable.to_owned());
+        async move {
+            client
+                .seek_consumer(SeekConsumerRequest {
+                    subject,
+                    durable_name: durable,
+                    to,
+                })
+                .await
+                .map(|r| r.into_inner())
+        }
+    };
+    let info = seek(Some(To::Sequence(2)), "d").await.unwrap();
+    assert_eq!(
+        (info.ack_floor, info.num_pending, info.num_ack_pending),
+        (1, 2, 0)
+    );
+    let again = f.fetch("d", 10).await;
+    assert_eq!(sequences(&again), vec![2, 3]);
+    assert_eq!(again[0].delivery_count, 1, "delivered anew");
+    // To the end: the next message published is the next delivered.
+    let info = seek(Some(To::Sequence(4)), "d").await.unwrap();
+    assert_eq!((info.ack_floor, info.num_ack_pending), (3, 0));
+    assert!(f.fetch("d", 10).await.is_empty());
+
+    let beyond = seek(Some(To::Sequence(5)), "d").await.unwrap_err();
+    assert_eq!(beyond.code(), Code::OutOfRange);
+    assert!(
+        beyond.message().contains("seek to 4 at most"),
+        "{}",
+        beyond.message()
+    );
+    for to in [None, Some(To::Sequence(0))] {
+        assert_eq!(
+            seek(to, "d").await.unwrap_err().code(),
+            Code::InvalidArgument
+        );
+    }
+    let unknown = seek(Some(To::Sequence(1)), "nobody").await.unwrap_err();
+    assert_eq!(unknown.code(), Code::NotFound);
     f.service.stop().await.unwrap();
 }
 

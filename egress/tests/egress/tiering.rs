@@ -10,7 +10,8 @@ use futures::StreamExt;
 use mts_config::Config;
 use mts_proto::pb::{
     ConsumerConfig, ConsumerRequest, CreateOrUpdateConsumerRequest, DeliverPolicy,
-    FetchPayloadRequest, FetchRequest, Message, RejectRequest, SubjectLimits,
+    FetchPayloadRequest, FetchRequest, Message, RejectRequest, SeekConsumerRequest, SubjectLimits,
+    seek_consumer_request::To,
 };
 use mts_proto::service_names::EGRESS;
 use mts_storage::store::{Refusal, Store};
@@ -370,6 +371,44 @@ async fn a_rejected_message_in_a_segment_is_dead_lettered_with_its_payload_and_r
         .await
         .unwrap_err();
     assert_eq!(long.code(), tonic::Code::InvalidArgument);
+}
+
+#[tokio::test]
+async fn a_consumer_seeks_by_time_to_the_exact_message_in_a_segment() {
+    let t = isolated(eager).await;
+    let subject = testing::unique_subject("cold-seek");
+    publish_numbered(&t, &subject, 20).await;
+    wait_all_cold(&t, &subject, 20).await;
+    start_consumer(&t, &subject, "replay", ConsumerConfig::default()).await;
+    let all = fetch(&t, &subject, "replay", 100).await;
+    assert_eq!(all.len(), 20);
+    let target = &all[12];
+    let info = t
+        .client
+        .clone()
+        .seek_consumer(SeekConsumerRequest {
+            subject: subject.clone(),
+            durable_name: "replay".into(),
+            to: Some(To::Time(target.timestamp.unwrap())),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(info.num_ack_pending, 0, "its leases dropped");
+    let from = fetch(&t, &subject, "replay", 100).await;
+    // The first message committed at or after the target's time (messages
+    // committed in the same instant come with it).
+    let first = from.first().unwrap().sequence;
+    assert!(first <= target.sequence, "{first}");
+    let ns = |m: &Message| {
+        let at = m.timestamp.unwrap();
+        i128::from(at.seconds) * 1_000_000_000 + i128::from(at.nanos)
+    };
+    assert!(all[..first as usize - 1].iter().all(|m| ns(m) < ns(target)));
+    assert_eq!(from.last().unwrap().sequence, 20);
+    for message in &from {
+        check(message);
+    }
 }
 
 #[tokio::test]

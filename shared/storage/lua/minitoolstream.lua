@@ -2170,6 +2170,31 @@ rawset(_G, 'mts_delete_consumer', function(subject, durable)
     return existed
 end)
 
+-- Moves an existing consumer to a new start: every lease it holds is
+-- dropped, and delivery goes on from the first stored message after
+-- `to.after`, or (without it) from the first committed at or after
+-- `to.time_ns` (see start_point), as for a new consumer; later messages are
+-- delivered anew, earlier ones never again. Returns the new ack floor, or
+-- nil when the consumer does not exist.
+rawset(_G, 'mts_seek', function(subject, durable, to)
+    local floor = box.NULL
+    box.atomic(function()
+        if box.space.mts_consumers:get({subject, durable}) == nil then
+            return
+        end
+        floor = to.after or start_point(subject, 'by_start_time', nil, to.time_ns)
+        local seqs = {}
+        each_run(subject, durable, function(p)
+            seqs[#seqs + 1] = p.seq
+        end)
+        for _, seq in ipairs(seqs) do
+            box.space.mts_pending:delete({subject, durable, seq})
+        end
+        box.space.mts_consumers:update({subject, durable}, {{'=', 'ack_seq', floor}, {'=', 'delivered_seq', floor}})
+    end)
+    return floor
+end)
+
 ------------------------------------------------------------------------------
 -- Retention: per-subject limits on age, count and bytes, enforced from the
 -- oldest message forward in bounded steps.
@@ -2927,7 +2952,7 @@ with_schema_lock(function()
         'mts_create_or_update_consumer', 'mts_consumer_info', 'mts_delete_consumer', 'mts_settle_object',
         'mts_set_subject_limits', 'mts_subject_info', 'mts_retention_step', 'mts_gc_take', 'mts_gc_done',
         'mts_lease', 'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
-        'mts_settle_attempt', 'mts_identity', 'mts_dead_letter', 'mts_extend_lease', 'mts_reject',
+        'mts_settle_attempt', 'mts_identity', 'mts_dead_letter', 'mts_extend_lease', 'mts_reject', 'mts_seek',
         'mts_locate_time', 'mts_segment_next', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats', 'mts_hot_tier',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
     }

@@ -27,7 +27,7 @@ mod tiering;
 
 pub use consumers::{
     AckOutcome, Batch, ConsumerLag, ConsumerSettings, ConsumerState, DeliverPolicy, Leased,
-    NotHeld, Rejected,
+    NotHeld, Rejected, Seek,
 };
 pub use group_commit::InlineMessage;
 pub use publish::{NewMessage, Payload, Published, SegmentRef, StoredMessage};

@@ -467,4 +467,29 @@ impl Store {
             .await?;
         Ok(existed)
     }
+
+    /// Moves an existing consumer to `to`, dropping every lease it holds:
+    /// later messages are delivered anew, earlier ones never again. Returns
+    /// its new ack floor, or `None` when it does not exist.
+    pub async fn seek(&self, subject: &str, durable: &str, to: Seek) -> Result<Option<u64>, Error> {
+        use tarant::Value;
+        let to = match to {
+            Seek::After(after) => Value::Map(vec![(Value::from("after"), Value::from(after))]),
+            Seek::Time(time_ns) => Value::Map(vec![(Value::from("time_ns"), Value::from(time_ns))]),
+        };
+        let (floor,): (Option<u64>,) = self
+            .call("mts_seek", (subject, durable, to), self.timeout)
+            .await?;
+        Ok(floor)
+    }
+}
+
+/// Where a consumer seeks to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Seek {
+    /// Delivery goes on after this sequence.
+    After(u64),
+    /// From the first message committed at or after this time (ns since the
+    /// Unix epoch); in a segment, from the first of its block.
+    Time(u64),
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use mts_storage::store::{AckOutcome, ConsumerSettings, DeliverPolicy, Store};
+use mts_storage::store::{AckOutcome, ConsumerSettings, DeliverPolicy, Seek, Store};
 use mts_testkit as testing;
 
 /// A store on the shared test Tarantool and a subject with `n` messages.
@@ -247,6 +247,80 @@ async fn a_rejected_message_is_dead_lettered_with_its_reason_or_dropped_and_neve
         .unwrap()
         .unwrap();
     assert_eq!(info.num_rejected, 1);
+}
+
+#[tokio::test]
+async fn a_seek_drops_every_lease_and_delivers_anew_from_the_new_start() {
+    let (store, subject) = subject_with("seek", 5).await;
+    assert_eq!(
+        seqs(&store.fetch(&subject, "d", 10).await.unwrap()),
+        vec![1, 2, 3, 4, 5]
+    );
+    store
+        .ack_sequences(&subject, "d", &[1, 2, 3])
+        .await
+        .unwrap()
+        .unwrap();
+
+    // Back: from #2 on, delivered anew; the leases of #4 and #5 are gone.
+    assert_eq!(
+        store.seek(&subject, "d", Seek::After(1)).await.unwrap(),
+        Some(1)
+    );
+    let info = store.consumer_info(&subject, "d").await.unwrap().unwrap();
+    assert_eq!(
+        (
+            info.ack_floor,
+            info.last_delivered,
+            info.num_ack_pending,
+            info.num_pending
+        ),
+        (1, 1, 0, 4)
+    );
+    let again = store.fetch(&subject, "d", 10).await.unwrap();
+    assert_eq!(seqs(&again), vec![2, 3, 4, 5]);
+    assert!(again.messages.iter().all(|l| l.deliveries == 1));
+
+    // Forward: past everything but #5.
+    assert_eq!(
+        store.seek(&subject, "d", Seek::After(4)).await.unwrap(),
+        Some(4)
+    );
+    assert_eq!(
+        seqs(&store.fetch(&subject, "d", 10).await.unwrap()),
+        vec![5]
+    );
+
+    // By time: from the first message committed at or after it.
+    assert_eq!(
+        store.seek(&subject, "d", Seek::Time(0)).await.unwrap(),
+        Some(0)
+    );
+    assert_eq!(
+        seqs(&store.fetch(&subject, "d", 10).await.unwrap()),
+        vec![1, 2, 3, 4, 5]
+    );
+    let later = u64::MAX / 2;
+    assert_eq!(
+        store.seek(&subject, "d", Seek::Time(later)).await.unwrap(),
+        Some(5)
+    );
+    assert!(
+        store
+            .fetch(&subject, "d", 10)
+            .await
+            .unwrap()
+            .messages
+            .is_empty()
+    );
+
+    assert_eq!(
+        store
+            .seek(&subject, "nobody", Seek::After(0))
+            .await
+            .unwrap(),
+        None
+    );
 }
 
 #[tokio::test]

@@ -2155,17 +2155,22 @@ rawset(_G, 'mts_consumers_lag', function(limit)
 end)
 
 -- Deletes a consumer and its leases. Returns whether it existed.
+-- Inside a transaction: drops every lease of the consumer.
+local function drop_leases(subject, durable)
+    local seqs = {}
+    each_run(subject, durable, function(p)
+        seqs[#seqs + 1] = p.seq
+    end)
+    for _, seq in ipairs(seqs) do
+        box.space.mts_pending:delete({subject, durable, seq})
+    end
+end
+
 rawset(_G, 'mts_delete_consumer', function(subject, durable)
     local existed = false
     box.atomic(function()
         existed = box.space.mts_consumers:delete({subject, durable}) ~= nil
-        local seqs = {}
-        each_run(subject, durable, function(p)
-            seqs[#seqs + 1] = p.seq
-        end)
-        for _, seq in ipairs(seqs) do
-            box.space.mts_pending:delete({subject, durable, seq})
-        end
+        drop_leases(subject, durable)
     end)
     return existed
 end)
@@ -2183,13 +2188,7 @@ rawset(_G, 'mts_seek', function(subject, durable, to)
             return
         end
         floor = to.after or start_point(subject, 'by_start_time', nil, to.time_ns)
-        local seqs = {}
-        each_run(subject, durable, function(p)
-            seqs[#seqs + 1] = p.seq
-        end)
-        for _, seq in ipairs(seqs) do
-            box.space.mts_pending:delete({subject, durable, seq})
-        end
+        drop_leases(subject, durable)
         box.space.mts_consumers:update({subject, durable}, {{'=', 'ack_seq', floor}, {'=', 'delivered_seq', floor}})
     end)
     return floor

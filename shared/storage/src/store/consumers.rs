@@ -318,11 +318,9 @@ impl Store {
         let (status, detail): (String, tarant::Value) = self
             .call("mts_ack_sequences", (subject, durable, seqs), self.timeout)
             .await?;
-        Ok(if status == "ok" {
-            Ok(detail.as_u64().unwrap_or_default())
-        } else {
-            Err(NotHeld(sequences(&detail)))
-        })
+        Ok(held_verdict(&status, &detail, |floor| {
+            floor.as_u64().unwrap_or_default()
+        }))
     }
 
     /// Makes `seqs` deliverable again after `delay_ms`; all must be held.
@@ -336,11 +334,7 @@ impl Store {
         let (status, missing): (String, tarant::Value) = self
             .call("mts_nack", (subject, durable, seqs, delay_ms), self.timeout)
             .await?;
-        Ok(if status == "ok" {
-            Ok(())
-        } else {
-            Err(NotHeld(sequences(&missing)))
-        })
+        Ok(held_verdict(&status, &missing, |_| ()))
     }
 
     /// Pushes the leases of `seqs` forward, for a worker still at them: they
@@ -360,11 +354,9 @@ impl Store {
                 self.timeout,
             )
             .await?;
-        Ok(if status == "ok" {
-            Ok(detail.as_u64().unwrap_or_default())
-        } else {
-            Err(NotHeld(sequences(&detail)))
-        })
+        Ok(held_verdict(&status, &detail, |deadline| {
+            deadline.as_u64().unwrap_or_default()
+        }))
     }
 
     /// Gives held `seqs` up for good (see mts_reject): each is dead-lettered
@@ -388,14 +380,10 @@ impl Store {
                 self.timeout,
             )
             .await?;
-        Ok(if status == "ok" {
-            Ok(Rejected {
-                ack_floor: detail.as_u64().unwrap_or_default(),
-                in_segments: left,
-            })
-        } else {
-            Err(NotHeld(sequences(&detail)))
-        })
+        Ok(held_verdict(&status, &detail, |floor| Rejected {
+            ack_floor: floor.as_u64().unwrap_or_default(),
+            in_segments: left,
+        }))
     }
 
     /// Gives leases back at once (best effort, for a stream that ended).
@@ -481,6 +469,20 @@ impl Store {
             .call("mts_seek", (subject, durable, to), self.timeout)
             .await?;
         Ok(floor)
+    }
+}
+
+/// A procedure's answer on held sequences: 'ok' and what `ok` makes of its
+/// detail, or 'not_held' and the sequences the consumer does not hold.
+fn held_verdict<T>(
+    status: &str,
+    detail: &tarant::Value,
+    ok: impl FnOnce(&tarant::Value) -> T,
+) -> Result<T, NotHeld> {
+    if status == "ok" {
+        Ok(ok(detail))
+    } else {
+        Err(NotHeld(sequences(detail)))
     }
 }
 

@@ -172,16 +172,18 @@ impl Call {
     /// Sorts `batch` into singles and blocks, each subject's messages in
     /// the order they were queued.
     fn new(batch: Vec<Queued>) -> Self {
+        // Each subject's messages in queue order, subjects in the order they
+        // first came; a subject's name is copied once, not per message.
         let mut subjects: Vec<(String, Vec<Queued>)> = Vec::new();
         let mut index: HashMap<String, usize> = HashMap::new();
         for queued in batch {
-            let at = *index
-                .entry(queued.message.subject.clone())
-                .or_insert_with(|| {
-                    subjects.push((queued.message.subject.clone(), Vec::new()));
-                    subjects.len() - 1
-                });
-            subjects[at].1.push(queued);
+            match index.get(queued.message.subject.as_str()) {
+                Some(&at) => subjects[at].1.push(queued),
+                None => {
+                    index.insert(queued.message.subject.clone(), subjects.len());
+                    subjects.push((queued.message.subject.clone(), vec![queued]));
+                }
+            }
         }
         let mut call = Call::default();
         for (subject, messages) in subjects {

@@ -5,7 +5,7 @@ use mts_proto::pb::{
     AckRequest, AckSequencesRequest, ExtendLeaseRequest, NackRequest, RejectRequest,
 };
 use mts_runtime::validate;
-use mts_storage::store::AckOutcome;
+use mts_storage::store::{AckOutcome, NotHeld};
 
 use crate::Error;
 use crate::handlers::Egress;
@@ -78,35 +78,39 @@ impl Egress {
         consumer_names(&request.subject, &request.durable_name)?;
         sequence_list(&request.sequences)?;
         reject_reason(&request.reason)?;
-        self.reject_held(
-            &request.subject,
-            &request.durable_name,
-            &request.sequences,
-            &request.reason,
-        )
-        .await
+        let verdict = self
+            .reject_held(
+                &request.subject,
+                &request.durable_name,
+                &request.sequences,
+                &request.reason,
+            )
+            .await?;
+        held(&request.subject, &request.durable_name, verdict)
     }
 
     /// Rejects held `seqs`; those in segments are read from there for
     /// their dead-letter copies, and rejected with them. Returns the ack
-    /// floor after it.
+    /// floor after it, or the sequences the consumer does not hold (then
+    /// nothing changed).
     pub(crate) async fn reject_held(
         &self,
         subject: &str,
         durable: &str,
         seqs: &[u64],
         reason: &str,
-    ) -> Result<u64, Error> {
-        let rejected = held(
-            subject,
-            durable,
-            self.store
-                .reject(subject, durable, seqs, reason, &[])
-                .await?,
-        )?;
+    ) -> Result<Result<u64, NotHeld>, Error> {
+        let rejected = match self
+            .store
+            .reject(subject, durable, seqs, reason, &[])
+            .await?
+        {
+            Ok(rejected) => rejected,
+            Err(not_held) => return Ok(Err(not_held)),
+        };
         if rejected.in_segments.is_empty() {
             self.metrics.rejections.inc_by(seqs.len() as u64);
-            return Ok(rejected.ack_floor);
+            return Ok(Ok(rejected.ack_floor));
         }
         // Copies first, in order; one that retention took meanwhile goes
         // last, without a copy, and is dropped.
@@ -122,14 +126,13 @@ impl Egress {
         }
         let mut cold: Vec<u64> = copies.iter().map(|m| m.seq).collect();
         cold.extend(gone);
-        let rejected = held(
-            subject,
-            durable,
-            self.store
-                .reject(subject, durable, &cold, reason, &copies)
-                .await?,
-        )?;
-        self.metrics.rejections.inc_by(seqs.len() as u64);
-        Ok(rejected.ack_floor)
+        let rejected = self
+            .store
+            .reject(subject, durable, &cold, reason, &copies)
+            .await?;
+        if rejected.is_ok() {
+            self.metrics.rejections.inc_by(seqs.len() as u64);
+        }
+        Ok(rejected.map(|r| r.ack_floor))
     }
 }

@@ -455,7 +455,7 @@ impl Session {
                 // Half of a large room now, so that the rest is leased (and
                 // read) while these go out.
                 let limit = if room > SPLIT_ABOVE { room / 2 } else { room };
-                let batch = lease(
+                let mut batch = lease(
                     &self.egress,
                     &self.subject,
                     &self.durable,
@@ -465,7 +465,8 @@ impl Session {
                 )
                 .await?;
                 self.hold(&batch.messages);
-                self.report("ack", batch.not_held.clone()).await?;
+                self.report("ack", std::mem::take(&mut batch.not_held))
+                    .await?;
                 batch
             }
         };
@@ -570,7 +571,7 @@ impl Session {
                 sequence_list(&nack.sequences).map_err(ended)?;
                 self.flush_acks().await?;
                 let (store, subject, durable) = (&self.egress.store, &self.subject, &self.durable);
-                let gone = self
+                let (gone, _) = self
                     .apply("nack", nack.sequences, |seqs| async move {
                         store.nack(subject, durable, &seqs, nack.delay_ms).await
                     })
@@ -584,24 +585,18 @@ impl Session {
                 sequence_list(&extend.sequences).map_err(ended)?;
                 let extend_ms = extension(extend.extend_ms).map_err(ended)?;
                 let (store, subject, durable) = (&self.egress.store, &self.subject, &self.durable);
-                let deadline = std::sync::Mutex::new(0);
-                let extended = self
-                    .apply("extend", extend.sequences, |seqs| {
-                        let deadline = &deadline;
-                        async move {
-                            let verdict = store
-                                .extend_leases(subject, durable, &seqs, extend_ms)
-                                .await?;
-                            Ok::<_, mts_storage::store::Error>(verdict.map(|at| {
-                                *deadline.lock().unwrap_or_else(|e| e.into_inner()) = at;
-                            }))
-                        }
+                let (extended, deadline) = self
+                    .apply("extend", extend.sequences, |seqs| async move {
+                        store
+                            .extend_leases(subject, durable, &seqs, extend_ms)
+                            .await
                     })
                     .await?;
-                let deadline = deadline.into_inner().unwrap_or_else(|e| e.into_inner());
-                for seq in &extended {
-                    if let Some(lease_end) = self.outstanding.get_mut(seq) {
-                        *lease_end = deadline;
+                if let Some(deadline) = deadline {
+                    for seq in &extended {
+                        if let Some(lease_end) = self.outstanding.get_mut(seq) {
+                            *lease_end = deadline;
+                        }
                     }
                 }
                 Ok(false)
@@ -612,13 +607,9 @@ impl Session {
                 self.flush_acks().await?;
                 let (egress, subject, durable, reason) =
                     (&self.egress, &self.subject, &self.durable, &reject.reason);
-                let gone = self
+                let (gone, _) = self
                     .apply("reject", reject.sequences, |seqs| async move {
-                        match egress.reject_held(subject, durable, &seqs, reason).await {
-                            Ok(_) => Ok(Ok(())),
-                            Err(Error::NotHeld { sequences, .. }) => Ok(Err(NotHeld(sequences))),
-                            Err(err) => Err(err),
-                        }
+                        egress.reject_held(subject, durable, &seqs, reason).await
                     })
                     .await?;
                 for seq in &gone {
@@ -642,11 +633,16 @@ impl Session {
     /// Applies `call` to the sequences of a `frame` this stream holds; those
     /// it does not hold, and any the consumer turns out not to hold either
     /// (a lease that ran out meanwhile), are left out and reported. Returns
-    /// the sequences it applied to.
-    async fn apply<F, Fut, E>(&self, frame: &str, seqs: Vec<u64>, call: F) -> Result<Vec<u64>, End>
+    /// the sequences it applied to and what the call answered, if it was made.
+    async fn apply<F, Fut, T, E>(
+        &self,
+        frame: &str,
+        seqs: Vec<u64>,
+        call: F,
+    ) -> Result<(Vec<u64>, Option<T>), End>
     where
         F: Fn(Vec<u64>) -> Fut,
-        Fut: Future<Output = Result<Result<(), NotHeld>, E>>,
+        Fut: Future<Output = Result<Result<T, NotHeld>, E>>,
         E: Into<Error>,
     {
         let (held, not_held) = self.split(seqs);
@@ -654,27 +650,28 @@ impl Session {
     }
 
     /// `apply` for sequences already split into `held` and `not_held`.
-    async fn apply_held<F, Fut, E>(
+    async fn apply_held<F, Fut, T, E>(
         &self,
         frame: &str,
         mut held: Vec<u64>,
         mut not_held: Vec<u64>,
         call: F,
-    ) -> Result<Vec<u64>, End>
+    ) -> Result<(Vec<u64>, Option<T>), End>
     where
         F: Fn(Vec<u64>) -> Fut,
-        Fut: Future<Output = Result<Result<(), NotHeld>, E>>,
+        Fut: Future<Output = Result<Result<T, NotHeld>, E>>,
         E: Into<Error>,
     {
-        let mut applied = Vec::new();
+        let (mut applied, mut answer) = (Vec::new(), None);
         // Once more without those the consumer did not hold after all.
         for _ in 0..2 {
             if held.is_empty() {
                 break;
             }
             match call(held.clone()).await.map_err(ended)? {
-                Ok(()) => {
+                Ok(value) => {
                     applied = std::mem::take(&mut held);
+                    answer = Some(value);
                     break;
                 }
                 Err(NotHeld(missing)) => {
@@ -685,7 +682,7 @@ impl Session {
         }
         not_held.extend(held);
         self.report(frame, not_held).await?;
-        Ok(applied)
+        Ok((applied, answer))
     }
 
     /// Tells the client, when it asked, that its `frame` named `seqs`,
@@ -727,8 +724,7 @@ impl Session {
         // Taken off `outstanding` when they came: held by this stream then.
         let (store, subject, durable) = (&self.egress.store, &self.subject, &self.durable);
         self.apply_held("ack", acks, Vec::new(), |seqs| async move {
-            let verdict = store.ack_sequences(subject, durable, &seqs).await?;
-            Ok::<_, mts_storage::store::Error>(verdict.map(drop))
+            store.ack_sequences(subject, durable, &seqs).await
         })
         .await
         .map(drop)

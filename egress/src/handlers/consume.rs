@@ -151,13 +151,15 @@ enum End {
 
 /// How a session learns that there may be messages to lease.
 enum Mode {
-    /// Quiet: the subject's watcher wakes it on a commit. `look` says
-    /// whether to ask Tarantool: set by a commit, a timer (a redelivery or
-    /// lease end falls due, or acks waited long enough), a nack or a push that
-    /// filled all the room; an ack alone frees room but brings nothing new,
-    /// so it waits for one of those to carry it.
+    /// Quiet: the subject's watcher wakes it on a commit or a release (a
+    /// message of the subject deliverable again, whichever stream or process
+    /// let it go). `look` says whether to ask Tarantool: set by either, a
+    /// timer (a redelivery or lease end falls due, or acks waited long
+    /// enough), a nack or a push that filled all the room; an ack alone
+    /// frees room but brings nothing new, so it waits for one of those to
+    /// carry it.
     Watching {
-        commits: tokio::sync::watch::Receiver<u64>,
+        commits: tokio::sync::watch::Receiver<crate::notify::Signal>,
         look: bool,
     },
     /// Busy: each lease call waits in Tarantool (up to `HOT_WAIT`) for the

@@ -7,6 +7,7 @@ use tonic::Status;
 
 use crate::Error;
 use crate::handlers::{Egress, draining_status};
+use crate::notify::Signal;
 use crate::rules::consumer_names;
 
 impl Egress {
@@ -49,7 +50,7 @@ async fn push_notifications(
     subject: String,
     mut notified: u64,
     mut last: u64,
-    mut updates: watch::Receiver<u64>,
+    mut updates: watch::Receiver<Signal>,
     sender: mpsc::Sender<Result<Notification, Status>>,
     mut draining: watch::Receiver<bool>,
 ) {
@@ -70,7 +71,7 @@ async fn push_notifications(
                     let _ = sender.send(Err(Status::unavailable("notifications stopped; reconnect"))).await;
                     return;
                 }
-                last = last.max(*updates.borrow_and_update());
+                last = last.max(updates.borrow_and_update().last);
             }
             () = sender.closed() => return,
             // The watch guard must not live across the send below.

@@ -473,3 +473,124 @@ async fn a_rejected_large_message_goes_to_the_dead_letter_subject_and_the_stream
     dead.service.stop().await.unwrap();
     f.service.stop().await.unwrap();
 }
+
+// Instant redelivery: a message let go of elsewhere reaches an idle stream
+// of the durable when it is let go of, not when the stream's own timers
+// (here a 60 s ack_wait, a 300 s watcher wait) would next make it look.
+
+/// How long after it was let go of a message may reach an idle stream here:
+/// far below any timer of these tests; the time taken is printed.
+const PROMPTLY: Duration = Duration::from_secs(1);
+
+/// The next message, and how long it took to come.
+async fn timed(stream: &mut Stream) -> (Message, Duration) {
+    let started = tokio::time::Instant::now();
+    let message = tokio::time::timeout(PROMPTLY, stream.messages.next())
+        .await
+        .unwrap_or_else(|_| panic!("a message within {PROMPTLY:?}"))
+        .expect("stream open")
+        .expect("no error");
+    (message, started.elapsed())
+}
+
+/// A consumer with a 60 s ack_wait, one message held by a unary Fetch, and
+/// an idle stream opened after it.
+async fn one_fetched_and_an_idle_stream(f: &mut Fixture, durable: &str) -> Stream {
+    create(f, durable, 60_000).await;
+    f.publish(b"held elsewhere").await;
+    assert_eq!(sequences(&f.fetch(durable, 1).await), vec![1]);
+    let mut idle = Stream::open(f, durable, 10).await;
+    assert!(idle.quiet().await, "the message is held by the fetch");
+    idle
+}
+
+#[tokio::test]
+async fn a_nacked_message_reaches_an_idle_stream_at_once() {
+    let mut f = fixture("consume-instant-nack").await;
+    let mut idle = one_fetched_and_an_idle_stream(&mut f, "nack").await;
+    f.client
+        .nack(mts_proto::pb::NackRequest {
+            subject: f.subject.clone(),
+            durable_name: "nack".into(),
+            sequences: vec![1],
+            delay_ms: 0,
+        })
+        .await
+        .unwrap();
+    let (message, took) = timed(&mut idle).await;
+    println!("nacked message reached the idle stream in {took:?}");
+    assert_eq!((message.sequence, message.delivery_count), (1, 2));
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn a_lease_that_runs_out_reaches_an_idle_stream_when_it_ends() {
+    let mut f = fixture("consume-instant-lapse").await;
+    let mut idle = one_fetched_and_an_idle_stream(&mut f, "lapse").await;
+    // The lease now ends in 300 ms: sooner than the idle stream last saw.
+    f.client
+        .extend_lease(mts_proto::pb::ExtendLeaseRequest {
+            subject: f.subject.clone(),
+            durable_name: "lapse".into(),
+            sequences: vec![1],
+            extend_ms: 300,
+        })
+        .await
+        .unwrap();
+    let (message, took) = timed(&mut idle).await;
+    println!("a lease ending 300 ms on reached the idle stream in {took:?}");
+    assert!(
+        took >= Duration::from_millis(250),
+        "not before the lease ended: {took:?}"
+    );
+    assert_eq!((message.sequence, message.delivery_count), (1, 2));
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn what_an_ended_stream_held_reaches_an_idle_stream_at_once() {
+    let mut f = fixture("consume-instant-end").await;
+    let first = three_delivered(&mut f, "end", 60_000).await;
+    let mut idle = Stream::open(&mut f, "end", 10).await;
+    assert!(idle.quiet().await, "all three are held by the first stream");
+    first.finish().await;
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        let (message, took) = timed(&mut idle).await;
+        println!(
+            "released message {} reached the idle stream in {took:?}",
+            message.sequence
+        );
+        got.push((message.sequence, message.delivery_count));
+    }
+    got.sort_unstable();
+    assert_eq!(got, vec![(1, 2), (2, 2), (3, 2)]);
+    f.service.stop().await.unwrap();
+}
+
+#[tokio::test]
+async fn an_ack_that_makes_room_at_max_ack_pending_wakes_an_idle_stream() {
+    let mut f = fixture("consume-instant-room").await;
+    f.client
+        .create_or_update_consumer(CreateOrUpdateConsumerRequest {
+            subject: f.subject.clone(),
+            durable_name: "room".into(),
+            config: Some(ConsumerConfig {
+                ack_wait_ms: Some(60_000),
+                max_ack_pending: Some(1),
+                ..ConsumerConfig::default()
+            }),
+        })
+        .await
+        .unwrap();
+    f.publish(b"one").await;
+    f.publish(b"two").await;
+    assert_eq!(sequences(&f.fetch("room", 10).await), vec![1]);
+    let mut idle = Stream::open(&mut f, "room", 10).await;
+    assert!(idle.quiet().await, "the consumer holds max_ack_pending");
+    assert!(f.ack("room", 1).await.unwrap());
+    let (message, took) = timed(&mut idle).await;
+    println!("room freed by an ack reached the idle stream in {took:?}");
+    assert_eq!(message.sequence, 2);
+    f.service.stop().await.unwrap();
+}

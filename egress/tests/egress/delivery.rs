@@ -147,6 +147,26 @@ async fn subscribe_notifies_at_once_and_then_on_every_commit() {
     f.publish(b"d").await;
     assert_eq!(next(&mut quiet).await.sequence, 4);
     assert_eq!(next(&mut stream).await.sequence, 4);
+
+    // A release wakes the subject's watcher, but brings no new commit to announce.
+    assert_eq!(sequences(&f.fetch("worker", 1).await), vec![1]);
+    f.client
+        .nack(mts_proto::pb::NackRequest {
+            subject: f.subject.clone(),
+            durable_name: "worker".into(),
+            sequences: vec![1],
+            delay_ms: 0,
+        })
+        .await
+        .unwrap();
+    assert!(
+        tokio::time::timeout(Duration::from_millis(300), stream.next())
+            .await
+            .is_err(),
+        "a release is not a commit: no notification"
+    );
+    f.publish(b"e").await;
+    assert_eq!(next(&mut stream).await.sequence, 5);
     f.service.stop().await.unwrap();
 }
 

@@ -17,7 +17,7 @@ local uuid = require('uuid')
 local log = require('log')
 local msgpack = require('msgpack')
 
-local SCHEMA_VERSION = 15
+local SCHEMA_VERSION = 16
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -446,6 +446,69 @@ local function notify(subject)
     local waiting = conds[subject]
     if waiting ~= nil then
         waiting.cond:broadcast()
+    end
+end
+
+-- Per-subject release epochs, bumped whenever a consumer of the subject can
+-- be handed messages that no commit brought: a nack, a release, a seek, or
+-- room freed for a consumer found at max_ack_pending. Watchers (mts_wait
+-- with `seen`) return on a bump, so the service wakes its idle streams at
+-- once rather than when their timers run out. In memory: after a restart
+-- they start again at 0, which a watcher sees as one more change.
+local releases = rawget(_G, 'mts_releases')
+if releases == nil then
+    releases = {}
+    rawset(_G, 'mts_releases', releases)
+end
+
+-- Consumers that a look found at max_ack_pending, by subject then durable:
+-- only for them does an ack bump the epoch.
+local starved = rawget(_G, 'mts_starved')
+if starved == nil then
+    starved = {}
+    rawset(_G, 'mts_starved', starved)
+end
+
+local function released(subject)
+    releases[subject] = (releases[subject] or 0) + 1
+    notify(subject)
+end
+
+-- The consumer gave up leases (acked, rejected, dead-lettered): if a look
+-- found it without room, its other streams may now take more.
+local function room_freed(subject, durable)
+    local by_durable = starved[subject]
+    if by_durable == nil or by_durable[durable] == nil then
+        return
+    end
+    by_durable[durable] = nil
+    if next(by_durable) == nil then
+        starved[subject] = nil
+    end
+    released(subject)
+end
+
+local function mark_starved(subject, durable)
+    local by_durable = starved[subject]
+    if by_durable == nil then
+        by_durable = {}
+        starved[subject] = by_durable
+    end
+    by_durable[durable] = true
+end
+
+-- A lease of the subject now runs out at `at`: watchers sleeping until a
+-- later lease end are woken to sleep until this one instead.
+local function lease_ends_at(subject, at)
+    local waiting = conds[subject]
+    if waiting == nil or waiting.dues == nil then
+        return
+    end
+    for _, due in pairs(waiting.dues) do
+        if at < due then
+            waiting.cond:broadcast()
+            return
+        end
     end
 end
 
@@ -1141,23 +1204,77 @@ rawset(_G, 'mts_last_seq', function(subject)
 end)
 
 -- Waits up to `seconds` for a commit on `subject` (or any other wake-up).
-local function wait_commit(subject, seconds)
+-- A watcher names `due`, the lease end it sleeps until (U64_MAX: none), so
+-- that an earlier one (lease_ends_at) wakes it.
+local function wait_commit(subject, seconds, due)
     local waiting = conds[subject]
     if waiting == nil then
         waiting = {cond = fiber.cond(), waiters = 0}
         conds[subject] = waiting
     end
     waiting.waiters = waiting.waiters + 1
+    local id = fiber.id()
+    if due ~= nil then
+        waiting.dues = waiting.dues or {}
+        waiting.dues[id] = due
+    end
     waiting.cond:wait(seconds)
+    if due ~= nil then
+        waiting.dues[id] = nil
+    end
     waiting.waiters = waiting.waiters - 1
     if waiting.waiters == 0 and conds[subject] == waiting then
         conds[subject] = nil
     end
 end
 
+-- The earliest lease end (or nack delay) after `since` among the subject's
+-- consumers, or nil.
+local function next_lease_end(subject, since)
+    local earliest = nil
+    local deadlines = box.space.mts_pending.index.deadline
+    for _, c in box.space.mts_consumers:pairs({subject}) do
+        local p = deadlines:select({subject, c.durable, since}, {iterator = 'GT', limit = 1})[1]
+        if p ~= nil and p.subject == subject and p.durable == c.durable
+            and (earliest == nil or p.deadline_ns < earliest) then
+            earliest = p.deadline_ns
+        end
+    end
+    return earliest
+end
+
+-- A watcher's wait (mts_wait with `seen`): returns when the last sequence
+-- exceeds `after`, the release epoch differs from `seen.epoch`, a lease of
+-- the subject ended after `seen.since_ns`, or `timeout` seconds pass.
+-- Returns the last sequence, the epoch, whether a lease ended, and the time
+-- up to which lease ends are accounted for (the next call's since_ns).
+local function watch(subject, after, timeout, seen)
+    local deadline = fiber.clock() + timeout
+    local since = seen.since_ns or 0
+    while true do
+        local now = now_ns()
+        local last = last_seq(subject)
+        local epoch = releases[subject] or 0
+        local due = next_lease_end(subject, since)
+        local lapsed = due ~= nil and due <= now
+        local remaining = deadline - fiber.clock()
+        if last > after or epoch ~= seen.epoch or lapsed or remaining <= 0 then
+            return last, epoch, lapsed, u64(now)
+        end
+        if due ~= nil then
+            remaining = min(remaining, tonumber(due - now) / 1e9)
+        end
+        wait_commit(subject, remaining, due or U64_MAX)
+    end
+end
+
 -- Blocks until the subject's last sequence exceeds `after` or `timeout`
--- seconds pass; returns the last sequence either way.
-rawset(_G, 'mts_wait', function(subject, after, timeout)
+-- seconds pass; returns the last sequence either way. With `seen` (a map of
+-- epoch and since_ns; since schema 16), a watcher's wait: see `watch`.
+rawset(_G, 'mts_wait', function(subject, after, timeout, seen)
+    if seen ~= nil then
+        return watch(subject, after, timeout, seen)
+    end
     local deadline = fiber.clock() + timeout
     while true do
         local last = last_seq(subject)
@@ -1650,6 +1767,10 @@ local function hand_out(subject, durable, limit, spans)
     if c.max_ack_pending > 0 then
         local free = c.max_ack_pending - pending_count(c)
         full = free <= 0
+        if free < room then
+            -- Only acks make room now: theirs must wake this consumer's streams.
+            mark_starved(subject, durable)
+        end
         room = min(room, free)
     end
     if room > 0 then
@@ -1691,8 +1812,11 @@ local function hand_out(subject, durable, limit, spans)
             c.delivered = last
         end
     end
-    if #out > 0 and (next_deadline == 0 or next_deadline > lease_end) then
-        next_deadline = lease_end
+    if #out > 0 then
+        if next_deadline == 0 or next_deadline > lease_end then
+            next_deadline = lease_end
+        end
+        lease_ends_at(subject, lease_end)
     end
     settle_floor(c)
     return out, next_deadline, notify_subjects, full
@@ -1718,6 +1842,7 @@ rawset(_G, 'mts_dead_letter', function(subject, durable, seq, deliveries, messag
         }, deliveries)
         drop_from_run(p, {seq})
         settle_floor(c)
+        room_freed(subject, durable)
         done = true
     end)
     if dlq ~= nil then
@@ -1753,6 +1878,9 @@ local function ack_held(subject, durable, seqs, tolerant)
     if #missing == 0 or tolerant then
         for _, group in ipairs(groups) do
             drop_from_run(group[1], group[2])
+        end
+        if #groups > 0 then
+            room_freed(subject, durable)
         end
     end
     return missing
@@ -1875,6 +2003,8 @@ rawset(_G, 'mts_nack', function(subject, durable, seqs, delay_ms)
     if #missing > 0 then
         return 'not_held', missing
     end
+    -- Due now, or (with a delay) earlier than the leases watchers wait for.
+    released(subject)
     return 'ok', {}
 end)
 
@@ -1900,6 +2030,7 @@ rawset(_G, 'mts_extend_lease', function(subject, durable, seqs, extend_ms)
     if #missing > 0 then
         return 'not_held', missing
     end
+    lease_ends_at(subject, at)
     return 'ok', at
 end)
 
@@ -1962,6 +2093,7 @@ rawset(_G, 'mts_reject', function(subject, durable, seqs, reason, copies)
         if rejected > 0 then
             local counted = pad_row(box.space.mts_consumers, {subject, durable})
             box.space.mts_consumers:update({subject, durable}, {{'=', 'rejected', (counted.rejected or 0) + rejected}})
+            room_freed(subject, durable)
         end
         settle_floor(c)
         floor = c.floor
@@ -2008,6 +2140,9 @@ rawset(_G, 'mts_ack_message', function(subject, durable, seq)
         c.floor = max(c.floor, seq)
         settle_floor(c)
         floor = c.floor
+        if #runs > 0 then
+            room_freed(subject, durable)
+        end
     end)
     return 'ok', floor
 end)
@@ -2024,6 +2159,7 @@ rawset(_G, 'mts_release', function(subject, durable, seqs)
             retime(p, group[2], {deliveries = p.deliveries, deadline_ns = now, first_ns = p.first_delivered_ns})
         end
     end)
+    released(subject)
     return true
 end)
 
@@ -2076,6 +2212,10 @@ rawset(_G, 'mts_create_or_update_consumer', function(subject, durable, cfg)
             box.space.mts_consumers:update({subject, durable}, ops)
         end
     end)
+    if outcome == 'updated' then
+        -- A larger max_ack_pending, say, may give its streams room.
+        released(subject)
+    end
     return outcome
 end)
 
@@ -2182,15 +2322,19 @@ end)
 -- delivered anew, earlier ones never again. Returns the new ack floor, or
 -- nil when the consumer does not exist.
 rawset(_G, 'mts_seek', function(subject, durable, to)
-    local floor = box.NULL
+    local floor, moved = box.NULL, false
     box.atomic(function()
         if box.space.mts_consumers:get({subject, durable}) == nil then
             return
         end
+        moved = true
         floor = to.after or start_point(subject, 'by_start_time', nil, to.time_ns)
         drop_leases(subject, durable)
         box.space.mts_consumers:update({subject, durable}, {{'=', 'ack_seq', floor}, {'=', 'delivered_seq', floor}})
     end)
+    if moved then
+        released(subject)
+    end
     return floor
 end)
 

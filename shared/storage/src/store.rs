@@ -30,14 +30,14 @@ pub use consumers::{
     NotHeld, Rejected, Seek,
 };
 pub use group_commit::InlineMessage;
-pub use publish::{NewMessage, Payload, Published, SegmentRef, StoredMessage};
+pub use publish::{NewMessage, Payload, Published, SegmentRef, StoredMessage, Watch, Watched};
 pub use subjects::{Discard, Limits, SubjectState};
 pub use tiering::{HotBudget, HotTier, SegmentPlan, StorageStats, TierCommit, TieringOptions};
 
 /// The schema and stored procedures, applied idempotently by `apply_schema`.
 pub const SCHEMA_LUA: &str = include_str!("../lua/minitoolstream.lua");
 /// The `SCHEMA_VERSION` that `SCHEMA_LUA` installs.
-pub const SCHEMA_VERSION: u64 = 15;
+pub const SCHEMA_VERSION: u64 = 16;
 
 /// Tarantool's `ER_MEMORY_ISSUE`: the arena is full.
 const MEMORY_ISSUE: ErrorCode = ErrorCode(2);

@@ -226,4 +226,57 @@ impl Store {
             .await?;
         Ok(last)
     }
+
+    /// A watcher's wait: returns when the subject's last sequence passes
+    /// `seen.last`, messages of a consumer of the subject became
+    /// deliverable again (a nack, a release, a seek, room freed at
+    /// max_ack_pending, or a lease or nack delay that ran out), or after
+    /// `wait`. The first wait (no epoch known yet) returns at once.
+    pub async fn watch(
+        &self,
+        subject: &str,
+        seen: Watch,
+        wait: Duration,
+    ) -> Result<Watched, Error> {
+        use tarant::Value;
+        let mut map = vec![(Value::from("since_ns"), Value::from(seen.since_ns))];
+        if let Some(epoch) = seen.epoch {
+            map.push((Value::from("epoch"), Value::from(epoch)));
+        }
+        let (last, epoch, lapsed, since_ns): (u64, u64, bool, u64) = self
+            .call(
+                "mts_wait",
+                (subject, seen.last, wait.as_secs_f64(), Value::Map(map)),
+                wait + self.timeout,
+            )
+            .await?;
+        Ok(Watched {
+            now: Watch {
+                last: last.max(seen.last),
+                epoch: Some(epoch),
+                since_ns,
+            },
+            released: lapsed || seen.epoch.is_some_and(|known| known != epoch),
+        })
+    }
+}
+
+/// What a watcher of a subject has seen so far.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Watch {
+    /// The subject's last sequence.
+    pub last: u64,
+    /// The subject's release epoch; none before the first wait.
+    pub epoch: Option<u64>,
+    /// Lease ends up to this time (ns since the Unix epoch) are accounted for.
+    pub since_ns: u64,
+}
+
+/// What one watcher's wait found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Watched {
+    /// Where the watcher stands now.
+    pub now: Watch,
+    /// Messages became deliverable again to a consumer of the subject.
+    pub released: bool,
 }

@@ -15,6 +15,7 @@ mod limits;
 mod publishing;
 mod settle;
 mod tiering;
+mod watching;
 
 /// A Tarantool connection of its own, as the services' user, for calling
 /// stored procedures directly.

@@ -46,6 +46,18 @@ pub enum Error {
         /// The subject's last sequence.
         last: u64,
     },
+    /// A purge through a sequence never assigned.
+    #[error(
+        "cannot purge through sequence {sequence}: the last sequence of {subject} is {last}; purge through it at most, or 0 for all"
+    )]
+    PurgeBeyondLast {
+        /// The subject.
+        subject: String,
+        /// The sequence asked for.
+        sequence: u64,
+        /// The subject's last sequence.
+        last: u64,
+    },
     /// A seek past what the subject will deliver next.
     #[error("cannot seek to sequence {sequence}: the last sequence of {subject} is {last}; seek to {next} at most", next = last + 1)]
     SeekBeyondLast {
@@ -138,9 +150,9 @@ impl From<Error> for tonic::Status {
                 tonic::Status::not_found(err.to_string())
             }
             Error::PayloadTooLarge { .. } => tonic::Status::resource_exhausted(err.to_string()),
-            Error::OffsetPastEnd { .. } | Error::SeekBeyondLast { .. } => {
-                tonic::Status::out_of_range(err.to_string())
-            }
+            Error::OffsetPastEnd { .. }
+            | Error::SeekBeyondLast { .. }
+            | Error::PurgeBeyondLast { .. } => tonic::Status::out_of_range(err.to_string()),
             Error::Auth(source) => source.into(),
         }
     }

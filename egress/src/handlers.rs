@@ -118,6 +118,24 @@ impl Egress {
     }
 }
 
+/// How often an open Consume or Subscribe stream records that its consumer
+/// is in use: well under the shortest inactivity threshold
+/// (`wire::MIN_INACTIVE_THRESHOLD_MS`), so a connected consumer is never
+/// removed for being idle.
+pub(crate) const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Records, without waiting, that consumer `durable` of `subject` has an
+/// open stream.
+pub(crate) fn touch(store: &mts_storage::store::Store, subject: &str, durable: &str) {
+    let store = store.clone();
+    let consumer = [(subject.to_owned(), durable.to_owned())];
+    tokio::spawn(async move {
+        if let Err(err) = store.touch_consumers(&consumer).await {
+            tracing::debug!(%err, "could not record that the consumer is in use");
+        }
+    });
+}
+
 /// How open streams end when the server drains.
 pub(crate) fn draining_status() -> Status {
     Status::unavailable("egress is shutting down; reconnect to continue the subscription")

@@ -1,6 +1,7 @@
 //! Housekeeping run by the one egress replica that holds the `maintenance`
 //! lease in Tarantool: retention in bounded steps, deletion of objects whose
-//! metadata retention removed, and the sweep of objects that never got
+//! metadata retention removed, removal of consumers unused past their
+//! inactivity threshold, consumer lag gauges, and the sweep of objects that never got
 //! metadata (uploads whose commit failed or never came). The sweep only ever
 //! looks under this store's own key prefix (`minio_key_prefix` and the
 //! store's id), at objects written since the store was created: a shared
@@ -19,8 +20,10 @@ use crate::Error;
 const STEP_BUDGET: u32 = 500;
 /// Milliseconds of Tarantool's time one retention step may use.
 const STEP_BUDGET_MS: u32 = 5;
-/// Consumers whose lag is exported as gauges.
-const LAG_CONSUMERS: u32 = 1000;
+/// Consumers read per call when gathering lag.
+const LAG_PAGE: u32 = 1000;
+/// Consumers removed per call for inactivity.
+const EXPIRE_BATCH: u32 = 100;
 /// Objects handled per Tarantool call.
 const OBJECT_BATCH: usize = 100;
 
@@ -34,6 +37,8 @@ pub struct Maintenance {
     interval: Duration,
     orphan_grace: Duration,
     sweep_interval: Option<Duration>,
+    /// Consumers whose lag gauges carry their own labels; 0 = all.
+    lag_top: usize,
 }
 
 impl Maintenance {
@@ -60,6 +65,7 @@ impl Maintenance {
             orphan_grace: Duration::from_secs(config.egress.orphan_grace_seconds),
             sweep_interval: (config.egress.orphan_sweep_interval_seconds > 0)
                 .then(|| Duration::from_secs(config.egress.orphan_sweep_interval_seconds)),
+            lag_top: usize::try_from(config.egress.consumer_lag_top).unwrap_or(usize::MAX),
         }
     }
 
@@ -90,8 +96,11 @@ impl Maintenance {
             if let Err(err) = self.delete_released().await {
                 tracing::warn!(%err, "deleting released objects failed");
             }
-            match self.store.consumers_lag(LAG_CONSUMERS).await {
-                Ok(lag) => self.metrics.set_consumer_lag(&lag),
+            if let Err(err) = self.expire_consumers().await {
+                tracing::warn!(%err, "removing unused consumers failed");
+            }
+            match self.consumer_lag().await {
+                Ok(lag) => self.metrics.set_consumer_lag(lag, self.lag_top),
                 Err(err) => tracing::debug!(%err, "reading consumer lag failed"),
             }
             match self.store.storage_stats().await {
@@ -107,6 +116,34 @@ impl Maintenance {
                     Err(err) => tracing::warn!(%err, "orphan sweep failed"),
                 }
                 last_sweep = Some(Instant::now());
+            }
+        }
+    }
+
+    /// The lag of every consumer, a page at a time.
+    async fn consumer_lag(&self) -> Result<Vec<mts_storage::store::ConsumerLag>, Error> {
+        let mut all: Vec<mts_storage::store::ConsumerLag> = Vec::new();
+        loop {
+            let after = all.last().map(|c| (c.subject.as_str(), c.durable.as_str()));
+            let page = self.store.consumers_lag(after, LAG_PAGE).await?;
+            let full = page.len() >= LAG_PAGE as usize;
+            all.extend(page);
+            if !full {
+                return Ok(all);
+            }
+        }
+    }
+
+    /// Removes consumers unused for longer than their inactivity threshold.
+    async fn expire_consumers(&self) -> Result<(), Error> {
+        loop {
+            let gone = self.store.expire_consumers(EXPIRE_BATCH).await?;
+            for (subject, durable) in &gone {
+                tracing::info!(%subject, %durable, "consumer removed: unused past its inactive_threshold_ms");
+            }
+            self.metrics.consumers_expired.inc_by(gone.len() as u64);
+            if gone.len() < EXPIRE_BATCH as usize {
+                return Ok(());
             }
         }
     }

@@ -249,6 +249,28 @@ impl Segments {
             .map_or(last, |r| r.seq - 1))
     }
 
+    /// Payload bytes of the messages `first..=through` of `subject`, which
+    /// `blocks` (a reference to each block's first message) hold.
+    pub async fn bytes_between(
+        self: &Arc<Self>,
+        subject: &str,
+        first: u64,
+        through: u64,
+        blocks: &[(u64, SegmentRef)],
+    ) -> Result<u64, Error> {
+        let mut bytes = 0;
+        for (seq, at) in blocks {
+            let block = self.block(subject, *seq, at).await?;
+            bytes += block
+                .records
+                .iter()
+                .filter(|r| (first..=through).contains(&r.seq))
+                .map(|r| r.size)
+                .sum::<u64>();
+        }
+        Ok(bytes)
+    }
+
     async fn block(
         self: &Arc<Self>,
         subject: &str,

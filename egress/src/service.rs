@@ -14,7 +14,9 @@ use mts_proto::pb::{
     RejectResponse, SeekConsumerRequest, SubscribeRequest,
 };
 use mts_proto::pb::{
-    FetchPayloadRequest, PayloadChunk, SetSubjectLimitsRequest, SubjectInfo, SubjectRequest,
+    DeleteSubjectResponse, FetchPayloadRequest, ListConsumersRequest, ListConsumersResponse,
+    ListSubjectsRequest, ListSubjectsResponse, PayloadChunk, PurgeSubjectRequest,
+    PurgeSubjectResponse, SetSubjectLimitsRequest, SubjectInfo, SubjectRequest,
 };
 use mts_runtime::auth::Permission;
 use tokio_stream::wrappers::ReceiverStream;
@@ -59,6 +61,7 @@ touches!(
     FetchPayloadRequest,
     SetSubjectLimitsRequest,
     SubjectRequest,
+    PurgeSubjectRequest,
 );
 
 impl Egress {
@@ -299,6 +302,60 @@ impl EgressService for Egress {
             .await
             .inspect_err(|err| tracing::warn!(%err, "subject info failed"))?;
         Ok(Response::new(subject_info(state)))
+    }
+
+    #[instrument(skip_all, fields(prefix = %request.get_ref().prefix))]
+    async fn list_subjects(
+        &self,
+        request: Request<ListSubjectsRequest>,
+    ) -> Result<Response<ListSubjectsResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        caller.permits(Permission::Admin).map_err(Error::from)?;
+        let page = self
+            .list_subjects(&caller, request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "listing subjects failed"))?;
+        Ok(Response::new(page))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject))]
+    async fn list_consumers(
+        &self,
+        request: Request<ListConsumersRequest>,
+    ) -> Result<Response<ListConsumersResponse>, Status> {
+        let caller = self.authenticate(request.metadata())?;
+        caller.permits(Permission::Admin).map_err(Error::from)?;
+        let page = self
+            .list_consumers(&caller, request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "listing consumers failed"))?;
+        Ok(Response::new(page))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject))]
+    async fn purge_subject(
+        &self,
+        request: Request<PurgeSubjectRequest>,
+    ) -> Result<Response<PurgeSubjectResponse>, Status> {
+        self.admit(&request, Permission::Admin)?;
+        let purged = self
+            .purge(request.into_inner())
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "purge failed"))?;
+        Ok(Response::new(purged))
+    }
+
+    #[instrument(skip_all, fields(subject = %request.get_ref().subject))]
+    async fn delete_subject(
+        &self,
+        request: Request<SubjectRequest>,
+    ) -> Result<Response<DeleteSubjectResponse>, Status> {
+        self.admit(&request, Permission::Admin)?;
+        let deleted = self
+            .delete_subject(&request.into_inner().subject)
+            .await
+            .inspect_err(|err| tracing::warn!(%err, "delete subject failed"))?;
+        Ok(Response::new(deleted))
     }
 
     #[instrument(skip_all)]

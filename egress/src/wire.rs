@@ -16,6 +16,12 @@ const MAX_ACK_WAIT_MS: u32 = 12 * 60 * 60 * 1000;
 const MIN_ACK_WAIT_MS: u32 = 10;
 /// Highest `max_ack_pending`; bounded so one fetch stays a short transaction.
 const MAX_ACK_PENDING: u32 = 100_000;
+/// Shortest inactivity threshold: well above how often an open stream
+/// records its use (see consume.rs `TOUCH_EVERY`), so an idle but connected
+/// consumer is never taken for an unused one.
+pub const MIN_INACTIVE_THRESHOLD_MS: u64 = 60_000;
+/// Longest inactivity threshold: a year.
+const MAX_INACTIVE_THRESHOLD_MS: u64 = 365 * 24 * 3600 * 1000;
 
 /// Checks `config` for `subject` and turns it into store settings.
 pub fn consumer_settings(
@@ -37,6 +43,17 @@ pub fn consumer_settings(
         return Err(validate::Error::new(
             "config.max_ack_pending",
             format!("{n} is above the limit of {MAX_ACK_PENDING} (0 means unlimited)"),
+        ));
+    }
+    if let Some(ms) = config.inactive_threshold_ms
+        && ms != 0
+        && !(MIN_INACTIVE_THRESHOLD_MS..=MAX_INACTIVE_THRESHOLD_MS).contains(&ms)
+    {
+        return Err(validate::Error::new(
+            "config.inactive_threshold_ms",
+            format!(
+                "{ms} is outside {MIN_INACTIVE_THRESHOLD_MS}..={MAX_INACTIVE_THRESHOLD_MS} (0 keeps the consumer however long it is unused)"
+            ),
         ));
     }
     if let Some(dlq) = config.dead_letter_subject.as_deref()
@@ -73,6 +90,7 @@ pub fn consumer_settings(
         start_time_ns: None,
         dlq_subject: config.dead_letter_subject,
         start_after: None,
+        inactive_threshold_ms: config.inactive_threshold_ms,
     };
     match policy {
         Some(DeliverPolicy::ByStartSequence) => {
@@ -151,6 +169,7 @@ pub fn consumer_info(state: ConsumerState, created_now: bool) -> ConsumerInfo {
             start_sequence: state.start_seq,
             start_time: (state.start_time_ns > 0).then(|| timestamp(state.start_time_ns)),
             dead_letter_subject: Some(state.dlq_subject),
+            inactive_threshold_ms: Some(state.inactive_threshold_ms),
         }),
         created: Some(timestamp(state.created_ns)),
         ack_floor: state.ack_floor,
@@ -162,6 +181,7 @@ pub fn consumer_info(state: ConsumerState, created_now: bool) -> ConsumerInfo {
         oldest_unacked_age_ms: state.oldest_unacked_age_ns / 1_000_000,
         last_sequence: state.last_seq,
         created_now,
+        last_active: (state.active_ns > 0).then(|| timestamp(state.active_ns)),
     }
 }
 
@@ -189,6 +209,7 @@ pub fn subject_info(state: SubjectState) -> SubjectInfo {
         }),
         cold_messages: state.cold_count,
         cold_bytes: state.cold_bytes,
+        num_consumers: state.consumers,
     }
 }
 

@@ -65,9 +65,17 @@ enum Rpc {
     FetchPayload,
     SetSubjectLimits,
     GetSubjectInfo,
+    SeekConsumer,
+    ExtendLease,
+    Reject,
+    PurgeSubject,
+    DeleteSubject,
 }
 
-const EVERY_RPC: [Rpc; 16] = [
+/// Every RPC that names a subject; the purge and the deletion last, as
+/// they empty it. (The listings are checked on their own: they show only
+/// what a token allows.)
+const EVERY_RPC: [Rpc; 21] = [
     Rpc::Publish,
     Rpc::PublishStream,
     Rpc::PublishMany,
@@ -84,6 +92,11 @@ const EVERY_RPC: [Rpc; 16] = [
     Rpc::FetchPayload,
     Rpc::SetSubjectLimits,
     Rpc::GetSubjectInfo,
+    Rpc::SeekConsumer,
+    Rpc::ExtendLease,
+    Rpc::Reject,
+    Rpc::PurgeSubject,
+    Rpc::DeleteSubject,
 ];
 
 /// The permission an RPC needs (Consume needs fetch and ack; fetch is tested).
@@ -94,8 +107,13 @@ fn needs(rpc: Rpc) -> &'static str {
             "subscribe"
         }
         Rpc::Fetch | Rpc::Consume | Rpc::FetchPayload => "fetch",
-        Rpc::AckMessage | Rpc::Ack | Rpc::Nack => "ack",
-        Rpc::CreateOrUpdateConsumer | Rpc::DeleteConsumer | Rpc::SetSubjectLimits => "admin",
+        Rpc::AckMessage | Rpc::Ack | Rpc::Nack | Rpc::ExtendLease | Rpc::Reject => "ack",
+        Rpc::CreateOrUpdateConsumer
+        | Rpc::DeleteConsumer
+        | Rpc::SetSubjectLimits
+        | Rpc::SeekConsumer
+        | Rpc::PurgeSubject
+        | Rpc::DeleteSubject => "admin",
     }
 }
 
@@ -276,6 +294,43 @@ async fn call(system: &System, rpc: Rpc, token: Option<&str>, subject: &str) -> 
             .get_subject_info(req!(SubjectRequest { subject }))
             .await
             .map(drop),
+        Rpc::SeekConsumer => egress
+            .seek_consumer(req!(SeekConsumerRequest {
+                subject,
+                durable_name: durable,
+                to: Some(seek_consumer_request::To::Sequence(1)),
+            }))
+            .await
+            .map(drop),
+        Rpc::ExtendLease => egress
+            .extend_lease(req!(ExtendLeaseRequest {
+                subject,
+                durable_name: durable,
+                sequences: vec![1],
+                extend_ms: 0,
+            }))
+            .await
+            .map(drop),
+        Rpc::Reject => egress
+            .reject(req!(RejectRequest {
+                subject,
+                durable_name: durable,
+                sequences: vec![1],
+                reason: String::new(),
+            }))
+            .await
+            .map(drop),
+        Rpc::PurgeSubject => egress
+            .purge_subject(req!(PurgeSubjectRequest {
+                subject,
+                through_sequence: 0,
+            }))
+            .await
+            .map(drop),
+        Rpc::DeleteSubject => egress
+            .delete_subject(req!(SubjectRequest { subject }))
+            .await
+            .map(drop),
     };
     outcome.err().map_or(Code::Ok, |status| status.code())
 }
@@ -350,6 +405,75 @@ async fn every_rpc_checks_the_token_the_permission_and_the_subject() {
         }
     }
     assert!(failures.is_empty(), "{failures:#?}");
+    system.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn listings_need_admin_and_show_only_the_subjects_a_token_allows() {
+    let system = System::start(auth_config(true)).await;
+    let subject = testing::unique_subject("authz-list");
+    let valid = hs256(&claims(&["*"], &["test.authz-list.>"]), SECRET);
+    let elsewhere = hs256(&claims(&["*"], &["elsewhere.>"]), SECRET);
+    let not_admin = hs256(&claims(&["subscribe", "fetch"], &["*"]), SECRET);
+    for rpc in [Rpc::Publish, Rpc::CreateOrUpdateConsumer] {
+        assert_eq!(call(&system, rpc, Some(&valid), &subject).await, Code::Ok);
+    }
+    let mut egress = system.subscriber().await;
+    let subjects = |token: &str| {
+        with_token(
+            ListSubjectsRequest {
+                prefix: subject.clone(),
+                page_size: 0,
+                page_token: String::new(),
+            },
+            Some(token),
+        )
+    };
+    let consumers = |token: &str| {
+        with_token(
+            ListConsumersRequest {
+                subject: String::new(),
+                page_size: 1000,
+                page_token: String::new(),
+            },
+            Some(token),
+        )
+    };
+    let denied = egress
+        .list_subjects(subjects(&not_admin))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let denied = egress
+        .list_consumers(consumers(&not_admin))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied);
+    let mine = egress
+        .list_subjects(subjects(&valid))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(mine.subjects.len(), 1);
+    assert_eq!(mine.subjects[0].subject, subject);
+    let theirs = egress
+        .list_subjects(subjects(&elsewhere))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(theirs.subjects.is_empty(), "{theirs:?}");
+    let listed = egress
+        .list_consumers(consumers(&elsewhere))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        listed
+            .consumers
+            .iter()
+            .all(|c| c.subject.starts_with("elsewhere.")),
+        "{listed:?}"
+    );
     system.stop().await;
 }
 

@@ -1,19 +1,214 @@
-//! Consumer and subject administration: creating, reading, moving (seek)
-//! and deleting consumers, and subjects' retention limits and state.
+//! Consumer and subject administration: creating, reading, listing, moving
+//! (seek) and deleting consumers; subjects' retention limits and state,
+//! their listing, purge and deletion.
 
 use mts_config::MAX_RETENTION_AGE_MS;
 use mts_proto::pb::seek_consumer_request::To;
 use mts_proto::pb::{
-    ConsumerInfo, CreateOrUpdateConsumerRequest, SeekConsumerRequest, SetSubjectLimitsRequest,
+    ConsumerInfo, CreateOrUpdateConsumerRequest, DeleteSubjectResponse, ListConsumersRequest,
+    ListConsumersResponse, ListSubjectsRequest, ListSubjectsResponse, PurgeSubjectRequest,
+    PurgeSubjectResponse, SeekConsumerRequest, SetSubjectLimitsRequest,
 };
+use mts_runtime::auth::Caller;
 use mts_runtime::validate;
-use mts_storage::store::{ConsumerSettings, ConsumerState, DeliverPolicy, Seek, SubjectState};
+use mts_storage::store::{
+    ConsumerSettings, ConsumerState, DeliverPolicy, PurgeStep, Seek, SegmentCut, SubjectState,
+};
 
 use crate::handlers::Egress;
 use crate::rules::consumer_names;
 use crate::{Error, wire};
 
+/// Entries in a listing page when the request names no page size.
+const PAGE_SIZE: u32 = 100;
+/// Most entries in a listing page.
+const MAX_PAGE_SIZE: u32 = 1000;
+/// Longest page token a listing takes: two names and a space.
+const MAX_PAGE_TOKEN: usize = 1024;
+/// Messages one purge step removes, in one transaction.
+const PURGE_STEP: u32 = 500;
+/// Message ids one step of a deletion forgets.
+const DELETE_STEP: u32 = 1000;
+
+/// A listing's page size, checked.
+fn page_size(requested: u32) -> Result<u32, validate::Error> {
+    match requested {
+        0 => Ok(PAGE_SIZE),
+        n if n > MAX_PAGE_SIZE => Err(validate::Error::new(
+            "page_size",
+            format!("{n} is above the limit of {MAX_PAGE_SIZE}"),
+        )),
+        n => Ok(n),
+    }
+}
+
+/// A page token this service gave, checked for size (its content is only
+/// ever a position in name order).
+fn page_token(token: &str) -> Result<&str, validate::Error> {
+    if token.len() > MAX_PAGE_TOKEN {
+        return Err(validate::Error::new(
+            "page_token",
+            "is not one this service gave: pass next_page_token as it came",
+        ));
+    }
+    Ok(token)
+}
+
+/// A consumers listing's page token: the (subject, durable) it ends at.
+fn consumer_position(token: &str) -> Result<Option<(&str, &str)>, validate::Error> {
+    if page_token(token)?.is_empty() {
+        return Ok(None);
+    }
+    token.split_once(' ').map(Some).ok_or_else(|| {
+        validate::Error::new(
+            "page_token",
+            "is not one this service gave: pass next_page_token as it came",
+        )
+    })
+}
+
 impl Egress {
+    /// A page of subjects the caller may use, in name order.
+    pub(crate) async fn list_subjects(
+        &self,
+        caller: &Caller,
+        request: ListSubjectsRequest,
+    ) -> Result<ListSubjectsResponse, Error> {
+        let limit = page_size(request.page_size)?;
+        let after = page_token(&request.page_token)?;
+        let page = self
+            .store
+            .list_subjects(&request.prefix, after, limit)
+            .await?;
+        // The token is where this page's look ended, shown or not.
+        let next_page_token = match page.entries.last() {
+            Some(last) if page.more => last.subject.clone(),
+            _ => String::new(),
+        };
+        let subjects = page
+            .entries
+            .into_iter()
+            .filter(|s| caller.may_use(&s.subject))
+            .map(wire::subject_info)
+            .collect();
+        Ok(ListSubjectsResponse {
+            subjects,
+            next_page_token,
+        })
+    }
+
+    /// A page of consumers on subjects the caller may use, in (subject,
+    /// name) order, of one subject or of all.
+    pub(crate) async fn list_consumers(
+        &self,
+        caller: &Caller,
+        request: ListConsumersRequest,
+    ) -> Result<ListConsumersResponse, Error> {
+        if !request.subject.is_empty() {
+            validate::subject(&request.subject)?;
+        }
+        let limit = page_size(request.page_size)?;
+        let after = consumer_position(&request.page_token)?;
+        let page = self
+            .store
+            .list_consumers(&request.subject, after, limit)
+            .await?;
+        let next_page_token = match page.entries.last() {
+            Some(last) if page.more => format!("{} {}", last.subject, last.durable),
+            _ => String::new(),
+        };
+        let consumers = page
+            .entries
+            .into_iter()
+            .filter(|c| caller.may_use(&c.subject))
+            .map(|c| wire::consumer_info(c, false))
+            .collect();
+        Ok(ListConsumersResponse {
+            consumers,
+            next_page_token,
+        })
+    }
+
+    /// Purges a subject's messages through a sequence (0 = all).
+    pub(crate) async fn purge(
+        &self,
+        request: PurgeSubjectRequest,
+    ) -> Result<PurgeSubjectResponse, Error> {
+        let subject = &request.subject;
+        validate::subject(subject)?;
+        let through = request.through_sequence;
+        if through > 0 {
+            let last = self.store.last_seq(subject).await?;
+            if through > last {
+                return Err(Error::PurgeBeyondLast {
+                    subject: subject.clone(),
+                    sequence: through,
+                    last,
+                });
+            }
+        }
+        let purged = self.purge_through(subject, through).await?;
+        let state = self.store.subject_info(subject).await?;
+        Ok(PurgeSubjectResponse {
+            purged,
+            subject: Some(wire::subject_info(state)),
+        })
+    }
+
+    /// Deletes a subject: its messages, consumers, limits and message ids.
+    pub(crate) async fn delete_subject(
+        &self,
+        subject: &str,
+    ) -> Result<DeleteSubjectResponse, Error> {
+        validate::subject(subject)?;
+        let purged = self.purge_through(subject, 0).await?;
+        let mut consumers_deleted = 0;
+        loop {
+            let (done, consumers) = self.store.delete_subject_step(subject, DELETE_STEP).await?;
+            consumers_deleted += consumers;
+            if done {
+                break;
+            }
+        }
+        tracing::info!(%subject, purged, consumers_deleted, "subject deleted");
+        Ok(DeleteSubjectResponse {
+            purged,
+            consumers_deleted,
+        })
+    }
+
+    /// Removes the messages of `subject` through `through` (0 = its last
+    /// sequence when the purge begins) in bounded steps; how many went.
+    async fn purge_through(&self, subject: &str, mut through: u64) -> Result<u64, Error> {
+        let mut purged = 0;
+        let mut cut = None;
+        loop {
+            let (step, resolved) = self
+                .store
+                .purge_step(subject, through, PURGE_STEP, cut.take())
+                .await?;
+            through = resolved;
+            match step {
+                PurgeStep::Done(removed) => return Ok(purged + removed),
+                PurgeStep::More(removed) => purged += removed,
+                PurgeStep::Cut {
+                    removed,
+                    first_seq,
+                    blocks,
+                } => {
+                    // The purge ends inside a segment: its purged messages'
+                    // bytes are in the object, not in Tarantool.
+                    purged += removed;
+                    let bytes = self
+                        .segments
+                        .bytes_between(subject, first_seq, through, &blocks)
+                        .await?;
+                    cut = Some(SegmentCut { first_seq, bytes });
+                }
+            }
+        }
+    }
+
     /// Deletes a consumer; whether it existed.
     pub(crate) async fn delete(&self, subject: &str, durable: &str) -> Result<bool, Error> {
         consumer_names(subject, durable)?;

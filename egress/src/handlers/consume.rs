@@ -25,7 +25,7 @@ use tonic::{Status, Streaming};
 use crate::Error;
 use crate::delivery::Payloads;
 use crate::delivery::wire_messages;
-use crate::handlers::{Egress, draining_status};
+use crate::handlers::{Egress, TOUCH_EVERY, draining_status, touch};
 use crate::rules::{MAX_SEQUENCES, consumer_names, extension, reject_reason, sequence_list};
 
 /// `max_in_flight` when the client gives 0.
@@ -327,6 +327,10 @@ impl Session {
         let mut mode = self.watching();
         let mut draining = self.egress.draining.clone();
         let mut redelivery_due: Option<Instant> = None;
+        // A busy stream's lease calls record the consumer's use themselves.
+        let mut in_use = tokio::time::interval(TOUCH_EVERY);
+        in_use.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        in_use.tick().await;
         loop {
             // A lease that ran out is no longer this stream's to count.
             let now = now_ns();
@@ -402,6 +406,7 @@ impl Session {
                 .flatten()
                 .min();
             tokio::select! {
+                _ = in_use.tick() => touch(&self.egress.store, &self.subject, &self.durable),
                 frame = inbound.next() => match frame {
                     Some(Ok(ConsumeRequest { request: Some(frame) })) => {
                         match self.answer_ready(frame, inbound).await {

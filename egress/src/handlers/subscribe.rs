@@ -6,7 +6,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::Error;
-use crate::handlers::{Egress, draining_status};
+use crate::handlers::{Egress, TOUCH_EVERY, draining_status, touch};
 use crate::notify::Signal;
 use crate::rules::consumer_names;
 
@@ -29,55 +29,68 @@ impl Egress {
             .await?;
         let updates = self.watchers.watch(&request.subject, last);
         let (sender, receiver) = mpsc::channel(16);
-        let open = self.metrics.stream_opened("subscribe");
-        tokio::spawn(push_notifications(
-            open,
-            request.subject,
-            notified,
-            last,
-            updates,
+        let subscription = Subscription {
+            _open: self.metrics.stream_opened("subscribe"),
+            store: self.store.clone(),
+            subject: request.subject,
+            durable: request.durable_name,
             sender,
-            self.draining.clone(),
-        ));
+        };
+        tokio::spawn(subscription.run(notified, last, updates, self.draining.clone()));
         Ok(receiver)
     }
 }
 
-/// Sends a notification whenever the last sequence passes what the
-/// subscriber was last told, until the client leaves or the server drains.
-async fn push_notifications(
+/// One Subscribe stream.
+struct Subscription {
     _open: mts_runtime::metrics::StreamGuard,
+    store: mts_storage::store::Store,
     subject: String,
-    mut notified: u64,
-    mut last: u64,
-    mut updates: watch::Receiver<Signal>,
+    durable: String,
     sender: mpsc::Sender<Result<Notification, Status>>,
-    mut draining: watch::Receiver<bool>,
-) {
-    loop {
-        if last > notified {
-            let note = Notification {
-                subject: subject.clone(),
-                sequence: last,
-            };
-            if sender.send(Ok(note)).await.is_err() {
-                return;
-            }
-            notified = last;
-        }
-        tokio::select! {
-            changed = updates.changed() => {
-                if changed.is_err() {
-                    let _ = sender.send(Err(Status::unavailable("notifications stopped; reconnect"))).await;
+}
+
+impl Subscription {
+    /// Sends a notification whenever the last sequence passes what the
+    /// subscriber was last told (`notified`), until the client leaves or
+    /// the server drains.
+    async fn run(
+        self,
+        mut notified: u64,
+        mut last: u64,
+        mut updates: watch::Receiver<Signal>,
+        mut draining: watch::Receiver<bool>,
+    ) {
+        let mut in_use = tokio::time::interval(TOUCH_EVERY);
+        in_use.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        in_use.tick().await;
+        loop {
+            if last > notified {
+                let note = Notification {
+                    subject: self.subject.clone(),
+                    sequence: last,
+                };
+                if self.sender.send(Ok(note)).await.is_err() {
                     return;
                 }
-                last = last.max(updates.borrow_and_update().last);
+                notified = last;
             }
-            () = sender.closed() => return,
-            // The watch guard must not live across the send below.
-            () = async { let _ = draining.wait_for(|draining| *draining).await; } => {
-                let _ = sender.send(Err(draining_status())).await;
-                return;
+            tokio::select! {
+                changed = updates.changed() => {
+                    if changed.is_err() {
+                        let stopped = Status::unavailable("notifications stopped; reconnect");
+                        let _ = self.sender.send(Err(stopped)).await;
+                        return;
+                    }
+                    last = last.max(updates.borrow_and_update().last);
+                }
+                _ = in_use.tick() => touch(&self.store, &self.subject, &self.durable),
+                () = self.sender.closed() => return,
+                // The watch guard must not live across the send below.
+                () = async { let _ = draining.wait_for(|draining| *draining).await; } => {
+                    let _ = self.sender.send(Err(draining_status())).await;
+                    return;
+                }
             }
         }
     }

@@ -6,5 +6,6 @@ mod consume_stream;
 mod consumers;
 mod delivery;
 mod maintenance;
+mod subjects;
 mod support;
 mod tiering;

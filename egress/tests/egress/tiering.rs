@@ -543,3 +543,53 @@ async fn a_replay_reads_each_segment_from_the_object_store_once() {
     // past its end and none again for a block being read already.
     assert_eq!(ranged_gets, segments as u64, "{text}");
 }
+
+#[tokio::test]
+async fn a_purge_ending_inside_a_segment_counts_exactly_and_keeps_the_rest_readable() {
+    let t = isolated(eager).await;
+    let subject = testing::unique_subject("purge-cold");
+    let objects = publish_numbered(&t, &subject, 120).await;
+    wait_all_cold(&t, &subject, 120).await;
+    let purged = t
+        .client
+        .clone()
+        .purge_subject(mts_proto::pb::PurgeSubjectRequest {
+            subject: subject.clone(),
+            through_sequence: 75,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(purged.purged, 75);
+    let info = purged.subject.unwrap();
+    let kept_bytes: u64 = (76..=120).map(|n| payload(n).len() as u64).sum();
+    assert_eq!(
+        (
+            info.first_sequence,
+            info.messages,
+            info.bytes,
+            info.cold_bytes
+        ),
+        (76, 45, kept_bytes, kept_bytes)
+    );
+    // Message 50's payload went with it; 100's stays.
+    testing::eventually("the purged message's payload object deleted", || async {
+        !t.object_store.exists(&objects[0]).await.unwrap()
+    })
+    .await;
+    assert!(t.object_store.exists(&objects[1]).await.unwrap());
+    start_consumer(&t, &subject, "after", ConsumerConfig::default()).await;
+    let mut seen = Vec::new();
+    loop {
+        let messages = fetch(&t, &subject, "after", 50).await;
+        if messages.is_empty() {
+            break;
+        }
+        for message in &messages {
+            check(message);
+            seen.push(message.sequence);
+        }
+    }
+    assert_eq!(seen, (76..=120).collect::<Vec<_>>());
+    t.service.stop().await.unwrap();
+}

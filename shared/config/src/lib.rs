@@ -256,6 +256,9 @@ pub struct Egress {
     /// watcher. Each waiting call holds one of Tarantool's request slots
     /// (`net_msg_max`), shared by every replica.
     pub max_hot_streams: u64,
+    /// Consumers whose lag is exported with their own labels: those with
+    /// the most messages waiting; the totals count every consumer. 0 = all.
+    pub consumer_lag_top: u64,
 }
 
 /// The two storage tiers: recent messages in Tarantool (hot), older ones
@@ -575,6 +578,7 @@ impl Config {
                 max_inline_delivery_bytes: 1024 * 1024,
                 max_delivered_payload_bytes: 64 * 1024 * 1024,
                 max_hot_streams: 64,
+                consumer_lag_top: 1000,
             },
             tiering: Tiering {
                 hot_tier_max_bytes: 0,

@@ -95,6 +95,18 @@ pub enum Caller {
 impl Caller {
     /// Allows the call if the caller may do `permission` on `subject`.
     pub fn authorize(&self, permission: Permission, subject: &str) -> Result<(), Error> {
+        self.permits(permission)?;
+        match self {
+            Self::Client(claims) if !self.may_use(subject) => Err(Error::PermissionDenied(
+                format!("client {} may not use subject {subject}", claims.client_id),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    /// Allows the call if the caller has `permission` (on some subjects):
+    /// for calls over many subjects, which then show only those it may use.
+    pub fn permits(&self, permission: Permission) -> Result<(), Error> {
         let Self::Client(claims) = self else {
             return Ok(());
         };
@@ -109,17 +121,18 @@ impl Caller {
                 permission.name()
             )));
         }
-        if !claims
+        Ok(())
+    }
+
+    /// Whether the caller's token allows `subject`.
+    pub fn may_use(&self, subject: &str) -> bool {
+        let Self::Client(claims) = self else {
+            return true;
+        };
+        claims
             .allowed_subjects
             .iter()
             .any(|pattern| subject_matches(pattern, subject))
-        {
-            return Err(Error::PermissionDenied(format!(
-                "client {} may not use subject {subject}",
-                claims.client_id
-            )));
-        }
-        Ok(())
     }
 }
 

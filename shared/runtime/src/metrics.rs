@@ -86,6 +86,10 @@ pub struct Metrics {
     pub consumer_ack_pending: Family<ConsumerLabels, Gauge>,
     /// `minitoolstream_consumer_oldest_unacked_age_seconds`
     pub consumer_oldest_unacked: Family<ConsumerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// Totals over every consumer, labelled or not.
+    pub consumer_totals: ConsumerTotals,
+    /// `minitoolstream_consumers_expired_total`
+    pub consumers_expired: Counter,
     /// The storage tiers, as the maintenance replica last read them.
     pub tiers: TierGauges,
     /// Segments written to the cold tier.
@@ -94,6 +98,19 @@ pub struct Metrics {
     pub tiering_errors: Counter,
     /// Reads of segment blocks: from the egress's cache or the object store.
     pub segment_block_reads: Family<SourceLabels, Counter>,
+}
+
+/// Totals over every durable consumer (exported by the maintenance replica).
+#[derive(Debug, Default)]
+pub struct ConsumerTotals {
+    /// `minitoolstream_consumers`
+    pub consumers: Gauge,
+    /// `minitoolstream_consumers_pending_messages`
+    pub pending: Gauge,
+    /// `minitoolstream_consumers_ack_pending_messages`
+    pub ack_pending: Gauge,
+    /// `minitoolstream_consumers_unlabelled`
+    pub unlabelled: Gauge,
 }
 
 /// Labels naming a durable consumer.
@@ -272,6 +289,33 @@ impl Metrics {
             "Age of the consumer's oldest unacknowledged message",
             consumer_oldest_unacked.clone(),
         );
+        let consumer_totals = ConsumerTotals::default();
+        registry.register(
+            "consumers",
+            "Durable consumers",
+            consumer_totals.consumers.clone(),
+        );
+        registry.register(
+            "consumers_pending_messages",
+            "Messages published and never delivered, summed over every consumer",
+            consumer_totals.pending.clone(),
+        );
+        registry.register(
+            "consumers_ack_pending_messages",
+            "Messages delivered and not acknowledged, summed over every consumer",
+            consumer_totals.ack_pending.clone(),
+        );
+        registry.register(
+            "consumers_unlabelled",
+            "Consumers counted in the totals but without lag gauges of their own (beyond consumer_lag_top)",
+            consumer_totals.unlabelled.clone(),
+        );
+        let consumers_expired = Counter::default();
+        registry.register(
+            "consumers_expired",
+            "Consumers removed after going unused past their inactive_threshold_ms",
+            consumers_expired.clone(),
+        );
         let tiers = TierGauges::default();
         for (name, help, gauge) in [
             (
@@ -350,6 +394,8 @@ impl Metrics {
             consumer_pending,
             consumer_ack_pending,
             consumer_oldest_unacked,
+            consumer_totals,
+            consumers_expired,
             requests,
             durations,
             dependency_up,
@@ -429,13 +475,32 @@ impl Metrics {
         }
     }
 
-    /// Replaces the consumer lag gauges with `lag`.
-    pub fn set_consumer_lag(&self, lag: &[mts_storage::store::ConsumerLag]) {
+    /// Replaces the consumer lag gauges with those of every consumer in
+    /// `lag`: the totals over all of them, and gauges of their own for the
+    /// `top` with the most messages waiting (0 = all).
+    pub fn set_consumer_lag(&self, mut lag: Vec<mts_storage::store::ConsumerLag>, top: usize) {
+        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+        let totals = &self.consumer_totals;
+        totals.consumers.set(gauge(lag.len() as u64));
+        totals
+            .pending
+            .set(gauge(lag.iter().map(|c| c.pending).sum()));
+        totals
+            .ack_pending
+            .set(gauge(lag.iter().map(|c| c.ack_pending).sum()));
+        if top > 0 && lag.len() > top {
+            lag.select_nth_unstable_by_key(top - 1, |c| {
+                std::cmp::Reverse(c.pending.saturating_add(c.ack_pending))
+            });
+            lag.truncate(top);
+        }
+        totals.unlabelled.set(gauge(
+            (totals.consumers.get() as u64).saturating_sub(lag.len() as u64),
+        ));
         self.consumer_pending.clear();
         self.consumer_ack_pending.clear();
         self.consumer_oldest_unacked.clear();
-        let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
-        for consumer in lag {
+        for consumer in &lag {
             let labels = ConsumerLabels {
                 subject: consumer.subject.clone(),
                 durable: consumer.durable.clone(),

@@ -155,6 +155,9 @@ with_schema_lock(function()
         {name = 'discard', type = 'string', is_nullable = true},
         -- Bytes of this subject's segment objects; nil = none.
         {name = 'segment_bytes', type = 'unsigned', is_nullable = true},
+        -- When DeleteSubject removed it (since schema 16): the row stays,
+        -- keeping last_seq, so that its sequences are never used again.
+        {name = 'deleted_ns', type = 'unsigned', is_nullable = true},
     }
     box.schema.space.create('mts_subjects', {if_not_exists = true, format = SUBJECT_FORMAT})
     box.space.mts_subjects:format(SUBJECT_FORMAT)
@@ -206,6 +209,10 @@ with_schema_lock(function()
         {name = 'dlq_subject', type = 'string', is_nullable = true},
         -- Messages given up by terminal rejection (mts_reject); nil = 0.
         {name = 'rejected', type = 'unsigned', is_nullable = true},
+        -- Since schema 16: removed after this long unused; nil or 0 = never.
+        {name = 'inactive_threshold_ms', type = 'unsigned', is_nullable = true},
+        -- Last use (a lease call, an ack, an open stream), to ACTIVE_GRAIN_MS; nil = created_ns.
+        {name = 'active_ns', type = 'unsigned', is_nullable = true},
     }
     box.schema.space.create('mts_consumers', {if_not_exists = true, format = CONSUMER_FORMAT})
     box.space.mts_consumers:format(CONSUMER_FORMAT)
@@ -1328,7 +1335,23 @@ local function consumer_view(row)
         start_seq = row.start_seq or 0,
         start_time_ns = row.start_time_ns or 0,
         dlq_subject = dlq,
+        inactive_threshold_ms = present(row.inactive_threshold_ms) or 0,
+        active_ns = present(row.active_ns) or row.created_ns,
     }
+end
+
+-- How finely a consumer's last use is kept: a busy consumer writes it at
+-- most once per this long.
+local ACTIVE_GRAIN_MS = 10000
+
+-- Inside a transaction: records that consumer `c` (a consumer_view) was
+-- used at `now`.
+local function touch(c, now)
+    if older_than(c.active_ns, now, ACTIVE_GRAIN_MS) then
+        pad_row(box.space.mts_consumers, {c.subject, c.durable})
+        box.space.mts_consumers:update({c.subject, c.durable}, {{'=', 'active_ns', now}})
+        c.active_ns = now
+    end
 end
 
 -- The sequence before the first hot message of `subject` committed at or
@@ -1436,13 +1459,14 @@ local function ensure_consumer(subject, durable, cfg)
     -- start_after: the start point the service worked out (by_start_time in
     -- a segment).
     local start = cfg.start_after or start_point(subject, policy, cfg.start_seq, cfg.start_time_ns)
+    local now = now_ns()
     row = box.space.mts_consumers:insert({
-        subject, durable, start, now_ns(), start,
+        subject, durable, start, now, start,
         cfg.ack_wait_ms or CONSUMER_DEFAULTS.ack_wait_ms,
         cfg.max_deliver or CONSUMER_DEFAULTS.max_deliver,
         cfg.max_ack_pending or CONSUMER_DEFAULTS.max_ack_pending,
         policy, cfg.start_seq or 0, cfg.start_time_ns or 0,
-        cfg.dlq_subject or (subject .. '.dlq'),
+        cfg.dlq_subject or (subject .. '.dlq'), box.NULL, cfg.inactive_threshold_ms or 0, now,
     })
     return consumer_view(row)
 end
@@ -1710,6 +1734,7 @@ local function hand_out(subject, durable, limit, spans)
     local next_deadline = 0
     local c = ensure_consumer(subject, durable)
     local now = now_ns()
+    touch(c, now)
     local lease_end = after_ms(now, c.ack_wait_ms)
     local due, due_count = {}, 0
     for _, p in box.space.mts_pending.index.deadline:pairs({subject, durable}, {iterator = 'GE'}) do
@@ -1957,6 +1982,7 @@ rawset(_G, 'mts_ack_sequences', function(subject, durable, seqs)
         end
         local c = consumer_view(box.space.mts_consumers:get({subject, durable}))
         settle_floor(c)
+        touch(c, now_ns())
         floor = c.floor
     end)
     if #missing > 0 then
@@ -2194,23 +2220,24 @@ rawset(_G, 'mts_create_or_update_consumer', function(subject, durable, cfg)
             outcome = 'created'
             return
         end
-        local ops = {}
-        for _, field in ipairs({'ack_wait_ms', 'max_deliver', 'max_ack_pending', 'dlq_subject'}) do
+        local ops = {{'=', 'active_ns', now_ns()}}
+        for _, field in ipairs({
+            'ack_wait_ms', 'max_deliver', 'max_ack_pending', 'dlq_subject', 'inactive_threshold_ms',
+        }) do
             if cfg[field] ~= nil then
                 ops[#ops + 1] = {'=', field, cfg[field]}
             end
         end
-        if #ops > 0 then
-            -- Rows from schema 1 lack the trailing fields; fill them first.
-            local view = consumer_view(row)
-            box.space.mts_consumers:update({subject, durable}, {
-                {'=', 'delivered_seq', view.delivered}, {'=', 'ack_wait_ms', view.ack_wait_ms},
-                {'=', 'max_deliver', view.max_deliver}, {'=', 'max_ack_pending', view.max_ack_pending},
-                {'=', 'deliver_policy', view.deliver_policy}, {'=', 'start_seq', view.start_seq},
-                {'=', 'start_time_ns', view.start_time_ns}, {'=', 'dlq_subject', view.dlq_subject},
-            })
-            box.space.mts_consumers:update({subject, durable}, ops)
-        end
+        -- Rows from schema 1 lack the trailing fields; fill them first.
+        local view = consumer_view(row)
+        box.space.mts_consumers:update({subject, durable}, {
+            {'=', 'delivered_seq', view.delivered}, {'=', 'ack_wait_ms', view.ack_wait_ms},
+            {'=', 'max_deliver', view.max_deliver}, {'=', 'max_ack_pending', view.max_ack_pending},
+            {'=', 'deliver_policy', view.deliver_policy}, {'=', 'start_seq', view.start_seq},
+            {'=', 'start_time_ns', view.start_time_ns}, {'=', 'dlq_subject', view.dlq_subject},
+        })
+        pad_row(box.space.mts_consumers, {subject, durable})
+        box.space.mts_consumers:update({subject, durable}, ops)
     end)
     if outcome == 'updated' then
         -- A larger max_ack_pending, say, may give its streams room.
@@ -2237,11 +2264,8 @@ end
 
 -- The consumer's settings and state, exact at one instant; nil if it does
 -- not exist.
-rawset(_G, 'mts_consumer_info', function(subject, durable)
-    local row = box.space.mts_consumers:get({subject, durable})
-    if row == nil then
-        return box.NULL
-    end
+local function consumer_info(row)
+    local subject, durable = row.subject, row.durable
     local c = consumer_view(row)
     local now = now_ns()
     local last = last_seq(subject)
@@ -2273,16 +2297,27 @@ rawset(_G, 'mts_consumer_info', function(subject, durable)
         num_rejected = row.rejected or 0,
         oldest_unacked_age_ns = oldest_unacked_age_ns,
         last_seq = last,
+        inactive_threshold_ms = c.inactive_threshold_ms,
+        active_ns = c.active_ns,
     }
+end
+
+rawset(_G, 'mts_consumer_info', function(subject, durable)
+    local row = box.space.mts_consumers:get({subject, durable})
+    if row == nil then
+        return box.NULL
+    end
+    return consumer_info(row)
 end)
 
--- Lag of up to `limit` consumers, for gauges: {subject, durable, pending
--- (never delivered), ack_pending (delivered, not acked), oldest unacked age
--- in ms}.
-rawset(_G, 'mts_consumers_lag', function(limit)
+-- Lag of up to `limit` consumers after (`after_subject`, `after_durable`)
+-- in (subject, durable) order (from the first without them), for gauges:
+-- {subject, durable, pending (never delivered), ack_pending (delivered, not
+-- acked), oldest unacked age in ms}.
+rawset(_G, 'mts_consumers_lag', function(limit, after_subject, after_durable)
     local out = {}
     local now = now_ns()
-    for _, row in box.space.mts_consumers:pairs() do
+    for _, row in box.space.mts_consumers:pairs({after_subject or '', after_durable or ''}, {iterator = 'GT'}) do
         if #out >= limit then
             break
         end
@@ -2367,10 +2402,15 @@ rawset(_G, 'mts_set_subject_limits', function(subject, limits)
 end)
 
 -- What is stored for a subject, and its limits (nil = the service default).
-rawset(_G, 'mts_subject_info', function(subject)
+-- How many consumers `subject` has.
+local function consumer_count(subject)
+    return box.space.mts_consumers.index.primary:count({subject})
+end
+
+local function subject_info(subject)
     local row = box.space.mts_subjects:get(subject)
     if row == nil then
-        return {subject = subject, first_seq = 0, last_seq = 0, count = 0, bytes = 0}
+        return {subject = subject, first_seq = 0, last_seq = 0, count = 0, bytes = 0, consumers = consumer_count(subject)}
     end
     local first = first_after(subject, 0)
     return {
@@ -2385,8 +2425,11 @@ rawset(_G, 'mts_subject_info', function(subject)
         discard = row.discard,
         cold_count = row.cold_count or 0,
         cold_bytes = row.cold_bytes or 0,
+        consumers = consumer_count(subject),
     }
-end)
+end
+
+rawset(_G, 'mts_subject_info', subject_info)
 
 -- Inside a transaction: removes a hot row's messages and, when no other
 -- message shares its object, queues the object for deletion.
@@ -2588,6 +2631,291 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
         end
     end)
     return resume, deleted
+end)
+
+------------------------------------------------------------------------------
+-- Administration: subjects and consumers listed a page at a time, subjects
+-- purged or deleted in bounded steps, and consumers left unused removed.
+------------------------------------------------------------------------------
+
+-- Whether `name` starts with `prefix`.
+local function has_prefix(name, prefix)
+    return prefix == '' or name:sub(1, #prefix) == prefix
+end
+
+-- Whether a subject row is what DeleteSubject left and nothing used since:
+-- a listing passes over it (its row only keeps its sequences from reuse).
+local function deleted_and_unused(row)
+    return present(row.deleted_ns) ~= nil and (row.count or 0) == 0 and consumer_count(row.name) == 0
+end
+
+-- Up to `limit` subjects named with `prefix`, in name order after `after`
+-- ('' = from the first): their subject_info, and whether more may follow.
+rawset(_G, 'mts_list_subjects', function(prefix, after, limit)
+    local out = setmetatable({}, ARRAY)
+    local key, iterator = after, 'GT'
+    if after < prefix then
+        key, iterator = prefix, 'GE'
+    end
+    for _, row in box.space.mts_subjects:pairs({key}, {iterator = iterator}) do
+        if not has_prefix(row.name, prefix) then
+            return out, false
+        end
+        if not deleted_and_unused(row) then
+            if #out >= limit then
+                return out, true
+            end
+            out[#out + 1] = subject_info(row.name)
+        end
+    end
+    return out, false
+end)
+
+-- Up to `limit` consumers after (`after_subject`, `after_durable`) in
+-- (subject, name) order — of `subject` only, unless it is '' — as
+-- consumer_info; and whether more may follow.
+rawset(_G, 'mts_list_consumers', function(subject, after_subject, after_durable, limit)
+    local out = setmetatable({}, ARRAY)
+    local key, iterator = {after_subject, after_durable}, 'GT'
+    if subject ~= '' and after_subject ~= subject then
+        key, iterator = {subject}, 'GE'
+    end
+    for _, row in box.space.mts_consumers:pairs(key, {iterator = iterator}) do
+        if subject ~= '' and row.subject ~= subject then
+            return out, false
+        end
+        if #out >= limit then
+            return out, true
+        end
+        out[#out + 1] = consumer_info(row)
+    end
+    return out, false
+end)
+
+-- Inside a transaction: what a purge through `through` does to the
+-- subject's consumers: leases of purged messages are dropped, and none is
+-- delivered or counted as unacknowledged again.
+local function purge_consumers(subject, through)
+    local consumers = {}
+    for _, row in box.space.mts_consumers:pairs({subject}) do
+        consumers[#consumers + 1] = consumer_view(row)
+    end
+    for _, c in ipairs(consumers) do
+        local runs = {}
+        each_run(subject, c.durable, function(p)
+            if p.seq > through then
+                return false
+            end
+            runs[#runs + 1] = p
+        end)
+        for _, p in ipairs(runs) do
+            if run_last(p) <= through then
+                box.space.mts_pending:delete({subject, c.durable, p.seq})
+            else
+                local fate = {}
+                for seq = p.seq, through do
+                    fate[seq] = GONE
+                end
+                recut(p, fate)
+            end
+        end
+        c.delivered = max(c.delivered, through)
+        c.floor = max(c.floor, through)
+        settle_floor(c)
+    end
+end
+
+-- Inside a transaction: cuts segment `seg` down to the messages after
+-- `through`; `bytes`, the payload bytes of those up to it, the service read
+-- from the object. The object stays (it holds the rest); offloaded payloads
+-- only the purged messages named go.
+local function cut_segment(seg, through, bytes)
+    local subject, first = seg.subject, seg.first_seq
+    local view = segment_view(seg)
+    local _, i = block_of(view, through + 1)
+    local blocks = setmetatable({}, ARRAY)
+    for j = i, #view.blocks do
+        blocks[#blocks + 1] = view.blocks[j]
+    end
+    local count = through - first + 1
+    box.space.mts_segments:delete({subject, first})
+    box.space.mts_segments:insert({
+        subject, through + 1, seg.last_seq, blocks[1][2], seg.last_ts_ns, seg.count - count,
+        max(0, seg.bytes - bytes), seg.object_key, seg.object_size, blocks, seg.created_ns,
+    })
+    pad_subject(subject)
+    local row = box.space.mts_subjects:get(subject)
+    box.space.mts_subjects:update({subject}, {
+        {'=', 'count', max(0, row.count - count)}, {'=', 'bytes', max(0, row.bytes - bytes)},
+        {'=', 'cold_count', max(0, (row.cold_count or 0) - count)},
+        {'=', 'cold_bytes', max(0, (row.cold_bytes or 0) - bytes)},
+    })
+    local copies = {}
+    for _, m in box.space.mts_messages.index.primary:pairs({subject}, {iterator = 'EQ'}) do
+        if m.seq > through then
+            break
+        end
+        copies[#copies + 1] = m
+    end
+    for _, m in ipairs(copies) do
+        drop_copies(m, through)
+    end
+    local named = {}
+    for _, o in box.space.mts_object_refs.index.message:pairs({subject, first}, {iterator = 'GE'}) do
+        if o.subject ~= subject or o.seq > through then
+            break
+        end
+        named[#named + 1] = {o.object_key, o.subject, o.seq}
+    end
+    local now = now_ns()
+    for _, key in ipairs(named) do
+        box.space.mts_object_refs:delete(key)
+        if not object_referenced(key[1]) then
+            box.space.mts_gc:replace({key[1], now})
+        end
+    end
+end
+
+-- One bounded step of a purge of `subject` through sequence `through` (0 =
+-- its last sequence now): removes at most about `budget` messages, oldest
+-- first, in one transaction, their objects queued for deletion. A segment
+-- the purge ends inside can only be cut with the payload bytes of its
+-- purged messages, which the service reads: `cut` = {first_seq, bytes} of
+-- that segment, once it has them. Returns the state ('more', 'done', or
+-- 'cut' with the blocks to read: {first_seq, object_key, offset, length,
+-- object_size} each), the messages removed, `through` as resolved, and
+-- (with 'cut') the segment's first sequence, 0 otherwise.
+rawset(_G, 'mts_purge_step', function(subject, through, budget, cut)
+    local state, removed, blocks, cut_first = 'more', 0, setmetatable({}, ARRAY), 0
+    box.atomic(function()
+        local row = box.space.mts_subjects:get(subject)
+        if row == nil then
+            state = 'done'
+            return
+        end
+        if through == 0 or through > row.last_seq then
+            through = row.last_seq
+        end
+        while removed < budget do
+            local seg = box.space.mts_segments.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
+            if seg ~= nil and seg.first_seq <= through then
+                if seg.last_seq <= through then
+                    remove_segment(seg)
+                    removed = removed + seg.count
+                elseif cut ~= nil and cut.first_seq == seg.first_seq then
+                    cut_segment(seg, through, cut.bytes)
+                    removed = removed + (through - seg.first_seq + 1)
+                    cut = nil
+                else
+                    state, cut_first = 'cut', seg.first_seq
+                    local view = segment_view(seg)
+                    local _, i = block_of(view, through)
+                    for j = 1, i do
+                        local b = view.blocks[j]
+                        blocks[#blocks + 1] = {b[1], seg.object_key, b[3], b[4], seg.object_size}
+                    end
+                    return
+                end
+            elseif seg ~= nil then
+                break
+            else
+                local m = box.space.mts_messages.index.primary:select({subject}, {iterator = 'EQ', limit = 1})[1]
+                if m == nil or m.seq > through then
+                    break
+                end
+                if row_last(m) <= through then
+                    removed = removed + row_count(m)
+                    remove_row(m)
+                else
+                    local k = tonumber(through - m.seq + 1)
+                    drop_front(m, k, true)
+                    removed = removed + k
+                end
+            end
+        end
+        if removed < budget then
+            purge_consumers(subject, through)
+            state = 'done'
+        end
+    end)
+    if state == 'done' then
+        released(subject)
+    end
+    return state, removed, through, blocks, cut_first
+end)
+
+-- Finishes DeleteSubject once its messages are purged: deletes the
+-- subject's consumers (and their leases), its limits and up to `budget` of
+-- its message ids; the row stays, marked, keeping last_seq. Returns whether
+-- it is done ('more': message ids left), and how many consumers went.
+rawset(_G, 'mts_delete_subject', function(subject, budget)
+    local done, consumers = false, 0
+    box.atomic(function()
+        local ids = box.space.mts_dedup:select({subject}, {iterator = 'EQ', limit = budget})
+        for _, d in ipairs(ids) do
+            box.space.mts_dedup:delete({d.subject, d.message_id})
+        end
+        if #ids >= budget then
+            return
+        end
+        local durables = {}
+        for _, row in box.space.mts_consumers:pairs({subject}) do
+            durables[#durables + 1] = row.durable
+        end
+        for _, durable in ipairs(durables) do
+            box.space.mts_consumers:delete({subject, durable})
+            drop_leases(subject, durable)
+        end
+        consumers = #durables
+        if box.space.mts_subjects:get(subject) ~= nil then
+            pad_subject(subject)
+            box.space.mts_subjects:update({subject}, {
+                {'=', 'max_age_ms', box.NULL}, {'=', 'max_messages', box.NULL}, {'=', 'max_bytes', box.NULL},
+                {'=', 'discard', box.NULL}, {'=', 'deleted_ns', now_ns()},
+            })
+        end
+        done = true
+    end)
+    return done, consumers
+end)
+
+-- Records that the consumers {subject, durable} of `pairs` are in use (a
+-- stream of theirs is open).
+rawset(_G, 'mts_touch_consumers', function(pairs_)
+    local now = now_ns()
+    box.atomic(function()
+        for _, pair in ipairs(pairs_) do
+            local row = box.space.mts_consumers:get({pair[1], pair[2]})
+            if row ~= nil then
+                touch(consumer_view(row), now)
+            end
+        end
+    end)
+    return true
+end)
+
+-- Removes up to `limit` consumers unused for longer than their
+-- inactive_threshold_ms, with their leases. Returns {subject, durable} of
+-- each.
+rawset(_G, 'mts_expire_consumers', function(limit)
+    local now = now_ns()
+    local gone = setmetatable({}, ARRAY)
+    box.atomic(function()
+        for _, row in box.space.mts_consumers:pairs() do
+            local c = consumer_view(row)
+            if c.inactive_threshold_ms > 0 and older_than(c.active_ns, now, c.inactive_threshold_ms) then
+                gone[#gone + 1] = {c.subject, c.durable}
+                if #gone >= limit then
+                    break
+                end
+            end
+        end
+        for _, pair in ipairs(gone) do
+            box.space.mts_consumers:delete(pair)
+            drop_leases(pair[1], pair[2])
+        end
+    end)
+    return gone
 end)
 
 ------------------------------------------------------------------------------
@@ -3098,6 +3426,8 @@ with_schema_lock(function()
         'mts_settle_attempt', 'mts_identity', 'mts_dead_letter', 'mts_extend_lease', 'mts_reject', 'mts_seek',
         'mts_locate_time', 'mts_segment_next', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats', 'mts_hot_tier',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
+        'mts_list_subjects', 'mts_list_consumers', 'mts_purge_step', 'mts_delete_subject', 'mts_touch_consumers',
+        'mts_expire_consumers',
     }
     box.schema.role.create('minitoolstream', {if_not_exists = true})
     for _, name in ipairs(PROCEDURES) do

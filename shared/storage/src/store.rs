@@ -27,11 +27,11 @@ mod tiering;
 
 pub use consumers::{
     AckOutcome, Batch, ConsumerLag, ConsumerSettings, ConsumerState, DeliverPolicy, Leased,
-    NotHeld, Rejected, Seek,
+    NotHeld, Page, Rejected, Seek,
 };
 pub use group_commit::InlineMessage;
 pub use publish::{NewMessage, Payload, Published, SegmentRef, StoredMessage, Watch, Watched};
-pub use subjects::{Discard, Limits, SubjectState};
+pub use subjects::{Discard, Limits, PurgeStep, SegmentCut, SubjectState};
 pub use tiering::{HotBudget, HotTier, SegmentPlan, StorageStats, TierCommit, TieringOptions};
 
 /// The schema and stored procedures, applied idempotently by `apply_schema`.

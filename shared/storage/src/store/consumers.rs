@@ -62,6 +62,8 @@ pub struct ConsumerSettings {
     /// up to and including it counts as acknowledged. Not a setting: only
     /// `ByStartTime` over messages in segments needs it.
     pub start_after: Option<u64>,
+    /// Removed after this long unused; 0 = never.
+    pub inactive_threshold_ms: Option<u64>,
 }
 
 impl ConsumerSettings {
@@ -92,6 +94,9 @@ impl ConsumerSettings {
         }
         if let Some(v) = self.start_after {
             put("start_after", Value::from(v));
+        }
+        if let Some(v) = self.inactive_threshold_ms {
+            put("inactive_threshold_ms", Value::from(v));
         }
         Value::Map(map)
     }
@@ -137,6 +142,22 @@ pub struct ConsumerState {
     pub oldest_unacked_age_ns: u64,
     /// The subject's last sequence.
     pub last_seq: u64,
+    /// Removed after this long unused; 0 = never.
+    #[serde(default)]
+    pub inactive_threshold_ms: u64,
+    /// Last use (a lease call, an ack, an open stream), to about 10 s;
+    /// nanoseconds since the Unix epoch.
+    #[serde(default)]
+    pub active_ns: u64,
+}
+
+/// A page of a listing.
+#[derive(Debug, Clone)]
+pub struct Page<T> {
+    /// The entries, in order.
+    pub entries: Vec<T>,
+    /// Whether more may follow the last entry.
+    pub more: bool,
 }
 
 /// What a rejection did.
@@ -440,12 +461,59 @@ impl Store {
         Ok(state)
     }
 
-    /// Lag of up to `limit` consumers.
-    pub async fn consumers_lag(&self, limit: u32) -> Result<Vec<ConsumerLag>, Error> {
+    /// Lag of up to `limit` consumers after `after` (subject, durable) in
+    /// (subject, durable) order; from the first without it.
+    pub async fn consumers_lag(
+        &self,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Vec<ConsumerLag>, Error> {
+        let (after_subject, after_durable) = after.unwrap_or_default();
         let (lag,): (Vec<ConsumerLag>,) = self
-            .call("mts_consumers_lag", (limit,), self.timeout)
+            .call(
+                "mts_consumers_lag",
+                (limit, after_subject, after_durable),
+                self.timeout,
+            )
             .await?;
         Ok(lag)
+    }
+
+    /// Up to `limit` consumers after `after` (subject, durable) in (subject,
+    /// durable) order, of `subject` only unless it is empty.
+    pub async fn list_consumers(
+        &self,
+        subject: &str,
+        after: Option<(&str, &str)>,
+        limit: u32,
+    ) -> Result<Page<ConsumerState>, Error> {
+        let (after_subject, after_durable) = after.unwrap_or_default();
+        let (entries, more): (Vec<ConsumerState>, bool) = self
+            .call(
+                "mts_list_consumers",
+                (subject, after_subject, after_durable, limit),
+                self.timeout,
+            )
+            .await?;
+        Ok(Page { entries, more })
+    }
+
+    /// Records that these (subject, durable) consumers are in use: a stream
+    /// of theirs is open.
+    pub async fn touch_consumers(&self, consumers: &[(String, String)]) -> Result<(), Error> {
+        let _: (bool,) = self
+            .call("mts_touch_consumers", (consumers,), self.timeout)
+            .await?;
+        Ok(())
+    }
+
+    /// Removes up to `limit` consumers unused for longer than their
+    /// inactivity threshold; returns their (subject, durable).
+    pub async fn expire_consumers(&self, limit: u32) -> Result<Vec<(String, String)>, Error> {
+        let (gone,): (Vec<(String, String)>,) = self
+            .call("mts_expire_consumers", (limit,), self.timeout)
+            .await?;
+        Ok(gone)
     }
 
     /// Deletes the consumer and its leases; true if it existed.

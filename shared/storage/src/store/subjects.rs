@@ -85,6 +85,40 @@ pub struct SubjectState {
     /// The subject's own limits.
     #[serde(flatten)]
     pub limits: Limits,
+    /// How many consumers it has.
+    #[serde(default)]
+    pub consumers: u64,
+}
+
+/// One step of a purge (see `Store::purge_step`).
+#[derive(Debug, Clone)]
+pub enum PurgeStep {
+    /// Removed this many; more are left.
+    More(u64),
+    /// Removed this many, and the purge is done.
+    Done(u64),
+    /// Removed this many, then reached a segment the purge ends inside:
+    /// `blocks` (each a reference to its first message) hold its messages
+    /// from `first_seq` through the purge's end, whose payload bytes the
+    /// next step needs.
+    Cut {
+        /// Messages removed before it.
+        removed: u64,
+        /// The segment's first sequence.
+        first_seq: u64,
+        /// Its blocks up to the one holding the purge's end.
+        blocks: Vec<(u64, SegmentRef)>,
+    },
+}
+
+/// A segment that a purge ends inside, and the payload bytes of its
+/// messages up to that end.
+#[derive(Debug, Clone, Copy)]
+pub struct SegmentCut {
+    /// The segment's first sequence.
+    pub first_seq: u64,
+    /// Payload bytes of its messages from `first_seq` through the purge's end.
+    pub bytes: u64,
 }
 
 impl Store {
@@ -98,6 +132,85 @@ impl Store {
             )
             .await?;
         Ok(())
+    }
+
+    /// Up to `limit` subjects named with `prefix`, in name order after
+    /// `after` (empty = from the first). Subjects deleted and not used since
+    /// are left out.
+    pub async fn list_subjects(
+        &self,
+        prefix: &str,
+        after: &str,
+        limit: u32,
+    ) -> Result<Page<SubjectState>, Error> {
+        let (entries, more): (Vec<SubjectState>, bool) = self
+            .call("mts_list_subjects", (prefix, after, limit), self.timeout)
+            .await?;
+        Ok(Page { entries, more })
+    }
+
+    /// One bounded step (about `budget` messages, one transaction) of
+    /// purging `subject` through `through` (0 = its last sequence when the
+    /// step runs); `cut` as the previous step asked for it. Returns what the
+    /// step did and `through` as resolved, to pass to the next.
+    pub async fn purge_step(
+        &self,
+        subject: &str,
+        through: u64,
+        budget: u32,
+        cut: Option<SegmentCut>,
+    ) -> Result<(PurgeStep, u64), Error> {
+        use tarant::Value;
+        let cut = cut.map(|cut| {
+            Value::Map(vec![
+                (Value::from("first_seq"), Value::from(cut.first_seq)),
+                (Value::from("bytes"), Value::from(cut.bytes)),
+            ])
+        });
+        type Block = (u64, String, u64, u64, u64);
+        let (state, removed, through, blocks, first_seq): (String, u64, u64, Vec<Block>, u64) =
+            self.call(
+                "mts_purge_step",
+                (subject, through, budget, cut),
+                self.timeout,
+            )
+            .await?;
+        let step = match state.as_str() {
+            "done" => PurgeStep::Done(removed),
+            "cut" => PurgeStep::Cut {
+                removed,
+                first_seq,
+                blocks: blocks
+                    .into_iter()
+                    .map(|(seq, object_key, offset, length, object_size)| {
+                        let at = SegmentRef {
+                            object_key,
+                            offset,
+                            length,
+                            object_size,
+                        };
+                        (seq, at)
+                    })
+                    .collect(),
+            },
+            _ => PurgeStep::More(removed),
+        };
+        Ok((step, through))
+    }
+
+    /// One step of finishing DeleteSubject once its messages are purged:
+    /// deletes its consumers, limits and (up to `budget` a step) message
+    /// ids; the row stays, keeping its last sequence. Returns whether it is
+    /// done, and how many consumers it deleted.
+    pub async fn delete_subject_step(
+        &self,
+        subject: &str,
+        budget: u32,
+    ) -> Result<(bool, u64), Error> {
+        let (done, consumers): (bool, u64) = self
+            .call("mts_delete_subject", (subject, budget), self.timeout)
+            .await?;
+        Ok((done, consumers))
     }
 
     /// What is stored for a subject.

@@ -9,8 +9,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use mts_storage::segment::{Sealed, Writer};
 use mts_storage::store::{
-    ConsumerSettings, DeliverPolicy, Discard, InlineMessage, Limits, Published, Refusal, Store,
-    StoredMessage, TierCommit,
+    ConsumerSettings, DeliverPolicy, Discard, InlineMessage, Limits, Published, PurgeStep, Refusal,
+    Store, StoredMessage, TierCommit,
 };
 use mts_testkit::{self as testing, TarantoolProcess};
 
@@ -404,5 +404,27 @@ async fn a_message_of_a_row_dead_letters_with_its_headers_and_payload() {
         assert_eq!(letter.sha256.as_deref(), Some(original.sha256.as_str()));
         assert_eq!(letter.headers["n"], i.to_string());
         assert_eq!(letter.headers["mts-origin-sequence"], i.to_string());
+    }
+}
+
+#[tokio::test]
+async fn a_purge_cuts_a_row_it_ends_inside_to_the_messages_after_it() {
+    let (_tarantool, admin, store) = own_tarantool().await;
+    let subject = testing::unique_subject("block-purge");
+    block(&store, &subject, 1, 12).await;
+    assert_eq!(rows(&admin, &subject).await, vec![(1, 8), (9, 12)]);
+    let (step, through) = store.purge_step(&subject, 5, 500, None).await.unwrap();
+    assert!(matches!(step, PurgeStep::Done(5)), "{step:?}");
+    assert_eq!(through, 5);
+    let info = store.subject_info(&subject).await.unwrap();
+    assert_eq!(
+        (info.first_seq, info.count, info.bytes),
+        (6, 7, bytes_of(&subject, 6, 12))
+    );
+    assert_eq!(rows(&admin, &subject).await, vec![(6, 8), (9, 12)]);
+    let delivered = store.fetch(&subject, "d", 100).await.unwrap().messages;
+    assert_eq!(delivered.len(), 7);
+    for (i, leased) in (6..).zip(&delivered) {
+        assert_is(&leased.message, &subject, i);
     }
 }

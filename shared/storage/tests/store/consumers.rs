@@ -448,7 +448,10 @@ async fn consumers_start_where_their_policy_says_and_can_be_deleted() {
             .unwrap(),
         3
     );
-    let lag = store.consumers_lag(100_000).await.unwrap();
+    let lag = store
+        .consumers_lag(Some((subject.as_str(), "")), 100)
+        .await
+        .unwrap();
     assert!(
         lag.iter()
             .any(|l| l.subject == subject && l.durable == "from-2" && l.ack_pending == 2)

@@ -223,7 +223,7 @@ async fn every_procedure_takes_integers_at_their_limits() {
         );
     }
     assert_eq!(
-        store.consumers_lag(100).await.unwrap().len(),
+        store.consumers_lag(None, 100).await.unwrap().len(),
         4 * edges.len()
     );
     // The message ids' and leases' expiries saturated: retention keeps them.

@@ -8,6 +8,7 @@ use bytes::Bytes;
 use mts_config::Config;
 use mts_storage::store::InlineMessage;
 
+mod admin;
 mod blocks;
 mod consumers;
 mod identity;

@@ -8,7 +8,9 @@ use std::collections::HashMap;
 use std::time::Duration;
 
 use mts_storage::segment::{self, Sealed, Writer};
-use mts_storage::store::{Discard, Limits, Refusal, Store, TierCommit, TieringOptions};
+use mts_storage::store::{
+    Discard, Limits, PurgeStep, Refusal, SegmentCut, Store, TierCommit, TieringOptions,
+};
 use mts_testkit as testing;
 
 /// Publishes `n` inline messages with a header each; returns their payloads.
@@ -619,4 +621,82 @@ async fn fresh_messages_of_a_segment_are_handed_out_a_block_at_a_time_each_at_it
         .unwrap()
         .unwrap();
     assert!(super::consumers::runs(&subject, "d").await.is_empty());
+}
+
+#[tokio::test]
+async fn a_purge_cuts_a_segment_it_ends_inside_and_removes_whole_ones_before() {
+    let store = Store::connect(&testing::config()).await.unwrap();
+    let subject = testing::unique_subject("purge-cold");
+    let payloads = publish_n(&store, &subject, 10).await;
+    let bytes = |from: usize, to: usize| -> u64 {
+        payloads[from - 1..to].iter().map(|p| p.len() as u64).sum()
+    };
+    let sealed = seal(&store, &subject, 6).await;
+    let key = format!("{subject}/segments/1");
+    store.tier_commit(&subject, &key, &sealed).await.unwrap();
+
+    // Through 3: inside the segment, whose bytes only its object knows.
+    let (step, through) = store.purge_step(&subject, 3, 500, None).await.unwrap();
+    assert_eq!(through, 3);
+    let PurgeStep::Cut {
+        removed,
+        first_seq,
+        blocks,
+    } = step
+    else {
+        panic!("a cut, not {step:?}");
+    };
+    assert_eq!((removed, first_seq), (0, 1));
+    assert!(!blocks.is_empty() && blocks[0].0 == 1, "{blocks:?}");
+    assert!(blocks.iter().all(|(_, at)| at.object_key == key));
+    let cut = SegmentCut {
+        first_seq,
+        bytes: bytes(1, 3),
+    };
+    let (step, _) = store.purge_step(&subject, 3, 500, Some(cut)).await.unwrap();
+    assert!(matches!(step, PurgeStep::Done(3)), "{step:?}");
+    let info = store.subject_info(&subject).await.unwrap();
+    assert_eq!(
+        (
+            info.first_seq,
+            info.count,
+            info.cold_count,
+            info.bytes,
+            info.cold_bytes
+        ),
+        (4, 7, 3, bytes(4, 10), bytes(4, 6))
+    );
+    assert!(store.message(&subject, 3).await.unwrap().is_none());
+    let fourth = store.message(&subject, 4).await.unwrap().unwrap();
+    assert_eq!(
+        fourth.segment.expect("still in the segment").object_key,
+        key
+    );
+    let batch = store.fetch(&subject, "after-cut", 100).await.unwrap();
+    let seqs: Vec<u64> = batch.messages.iter().map(|l| l.message.seq).collect();
+    assert_eq!(seqs, (4..=10).collect::<Vec<_>>());
+    assert!(
+        !released(&key).await,
+        "the object still holds messages 4 to 6"
+    );
+
+    // Through 8: the rest of the segment goes whole, with its object.
+    let (step, _) = store.purge_step(&subject, 8, 500, None).await.unwrap();
+    assert!(matches!(step, PurgeStep::Done(5)), "{step:?}");
+    let info = store.subject_info(&subject).await.unwrap();
+    assert_eq!(
+        (info.first_seq, info.count, info.cold_count, info.bytes),
+        (9, 2, 0, bytes(9, 10))
+    );
+    assert!(released(&key).await);
+}
+
+/// Whether object `key` is queued for deletion.
+async fn released(key: &str) -> bool {
+    let admin = testing::admin_client().await;
+    let (queued,): (bool,) = admin
+        .eval("return box.space.mts_gc:get(...) ~= nil", (key,))
+        .await
+        .unwrap();
+    queued
 }

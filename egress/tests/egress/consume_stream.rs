@@ -6,12 +6,14 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use mts_proto::pb::consume_request::Request as Frame;
+use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::{
     AckSequences, ConsumeRequest, ConsumeStart, ConsumerConfig, ConsumerRequest,
     CreateOrUpdateConsumerRequest, ExtendSequences, Message, NackSequences, RejectSequences,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
 use crate::support::{Fixture, fixture, fixture_with, sequences};
@@ -33,11 +35,28 @@ impl Stream {
         max_in_flight: u32,
         report_not_held: bool,
     ) -> Self {
+        Self::open_on(
+            &f.client,
+            &f.subject,
+            durable,
+            max_in_flight,
+            report_not_held,
+        )
+        .await
+    }
+
+    async fn open_on(
+        client: &EgressServiceClient<Channel>,
+        subject: &str,
+        durable: &str,
+        max_in_flight: u32,
+        report_not_held: bool,
+    ) -> Self {
         let (frames, outbound) = mpsc::channel(16);
         frames
             .send(ConsumeRequest {
                 request: Some(Frame::Start(ConsumeStart {
-                    subject: f.subject.clone(),
+                    subject: subject.into(),
                     durable_name: durable.into(),
                     max_in_flight,
                     omit_large_payloads: false,
@@ -46,8 +65,8 @@ impl Stream {
             })
             .await
             .unwrap();
-        let messages = f
-            .client
+        let messages = client
+            .clone()
             .consume(ReceiverStream::new(outbound))
             .await
             .unwrap()
@@ -592,5 +611,213 @@ async fn an_ack_that_makes_room_at_max_ack_pending_wakes_an_idle_stream() {
     let (message, took) = timed(&mut idle).await;
     println!("room freed by an ack reached the idle stream in {took:?}");
     assert_eq!(message.sequence, 2);
+    f.service.stop().await.unwrap();
+}
+
+/// A small deterministic generator: a failing run can be repeated with the
+/// seed it printed.
+struct Dice(u64);
+
+impl Dice {
+    fn roll(&mut self, below: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % below
+    }
+}
+
+/// What the three workers of the test below have seen.
+#[derive(Default)]
+struct Ledger {
+    /// Which stream holds each message now (received, not acked or let go).
+    holder: HashMap<u64, usize>,
+    /// Messages a stream let go of unacked (it crashed, or ended holding them):
+    /// only these may be delivered again.
+    released: HashSet<u64>,
+    deliveries: HashMap<u64, u32>,
+    acked: HashMap<u64, u32>,
+    violations: Vec<String>,
+}
+
+impl Ledger {
+    /// Counts a delivery of `seq`; one after the first must follow a release.
+    fn delivered(&mut self, seq: u64) {
+        let count = self.deliveries.entry(seq).or_default();
+        *count += 1;
+        if *count > 1 && !self.released.remove(&seq) {
+            self.violations
+                .push(format!("{seq} delivered again though nobody let it go"));
+        }
+    }
+
+    /// Stream `id` received `seq`.
+    fn received(&mut self, id: usize, seq: u64) {
+        if let Some(other) = self.holder.insert(seq, id) {
+            self.violations
+                .push(format!("{seq} held by streams {other} and {id} at once"));
+        }
+        self.delivered(seq);
+    }
+}
+
+/// One stream's life: opened with a random window, it takes messages; a
+/// "crash" stream acks nothing and is dropped at a random point, holding
+/// what it got; any other acks most of what it processed and, at a random
+/// point, closes its side, which ends the stream once its acks are applied.
+async fn stream_life(
+    (client, subject): (&EgressServiceClient<Channel>, &str),
+    id: usize,
+    dice: &mut Dice,
+    ledger: &std::sync::Mutex<Ledger>,
+) {
+    let window = 1 + dice.roll(16) as u32;
+    let crash = dice.roll(3) == 0;
+    let life = 1 + dice.roll(40);
+    let mut stream = Stream::open_on(client, subject, "chaos", window, true).await;
+    let mut held = Vec::new();
+    let mut taken = 0;
+    while taken < life {
+        let Ok(Some(message)) =
+            tokio::time::timeout(Duration::from_millis(500), stream.messages.next()).await
+        else {
+            break;
+        };
+        let message = message.expect("no error");
+        let seq = message.sequence;
+        if seq == 0 {
+            let why = format!("stream {id}: not held: {:?}", message.not_held);
+            ledger.lock().unwrap().violations.push(why);
+            continue;
+        }
+        ledger.lock().unwrap().received(id, seq);
+        taken += 1;
+        if crash || dice.roll(5) == 0 {
+            held.push(seq);
+        } else {
+            {
+                let mut l = ledger.lock().unwrap();
+                l.holder.remove(&seq);
+                *l.acked.entry(seq).or_default() += 1;
+            }
+            stream.ack(vec![seq]).await;
+        }
+    }
+    // Let go of what is still held: by dropping the stream, or by closing
+    // this side once the rest is acked.
+    {
+        let mut l = ledger.lock().unwrap();
+        for seq in held {
+            l.holder.remove(&seq);
+            l.released.insert(seq);
+        }
+    }
+    if crash {
+        return;
+    }
+    let Stream {
+        frames,
+        mut messages,
+    } = stream;
+    drop(frames);
+    while let Ok(Some(Ok(message))) =
+        tokio::time::timeout(Duration::from_secs(10), messages.next()).await
+    {
+        // Pushed before the server saw this side close, and let go of when
+        // it did: another stream may have got it already.
+        if message.sequence != 0 {
+            let mut l = ledger.lock().unwrap();
+            let count = l.deliveries.entry(message.sequence).or_default();
+            *count += 1;
+            if *count == 1 {
+                l.released.insert(message.sequence);
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_streams_cancelled_and_reopened_at_random_ack_each_message_once_and_never_share_one()
+{
+    const N: u64 = 400;
+    let mut f = fixture("consume-chaos").await;
+    // Crashed streams let go of a message any number of times: no dead
+    // letters here.
+    f.client
+        .create_or_update_consumer(CreateOrUpdateConsumerRequest {
+            subject: f.subject.clone(),
+            durable_name: "chaos".into(),
+            config: Some(ConsumerConfig {
+                ack_wait_ms: Some(60_000),
+                max_deliver: Some(0),
+                ..ConsumerConfig::default()
+            }),
+        })
+        .await
+        .unwrap();
+    let seed = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as u64
+        | 1;
+    println!("seed {seed}");
+    let ledger = std::sync::Arc::new(std::sync::Mutex::new(Ledger::default()));
+    let publisher = {
+        let (store, subject) = (f.store.clone(), f.subject.clone());
+        tokio::spawn(async move {
+            for i in 0..N {
+                store
+                    .publish(&subject, &HashMap::new(), Some(&i.to_be_bytes()), None, 8)
+                    .await
+                    .unwrap();
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        })
+    };
+    let mut workers = Vec::new();
+    for id in 0..3 {
+        let ledger = std::sync::Arc::clone(&ledger);
+        let (client, subject) = (f.client.clone(), f.subject.clone());
+        let mut dice = Dice(seed.wrapping_mul(id as u64 + 7) | 1);
+        workers.push(tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+            while ledger.lock().unwrap().acked.len() < N as usize
+                && tokio::time::Instant::now() < deadline
+            {
+                stream_life((&client, &subject), id, &mut dice, &ledger).await;
+            }
+        }));
+    }
+    publisher.await.unwrap();
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let l = ledger.lock().unwrap();
+    assert!(l.violations.is_empty(), "seed {seed}: {:#?}", l.violations);
+    assert_eq!(
+        l.acked.len(),
+        N as usize,
+        "seed {seed}: every message acked"
+    );
+    let twice: Vec<_> = l.acked.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(
+        twice.is_empty(),
+        "seed {seed}: acked more than once: {twice:?}"
+    );
+    let redelivered = l.deliveries.values().filter(|n| **n > 1).count();
+    println!("{redelivered} of {N} messages delivered more than once (let go of unacked)");
+    drop(l);
+    let info = f
+        .client
+        .get_consumer_info(ConsumerRequest {
+            subject: f.subject.clone(),
+            durable_name: "chaos".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!((info.ack_floor, info.num_ack_pending), (N, 0));
     f.service.stop().await.unwrap();
 }

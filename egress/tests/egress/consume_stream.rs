@@ -794,21 +794,22 @@ async fn three_streams_cancelled_and_reopened_at_random_ack_each_message_once_an
     for worker in workers {
         worker.await.unwrap();
     }
-    let l = ledger.lock().unwrap();
-    assert!(l.violations.is_empty(), "seed {seed}: {:#?}", l.violations);
-    assert_eq!(
-        l.acked.len(),
-        N as usize,
-        "seed {seed}: every message acked"
-    );
-    let twice: Vec<_> = l.acked.iter().filter(|(_, n)| **n > 1).collect();
-    assert!(
-        twice.is_empty(),
-        "seed {seed}: acked more than once: {twice:?}"
-    );
-    let redelivered = l.deliveries.values().filter(|n| **n > 1).count();
-    println!("{redelivered} of {N} messages delivered more than once (let go of unacked)");
-    drop(l);
+    {
+        let l = ledger.lock().unwrap();
+        assert!(l.violations.is_empty(), "seed {seed}: {:#?}", l.violations);
+        assert_eq!(
+            l.acked.len(),
+            N as usize,
+            "seed {seed}: every message acked"
+        );
+        let twice: Vec<_> = l.acked.iter().filter(|(_, n)| **n > 1).collect();
+        assert!(
+            twice.is_empty(),
+            "seed {seed}: acked more than once: {twice:?}"
+        );
+        let redelivered = l.deliveries.values().filter(|n| **n > 1).count();
+        println!("{redelivered} of {N} messages delivered more than once (let go of unacked)");
+    }
     let info = f
         .client
         .get_consumer_info(ConsumerRequest {

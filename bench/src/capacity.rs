@@ -69,6 +69,7 @@ async fn publish_stream(
                         data: payload(id, size).into(),
                         headers: Default::default(),
                         message_id: String::new(),
+                        ordering_key: String::new(),
                     };
                     if send.send(request).await.is_err() {
                         return;

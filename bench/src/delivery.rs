@@ -214,6 +214,7 @@ pub async fn ours(
             data: stamped(size),
             headers: Default::default(),
             message_id: String::new(),
+            ordering_key: String::new(),
         };
         let published: futures::future::BoxFuture<'static, bool> = match &stream {
             Some(stream) => Box::pin(stream.publish(request)),

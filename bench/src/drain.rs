@@ -31,6 +31,7 @@ async fn prefill(ingress: &str, subject: &str, size: usize, total: u64) -> Resul
                         data: vec![3u8; size].into(),
                         headers: Default::default(),
                         message_id: String::new(),
+                        ordering_key: String::new(),
                     })
                     .await
                     .map_err(|e| format!("prefill: {e}"))?;

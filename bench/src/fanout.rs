@@ -74,6 +74,7 @@ pub async fn ours(
                 data: vec![1u8; 64].into(),
                 headers: HashMap::new(),
                 message_id: String::new(),
+                ordering_key: String::new(),
             })
             .await
         {

@@ -68,6 +68,7 @@ pub async fn run(
                     headers: Default::default(),
                     total_size: Some((blocks * MIB) as u64),
                     message_id: String::new(),
+                    ordering_key: String::new(),
                 }))
                 .chain((0..blocks).map(move |k| Frame::Chunk(block(t, k))))
                 .map(|frame| PublishFrame { frame: Some(frame) }),

@@ -103,6 +103,7 @@ fn publish_request(subject: &str, size: usize) -> PublishRequest {
         data: Bytes::from(vec![7u8; size]),
         headers: HashMap::new(),
         message_id: String::new(),
+        ordering_key: String::new(),
     }
 }
 
@@ -218,6 +219,7 @@ pub async fn ours_streamed(
             headers: HashMap::new(),
             total_size: Some(data.len() as u64),
             message_id: String::new(),
+            ordering_key: String::new(),
         });
         let chunks: Vec<Frame> = (0..data.len())
             .step_by(1 << 20)

@@ -174,6 +174,7 @@ async fn publish(
         headers,
         total_size,
         message_id: message_id.unwrap_or_default(),
+        ordering_key: String::new(),
     });
     // The header is in the channel before the call starts; its capacity is 4.
     let _ = frames.send(frame(header)).await;

@@ -15,7 +15,9 @@ use mts_runtime::auth::Authenticator;
 use mts_runtime::metrics::Metrics;
 use mts_runtime::validate;
 use mts_storage::object_store::ObjectStore;
-use mts_storage::store::{self, InlineMessage, NewMessage, Payload, Published, Store};
+use mts_storage::store::{
+    self, InlineMessage, NewMessage, ORDERING_KEY_HEADER, Payload, Published, Store,
+};
 use sha2::{Digest, Sha256};
 use tracing::Instrument;
 
@@ -26,6 +28,8 @@ pub(crate) mod stream;
 
 /// Longest message id, in bytes.
 const MAX_MESSAGE_ID_BYTES: usize = 256;
+/// Longest ordering key.
+const MAX_ORDERING_KEY_BYTES: usize = 256;
 
 /// The ingress service state; cheap to clone.
 #[derive(Clone)]
@@ -73,14 +77,29 @@ pub(crate) struct Envelope {
 }
 
 impl Envelope {
-    /// Checks subject, headers and message id.
+    /// Checks subject, headers, message id and ordering key; the key goes
+    /// into the headers, where delivery finds it.
     pub fn checked(
         subject: String,
-        headers: HashMap<String, String>,
+        mut headers: HashMap<String, String>,
         message_id: String,
+        ordering_key: String,
     ) -> Result<Self, Error> {
         validate::subject(&subject)?;
         validate::headers(&headers)?;
+        if ordering_key.len() > MAX_ORDERING_KEY_BYTES {
+            return Err(validate::Error::new(
+                "ordering_key",
+                format!(
+                    "is {} bytes long; the limit is {MAX_ORDERING_KEY_BYTES}",
+                    ordering_key.len()
+                ),
+            )
+            .into());
+        }
+        if !ordering_key.is_empty() {
+            headers.insert(ORDERING_KEY_HEADER.to_owned(), ordering_key);
+        }
         if message_id.len() > MAX_MESSAGE_ID_BYTES {
             return Err(validate::Error::new(
                 "message_id",
@@ -164,7 +183,12 @@ impl Ingress {
 
     /// Checks a message and decides where its payload goes.
     pub(crate) fn check(&self, request: PublishRequest) -> Result<Checked, Error> {
-        let envelope = Envelope::checked(request.subject, request.headers, request.message_id)?;
+        let envelope = Envelope::checked(
+            request.subject,
+            request.headers,
+            request.message_id,
+            request.ordering_key,
+        )?;
         validate::payload_size(
             request.data.len(),
             usize::try_from(self.max_payload).unwrap_or(usize::MAX),

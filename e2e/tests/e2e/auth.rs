@@ -145,6 +145,7 @@ async fn call(system: &System, rpc: Rpc, token: Option<&str>, subject: &str) -> 
                 data: b"x".to_vec().into(),
                 headers: Default::default(),
                 message_id: String::new(),
+                ordering_key: String::new(),
             }))
             .await
             .map(drop),
@@ -155,6 +156,7 @@ async fn call(system: &System, rpc: Rpc, token: Option<&str>, subject: &str) -> 
                     headers: Default::default(),
                     total_size: None,
                     message_id: String::new(),
+                    ordering_key: String::new(),
                 }),
                 Frame::Chunk(b"x".to_vec().into()),
                 Frame::End(PublishEnd {
@@ -175,6 +177,7 @@ async fn call(system: &System, rpc: Rpc, token: Option<&str>, subject: &str) -> 
                 data: b"x".to_vec().into(),
                 headers: Default::default(),
                 message_id: String::new(),
+                ordering_key: String::new(),
             };
             match ingress
                 .publish_many(with_token(stream::iter([message]), token))
@@ -604,6 +607,7 @@ async fn each_client_has_its_own_publish_rate() {
                 data: b"x".to_vec().into(),
                 headers: Default::default(),
                 message_id: String::new(),
+                ordering_key: String::new(),
             },
             Some(&alice),
         ))

@@ -38,6 +38,7 @@ fn publish(subject: &str, data: Vec<u8>) -> PublishRequest {
         data: data.into(),
         headers: HashMap::from([("kind".to_string(), "backup-test".to_string())]),
         message_id: String::new(),
+        ordering_key: String::new(),
     }
 }
 

@@ -84,6 +84,7 @@ async fn every_rule_maps_to_its_status() {
                 subject: subject.clone(),
                 data: Default::default(),
                 headers: HashMap::new(),
+                ordering_key: String::new(),
             })
             .await
             .unwrap_err();
@@ -217,6 +218,7 @@ async fn every_rule_maps_to_its_status() {
                 subject: good.clone(),
                 data: Default::default(),
                 headers,
+                ordering_key: String::new(),
             })
             .await
             .unwrap_err();
@@ -235,6 +237,7 @@ async fn every_rule_maps_to_its_status() {
             subject: good.clone(),
             data: Default::default(),
             headers: headers(64, 200),
+            ordering_key: String::new(),
         })
         .await
         .unwrap();
@@ -244,6 +247,7 @@ async fn every_rule_maps_to_its_status() {
             subject: good.clone(),
             data: vec![0u8; MAX_PAYLOAD as usize].into(),
             headers: HashMap::new(),
+            ordering_key: String::new(),
         })
         .await
         .unwrap();
@@ -254,6 +258,7 @@ async fn every_rule_maps_to_its_status() {
             subject: good.clone(),
             data: vec![0u8; MAX_PAYLOAD as usize + 1].into(),
             headers: HashMap::new(),
+            ordering_key: String::new(),
         })
         .await
         .unwrap_err();

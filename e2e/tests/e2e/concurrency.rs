@@ -30,6 +30,7 @@ async fn sixteen_publishers_two_thousand_messages() {
                         subject: subject.clone(),
                         data: format!("{publisher}:{i}").into_bytes().into(),
                         headers: HashMap::from([("publisher".into(), publisher.to_string())]),
+                        ordering_key: String::new(),
                     })
                     .await
                     .unwrap()

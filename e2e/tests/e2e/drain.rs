@@ -36,6 +36,7 @@ async fn a_publish_in_flight_at_sigterm_completes_and_the_process_exits_zero() {
             headers: HashMap::new(),
             total_size: None,
             message_id: String::new(),
+            ordering_key: String::new(),
         })))
         .await
         .unwrap();
@@ -112,6 +113,7 @@ async fn subscribers_are_told_to_reconnect_and_a_second_signal_exits_at_once() {
             headers: HashMap::new(),
             total_size: None,
             message_id: String::new(),
+            ordering_key: String::new(),
         })))
         .await
         .unwrap();

@@ -96,6 +96,7 @@ async fn two_hundred_mib_round_trip_with_equal_digests() {
             headers: HashMap::from([("file".to_string(), "big.bin".to_string())]),
             total_size: Some((BLOCKS * MIB) as u64),
             message_id: String::new(),
+            ordering_key: String::new(),
         }))
         .chain((0..BLOCKS).map({
             let base = base.clone();
@@ -234,6 +235,7 @@ async fn clients_that_do_not_ask_for_omission_get_payloads_whole() {
                 data: data.clone().into(),
                 headers: HashMap::new(),
                 message_id: String::new(),
+                ordering_key: String::new(),
             })
             .await
             .unwrap();

@@ -144,6 +144,7 @@ async fn publishers_cannot_set_the_services_own_headers() {
         data: Bytes::from_static(b"real payload"),
         headers: forged.clone(),
         message_id: String::new(),
+        ordering_key: String::new(),
     };
     let check = |status: tonic::Status, rpc: &str| {
         assert_eq!(status.code(), Code::InvalidArgument, "{rpc}: {status:?}");
@@ -175,6 +176,7 @@ async fn publishers_cannot_set_the_services_own_headers() {
                 headers: HashMap::from([("MTS-Delivery-Count".to_string(), "1".to_string())]),
                 total_size: Some(3),
                 message_id: String::new(),
+                ordering_key: String::new(),
             })),
         },
         PublishFrame {

@@ -40,6 +40,7 @@ async fn counters_move_with_the_calls() {
                 subject: subject.clone(),
                 data: b"x".to_vec().into(),
                 headers: HashMap::new(),
+                ordering_key: String::new(),
             })
             .await
             .unwrap();
@@ -50,6 +51,7 @@ async fn counters_move_with_the_calls() {
             subject: "bad subject".into(),
             data: Default::default(),
             headers: HashMap::new(),
+            ordering_key: String::new(),
         })
         .await
         .unwrap_err();
@@ -115,6 +117,7 @@ async fn counters_move_with_the_calls() {
             data: vec![0u8; 300 * 1024].into(),
             headers: HashMap::new(),
             message_id: String::new(),
+            ordering_key: String::new(),
         })
         .await
         .unwrap();
@@ -249,6 +252,7 @@ async fn alerts_and_dashboard_use_only_exported_metrics() {
                 data: vec![1u8; size].into(),
                 headers: HashMap::new(),
                 message_id: String::new(),
+                ordering_key: String::new(),
             })
             .await
             .unwrap();
@@ -273,6 +277,7 @@ async fn alerts_and_dashboard_use_only_exported_metrics() {
             data: b"x".to_vec().into(),
             headers: HashMap::new(),
             message_id: String::new(),
+            ordering_key: String::new(),
         })
         .await
         .unwrap_err();

@@ -29,6 +29,7 @@ async fn services_recover_after_tarantool_is_killed_and_restarted() {
         subject: subject.clone(),
         data: data.into(),
         headers: HashMap::new(),
+        ordering_key: String::new(),
     };
     for i in 0..20u8 {
         let size = if i == 5 { big } else { 10 };
@@ -136,6 +137,7 @@ async fn services_ride_out_an_object_store_outage() {
         subject: subject.clone(),
         data: vec![n; config.ingress.inline_threshold_bytes as usize + 1].into(),
         headers: HashMap::new(),
+        ordering_key: String::new(),
     };
     assert_eq!(
         publisher
@@ -206,6 +208,7 @@ fn carrying(subject: &str, id: &str) -> PublishRequest {
         data: id.as_bytes().to_vec().into(),
         headers: HashMap::new(),
         message_id: String::new(),
+        ordering_key: String::new(),
     }
 }
 

@@ -42,6 +42,7 @@ fn request(subject: &str, id: u64) -> PublishRequest {
         data: payload(id).into(),
         headers: HashMap::from([("id".to_owned(), id.to_string())]),
         message_id: String::new(),
+        ordering_key: String::new(),
     }
 }
 

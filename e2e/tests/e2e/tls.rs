@@ -59,6 +59,7 @@ async fn publish_over(
             data: b"secret".to_vec().into(),
             headers: HashMap::new(),
             message_id: String::new(),
+            ordering_key: String::new(),
         })
         .await
         .map_err(|s| format!("{s:?}"))?;

@@ -822,3 +822,72 @@ async fn three_streams_cancelled_and_reopened_at_random_ack_each_message_once_an
     assert_eq!((info.ack_floor, info.num_ack_pending), (N, 0));
     f.service.stop().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_keys_interleaved_on_three_streams_arrive_in_order_one_at_a_time_per_key() {
+    const PER_KEY: u64 = 30;
+    let mut f = fixture("consume-keys").await;
+    create(&mut f, "keys", 60_000).await;
+    for i in 0..2 * PER_KEY {
+        let key = if i % 2 == 0 { "x" } else { "y" };
+        let headers = HashMap::from([(
+            mts_storage::store::ORDERING_KEY_HEADER.to_owned(),
+            key.to_owned(),
+        )]);
+        f.store
+            .publish(&f.subject, &headers, Some(b"k"), None, 1)
+            .await
+            .unwrap();
+    }
+    // (stream, key, sequence, started or done), in the order it happened.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let mut workers = Vec::new();
+    for id in 0..3usize {
+        let log = std::sync::Arc::clone(&log);
+        // One message at a time per stream: keys go side by side only
+        // across streams.
+        let mut stream = Stream::open_on(&f.client, &f.subject, "keys", 1, true).await;
+        let mut dice = Dice(id as u64 * 7919 + 17);
+        workers.push(tokio::spawn(async move {
+            while let Ok(Some(Ok(message))) =
+                tokio::time::timeout(Duration::from_secs(1), stream.messages.next()).await
+            {
+                let key = message.headers["mts-ordering-key"].clone();
+                log.lock()
+                    .unwrap()
+                    .push((id, key.clone(), message.sequence, true));
+                tokio::time::sleep(Duration::from_millis(dice.roll(8))).await;
+                log.lock().unwrap().push((id, key, message.sequence, false));
+                stream.ack(vec![message.sequence]).await;
+            }
+        }));
+    }
+    for worker in workers {
+        worker.await.unwrap();
+    }
+    let log = log.lock().unwrap().clone();
+    let mut in_flight: HashMap<String, u64> = HashMap::new();
+    let mut order: HashMap<String, Vec<u64>> = HashMap::new();
+    let (mut streams, mut both_at_once) = (HashSet::new(), false);
+    for (stream, key, seq, started) in &log {
+        if *started {
+            if let Some(previous) = in_flight.insert(key.clone(), *seq) {
+                panic!("{key}: {seq} went out while {previous} was not done: {log:?}");
+            }
+            order.entry(key.clone()).or_default().push(*seq);
+            streams.insert(*stream);
+            both_at_once |= in_flight.len() == 2;
+        } else {
+            in_flight.remove(key);
+        }
+    }
+    let expected = |first: u64| (0..PER_KEY).map(|i| first + 2 * i).collect::<Vec<_>>();
+    assert_eq!(order["x"], expected(1), "x in order, each once");
+    assert_eq!(order["y"], expected(2), "y in order, each once");
+    assert!(both_at_once, "the two keys went on side by side");
+    assert!(
+        streams.len() >= 2,
+        "competing streams shared the work: {streams:?}"
+    );
+    f.service.stop().await.unwrap();
+}

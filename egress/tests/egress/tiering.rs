@@ -593,3 +593,77 @@ async fn a_purge_ending_inside_a_segment_counts_exactly_and_keeps_the_rest_reada
     assert_eq!(seen, (76..=120).collect::<Vec<_>>());
     t.service.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn ordering_keys_hold_for_messages_in_segments() {
+    let t = isolated(eager).await;
+    let subject = testing::unique_subject("keys-cold");
+    // 1..=90: keys k0, k1, k2 in turn, every tenth without a key.
+    for i in 1..=90u64 {
+        let mut headers = HashMap::from([("n".to_owned(), i.to_string())]);
+        if i % 10 != 0 {
+            headers.insert(
+                mts_storage::store::ORDERING_KEY_HEADER.to_owned(),
+                format!("k{}", i % 3),
+            );
+        }
+        let data = payload(i);
+        t.store
+            .publish(&subject, &headers, Some(&data), None, data.len() as u64)
+            .await
+            .unwrap();
+    }
+    wait_all_cold(&t, &subject, 90).await;
+    start_consumer(
+        &t,
+        &subject,
+        "keyed",
+        ConsumerConfig {
+            max_ack_pending: Some(0),
+            ..ConsumerConfig::default()
+        },
+    )
+    .await;
+    let mut seen = Vec::new();
+    loop {
+        let batch = fetch(&t, &subject, "keyed", 100).await;
+        if batch.is_empty() {
+            break;
+        }
+        let seqs: Vec<u64> = batch.iter().map(|m| m.sequence).collect();
+        if seen.is_empty() {
+            // The first of each key, and every message without one.
+            let mut first: Vec<u64> = vec![1, 2, 3];
+            first.extend((10..=90).step_by(10));
+            assert_eq!(seqs, first);
+        }
+        for message in &batch {
+            check(message);
+            seen.push(message.sequence);
+        }
+        t.client
+            .clone()
+            .ack(mts_proto::pb::AckSequencesRequest {
+                subject: subject.clone(),
+                durable_name: "keyed".into(),
+                sequences: seqs,
+            })
+            .await
+            .unwrap();
+    }
+    let mut sorted = seen.clone();
+    sorted.sort_unstable();
+    assert_eq!(sorted, (1..=90).collect::<Vec<_>>(), "each message once");
+    for key in 0..3 {
+        let of_key: Vec<u64> = seen
+            .iter()
+            .copied()
+            .filter(|s| s % 10 != 0 && s % 3 == key)
+            .collect();
+        assert!(
+            of_key.windows(2).all(|w| w[0] < w[1]),
+            "k{key} in order: {of_key:?}"
+        );
+    }
+    t.service.stop().await.unwrap();
+}

@@ -49,7 +49,12 @@ pub async fn publish(
     caller.authorize(Permission::Publish, &header.subject)?;
     let mut header = header;
     with_trace(&mut header.headers, trace);
-    let envelope = Envelope::checked(header.subject, header.headers, header.message_id)?;
+    let envelope = Envelope::checked(
+        header.subject,
+        header.headers,
+        header.message_id,
+        header.ordering_key,
+    )?;
     let _slot = ingress.uploads.take(client)?;
     if let Some(seq) = ingress.already_published(&envelope).await? {
         return Ok(reply(

@@ -20,6 +20,7 @@ fn request(subject: &str, data: Vec<u8>) -> PublishRequest {
         data: data.into(),
         headers: HashMap::from([("kind".to_string(), "many".to_string())]),
         message_id: String::new(),
+        ordering_key: String::new(),
     }
 }
 

@@ -26,6 +26,7 @@ fn request(subject: &str, data: Vec<u8>) -> PublishRequest {
         subject: subject.into(),
         data: data.into(),
         headers: HashMap::from([("content-type".into(), "application/octet-stream".into())]),
+        ordering_key: String::new(),
     }
 }
 
@@ -256,4 +257,54 @@ async fn a_publish_reaching_tarantool_after_its_deadline_is_refused() {
             .unwrap(),
         1
     );
+}
+
+#[tokio::test]
+async fn an_ordering_key_is_kept_with_the_message_large_or_small_and_checked() {
+    let (service, mut client) = start().await;
+    let config = testing::config();
+    let store = Store::connect(&config).await.unwrap();
+    let subject = testing::unique_subject("ordering-key");
+    let large = vec![1u8; config.ingress.inline_threshold_bytes as usize + 1];
+    for data in [b"small".to_vec(), large] {
+        let published = client
+            .publish(PublishRequest {
+                ordering_key: "order-42".into(),
+                ..request(&subject, data)
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let stored = store
+            .message(&subject, published.sequence)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            stored.headers.get(mts_storage::store::ORDERING_KEY_HEADER),
+            Some(&"order-42".to_owned())
+        );
+    }
+    let status = client
+        .publish(PublishRequest {
+            ordering_key: "k".repeat(257),
+            ..request(&subject, b"x".to_vec())
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(
+        status.message().contains("ordering_key"),
+        "{}",
+        status.message()
+    );
+    // The header is the service's to set.
+    let mut forged = request(&subject, b"x".to_vec());
+    forged
+        .headers
+        .insert("mts-ordering-key".into(), "sneaky".into());
+    let status = client.publish(forged).await.unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert_eq!(store.last_seq(&subject).await.unwrap(), 2);
+    service.stop().await.unwrap();
 }

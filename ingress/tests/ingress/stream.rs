@@ -52,6 +52,7 @@ fn header(subject: &str, total_size: Option<u64>, message_id: &str) -> PublishFr
             headers: HashMap::from([("kind".to_string(), "stream".to_string())]),
             total_size,
             message_id: message_id.into(),
+            ordering_key: String::new(),
         })),
     }
 }
@@ -126,6 +127,7 @@ impl Fixture {
                 data: data.to_vec().into(),
                 headers: HashMap::new(),
                 message_id: message_id.into(),
+                ordering_key: String::new(),
             })
             .await
             .unwrap()

@@ -158,6 +158,9 @@ with_schema_lock(function()
         -- When DeleteSubject removed it (since schema 16): the row stays,
         -- keeping last_seq, so that its sequences are never used again.
         {name = 'deleted_ns', type = 'unsigned', is_nullable = true},
+        -- Since schema 16: true once a message with an ordering key was
+        -- published to it; only then does delivery look keys up.
+        {name = 'keyed', type = 'boolean', is_nullable = true},
     }
     box.schema.space.create('mts_subjects', {if_not_exists = true, format = SUBJECT_FORMAT})
     box.space.mts_subjects:format(SUBJECT_FORMAT)
@@ -370,6 +373,39 @@ with_schema_lock(function()
         parts = {'object_key', 'subject', 'seq'}, if_not_exists = true,
     })
     box.space.mts_object_refs:create_index('message', {parts = {'subject', 'seq'}, if_not_exists = true})
+
+    -- Since schema 16: the ordering key of each message published with one
+    -- (header mts-ordering-key), in either tier: a segment's messages are
+    -- read only by the service, and delivery decides by key in here. Rows
+    -- of messages retention removed are trimmed after them (trim_keys).
+    box.schema.space.create('mts_keys', {
+        if_not_exists = true,
+        format = {
+            {name = 'subject', type = 'string'},
+            {name = 'seq', type = 'unsigned'},
+            {name = 'key', type = 'string'},
+        },
+    })
+    box.space.mts_keys:create_index('primary', {parts = {'subject', 'seq'}, if_not_exists = true})
+
+    -- Per consumer and ordering key, the messages with that key it has
+    -- taken on and not finished, in sequence order: the first is delivered
+    -- (leased, or due again), the rest wait behind it as parked runs of
+    -- mts_pending (deliveries 0, never due by time) until it is acked,
+    -- dead-lettered or rejected.
+    box.schema.space.create('mts_key_waits', {
+        if_not_exists = true,
+        format = {
+            {name = 'subject', type = 'string'},
+            {name = 'durable', type = 'string'},
+            {name = 'key', type = 'string'},
+            {name = 'seq', type = 'unsigned'},
+        },
+    })
+    box.space.mts_key_waits:create_index('primary', {
+        parts = {'subject', 'durable', 'key', 'seq'}, if_not_exists = true,
+    })
+    box.space.mts_key_waits:create_index('seq', {parts = {'subject', 'durable', 'seq'}, if_not_exists = true})
 
     -- Schema 12 keeps each subject's segment object bytes, so that the
     -- gauges need not walk every segment: add up those written before.
@@ -823,7 +859,10 @@ end)
 -- it; `close_subject` writes them back, once however many were added.
 local function open_subject(subject)
     local row = box.space.mts_subjects:get(subject)
-    return {name = subject, seq = row ~= nil and row.last_seq or 0, count = 0, bytes = 0, exists = row ~= nil}
+    return {
+        name = subject, seq = row ~= nil and row.last_seq or 0, count = 0, bytes = 0, exists = row ~= nil,
+        keyed = row ~= nil and row.keyed == true, newly_keyed = false,
+    }
 end
 
 local function close_subject(s)
@@ -837,7 +876,15 @@ local function close_subject(s)
     else
         box.space.mts_subjects:insert({s.name, s.seq, s.count, s.bytes})
     end
+    if s.newly_keyed then
+        pad_subject(s.name)
+        box.space.mts_subjects:update({s.name}, {{'=', 'keyed', true}})
+    end
 end
+
+-- The header that carries a message's ordering key (set by the ingress from
+-- the publish's ordering_key field; the mts- prefix is the service's own).
+local ORDERING_KEY_HEADER = 'mts-ordering-key'
 
 -- Inside a transaction: stores the message under the next sequence of the
 -- open subject `s`, unless `message_id` was seen on it within its window.
@@ -860,7 +907,8 @@ local function add_message(now, s, headers, data, object_key, size, sha256, mess
         object_key = box.NULL
     end
     local row = {s.name, seq, now, setmetatable(headers or {}, MAP), data, object_key, size, sha256}
-    if dedup or object_key ~= nil then
+    local key = headers ~= nil and headers[ORDERING_KEY_HEADER] or nil
+    if dedup or object_key ~= nil or key ~= nil then
         local savepoint = box.savepoint()
         local ok, err = pcall(function()
             box.space.mts_messages:insert(row)
@@ -869,6 +917,9 @@ local function add_message(now, s, headers, data, object_key, size, sha256, mess
             end
             if dedup then
                 box.space.mts_dedup:replace({s.name, message_id, seq, after_ms(now, window_ms or 0)})
+            end
+            if key ~= nil then
+                box.space.mts_keys:replace({s.name, seq, key})
             end
         end)
         if not ok then
@@ -879,6 +930,9 @@ local function add_message(now, s, headers, data, object_key, size, sha256, mess
         box.space.mts_messages:insert(row)
     end
     s.seq, s.count, s.bytes = seq, s.count + 1, s.bytes + size
+    if key ~= nil and not s.keyed then
+        s.keyed, s.newly_keyed = true, true
+    end
     return seq, false
 end
 
@@ -1598,6 +1652,89 @@ end
 
 -- Groups `seqs` by the run holding each. Returns a list of {run, sorted
 -- seqs} and the sequences no run holds.
+-- Ordering keys. A message published with one (its key in mts_keys) goes
+-- to a consumer only once the consumer is done with the one before it of
+-- the same key (acked, dead-lettered, rejected, or removed): until then it
+-- waits in a parked run — deliveries 0, never due by time, held by nobody —
+-- and mts_key_waits lists it behind that one. Messages of other keys, and
+-- those without a key, pass it by.
+
+-- Whether messages with ordering keys were ever published to `subject`.
+local function keyed(subject)
+    local row = box.space.mts_subjects:get(subject)
+    return row ~= nil and row.keyed == true
+end
+
+-- Message `seq`'s ordering key, or nil.
+local function key_of(subject, seq)
+    local k = box.space.mts_keys:get({subject, seq})
+    if k == nil then
+        return nil
+    end
+    return k.key
+end
+
+-- Whether run `p` is a message parked behind its key, not handed out.
+local function parked(p)
+    return p.deliveries == 0
+end
+
+-- Inside a transaction: for each key of `keys` (a set), the consumer's next
+-- message of that key, if parked, is due at once (deadline 0, so that a
+-- look already under way takes it too). Returns whether one was.
+local function promote(subject, durable, keys)
+    local woke = false
+    for key in pairs(keys) do
+        local head = box.space.mts_key_waits:select({subject, durable, key}, {iterator = 'EQ', limit = 1})[1]
+        if head ~= nil then
+            local p = box.space.mts_pending:get({subject, durable, head.seq})
+            if p ~= nil and parked(p) then
+                box.space.mts_pending:update({subject, durable, head.seq}, {{'=', 'deadline_ns', 0}})
+                woke = true
+            end
+        end
+    end
+    if woke then
+        released(subject)
+    end
+    return woke
+end
+
+-- Inside a transaction: the consumer is done with `seqs` (on a keyed
+-- subject): the keys they led go on with their next messages. Returns
+-- whether one did.
+local function keys_done(subject, durable, seqs)
+    local waits, keys = box.space.mts_key_waits, {}
+    for _, seq in ipairs(seqs) do
+        local w = waits.index.seq:get({subject, durable, seq})
+        if w ~= nil then
+            waits:delete({subject, durable, w.key, seq})
+            keys[w.key] = true
+        end
+    end
+    return promote(subject, durable, keys)
+end
+
+-- As keys_done, for every message of the consumer up to `through`.
+local function keys_done_through(subject, durable, through)
+    local seqs = {}
+    for _, w in box.space.mts_key_waits.index.seq:pairs({subject, durable}, {iterator = 'EQ'}) do
+        if w.seq > through then
+            break
+        end
+        seqs[#seqs + 1] = w.seq
+    end
+    keys_done(subject, durable, seqs)
+end
+
+-- Inside a transaction: forgets the consumer's keys (its leases are gone).
+local function keys_dropped(subject, durable)
+    local waits = box.space.mts_key_waits
+    for _, w in ipairs(waits.index.seq:select({subject, durable}, {iterator = 'EQ'})) do
+        waits:delete({subject, durable, w.key, w.seq})
+    end
+end
+
 local function runs_holding(subject, durable, seqs)
     local sorted = {}
     for i, seq in ipairs(seqs) do
@@ -1621,7 +1758,7 @@ local function runs_holding(subject, durable, seqs)
             end
         else
             local p = run_of(subject, durable, seq)
-            if p == nil then
+            if p == nil or parked(p) then
                 missing[#missing + 1] = seq
             else
                 current = {p, {seq}}
@@ -1666,9 +1803,24 @@ end
 local function pending_count(c)
     local held = 0
     each_run(c.subject, c.durable, function(p)
-        held = held + run_count(p)
+        if not parked(p) then
+            held = held + run_count(p)
+        end
     end)
     return held
+end
+
+-- How many of the consumer's messages wait parked behind their keys.
+local function parked_count(c)
+    local n = 0
+    if keyed(c.subject) then
+        each_run(c.subject, c.durable, function(p)
+            if parked(p) then
+                n = n + 1
+            end
+        end)
+    end
+    return n
 end
 
 -- Inside a transaction: publishes a copy of `message` to the consumer's
@@ -1721,6 +1873,55 @@ local function marks_of_spans(spans, count)
     return ffi.string(buf, n)
 end
 
+-- Messages of a keyed subject one look passes over at most, parked or
+-- handed out: a key with a long backlog parks at most this many per call.
+local KEYED_SCAN = 1024
+
+-- Inside a transaction: hand_out's new messages on a subject with ordering
+-- keys (consumer `c`, up to `room`, appended to `out`), one by one: a
+-- message whose key the consumer is still at waits behind it, parked; the
+-- rest go out, each becoming the one its key waits for.
+local function hand_out_keyed(c, room, lease_end, now, out)
+    local subject, durable = c.subject, c.durable
+    local waits, pending = box.space.mts_key_waits, box.space.mts_pending
+    local runs, scanned = {}, 0
+    each_span_after(subject, c.delivered, false, function(first, last, message)
+        for seq = first, last do
+            local ref = message
+            if seq ~= first then
+                ref = setmetatable(table.copy(message), ARRAY)
+                ref[2] = seq
+            end
+            local key = key_of(subject, seq)
+            if key ~= nil and waits:select({subject, durable, key}, {iterator = 'EQ', limit = 1})[1] ~= nil then
+                waits:insert({subject, durable, key, seq})
+                pending:insert({subject, durable, seq, 0, U64_MAX, 0, seq, box.NULL, 1})
+            else
+                if key ~= nil then
+                    waits:insert({subject, durable, key, seq})
+                end
+                out[#out + 1] = {ref, 1, lease_end}
+                local run = runs[#runs]
+                if run ~= nil and run[2] + 1 == seq then
+                    run[2] = seq
+                else
+                    runs[#runs + 1] = {seq, seq}
+                end
+                room = room - 1
+            end
+            c.delivered = seq
+            scanned = scanned + 1
+            if room == 0 or scanned >= KEYED_SCAN then
+                return false
+            end
+        end
+        return true
+    end)
+    for _, run in ipairs(runs) do
+        pending:insert({subject, durable, run[1], 1, lease_end, now, run[2], box.NULL, run[2] - run[1] + 1})
+    end
+end
+
 -- Inside a transaction: hands out up to `limit` messages to the consumer:
 -- first those whose lease ran out or whose nack delay passed (dead-lettering
 -- any that reached max_deliver), then new ones, never more than
@@ -1736,55 +1937,79 @@ local function hand_out(subject, durable, limit, spans)
     local now = now_ns()
     touch(c, now)
     local lease_end = after_ms(now, c.ack_wait_ms)
-    local due, due_count = {}, 0
-    for _, p in box.space.mts_pending.index.deadline:pairs({subject, durable}, {iterator = 'GE'}) do
-        if p.subject ~= subject or p.durable ~= durable then
-            break
-        end
-        local deadline_ns = p.deadline_ns
-        if deadline_ns > now then
-            next_deadline = deadline_ns
-            break
-        end
-        if due_count >= limit then
-            break
-        end
-        due[#due + 1] = p
-        due_count = due_count + run_count(p)
-    end
+    local has_keys = keyed(subject)
     local lettered = 0
-    for _, p in ipairs(due) do
-        local deliveries = p.deliveries
-        local dead = c.max_deliver > 0 and deliveries >= c.max_deliver
-        local again = {deliveries = deliveries + 1, deadline_ns = lease_end, first_ns = p.first_delivered_ns}
-        local fate, changed = {}, false
-        for _, seq in ipairs(held_seqs(p)) do
-            -- Dead letters count: each is a publish in this transaction.
-            if #out + lettered >= limit then
+    -- Segment messages left to the service to dead-letter: still due, so
+    -- a second pass must not answer them twice.
+    local left_to_service = {}
+    -- A second pass takes messages whose keys' turn came in the first.
+    for _ = 1, 2 do
+        next_deadline = 0
+        local due, due_count = {}, 0
+        for _, p in box.space.mts_pending.index.deadline:pairs({subject, durable}, {iterator = 'GE'}) do
+            if p.subject ~= subject or p.durable ~= durable then
                 break
             end
-            local message = locate(subject, seq)
-            if message == nil then
-                -- Removed by retention while pending: nothing left to deliver.
-                fate[seq], changed = GONE, true
-            elseif dead and message[9] ~= nil then
-                -- In a segment: the service reads it and dead-letters it with
-                -- mts_dead_letter. A lease deadline of 0 says so.
-                out[#out + 1] = {message, deliveries, 0}
-            elseif dead then
-                local dlq = dead_letter(c, message, deliveries)
-                if dlq ~= nil then
-                    notify_subjects[#notify_subjects + 1] = dlq
+            local deadline_ns = p.deadline_ns
+            if deadline_ns > now then
+                -- Parked messages (never due by time) set no deadline.
+                if deadline_ns ~= U64_MAX then
+                    next_deadline = deadline_ns
                 end
-                lettered = lettered + 1
-                fate[seq], changed = GONE, true
-            else
-                out[#out + 1] = {message, deliveries + 1, lease_end}
-                fate[seq], changed = again, true
+                break
+            end
+            if due_count >= limit then
+                break
+            end
+            due[#due + 1] = p
+            due_count = due_count + run_count(p)
+        end
+        local finished = {}
+        for _, p in ipairs(due) do
+            local deliveries = p.deliveries
+            local dead = c.max_deliver > 0 and deliveries >= c.max_deliver
+            -- A parked message, due now that its key's turn came, goes out the
+            -- first time.
+            local first_ns = parked(p) and now or p.first_delivered_ns
+            local again = {deliveries = deliveries + 1, deadline_ns = lease_end, first_ns = first_ns}
+            local fate, changed = {}, false
+            for _, seq in ipairs(held_seqs(p)) do
+                -- Dead letters count: each is a publish in this transaction.
+                if #out + lettered >= limit then
+                    break
+                end
+                local message = locate(subject, seq)
+                if message == nil then
+                    -- Removed by retention while pending: nothing left to deliver.
+                    fate[seq], changed = GONE, true
+                    finished[#finished + 1] = seq
+                elseif dead and message[9] ~= nil then
+                    -- In a segment: the service reads it and dead-letters it with
+                    -- mts_dead_letter. A lease deadline of 0 says so.
+                    if not left_to_service[seq] then
+                        left_to_service[seq] = true
+                        out[#out + 1] = {message, deliveries, 0}
+                    end
+                elseif dead then
+                    local dlq = dead_letter(c, message, deliveries)
+                    if dlq ~= nil then
+                        notify_subjects[#notify_subjects + 1] = dlq
+                    end
+                    lettered = lettered + 1
+                    fate[seq], changed = GONE, true
+                    finished[#finished + 1] = seq
+                else
+                    out[#out + 1] = {message, deliveries + 1, lease_end}
+                    fate[seq], changed = again, true
+                end
+            end
+            if changed then
+                recut(p, fate)
             end
         end
-        if changed then
-            recut(p, fate)
+        if not (has_keys and #finished > 0 and keys_done(subject, durable, finished))
+            or #out + lettered >= limit then
+            break
         end
     end
     local room = limit - #out
@@ -1798,7 +2023,9 @@ local function hand_out(subject, durable, limit, spans)
         end
         room = min(room, free)
     end
-    if room > 0 then
+    if room > 0 and has_keys then
+        hand_out_keyed(c, room, lease_end, now, out)
+    elseif room > 0 then
         -- For a caller that takes spans, a block's messages in a segment go
         -- out as one entry: its first message's reference (naming the
         -- object's size) and, fourth, the last sequence it stands for; for
@@ -1866,6 +2093,9 @@ rawset(_G, 'mts_dead_letter', function(subject, durable, seq, deliveries, messag
             size = message.size, sha256 = message.sha256,
         }, deliveries)
         drop_from_run(p, {seq})
+        if keyed(subject) then
+            keys_done(subject, durable, {seq})
+        end
         settle_floor(c)
         room_freed(subject, durable)
         done = true
@@ -1906,6 +2136,15 @@ local function ack_held(subject, durable, seqs, tolerant)
         end
         if #groups > 0 then
             room_freed(subject, durable)
+            if keyed(subject) then
+                local acked = {}
+                for _, group in ipairs(groups) do
+                    for _, seq in ipairs(group[2]) do
+                        acked[#acked + 1] = seq
+                    end
+                end
+                keys_done(subject, durable, acked)
+            end
         end
     end
     return missing
@@ -2114,6 +2353,9 @@ rawset(_G, 'mts_reject', function(subject, durable, seqs, reason, copies)
             if #done > 0 then
                 drop_from_run(p, done)
                 rejected = rejected + #done
+                if keyed(subject) then
+                    keys_done(subject, durable, done)
+                end
             end
         end
         if rejected > 0 then
@@ -2168,6 +2410,9 @@ rawset(_G, 'mts_ack_message', function(subject, durable, seq)
         floor = c.floor
         if #runs > 0 then
             room_freed(subject, durable)
+            if keyed(subject) then
+                keys_done_through(subject, durable, seq)
+            end
         end
     end)
     return 'ok', floor
@@ -2269,15 +2514,21 @@ local function consumer_info(row)
     local c = consumer_view(row)
     local now = now_ns()
     local last = last_seq(subject)
-    local ack_pending, redelivered = 0, 0
+    local ack_pending, redelivered, waiting = 0, 0, 0
     each_run(subject, durable, function(p)
         local held = run_count(p)
-        ack_pending = ack_pending + held
+        if parked(p) then
+            waiting = waiting + held
+        else
+            ack_pending = ack_pending + held
+        end
         if p.deliveries > 1 then
             redelivered = redelivered + held
         end
     end)
     local num_pending, oldest_unacked_age_ns = backlog(c, last, now)
+    -- Parked behind their keys: never delivered yet.
+    num_pending = num_pending + waiting
     return {
         subject = subject,
         durable = durable,
@@ -2324,7 +2575,9 @@ rawset(_G, 'mts_consumers_lag', function(limit, after_subject, after_durable)
         local c = consumer_view(row)
         local last = last_seq(c.subject)
         local pending, age_ns = backlog(c, last, now)
-        out[#out + 1] = {c.subject, c.durable, pending, pending_count(c), tonumber(age_ns / 1000000)}
+        out[#out + 1] = {
+            c.subject, c.durable, pending + parked_count(c), pending_count(c), tonumber(age_ns / 1000000),
+        }
     end
     return out
 end)
@@ -2339,6 +2592,7 @@ local function drop_leases(subject, durable)
     for _, seq in ipairs(seqs) do
         box.space.mts_pending:delete({subject, durable, seq})
     end
+    keys_dropped(subject, durable)
 end
 
 rawset(_G, 'mts_delete_consumer', function(subject, durable)
@@ -2545,6 +2799,22 @@ local function remove_segment(seg)
     box.space.mts_gc:replace({seg.object_key, now})
 end
 
+-- Inside a transaction: deletes up to `budget` ordering keys of `subject`
+-- of messages before `below` (removed, or being removed); how many it did.
+local function trim_keys(subject, below, budget)
+    local gone = {}
+    for _, k in box.space.mts_keys:pairs({subject}, {iterator = 'EQ'}) do
+        if k.seq >= below or #gone >= budget then
+            break
+        end
+        gone[#gone + 1] = k.seq
+    end
+    for _, seq in ipairs(gone) do
+        box.space.mts_keys:delete({subject, seq})
+    end
+    return #gone
+end
+
 -- How long an attempt's verdicts or fence is kept when nobody forgets it.
 local ATTEMPT_TTL_MS = 3600 * 1000
 
@@ -2587,6 +2857,9 @@ rawset(_G, 'mts_retention_step', function(cursor, limits, budget, budget_ms)
                     deleted = deleted + gone
                 end
                 row = box.space.mts_subjects:get(subject)
+            end
+            if row.keyed == true then
+                trim_keys(subject, first_after(subject, 0) or row.last_seq + 1, budget)
             end
             if deleted >= budget then
                 resume = subject
@@ -2722,6 +2995,7 @@ local function purge_consumers(subject, through)
         c.delivered = max(c.delivered, through)
         c.floor = max(c.floor, through)
         settle_floor(c)
+        keys_done_through(subject, c.durable, through)
     end
 end
 
@@ -2833,7 +3107,12 @@ rawset(_G, 'mts_purge_step', function(subject, through, budget, cut)
                 end
             end
         end
-        if removed < budget then
+        local work = removed
+        if work < budget and row.keyed == true then
+            -- The purged messages' ordering keys go too, within the step's budget.
+            work = work + trim_keys(subject, through + 1, budget - work)
+        end
+        if work < budget then
             purge_consumers(subject, through)
             state = 'done'
         end
@@ -3436,7 +3715,8 @@ with_schema_lock(function()
     end
     for _, space in ipairs({
         'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned', 'mts_gc', 'mts_leases',
-        'mts_dedup', 'mts_attempts', 'mts_identity', 'mts_segments', 'mts_object_refs',
+        'mts_dedup', 'mts_attempts', 'mts_identity', 'mts_segments', 'mts_object_refs', 'mts_keys',
+        'mts_key_waits',
     }) do
         box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
     end

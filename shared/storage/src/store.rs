@@ -30,7 +30,9 @@ pub use consumers::{
     NotHeld, Page, Rejected, Seek,
 };
 pub use group_commit::InlineMessage;
-pub use publish::{NewMessage, Payload, Published, SegmentRef, StoredMessage, Watch, Watched};
+pub use publish::{
+    NewMessage, ORDERING_KEY_HEADER, Payload, Published, SegmentRef, StoredMessage, Watch, Watched,
+};
 pub use subjects::{Discard, Limits, PurgeStep, SegmentCut, SubjectState};
 pub use tiering::{HotBudget, HotTier, SegmentPlan, StorageStats, TierCommit, TieringOptions};
 

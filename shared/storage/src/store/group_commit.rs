@@ -187,10 +187,13 @@ impl Call {
         }
         let mut call = Call::default();
         for (subject, messages) in subjects {
+            // Block rows hold neither message ids nor ordering keys, which
+            // Tarantool records per message.
             let blockable = messages.len() > 1
-                && messages
-                    .iter()
-                    .all(|q| q.message.message_id.as_deref().unwrap_or("").is_empty());
+                && messages.iter().all(|q| {
+                    q.message.message_id.as_deref().unwrap_or("").is_empty()
+                        && !q.message.headers.contains_key(super::ORDERING_KEY_HEADER)
+                });
             if !blockable {
                 call.singles.extend(messages);
                 continue;

@@ -4,6 +4,10 @@
 
 use super::*;
 
+/// The header that carries a message's ordering key: the ingress sets it
+/// from the publish's `ordering_key`, and delivery by key reads it.
+pub const ORDERING_KEY_HEADER: &str = "mts-ordering-key";
+
 /// One stored message as Tarantool returns it.
 #[derive(Debug, Clone, Deserialize)]
 pub struct StoredMessage {

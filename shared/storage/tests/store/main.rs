@@ -12,6 +12,7 @@ mod admin;
 mod blocks;
 mod consumers;
 mod identity;
+mod keys;
 mod limits;
 mod publishing;
 mod settle;

@@ -489,6 +489,9 @@ local function notify(subject)
     local waiting = conds[subject]
     if waiting ~= nil then
         waiting.cond:broadcast()
+        if waiting.watchers ~= nil then
+            waiting.watchers:broadcast()
+        end
     end
 end
 
@@ -549,7 +552,10 @@ local function lease_ends_at(subject, at)
     end
     for _, due in pairs(waiting.dues) do
         if at < due then
-            waiting.cond:broadcast()
+            -- Watchers only: a consume call waiting here has its own deadline.
+            if waiting.watchers ~= nil then
+                waiting.watchers:broadcast()
+            end
             return
         end
     end
@@ -862,6 +868,7 @@ local function open_subject(subject)
     return {
         name = subject, seq = row ~= nil and row.last_seq or 0, count = 0, bytes = 0, exists = row ~= nil,
         keyed = row ~= nil and row.keyed == true, newly_keyed = false,
+        deleted = row ~= nil and row.deleted_ns ~= nil,
     }
 end
 
@@ -879,6 +886,10 @@ local function close_subject(s)
     if s.newly_keyed then
         pad_subject(s.name)
         box.space.mts_subjects:update({s.name}, {{'=', 'keyed', true}})
+    end
+    if s.deleted then
+        -- Published to again after DeleteSubject: a subject like any other.
+        box.space.mts_subjects:update({s.name}, {{'=', 'deleted_ns', box.NULL}})
     end
 end
 
@@ -1265,21 +1276,26 @@ rawset(_G, 'mts_last_seq', function(subject)
 end)
 
 -- Waits up to `seconds` for a commit on `subject` (or any other wake-up).
--- A watcher names `due`, the lease end it sleeps until (U64_MAX: none), so
--- that an earlier one (lease_ends_at) wakes it.
+-- A watcher names `due`, the lease end it sleeps until (U64_MAX: none), and
+-- waits on a condition of the watchers' own, so that an earlier lease end
+-- (lease_ends_at) wakes it and nobody else.
 local function wait_commit(subject, seconds, due)
     local waiting = conds[subject]
     if waiting == nil then
-        waiting = {cond = fiber.cond(), waiters = 0}
+        waiting = {cond = fiber.cond(), watchers = fiber.cond(), waiters = 0}
         conds[subject] = waiting
     end
+    -- One made by an older version of this file has no watchers' condition.
+    waiting.watchers = waiting.watchers or fiber.cond()
     waiting.waiters = waiting.waiters + 1
     local id = fiber.id()
     if due ~= nil then
         waiting.dues = waiting.dues or {}
         waiting.dues[id] = due
+        waiting.watchers:wait(seconds)
+    else
+        waiting.cond:wait(seconds)
     end
-    waiting.cond:wait(seconds)
     if due ~= nil then
         waiting.dues[id] = nil
     end
@@ -1296,7 +1312,8 @@ local function next_lease_end(subject, since)
     local deadlines = box.space.mts_pending.index.deadline
     for _, c in box.space.mts_consumers:pairs({subject}) do
         local p = deadlines:select({subject, c.durable, since}, {iterator = 'GT', limit = 1})[1]
-        if p ~= nil and p.subject == subject and p.durable == c.durable
+        -- A message parked behind its key (U64_MAX) never falls due by time.
+        if p ~= nil and p.subject == subject and p.durable == c.durable and p.deadline_ns ~= U64_MAX
             and (earliest == nil or p.deadline_ns < earliest) then
             earliest = p.deadline_ns
         end
@@ -1405,6 +1422,15 @@ local function touch(c, now)
         pad_row(box.space.mts_consumers, {c.subject, c.durable})
         box.space.mts_consumers:update({c.subject, c.durable}, {{'=', 'active_ns', now}})
         c.active_ns = now
+    end
+end
+
+-- Inside a transaction: as touch, for consumer `durable` of `subject` if it
+-- exists.
+local function touch_named(subject, durable)
+    local row = box.space.mts_consumers:get({subject, durable})
+    if row ~= nil then
+        touch(consumer_view(row), now_ns())
     end
 end
 
@@ -1800,25 +1826,32 @@ local function each_run(subject, durable, visit)
 end
 
 -- How many messages the consumer holds.
+-- (By lease deadline: runs parked behind their keys, never due by time,
+-- come last, and are not visited.)
 local function pending_count(c)
     local held = 0
-    each_run(c.subject, c.durable, function(p)
+    for _, p in box.space.mts_pending.index.deadline:pairs({c.subject, c.durable}, {iterator = 'GE'}) do
+        if p.subject ~= c.subject or p.durable ~= c.durable or p.deadline_ns == U64_MAX then
+            break
+        end
         if not parked(p) then
             held = held + run_count(p)
         end
-    end)
+    end
     return held
 end
 
--- How many of the consumer's messages wait parked behind their keys.
+-- How many of the consumer's messages wait parked behind their keys (at
+-- most KEYED_WINDOW).
 local function parked_count(c)
     local n = 0
     if keyed(c.subject) then
-        each_run(c.subject, c.durable, function(p)
-            if parked(p) then
-                n = n + 1
+        for _, p in box.space.mts_pending.index.deadline:pairs({c.subject, c.durable}, {iterator = 'LE'}) do
+            if p.subject ~= c.subject or p.durable ~= c.durable or not parked(p) then
+                break
             end
-        end)
+            n = n + 1
+        end
     end
     return n
 end
@@ -1874,19 +1907,30 @@ local function marks_of_spans(spans, count)
 end
 
 -- Messages of a keyed subject one look passes over at most, parked or
--- handed out: a key with a long backlog parks at most this many per call.
+-- handed out: one transaction stays short however long a key's backlog.
 local KEYED_SCAN = 1024
+-- How far past its ack floor a consumer of a keyed subject takes messages
+-- on: messages parked behind their keys stay within this window, so that a
+-- key stuck at one message costs at most this many rows.
+local KEYED_WINDOW = 10000
 
 -- Inside a transaction: hand_out's new messages on a subject with ordering
 -- keys (consumer `c`, up to `room`, appended to `out`), one by one: a
 -- message whose key the consumer is still at waits behind it, parked; the
--- rest go out, each becoming the one its key waits for.
+-- rest go out, each becoming the one its key waits for. Returns whether it
+-- stopped at KEYED_SCAN with room left: a look again at once goes on.
 local function hand_out_keyed(c, room, lease_end, now, out)
     local subject, durable = c.subject, c.durable
     local waits, pending = box.space.mts_key_waits, box.space.mts_pending
-    local runs, scanned = {}, 0
+    local runs, scanned, more = {}, 0, false
+    local horizon = c.floor + KEYED_WINDOW
     each_span_after(subject, c.delivered, false, function(first, last, message)
         for seq = first, last do
+            if seq > horizon then
+                -- Only acks move the window on: theirs must wake the streams.
+                mark_starved(subject, durable)
+                return false
+            end
             local ref = message
             if seq ~= first then
                 ref = setmetatable(table.copy(message), ARRAY)
@@ -1911,7 +1955,11 @@ local function hand_out_keyed(c, room, lease_end, now, out)
             end
             c.delivered = seq
             scanned = scanned + 1
-            if room == 0 or scanned >= KEYED_SCAN then
+            if room == 0 then
+                return false
+            end
+            if scanned >= KEYED_SCAN then
+                more = true
                 return false
             end
         end
@@ -1920,6 +1968,7 @@ local function hand_out_keyed(c, room, lease_end, now, out)
     for _, run in ipairs(runs) do
         pending:insert({subject, durable, run[1], 1, lease_end, now, run[2], box.NULL, run[2] - run[1] + 1})
     end
+    return more
 end
 
 -- Inside a transaction: hands out up to `limit` messages to the consumer:
@@ -2007,8 +2056,13 @@ local function hand_out(subject, durable, limit, spans)
                 recut(p, fate)
             end
         end
-        if not (has_keys and #finished > 0 and keys_done(subject, durable, finished))
-            or #out + lettered >= limit then
+        if not (has_keys and #finished > 0 and keys_done(subject, durable, finished)) then
+            break
+        end
+        if #out + lettered >= limit then
+            -- A key's next message is due and this look is full: the caller
+            -- looks again at once.
+            next_deadline = now
             break
         end
     end
@@ -2023,8 +2077,9 @@ local function hand_out(subject, durable, limit, spans)
         end
         room = min(room, free)
     end
+    local more = false
     if room > 0 and has_keys then
-        hand_out_keyed(c, room, lease_end, now, out)
+        more = hand_out_keyed(c, room, lease_end, now, out)
     elseif room > 0 then
         -- For a caller that takes spans, a block's messages in a segment go
         -- out as one entry: its first message's reference (naming the
@@ -2071,7 +2126,7 @@ local function hand_out(subject, durable, limit, spans)
         lease_ends_at(subject, lease_end)
     end
     settle_floor(c)
-    return out, next_deadline, notify_subjects, full
+    return out, next_deadline, notify_subjects, full, more
 end
 
 -- Dead-letters a message that hand_out answered with a lease deadline of 0
@@ -2108,13 +2163,22 @@ end)
 
 -- Leases in one transaction, so competing fetchers get disjoint messages.
 -- Returns what `hand_out` hands out and when redeliveries can next be due.
+-- Looks past more of a keyed subject's backlog than one transaction takes
+-- (see KEYED_SCAN) when nothing was found yet: at most this many times.
+local KEYED_LOOKS = 16
+
 rawset(_G, 'mts_fetch', function(subject, durable, limit, spans)
-    local out, next_deadline, notify_subjects
-    box.atomic(function()
-        out, next_deadline, notify_subjects = hand_out(subject, durable, limit, spans)
-    end)
-    for _, dlq in ipairs(notify_subjects) do
-        notify(dlq)
+    local out, next_deadline, notify_subjects, more
+    for _ = 1, KEYED_LOOKS do
+        box.atomic(function()
+            out, next_deadline, notify_subjects, _, more = hand_out(subject, durable, limit, spans)
+        end)
+        for _, dlq in ipairs(notify_subjects) do
+            notify(dlq)
+        end
+        if #out > 0 or not more then
+            break
+        end
     end
     return out, next_deadline
 end)
@@ -2161,39 +2225,46 @@ end
 -- `tolerant` (since schema 15): acks the consumer does not hold are left
 -- out, the rest apply, and the answer is 'ok' with those left out last.
 local function consume(subject, durable, acks, limit, wait_ms, spans, tolerant)
-    local missing, out, next_deadline, notify_subjects, full
+    local missing, out, next_deadline, notify_subjects, full, more
     box.atomic(function()
         missing = ack_held(subject, durable, acks, tolerant)
         if #missing == 0 or tolerant then
-            out, next_deadline, notify_subjects, full = hand_out(subject, durable, limit, spans)
+            out, next_deadline, notify_subjects, full, more = hand_out(subject, durable, limit, spans)
         end
     end)
     if #missing > 0 and not tolerant then
         return 'not_held', {}, 0, missing
     end
     local deadline = fiber.clock() + (wait_ms or 0) / 1000
+    local looks = 1
     -- At max_ack_pending no commit makes room: only acks, which come on
     -- calls of their own, so there is nothing to wait for here.
     while #out == 0 and not full do
-        local remaining = deadline - fiber.clock()
-        if next_deadline > 0 then
-            -- A deadline already passed must not wrap around into a long wait.
-            local now = now_ns()
-            local until_due = 0
-            if next_deadline > now then
-                until_due = tonumber(next_deadline - now) / 1e9
+        -- A keyed backlog longer than one look: look on at once (a few
+        -- times), not after a commit.
+        local again = more and looks < KEYED_LOOKS
+        if not again then
+            local remaining = deadline - fiber.clock()
+            if next_deadline > 0 then
+                -- A deadline already passed must not wrap around into a long wait.
+                local now = now_ns()
+                local until_due = 0
+                if next_deadline > now then
+                    until_due = tonumber(next_deadline - now) / 1e9
+                end
+                remaining = min(remaining, until_due)
             end
-            remaining = min(remaining, until_due)
+            if remaining <= 0 then
+                break
+            end
+            wait_commit(subject, remaining)
         end
-        if remaining <= 0 then
-            break
-        end
-        wait_commit(subject, remaining)
-        local more
+        looks = looks + 1
+        local lettered
         box.atomic(function()
-            out, next_deadline, more, full = hand_out(subject, durable, limit, spans)
+            out, next_deadline, lettered, full, more = hand_out(subject, durable, limit, spans)
         end)
-        for _, dlq in ipairs(more) do
+        for _, dlq in ipairs(lettered) do
             notify_subjects[#notify_subjects + 1] = dlq
         end
     end
@@ -2264,6 +2335,7 @@ rawset(_G, 'mts_nack', function(subject, durable, seqs, delay_ms)
     local missing = {}
     box.atomic(function()
         missing = retime_held(subject, durable, seqs, after_ms(now_ns(), delay_ms))
+        touch_named(subject, durable)
     end)
     if #missing > 0 then
         return 'not_held', missing
@@ -2291,6 +2363,8 @@ rawset(_G, 'mts_extend_lease', function(subject, durable, seqs, extend_ms)
         end
         at = after_ms(now_ns(), extend_ms)
         missing = retime_held(subject, durable, seqs, at)
+        -- A worker extending a lease is using its consumer.
+        touch(consumer_view(row), now_ns())
     end)
     if #missing > 0 then
         return 'not_held', missing
@@ -2322,6 +2396,7 @@ rawset(_G, 'mts_reject', function(subject, durable, seqs, reason, copies)
             return
         end
         local c = consumer_view(row)
+        touch(c, now_ns())
         local copy_of = {}
         for i, seq in ipairs(seqs) do
             local copy = copies ~= nil and copies[i] or nil
@@ -2386,6 +2461,7 @@ rawset(_G, 'mts_ack_message', function(subject, durable, seq)
     local floor
     box.atomic(function()
         local c = ensure_consumer(subject, durable)
+        touch(c, now_ns())
         local runs = {}
         each_run(subject, durable, function(p)
             if p.seq > seq then

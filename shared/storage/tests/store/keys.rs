@@ -203,3 +203,17 @@ async fn keyed_messages_committed_together_keep_their_keys() {
     assert_eq!(seqs, [1, 2, 3, 4, 5, 6]);
     assert_eq!(fetch(&store, &subject, 10).await, [1, 3, 4]);
 }
+
+#[tokio::test]
+async fn a_key_backlog_longer_than_one_look_does_not_hide_the_next_key() {
+    let mut keys = vec![A; 3001];
+    keys.push(B);
+    let (store, subject) = keyed_subject("keys-backlog", &keys).await;
+    assert_eq!(fetch(&store, &subject, 10).await, [1]);
+    // Three thousand of a's wait behind 1; b's first comes out all the same.
+    assert_eq!(fetch(&store, &subject, 10).await, [3002]);
+    let info = store.consumer_info(&subject, "d").await.unwrap().unwrap();
+    assert_eq!((info.num_ack_pending, info.num_pending), (2, 3000));
+    ack(&store, &subject, &[1]).await;
+    assert_eq!(fetch(&store, &subject, 10).await, [2]);
+}

@@ -24,6 +24,9 @@ pub fn store(err: store::Error) -> Status {
         (_, Some(Refusal::Late)) => {
             Status::unavailable(format!("metadata store was too slow, retry later: {err}"))
         }
+        (_, Some(Refusal::QuorumLost)) => Status::unavailable(format!(
+            "the Tarantool replica set lacks a quorum (too few members up), nothing was stored; retry once members are back: {err}"
+        )),
         (_, Some(Refusal::Abandoned | Refusal::Fenced)) => Status::aborted(format!(
             "publish was abandoned after a timeout; publish again: {err}"
         )),

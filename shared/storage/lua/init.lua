@@ -10,6 +10,16 @@
 -- unset = stderr), MTS_SCHEMA_FILE (the schema's path) and
 -- TARANTOOL_INIT_EXTRA: a Lua file of the operator's own, run just before the
 -- port opens (extra users, say).
+--
+-- A replica set (see "High availability" in the README): TARANTOOL_REPLICATION,
+-- the members' addresses (host:port, comma-separated, this one's included);
+-- TARANTOOL_REPLICATION_PASSWORD, the `replicator` user's; TARANTOOL_READ_ONLY
+-- = true on every member but the one that takes writes; and
+-- TARANTOOL_SYNCHRO_QUORUM, how many members (this one included) must have a
+-- write before it commits (2 of 3): then every space of the schema is
+-- synchronous, and no publish is answered before the quorum has it. A member
+-- of a replica set opens its port first, as its peers need it to join; the
+-- services wait for the schema version before they use a member.
 local schema = os.getenv('MTS_SCHEMA_FILE') or '/opt/minitoolstream/minitoolstream.lua'
 local password = os.getenv('TARANTOOL_PASSWORD')
 if password == nil or password == '' then
@@ -17,10 +27,35 @@ if password == nil or password == '' then
 end
 local user = os.getenv('TARANTOOL_USER') or 'minitoolstream_connector'
 
+local listen = os.getenv('TARANTOOL_LISTEN') or '0.0.0.0:3301'
+local replication, peers = nil, os.getenv('TARANTOOL_REPLICATION')
+local replicator_password = os.getenv('TARANTOOL_REPLICATION_PASSWORD')
+if peers ~= nil and peers ~= '' then
+    if replicator_password == nil or replicator_password == '' then
+        error('TARANTOOL_REPLICATION_PASSWORD must be set with TARANTOOL_REPLICATION')
+    end
+    replication = {}
+    for peer in peers:gmatch('[^,%s]+') do
+        replication[#replication + 1] = 'replicator:' .. replicator_password .. '@' .. peer
+    end
+end
+local synchro_quorum = tonumber(os.getenv('TARANTOOL_SYNCHRO_QUORUM')) or 1
+
 box.cfg({
     work_dir = os.getenv('TARANTOOL_WORK_DIR') or '/var/lib/tarantool',
     memtx_memory = tonumber(os.getenv('TARANTOOL_MEMTX_MEMORY')) or 512 * 1024 * 1024,
     log = os.getenv('TARANTOOL_LOG'),
+    listen = replication ~= nil and listen or nil,
+    replication = replication,
+    read_only = os.getenv('TARANTOOL_READ_ONLY') == 'true',
+    replication_synchro_quorum = synchro_quorum,
+    -- A write the quorum has not confirmed in this long is rolled back and
+    -- its publish answered UNAVAILABLE (not stored).
+    replication_synchro_timeout = tonumber(os.getenv('TARANTOOL_SYNCHRO_TIMEOUT')) or 5,
+    -- A member starts with the peers it can reach; one that is down is
+    -- caught up when it is back.
+    replication_connect_quorum = replication ~= nil and 1 or nil,
+    replication_connect_timeout = 5,
     -- Every commit reaches the WAL file before a publish is answered.
     wal_mode = 'write',
     -- Requests in flight at once. Commit waits (subject watchers, busy Consume
@@ -32,16 +67,28 @@ box.cfg({
     log_format = 'json',
 })
 
+-- On a read-only member the schema only defines the procedures: its spaces,
+-- users and grants come from the member that takes writes.
 dofile(schema)
 
-box.schema.user.create(user, {password = password, if_not_exists = true})
--- Follow the Secret when it changes.
-box.schema.user.passwd(user, password)
-box.schema.user.grant(user, 'execute', 'role', 'minitoolstream', {if_not_exists = true})
+if not box.info.ro then
+    box.schema.user.create(user, {password = password, if_not_exists = true})
+    -- Follow the Secret when it changes.
+    box.schema.user.passwd(user, password)
+    box.schema.user.grant(user, 'execute', 'role', 'minitoolstream', {if_not_exists = true})
+    if replication ~= nil then
+        box.schema.user.create('replicator', {password = replicator_password, if_not_exists = true})
+        box.schema.user.passwd('replicator', replicator_password)
+        box.schema.user.grant('replicator', 'replication', nil, nil, {if_not_exists = true})
+    end
+    if synchro_quorum > 1 then
+        mts_make_sync()
+    end
+end
 
 local extra = os.getenv('TARANTOOL_INIT_EXTRA')
 if extra ~= nil and extra ~= '' then
     dofile(extra)
 end
 
-box.cfg({listen = os.getenv('TARANTOOL_LISTEN') or '0.0.0.0:3301'})
+box.cfg({listen = listen})

@@ -100,8 +100,13 @@ end
 -- DDL yields (WAL writes) between an if_not_exists check and its insert, so
 -- two services applying this file at once could both try to create the same
 -- space. A lock kept in a global, taken without yielding, runs one
--- application at a time.
+-- application at a time. A read-only member of a replica set applies no
+-- DDL: it gets the spaces and grants from the member that takes writes, and
+-- defines the procedures only.
 local function with_schema_lock(apply)
+    if box.info.ro then
+        return
+    end
     local lock = rawget(_G, 'mts_schema_lock')
     if lock == nil then
         lock = fiber.channel(1)
@@ -3629,6 +3634,45 @@ rawset(_G, 'mts_settle_attempt', function(attempt)
 end)
 
 -- The store's id and when it was created (ns since the Unix epoch).
+-- This member's part in a replica set, for services finding the one that
+-- takes writes: whether it is read-only, its id, its replication status and
+-- how far its log has gone (the sum of its vclock), and per peer the lag of
+-- what it applies from that peer, in seconds (0 for itself).
+rawset(_G, 'mts_role', function()
+    local lsn = 0
+    for _, n in pairs(box.info.vclock) do
+        lsn = lsn + n
+    end
+    local lags = setmetatable({}, MAP)
+    for id, peer in pairs(box.info.replication) do
+        if peer.upstream ~= nil and peer.upstream.lag ~= nil then
+            lags[tostring(id)] = peer.upstream.lag
+        end
+    end
+    return {ro = box.info.ro, id = box.info.id, status = box.info.status, lsn = lsn, lags = lags}
+end)
+
+-- Makes every space of the schema synchronous: a write commits only once
+-- replication_synchro_quorum members have it (Tarantool 2.6 has no
+-- space:alter, so the flag is set in _space).
+rawset(_G, 'mts_make_sync', function()
+    local updates = {}
+    for _, space in box.space._space:pairs() do
+        local name, flags = space[3], space[6]
+        if type(name) == 'string' and name:sub(1, 4) == 'mts_' and not (flags and flags.is_sync) then
+            local synced = {}
+            for k, v in pairs(flags or {}) do
+                synced[k] = v
+            end
+            synced.is_sync = true
+            updates[#updates + 1] = {space[1], synced}
+        end
+    end
+    for _, update in ipairs(updates) do
+        box.space._space:update(update[1], {{'=', 6, update[2]}})
+    end
+end)
+
 rawset(_G, 'mts_identity', function()
     local row = box.space.mts_identity:select({}, {limit = 1})[1]
     return row.store_id, row.created_ns
@@ -3782,7 +3826,7 @@ with_schema_lock(function()
         'mts_locate_time', 'mts_segment_next', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats', 'mts_hot_tier',
         'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
         'mts_list_subjects', 'mts_list_consumers', 'mts_purge_step', 'mts_delete_subject', 'mts_touch_consumers',
-        'mts_expire_consumers',
+        'mts_expire_consumers', 'mts_role',
     }
     box.schema.role.create('minitoolstream', {if_not_exists = true})
     for _, name in ipairs(PROCEDURES) do

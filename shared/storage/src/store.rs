@@ -56,6 +56,15 @@ const FENCED: ErrorCode = ErrorCode(10003);
 /// tier is over its budget and the subject discards new messages (Lua's
 /// `HOT_FULL`).
 const HOT_FULL: ErrorCode = ErrorCode(10004);
+/// Tarantool's `ER_LOADING`: the member is still starting.
+const LOADING: ErrorCode = ErrorCode(116);
+/// Tarantool's `ER_SYNC_MASTER_MISMATCH`: a write reached a member that is
+/// not (or not yet) the one the replica set follows.
+const SYNC_MASTER_MISMATCH: ErrorCode = ErrorCode(215);
+/// Tarantool's `ER_SYNC_QUORUM_TIMEOUT` and `ER_SYNC_ROLLBACK`: a
+/// synchronous write was rolled back, not confirmed by a quorum in time.
+const SYNC_QUORUM_TIMEOUT: ErrorCode = ErrorCode(216);
+const SYNC_ROLLBACK: ErrorCode = ErrorCode(217);
 
 /// What can go wrong talking to Tarantool. Cheap to clone: a group commit
 /// hands one call's failure to every message in it.
@@ -110,6 +119,9 @@ pub enum Refusal {
     Fenced,
     /// The hot tier is over its budget and the subject discards new messages.
     HotFull,
+    /// A replica set's quorum did not confirm the write in time: it was
+    /// rolled back.
+    QuorumLost,
 }
 
 impl Error {
@@ -124,6 +136,7 @@ impl Error {
             Some(ABANDONED) => Some(Refusal::Abandoned),
             Some(FENCED) => Some(Refusal::Fenced),
             Some(HOT_FULL) => Some(Refusal::HotFull),
+            Some(SYNC_QUORUM_TIMEOUT | SYNC_ROLLBACK) => Some(Refusal::QuorumLost),
             _ => None,
         }
     }
@@ -138,6 +151,16 @@ impl Error {
         match &err {
             tarant::Error::Server(server) if server.code() == MEMORY_ISSUE => {
                 Self::Full(Arc::new(err))
+            }
+            // A member that does not take writes (now): nothing was written,
+            // and another member does, or will after a failover.
+            tarant::Error::Server(server)
+                if matches!(
+                    server.code(),
+                    ErrorCode::READONLY | LOADING | SYNC_MASTER_MISMATCH
+                ) =>
+            {
+                Self::Unavailable(Arc::new(err))
             }
             tarant::Error::Server(_) | tarant::Error::Auth { .. } => Self::Rejected(Arc::new(err)),
             tarant::Error::Decode(_) | tarant::Error::Protocol(_) | tarant::Error::Encode(_) => {
@@ -169,6 +192,18 @@ impl Error {
         text.contains("Failed to allocate")
     }
 
+    /// Whether a member refused a write for not taking writes.
+    fn read_only(&self) -> bool {
+        match self {
+            Self::Unavailable(err) => matches!(
+                &**err,
+                tarant::Error::Server(server)
+                    if matches!(server.code(), ErrorCode::READONLY | SYNC_MASTER_MISMATCH)
+            ),
+            _ => false,
+        }
+    }
+
     fn server_code(&self) -> Option<ErrorCode> {
         match self {
             Self::Rejected(err) | Self::Full(err) => match &**err {
@@ -194,7 +229,7 @@ pub struct Identity {
 /// A handle on the metadata store; cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    client: Client,
+    members: Arc<Members>,
     timeout: Duration,
     schema_lock: Arc<tokio::sync::Mutex<()>>,
     observer: Option<Arc<dyn crate::Observer>>,
@@ -208,28 +243,16 @@ pub struct Store {
 }
 
 impl Store {
-    /// Connects once and makes sure the schema is in place.
+    /// Connects and makes sure the schema is in place. With the addresses
+    /// of a replica set's members (comma-separated), writes go to the member
+    /// that takes them, found now and again whenever it changes.
     pub async fn connect(config: &Config) -> Result<Self, Error> {
-        // `tarant` doubles its reconnect delay without jitter; drawing the
-        // bounds per process keeps replicas that lost Tarantool together
-        // from reconnecting in lockstep.
-        let reconnect = tarant::Reconnect::Backoff {
-            min: crate::backoff::jittered(Duration::from_millis(100)),
-            max: crate::backoff::jittered(Duration::from_secs(2)),
-        };
-        let mut options = ConnectOptions::new(config.tarantool.address.clone())
-            .connect_timeout(config.tarantool.timeout())
-            .reconnect(reconnect);
-        if config.tarantool.user != "guest" {
-            options = options
-                .user(config.tarantool.user.clone())
-                .password(config.tarantool.password.clone());
+        let members = Arc::new(Members::connect(config).await?);
+        if members.is_replica_set() {
+            Members::watch_leader(Arc::downgrade(&members));
         }
-        let client = Client::with_options(options)
-            .await
-            .map_err(Error::classify)?;
         let mut store = Self {
-            client,
+            members,
             timeout: config.tarantool.timeout(),
             schema_lock: Arc::default(),
             observer: None,
@@ -244,6 +267,17 @@ impl Store {
         let identity = store.read_identity().await?;
         store.identity = Arc::new(Mutex::new(identity));
         Ok(store.with_group_commit())
+    }
+
+    /// The connection to the member that takes writes.
+    fn client(&self) -> Client {
+        self.members.leader()
+    }
+
+    /// The replica set as this store sees it: each member's address and
+    /// role; empty for a single Tarantool.
+    pub async fn members(&self) -> Vec<MemberState> {
+        self.members.states(self.timeout).await
     }
 
     /// (Re)starts the group-commit queue with this store's settings.
@@ -261,7 +295,7 @@ impl Store {
     /// needs only the `minitoolstream` role, not the right to `eval`.
     async fn ensure_schema(&self) -> Result<(), Error> {
         let installed: Result<(u64,), Error> = self
-            .deadline(self.timeout, self.client.call("mts_schema_version", ()))
+            .deadline(self.timeout, self.client().call("mts_schema_version", ()))
             .await;
         match installed {
             // A newer schema keeps the names and meanings of this one (for
@@ -282,7 +316,7 @@ impl Store {
     pub async fn apply_schema(&self) -> Result<u64, Error> {
         let _one_at_a_time = self.schema_lock.lock().await;
         let (version,): (u64,) = self
-            .deadline(self.timeout, self.client.eval(SCHEMA_LUA, ()))
+            .deadline(self.timeout, self.client().eval(SCHEMA_LUA, ()))
             .await?;
         tracing::info!(version, "tarantool schema applied");
         Ok(version)
@@ -323,20 +357,53 @@ impl Store {
         result
     }
 
+    /// Calls the leader; on a replica set, a call under way when the leader
+    /// changes stops waiting for the old one (its outcome is unknown).
+    async fn call_leader<R: DeserializeOwned>(
+        &self,
+        name: &'static str,
+        args: &impl Args,
+        limit: Duration,
+    ) -> Result<R, Error> {
+        if !self.members.is_replica_set() {
+            return self.deadline(limit, self.client().call(name, args)).await;
+        }
+        let mut changed = self.members.changed.subscribe();
+        let client = self.client();
+        tokio::select! {
+            reply = self.deadline(limit, client.call(name, args)) => reply,
+            _ = changed.changed() => Err(Error::Unavailable(Arc::new(tarant::Error::Protocol(
+                "the Tarantool leader changed while the call was under way".into(),
+            )))),
+        }
+    }
+
     async fn call_healing<R: DeserializeOwned>(
         &self,
         name: &'static str,
         args: impl Args,
         limit: Duration,
     ) -> Result<R, Error> {
-        match self.deadline(limit, self.client.call(name, &args)).await {
+        match self.call_leader(name, &args, limit).await {
             Err(e) if e.server_code() == Some(ErrorCode::NO_SUCH_PROC) => {
                 tracing::warn!(
                     procedure = name,
                     "stored procedure missing; re-applying schema"
                 );
                 self.apply_schema().await?;
-                self.deadline(limit, self.client.call(name, &args)).await
+                self.call_leader(name, &args, limit).await
+            }
+            Err(e) if self.members.is_replica_set() && e.read_only() => {
+                // Nothing was written: find the member that takes writes
+                // now and ask it.
+                self.members.find_leader(self.timeout).await?;
+                self.call_leader(name, &args, limit).await
+            }
+            Err(e) if self.members.is_replica_set() && e.outcome_unknown() => {
+                // The member may be gone: look for the one taking writes
+                // meanwhile, for the calls (and settling) that follow.
+                self.members.find_leader_later(self.timeout);
+                Err(e)
             }
             other => other,
         }
@@ -345,6 +412,9 @@ impl Store {
     /// Checks that Tarantool answers and the schema is in place, and
     /// refreshes the identity (Tarantool may have been replaced).
     pub async fn check(&self) -> Result<(), Error> {
+        if self.members.is_replica_set() {
+            self.members.confirm_leader(self.timeout).await?;
+        }
         let identity = self.read_identity().await?;
         *self.identity.lock().unwrap_or_else(|e| e.into_inner()) = identity;
         Ok(())
@@ -427,6 +497,260 @@ fn sequences(value: &tarant::Value) -> Vec<u64> {
         .as_array()
         .map(|items| items.iter().filter_map(tarant::Value::as_u64).collect())
         .unwrap_or_default()
+}
+
+/// One member of the Tarantool deployment: its address and, once reached,
+/// its connection.
+struct Member {
+    address: String,
+    client: tokio::sync::OnceCell<Client>,
+}
+
+/// The Tarantool members a store talks to: one, or a replica set's, of
+/// which one takes writes (the leader) and the others follow it.
+struct Members {
+    members: Vec<Member>,
+    /// The connection options for a member's address.
+    options: Box<dyn Fn(&str) -> ConnectOptions + Send + Sync>,
+    /// Index of the member taking writes, as last found.
+    leader: std::sync::atomic::AtomicUsize,
+    /// Told each time the leader changes: calls under way on the old one
+    /// stop waiting for it.
+    changed: tokio::sync::watch::Sender<usize>,
+    /// One search for the leader at a time.
+    finding: tokio::sync::Mutex<()>,
+}
+
+/// How often a store checks that its leader still takes writes.
+const LEADER_CHECK: Duration = Duration::from_millis(500);
+
+/// Longest a member has to say what it is: one that is down must not hold
+/// up finding the others.
+const ROLE_WAIT: Duration = Duration::from_secs(1);
+
+/// A member as `mts_role` describes it.
+#[derive(Debug, Clone, Deserialize)]
+struct Role {
+    ro: bool,
+    lsn: u64,
+}
+
+/// One member of a replica set, as a store sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberState {
+    /// Its address.
+    pub address: String,
+    /// Whether it answered.
+    pub up: bool,
+    /// Whether it takes writes.
+    pub leader: bool,
+    /// How far its log has gone (the sum of its vclock).
+    pub lsn: u64,
+}
+
+impl Members {
+    async fn connect(config: &Config) -> Result<Self, Error> {
+        // `tarant` doubles its reconnect delay without jitter; drawing the
+        // bounds per process keeps replicas that lost Tarantool together
+        // from reconnecting in lockstep.
+        let reconnect = tarant::Reconnect::Backoff {
+            min: crate::backoff::jittered(Duration::from_millis(100)),
+            max: crate::backoff::jittered(Duration::from_secs(2)),
+        };
+        let (timeout, tarantool) = (config.tarantool.timeout(), config.tarantool.clone());
+        let options = move |address: &str| {
+            let options = ConnectOptions::new(address.to_owned())
+                .connect_timeout(timeout)
+                .reconnect(reconnect);
+            if tarantool.user == "guest" {
+                options
+            } else {
+                options
+                    .user(tarantool.user.clone())
+                    .password(tarantool.password.clone())
+            }
+        };
+        let members: Vec<Member> = config
+            .tarantool
+            .address
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(|address| Member {
+                address: address.to_owned(),
+                client: tokio::sync::OnceCell::new(),
+            })
+            .collect();
+        if members.is_empty() {
+            return Err(Error::protocol("tarantool_address names no member"));
+        }
+        let members = Self {
+            members,
+            options: Box::new(options),
+            leader: std::sync::atomic::AtomicUsize::new(0),
+            changed: tokio::sync::watch::Sender::new(0),
+            finding: tokio::sync::Mutex::new(()),
+        };
+        if members.is_replica_set() {
+            members.find_leader(config.tarantool.timeout()).await?;
+        } else {
+            members.client_of(0).await?;
+        }
+        Ok(members)
+    }
+
+    fn is_replica_set(&self) -> bool {
+        self.members.len() > 1
+    }
+
+    /// The connection to member `i`, made on first use.
+    async fn client_of(&self, i: usize) -> Result<&Client, Error> {
+        let member = &self.members[i];
+        member
+            .client
+            .get_or_try_init(|| async {
+                Client::with_options((self.options)(&member.address))
+                    .await
+                    .map_err(Error::classify)
+            })
+            .await
+    }
+
+    /// The leader's connection (as last found; its first member's before).
+    fn leader(&self) -> Client {
+        let i = self.leader.load(std::sync::atomic::Ordering::Acquire);
+        match self.members[i].client.get() {
+            Some(client) => client.clone(),
+            // Reached in `connect` before any call.
+            None => self
+                .members
+                .iter()
+                .find_map(|m| m.client.get())
+                .cloned()
+                .unwrap_or_else(|| {
+                    unreachable!("connect reaches a member before the store is used")
+                }),
+        }
+    }
+
+    /// Each member's role, asked side by side within `limit` (at most
+    /// `ROLE_WAIT`).
+    async fn roles(&self, limit: Duration) -> Vec<Option<Role>> {
+        let limit = limit.min(ROLE_WAIT);
+        let asks = (0..self.members.len()).map(|i| async move {
+            let ask = async {
+                let client = self.client_of(i).await?;
+                let (role,): (Role,) = client.call("mts_role", ()).await.map_err(Error::classify)?;
+                Ok::<_, Error>(role)
+            };
+            match tokio::time::timeout(limit, ask).await {
+                Ok(Ok(role)) => Some(role),
+                Ok(Err(err)) => {
+                    tracing::debug!(member = %self.members[i].address, %err, "member did not answer");
+                    None
+                }
+                Err(_) => None,
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+
+    /// Finds the member that takes writes. Two that do (a failover under
+    /// way): the one further along, which the quorum follows.
+    async fn find_leader(&self, limit: Duration) -> Result<(), Error> {
+        let _one = self.finding.lock().await;
+        let roles = self.roles(limit).await;
+        let leader = roles
+            .iter()
+            .enumerate()
+            .filter_map(|(i, role)| role.as_ref().filter(|r| !r.ro).map(|r| (i, r.lsn)))
+            .max_by_key(|(_, lsn)| *lsn)
+            .map(|(i, _)| i);
+        let Some(leader) = leader else {
+            let up = roles.iter().filter(|r| r.is_some()).count();
+            return Err(Error::Unavailable(Arc::new(tarant::Error::Protocol(
+                format!(
+                    "no Tarantool member takes writes ({up} of {} answered, all read-only); a failover may be under way",
+                    self.members.len()
+                ),
+            ))));
+        };
+        let before = self
+            .leader
+            .swap(leader, std::sync::atomic::Ordering::AcqRel);
+        if before != leader {
+            self.changed.send_replace(leader);
+            tracing::warn!(
+                leader = %self.members[leader].address,
+                before = %self.members[before].address,
+                "Tarantool leader changed"
+            );
+        }
+        Ok(())
+    }
+
+    /// Checks the leader every LEADER_CHECK while the store lives, so that a
+    /// failover is followed within about a second even with no call failing.
+    fn watch_leader(members: std::sync::Weak<Self>) {
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(LEADER_CHECK).await;
+                let Some(members) = members.upgrade() else {
+                    return;
+                };
+                if let Err(err) = members.confirm_leader(ROLE_WAIT).await {
+                    tracing::debug!(%err, "no Tarantool leader found yet");
+                }
+            }
+        });
+    }
+
+    /// Starts a search for the leader in the background, unless one runs.
+    fn find_leader_later(self: &Arc<Self>, limit: Duration) {
+        if self.finding.try_lock().is_err() {
+            return;
+        }
+        let members = Arc::clone(self);
+        tokio::spawn(async move {
+            if let Err(err) = members.find_leader(limit).await {
+                tracing::warn!(%err, "finding the Tarantool leader failed");
+            }
+        });
+    }
+
+    /// Checks that the leader as last found still takes writes; looks for
+    /// it again when not.
+    async fn confirm_leader(&self, limit: Duration) -> Result<(), Error> {
+        let limit = limit.min(ROLE_WAIT);
+        let i = self.leader.load(std::sync::atomic::Ordering::Acquire);
+        let ask = async {
+            let client = self.client_of(i).await?;
+            let (role,): (Role,) = client.call("mts_role", ()).await.map_err(Error::classify)?;
+            Ok::<_, Error>(role)
+        };
+        match tokio::time::timeout(limit, ask).await {
+            Ok(Ok(role)) if !role.ro => Ok(()),
+            _ => self.find_leader(limit).await,
+        }
+    }
+
+    /// Every member's state.
+    async fn states(&self, limit: Duration) -> Vec<MemberState> {
+        if !self.is_replica_set() {
+            return Vec::new();
+        }
+        let roles = self.roles(limit).await;
+        self.members
+            .iter()
+            .zip(roles)
+            .map(|(member, role)| MemberState {
+                address: member.address.clone(),
+                up: role.is_some(),
+                leader: role.as_ref().is_some_and(|r| !r.ro),
+                lsn: role.map_or(0, |r| r.lsn),
+            })
+            .collect()
+    }
 }
 
 #[cfg(test)]

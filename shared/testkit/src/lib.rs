@@ -195,6 +195,8 @@ pub struct TarantoolProcess {
     port: u16,
     memtx_bytes: u64,
     child: Option<Child>,
+    /// Environment of a replica set member (see `ReplicaSet`).
+    member_env: Vec<(String, String)>,
 }
 
 impl TarantoolProcess {
@@ -205,6 +207,13 @@ impl TarantoolProcess {
 
     /// As `start`, with `memtx_bytes` of memory for data.
     pub fn start_with_memtx(memtx_bytes: u64) -> Self {
+        let mut process = Self::prepare(memtx_bytes, free_port());
+        process.spawn();
+        process
+    }
+
+    /// A process on `port`, its files written, not started.
+    fn prepare(memtx_bytes: u64, port: u16) -> Self {
         let dir =
             std::env::temp_dir().join(format!("mts-tarantool-{}", uuid::Uuid::now_v7().simple()));
         std::fs::create_dir_all(&dir).expect("create tarantool dir");
@@ -218,14 +227,13 @@ impl TarantoolProcess {
         ] {
             std::fs::write(dir.join(name), text).expect("write the tarantool init");
         }
-        let mut process = Self {
+        Self {
             dir,
-            port: free_port(),
+            port,
             memtx_bytes,
             child: None,
-        };
-        process.spawn();
-        process
+            member_env: Vec::new(),
+        }
     }
 
     fn spawn(&mut self) {
@@ -245,6 +253,7 @@ impl TarantoolProcess {
             .env("TARANTOOL_LOG", self.dir.join("tarantool.log"))
             .env("MTS_SCHEMA_FILE", self.dir.join("minitoolstream.lua"))
             .env("TARANTOOL_INIT_EXTRA", self.dir.join("test-admin.lua"))
+            .envs(self.member_env.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::from(log.try_clone().expect("clone log handle")))
             .stderr(Stdio::from(log))
             .spawn()
@@ -293,6 +302,107 @@ impl Drop for TarantoolProcess {
     fn drop(&mut self) {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Three Tarantool processes of one test as a replica set with synchronous
+/// replication (a quorum of 2), as `scripts/up.sh --ha` runs them: member 0
+/// takes writes at first, the others follow it read-only.
+pub struct ReplicaSet {
+    /// The members, in the order of their addresses.
+    pub members: Vec<TarantoolProcess>,
+}
+
+impl ReplicaSet {
+    /// Starts the leader, then the two others, which join it.
+    pub fn start() -> Self {
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let peers = ports
+            .iter()
+            .map(|p| format!("127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut members: Vec<TarantoolProcess> = ports
+            .iter()
+            .map(|port| TarantoolProcess::prepare(256 << 20, *port))
+            .collect();
+        for (i, member) in members.iter_mut().enumerate() {
+            member.member_env = vec![
+                ("TARANTOOL_REPLICATION".into(), peers.clone()),
+                ("TARANTOOL_REPLICATION_PASSWORD".into(), "replicate".into()),
+                ("TARANTOOL_SYNCHRO_QUORUM".into(), "2".into()),
+                ("TARANTOOL_SYNCHRO_TIMEOUT".into(), "2".into()),
+                ("TARANTOOL_READ_ONLY".into(), (i > 0).to_string()),
+            ];
+            member.spawn();
+            // The leader has its users and schema before anyone joins it.
+            member.wait_initialized();
+        }
+        Self { members }
+    }
+
+    /// A service config naming every member.
+    pub fn config(&self) -> Config {
+        let mut config = self.members[0].config();
+        config.tarantool.address = self
+            .members
+            .iter()
+            .map(TarantoolProcess::address)
+            .collect::<Vec<_>>()
+            .join(",");
+        config
+    }
+
+    /// Makes member `i` take writes, as `scripts/failover.sh` does on 2.6
+    /// (which has no election): writable, then the synchronous writes the
+    /// old leader left unconfirmed settled.
+    pub async fn promote(&self, i: usize) {
+        let admin = self.members[i].admin_client().await;
+        let _: Vec<tarant::Value> = admin
+            .eval(
+                "box.cfg({read_only = false}) box.ctl.clear_synchro_queue()",
+                (),
+            )
+            .await
+            .expect("promote the member");
+    }
+
+    /// Starts member `i` again as a follower (read-only), as an old leader
+    /// comes back after a failover.
+    pub fn restart_as_follower(&mut self, i: usize) {
+        let member = &mut self.members[i];
+        member.kill();
+        for (key, value) in &mut member.member_env {
+            if key == "TARANTOOL_READ_ONLY" {
+                *value = "true".into();
+            }
+        }
+        member.spawn();
+        member.wait_initialized();
+    }
+}
+
+impl TarantoolProcess {
+    /// Waits until the init script has run to its end (a replica set
+    /// member listens before it has).
+    fn wait_initialized(&self) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let log = self.dir.join("tarantool.log");
+        while Instant::now() < deadline {
+            // The test admin user is the init's last act.
+            let text = std::fs::read_to_string(&log).unwrap_or_default();
+            if text.contains("ready to accept requests") || text.contains("entering the event loop")
+            {
+                std::thread::sleep(Duration::from_millis(200));
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!(
+            "tarantool at {} did not finish starting within 30 s; its log:\n{text}",
+            self.address()
+        );
     }
 }
 

@@ -15,6 +15,7 @@ mod identity;
 mod keys;
 mod limits;
 mod publishing;
+mod replicas;
 mod settle;
 mod tiering;
 mod watching;

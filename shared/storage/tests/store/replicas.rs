@@ -1,0 +1,101 @@
+//! A store on a three-member replica set with synchronous replication:
+//! writes go to the member that takes them and follow it through a failover;
+//! with the quorum lost nothing is stored, and an old leader rejoins as a
+//! follower with every confirmed write.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use mts_storage::store::{Refusal, Store};
+use mts_testkit::{self as testing, ReplicaSet};
+
+async fn publish(store: &Store, subject: &str, i: u64) -> Result<u64, mts_storage::store::Error> {
+    store
+        .publish(subject, &HashMap::new(), Some(&i.to_be_bytes()), None, 8)
+        .await
+}
+
+/// Publishes until one is answered with a sequence, for at most `within`.
+async fn publish_within(store: &Store, subject: &str, i: u64, within: Duration) -> u64 {
+    let deadline = Instant::now() + within;
+    loop {
+        match publish(store, subject, i).await {
+            Ok(seq) => return seq,
+            Err(err) if Instant::now() < deadline => {
+                tracing::debug!(%err, "not yet");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(err) => panic!("no publish within {within:?}: {err}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_follow_the_leader_through_a_failover_and_need_a_quorum() {
+    let mut set = ReplicaSet::start();
+    let store = Store::connect(&set.config()).await.unwrap();
+    let subject = testing::unique_subject("replicas");
+    for i in 1..=10 {
+        assert_eq!(publish(&store, &subject, i).await.unwrap(), i);
+    }
+    let members = store.members().await;
+    assert_eq!(members.len(), 3);
+    assert!(
+        members[0].leader && !members[1].leader && !members[2].leader,
+        "{members:?}"
+    );
+
+    // The leader dies; member 1 is promoted. The store finds it on its own.
+    set.members[0].kill();
+    let killed = Instant::now();
+    set.promote(1).await;
+    let seq = publish_within(&store, &subject, 11, Duration::from_secs(15)).await;
+    println!(
+        "first publish after the kill stored in {:?}",
+        killed.elapsed()
+    );
+    assert_eq!(seq, 11, "sequences go on, none lost or used twice");
+    for i in 1..=10 {
+        let stored = store
+            .message(&subject, i)
+            .await
+            .unwrap()
+            .expect("confirmed before the kill");
+        assert_eq!(stored.data.unwrap().as_ref(), i.to_be_bytes());
+    }
+
+    // Member 2 goes too: one member is no quorum, and nothing is stored.
+    set.members[2].kill();
+    let err = publish(&store, &subject, 12).await.unwrap_err();
+    assert_eq!(err.refusal(), Some(Refusal::QuorumLost), "{err}");
+    assert_eq!(store.last_seq(&subject).await.unwrap(), 11);
+
+    // The old leader comes back as a follower: the quorum is back, and it
+    // has every confirmed write.
+    set.restart_as_follower(0);
+    assert_eq!(
+        publish_within(&store, &subject, 12, Duration::from_secs(15)).await,
+        12
+    );
+    let admin = set.members[0].admin_client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (last,): (u64,) = admin
+            .eval(
+                "local row = box.space.mts_subjects:get(...) return row and row.last_seq or 0",
+                (subject.as_str(),),
+            )
+            .await
+            .unwrap();
+        if last == 12 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the old leader caught up only to {last}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let members = store.members().await;
+    assert!(members[1].leader && !members[0].leader, "{members:?}");
+}

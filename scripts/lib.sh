@@ -96,6 +96,16 @@ LUA
     wait_port 127.0.0.1 "$port" 15 tarantool
 }
 
+# wait_tarantool_ready DIR SECONDS: until the Tarantool started in DIR has run
+# its init to the end (a replica set member listens before that).
+wait_tarantool_ready() {
+    local dir=$1 deadline=$((SECONDS + $2))
+    until grep -q 'entering the event loop' "$dir/tarantool.log" 2>/dev/null; do
+        [ $SECONDS -lt $deadline ] || die "tarantool in $dir did not finish starting; see $dir/tarantool.log"
+        sleep 0.1
+    done
+}
+
 # start_garage DIR S3_PORT RPC_PORT ACCESS_KEY SECRET_KEY BUCKET
 start_garage() {
     local dir=$1 port=$2 rpc=$3 access=$4 secret=$5 bucket=$6

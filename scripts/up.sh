@@ -4,7 +4,19 @@
 # 127.0.0.1:9000, builds and starts ingress (50051) and egress (50052) with all
 # state under .local/, and returns once both report SERVING. Running it again
 # leaves running parts alone. scripts/down.sh stops everything.
+#
+# --ha: Tarantool as a replica set of three (127.0.0.1:3301, 3302, 3303) with
+# synchronous replication (a write commits once two members have it); the
+# services are given all three and follow the one that takes writes. This
+# Tarantool (2.6) has no automatic election: scripts/failover.sh promotes a
+# member when the leader is lost (see "High availability" in the README).
 set -euo pipefail
+ha=0
+case "${1:-}" in
+    --ha) ha=1 ;;
+    '') ;;
+    *) echo "usage: scripts/up.sh [--ha]" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 root=$(pwd)
@@ -20,11 +32,42 @@ ensure_garage
 TARANTOOL_PASSWORD=$(openssl rand -hex 12)
 MINIO_ACCESS_KEY_ID=GK$(openssl rand -hex 12)
 MINIO_SECRET_ACCESS_KEY=$(openssl rand -hex 32)
+TARANTOOL_REPLICATION_PASSWORD=$(openssl rand -hex 12)
+TARANTOOL_ADMIN_PASSWORD=$(openssl rand -hex 12)
 CREDS
 # shellcheck disable=SC1091
 source "$state/credentials"
 
-if pid_alive "$state/tarantool/tarantool.pid"; then
+# Credentials files from before --ha lack these.
+if [ -z "${TARANTOOL_REPLICATION_PASSWORD:-}" ]; then
+    printf 'TARANTOOL_REPLICATION_PASSWORD=%s\nTARANTOOL_ADMIN_PASSWORD=%s\n' \
+        "$(openssl rand -hex 12)" "$(openssl rand -hex 12)" >>"$state/credentials"
+    # shellcheck disable=SC1091
+    source "$state/credentials"
+fi
+tarantool_address=127.0.0.1:3301
+if [ $ha = 1 ]; then
+    peers=127.0.0.1:3301,127.0.0.1:3302,127.0.0.1:3303
+    tarantool_address=$peers
+    # The member that takes writes: the first, or the one failover.sh chose.
+    leader=$(cat "$state/ha-leader" 2>/dev/null || echo 3301)
+    for port in "$leader" $(printf '%s\n' 3301 3302 3303 | grep -vx "$leader"); do
+        dir="$state/tarantool-$port"
+        if pid_alive "$dir/tarantool.pid"; then
+            log "tarantool $port already running"
+            continue
+        fi
+        read_only=true
+        [ "$port" = "$leader" ] && read_only=false
+        log "starting tarantool on 127.0.0.1:$port (read_only=$read_only)"
+        TARANTOOL_REPLICATION=$peers TARANTOOL_REPLICATION_PASSWORD=$TARANTOOL_REPLICATION_PASSWORD \
+            TARANTOOL_SYNCHRO_QUORUM=2 TARANTOOL_READ_ONLY=$read_only \
+            start_tarantool "$dir" "$port" "$TARANTOOL_PASSWORD" "$TARANTOOL_ADMIN_PASSWORD"
+        # Its peers join it once it has its users and schema.
+        wait_tarantool_ready "$dir" 30
+    done
+    echo "$leader" >"$state/ha-leader"
+elif pid_alive "$state/tarantool/tarantool.pid"; then
     log "tarantool already running"
 else
     log "starting tarantool on 127.0.0.1:3301"
@@ -40,7 +83,7 @@ fi
 log "building ingress and egress (release)"
 cargo build --release --locked -p mts-ingress -p mts-egress
 
-export TARANTOOL_ADDRESS=127.0.0.1:3301 TARANTOOL_USER=minitoolstream_connector TARANTOOL_PASSWORD
+export TARANTOOL_ADDRESS=$tarantool_address TARANTOOL_USER=minitoolstream_connector TARANTOOL_PASSWORD
 export MINIO_ENDPOINT=127.0.0.1:9000 MINIO_ACCESS_KEY_ID MINIO_SECRET_ACCESS_KEY MINIO_BUCKET_NAME=minitoolstream
 export MINIO_USE_SSL=false LOG_FORMAT="${LOG_FORMAT:-json}" LOG_LEVEL="${LOG_LEVEL:-info}"
 for service in ingress egress; do

@@ -11,6 +11,7 @@ mod grpcurl;
 mod large_payloads;
 mod malformed;
 mod metrics;
+mod replicas;
 mod restart;
 mod system;
 mod tiering;

@@ -192,13 +192,13 @@ async fn services_ride_out_an_object_store_outage() {
 
 /// What a publisher was told about one message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Told {
+pub(crate) enum Told {
     Stored(u64),
     NotStored,
     Unknown,
 }
 
-type Publisher =
+pub(crate) type Publisher =
     mts_proto::pb::ingress_service_client::IngressServiceClient<tonic::transport::Channel>;
 
 /// A publish whose payload is its `id`.
@@ -222,7 +222,7 @@ fn told(status_code: i64, message: &str, sequence: u64) -> Told {
 
 /// Publishes `id`s over one PublishMany stream as fast as answers allow
 /// (64 ahead) until `stop`; returns what each was told.
-async fn publish_many_until(
+pub(crate) async fn publish_many_until(
     mut publisher: Publisher,
     subject: String,
     prefix: String,
@@ -279,7 +279,7 @@ async fn publish_many_until(
 }
 
 /// Unary publishes one after another until `stop`.
-async fn publish_until(
+pub(crate) async fn publish_until(
     mut publisher: Publisher,
     subject: String,
     prefix: String,

@@ -170,6 +170,12 @@ impl Error {
         }
     }
 
+    /// Tarantool cannot take the call now, for the reason `why`.
+    fn unavailable(why: impl Into<String>) -> Self {
+        let io = std::io::Error::new(std::io::ErrorKind::NotConnected, why.into());
+        Self::Unavailable(Arc::new(tarant::Error::Io(io)))
+    }
+
     /// The connection is gone.
     pub fn closed() -> Self {
         Self::Unavailable(Arc::new(tarant::Error::Closed))
@@ -372,9 +378,9 @@ impl Store {
         let client = self.client();
         tokio::select! {
             reply = self.deadline(limit, client.call(name, args)) => reply,
-            _ = changed.changed() => Err(Error::Unavailable(Arc::new(tarant::Error::Protocol(
-                "the Tarantool leader changed while the call was under way".into(),
-            )))),
+            _ = changed.changed() => Err(Error::unavailable(
+                "the leader changed while the call was under way",
+            )),
         }
     }
 
@@ -668,12 +674,10 @@ impl Members {
             .map(|(i, _)| i);
         let Some(leader) = leader else {
             let up = roles.iter().filter(|r| r.is_some()).count();
-            return Err(Error::Unavailable(Arc::new(tarant::Error::Protocol(
-                format!(
-                    "no Tarantool member takes writes ({up} of {} answered, all read-only); a failover may be under way",
-                    self.members.len()
-                ),
-            ))));
+            return Err(Error::unavailable(format!(
+                "no member takes writes ({up} of {} answered, all read-only); a failover may be under way",
+                self.members.len()
+            )));
         };
         let before = self
             .leader

@@ -367,6 +367,26 @@ impl ReplicaSet {
             .expect("promote the member");
     }
 
+    /// Of `candidates`, the live member furthest along (the largest vclock
+    /// sum), as `scripts/failover.sh` picks one.
+    pub async fn furthest_along(&self, candidates: &[usize]) -> usize {
+        let mut best = (0, candidates[0]);
+        for &i in candidates {
+            let admin = self.members[i].admin_client().await;
+            let (lsn,): (u64,) = admin
+                .eval(
+                    "local n = 0 for _, v in pairs(box.info.vclock) do n = n + v end return n",
+                    (),
+                )
+                .await
+                .expect("ask a member how far it is");
+            if lsn > best.0 {
+                best = (lsn, i);
+            }
+        }
+        best.1
+    }
+
     /// Starts member `i` again as a follower (read-only), as an old leader
     /// comes back after a failover.
     pub fn restart_as_follower(&mut self, i: usize) {

@@ -88,7 +88,10 @@ async fn a_failover_under_load_loses_no_acknowledged_publish_and_the_services_ca
     let mut set = ReplicaSet::start();
     let mut config = set.config();
     config.tarantool.timeout_ms = 3000;
-    let system = System::start(config).await;
+    let metrics_port = testing::free_port();
+    let mut ingress = config.clone();
+    ingress.server.metrics_port = metrics_port;
+    let system = System::start_with(ingress, config).await;
     let subject = testing::unique_subject("failover");
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut publishers = Vec::new();
@@ -153,6 +156,18 @@ async fn a_failover_under_load_loses_no_acknowledged_publish_and_the_services_ca
         tokio::time::sleep(Duration::from_millis(20)).await;
     };
     println!("from the kill of the leader to the first stored publish: {first_stored:?}");
+    // The ingress tells which member leads, which is down, and that the
+    // leader changed.
+    let (old, new) = (set.members[0].address(), set.members[furthest].address());
+    testing::eventually("the members' gauges after the failover", || async {
+        let text = testing::scrape_metrics(metrics_port).await;
+        text.contains(&format!(
+            r#"minitoolstream_tarantool_member_leader{{member="{new}"}} 1"#
+        )) && text.contains(&format!(
+            r#"minitoolstream_tarantool_member_up{{member="{old}"}} 0"#
+        )) && text.contains("minitoolstream_tarantool_leader_changes_total 1")
+    })
+    .await;
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.send(true).unwrap();
     let mut told_all = Vec::new();

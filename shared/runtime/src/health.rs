@@ -136,6 +136,7 @@ impl Health {
             );
             let tarantool_up = matches!(tarantool, Ok(Ok(())));
             metrics.set_dependency_up("tarantool", tarantool_up);
+            metrics.set_members(&store.members().await, store.leader_changes());
             metrics.set_dependency_up("s3", matches!(s3, Ok(Ok(()))));
             let problems: Vec<String> = [
                 tarantool

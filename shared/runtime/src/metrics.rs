@@ -38,6 +38,28 @@ pub struct DependencyLabels {
     pub dependency: &'static str,
 }
 
+/// Labels naming a member of the Tarantool replica set.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct MemberLabels {
+    /// Its address, as in `TARANTOOL_ADDRESS`.
+    pub member: String,
+}
+
+/// The Tarantool replica set as a service sees it.
+#[derive(Debug, Default)]
+pub struct MemberGauges {
+    /// `minitoolstream_tarantool_member_up`
+    pub up: Family<MemberLabels, Gauge>,
+    /// `minitoolstream_tarantool_member_leader`
+    pub leader: Family<MemberLabels, Gauge>,
+    /// `minitoolstream_tarantool_member_replication_lag_seconds`
+    pub lag: Family<MemberLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    /// `minitoolstream_tarantool_leader_changes_total`
+    pub leader_changes: Counter,
+    /// Leader changes already counted.
+    counted: std::sync::atomic::AtomicU64,
+}
+
 /// The `method` label of calls to any path the server does not serve.
 pub const UNKNOWN_METHOD: &str = "unknown";
 
@@ -88,6 +110,8 @@ pub struct Metrics {
     pub consumer_oldest_unacked: Family<ConsumerLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     /// Totals over every consumer, labelled or not.
     pub consumer_totals: ConsumerTotals,
+    /// The Tarantool replica set's members.
+    pub members: MemberGauges,
     /// `minitoolstream_consumers_expired_total`
     pub consumers_expired: Counter,
     /// The storage tiers, as the maintenance replica last read them.
@@ -310,6 +334,27 @@ impl Metrics {
             "Consumers counted in the totals but without lag gauges of their own (beyond consumer_lag_top)",
             consumer_totals.unlabelled.clone(),
         );
+        let members = MemberGauges::default();
+        registry.register(
+            "tarantool_member_up",
+            "1 while the replica set member answers, else 0",
+            members.up.clone(),
+        );
+        registry.register(
+            "tarantool_member_leader",
+            "1 for the replica set member that takes writes",
+            members.leader.clone(),
+        );
+        registry.register(
+            "tarantool_member_replication_lag_seconds",
+            "How far behind the leader the replica set member is",
+            members.lag.clone(),
+        );
+        registry.register(
+            "tarantool_leader_changes",
+            "Times this service saw the replica set's leader change",
+            members.leader_changes.clone(),
+        );
         let consumers_expired = Counter::default();
         registry.register(
             "consumers_expired",
@@ -395,6 +440,7 @@ impl Metrics {
             consumer_ack_pending,
             consumer_oldest_unacked,
             consumer_totals,
+            members,
             consumers_expired,
             requests,
             durations,
@@ -515,6 +561,27 @@ impl Metrics {
                 .get_or_create(&labels)
                 .set(consumer.oldest_unacked_age_ms as f64 / 1000.0);
         }
+    }
+
+    /// Records the replica set's members as last seen, and the leader
+    /// changes seen so far (`changes`, a running total).
+    pub fn set_members(&self, members: &[mts_storage::store::MemberState], changes: u64) {
+        let gauges = &self.members;
+        for member in members {
+            let labels = MemberLabels {
+                member: member.address.clone(),
+            };
+            gauges.up.get_or_create(&labels).set(i64::from(member.up));
+            gauges
+                .leader
+                .get_or_create(&labels)
+                .set(i64::from(member.leader));
+            gauges.lag.get_or_create(&labels).set(member.lag_seconds);
+        }
+        let before = gauges
+            .counted
+            .swap(changes, std::sync::atomic::Ordering::Relaxed);
+        gauges.leader_changes.inc_by(changes.saturating_sub(before));
     }
 
     /// Records whether `dependency` answered its last probe.

@@ -281,9 +281,16 @@ impl Store {
     }
 
     /// The replica set as this store sees it: each member's address and
-    /// role; empty for a single Tarantool.
+    /// role (a single Tarantool is a set of one).
     pub async fn members(&self) -> Vec<MemberState> {
         self.members.states(self.timeout).await
+    }
+
+    /// How many times this store saw the leader change.
+    pub fn leader_changes(&self) -> u64 {
+        self.members
+            .changes
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// (Re)starts the group-commit queue with this store's settings.
@@ -523,6 +530,8 @@ struct Members {
     /// Told each time the leader changes: calls under way on the old one
     /// stop waiting for it.
     changed: tokio::sync::watch::Sender<usize>,
+    /// How many times the leader changed.
+    changes: std::sync::atomic::AtomicU64,
     /// One search for the leader at a time.
     finding: tokio::sync::Mutex<()>,
 }
@@ -539,10 +548,13 @@ const ROLE_WAIT: Duration = Duration::from_secs(1);
 struct Role {
     ro: bool,
     lsn: u64,
+    /// Seconds behind, per peer it replicates from.
+    #[serde(default)]
+    lags: HashMap<String, f64>,
 }
 
 /// One member of a replica set, as a store sees it.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MemberState {
     /// Its address.
     pub address: String,
@@ -552,6 +564,9 @@ pub struct MemberState {
     pub leader: bool,
     /// How far its log has gone (the sum of its vclock).
     pub lsn: u64,
+    /// How far behind what it replicates it is, in seconds (the largest lag
+    /// over its upstreams; 0 for the leader).
+    pub lag_seconds: f64,
 }
 
 impl Members {
@@ -595,6 +610,7 @@ impl Members {
             options: Box::new(options),
             leader: std::sync::atomic::AtomicUsize::new(0),
             changed: tokio::sync::watch::Sender::new(0),
+            changes: std::sync::atomic::AtomicU64::new(0),
             finding: tokio::sync::Mutex::new(()),
         };
         if members.is_replica_set() {
@@ -684,6 +700,8 @@ impl Members {
             .swap(leader, std::sync::atomic::Ordering::AcqRel);
         if before != leader {
             self.changed.send_replace(leader);
+            self.changes
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             tracing::warn!(
                 leader = %self.members[leader].address,
                 before = %self.members[before].address,
@@ -738,11 +756,8 @@ impl Members {
         }
     }
 
-    /// Every member's state.
+    /// Every member's state (a single Tarantool's too: a set of one).
     async fn states(&self, limit: Duration) -> Vec<MemberState> {
-        if !self.is_replica_set() {
-            return Vec::new();
-        }
         let roles = self.roles(limit).await;
         self.members
             .iter()
@@ -751,7 +766,14 @@ impl Members {
                 address: member.address.clone(),
                 up: role.is_some(),
                 leader: role.as_ref().is_some_and(|r| !r.ro),
-                lsn: role.map_or(0, |r| r.lsn),
+                lsn: role.as_ref().map_or(0, |r| r.lsn),
+                lag_seconds: role.map_or(0.0, |r| {
+                    if r.ro {
+                        r.lags.values().copied().fold(0.0, f64::max)
+                    } else {
+                        0.0
+                    }
+                }),
             })
             .collect()
     }

@@ -136,6 +136,7 @@ def check_guide_figures(docs):
                 and security["capabilities"]["drop"] == ["ALL"] and pod["securityContext"]["runAsNonRoot"]
                 and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"):
             problems.append(f"{name}: pod security settings are weaker than required")
+    check_replica_set(docs, config)
     for key in ("TARANTOOL_ADDRESS", "TARANTOOL_USER", "MINIO_ENDPOINT", "MINIO_BUCKET_NAME", "LOG_LEVEL", "LOG_FORMAT"):
         if key not in config:
             problems.append(f"ConfigMap lacks {key}")
@@ -143,6 +144,36 @@ def check_guide_figures(docs):
     for key, value in secret["stringData"].items():
         if not value.startswith("change-me"):
             problems.append(f"Secret {key} holds something other than a placeholder")
+
+
+def check_replica_set(docs, config):
+    """Tarantool runs as a replica set of three that survives a node: one
+    member per node, a quorum of two kept through disruptions, synchronous
+    commits, election, and services that know every member."""
+    tarantool = objects(docs, "StatefulSet")["tarantool"]
+    spec = tarantool["spec"]
+    pod = spec["template"]["spec"]
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    members = [m for m in env.get("TARANTOOL_REPLICATION", "").split(",") if m]
+    anti = pod.get("affinity", {}).get("podAntiAffinity", {}).get("requiredDuringSchedulingIgnoredDuringExecution", [])
+    pdb = objects(docs, "PodDisruptionBudget").get("tarantool-pdb", {}).get("spec", {})
+    expect = {
+        "replicas": (spec["replicas"], 3),
+        "replication members": (len(members), 3),
+        "synchro quorum": (env.get("TARANTOOL_SYNCHRO_QUORUM"), "2"),
+        "election mode": (env.get("TARANTOOL_ELECTION_MODE"), "candidate"),
+        "anti-affinity by node": ([a.get("topologyKey") for a in anti], ["kubernetes.io/hostname"]),
+        "pdb minAvailable": (pdb.get("minAvailable"), 2),
+        "services' members": (sorted(config["TARANTOOL_ADDRESS"].split(",")), sorted(members)),
+        "readiness by role": ("mts_role" in str(pod["containers"][0].get("readinessProbe", {})), True),
+    }
+    for what, (got, want) in expect.items():
+        if got != want:
+            problems.append(f"tarantool: {what} is {got!r}, the replica set requires {want!r}")
+    image = pod["containers"][0]["image"]
+    version = tuple(int(x) for x in re.findall(r"\d+", image.split(":")[-1])[:2])
+    if version < (2, 11):
+        problems.append(f"tarantool: {image} has no election; the replica set needs 2.11 or later")
 
 
 def github_anchor(heading):

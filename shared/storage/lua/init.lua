@@ -20,6 +20,9 @@
 -- synchronous, and no publish is answered before the quorum has it. A member
 -- of a replica set opens its port first, as its peers need it to join; the
 -- services wait for the schema version before they use a member.
+-- TARANTOOL_ELECTION_MODE (Tarantool 2.11+, Kubernetes): 'candidate' lets the
+-- members elect the one that takes writes (TARANTOOL_READ_ONLY is then
+-- ignored); whichever is elected applies the schema's DDL and users.
 local schema = os.getenv('MTS_SCHEMA_FILE') or '/opt/minitoolstream/minitoolstream.lua'
 local password = os.getenv('TARANTOOL_PASSWORD')
 if password == nil or password == '' then
@@ -40,6 +43,10 @@ if peers ~= nil and peers ~= '' then
     end
 end
 local synchro_quorum = tonumber(os.getenv('TARANTOOL_SYNCHRO_QUORUM')) or 1
+local election_mode = os.getenv('TARANTOOL_ELECTION_MODE')
+if election_mode == '' then
+    election_mode = nil
+end
 
 box.cfg({
     work_dir = os.getenv('TARANTOOL_WORK_DIR') or '/var/lib/tarantool',
@@ -47,7 +54,8 @@ box.cfg({
     log = os.getenv('TARANTOOL_LOG'),
     listen = replication ~= nil and listen or nil,
     replication = replication,
-    read_only = os.getenv('TARANTOOL_READ_ONLY') == 'true',
+    read_only = election_mode == nil and os.getenv('TARANTOOL_READ_ONLY') == 'true',
+    election_mode = election_mode,
     replication_synchro_quorum = synchro_quorum,
     -- A write the quorum has not confirmed in this long is rolled back and
     -- its publish answered UNAVAILABLE (not stored).
@@ -71,7 +79,8 @@ box.cfg({
 -- users and grants come from the member that takes writes.
 dofile(schema)
 
-if not box.info.ro then
+-- What the member that takes writes sets up: users, and synchronous spaces.
+local function set_up()
     box.schema.user.create(user, {password = password, if_not_exists = true})
     -- Follow the Secret when it changes.
     box.schema.user.passwd(user, password)
@@ -84,6 +93,26 @@ if not box.info.ro then
     if synchro_quorum > 1 then
         mts_make_sync()
     end
+end
+
+if not box.info.ro then
+    set_up()
+elseif election_mode ~= nil then
+    -- Elected later (or after a failover): the new leader makes sure of the
+    -- schema and users then, as the first one did.
+    require('fiber').create(function()
+        while true do
+            box.ctl.wait_rw()
+            local ok, err = pcall(function()
+                dofile(schema)
+                set_up()
+            end)
+            if not ok then
+                require('log').error('setting up after the election failed: %s', tostring(err))
+            end
+            box.ctl.wait_ro()
+        end
+    end)
 end
 
 local extra = os.getenv('TARANTOOL_INIT_EXTRA')

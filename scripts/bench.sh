@@ -9,17 +9,21 @@
 #                              moves nothing or ours has errors: checks the harness
 #                              itself; its figures mean nothing
 #   scripts/bench.sh --only publish   one scenario (publish, delivery, large-publish, ..., capacity)
+#   scripts/bench.sh --ha      ours on a replica set of three Tarantool members with
+#                              synchronous replication (a commit needs two), all on
+#                              this machine
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/lib.sh
 
-quick=0 smoke=0 only=''
+quick=0 smoke=0 only='' ha=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) quick=1 ;;
         --smoke) quick=1 smoke=1 ;;
         --only) only=$2; shift ;;
-        *) die "usage: scripts/bench.sh [--quick|--smoke] [--only publish|delivery|large-publish|fanout|large-payloads|drain|capacity]" ;;
+        --ha) ha=1 ;;
+        *) die "usage: scripts/bench.sh [--quick|--smoke] [--ha] [--only publish|delivery|large-publish|fanout|large-payloads|drain|capacity]" ;;
     esac
     shift
 done
@@ -42,7 +46,7 @@ sync
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/mts-bench.XXXXXX")
 cleanup() {
-    for pidfile in "$work"/run/*.pid "$work/garage/garage.pid" "$work/tarantool/tarantool.pid"; do
+    for pidfile in "$work"/run/*.pid "$work/garage/garage.pid" "$work"/tarantool*/tarantool.pid; do
         [ -f "$pidfile" ] && stop_pidfile "$pidfile"
     done
     rm -rf "$work"
@@ -54,13 +58,25 @@ tarantool_port=$(free_port) s3_port=$(free_port) rpc_port=$(free_port) nats_port
 password=$(openssl rand -hex 12) access_key="GK$(openssl rand -hex 12)" secret_key=$(openssl rand -hex 32)
 # The local default: the hot tier keeps Tarantool within it however much the
 # runs store (the 30 s runs write a few GiB); the rest goes to segments.
-MTS_TARANTOOL_MEMTX_MB=256 start_tarantool "$work/tarantool" "$tarantool_port" "$password"
+tarantool_address=127.0.0.1:$tarantool_port
+if [ "$ha" = 1 ]; then
+    second=$(free_port) third=$(free_port) replication=$(openssl rand -hex 12)
+    tarantool_address=127.0.0.1:$tarantool_port,127.0.0.1:$second,127.0.0.1:$third
+    read_only=false
+    for member in "tarantool:$tarantool_port" "tarantool-2:$second" "tarantool-3:$third"; do
+        MTS_TARANTOOL_MEMTX_MB=256 start_member "$work/${member%%:*}" "${member#*:}" "$password" "$replication" \
+            "$tarantool_address" "$read_only"
+        read_only=true
+    done
+else
+    MTS_TARANTOOL_MEMTX_MB=256 start_tarantool "$work/tarantool" "$tarantool_port" "$password"
+fi
 start_garage "$work/garage" "$s3_port" "$rpc_port" "$access_key" "$secret_key" minitoolstream-bench
 nats-server -js -sd "$work/nats" -a 127.0.0.1 -p "$nats_port" >"$work/nats.log" 2>&1 &
 echo $! >"$work/run/nats.pid"
 wait_port 127.0.0.1 "$nats_port" 15 nats-server
 
-export TARANTOOL_ADDRESS="127.0.0.1:$tarantool_port" TARANTOOL_USER=minitoolstream_connector TARANTOOL_PASSWORD="$password"
+export TARANTOOL_ADDRESS="$tarantool_address" TARANTOOL_USER=minitoolstream_connector TARANTOOL_PASSWORD="$password"
 export MINIO_ENDPOINT="http://127.0.0.1:$s3_port" MINIO_ACCESS_KEY_ID="$access_key" MINIO_SECRET_ACCESS_KEY="$secret_key"
 export MINIO_BUCKET_NAME=minitoolstream-bench LOG_LEVEL=warn SERVER_HOST=127.0.0.1
 grpcurl=$(grpcurl_bin)

@@ -96,6 +96,17 @@ LUA
     wait_port 127.0.0.1 "$port" 15 tarantool
 }
 
+# start_member DIR PORT PASSWORD REPLICATION_PASSWORD PEERS READ_ONLY [ADMIN_PASSWORD]:
+# one member of a replica set with synchronous replication (a quorum of 2),
+# started once its init has run to the end, so that the next can join it.
+start_member() {
+    local dir=$1 port=$2 password=$3 replication=$4 peers=$5 read_only=$6 admin=${7:-}
+    TARANTOOL_REPLICATION=$peers TARANTOOL_REPLICATION_PASSWORD=$replication \
+        TARANTOOL_SYNCHRO_QUORUM=2 TARANTOOL_READ_ONLY=$read_only \
+        start_tarantool "$dir" "$port" "$password" "$admin"
+    wait_tarantool_ready "$dir" 30
+}
+
 # wait_tarantool_ready DIR SECONDS: until the Tarantool started in DIR has run
 # its init to the end (a replica set member listens before that).
 wait_tarantool_ready() {

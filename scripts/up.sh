@@ -60,11 +60,8 @@ if [ $ha = 1 ]; then
         read_only=true
         [ "$port" = "$leader" ] && read_only=false
         log "starting tarantool on 127.0.0.1:$port (read_only=$read_only)"
-        TARANTOOL_REPLICATION=$peers TARANTOOL_REPLICATION_PASSWORD=$TARANTOOL_REPLICATION_PASSWORD \
-            TARANTOOL_SYNCHRO_QUORUM=2 TARANTOOL_READ_ONLY=$read_only \
-            start_tarantool "$dir" "$port" "$TARANTOOL_PASSWORD" "$TARANTOOL_ADMIN_PASSWORD"
-        # Its peers join it once it has its users and schema.
-        wait_tarantool_ready "$dir" 30
+        start_member "$dir" "$port" "$TARANTOOL_PASSWORD" "$TARANTOOL_REPLICATION_PASSWORD" "$peers" \
+            "$read_only" "$TARANTOOL_ADMIN_PASSWORD"
     done
     echo "$leader" >"$state/ha-leader"
 elif pid_alive "$state/tarantool/tarantool.pid"; then

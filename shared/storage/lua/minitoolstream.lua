@@ -2839,6 +2839,26 @@ local function segment_expired(seg, row, limits, now)
         or (max_age > 0 and older_than(seg.last_ts_ns, now, max_age))
 end
 
+-- Inside a transaction: forgets that messages `first..last` of `subject`
+-- name their offloaded payloads, queueing for deletion each object nothing
+-- else names.
+local function release_refs(subject, first, last)
+    local named = {}
+    for _, o in box.space.mts_object_refs.index.message:pairs({subject, first}, {iterator = 'GE'}) do
+        if o.subject ~= subject or o.seq > last then
+            break
+        end
+        named[#named + 1] = {o.object_key, o.subject, o.seq}
+    end
+    local now = now_ns()
+    for _, key in ipairs(named) do
+        box.space.mts_object_refs:delete(key)
+        if not object_referenced(key[1]) then
+            box.space.mts_gc:replace({key[1], now})
+        end
+    end
+end
+
 -- Inside a transaction: removes a segment's row (and hot rows a swap left
 -- of its messages) and queues its object, and the offloaded payloads only it
 -- named, for deletion.
@@ -2863,21 +2883,8 @@ local function remove_segment(seg)
         -- during an upgrade may have left it short, never below zero here.
         {'=', 'segment_bytes', max(0, (present(row.segment_bytes) or 0) - seg.object_size)},
     })
-    local named = {}
-    for _, o in box.space.mts_object_refs.index.message:pairs({subject, first}, {iterator = 'GE'}) do
-        if o.subject ~= subject or o.seq > last then
-            break
-        end
-        named[#named + 1] = {o.object_key, o.subject, o.seq}
-    end
-    local now = now_ns()
-    for _, key in ipairs(named) do
-        box.space.mts_object_refs:delete(key)
-        if not object_referenced(key[1]) then
-            box.space.mts_gc:replace({key[1], now})
-        end
-    end
-    box.space.mts_gc:replace({seg.object_key, now})
+    release_refs(subject, first, last)
+    box.space.mts_gc:replace({seg.object_key, now_ns()})
 end
 
 -- Inside a transaction: deletes up to `budget` ordering keys of `subject`
@@ -3115,20 +3122,7 @@ local function cut_segment(seg, through, bytes)
     for _, m in ipairs(copies) do
         drop_copies(m, through)
     end
-    local named = {}
-    for _, o in box.space.mts_object_refs.index.message:pairs({subject, first}, {iterator = 'GE'}) do
-        if o.subject ~= subject or o.seq > through then
-            break
-        end
-        named[#named + 1] = {o.object_key, o.subject, o.seq}
-    end
-    local now = now_ns()
-    for _, key in ipairs(named) do
-        box.space.mts_object_refs:delete(key)
-        if not object_referenced(key[1]) then
-            box.space.mts_gc:replace({key[1], now})
-        end
-    end
+    release_refs(subject, first, through)
 end
 
 -- One bounded step of a purge of `subject` through sequence `through` (0 =

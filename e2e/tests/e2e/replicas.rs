@@ -11,12 +11,12 @@ use std::time::{Duration, Instant};
 use futures::StreamExt;
 use mts_proto::pb::consume_request::Request as Frame;
 use mts_proto::pb::{
-    AckRequest, AckSequences, ConsumeRequest, ConsumeStart, ConsumerConfig,
-    CreateOrUpdateConsumerRequest, PublishRequest,
+    AckSequences, ConsumeRequest, ConsumeStart, ConsumerConfig, CreateOrUpdateConsumerRequest,
+    PublishRequest,
 };
 use mts_testkit::{self as testing, ReplicaSet};
 
-use crate::restart::{Told, publish_many_until, publish_until};
+use crate::restart::{audit, publish_many_until, publish_until};
 use crate::system::System;
 
 /// Consumes `subject` as durable "worker" until `stop` and nothing more
@@ -176,59 +176,15 @@ async fn a_failover_under_load_loses_no_acknowledged_publish_and_the_services_ca
     }
     let deliveries = consumer.await.unwrap();
 
-    // What is stored: each id once, under gap-free sequences.
-    let mut stored: HashMap<String, u64> = HashMap::new();
-    let mut auditor = system.subscriber().await;
-    loop {
-        let batch = system.fetch(&subject, "auditor", 1000).await;
-        let Some(last) = batch.last().map(|m| m.sequence) else {
-            break;
-        };
-        auditor
-            .ack_message(AckRequest {
-                durable_name: "auditor".into(),
-                subject: subject.clone(),
-                sequence: last,
-            })
-            .await
-            .unwrap();
-        for message in batch {
-            let id = String::from_utf8(message.data.to_vec()).unwrap();
-            assert!(
-                stored.insert(id.clone(), message.sequence).is_none(),
-                "{id} stored twice"
-            );
-        }
-    }
+    // What is stored: each id once, under gap-free sequences, and what each
+    // publisher was told is the truth.
+    let (stored, ok, _) = audit(&system, &subject, &told_all).await;
     let mut seqs: Vec<u64> = stored.values().copied().collect();
     seqs.sort_unstable();
     assert_eq!(
         seqs,
         (1..=seqs.len() as u64).collect::<Vec<_>>(),
         "no gap, no reuse"
-    );
-
-    let (mut ok, mut not_stored, mut unknown) = (0, 0, 0);
-    for (id, outcome) in &told_all {
-        match outcome {
-            Told::Stored(seq) => {
-                ok += 1;
-                assert_eq!(
-                    stored.get(id),
-                    Some(seq),
-                    "{id} was answered stored as #{seq}"
-                );
-            }
-            Told::NotStored => {
-                not_stored += 1;
-                assert_eq!(stored.get(id), None, "{id} was answered not stored");
-            }
-            Told::Unknown => unknown += 1,
-        }
-    }
-    eprintln!(
-        "{ok} answered stored, {not_stored} not stored, {unknown} unknown; {} stored",
-        stored.len()
     );
     assert!(ok > 500, "the load ran: {ok} stored");
 

@@ -2455,6 +2455,35 @@ rawset(_G, 'mts_reject', function(subject, durable, seqs, reason, copies)
     return 'ok', floor, left
 end)
 
+-- Inside a transaction: consumer `c` is done with every message up to
+-- `through`, delivered, waiting or not: its leases of them go, and its
+-- floor and delivery point move past them (never back). Returns whether it
+-- held any of them.
+local function ack_through(c, through)
+    local runs = {}
+    each_run(c.subject, c.durable, function(p)
+        if p.seq > through then
+            return false
+        end
+        runs[#runs + 1] = p
+    end)
+    for _, p in ipairs(runs) do
+        if run_last(p) <= through then
+            box.space.mts_pending:delete({c.subject, c.durable, p.seq})
+        else
+            local fate = {}
+            for seq = p.seq, through do
+                fate[seq] = GONE
+            end
+            recut(p, fate)
+        end
+    end
+    c.delivered = max(c.delivered, through)
+    c.floor = max(c.floor, through)
+    settle_floor(c)
+    return #runs > 0
+end
+
 -- The original cumulative ack: acknowledges every message <= seq, delivered
 -- or not (an old client may ack ahead to skip), and never moves back.
 -- Returns 'ok' and the floor, or 'beyond_last' and the last sequence.
@@ -2467,29 +2496,9 @@ rawset(_G, 'mts_ack_message', function(subject, durable, seq)
     box.atomic(function()
         local c = ensure_consumer(subject, durable)
         touch(c, now_ns())
-        local runs = {}
-        each_run(subject, durable, function(p)
-            if p.seq > seq then
-                return false
-            end
-            runs[#runs + 1] = p
-        end)
-        for _, p in ipairs(runs) do
-            if run_last(p) <= seq then
-                box.space.mts_pending:delete({subject, durable, p.seq})
-            else
-                local fate = {}
-                for s = p.seq, seq do
-                    fate[s] = GONE
-                end
-                recut(p, fate)
-            end
-        end
-        c.delivered = max(c.delivered, seq)
-        c.floor = max(c.floor, seq)
-        settle_floor(c)
+        local dropped = ack_through(c, seq)
         floor = c.floor
-        if #runs > 0 then
+        if dropped then
             room_freed(subject, durable)
             if keyed(subject) then
                 keys_done_through(subject, durable, seq)
@@ -3062,27 +3071,7 @@ local function purge_consumers(subject, through)
         consumers[#consumers + 1] = consumer_view(row)
     end
     for _, c in ipairs(consumers) do
-        local runs = {}
-        each_run(subject, c.durable, function(p)
-            if p.seq > through then
-                return false
-            end
-            runs[#runs + 1] = p
-        end)
-        for _, p in ipairs(runs) do
-            if run_last(p) <= through then
-                box.space.mts_pending:delete({subject, c.durable, p.seq})
-            else
-                local fate = {}
-                for seq = p.seq, through do
-                    fate[seq] = GONE
-                end
-                recut(p, fate)
-            end
-        end
-        c.delivered = max(c.delivered, through)
-        c.floor = max(c.floor, through)
-        settle_floor(c)
+        ack_through(c, through)
         keys_done_through(subject, c.durable, through)
     end
 end

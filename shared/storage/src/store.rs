@@ -658,23 +658,26 @@ impl Members {
     /// Each member's role, asked side by side within `limit` (at most
     /// `ROLE_WAIT`).
     async fn roles(&self, limit: Duration) -> Vec<Option<Role>> {
-        let limit = limit.min(ROLE_WAIT);
-        let asks = (0..self.members.len()).map(|i| async move {
-            let ask = async {
-                let client = self.client_of(i).await?;
-                let (role,): (Role,) = client.call("mts_role", ()).await.map_err(Error::classify)?;
-                Ok::<_, Error>(role)
-            };
-            match tokio::time::timeout(limit, ask).await {
-                Ok(Ok(role)) => Some(role),
-                Ok(Err(err)) => {
-                    tracing::debug!(member = %self.members[i].address, %err, "member did not answer");
-                    None
-                }
-                Err(_) => None,
-            }
-        });
+        let asks = (0..self.members.len()).map(|i| self.role_of(i, limit));
         futures::future::join_all(asks).await
+    }
+
+    /// Member `i`'s role, if it answers within `limit` (at most
+    /// `ROLE_WAIT`).
+    async fn role_of(&self, i: usize, limit: Duration) -> Option<Role> {
+        let ask = async {
+            let client = self.client_of(i).await?;
+            let (role,): (Role,) = client.call("mts_role", ()).await.map_err(Error::classify)?;
+            Ok::<_, Error>(role)
+        };
+        match tokio::time::timeout(limit.min(ROLE_WAIT), ask).await {
+            Ok(Ok(role)) => Some(role),
+            Ok(Err(err)) => {
+                tracing::debug!(member = %self.members[i].address, %err, "member did not answer");
+                None
+            }
+            Err(_) => None,
+        }
     }
 
     /// Finds the member that takes writes. Two that do (a failover under
@@ -743,15 +746,9 @@ impl Members {
     /// Checks that the leader as last found still takes writes; looks for
     /// it again when not.
     async fn confirm_leader(&self, limit: Duration) -> Result<(), Error> {
-        let limit = limit.min(ROLE_WAIT);
         let i = self.leader.load(std::sync::atomic::Ordering::Acquire);
-        let ask = async {
-            let client = self.client_of(i).await?;
-            let (role,): (Role,) = client.call("mts_role", ()).await.map_err(Error::classify)?;
-            Ok::<_, Error>(role)
-        };
-        match tokio::time::timeout(limit, ask).await {
-            Ok(Ok(role)) if !role.ro => Ok(()),
+        match self.role_of(i, limit).await {
+            Some(role) if !role.ro => Ok(()),
             _ => self.find_leader(limit).await,
         }
     }

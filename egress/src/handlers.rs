@@ -124,6 +124,15 @@ impl Egress {
 /// removed for being idle.
 pub(crate) const TOUCH_EVERY: std::time::Duration = std::time::Duration::from_secs(20);
 
+/// The ticks on which an open stream records its consumer's use: every
+/// TOUCH_EVERY from now on.
+pub(crate) fn in_use_ticks() -> tokio::time::Interval {
+    let start = tokio::time::Instant::now() + TOUCH_EVERY;
+    let mut ticks = tokio::time::interval_at(start, TOUCH_EVERY);
+    ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    ticks
+}
+
 /// Records, without waiting, that consumer `durable` of `subject` has an
 /// open stream.
 pub(crate) fn touch(store: &mts_storage::store::Store, subject: &str, durable: &str) {

@@ -25,7 +25,7 @@ use tonic::{Status, Streaming};
 use crate::Error;
 use crate::delivery::Payloads;
 use crate::delivery::wire_messages;
-use crate::handlers::{Egress, TOUCH_EVERY, draining_status, touch};
+use crate::handlers::{Egress, draining_status, in_use_ticks, touch};
 use crate::rules::{MAX_SEQUENCES, consumer_names, extension, reject_reason, sequence_list};
 
 /// `max_in_flight` when the client gives 0.
@@ -328,9 +328,7 @@ impl Session {
         let mut draining = self.egress.draining.clone();
         let mut redelivery_due: Option<Instant> = None;
         // A busy stream's lease calls record the consumer's use themselves.
-        let mut in_use = tokio::time::interval(TOUCH_EVERY);
-        in_use.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        in_use.tick().await;
+        let mut in_use = in_use_ticks();
         loop {
             // A lease that ran out is no longer this stream's to count.
             let now = now_ns();

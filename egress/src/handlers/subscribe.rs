@@ -6,7 +6,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::Status;
 
 use crate::Error;
-use crate::handlers::{Egress, TOUCH_EVERY, draining_status, touch};
+use crate::handlers::{Egress, draining_status, in_use_ticks, touch};
 use crate::notify::Signal;
 use crate::rules::consumer_names;
 
@@ -61,9 +61,7 @@ impl Subscription {
         mut updates: watch::Receiver<Signal>,
         mut draining: watch::Receiver<bool>,
     ) {
-        let mut in_use = tokio::time::interval(TOUCH_EVERY);
-        in_use.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        in_use.tick().await;
+        let mut in_use = in_use_ticks();
         loop {
             if last > notified {
                 let note = Notification {

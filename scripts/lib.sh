@@ -100,18 +100,21 @@ LUA
 # one member of a replica set with synchronous replication (a quorum of 2),
 # started once its init has run to the end, so that the next can join it.
 start_member() {
-    local dir=$1 port=$2 password=$3 replication=$4 peers=$5 read_only=$6 admin=${7:-}
+    local dir=$1 port=$2 password=$3 replication=$4 peers=$5 read_only=$6 admin=${7:-} from
+    # A restarted member's log holds its last start too.
+    from=$(stat -c %s "$dir/tarantool.log" 2>/dev/null || echo 0)
     TARANTOOL_REPLICATION=$peers TARANTOOL_REPLICATION_PASSWORD=$replication \
         TARANTOOL_SYNCHRO_QUORUM=2 TARANTOOL_READ_ONLY=$read_only \
         start_tarantool "$dir" "$port" "$password" "$admin"
-    wait_tarantool_ready "$dir" 30
+    wait_tarantool_ready "$dir" 30 "$from"
 }
 
-# wait_tarantool_ready DIR SECONDS: until the Tarantool started in DIR has run
-# its init to the end (a replica set member listens before that).
+# wait_tarantool_ready DIR SECONDS [FROM]: until the Tarantool started in DIR
+# has run its init to the end (a replica set member listens before that),
+# looking at its log past byte FROM.
 wait_tarantool_ready() {
-    local dir=$1 deadline=$((SECONDS + $2))
-    until grep -q 'entering the event loop' "$dir/tarantool.log" 2>/dev/null; do
+    local dir=$1 deadline=$((SECONDS + $2)) from=${3:-0}
+    until tail -c +$((from + 1)) "$dir/tarantool.log" 2>/dev/null | grep -q 'entering the event loop'; do
         [ $SECONDS -lt $deadline ] || die "tarantool in $dir did not finish starting; see $dir/tarantool.log"
         sleep 0.1
     done

@@ -115,6 +115,72 @@ elseif election_mode ~= nil then
     end)
 end
 
+-- Tarantool before 2.6.1 writes a second CONFIRM for a write when the member
+-- acknowledging it after the quorum does (tarantool#5144, fixed in 2.6.1),
+-- and that CONFIRM wakes every waiting transaction, some still in their WAL
+-- write: those never count an acknowledgement, wait out the synchro timeout
+-- and are rolled back, and under load a rollback after a CONFIRM stops the
+-- followers. There, the member that takes writes keeps the quorum at every
+-- member in step with it (never below TARANTOOL_SYNCHRO_QUORUM), so that the
+-- last acknowledgement of a write is the one that confirms it. A follower
+-- counts once it has what the leader had when it appeared, and stops counting
+-- when its connection ends; a read-only member goes back to the configured
+-- quorum, which a failover's clear_synchro_queue() uses.
+local function version_before(major, minor, patch)
+    local a, b, c = box.info.version:match('^(%d+)%.(%d+)%.(%d+)')
+    local have, want = {tonumber(a), tonumber(b), tonumber(c)}, {major, minor, patch}
+    for i = 1, 3 do
+        if have[i] ~= want[i] then
+            return have[i] < want[i]
+        end
+    end
+    return false
+end
+
+local function keep_quorum(floor)
+    local fiber, log = require('fiber'), require('log')
+    local joined = {} -- follower uuid -> the leader's LSN when it appeared
+    local counted = {} -- follower uuid -> true once it has that LSN
+    while true do
+        local ok, err = pcall(function()
+            local want = floor
+            if box.info.ro then
+                joined, counted = {}, {}
+            else
+                local me, lsn, members = box.info.id, box.info.lsn, 1
+                for _, member in pairs(box.info.replication) do
+                    local down = member.downstream
+                    if member.id ~= me and down ~= nil and down.status == 'follow' then
+                        joined[member.uuid] = joined[member.uuid] or lsn
+                        local acked = down.vclock ~= nil and down.vclock[me] or 0
+                        if acked >= joined[member.uuid] then
+                            counted[member.uuid] = true
+                        end
+                        if counted[member.uuid] then
+                            members = members + 1
+                        end
+                    else
+                        joined[member.uuid], counted[member.uuid] = nil, nil
+                    end
+                end
+                want = math.max(floor, members)
+            end
+            if box.cfg.replication_synchro_quorum ~= want then
+                log.info('synchronous quorum %d (members in step with the leader)', want)
+                box.cfg({replication_synchro_quorum = want})
+            end
+        end)
+        if not ok then
+            log.error('keeping the synchronous quorum failed: %s', tostring(err))
+        end
+        fiber.sleep(0.02)
+    end
+end
+
+if synchro_quorum > 1 and election_mode == nil and version_before(2, 6, 1) then
+    require('fiber').create(keep_quorum, synchro_quorum)
+end
+
 local extra = os.getenv('TARANTOOL_INIT_EXTRA')
 if extra ~= nil and extra ~= '' then
     dofile(extra)

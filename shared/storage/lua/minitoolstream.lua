@@ -17,7 +17,7 @@ local uuid = require('uuid')
 local log = require('log')
 local msgpack = require('msgpack')
 
-local SCHEMA_VERSION = 16
+local SCHEMA_VERSION = 17
 local MAP = {__serialize = 'map'}
 local ARRAY = {__serialize = 'array'}
 
@@ -411,6 +411,11 @@ with_schema_lock(function()
         parts = {'subject', 'durable', 'key', 'seq'}, if_not_exists = true,
     })
     box.space.mts_key_waits:create_index('seq', {parts = {'subject', 'durable', 'seq'}, if_not_exists = true})
+
+    -- Since schema 17: the synchronous space of a replica set (see
+    -- sync_write); always empty.
+    box.schema.space.create('mts_sync', {if_not_exists = true, format = {{name = 'id', type = 'unsigned'}}})
+    box.space.mts_sync:create_index('primary', {if_not_exists = true})
 
     -- Schema 12 keeps each subject's segment object bytes, so that the
     -- gauges need not walk every segment: add up those written before.
@@ -3635,25 +3640,62 @@ rawset(_G, 'mts_role', function()
     return {ro = box.info.ro, id = box.info.id, status = box.info.status, lsn = lsn, lags = lags}
 end)
 
--- Makes every space of the schema synchronous: a write commits only once
--- replication_synchro_quorum members have it (Tarantool 2.6 has no
--- space:alter, so the flag is set in _space).
+-- A replica set's writes: every transaction that writes a space of the
+-- schema also writes (and deletes) a row of mts_sync, the one synchronous
+-- space, which makes the whole transaction synchronous: it commits only once
+-- replication_synchro_quorum members have it. The data spaces themselves stay
+-- asynchronous and mts_sync stays empty, because a snapshot holding rows of a
+-- synchronous space cannot be recovered by Tarantool 2.6.0 (tarantool#5298,
+-- fixed in 2.6.1): a member restarted from one would stop at its start.
+-- Writes applied from the leader (the applier's session) carry its mts_sync
+-- rows already. A pair per statement rather than per transaction: a
+-- statement rolled back to a savepoint takes its own pair with it.
+local function sync_write()
+    if box.session.type() == 'applier' then
+        return
+    end
+    box.space.mts_sync:replace({1})
+    box.space.mts_sync:delete({1})
+end
+
+local function mark_sync_writes()
+    local sync = box.space.mts_sync
+    if sync == nil or not sync.is_sync then
+        return
+    end
+    local previous = rawget(_G, 'mts_sync_write')
+    for _, space in box.space._space:pairs() do
+        local name = space[3]
+        if type(name) == 'string' and name:sub(1, 4) == 'mts_' and name ~= 'mts_sync' and box.space[name] then
+            box.space[name]:on_replace(sync_write, previous)
+        end
+    end
+    rawset(_G, 'mts_sync_write', sync_write)
+end
+
+-- Makes the schema's writes synchronous (see sync_write); undoes the flag
+-- that earlier versions set on every space. Tarantool 2.6 has no
+-- space:alter, so flags are set in _space.
 rawset(_G, 'mts_make_sync', function()
     local updates = {}
     for _, space in box.space._space:pairs() do
         local name, flags = space[3], space[6]
-        if type(name) == 'string' and name:sub(1, 4) == 'mts_' and not (flags and flags.is_sync) then
-            local synced = {}
-            for k, v in pairs(flags or {}) do
-                synced[k] = v
+        if type(name) == 'string' and name:sub(1, 4) == 'mts_' then
+            local want = name == 'mts_sync'
+            if (flags and flags.is_sync or false) ~= want then
+                local changed = {}
+                for k, v in pairs(flags or {}) do
+                    changed[k] = v
+                end
+                changed.is_sync = want or nil
+                updates[#updates + 1] = {space[1], changed}
             end
-            synced.is_sync = true
-            updates[#updates + 1] = {space[1], synced}
         end
     end
     for _, update in ipairs(updates) do
-        box.space._space:update(update[1], {{'=', 6, update[2]}})
+        box.space._space:update(update[1], {{'=', 6, setmetatable(update[2], MAP)}})
     end
+    mark_sync_writes()
 end)
 
 rawset(_G, 'mts_identity', function()
@@ -3819,10 +3861,12 @@ with_schema_lock(function()
     for _, space in ipairs({
         'mts_subjects', 'mts_messages', 'mts_consumers', 'mts_pending', 'mts_abandoned', 'mts_gc', 'mts_leases',
         'mts_dedup', 'mts_attempts', 'mts_identity', 'mts_segments', 'mts_object_refs', 'mts_keys',
-        'mts_key_waits',
+        'mts_key_waits', 'mts_sync',
     }) do
         box.schema.role.grant('minitoolstream', 'read,write', 'space', space, {if_not_exists = true})
     end
 end)
+
+mark_sync_writes()
 
 return SCHEMA_VERSION

@@ -133,4 +133,75 @@ async fn every_write_commits_one_after_another_and_many_at_once() {
     }
     assert_eq!(store.last_seq(&subject).await.unwrap(), 300 + 40 * 50);
 
+    // The writes were synchronous through mts_sync alone, which is left
+    // empty; a space that an earlier schema made synchronous is made
+    // asynchronous again.
+    let admin = set.members[0].admin_client().await;
+    let flags = "local sync = {} for _, s in box.space._space:pairs() do \
+                 if s[3]:sub(1, 4) == 'mts_' and s[6].is_sync then table.insert(sync, s[3]) end end \
+                 table.sort(sync) return sync, box.space.mts_sync:len()";
+    let (sync, rows): (Vec<String>, u64) = admin.eval(flags, ()).await.unwrap();
+    assert_eq!((sync, rows), (vec!["mts_sync".to_owned()], 0));
+    let _: Vec<tarant::Value> = admin
+        .eval(
+            "box.space._space:update(box.space.mts_messages.id, {{'=', 6, {is_sync = true}}}) mts_make_sync()",
+            (),
+        )
+        .await
+        .unwrap();
+    let (sync, _): (Vec<String>, u64) = admin.eval(flags, ()).await.unwrap();
+    assert_eq!(sync, vec!["mts_sync".to_owned()]);
+}
+
+/// On Tarantool before 2.6.1 the leader keeps the quorum at the members in
+/// step with it: all three while they are, two when a follower is gone,
+/// three again once it is back and has caught up.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_quorum_follows_the_members_in_step_with_the_leader() {
+    let mut set = ReplicaSet::start();
+    let admin = set.members[0].admin_client().await;
+    let quorum = || async {
+        let (quorum,): (u64,) = admin
+            .eval("return box.cfg.replication_synchro_quorum", ())
+            .await
+            .unwrap();
+        quorum
+    };
+    let until = |want: u64| {
+        let quorum = &quorum;
+        async move {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            loop {
+                let have = quorum().await;
+                if have == want {
+                    return;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the quorum stayed {have}, not {want}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    };
+    until(3).await;
+    let store = Store::connect(&set.config()).await.unwrap();
+    let subject = testing::unique_subject("replicas-quorum");
+    set.members[2].kill();
+    until(2).await;
+    for i in 1..=20 {
+        assert_eq!(publish(&store, &subject, i).await.unwrap(), i);
+    }
+    set.restart_as_follower(2);
+    until(3).await;
+    for i in 21..=40 {
+        assert_eq!(publish(&store, &subject, i).await.unwrap(), i);
+    }
+    // A follower keeps the configured quorum, which a failover uses.
+    let follower = set.members[1].admin_client().await;
+    let (quorum,): (u64,) = follower
+        .eval("return box.cfg.replication_synchro_quorum", ())
+        .await
+        .unwrap();
+    assert_eq!(quorum, 2);
 }

@@ -16,10 +16,11 @@
 -- TARANTOOL_REPLICATION_PASSWORD, the `replicator` user's; TARANTOOL_READ_ONLY
 -- = true on every member but the one that takes writes; and
 -- TARANTOOL_SYNCHRO_QUORUM, how many members (this one included) must have a
--- write before it commits (2 of 3): then every space of the schema is
--- synchronous, and no publish is answered before the quorum has it. A member
--- of a replica set opens its port first, as its peers need it to join; the
--- services wait for the schema version before they use a member.
+-- write before it commits (2 of 3): then every write of the schema is a
+-- synchronous transaction (mts_make_sync), and no publish is answered before
+-- the quorum has it. A member of a replica set opens its port first, as its
+-- peers need it to join; the services wait for the schema version before they
+-- use a member.
 -- TARANTOOL_ELECTION_MODE (Tarantool 2.11+, Kubernetes): 'candidate' lets the
 -- members elect the one that takes writes (TARANTOOL_READ_ONLY is then
 -- ignored); whichever is elected applies the schema's DDL and users.

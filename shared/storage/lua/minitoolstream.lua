@@ -97,6 +97,45 @@ local function older_than(t_ns, now, ms)
     return n > t and (n - t) / NS_PER_MS > u64(ms)
 end
 
+-- A replica set's writes: every transaction that writes a space of the
+-- schema also writes (and deletes) a row of mts_sync, the one synchronous
+-- space, which makes the whole transaction synchronous: it commits only once
+-- replication_synchro_quorum members have it. The data spaces themselves stay
+-- asynchronous and mts_sync stays empty, because a snapshot holding rows of a
+-- synchronous space cannot be recovered by Tarantool 2.6.0 (tarantool#5298,
+-- fixed in 2.6.1): a member restarted from one would stop at its start.
+-- mark_sync_writes (at the end) turns this on where mts_sync is synchronous.
+-- Writes applied from the leader (the applier's session) carry its mts_sync
+-- rows already. One pair per transaction: its first write marks it, and the
+-- mark is forgotten when it commits or rolls back. A rollback to a savepoint
+-- would take the pair with it if the first write came after the savepoint,
+-- so savepoints are taken through marked_savepoint.
+local sync_writes = false
+
+local function sync_write()
+    if not sync_writes or box.session.type() == 'applier' then
+        return
+    end
+    local storage = fiber.self().storage
+    if storage.mts_synced then
+        return
+    end
+    storage.mts_synced = true
+    local function forget()
+        storage.mts_synced = nil
+    end
+    box.on_commit(forget)
+    box.on_rollback(forget)
+    box.space.mts_sync:replace({1})
+    box.space.mts_sync:delete({1})
+end
+
+-- A savepoint of a transaction already marked synchronous.
+local function marked_savepoint()
+    sync_write()
+    return box.savepoint()
+end
+
 -- DDL yields (WAL writes) between an if_not_exists check and its insert, so
 -- two services applying this file at once could both try to create the same
 -- space. A lock kept in a global, taken without yielding, runs one
@@ -930,7 +969,7 @@ local function add_message(now, s, headers, data, object_key, size, sha256, mess
     local row = {s.name, seq, now, setmetatable(headers or {}, MAP), data, object_key, size, sha256}
     local key = headers ~= nil and headers[ORDERING_KEY_HEADER] or nil
     if dedup or object_key ~= nil or key ~= nil then
-        local savepoint = box.savepoint()
+        local savepoint = marked_savepoint()
         local ok, err = pcall(function()
             box.space.mts_messages:insert(row)
             if object_key ~= nil then
@@ -3640,34 +3679,24 @@ rawset(_G, 'mts_role', function()
     return {ro = box.info.ro, id = box.info.id, status = box.info.status, lsn = lsn, lags = lags}
 end)
 
--- A replica set's writes: every transaction that writes a space of the
--- schema also writes (and deletes) a row of mts_sync, the one synchronous
--- space, which makes the whole transaction synchronous: it commits only once
--- replication_synchro_quorum members have it. The data spaces themselves stay
--- asynchronous and mts_sync stays empty, because a snapshot holding rows of a
--- synchronous space cannot be recovered by Tarantool 2.6.0 (tarantool#5298,
--- fixed in 2.6.1): a member restarted from one would stop at its start.
--- Writes applied from the leader (the applier's session) carry its mts_sync
--- rows already. A pair per statement rather than per transaction: a
--- statement rolled back to a savepoint takes its own pair with it.
-local function sync_write()
-    if box.session.type() == 'applier' then
-        return
-    end
-    box.space.mts_sync:replace({1})
-    box.space.mts_sync:delete({1})
-end
-
 local function mark_sync_writes()
     local sync = box.space.mts_sync
     if sync == nil or not sync.is_sync then
         return
     end
+    sync_writes = true
     local previous = rawget(_G, 'mts_sync_write')
     for _, space in box.space._space:pairs() do
         local name = space[3]
-        if type(name) == 'string' and name:sub(1, 4) == 'mts_' and name ~= 'mts_sync' and box.space[name] then
-            box.space[name]:on_replace(sync_write, previous)
+        local target = type(name) == 'string' and name:sub(1, 4) == 'mts_' and name ~= 'mts_sync' and box.space[name]
+        if target then
+            -- Replaces the trigger of an earlier load of this file.
+            for _, trigger in ipairs(target:on_replace()) do
+                if trigger == previous then
+                    target:on_replace(nil, previous)
+                end
+            end
+            target:on_replace(sync_write)
         end
     end
     rawset(_G, 'mts_sync_write', sync_write)

@@ -4,7 +4,8 @@
 # writes, makes every other live member read-only, and records it in
 # .local/ha-leader for the next up. Tarantool 2.6 has no automatic election:
 # the promoted member becomes writable, then settles the synchronous writes
-# the lost leader left unconfirmed (box.ctl.clear_synchro_queue). The
+# the lost leader left unconfirmed (mts_promote: box.ctl.clear_synchro_queue
+# without waiting for the lost leader). The
 # services find the new leader within about a second, without a restart.
 # On Tarantool 2.11+ (Kubernetes, election_mode = 'candidate') election does
 # this by itself; see the runbook.
@@ -67,7 +68,7 @@ for _, port in ipairs({3301, 3302, 3303}) do
     end
 end
 local c = admin(leader)
-c:eval('box.cfg({read_only = false}) box.ctl.clear_synchro_queue()')
+c:eval('mts_promote()')
 c:close()
 os.exit(0)"
 echo "$leader" >"$state/ha-leader"

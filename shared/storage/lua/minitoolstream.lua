@@ -3679,6 +3679,22 @@ rawset(_G, 'mts_role', function()
     return {ro = box.info.ro, id = box.info.id, status = box.info.status, lsn = lsn, lags = lags}
 end)
 
+-- Makes this member take writes, as a manual failover on Tarantool 2.6 (no
+-- election) does: writable, then the synchronous writes the lost leader left
+-- unconfirmed settled, confirmed where enough live members have them and
+-- rolled back otherwise. clear_synchro_queue() first waits twice the synchro
+-- timeout for the lost leader's own CONFIRM or ROLLBACK, which a dead leader
+-- never sends: that wait is cut short. For administrators (not in the role).
+rawset(_G, 'mts_promote', function()
+    local timeout = box.cfg.replication_synchro_timeout
+    box.cfg({read_only = false, replication_synchro_timeout = 0.05})
+    local ok, err = pcall(box.ctl.clear_synchro_queue)
+    box.cfg({replication_synchro_timeout = timeout})
+    if not ok then
+        error(err)
+    end
+end)
+
 local function mark_sync_writes()
     local sync = box.space.mts_sync
     if sync == nil or not sync.is_sync then

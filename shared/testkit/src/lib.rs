@@ -360,10 +360,7 @@ impl ReplicaSet {
     pub async fn promote(&self, i: usize) {
         let admin = self.members[i].admin_client().await;
         let _: Vec<tarant::Value> = admin
-            .eval(
-                "box.cfg({read_only = false}) box.ctl.clear_synchro_queue()",
-                (),
-            )
+            .eval("mts_promote()", ())
             .await
             .expect("promote the member");
     }

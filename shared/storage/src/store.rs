@@ -543,6 +543,10 @@ const LEADER_CHECK: Duration = Duration::from_millis(500);
 /// up finding the others.
 const ROLE_WAIT: Duration = Duration::from_secs(1);
 
+/// How long a search for the leader waits for the other members once one
+/// that takes writes has answered (two that do: a failover under way).
+const LATE_ROLE: Duration = Duration::from_millis(200);
+
 /// A member as `mts_role` describes it.
 #[derive(Debug, Clone, Deserialize)]
 struct Role {
@@ -680,11 +684,40 @@ impl Members {
         }
     }
 
+    /// Each member's role, asked side by side within `limit` (at most
+    /// `ROLE_WAIT`), waiting at most `LATE_ROLE` for the others once one that
+    /// takes writes has answered: a member that is down (its calls wait for
+    /// a reconnection) must not hold up a failover.
+    async fn roles_for_leader(&self, limit: Duration) -> Vec<Option<Role>> {
+        use futures::StreamExt;
+        let mut asks: futures::stream::FuturesUnordered<_> = (0..self.members.len())
+            .map(|i| async move { (i, self.role_of(i, limit).await) })
+            .collect();
+        let mut roles = vec![None; self.members.len()];
+        let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
+        loop {
+            let next = match grace.as_mut() {
+                Some(sleep) => tokio::select! {
+                    next = asks.next() => next,
+                    () = sleep => None,
+                },
+                None => asks.next().await,
+            };
+            let Some((i, role)) = next else {
+                return roles;
+            };
+            if grace.is_none() && role.as_ref().is_some_and(|r| !r.ro) {
+                grace = Some(Box::pin(tokio::time::sleep(LATE_ROLE)));
+            }
+            roles[i] = role;
+        }
+    }
+
     /// Finds the member that takes writes. Two that do (a failover under
     /// way): the one further along, which the quorum follows.
     async fn find_leader(&self, limit: Duration) -> Result<(), Error> {
         let _one = self.finding.lock().await;
-        let roles = self.roles(limit).await;
+        let roles = self.roles_for_leader(limit).await;
         let leader = roles
             .iter()
             .enumerate()
@@ -714,8 +747,10 @@ impl Members {
         Ok(())
     }
 
-    /// Checks the leader every LEADER_CHECK while the store lives, so that a
-    /// failover is followed within about a second even with no call failing.
+    /// Looks for the leader every LEADER_CHECK while the store lives, asking
+    /// every member, so that a failover is followed within about a second
+    /// even with no call failing (waiting first on a leader that died would
+    /// add ROLE_WAIT).
     fn watch_leader(members: std::sync::Weak<Self>) {
         tokio::spawn(async move {
             loop {
@@ -723,7 +758,7 @@ impl Members {
                 let Some(members) = members.upgrade() else {
                     return;
                 };
-                if let Err(err) = members.confirm_leader(ROLE_WAIT).await {
+                if let Err(err) = members.find_leader(ROLE_WAIT).await {
                     tracing::debug!(%err, "no Tarantool leader found yet");
                 }
             }

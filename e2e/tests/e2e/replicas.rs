@@ -135,6 +135,7 @@ async fn a_failover_under_load_loses_no_acknowledged_publish_and_the_services_ca
     let killed = Instant::now();
     let furthest = set.furthest_along(&[1, 2]).await;
     set.promote(furthest).await;
+    println!("promoted {:?} after the kill", killed.elapsed());
     let mut probe = system.publisher().await;
     let first_stored = loop {
         let reply = probe
@@ -168,6 +169,19 @@ async fn a_failover_under_load_loses_no_acknowledged_publish_and_the_services_ca
         )) && text.contains("minitoolstream_tarantool_leader_changes_total 1")
     })
     .await;
+    // So does its admin port's /members, with each member's lag.
+    let (status, body) = testing::http_get(metrics_port, "/members").await;
+    assert_eq!(status, 200, "{body}");
+    let members: serde_json::Value = serde_json::from_str(&body).expect("/members is JSON");
+    assert_eq!(members["leader"], new.as_str(), "{members}");
+    let listed = members["members"].as_array().expect("a list of members");
+    assert_eq!(listed.len(), 3, "{members}");
+    for member in listed {
+        let address = member["address"].as_str().unwrap();
+        assert_eq!(member["up"], address != old, "{members}");
+        assert_eq!(member["leader"], address == new, "{members}");
+        assert!(member["replication_lag_seconds"].is_f64(), "{members}");
+    }
     tokio::time::sleep(Duration::from_millis(1500)).await;
     stop.send(true).unwrap();
     let mut told_all = Vec::new();

@@ -58,6 +58,27 @@ pub struct MemberGauges {
     pub leader_changes: Counter,
     /// Leader changes already counted.
     counted: std::sync::atomic::AtomicU64,
+    /// The members as last seen, for the admin port's `/members`.
+    last: std::sync::Mutex<Vec<mts_storage::store::MemberState>>,
+}
+
+impl MemberGauges {
+    /// The members as last seen, as JSON: which one is the leader, and each
+    /// one's state and replication lag.
+    pub fn to_json(&self) -> serde_json::Value {
+        let members = self.last.lock().unwrap_or_else(|e| e.into_inner());
+        let leader = members.iter().find(|m| m.up && m.leader);
+        serde_json::json!({
+            "leader": leader.map(|m| m.address.as_str()),
+            "members": members.iter().map(|m| serde_json::json!({
+                "address": m.address,
+                "up": m.up,
+                "leader": m.leader,
+                "lsn": m.lsn,
+                "replication_lag_seconds": m.lag_seconds,
+            })).collect::<Vec<_>>(),
+        })
+    }
 }
 
 /// The `method` label of calls to any path the server does not serve.
@@ -582,6 +603,7 @@ impl Metrics {
             .counted
             .swap(changes, std::sync::atomic::Ordering::Relaxed);
         gauges.leader_changes.inc_by(changes.saturating_sub(before));
+        *gauges.last.lock().unwrap_or_else(|e| e.into_inner()) = members.to_vec();
     }
 
     /// Records whether `dependency` answered its last probe.
@@ -607,16 +629,25 @@ impl Drop for StreamGuard {
     }
 }
 
-/// Serves `/metrics`, `/livez` (200 while the process runs) and `/readyz`
-/// (200 while `ready` says so, else 503) on `listener` until `shutdown`
-/// completes.
+/// Serves `/metrics`, `/livez` (200 while the process runs), `/readyz`
+/// (200 while `ready` says so, else 503) and `/members` (the Tarantool
+/// members as JSON: the leader, each one's state and replication lag) on
+/// `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     metrics: Arc<Metrics>,
     ready: impl Fn() -> bool + Clone + Send + Sync + 'static,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let members = Arc::clone(&metrics);
     let app = axum::Router::new()
+        .route(
+            "/members",
+            axum::routing::get(move || {
+                let body = members.members.to_json().to_string() + "\n";
+                async move { ([(http::header::CONTENT_TYPE, "application/json")], body) }
+            }),
+        )
         .route(
             "/metrics",
             axum::routing::get(move || {

@@ -2,7 +2,8 @@
 # Manual failover of the local replica set that `scripts/up.sh --ha` runs:
 # promotes the live member furthest along (the largest vclock sum) to take
 # writes, makes every other live member read-only, and records it in
-# .local/ha-leader for the next up. Tarantool 2.6 has no automatic election:
+# .local/ha-leader for the next up; a lost leader is listed in .local/ha-rejoin
+# and rejoins from the others. Tarantool 2.6 has no automatic election:
 # the promoted member becomes writable, then settles the synchronous writes
 # the lost leader left unconfirmed (mts_promote: box.ctl.clear_synchro_queue
 # without waiting for the lost leader). The
@@ -71,5 +72,13 @@ local c = admin(leader)
 c:eval('mts_promote()')
 c:close()
 os.exit(0)"
+# The lost leader may hold writes no other member has (unconfirmed when it
+# died). Tarantool 2.6 would hand them to the others when it came back, so it
+# rejoins with its data set aside and gets everything from the quorum.
+previous=$(cat "$state/ha-leader" 2>/dev/null || echo 3301)
+if [ "$previous" != "$leader" ] && ! printf '%s\n' "$members" | grep -q "^$previous "; then
+    echo "$previous" >>"$state/ha-rejoin"
+    log "127.0.0.1:$previous, the lost leader, rejoins from the others when it comes back (scripts/up.sh --ha)"
+fi
 echo "$leader" >"$state/ha-leader"
 log "127.0.0.1:$leader takes writes now; a member that comes back starts read-only (scripts/up.sh --ha)"

@@ -59,6 +59,14 @@ if [ $ha = 1 ]; then
         fi
         read_only=true
         [ "$port" = "$leader" ] && read_only=false
+        if grep -qx "$port" "$state/ha-rejoin" 2>/dev/null; then
+            # A leader lost in a failover: its unconfirmed writes must not
+            # reach the others, so its data is set aside and it rejoins.
+            aside="$dir.replaced-$(date +%Y%m%dT%H%M%S)"
+            [ -d "$dir" ] && mv "$dir" "$aside" && log "tarantool $port rejoins; its old data is in $aside"
+            grep -vx "$port" "$state/ha-rejoin" >"$state/ha-rejoin.new" || true
+            mv "$state/ha-rejoin.new" "$state/ha-rejoin"
+        fi
         log "starting tarantool on 127.0.0.1:$port (read_only=$read_only)"
         start_member "$dir" "$port" "$TARANTOOL_PASSWORD" "$TARANTOOL_REPLICATION_PASSWORD" "$peers" \
             "$read_only" "$TARANTOOL_ADMIN_PASSWORD"

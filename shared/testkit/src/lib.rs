@@ -399,6 +399,25 @@ impl ReplicaSet {
         member.spawn();
         member.wait_initialized(from);
     }
+
+    /// Starts member `i` again as a follower with its data set aside, as a
+    /// leader lost in a failover rejoins on Tarantool 2.6 (`scripts/up.sh
+    /// --ha` after `scripts/failover.sh`): it gets everything from the
+    /// others, and writes only it had never reach them.
+    pub fn rejoin_as_follower(&mut self, i: usize) {
+        let member = &mut self.members[i];
+        member.kill();
+        for entry in std::fs::read_dir(&member.dir).expect("read the member's directory") {
+            let path = entry.expect("a directory entry").path();
+            let data = path
+                .extension()
+                .is_some_and(|ext| ext == "snap" || ext == "xlog" || ext == "inprogress");
+            if data {
+                std::fs::remove_file(&path).expect("set the member's data aside");
+            }
+        }
+        self.restart_as_follower(i);
+    }
 }
 
 impl TarantoolProcess {

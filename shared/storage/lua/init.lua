@@ -49,6 +49,41 @@ if election_mode == '' then
     election_mode = nil
 end
 
+local function version_before(major, minor, patch)
+    local a, b, c = _TARANTOOL:match('^(%d+)%.(%d+)%.(%d+)')
+    local have, want = {tonumber(a), tonumber(b), tonumber(c)}, {major, minor, patch}
+    for i = 1, 3 do
+        if have[i] ~= want[i] then
+            return have[i] < want[i]
+        end
+    end
+    return false
+end
+
+-- Tarantool 2.6.0 cannot recover a snapshot holding rows of a synchronous
+-- space (tarantool#5298, fixed in 2.6.1); schema 16 made every space of the
+-- schema synchronous, and its members' snapshots have such rows. While the
+-- files are read, the schema's spaces other than mts_sync are taken as
+-- asynchronous, as the schema has them since (mts_make_sync).
+local recovering = nil
+if version_before(2, 6, 1) then
+    recovering = function(_, new)
+        local name, flags = new ~= nil and new[3], new ~= nil and new[6]
+        if type(name) == 'string' and name:sub(1, 4) == 'mts_' and name ~= 'mts_sync'
+            and type(flags) == 'table' and flags.is_sync then
+            local async = {}
+            for k, v in pairs(flags) do
+                async[k] = v
+            end
+            async.is_sync = nil
+            return new:update({{'=', 6, setmetatable(async, {__serialize = 'map'})}})
+        end
+    end
+    box.ctl.on_schema_init(function()
+        box.space._space:before_replace(recovering)
+    end)
+end
+
 box.cfg({
     work_dir = os.getenv('TARANTOOL_WORK_DIR') or '/var/lib/tarantool',
     memtx_memory = tonumber(os.getenv('TARANTOOL_MEMTX_MEMORY')) or 512 * 1024 * 1024,
@@ -75,6 +110,10 @@ box.cfg({
     checkpoint_count = 2,
     log_format = 'json',
 })
+
+if recovering ~= nil then
+    box.space._space:before_replace(nil, recovering)
+end
 
 -- On a read-only member the schema only defines the procedures: its spaces,
 -- users and grants come from the member that takes writes.
@@ -127,17 +166,6 @@ end
 -- counts once it has what the leader had when it appeared, and stops counting
 -- when its connection ends; a read-only member goes back to the configured
 -- quorum, which a failover's clear_synchro_queue() uses.
-local function version_before(major, minor, patch)
-    local a, b, c = box.info.version:match('^(%d+)%.(%d+)%.(%d+)')
-    local have, want = {tonumber(a), tonumber(b), tonumber(c)}, {major, minor, patch}
-    for i = 1, 3 do
-        if have[i] ~= want[i] then
-            return have[i] < want[i]
-        end
-    end
-    return false
-end
-
 local function keep_quorum(floor)
     local fiber, log = require('fiber'), require('log')
     local joined = {} -- follower uuid -> the leader's LSN when it appeared

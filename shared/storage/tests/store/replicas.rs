@@ -261,3 +261,44 @@ async fn a_lost_leaders_unconfirmed_write_never_reaches_the_others() {
         }
     }
 }
+
+/// Schema 16 made every space synchronous, and Tarantool 2.6.0 cannot
+/// recover a snapshot with rows of a synchronous space: its members' files
+/// are read with the schema's spaces taken as asynchronous (init.lua).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_restarts_from_a_snapshot_that_schema_16_wrote() {
+    let mut set = ReplicaSet::start();
+    let leader = set.members[0].admin_client().await;
+    let _: Vec<tarant::Value> = answered(leader.eval(
+        "box.space._space:update(box.space.mts_leases.id, {{'=', 6, {is_sync = true}}}) \
+         box.space.mts_leases:replace({'synchronous', 'test', 1})",
+        (),
+    ))
+    .await;
+    let follower = set.members[2].admin_client().await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (has,): (bool,) = answered(follower.eval(
+            "return box.space.mts_leases:get('synchronous') ~= nil and box.space.mts_leases.is_sync",
+            (),
+        ))
+        .await;
+        if has {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the follower did not get the row"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _: Vec<tarant::Value> = answered(follower.eval("box.snapshot()", ())).await;
+    set.restart_as_follower(2);
+    let follower = set.members[2].admin_client().await;
+    let (has, sync): (bool, bool) = answered(follower.eval(
+        "return box.space.mts_leases:get('synchronous') ~= nil, box.space.mts_leases.is_sync",
+        (),
+    ))
+    .await;
+    assert!(has && !sync, "recovered the row, the space asynchronous");
+}

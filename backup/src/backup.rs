@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use mts_config::Config;
 use mts_storage::object_store::{self, ObjectStore};
-use mts_storage::store::{SCHEMA_VERSION, Store};
+use mts_storage::store::{Checkpoint, SCHEMA_VERSION, Store};
 use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 
@@ -79,11 +79,15 @@ pub async fn backup(config: &Config, dir: &Path) -> Result<Summary, Error> {
     let created_unix = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    let files = store
+    let checkpoint = store
         .backup_start(HOLD, CHECKPOINT_LIMIT)
         .await
         .map_err(tarantool)?;
-    tracing::info!(?files, "checkpoint taken and pinned; object deletions held");
+    tracing::info!(
+        files = ?checkpoint.files,
+        member = checkpoint.address,
+        "checkpoint taken and pinned; object deletions held"
+    );
     let renewer = tokio::spawn({
         let store = store.clone();
         async move {
@@ -95,10 +99,10 @@ pub async fn backup(config: &Config, dir: &Path) -> Result<Summary, Error> {
             }
         }
     });
-    let copied = copy(&store, &object_store, dir, files, &config.tarantool.address).await;
+    let copied = copy(&store, &object_store, dir, &checkpoint).await;
     renewer.abort();
     // Unpin and lift the hold whatever happened.
-    let stopped = store.backup_stop().await;
+    let stopped = store.backup_stop(&checkpoint).await;
     let (tarantool_files, objects, object_bytes, missing_objects) = copied?;
     stopped.map_err(tarantool)?;
 
@@ -106,6 +110,7 @@ pub async fn backup(config: &Config, dir: &Path) -> Result<Summary, Error> {
         format: FORMAT,
         created_unix,
         schema_version: SCHEMA_VERSION,
+        taken_on: Some(checkpoint.address.clone()),
         tarantool_files,
         objects,
         object_bytes,
@@ -149,18 +154,17 @@ async fn copy(
     store: &Store,
     object_store: &ObjectStore,
     dir: &Path,
-    files: Vec<(String, u64)>,
-    address: &str,
+    checkpoint: &Checkpoint,
 ) -> Result<Copied, Error> {
     let tarantool = |source| Error::Tarantool {
-        address: address.to_owned(),
+        address: checkpoint.address.clone(),
         source,
     };
     let mut saved = Vec::new();
     tokio::fs::create_dir_all(dir.join("tarantool"))
         .await
         .map_err(Error::file(dir))?;
-    for (name, file_size) in files {
+    for (name, file_size) in checkpoint.files.iter().cloned() {
         if name.contains('/') || name.starts_with('.') {
             return Err(Error::UnsafeKey(name));
         }
@@ -173,7 +177,7 @@ async fn copy(
         while offset < file_size {
             let asked = CHUNK.min(file_size - offset);
             let chunk = store
-                .backup_read(&name, offset, asked)
+                .backup_read(checkpoint, &name, offset, asked)
                 .await
                 .map_err(tarantool)?;
             if chunk.is_empty() || chunk.len() as u64 > asked {

@@ -193,6 +193,10 @@ pub struct Manifest {
     pub created_unix: u64,
     /// The schema version of the Tarantool backed up.
     pub schema_version: u64,
+    /// The Tarantool member the checkpoint was taken on (a follower in a
+    /// replica set); absent in backups made before it was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub taken_on: Option<String>,
     /// The checkpoint's files under `tarantool/`.
     pub tarantool_files: Vec<SavedFile>,
     /// Objects saved under `objects/`.

@@ -336,6 +336,7 @@ mod tests {
             format: FORMAT,
             created_unix: 0,
             schema_version: 0,
+            taken_on: None,
             tarantool_files: vec![crate::SavedFile {
                 name: "1.snap".into(),
                 size: 4,

@@ -359,11 +359,12 @@ async fn a_running_backup_holds_object_deletions_until_it_stops() {
     let (_, second) = t.publish(&subject, 10, true).await;
     let (first, second) = (first.unwrap(), second.unwrap());
 
-    let files = t
+    let checkpoint = t
         .store
         .backup_start(Duration::from_secs(60), Duration::from_secs(30))
         .await
         .unwrap();
+    let files = &checkpoint.files;
     assert!(
         files
             .iter()
@@ -401,11 +402,20 @@ async fn a_running_backup_holds_object_deletions_until_it_stops() {
     assert!(!stored.iter().any(|(key, _)| *key == first), "{stored:?}");
     // Pinned files are readable; others are not.
     let (name, size) = files[0].clone();
-    let head = t.store.backup_read(&name, 0, size.min(64)).await.unwrap();
+    let head = t
+        .store
+        .backup_read(&checkpoint, &name, 0, size.min(64))
+        .await
+        .unwrap();
     assert!(head.starts_with(b"SNAP"), "{head:?}");
-    assert!(t.store.backup_read("../etc/passwd", 0, 10).await.is_err());
+    assert!(
+        t.store
+            .backup_read(&checkpoint, "../etc/passwd", 0, 10)
+            .await
+            .is_err()
+    );
 
-    t.store.backup_stop().await.unwrap();
+    t.store.backup_stop(&checkpoint).await.unwrap();
     testing::eventually(
         "the held deletion happens once the backup stops",
         || async { !t.object_store.exists(&first).await.unwrap() },

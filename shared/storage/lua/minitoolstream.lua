@@ -3766,17 +3766,29 @@ rawset(_G, 'mts_settle_objects', function(keys)
     return orphans
 end)
 
--- Backups. mts_backup_start holds object deletions for `hold_ms`, takes a
--- checkpoint and pins its files (box.backup.start) until mts_backup_stop;
--- mts_backup_read hands them out in base64 chunks, so a backup needs no
--- access to Tarantool's disk; mts_backup_keys pages through every object key
--- the checkpoint may name: those of stored messages and those deleted since
--- (waiting in mts_gc, which the hold keeps).
+-- Backups. The hold on object deletions is a lease the leader keeps
+-- (mts_backup_hold, renewed the same way, lifted by mts_backup_release). The
+-- checkpoint is taken on any member, in a replica set on a follower so that
+-- the leader's disk and CPU go on serving: mts_backup_checkpoint takes it and
+-- pins its files (box.backup.start) until mts_backup_unpin; mts_backup_read
+-- hands them out in base64 chunks, so a backup needs no access to Tarantool's
+-- disk; mts_backup_keys pages through every object key the checkpoint may
+-- name: those of stored messages and those deleted since (waiting in mts_gc,
+-- which the hold keeps).
 local backup_files = rawget(_G, 'mts_backup_files') or {}
 rawset(_G, 'mts_backup_files', backup_files)
 
-rawset(_G, 'mts_backup_start', function(hold_ms)
+rawset(_G, 'mts_backup_hold', function(hold_ms)
     box.space.mts_leases:replace({BACKUP_HOLD, 'backup', after_ms(now_ns(), hold_ms)})
+    return true
+end)
+
+rawset(_G, 'mts_backup_release', function()
+    box.space.mts_leases:delete(BACKUP_HOLD)
+    return true
+end)
+
+rawset(_G, 'mts_backup_checkpoint', function()
     for attempt = 1, 100 do
         local ok, err = pcall(box.snapshot)
         if ok then
@@ -3784,16 +3796,11 @@ rawset(_G, 'mts_backup_start', function(hold_ms)
         end
         -- Another checkpoint (the periodic one) is running: wait it out.
         if attempt == 100 or not tostring(err):find('in progress') then
-            box.space.mts_leases:delete(BACKUP_HOLD)
             error(err)
         end
         fiber.sleep(0.1)
     end
-    local ok, paths = pcall(box.backup.start)
-    if not ok then
-        box.space.mts_leases:delete(BACKUP_HOLD)
-        error(paths)
-    end
+    local paths = box.backup.start()
     local files = setmetatable({}, ARRAY)
     for k in pairs(backup_files) do
         backup_files[k] = nil
@@ -3806,15 +3813,19 @@ rawset(_G, 'mts_backup_start', function(hold_ms)
     return files
 end)
 
-rawset(_G, 'mts_backup_renew', function(hold_ms)
-    box.space.mts_leases:replace({BACKUP_HOLD, 'backup', after_ms(now_ns(), hold_ms)})
+rawset(_G, 'mts_backup_unpin', function()
+    for k in pairs(backup_files) do
+        backup_files[k] = nil
+    end
+    pcall(box.backup.stop)
     return true
 end)
 
 rawset(_G, 'mts_backup_read', function(name, offset, length)
     local path = backup_files[name]
     if path == nil then
-        box.error(box.error.PROC_LUA, 'no backup file ' .. tostring(name) .. ' (call mts_backup_start first)')
+        box.error(box.error.PROC_LUA,
+            'no backup file ' .. tostring(name) .. ' on this member (call mts_backup_checkpoint first)')
     end
     local file, err = fio.open(path, {'O_RDONLY'})
     if file == nil then
@@ -3873,14 +3884,6 @@ rawset(_G, 'mts_backup_keys', function(source, after, limit)
     return keys
 end)
 
-rawset(_G, 'mts_backup_stop', function()
-    for k in pairs(backup_files) do
-        backup_files[k] = nil
-    end
-    pcall(box.backup.stop)
-    box.space.mts_leases:delete(BACKUP_HOLD)
-    return true
-end)
 
 -- A role with exactly what the services need, so a production user can be
 -- granted it instead of universe rights (init.lua does that for every
@@ -3894,7 +3897,8 @@ with_schema_lock(function()
         'mts_lease', 'mts_settle_objects', 'mts_dedup_lookup', 'mts_message', 'mts_consumers_lag',
         'mts_settle_attempt', 'mts_identity', 'mts_dead_letter', 'mts_extend_lease', 'mts_reject', 'mts_seek',
         'mts_locate_time', 'mts_segment_next', 'mts_tier_plan', 'mts_tier_read', 'mts_tier_commit', 'mts_storage_stats', 'mts_hot_tier',
-        'mts_backup_start', 'mts_backup_renew', 'mts_backup_read', 'mts_backup_keys', 'mts_backup_stop',
+        'mts_backup_hold', 'mts_backup_release', 'mts_backup_checkpoint', 'mts_backup_read', 'mts_backup_keys',
+        'mts_backup_unpin',
         'mts_list_subjects', 'mts_list_consumers', 'mts_purge_step', 'mts_delete_subject', 'mts_touch_consumers',
         'mts_expire_consumers', 'mts_role',
     }

@@ -25,6 +25,7 @@ mod publish;
 mod subjects;
 mod tiering;
 
+pub use backup::Checkpoint;
 pub use consumers::{
     AckOutcome, Batch, ConsumerLag, ConsumerSettings, ConsumerState, DeliverPolicy, Leased,
     NotHeld, Page, Rejected, Seek,
@@ -333,6 +334,33 @@ impl Store {
             .await?;
         tracing::info!(version, "tarantool schema applied");
         Ok(version)
+    }
+
+    /// Calls a stored procedure on member `member` (a follower, say), with
+    /// its procedures defined there first when it lacks them: the schema
+    /// applied by a service reaches the leader only.
+    async fn call_on<R: DeserializeOwned>(
+        &self,
+        member: usize,
+        name: &'static str,
+        args: impl Args,
+        limit: Duration,
+    ) -> Result<R, Error> {
+        let client = self.members.client_of(member).await?;
+        match self.deadline(limit, client.call(name, &args)).await {
+            Err(e) if e.server_code() == Some(ErrorCode::NO_SUCH_PROC) => {
+                let (version,): (u64,) = self
+                    .deadline(self.timeout, client.eval(SCHEMA_LUA, ()))
+                    .await?;
+                tracing::info!(
+                    version,
+                    member = self.members.address(member),
+                    "tarantool schema applied"
+                );
+                self.deadline(limit, client.call(name, &args)).await
+            }
+            other => other,
+        }
     }
 
     async fn deadline<R>(
@@ -786,6 +814,49 @@ impl Members {
             Some(role) if !role.ro => Ok(()),
             _ => self.find_leader(limit).await,
         }
+    }
+
+    /// Member `i`'s address.
+    fn address(&self, i: usize) -> &str {
+        &self.members[i].address
+    }
+
+    /// The member to take a backup's checkpoint on: the follower least
+    /// behind once it has all the leader has now (waiting up to `limit`), or
+    /// the leader when no follower answers (or there is none) or none
+    /// catches up.
+    async fn backup_source(&self, limit: Duration) -> usize {
+        let leader = self.leader.load(std::sync::atomic::Ordering::Acquire);
+        let roles = self.roles(limit).await;
+        let Some(at) = roles[leader].as_ref().map(|role| role.lsn) else {
+            return leader;
+        };
+        let Some(follower) = Self::least_behind(&roles) else {
+            return leader;
+        };
+        let deadline = Instant::now() + limit;
+        loop {
+            match self.role_of(follower, limit).await {
+                Some(role) if role.lsn >= at => return follower,
+                Some(_) if Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                _ => return leader,
+            }
+        }
+    }
+
+    /// Of the members that answered, the follower least behind.
+    fn least_behind(roles: &[Option<Role>]) -> Option<usize> {
+        roles
+            .iter()
+            .enumerate()
+            .filter_map(|(i, role)| role.as_ref().filter(|r| r.ro).map(|r| (i, r)))
+            .min_by(|(_, a), (_, b)| {
+                let lag = |r: &Role| r.lags.values().copied().fold(0.0, f64::max);
+                lag(a).total_cmp(&lag(b))
+            })
+            .map(|(i, _)| i)
     }
 
     /// Every member's state (a single Tarantool's too: a set of one).

@@ -108,17 +108,18 @@ async fn retention_queues_released_objects_and_a_backup_holds_their_deletion() {
         .unwrap();
 
     // A backup starts first: deletions wait for it.
-    let files = store
+    let checkpoint = store
         .backup_start(Duration::from_secs(60), Duration::from_secs(10))
         .await
         .unwrap();
+    let files = &checkpoint.files;
     assert!(
         files
             .iter()
             .any(|(name, size)| name.ends_with(".snap") && *size > 0)
     );
     let (snap, _) = files.iter().find(|(n, _)| n.ends_with(".snap")).unwrap();
-    let head = store.backup_read(snap, 0, 4).await.unwrap();
+    let head = store.backup_read(&checkpoint, snap, 0, 4).await.unwrap();
     assert_eq!(head, b"SNAP");
     let keys = store.backup_keys("messages", "", 100).await.unwrap();
     assert_eq!(keys.len(), 3);
@@ -135,7 +136,7 @@ async fn retention_queues_released_objects_and_a_backup_holds_their_deletion() {
     let queued = store.backup_keys("gc", "", 100).await.unwrap();
     assert_eq!(queued.len(), 2, "the backup copies them still");
     store.backup_renew(Duration::from_secs(60)).await.unwrap();
-    store.backup_stop().await.unwrap();
+    store.backup_stop(&checkpoint).await.unwrap();
 
     let released = store.released_objects(10).await.unwrap();
     assert_eq!(
@@ -174,11 +175,15 @@ async fn backup_reads_side_by_side_each_get_the_bytes_they_asked_for() {
             .await
             .unwrap();
     }
-    let files = store
+    let checkpoint = store
         .backup_start(Duration::from_secs(60), Duration::from_secs(10))
         .await
         .unwrap();
-    let (snap, size) = files.iter().find(|(n, _)| n.ends_with(".snap")).unwrap();
+    let (snap, size) = checkpoint
+        .files
+        .iter()
+        .find(|(n, _)| n.ends_with(".snap"))
+        .unwrap();
     let on_disk = std::fs::read(tarantool.dir().join(snap)).unwrap();
     assert_eq!(on_disk.len() as u64, *size);
     assert!(
@@ -188,13 +193,16 @@ async fn backup_reads_side_by_side_each_get_the_bytes_they_asked_for() {
 
     let chunk = 4099u64;
     let reads = (0..size.div_ceil(chunk)).map(|i| {
-        let store = &store;
+        let (store, checkpoint) = (&store, &checkpoint);
         async move {
             let offset = i * chunk;
             let length = chunk.min(size - offset);
             (
                 offset,
-                store.backup_read(snap, offset, length).await.unwrap(),
+                store
+                    .backup_read(checkpoint, snap, offset, length)
+                    .await
+                    .unwrap(),
             )
         }
     });
@@ -206,5 +214,5 @@ async fn backup_reads_side_by_side_each_get_the_bytes_they_asked_for() {
             bytes.len()
         );
     }
-    store.backup_stop().await.unwrap();
+    store.backup_stop(&checkpoint).await.unwrap();
 }

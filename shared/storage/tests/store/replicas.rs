@@ -302,3 +302,70 @@ async fn a_member_restarts_from_a_snapshot_that_schema_16_wrote() {
     .await;
     assert!(has && !sync, "recovered the row, the space asynchronous");
 }
+
+/// A backup's checkpoint is a follower's, so that the leader goes on
+/// serving; the hold on object deletions is the leader's, and both end with
+/// the backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_is_taken_on_a_follower_and_holds_deletions_on_the_leader() {
+    let set = ReplicaSet::start();
+    let store = Store::connect(&set.config()).await.unwrap();
+    let subject = testing::unique_subject("replicas-backup");
+    let marker = b"a message the follower's checkpoint has";
+    store
+        .publish(
+            &subject,
+            &HashMap::new(),
+            Some(marker),
+            None,
+            marker.len() as u64,
+        )
+        .await
+        .unwrap();
+    let admin = set.members[0].admin_client().await;
+    let (published,): (u64,) = answered(admin.eval(
+        "local n = 0 for _, v in pairs(box.info.vclock) do n = n + v end return n",
+        (),
+    ))
+    .await;
+    let checkpoint = store
+        .backup_start(Duration::from_secs(60), Duration::from_secs(30))
+        .await
+        .unwrap();
+    let leader = set.members[0].address();
+    assert_ne!(checkpoint.address, leader, "taken on a follower");
+    let (snap, size) = checkpoint
+        .files
+        .iter()
+        .find(|(name, _)| name.ends_with(".snap"))
+        .expect("a snapshot among the files")
+        .clone();
+    let bytes = store
+        .backup_read(&checkpoint, &snap, 0, size)
+        .await
+        .unwrap();
+    assert_eq!(bytes.len() as u64, size);
+    assert!(bytes.starts_with(b"SNAP"));
+    // A checkpoint is named after the log position it holds.
+    let position: u64 = snap.trim_end_matches(".snap").parse().unwrap();
+    assert!(
+        position >= published,
+        "the follower's checkpoint ({position}) holds all the leader had ({published})"
+    );
+    let held = "return box.space.mts_leases:select({}, {iterator = 'ALL'})";
+    let rows = |rows: Vec<Vec<tarant::Value>>| {
+        rows.iter()
+            .filter(|row| format!("{:?}", row[1]).contains("backup"))
+            .count()
+    };
+    let (during,): (Vec<Vec<tarant::Value>>,) = answered(admin.eval(held, ())).await;
+    assert_eq!(rows(during), 1, "deletions held on the leader");
+    store.backup_stop(&checkpoint).await.unwrap();
+    let (after,): (Vec<Vec<tarant::Value>>,) = answered(admin.eval(held, ())).await;
+    assert_eq!(rows(after), 0, "the hold lifted");
+    // The follower let its checkpoint go: reading it now is refused.
+    assert!(
+        store.backup_read(&checkpoint, &snap, 0, 4).await.is_err(),
+        "unpinned on the follower"
+    );
+}

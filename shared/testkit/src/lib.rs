@@ -180,12 +180,24 @@ pub async fn http_get(port: u16, path: &str) -> (u16, String) {
     (status, body.to_owned())
 }
 
-/// A port that was free a moment ago.
+/// A port that was free a moment ago, never handed out before by this
+/// process, and below the ephemeral range (32768 on): a process a test stops
+/// and starts again on its port would otherwise find it taken by another
+/// test's listener or by the source port of an outgoing connection.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("bind an ephemeral port")
+    static HANDED_OUT: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut handed_out = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
+    for _ in 0..10_000 {
+        let port = rand::random_range(20_000..32_000);
+        if handed_out.contains(&port) {
+            continue;
+        }
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            handed_out.push(port);
+            return port;
+        }
+    }
+    panic!("no free port in 20000-32000")
 }
 
 /// A Tarantool process owned by one test, on its own port and data

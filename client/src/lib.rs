@@ -28,10 +28,12 @@
 mod client;
 mod error;
 mod publish;
+mod publisher;
 mod subjects;
 mod token;
 
 pub use client::{Client, ClientBuilder, Retry};
 pub use error::Error;
 pub use publish::{Message, Published};
+pub use publisher::Publisher;
 pub use token::Token;

@@ -47,6 +47,21 @@ impl Message {
         self
     }
 
+    /// The request that publishes it, under its message id or a new one.
+    pub(crate) fn into_request(self) -> PublishRequest {
+        let message_id = self
+            .message_id
+            .filter(|id| !id.is_empty())
+            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
+        PublishRequest {
+            subject: self.subject,
+            data: self.data,
+            headers: self.headers,
+            message_id,
+            ordering_key: self.ordering_key.unwrap_or_default(),
+        }
+    }
+
     /// With this ordering key.
     pub fn ordering_key(mut self, key: impl Into<String>) -> Self {
         self.ordering_key = Some(key.into());
@@ -79,17 +94,8 @@ impl Client {
     /// tries it takes. Errors say with [`Error::is_retryable`] whether a
     /// later call may succeed.
     pub async fn publish(&self, message: Message) -> Result<Published, Error> {
-        let message_id = message
-            .message_id
-            .filter(|id| !id.is_empty())
-            .unwrap_or_else(|| uuid::Uuid::now_v7().to_string());
-        let request = PublishRequest {
-            subject: message.subject,
-            data: message.data,
-            headers: message.headers,
-            message_id: message_id.clone(),
-            ordering_key: message.ordering_key.unwrap_or_default(),
-        };
+        let request = message.into_request();
+        let message_id = request.message_id.clone();
         let ingress = IngressServiceClient::new(self.ingress.clone());
         let (reply, attempts) = self
             .retrying("publish", || {

@@ -209,3 +209,98 @@ async fn publishes_over_tls_and_mutual_tls() {
     ingress.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_sends_many_at_once_and_each_gets_its_answer() {
+    let services = services(testing::config()).await;
+    let client = client_of(&services).await;
+    let subject = testing::unique_subject("client-many");
+    let publisher = client.publisher(64);
+    let mut answers = Vec::new();
+    for i in 0..2000u32 {
+        answers.push(
+            publisher
+                .send(Message::new(&subject, i.to_be_bytes().to_vec()))
+                .await
+                .unwrap(),
+        );
+    }
+    let mut sequences = Vec::new();
+    for answer in answers {
+        let published = answer.await.unwrap();
+        assert!(!published.duplicate);
+        sequences.push(published.sequence);
+    }
+    assert_eq!(
+        sequences,
+        (1..=2000).collect::<Vec<_>>(),
+        "answered in order"
+    );
+    assert_eq!(client.last_sequence(&subject).await.unwrap(), 2000);
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publisher_rides_out_a_tarantool_outage_and_stores_each_message_once() {
+    let mut tarantool = TarantoolProcess::start();
+    let mut config = tarantool.config();
+    config.tarantool.timeout_ms = 500;
+    let services = services(config).await;
+    let client = Client::builder(services.ingress.endpoint(), services.egress.endpoint())
+        .retry(Retry {
+            attempts: 100,
+            first_wait: Duration::from_millis(50),
+            max_wait: Duration::from_millis(500),
+        })
+        .connect()
+        .await
+        .unwrap();
+    let subject = testing::unique_subject("client-many-outage");
+    let publisher = client.publisher(16);
+    for i in 0..20u32 {
+        let answer = publisher
+            .send(Message::new(&subject, i.to_be_bytes().to_vec()))
+            .await
+            .unwrap();
+        answer.await.unwrap();
+    }
+
+    tarantool.kill();
+    let sending = tokio::spawn({
+        let (publisher, subject) = (publisher.clone(), subject.clone());
+        async move {
+            let mut answers = Vec::new();
+            for i in 20..70u32 {
+                answers.push(
+                    publisher
+                        .send(Message::new(&subject, i.to_be_bytes().to_vec()))
+                        .await
+                        .unwrap(),
+                );
+            }
+            let mut outcomes = Vec::new();
+            for answer in answers {
+                outcomes.push(answer.await);
+            }
+            outcomes
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    tarantool.restart();
+    let outcomes = sending.await.unwrap();
+    let mut sequences: Vec<u64> = outcomes
+        .iter()
+        .map(|outcome| outcome.as_ref().expect("stored in the end").sequence)
+        .collect();
+    assert!(
+        outcomes.iter().any(|o| o.as_ref().unwrap().attempts > 1),
+        "some were sent again"
+    );
+    sequences.sort_unstable();
+    sequences.dedup();
+    assert_eq!(sequences.len(), 50, "each its own sequence");
+    assert_eq!(
+        client.last_sequence(&subject).await.unwrap(),
+        70,
+        "each stored once"
+    );
+}

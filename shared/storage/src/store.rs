@@ -328,9 +328,15 @@ impl Store {
 
     /// Applies `SCHEMA_LUA`; returns the schema version.
     pub async fn apply_schema(&self) -> Result<u64, Error> {
+        self.apply_schema_on(&self.client()).await
+    }
+
+    /// Applies the schema through `client` (a follower defines the
+    /// procedures only).
+    async fn apply_schema_on(&self, client: &Client) -> Result<u64, Error> {
         let _one_at_a_time = self.schema_lock.lock().await;
         let (version,): (u64,) = self
-            .deadline(self.timeout, self.client().eval(SCHEMA_LUA, ()))
+            .deadline(self.timeout, client.eval(SCHEMA_LUA, ()))
             .await?;
         tracing::info!(version, "tarantool schema applied");
         Ok(version)
@@ -349,14 +355,12 @@ impl Store {
         let client = self.members.client_of(member).await?;
         match self.deadline(limit, client.call(name, &args)).await {
             Err(e) if e.server_code() == Some(ErrorCode::NO_SUCH_PROC) => {
-                let (version,): (u64,) = self
-                    .deadline(self.timeout, client.eval(SCHEMA_LUA, ()))
-                    .await?;
-                tracing::info!(
-                    version,
+                tracing::warn!(
+                    procedure = name,
                     member = self.members.address(member),
-                    "tarantool schema applied"
+                    "stored procedure missing; applying the schema"
                 );
+                self.apply_schema_on(client).await?;
                 self.deadline(limit, client.call(name, &args)).await
             }
             other => other,
@@ -583,6 +587,13 @@ struct Role {
     /// Seconds behind, per peer it replicates from.
     #[serde(default)]
     lags: HashMap<String, f64>,
+}
+
+impl Role {
+    /// How far behind it is: the largest lag over what it replicates from.
+    fn lag(&self) -> f64 {
+        self.lags.values().copied().fold(0.0, f64::max)
+    }
 }
 
 /// One member of a replica set, as a store sees it.
@@ -852,10 +863,7 @@ impl Members {
             .iter()
             .enumerate()
             .filter_map(|(i, role)| role.as_ref().filter(|r| r.ro).map(|r| (i, r)))
-            .min_by(|(_, a), (_, b)| {
-                let lag = |r: &Role| r.lags.values().copied().fold(0.0, f64::max);
-                lag(a).total_cmp(&lag(b))
-            })
+            .min_by(|(_, a), (_, b)| a.lag().total_cmp(&b.lag()))
             .map(|(i, _)| i)
     }
 
@@ -870,13 +878,7 @@ impl Members {
                 up: role.is_some(),
                 leader: role.as_ref().is_some_and(|r| !r.ro),
                 lsn: role.as_ref().map_or(0, |r| r.lsn),
-                lag_seconds: role.map_or(0.0, |r| {
-                    if r.ro {
-                        r.lags.values().copied().fold(0.0, f64::max)
-                    } else {
-                        0.0
-                    }
-                }),
+                lag_seconds: role.map_or(0.0, |r| if r.ro { r.lag() } else { 0.0 }),
             })
             .collect()
     }

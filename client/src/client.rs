@@ -210,7 +210,7 @@ impl Client {
                 Ok(value) => return Ok((value, attempt)),
                 Err(status) => Error::Status { doing, status },
             };
-            if !err.is_retryable() || attempt >= self.retry.attempts {
+            if !self.may_try_again(&err, attempt) {
                 return Err(err);
             }
             attempt += 1;
@@ -218,6 +218,12 @@ impl Client {
             tracing::debug!(%err, attempt, ?wait, "not taken; trying again");
             tokio::time::sleep(wait).await;
         }
+    }
+
+    /// Whether a call that failed with `err` after `attempts` tries is made
+    /// again.
+    pub(crate) fn may_try_again(&self, err: &Error, attempts: u32) -> bool {
+        err.is_retryable() && attempts < self.retry.attempts
     }
 
     /// `message` as a request with this client's token and timeout.

@@ -3,8 +3,8 @@
 use std::collections::HashMap;
 
 use bytes::Bytes;
-use mts_proto::pb::PublishRequest;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
+use mts_proto::pb::{PublishRequest, PublishResponse};
 
 use crate::{Client, Error};
 
@@ -87,6 +87,21 @@ pub struct Published {
     pub attempts: u32,
 }
 
+impl Published {
+    /// What the service's answer `reply` says, for the message published
+    /// under `message_id` in `attempts` tries.
+    pub(crate) fn from_reply(reply: PublishResponse, message_id: String, attempts: u32) -> Self {
+        Self {
+            sequence: reply.sequence,
+            duplicate: reply.duplicate,
+            size: reply.size,
+            sha256: reply.sha256,
+            message_id,
+            attempts,
+        }
+    }
+}
+
 impl Client {
     /// Publishes one message (unary `Publish`). A try the service could not
     /// take for now is made again, under the same message id, as
@@ -106,13 +121,6 @@ impl Client {
                 }
             })
             .await?;
-        Ok(Published {
-            sequence: reply.sequence,
-            duplicate: reply.duplicate,
-            size: reply.size,
-            sha256: reply.sha256,
-            message_id,
-            attempts,
-        })
+        Ok(Published::from_reply(reply, message_id, attempts))
     }
 }

@@ -107,8 +107,12 @@ async fn run(client: Client, mut queued: mpsc::Receiver<Pending>, max_in_flight:
             Ok(request) => request,
             Err(err) => {
                 // The client's own token provider failed: nothing to send.
+                let reason = match err {
+                    Error::Token(reason) => reason,
+                    other => other.to_string(),
+                };
                 for pending in retry.drain(..) {
-                    pending.answer(Err(Error::Token(err.to_string())));
+                    pending.answer(Err(Error::Token(reason.clone())));
                 }
                 continue;
             }
@@ -193,23 +197,27 @@ fn settle(
     retry: &mut VecDeque<Pending>,
 ) {
     if answer.status_code == 0 {
-        let published = Published {
-            sequence: answer.sequence,
-            duplicate: answer.duplicate,
-            size: answer.size,
-            sha256: answer.sha256,
-            message_id: pending.request.message_id.clone(),
-            attempts: pending.attempts,
-        };
-        pending.answer(Ok(published));
+        let (message_id, attempts) = (pending.request.message_id.clone(), pending.attempts);
+        pending.answer(Ok(Published::from_reply(answer, message_id, attempts)));
         return;
     }
     let code = i32::try_from(answer.status_code).map_or(tonic::Code::Unknown, tonic::Code::from);
+    failed(
+        client,
+        pending,
+        tonic::Status::new(code, answer.error_message),
+        retry,
+    );
+}
+
+/// `pending` failed with `status`: it goes back to be sent again, or is
+/// answered with the error once it may not be tried again.
+fn failed(client: &Client, pending: Pending, status: tonic::Status, retry: &mut VecDeque<Pending>) {
     let err = Error::Status {
         doing: "publish",
-        status: tonic::Status::new(code, answer.error_message),
+        status,
     };
-    if err.is_retryable() && pending.attempts < client.retry.attempts {
+    if client.may_try_again(&err, pending.attempts) {
         retry.push_back(pending);
     } else {
         pending.answer(Err(err));
@@ -225,23 +233,9 @@ async fn broken(
     status: tonic::Status,
     broken_streams: &mut u32,
 ) {
-    let err = Error::Status {
-        doing: "publish",
-        status,
-    };
-    tracing::debug!(%err, unanswered = in_flight.len(), "publish stream broke");
+    tracing::debug!(%status, unanswered = in_flight.len(), "publish stream broke");
     for pending in in_flight.drain(..) {
-        if err.is_retryable() && pending.attempts < client.retry.attempts {
-            retry.push_back(pending);
-        } else {
-            pending.answer(Err(Error::Status {
-                doing: "publish",
-                status: tonic::Status::new(
-                    err.code().unwrap_or(tonic::Code::Unknown),
-                    err.to_string(),
-                ),
-            }));
-        }
+        failed(client, pending, status.clone(), retry);
     }
     *broken_streams += 1;
     tokio::time::sleep(client.retry.wait(*broken_streams + 1)).await;

@@ -7,7 +7,6 @@ use std::time::Duration;
 use mts_client::{Client, Error, Message, Retry};
 use mts_proto::service_names::{EGRESS, INGRESS};
 use mts_testkit::{self as testing, Running, TarantoolProcess};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 
 struct Services {
     ingress: Running,
@@ -55,12 +54,12 @@ async fn a_message_published_twice_under_one_id_is_stored_once() {
     assert_eq!((next.sequence, next.duplicate), (2, false));
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_publish_rides_out_a_tarantool_outage_and_is_stored_once() {
-    let mut tarantool = TarantoolProcess::start();
+/// Services on a Tarantool of their own, to be stopped, that give up on it
+/// after half a second (the client's retries ride out the rest of an
+/// outage), and a client that tries for long enough.
+async fn outage_ready() -> (TarantoolProcess, Services, Client) {
+    let tarantool = TarantoolProcess::start();
     let mut config = tarantool.config();
-    // The ingress gives up on Tarantool after half a second: the client's
-    // retries ride out the rest of the outage.
     config.tarantool.timeout_ms = 500;
     let services = services(config).await;
     let client = Client::builder(services.ingress.endpoint(), services.egress.endpoint())
@@ -72,6 +71,12 @@ async fn a_publish_rides_out_a_tarantool_outage_and_is_stored_once() {
         .connect()
         .await
         .unwrap();
+    (tarantool, services, client)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_publish_rides_out_a_tarantool_outage_and_is_stored_once() {
+    let (mut tarantool, _services, client) = outage_ready().await;
     let subject = testing::unique_subject("client-outage");
     assert_eq!(
         client
@@ -138,27 +143,16 @@ fn write(dir: &Path, name: &str, text: &str) -> String {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn publishes_over_tls_and_mutual_tls() {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    let (server, client) = (leaf(vec!["localhost".into()]), leaf(vec!["me".into()]));
+    let testing::Pki { ca, server, client } = testing::pki("me");
     let dir = std::env::temp_dir().join(format!("mts-client-tls-{}", testing::unique_subject("d")));
     std::fs::create_dir_all(&dir).unwrap();
-    let ca_file = write(&dir, "ca.pem", &ca.pem());
+    let ca_file = write(&dir, "ca.pem", &ca);
     let mut config = testing::config();
     config.tls.cert_file = write(&dir, "server.pem", &server.0);
     config.tls.key_file = write(&dir, "server.key", &server.1);
     config.tls.client_ca_file = ca_file.clone();
     let trusting = tonic::transport::ClientTlsConfig::new()
-        .ca_certificate(tonic::transport::Certificate::from_pem(ca.pem()))
+        .ca_certificate(tonic::transport::Certificate::from_pem(&ca))
         .identity(tonic::transport::Identity::from_pem(&client.0, &client.1))
         .domain_name("localhost");
     let ingress = Running::start_over(INGRESS, config, mts_ingress::run, Some(trusting)).await;
@@ -241,19 +235,7 @@ async fn a_publisher_sends_many_at_once_and_each_gets_its_answer() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn a_publisher_rides_out_a_tarantool_outage_and_stores_each_message_once() {
-    let mut tarantool = TarantoolProcess::start();
-    let mut config = tarantool.config();
-    config.tarantool.timeout_ms = 500;
-    let services = services(config).await;
-    let client = Client::builder(services.ingress.endpoint(), services.egress.endpoint())
-        .retry(Retry {
-            attempts: 100,
-            first_wait: Duration::from_millis(50),
-            max_wait: Duration::from_millis(500),
-        })
-        .connect()
-        .await
-        .unwrap();
+    let (mut tarantool, _services, client) = outage_ready().await;
     let subject = testing::unique_subject("client-many-outage");
     let publisher = client.publisher(16);
     for i in 0..20u32 {

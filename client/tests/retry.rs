@@ -70,22 +70,23 @@ async fn refusing(code: tonic::Code, refusals: usize) -> (String, Arc<Mutex<Vec<
     (endpoint, seen)
 }
 
-fn quick() -> Retry {
-    Retry {
-        attempts: 5,
-        first_wait: Duration::from_millis(10),
-        max_wait: Duration::from_millis(50),
-    }
+/// A client of `endpoint` that tries 5 times, quickly.
+async fn quick_client(endpoint: &str) -> Client {
+    Client::builder(endpoint, endpoint)
+        .retry(Retry {
+            attempts: 5,
+            first_wait: Duration::from_millis(10),
+            max_wait: Duration::from_millis(50),
+        })
+        .connect()
+        .await
+        .unwrap()
 }
 
 #[tokio::test]
 async fn every_try_of_a_publish_carries_one_message_id() {
     let (endpoint, seen) = refusing(tonic::Code::Unavailable, 3).await;
-    let client = Client::builder(&endpoint, &endpoint)
-        .retry(quick())
-        .connect()
-        .await
-        .unwrap();
+    let client = quick_client(&endpoint).await;
     let published = client.publish(Message::new("s", "x")).await.unwrap();
     assert_eq!((published.sequence, published.attempts), (7, 4));
     let seen = seen.lock().unwrap().clone();
@@ -100,21 +101,13 @@ async fn every_try_of_a_publish_carries_one_message_id() {
 #[tokio::test]
 async fn a_refusal_for_good_is_not_tried_again_and_tries_are_bounded() {
     let (endpoint, seen) = refusing(tonic::Code::InvalidArgument, 1).await;
-    let client = Client::builder(&endpoint, &endpoint)
-        .retry(quick())
-        .connect()
-        .await
-        .unwrap();
+    let client = quick_client(&endpoint).await;
     let err = client.publish(Message::new("s", "x")).await.unwrap_err();
     assert!(!err.is_retryable(), "{err}");
     assert_eq!(seen.lock().unwrap().len(), 1);
 
     let (endpoint, seen) = refusing(tonic::Code::Unavailable, 100).await;
-    let client = Client::builder(&endpoint, &endpoint)
-        .retry(quick())
-        .connect()
-        .await
-        .unwrap();
+    let client = quick_client(&endpoint).await;
     let err = client
         .publish(Message::new("s", "x").message_id("mine"))
         .await

@@ -7,33 +7,7 @@ use mts_proto::pb::PublishRequest;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::service_names::INGRESS;
 use mts_testkit::{self as testing, Running};
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint, Identity};
-
-struct Pki {
-    ca: String,
-    server: (String, String),
-    client: (String, String),
-}
-
-fn pki() -> Pki {
-    let mut ca_params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().unwrap()).unwrap();
-    let leaf = |names: Vec<String>| {
-        let key = KeyPair::generate().unwrap();
-        let cert = CertificateParams::new(names)
-            .unwrap()
-            .signed_by(&key, &ca)
-            .unwrap();
-        (cert.pem(), key.serialize_pem())
-    };
-    Pki {
-        server: leaf(vec!["localhost".into()]),
-        client: leaf(vec!["publisher.example".into()]),
-        ca: ca.pem(),
-    }
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
     let path = dir.join(name);
@@ -68,7 +42,7 @@ async fn publish_over(
 
 #[tokio::test(flavor = "multi_thread")]
 async fn tls_and_mutual_tls() {
-    let pki = pki();
+    let pki = testing::pki("publisher.example");
     let dir = std::env::temp_dir().join(format!("mts-tls-{}", testing::unique_subject("d")));
     std::fs::create_dir_all(&dir).unwrap();
     let mut config = testing::config();

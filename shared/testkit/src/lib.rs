@@ -782,3 +782,36 @@ pub async fn payload_prefix(config: &Config, subject: &str) -> String {
     mts_storage::object_store::ObjectStore::new(config)
         .subject_prefix(&store.identity().store_id, subject)
 }
+
+/// Certificates made for a test: a CA, a server certificate for `localhost`
+/// and a client certificate, each signed by the CA (PEM text).
+pub struct Pki {
+    /// The CA's certificate.
+    pub ca: String,
+    /// The server's certificate and key.
+    pub server: (String, String),
+    /// The client's certificate and key.
+    pub client: (String, String),
+}
+
+/// A new [`Pki`]; the client certificate names `client`.
+pub fn pki(client: &str) -> Pki {
+    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
+    let mut ca_params = CertificateParams::new(Vec::<String>::new()).expect("CA parameters");
+    ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca = CertifiedIssuer::self_signed(ca_params, KeyPair::generate().expect("a CA key"))
+        .expect("a CA certificate");
+    let leaf = |names: Vec<String>| {
+        let key = KeyPair::generate().expect("a key");
+        let cert = CertificateParams::new(names)
+            .expect("certificate parameters")
+            .signed_by(&key, &ca)
+            .expect("a certificate signed by the CA");
+        (cert.pem(), key.serialize_pem())
+    };
+    Pki {
+        server: leaf(vec!["localhost".into()]),
+        client: leaf(vec![client.into()]),
+        ca: ca.pem(),
+    }
+}

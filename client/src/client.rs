@@ -4,6 +4,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use mts_proto::pb::egress_service_client::EgressServiceClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::{Error, Token};
@@ -220,6 +221,32 @@ impl Client {
         }
     }
 
+    /// One unary egress call, `call(egress, request)`, tried as
+    /// [`Retry`] says.
+    pub(crate) async fn egress_call<Req, Resp, F, Fut>(
+        &self,
+        doing: &'static str,
+        request: Req,
+        call: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(EgressServiceClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let egress = EgressServiceClient::new(self.egress.clone());
+        let call = &call;
+        self.retrying(doing, || {
+            let (egress, request) = (egress.clone(), request.clone());
+            async move {
+                let request = self.request(request).await?;
+                Ok(call(egress, request).await.map(tonic::Response::into_inner))
+            }
+        })
+        .await
+        .map(|(reply, _)| reply)
+    }
+
     /// Whether a call that failed with `err` after `attempts` tries is made
     /// again.
     pub(crate) fn may_try_again(&self, err: &Error, attempts: u32) -> bool {
@@ -228,8 +255,15 @@ impl Client {
 
     /// `message` as a request with this client's token and timeout.
     pub(crate) async fn request<T>(&self, message: T) -> Result<tonic::Request<T>, Error> {
-        let mut request = tonic::Request::new(message);
+        let mut request = self.stream_request(message).await?;
         request.set_timeout(self.timeout);
+        Ok(request)
+    }
+
+    /// `message` as a request with this client's token and no deadline: a
+    /// stream lasts as long as its work (a large upload, a consumer).
+    pub(crate) async fn stream_request<T>(&self, message: T) -> Result<tonic::Request<T>, Error> {
+        let mut request = tonic::Request::new(message);
         if let Some(token) = &self.token {
             let value = format!("Bearer {}", token.get().await?)
                 .parse()

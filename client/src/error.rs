@@ -28,6 +28,31 @@ pub enum Error {
     /// The token provider failed.
     #[error("cannot get a token: {0}")]
     Token(String),
+    /// A downloaded payload does not have the SHA-256 the service gave: it
+    /// was not kept.
+    #[error("message {sequence}: the payload's SHA-256 is {actual}, the service said {expected}")]
+    Digest {
+        /// The message's sequence.
+        sequence: u64,
+        /// What the service said.
+        expected: String,
+        /// What arrived.
+        actual: String,
+    },
+    /// Reading or writing a local file failed.
+    #[error("{doing} {}: {source}", path.display())]
+    Io {
+        /// What was being done.
+        doing: &'static str,
+        /// The file.
+        path: std::path::PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The consumer or publisher was closed.
+    #[error("the {0} is closed")]
+    Closed(&'static str),
 }
 
 impl Error {
@@ -44,7 +69,11 @@ impl Error {
                     | Code::Aborted
             ),
             Self::Connect { .. } => true,
-            Self::Config(_) | Self::Token(_) => false,
+            Self::Config(_)
+            | Self::Token(_)
+            | Self::Digest { .. }
+            | Self::Io { .. }
+            | Self::Closed(_) => false,
         }
     }
 
@@ -55,4 +84,21 @@ impl Error {
             _ => None,
         }
     }
+}
+
+/// Whether a stream that failed with `status` may be opened again: it broke
+/// (a restart, a connection closed for its age, a network fault) rather than
+/// being refused for a reason the caller has to fix.
+pub(crate) fn stream_may_reopen(status: &tonic::Status) -> bool {
+    !matches!(
+        status.code(),
+        Code::InvalidArgument
+            | Code::NotFound
+            | Code::AlreadyExists
+            | Code::PermissionDenied
+            | Code::Unauthenticated
+            | Code::FailedPrecondition
+            | Code::OutOfRange
+            | Code::Unimplemented
+    )
 }

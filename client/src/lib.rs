@@ -26,14 +26,32 @@
 #![deny(missing_docs)]
 
 mod client;
+mod consumer;
+mod consumers;
 mod error;
+mod payload;
 mod publish;
 mod publisher;
 mod subjects;
 mod token;
+mod upload;
 
 pub use client::{Client, ClientBuilder, Retry};
+pub use consumer::{Consumer, ConsumerBuilder, Delivery};
+pub use consumers::Seek;
 pub use error::Error;
+pub use payload::{Downloaded, PayloadReader};
 pub use publish::{Message, Published};
 pub use publisher::Publisher;
+pub use subjects::Purged;
 pub use token::Token;
+pub use upload::Progress;
+
+/// The wire contract's types that the client's calls take and return, as
+/// they are on the wire: consumer settings and state, subject state and
+/// limits.
+pub mod wire {
+    pub use mts_proto::pb::{
+        ConsumerConfig, ConsumerInfo, DeliverPolicy, SubjectInfo, SubjectLimits,
+    };
+}

@@ -66,7 +66,7 @@ impl Publisher {
         let slot = Arc::clone(&self.slots)
             .acquire_owned()
             .await
-            .map_err(|_| Error::Config("the publisher is closed".into()))?;
+            .map_err(|_| Error::Closed("publisher"))?;
         let (reply, answer) = oneshot::channel();
         let pending = Pending {
             request: message.into_request(),
@@ -77,11 +77,11 @@ impl Publisher {
         self.queue
             .send(pending)
             .await
-            .map_err(|_| Error::Config("the publisher is closed".into()))?;
+            .map_err(|_| Error::Closed("publisher"))?;
         Ok(async move {
             answer
                 .await
-                .unwrap_or_else(|_| Err(Error::Config("the publisher stopped".into())))
+                .unwrap_or_else(|_| Err(Error::Closed("publisher")))
         })
     }
 }
@@ -103,7 +103,7 @@ async fn run(client: Client, mut queued: mpsc::Receiver<Pending>, max_in_flight:
         retry.push_front(first);
         let (requests, outgoing) = mpsc::channel::<PublishRequest>(max_in_flight);
         let mut ingress = IngressServiceClient::new(client.ingress.clone());
-        let request = match client.request(ReceiverStream::new(outgoing)).await {
+        let request = match client.stream_request(ReceiverStream::new(outgoing)).await {
             Ok(request) => request,
             Err(err) => {
                 // The client's own token provider failed: nothing to send.

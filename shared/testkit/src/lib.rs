@@ -611,6 +611,46 @@ impl Running {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind an ephemeral port");
+        Self::start_listening(listener, name, config, run, tls).await
+    }
+
+    /// `start` on `addr`, where a stopped service listened: a restart that
+    /// its clients' endpoints still reach.
+    pub async fn start_at<Fut, E>(
+        addr: SocketAddr,
+        name: &str,
+        config: Config,
+        run: impl FnOnce(Config, tokio::net::TcpListener, Shutdown) -> Fut,
+    ) -> Self
+    where
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(listener) => break listener,
+                Err(err) if Instant::now() < deadline => {
+                    eprintln!("{addr} is not free yet ({err}); waiting");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+                Err(err) => panic!("cannot bind {addr} again: {err}"),
+            }
+        };
+        Self::start_listening(listener, name, config, run, None).await
+    }
+
+    async fn start_listening<Fut, E>(
+        listener: tokio::net::TcpListener,
+        name: &str,
+        config: Config,
+        run: impl FnOnce(Config, tokio::net::TcpListener, Shutdown) -> Fut,
+        tls: Option<tonic::transport::ClientTlsConfig>,
+    ) -> Self
+    where
+        Fut: Future<Output = Result<(), E>> + Send + 'static,
+        E: std::fmt::Display,
+    {
         let addr = listener.local_addr().expect("local addr");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let shutdown: Shutdown = Box::pin(async move {

@@ -4,6 +4,10 @@
 use std::path::Path;
 use std::time::Duration;
 
+mod admin;
+mod consume;
+mod payload;
+
 use mts_client::{Client, Error, Message, Retry};
 use mts_proto::service_names::{EGRESS, INGRESS};
 use mts_testkit::{self as testing, Running, TarantoolProcess};

@@ -1,0 +1,435 @@
+//! Receiving with a durable consumer over one `Consume` stream, opened again
+//! by itself when it breaks.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use mts_proto::pb::consume_request::Request as Frame;
+use mts_proto::pb::egress_service_client::EgressServiceClient;
+use mts_proto::pb::{
+    AckSequences, AckSequencesRequest, ConsumeRequest, ConsumeStart, ExtendLeaseRequest,
+    ExtendSequences, NackRequest, NackSequences, RejectRequest, RejectSequences,
+};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Streaming;
+
+use crate::error::stream_may_reopen;
+use crate::{Client, Error, PayloadReader, Retry};
+
+/// Settings of a [`Consumer`]; [`Client::consumer`] makes them.
+#[derive(Debug, Clone)]
+pub struct ConsumerBuilder {
+    client: Client,
+    start: ConsumeStart,
+    reconnect: Retry,
+}
+
+impl Client {
+    /// Settings for receiving the messages of `subject` with the durable
+    /// consumer `durable`. One that does not exist is created with the
+    /// service's defaults on first use; [`Client::create_consumer`] sets
+    /// others.
+    pub fn consumer(
+        &self,
+        subject: impl Into<String>,
+        durable: impl Into<String>,
+    ) -> ConsumerBuilder {
+        ConsumerBuilder {
+            client: self.clone(),
+            start: ConsumeStart {
+                subject: subject.into(),
+                durable_name: durable.into(),
+                max_in_flight: 100,
+                omit_large_payloads: true,
+                report_not_held: false,
+            },
+            reconnect: Retry {
+                attempts: u32::MAX,
+                first_wait: Duration::from_millis(100),
+                max_wait: Duration::from_secs(5),
+            },
+        }
+    }
+}
+
+impl ConsumerBuilder {
+    /// At most this many messages delivered and not yet acked, nacked or
+    /// rejected at a time (100 by default): the service sends no more until
+    /// some are settled.
+    pub fn max_in_flight(mut self, max_in_flight: u32) -> Self {
+        self.start.max_in_flight = max_in_flight;
+        self
+    }
+
+    /// Whether payloads above the service's inline delivery size are left
+    /// out of messages (true by default), to be read with
+    /// [`Delivery::payload`] or [`Client::download`] without holding them
+    /// whole in memory. False: every payload comes whole, and one above the
+    /// service's delivery limit ends the stream with `RESOURCE_EXHAUSTED`.
+    pub fn omit_large_payloads(mut self, omit: bool) -> Self {
+        self.start.omit_large_payloads = omit;
+        self
+    }
+
+    /// How a broken stream is opened again: by default for ever, waiting
+    /// 0.1 s doubling to 5 s between tries. The count starts again once a
+    /// stream opens.
+    pub fn reconnect(mut self, retry: Retry) -> Self {
+        self.reconnect = retry;
+        self
+    }
+
+    /// Opens the stream: a bad name or a token without the rights fails
+    /// here.
+    pub async fn start(self) -> Result<Consumer, Error> {
+        let mut consumer = Consumer {
+            client: self.client,
+            start: self.start,
+            reconnect: self.reconnect,
+            open: None,
+            reconnects: 0,
+        };
+        consumer.open = Some(consumer.open_stream().await?);
+        Ok(consumer)
+    }
+}
+
+/// Receives the messages of a durable consumer as the service pushes them.
+/// A stream that breaks — an egress restart, a connection closed for its
+/// age, a network fault — is opened again by itself: the consumer's place
+/// is kept by the service, and what was delivered on the broken stream and
+/// not yet acked is delivered again. Flow control is the service's: at most
+/// `max_in_flight` messages are outstanding.
+pub struct Consumer {
+    client: Client,
+    start: ConsumeStart,
+    reconnect: Retry,
+    open: Option<Open>,
+    reconnects: u64,
+}
+
+/// One open stream.
+struct Open {
+    messages: Streaming<mts_proto::pb::Message>,
+    link: Arc<Link>,
+}
+
+/// How a delivery settles: on the stream it came on while that is open,
+/// by unary calls afterwards.
+struct Link {
+    /// The stream's outgoing frames; taken when it ends.
+    frames: Mutex<Option<mpsc::Sender<ConsumeRequest>>>,
+    client: Client,
+    durable: String,
+}
+
+impl Link {
+    fn frames(&self) -> Option<mpsc::Sender<ConsumeRequest>> {
+        self.frames.lock().ok().and_then(|frames| frames.clone())
+    }
+
+    fn close(&self) {
+        if let Ok(mut frames) = self.frames.lock() {
+            frames.take();
+        }
+    }
+}
+
+impl std::fmt::Debug for Consumer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Consumer")
+            .field("subject", &self.start.subject)
+            .field("durable", &self.start.durable_name)
+            .field("reconnects", &self.reconnects)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Consumer {
+    /// The next message. Waits for one; opens the stream again when it
+    /// broke. Fails only for what waiting cannot mend (the token lost its
+    /// rights) or once the
+    /// [`reconnect`](ConsumerBuilder::reconnect) tries run out.
+    pub async fn next(&mut self) -> Result<Delivery, Error> {
+        loop {
+            let open = match &mut self.open {
+                Some(open) => open,
+                None => {
+                    let open = self.open_stream().await?;
+                    self.reconnects += 1;
+                    self.open.insert(open)
+                }
+            };
+            let status = match open.messages.message().await {
+                Ok(Some(message)) if message.not_held.is_some() => continue,
+                Ok(Some(message)) => return Ok(Delivery::new(message, Arc::clone(&open.link))),
+                Ok(None) => tonic::Status::unavailable("the service ended the stream"),
+                Err(status) => status,
+            };
+            open.link.close();
+            self.open = None;
+            if !stream_may_reopen(&status) {
+                return Err(Error::Status {
+                    doing: "consume",
+                    status,
+                });
+            }
+            tracing::info!(%status, subject = %self.start.subject, durable = %self.start.durable_name, "consume stream broke; opening it again");
+        }
+    }
+
+    /// How often the stream was opened again after it broke.
+    pub fn reconnects(&self) -> u64 {
+        self.reconnects
+    }
+
+    /// Ends the stream: the acks sent are applied, and what this consumer
+    /// holds unsettled is given back for delivery at once (to any stream of
+    /// the consumer). Deliveries kept after this settle by unary calls.
+    pub async fn close(mut self) {
+        if let Some(mut open) = self.open.take() {
+            open.link.close();
+            // Whatever still arrives was leased by the stream, and is given
+            // back when it ends.
+            while let Ok(Some(_)) = open.messages.message().await {}
+        }
+    }
+
+    /// Opens a stream, trying again as `reconnect` says.
+    async fn open_stream(&self) -> Result<Open, Error> {
+        let mut attempt = 1;
+        loop {
+            let status = match self.try_open().await? {
+                Ok(open) => return Ok(open),
+                Err(status) => status,
+            };
+            if !stream_may_reopen(&status) || attempt >= self.reconnect.attempts {
+                return Err(Error::Status {
+                    doing: "consume",
+                    status,
+                });
+            }
+            attempt += 1;
+            let wait = self.reconnect.wait(attempt);
+            tracing::debug!(%status, attempt, ?wait, "cannot open the consume stream yet");
+            tokio::time::sleep(wait).await;
+        }
+    }
+
+    async fn try_open(&self) -> Result<Result<Open, tonic::Status>, Error> {
+        let (frames, outgoing) = mpsc::channel(64);
+        // The channel has room for it before the call starts.
+        let _ = frames.try_send(ConsumeRequest {
+            request: Some(Frame::Start(self.start.clone())),
+        });
+        let request = self
+            .client
+            .stream_request(ReceiverStream::new(outgoing))
+            .await?;
+        let mut egress = EgressServiceClient::new(self.client.egress.clone());
+        Ok(egress.consume(request).await.map(|messages| Open {
+            messages: messages.into_inner(),
+            link: Arc::new(Link {
+                frames: Mutex::new(Some(frames)),
+                client: self.client.clone(),
+                durable: self.start.durable_name.clone(),
+            }),
+        }))
+    }
+}
+
+/// A message delivered to a [`Consumer`], to be settled once: acked when
+/// done, nacked to have it again, its lease extended while work goes on,
+/// or rejected for good. Unsettled, it is delivered again once its lease
+/// (the consumer's `ack_wait`) runs out.
+///
+/// While the stream it came on is open, settling rides on that stream and
+/// returns once sent; the service applies it unless the lease ran out
+/// first. After the stream broke it is a call of its own, answered.
+pub struct Delivery {
+    /// The subject.
+    pub subject: String,
+    /// The message's sequence on its subject.
+    pub sequence: u64,
+    /// The payload; empty when it was left out ([`Delivery::payload_omitted`]).
+    pub data: Bytes,
+    /// The headers, the service's own (`mts-…`) included.
+    pub headers: HashMap<String, String>,
+    /// When the message was stored.
+    pub timestamp: Option<SystemTime>,
+    /// How often it has been delivered to this consumer, this time included.
+    pub delivery_count: u32,
+    /// The payload's size in bytes.
+    pub size: u64,
+    /// The payload's hex SHA-256 (empty for messages stored before digests
+    /// were kept).
+    pub sha256: String,
+    /// True when the payload was left out for its size: read it with
+    /// [`Delivery::payload`] or [`Client::download`].
+    pub payload_omitted: bool,
+    link: Arc<Link>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("subject", &self.subject)
+            .field("sequence", &self.sequence)
+            .field("size", &self.size)
+            .field("delivery_count", &self.delivery_count)
+            .field("payload_omitted", &self.payload_omitted)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    fn new(message: mts_proto::pb::Message, link: Arc<Link>) -> Self {
+        let timestamp = message.timestamp.and_then(|t| {
+            let nanos = u32::try_from(t.nanos).ok()?;
+            let secs = u64::try_from(t.seconds).ok()?;
+            SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
+        });
+        Self {
+            subject: message.subject,
+            sequence: message.sequence,
+            data: message.data,
+            headers: message.headers,
+            timestamp,
+            delivery_count: message.delivery_count,
+            size: message.size,
+            sha256: message.sha256,
+            payload_omitted: message.payload_omitted,
+            link,
+        }
+    }
+
+    /// A reader that downloads the payload from the service: for a message
+    /// whose payload was left out.
+    pub fn payload(&self) -> PayloadReader {
+        self.link.client.payload(&self.subject, self.sequence)
+    }
+
+    /// Done with it: it is never delivered again to this consumer.
+    pub async fn ack(&self) -> Result<(), Error> {
+        let frame = Frame::Ack(AckSequences {
+            sequences: vec![self.sequence],
+        });
+        if self.on_stream(frame).await {
+            return Ok(());
+        }
+        let request = AckSequencesRequest {
+            subject: self.subject.clone(),
+            durable_name: self.link.durable.clone(),
+            sequences: vec![self.sequence],
+        };
+        self.link
+            .client
+            .egress_call("ack", request, |mut egress, request| async move {
+                egress.ack(request).await
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Gives it back: it is delivered again after `delay` (at once for
+    /// zero).
+    pub async fn nack(&self, delay: Duration) -> Result<(), Error> {
+        let delay_ms = millis(delay);
+        let frame = Frame::Nack(NackSequences {
+            sequences: vec![self.sequence],
+            delay_ms,
+        });
+        if self.on_stream(frame).await {
+            return Ok(());
+        }
+        let request = NackRequest {
+            subject: self.subject.clone(),
+            durable_name: self.link.durable.clone(),
+            sequences: vec![self.sequence],
+            delay_ms,
+        };
+        self.link
+            .client
+            .egress_call("nack", request, |mut egress, request| async move {
+                egress.nack(request).await
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Still at it: its lease runs out `by` from now (the consumer's
+    /// `ack_wait` for zero; at most 12 hours), so it is not delivered
+    /// again meanwhile.
+    pub async fn extend(&self, by: Duration) -> Result<(), Error> {
+        let extend_ms = millis(by);
+        let frame = Frame::Extend(ExtendSequences {
+            sequences: vec![self.sequence],
+            extend_ms,
+        });
+        if self.on_stream(frame).await {
+            return Ok(());
+        }
+        let request = ExtendLeaseRequest {
+            subject: self.subject.clone(),
+            durable_name: self.link.durable.clone(),
+            sequences: vec![self.sequence],
+            extend_ms,
+        };
+        self.link
+            .client
+            .egress_call("extend", request, |mut egress, request| async move {
+                egress.extend_lease(request).await
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Gives it up for good: it goes to the consumer's dead-letter subject
+    /// with `reason` (in the header `mts-reject-reason`), or is dropped when
+    /// the consumer has none.
+    pub async fn reject(&self, reason: impl Into<String>) -> Result<(), Error> {
+        let reason = reason.into();
+        let frame = Frame::Reject(RejectSequences {
+            sequences: vec![self.sequence],
+            reason: reason.clone(),
+        });
+        if self.on_stream(frame).await {
+            return Ok(());
+        }
+        let request = RejectRequest {
+            subject: self.subject.clone(),
+            durable_name: self.link.durable.clone(),
+            sequences: vec![self.sequence],
+            reason,
+        };
+        self.link
+            .client
+            .egress_call("reject", request, |mut egress, request| async move {
+                egress.reject(request).await
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Sends `frame` on the stream the message came on; false when that
+    /// stream has ended.
+    async fn on_stream(&self, frame: Frame) -> bool {
+        let Some(frames) = self.link.frames() else {
+            return false;
+        };
+        frames
+            .send(ConsumeRequest {
+                request: Some(frame),
+            })
+            .await
+            .is_ok()
+    }
+}
+
+/// `duration` in whole milliseconds, as the wire takes it.
+fn millis(duration: Duration) -> u32 {
+    u32::try_from(duration.as_millis()).unwrap_or(u32::MAX)
+}

@@ -10,7 +10,7 @@ use mts_proto::pb::consume_request::Request as Frame;
 use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::{
     AckSequences, AckSequencesRequest, ConsumeRequest, ConsumeStart, ExtendLeaseRequest,
-    ExtendSequences, NackRequest, NackSequences, RejectRequest, RejectSequences,
+    ExtendSequences, FetchRequest, NackRequest, NackSequences, RejectRequest, RejectSequences,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -52,6 +52,68 @@ impl Client {
                 max_wait: Duration::from_secs(5),
             },
         }
+    }
+}
+
+impl Client {
+    /// Leases up to `batch` messages of `subject` for the durable consumer
+    /// `durable` (created with the service's defaults when it does not
+    /// exist) and returns them; payloads above the service's inline
+    /// delivery size are left out. Each is to be settled like a consumer's:
+    /// unsettled, it is delivered again once its lease runs out.
+    pub async fn fetch(
+        &self,
+        subject: &str,
+        durable: &str,
+        batch: u32,
+    ) -> Result<Vec<Delivery>, Error> {
+        let request = FetchRequest {
+            subject: subject.to_owned(),
+            durable_name: durable.to_owned(),
+            batch_size: i32::try_from(batch).unwrap_or(i32::MAX),
+            omit_large_payloads: true,
+        };
+        let egress = EgressServiceClient::new(self.egress.clone());
+        let (mut messages, _) = self
+            .retrying("fetch", || {
+                let (mut egress, request) = (egress.clone(), request.clone());
+                async move {
+                    let request = self.request(request).await?;
+                    Ok(egress.fetch(request).await.map(tonic::Response::into_inner))
+                }
+            })
+            .await?;
+        let link = Arc::new(Link {
+            frames: Mutex::new(None),
+            client: self.clone(),
+            durable: durable.to_owned(),
+        });
+        let mut fetched = Vec::new();
+        // A batch that breaks part way is not fetched again: what it leased
+        // comes back once the leases run out.
+        while let Some(message) = messages.message().await.map_err(|status| Error::Status {
+            doing: "fetch",
+            status,
+        })? {
+            fetched.push(Delivery::new(message, Arc::clone(&link)));
+        }
+        Ok(fetched)
+    }
+
+    /// Acks exactly `sequences`, which the consumer must hold (all, or
+    /// none is acked: `FAILED_PRECONDITION` names those it does not);
+    /// returns the consumer's ack floor.
+    pub async fn ack(&self, subject: &str, durable: &str, sequences: &[u64]) -> Result<u64, Error> {
+        let request = AckSequencesRequest {
+            subject: subject.to_owned(),
+            durable_name: durable.to_owned(),
+            sequences: sequences.to_vec(),
+        };
+        self.egress_call("ack", request, |mut egress, request| async move {
+            egress.ack(request).await
+        })
+        .await
+        .map(|reply| reply.ack_floor)
     }
 }
 
@@ -306,6 +368,15 @@ impl Delivery {
         }
     }
 
+    /// The file name its publisher gave (header `file-name`, set by
+    /// [`Client::publish_file`]), made safe to use as a name in a folder:
+    /// no folders, no control characters, no `.` or `..`.
+    pub fn file_name(&self) -> Option<String> {
+        self.headers
+            .get(crate::FILE_NAME_HEADER)
+            .and_then(|name| crate::safe_file_name(name))
+    }
+
     /// A reader that downloads the payload from the service: for a message
     /// whose payload was left out.
     pub fn payload(&self) -> PayloadReader {
@@ -320,16 +391,9 @@ impl Delivery {
         if self.on_stream(frame).await {
             return Ok(());
         }
-        let request = AckSequencesRequest {
-            subject: self.subject.clone(),
-            durable_name: self.link.durable.clone(),
-            sequences: vec![self.sequence],
-        };
         self.link
             .client
-            .egress_call("ack", request, |mut egress, request| async move {
-                egress.ack(request).await
-            })
+            .ack(&self.subject, &self.link.durable, &[self.sequence])
             .await
             .map(drop)
     }

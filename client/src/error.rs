@@ -6,7 +6,7 @@ use tonic::Code;
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     /// The service answered with an error status.
-    #[error("{doing}: {} ({:?})", status.message(), status.code())]
+    #[error("{doing}: {} ({:?})", described(status), status.code())]
     Status {
         /// What was being done.
         doing: &'static str,
@@ -61,13 +61,15 @@ impl Error {
     /// the same message id is stored once.
     pub fn is_retryable(&self) -> bool {
         match self {
-            Self::Status { status, .. } => matches!(
-                status.code(),
-                Code::Unavailable
-                    | Code::DeadlineExceeded
-                    | Code::ResourceExhausted
-                    | Code::Aborted
-            ),
+            Self::Status { status, .. } => {
+                matches!(
+                    status.code(),
+                    Code::Unavailable
+                        | Code::DeadlineExceeded
+                        | Code::ResourceExhausted
+                        | Code::Aborted
+                ) || broken_link(status)
+            }
             Self::Connect { .. } => true,
             Self::Config(_)
             | Self::Token(_)
@@ -86,6 +88,16 @@ impl Error {
     }
 }
 
+/// Whether `status` is the client's own report of a connection that broke
+/// mid-call (an HTTP/2 or I/O error under it), not an answer of the
+/// service's, which carries no such cause.
+fn broken_link(status: &tonic::Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unknown | Code::Internal | Code::Cancelled
+    ) && std::error::Error::source(status).is_some()
+}
+
 /// Whether a stream that failed with `status` may be opened again: it broke
 /// (a restart, a connection closed for its age, a network fault) rather than
 /// being refused for a reason the caller has to fix.
@@ -101,4 +113,24 @@ pub(crate) fn stream_may_reopen(status: &tonic::Status) -> bool {
             | Code::OutOfRange
             | Code::Unimplemented
     )
+}
+
+/// A status's message and the causes under it (a transport error's "tcp
+/// connect error" says nothing of the refused connection under it), each
+/// once.
+fn described(status: &tonic::Status) -> String {
+    let mut text = status.message().to_owned();
+    let mut cause = std::error::Error::source(status);
+    while let Some(err) = cause {
+        let more = err.to_string();
+        if !more.is_empty() && !text.contains(&more) {
+            text = if text.is_empty() {
+                more
+            } else {
+                format!("{text}: {more}")
+            };
+        }
+        cause = err.source();
+    }
+    text
 }

@@ -121,6 +121,9 @@ impl Client {
         if let Err(err) = outcome {
             if matches!(err, Error::Digest { .. }) {
                 let _ = tokio::fs::remove_file(path).await;
+            } else {
+                // What arrived is kept for the next try to resume.
+                let _ = file.flush().await;
             }
             return Err(err);
         }

@@ -38,7 +38,9 @@ enum Failed {
 impl Client {
     /// Publishes the file at `path` as the payload of `message` (whose own
     /// `data` must be empty), streamed in chunks over `PublishStream`: any
-    /// size, never held whole in memory. `progress` hears of each chunk
+    /// size, never held whole in memory. The file's name goes in the header
+    /// [`FILE_NAME_HEADER`](crate::FILE_NAME_HEADER) unless the message has
+    /// one. `progress` hears of each chunk
     /// sent. The service checks the SHA-256 computed on the way before
     /// storing anything. A try the service could not take, or whose stream
     /// broke, is made again from the start of the file under the same
@@ -50,6 +52,13 @@ impl Client {
         mut progress: impl FnMut(Progress) + Send,
     ) -> Result<Published, Error> {
         let path = path.as_ref();
+        let mut message = message;
+        if let Some(name) = path.file_name().and_then(|name| name.to_str()) {
+            message
+                .headers
+                .entry(crate::FILE_NAME_HEADER.to_owned())
+                .or_insert_with(|| name.to_owned());
+        }
         let header = header_of(message)?;
         let message_id = header.message_id.clone();
         let mut attempt = 1;

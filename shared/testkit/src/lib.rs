@@ -699,6 +699,9 @@ pub struct LossyProxy {
 
 #[derive(Default)]
 struct Faults {
+    /// Reply bytes still let through before every connection is cut; 0 =
+    /// no limit.
+    cut_after: std::sync::atomic::AtomicU64,
     lose_reply: std::sync::atomic::AtomicBool,
     lose_request: std::sync::atomic::AtomicBool,
     refuse: std::sync::atomic::AtomicBool,
@@ -760,6 +763,15 @@ impl LossyProxy {
             .store(refuse, std::sync::atomic::Ordering::SeqCst);
     }
 
+    /// Lets `bytes` more reply bytes through, then closes the connection
+    /// that would carry more: a link that breaks part way through a large
+    /// answer, at a point a test can count on.
+    pub fn cut_replies_after(&self, bytes: u64) {
+        self.faults
+            .cut_after
+            .store(bytes.max(1), std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Closes every open connection, as a server that went away would.
     pub fn sever(&self) {
         self.faults.sever.notify_waiters();
@@ -800,7 +812,24 @@ async fn forward(
             if n == 0 || Faults::take(&faults.lose_reply) {
                 return;
             }
-            if client_write.write_all(&buf[..n]).await.is_err() {
+            let mut n = n;
+            let mut cut = false;
+            let _ = faults.cut_after.fetch_update(
+                std::sync::atomic::Ordering::SeqCst,
+                std::sync::atomic::Ordering::SeqCst,
+                |left| match left {
+                    0 => None,
+                    left if left as usize > n => Some(left - n as u64),
+                    // What is left of the allowance goes, then the link is
+                    // cut; the next connections are whole again.
+                    left => {
+                        n = left as usize;
+                        cut = true;
+                        Some(0)
+                    }
+                },
+            );
+            if client_write.write_all(&buf[..n]).await.is_err() || cut {
                 return;
             }
         }

@@ -1,51 +1,11 @@
-//! Bearer tokens: minting one for local use (`mts token`), and sending one
-//! (`--token` / `MTS_TOKEN`) with every call.
+//! Minting a bearer token for local use and tests (`mts token`).
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use mts_proto::pb::egress_service_client::EgressServiceClient;
 use serde::Serialize;
-use tonic::metadata::{Ascii, MetadataValue};
-use tonic::service::Interceptor;
-use tonic::service::interceptor::InterceptedService;
-use tonic::transport::Channel;
 
 use crate::failure::Failure;
-
-/// Adds `authorization: Bearer <token>` to every call, when a token is set.
-#[derive(Clone)]
-pub struct Bearer(Option<MetadataValue<Ascii>>);
-
-impl Bearer {
-    pub fn new(token: Option<&str>) -> Result<Self, Failure> {
-        token
-            .map(|t| {
-                format!("Bearer {t}")
-                    .parse()
-                    .map_err(|_| Failure::Token("the token is not valid header text".into()))
-            })
-            .transpose()
-            .map(Self)
-    }
-}
-
-impl Interceptor for Bearer {
-    fn call(
-        &mut self,
-        mut request: tonic::Request<()>,
-    ) -> Result<tonic::Request<()>, tonic::Status> {
-        if let Some(value) = &self.0 {
-            request
-                .metadata_mut()
-                .insert("authorization", value.clone());
-        }
-        Ok(request)
-    }
-}
-
-/// An egress client that sends the token.
-pub type Egress = EgressServiceClient<InterceptedService<Channel, Bearer>>;
 
 #[derive(Serialize)]
 struct Claims<'a> {

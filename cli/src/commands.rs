@@ -1,340 +1,318 @@
-//! The four commands.
+//! Each command, on the client library.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use std::time::{Duration, UNIX_EPOCH};
 
-use bytes::Bytes;
-use futures::StreamExt;
-use mts_proto::pb::consume_request::Request as ConsumeFrame;
-use mts_proto::pb::egress_service_client::EgressServiceClient;
-use mts_proto::pb::ingress_service_client::IngressServiceClient;
-use mts_proto::pb::publish_frame::Frame;
-use mts_proto::pb::{
-    AckSequences, AckSequencesRequest, ConsumeRequest, ConsumeStart, FetchRequest,
-    GetLastSequenceRequest, PublishEnd, PublishFrame, PublishHeader,
-};
-use sha2::{Digest, Sha256};
-use tokio::io::AsyncReadExt;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::transport::Channel;
+use mts_client::wire::{ConsumerConfig, DeliverPolicy, SubjectLimits};
+use mts_client::{Client, FILE_NAME_HEADER, Message, Seek};
+use serde_json::json;
 
-use crate::args::{Args, Command};
-use crate::auth::{Bearer, Egress, Signing, TokenRequest};
+use crate::args::{Args, Command, ConsumerCommand, Deliver, PayloadCommand, SubjectCommand};
+use crate::auth::{self, Signing, TokenRequest};
 use crate::failure::Failure;
+use crate::output::{self, emit};
 use crate::progress::Progress;
-use crate::receive;
-
-/// Bytes per chunk sent.
-const CHUNK: usize = 1024 * 1024;
+use crate::receive::{self, Receiver};
 
 pub async fn run(args: Args) -> Result<(), Failure> {
-    let token = Bearer::new(args.token.as_deref())?;
-    let token = &token;
-    match args.command {
-        Command::Publish {
+    let Args {
+        connection,
+        json,
+        quiet,
+        command,
+    } = args;
+    if let Command::Token {
+        issuer,
+        client_id,
+        subjects,
+        permissions,
+        ttl_seconds,
+        secret,
+        secret_file,
+        private_key_file,
+    } = command
+    {
+        let read = |path: &Path| {
+            std::fs::read(path).map_err(Failure::io(format!("reading {}", path.display())))
+        };
+        let key = match (secret, secret_file, private_key_file) {
+            (Some(secret), None, None) => Signing::Secret(secret.into_bytes()),
+            (None, Some(file), None) => Signing::Secret(read(&file)?),
+            (None, None, Some(file)) => Signing::RsaPrivateKey(read(&file)?),
+            _ => {
+                return Err(Failure::Usage(
+                    "give one of --secret, --secret-file, --private-key-file".into(),
+                ));
+            }
+        };
+        let token = auth::mint(TokenRequest {
+            issuer: &issuer,
+            client_id: &client_id,
+            subjects: &subjects,
+            permissions: &permissions,
+            ttl_seconds,
+            key,
+        })?;
+        println!("{token}");
+        return Ok(());
+    }
+    let client = crate::connect::client(&connection).await?;
+    match command {
+        Command::Pub {
             subject,
+            file,
+            data,
             headers,
             message_id,
-            file,
+            ordering_key,
+            name,
         } => {
+            let mut message = Message::new(subject, data.clone().unwrap_or_default());
+            message.headers = headers.into_iter().collect::<HashMap<_, _>>();
+            message.message_id = message_id;
+            message.ordering_key = ordering_key;
+            if let Some(name) = name {
+                message.headers.insert(FILE_NAME_HEADER.to_owned(), name);
+            }
             publish(
-                &args.ingress,
-                token,
-                subject,
-                headers.into_iter().collect(),
-                message_id,
-                &file,
+                &client,
+                message,
+                data.is_none().then_some(file).flatten(),
+                json,
+                quiet,
             )
             .await
         }
-        Command::Subscribe {
+        Command::Sub {
             subject,
             durable,
-            out,
+            save,
             count,
             max_in_flight,
         } => {
-            subscribe(
-                &args.egress,
-                token,
-                subject,
+            let receiver = Receiver {
+                client,
+                out: save.out,
                 durable,
-                out,
-                count,
-                max_in_flight,
-            )
-            .await
+                json,
+                quiet,
+            };
+            receiver.follow(&subject, max_in_flight, count).await
         }
         Command::Fetch {
             subject,
             durable,
             batch,
-            out,
+            save,
             no_ack,
-        } => fetch(&args.egress, token, subject, durable, batch, out, no_ack).await,
-        Command::Token {
-            issuer,
-            client_id,
-            subjects,
-            permissions,
-            ttl_seconds,
-            secret,
-            secret_file,
-            private_key_file,
         } => {
-            let read = |path: &std::path::Path| {
-                std::fs::read(path).map_err(Failure::io(format!("reading {}", path.display())))
+            let receiver = Receiver {
+                client,
+                out: save.out,
+                durable,
+                json,
+                quiet,
             };
-            let key = match (secret, secret_file, private_key_file) {
-                (Some(secret), None, None) => Signing::Secret(secret.into_bytes()),
-                (None, Some(file), None) => Signing::Secret(read(&file)?),
-                (None, None, Some(file)) => Signing::RsaPrivateKey(read(&file)?),
-                _ => {
-                    return Err(Failure::Token(
-                        "give one of --secret, --secret-file, --private-key-file".into(),
-                    ));
-                }
-            };
-            let token = crate::auth::mint(TokenRequest {
-                issuer: &issuer,
-                client_id: &client_id,
-                subjects: &subjects,
-                permissions: &permissions,
-                ttl_seconds,
-                key,
-            })?;
-            println!("{token}");
-            Ok(())
+            receiver.fetch(&subject, batch, !no_ack).await
         }
         Command::Last { subject } => {
-            let last = egress(&args.egress, token)
-                .await?
-                .get_last_sequence(GetLastSequenceRequest { subject })
-                .await
-                .map_err(Failure::call("last sequence"))?
-                .into_inner()
-                .last_sequence;
-            println!("{last}");
+            let last = client.last_sequence(&subject).await?;
+            emit(
+                json,
+                json!({"subject": subject, "last_sequence": last}),
+                || last.to_string(),
+            );
             Ok(())
         }
+        Command::Consumer(command) => consumer(&client, command, json).await,
+        Command::Subject(command) => subject(&client, command, json).await,
+        Command::Payload(PayloadCommand::Get {
+            subject,
+            sequence,
+            out,
+        }) => receive::payload_get(&client, &subject, sequence, out, json, quiet).await,
+        Command::Token { .. } => Ok(()),
     }
 }
 
-async fn channel(endpoint: &str) -> Result<Channel, Failure> {
-    let connect = |error| Failure::Connect {
-        endpoint: endpoint.to_owned(),
-        error,
-    };
-    tonic::transport::Endpoint::from_shared(endpoint.to_owned())
-        .map_err(connect)?
-        .connect()
-        .await
-        .map_err(connect)
-}
-
-pub async fn egress(endpoint: &str, token: &Bearer) -> Result<Egress, Failure> {
-    Ok(EgressServiceClient::with_interceptor(
-        channel(endpoint).await?,
-        token.clone(),
-    ))
-}
-
-/// Streams the file with its size (when known) and, at the end, its SHA-256,
-/// which the server checks before storing anything.
+/// A file (streamed, any size, retried from its start), standard input
+/// (streamed once), or the message's own data (unary).
 async fn publish(
-    endpoint: &str,
-    token: &Bearer,
-    subject: String,
-    headers: HashMap<String, String>,
-    message_id: Option<String>,
-    file: &Path,
+    client: &Client,
+    message: Message,
+    file: Option<PathBuf>,
+    json: bool,
+    quiet: bool,
 ) -> Result<(), Failure> {
-    let mut client =
-        IngressServiceClient::with_interceptor(channel(endpoint).await?, token.clone());
-    let (mut source, total_size): (Box<dyn tokio::io::AsyncRead + Unpin + Send>, Option<u64>) =
-        if file == Path::new("-") {
-            (Box::new(tokio::io::stdin()), None)
-        } else {
-            let opened = tokio::fs::File::open(file)
-                .await
-                .map_err(Failure::io(format!("opening {}", file.display())))?;
-            let size = opened
-                .metadata()
-                .await
-                .ok()
-                .filter(|m| m.is_file())
-                .map(|m| m.len());
-            (Box::new(opened), size)
-        };
-    let (frames, outbound) = mpsc::channel::<PublishFrame>(4);
-    let frame = |frame| PublishFrame { frame: Some(frame) };
-    let header = Frame::Header(PublishHeader {
-        subject,
-        headers,
-        total_size,
-        message_id: message_id.unwrap_or_default(),
-        ordering_key: String::new(),
+    let published = match file {
+        None => client.publish(message).await?,
+        Some(file) if file == Path::new("-") => {
+            let progress = Progress::new("standard input", quiet);
+            client
+                .publish_stream(message, tokio::io::stdin(), None, |p| progress.update(p))
+                .await?
+        }
+        Some(file) => {
+            let progress = Progress::new(file.display().to_string(), quiet);
+            client
+                .publish_file(message, &file, |p| progress.update(p))
+                .await?
+        }
+    };
+    emit(json, output::published(&published), || {
+        output::published_line(&published)
     });
-    // The header is in the channel before the call starts; its capacity is 4.
-    let _ = frames.send(frame(header)).await;
-    let label = file.display().to_string();
-    let reader = tokio::spawn(async move {
-        let mut hasher = Sha256::new();
-        let mut progress = Progress::new(format!("publishing {label}"), total_size);
-        loop {
-            let mut buffer = vec![0u8; CHUNK];
-            let mut filled = 0;
-            while filled < CHUNK {
-                let read = source.read(&mut buffer[filled..]).await?;
-                if read == 0 {
-                    break;
+    Ok(())
+}
+
+fn millis(duration: Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+async fn consumer(client: &Client, command: ConsumerCommand, json: bool) -> Result<(), Failure> {
+    match command {
+        ConsumerCommand::Ls { subject } => {
+            let consumers = client.consumers(subject.as_deref()).await?;
+            if json {
+                let all: Vec<_> = consumers.iter().map(output::consumer).collect();
+                println!("{}", serde_json::Value::Array(all));
+            } else {
+                println!("{}", output::CONSUMER_HEADER);
+                for info in &consumers {
+                    println!("{}", output::consumer_row(info));
                 }
-                filled += read;
-            }
-            if filled == 0 {
-                break;
-            }
-            buffer.truncate(filled);
-            hasher.update(&buffer);
-            progress.advance(filled as u64);
-            if frames
-                .send(frame(Frame::Chunk(Bytes::from(buffer))))
-                .await
-                .is_err()
-            {
-                // The call ended early; its error says why.
-                return Ok(());
             }
         }
-        progress.finish();
-        let end = Frame::End(PublishEnd {
-            sha256: hex::encode(hasher.finalize()),
-        });
-        let _ = frames.send(frame(end)).await;
-        Ok::<_, std::io::Error>(())
-    });
-    let reply = client.publish_stream(ReceiverStream::new(outbound)).await;
-    match reader.await {
-        Ok(Ok(())) => {}
-        Ok(Err(error)) => {
-            return Err(Failure::Io {
-                doing: format!("reading {}", file.display()),
-                error,
+        ConsumerCommand::Info { subject, durable } => {
+            let info = client.consumer_info(&subject, &durable).await?;
+            let value = output::consumer(&info);
+            emit(json, value.clone(), || output::fields(&value));
+        }
+        ConsumerCommand::Add {
+            subject,
+            durable,
+            ack_wait,
+            max_deliver,
+            max_ack_pending,
+            deliver,
+            dead_letter,
+            no_dead_letter,
+            inactive_threshold,
+        } => {
+            let mut config = ConsumerConfig {
+                ack_wait_ms: ack_wait
+                    .map(|wait| u32::try_from(wait.as_millis()).unwrap_or(u32::MAX)),
+                max_deliver,
+                max_ack_pending,
+                dead_letter_subject: if no_dead_letter {
+                    Some(String::new())
+                } else {
+                    dead_letter
+                },
+                inactive_threshold_ms: inactive_threshold.map(millis),
+                ..ConsumerConfig::default()
+            };
+            match deliver {
+                Deliver::All => config.set_deliver_policy(DeliverPolicy::DeliverAll),
+                Deliver::New => config.set_deliver_policy(DeliverPolicy::DeliverNew),
+                Deliver::Sequence(sequence) => {
+                    config.set_deliver_policy(DeliverPolicy::DeliverByStartSequence);
+                    config.start_sequence = sequence;
+                }
+                Deliver::Time(time) => {
+                    config.set_deliver_policy(DeliverPolicy::DeliverByStartTime);
+                    config.start_time = Some(time.into());
+                }
+            }
+            let info = client.create_consumer(&subject, &durable, config).await?;
+            let value = output::consumer(&info);
+            emit(json, value.clone(), || {
+                let verb = if info.created_now {
+                    "created"
+                } else {
+                    "updated"
+                };
+                format!("{verb} {durable} on {subject}\n{}", output::fields(&value))
             });
         }
-        Err(panic) => {
-            return Err(Failure::Io {
-                doing: "reading".into(),
-                error: std::io::Error::other(panic.to_string()),
-            });
+        ConsumerCommand::Rm { subject, durable } => {
+            client.delete_consumer(&subject, &durable).await?;
+            emit(
+                json,
+                json!({"subject": subject, "durable_name": durable, "deleted": true}),
+                || format!("deleted {durable} on {subject}"),
+            );
+        }
+        ConsumerCommand::Seek {
+            subject,
+            durable,
+            to,
+        } => {
+            let to = match to {
+                Deliver::Sequence(sequence) => Seek::Sequence(sequence),
+                Deliver::Time(time) => Seek::Time(time),
+                Deliver::All => Seek::Time(UNIX_EPOCH),
+                Deliver::New => {
+                    let last = client.last_sequence(&subject).await?;
+                    Seek::Sequence(last + 1)
+                }
+            };
+            let info = client.seek_consumer(&subject, &durable, to).await?;
+            let value = output::consumer(&info);
+            emit(json, value.clone(), || output::fields(&value));
         }
     }
-    let reply = reply.map_err(Failure::call("publish"))?.into_inner();
-    println!(
-        "sequence={} size={} sha256={} duplicate={} object={}",
-        reply.sequence, reply.size, reply.sha256, reply.duplicate, reply.object_name
-    );
     Ok(())
 }
 
-/// Follows the subject on a Consume stream, acknowledging each message once
-/// it is saved.
-async fn subscribe(
-    endpoint: &str,
-    token: &Bearer,
-    subject: String,
-    durable: String,
-    out: Option<PathBuf>,
-    count: Option<u64>,
-    max_in_flight: u32,
-) -> Result<(), Failure> {
-    let mut client = egress(endpoint, token).await?;
-    let (frames, outbound) = mpsc::channel(16);
-    let start = ConsumeFrame::Start(ConsumeStart {
-        subject: subject.clone(),
-        durable_name: durable,
-        max_in_flight,
-        omit_large_payloads: true,
-        report_not_held: false,
-    });
-    let _ = frames
-        .send(ConsumeRequest {
-            request: Some(start),
-        })
-        .await;
-    let mut messages = client
-        .consume(ReceiverStream::new(outbound))
-        .await
-        .map_err(Failure::call("subscribe"))?
-        .into_inner();
-    let mut received = 0;
-    while count.is_none_or(|n| received < n) {
-        let message = tokio::select! {
-            next = messages.next() => match next {
-                Some(message) => message.map_err(Failure::call("subscribe"))?,
-                None => break,
-            },
-            _ = tokio::signal::ctrl_c() => break,
-        };
-        let sequence = message.sequence;
-        receive::save(&mut client, message, out.as_deref()).await?;
-        let ack = ConsumeFrame::Ack(AckSequences {
-            sequences: vec![sequence],
-        });
-        if frames
-            .send(ConsumeRequest { request: Some(ack) })
-            .await
-            .is_err()
-        {
-            break;
+async fn subject(client: &Client, command: SubjectCommand, json: bool) -> Result<(), Failure> {
+    match command {
+        SubjectCommand::Ls { prefix } => {
+            let subjects = client
+                .subjects(prefix.as_deref().unwrap_or_default())
+                .await?;
+            if json {
+                let all: Vec<_> = subjects.iter().map(output::subject).collect();
+                println!("{}", serde_json::Value::Array(all));
+            } else {
+                println!("{}", output::SUBJECT_HEADER);
+                for info in &subjects {
+                    println!("{}", output::subject_row(info));
+                }
+            }
         }
-        received += 1;
-    }
-    // Closing our side ends the stream; acks already sent are applied first.
-    drop(frames);
-    while messages.next().await.is_some() {}
-    Ok(())
-}
-
-/// One batch: save every message, then acknowledge them together.
-async fn fetch(
-    endpoint: &str,
-    token: &Bearer,
-    subject: String,
-    durable: String,
-    batch: i32,
-    out: Option<PathBuf>,
-    no_ack: bool,
-) -> Result<(), Failure> {
-    let mut client = egress(endpoint, token).await?;
-    let messages: Vec<_> = client
-        .fetch(FetchRequest {
-            subject: subject.clone(),
-            durable_name: durable.clone(),
-            batch_size: batch,
-            omit_large_payloads: true,
-        })
-        .await
-        .map_err(Failure::call("fetch"))?
-        .into_inner()
-        .collect()
-        .await;
-    let mut sequences = Vec::new();
-    for message in messages {
-        let message = message.map_err(Failure::call("fetch"))?;
-        sequences.push(message.sequence);
-        receive::save(&mut client, message, out.as_deref()).await?;
-    }
-    if !no_ack && !sequences.is_empty() {
-        client
-            .ack(AckSequencesRequest {
-                subject,
-                durable_name: durable,
-                sequences,
-            })
-            .await
-            .map_err(Failure::call("ack"))?;
+        SubjectCommand::Info { subject } => {
+            let info = client.subject_info(&subject).await?;
+            let value = output::subject(&info);
+            emit(json, value.clone(), || output::fields(&value));
+        }
+        SubjectCommand::Limits {
+            subject,
+            max_age,
+            max_messages,
+            max_bytes,
+            discard,
+        } => {
+            let limits = SubjectLimits {
+                max_age_ms: max_age.map(millis),
+                max_messages,
+                max_bytes,
+                discard,
+            };
+            let info = client.set_subject_limits(&subject, limits).await?;
+            let value = output::subject(&info);
+            emit(json, value.clone(), || output::fields(&value));
+        }
+        SubjectCommand::Purge { subject, through } => {
+            let purged = client.purge_subject(&subject, through).await?;
+            let after = purged.subject.as_ref().map(output::subject);
+            emit(
+                json,
+                json!({"subject": subject, "purged": purged.purged, "after": after}),
+                || format!("purged {} messages of {subject}", purged.purged),
+            );
+        }
     }
     Ok(())
 }

@@ -1,14 +1,18 @@
-//! `mts`: publish files to MiniToolStream and receive them, with exit codes a
-//! script can rely on (see `mts --help`).
+//! `mts`: publish and receive messages and files through MiniToolStream,
+//! and administer its consumers and subjects, with exit codes a script can
+//! rely on (see `mts --help`).
 
 #![forbid(unsafe_code)]
 
 mod args;
 mod auth;
 mod commands;
+mod connect;
 mod failure;
+mod output;
 mod progress;
 mod receive;
+mod time;
 
 use std::process::ExitCode;
 

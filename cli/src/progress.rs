@@ -1,54 +1,51 @@
-//! A progress line on standard error, shown only when it is a terminal.
+//! Progress bars with rate and time left, on standard error when it is a
+//! terminal; nothing otherwise.
 
-use std::io::{IsTerminal, Write};
-use std::time::{Duration, Instant};
+use std::io::IsTerminal;
 
-pub struct Progress {
-    label: String,
-    total: Option<u64>,
-    done: u64,
-    shown_at: Instant,
-    visible: bool,
-}
+use indicatif::{ProgressBar, ProgressStyle};
+
+pub struct Progress(Option<ProgressBar>);
 
 impl Progress {
-    pub fn new(label: impl Into<String>, total: Option<u64>) -> Self {
-        Self {
-            label: label.into(),
-            total,
-            done: 0,
-            shown_at: Instant::now(),
-            visible: std::io::stderr().is_terminal(),
+    pub fn new(label: impl Into<String>, quiet: bool) -> Self {
+        if quiet || !std::io::stderr().is_terminal() {
+            return Self(None);
         }
+        let bar = ProgressBar::new_spinner().with_message(label.into());
+        Self(Some(bar))
     }
 
-    pub fn advance(&mut self, bytes: u64) {
-        self.done += bytes;
-        if self.visible && self.shown_at.elapsed() >= Duration::from_millis(200) {
-            self.show();
-            self.shown_at = Instant::now();
-        }
-    }
-
-    fn show(&self) {
-        let mib = |b: u64| b as f64 / (1024.0 * 1024.0);
-        let line = match self.total {
-            Some(total) if total > 0 => format!(
-                "\r{}: {:.1} / {:.1} MiB ({:.0}%)",
-                self.label,
-                mib(self.done),
-                mib(total),
-                self.done as f64 * 100.0 / total as f64
-            ),
-            _ => format!("\r{}: {:.1} MiB", self.label, mib(self.done)),
+    pub fn update(&self, progress: mts_client::Progress) {
+        let Some(bar) = &self.0 else {
+            return;
         };
-        let _ = std::io::stderr().write_all(line.as_bytes());
+        match progress.total {
+            Some(total) if bar.length() != Some(total) => {
+                bar.set_length(total);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{msg} [{bar:30}] {bytes}/{total_bytes} {binary_bytes_per_sec} eta {eta}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar())
+                    .progress_chars("=> "),
+                );
+            }
+            None if bar.length().is_some() => {}
+            None => bar.set_style(
+                ProgressStyle::with_template("{msg} {spinner} {bytes} {binary_bytes_per_sec}")
+                    .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+            ),
+            _ => {}
+        }
+        bar.set_position(progress.done);
     }
+}
 
-    pub fn finish(&self) {
-        if self.visible {
-            self.show();
-            let _ = std::io::stderr().write_all(b"\n");
+impl Drop for Progress {
+    fn drop(&mut self) {
+        if let Some(bar) = &self.0 {
+            bar.finish_and_clear();
         }
     }
 }

@@ -85,8 +85,9 @@ else
     start_garage "$state/garage" 9000 3901 "$MINIO_ACCESS_KEY_ID" "$MINIO_SECRET_ACCESS_KEY" minitoolstream
 fi
 
-log "building ingress and egress (release)"
-cargo build --release --locked -p mts-ingress -p mts-egress
+log "building ingress, egress and the mts command (release)"
+cargo build --release --locked -p mts-ingress -p mts-egress -p mts-cli
+mts="$root/target/release/mts"
 
 export TARANTOOL_ADDRESS=$tarantool_address TARANTOOL_USER=minitoolstream_connector TARANTOOL_PASSWORD
 export MINIO_ENDPOINT=127.0.0.1:9000 MINIO_ACCESS_KEY_ID MINIO_SECRET_ACCESS_KEY MINIO_BUCKET_NAME=minitoolstream
@@ -121,7 +122,17 @@ done
 cat <<MSG
 
 MiniToolStream is running (logs in .local/logs, data in .local/, metrics on
-http://127.0.0.1:9091/metrics and :9092). Try it:
+http://127.0.0.1:9091/metrics and :9092). The mts command is $mts
+(it reaches 127.0.0.1:50051 and :50052 by default). Try it:
+
+  MTS=$mts
+  \$MTS pub demo.hello --data hello
+  \$MTS pub demo.files ./README.md              # any file, any size, streamed
+  \$MTS sub demo.files me --out ./inbox --count 1
+  \$MTS consumer ls demo.files
+  \$MTS subject info demo.files --json
+
+Or with grpcurl:
 
   GRPCURL=$grpcurl
   \$GRPCURL -plaintext 127.0.0.1:50051 list

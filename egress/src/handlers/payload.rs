@@ -69,7 +69,7 @@ pub async fn open(
                         other => Error::ObjectStore(other),
                     })?;
             let timeout = egress.object_store.timeout();
-            tokio::spawn(relay(body, offset, timeout, sender, chunk));
+            tokio::spawn(relay(body, offset, total_size, timeout, sender, chunk));
         }
         (_, data) => {
             let data = data.unwrap_or_default();
@@ -97,10 +97,12 @@ pub async fn open(
 }
 
 /// Regroups the object store's body into chunks of CHUNK bytes. Each wait
-/// for the store is bounded by `timeout`; waits for the client are not.
+/// for the store is bounded by `timeout`; waits for the client are not. A
+/// body that ends short of `total_size` ends the stream with DATA_LOSS.
 async fn relay(
     mut body: aws_sdk_s3::primitives::ByteStream,
     mut offset: u64,
+    total_size: u64,
     timeout: std::time::Duration,
     sender: mpsc::Sender<Result<PayloadChunk, Status>>,
     chunk: impl Fn(Bytes, u64) -> PayloadChunk,
@@ -137,8 +139,22 @@ async fn relay(
                 return;
             }
             None => {
-                if !pending.is_empty() {
-                    let _ = sender.send(Ok(chunk(pending.freeze(), offset))).await;
+                let end = offset + pending.len() as u64;
+                if !pending.is_empty()
+                    && sender
+                        .send(Ok(chunk(pending.freeze(), offset)))
+                        .await
+                        .is_err()
+                {
+                    return;
+                }
+                if end < total_size {
+                    // A stream that simply ended would pass for the whole
+                    // payload with a client that does not check the size.
+                    let status = Status::data_loss(format!(
+                        "the stored object ends at byte {end} of {total_size}"
+                    ));
+                    let _ = sender.send(Err(status)).await;
                 }
                 return;
             }

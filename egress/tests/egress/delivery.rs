@@ -340,3 +340,41 @@ async fn aged_connections_are_closed_so_clients_rebalance() {
     assert_eq!(last.last_sequence, 0);
     service.stop().await.unwrap();
 }
+
+#[tokio::test]
+async fn a_stored_object_shorter_than_its_payload_is_reported_as_data_loss() {
+    let mut f = fixture("short-object").await;
+    let key = format!("{}/{}", f.subject, testing::unique_subject("object"));
+    ObjectStore::new(&f.config)
+        .put(&key, vec![7u8; 1000].into())
+        .await
+        .unwrap();
+    let sequence = f
+        .store
+        .publish(&f.subject, &HashMap::new(), None, Some(&key), 5000)
+        .await
+        .unwrap();
+    let mut chunks = f
+        .client
+        .fetch_payload(mts_proto::pb::FetchPayloadRequest {
+            subject: f.subject.clone(),
+            sequence,
+            offset: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let (mut received, mut ended) = (0, None);
+    while let Some(item) = chunks.next().await {
+        match item {
+            Ok(chunk) => received += chunk.data.len(),
+            Err(status) => {
+                ended = Some(status);
+                break;
+            }
+        }
+    }
+    assert_eq!(received, 1000);
+    let status = ended.expect("a stream that ended as if whole");
+    assert_eq!(status.code(), Code::DataLoss, "{status:?}");
+}

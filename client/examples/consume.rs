@@ -52,9 +52,12 @@ async fn save(
     let name = delivery
         .file_name()
         .unwrap_or_else(|| delivery.sequence.to_string());
-    let path = dir.join(&name);
-    let partial = dir.join(format!(".{name}.part"));
+    // Names of their own, so that two messages of one name both stay.
+    let path = dir.join(format!("{}-{name}", delivery.sequence));
+    let partial = dir.join(format!(".{}.part", delivery.sequence));
     if delivery.payload_omitted {
+        // However long it takes, the message is not delivered again meanwhile.
+        let _leased = delivery.keep_leased();
         // Resumes what an earlier try left; checks the SHA-256.
         client
             .download(&delivery.subject, delivery.sequence, &partial, |_| {})

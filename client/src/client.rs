@@ -43,6 +43,19 @@ impl Retry {
     }
 }
 
+/// Whether a call may be made again after a failure that leaves its
+/// outcome unknown (its deadline passed, its connection broke mid-call).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Repeat {
+    /// A repeat changes nothing (a read, an upsert, a publish under its
+    /// message id).
+    Safe,
+    /// A repeat could (an ack of what a first try acked fails; a purge
+    /// purges what came since): tried again only when the service said it
+    /// could not do it.
+    IfNotDone,
+}
+
 /// Settings of a [`Client`]; [`ClientBuilder::connect`] makes one.
 #[derive(Debug, Clone)]
 pub struct ClientBuilder {
@@ -119,12 +132,11 @@ impl ClientBuilder {
                 .http2_keep_alive_interval(Duration::from_secs(30))
                 .keep_alive_while_idle(true);
             if address.starts_with("https://") {
-                endpoint = endpoint
-                    .tls_config(tls.clone())
-                    .map_err(|source| Error::Connect {
-                        endpoint: address.to_owned(),
-                        source,
-                    })?;
+                endpoint = endpoint.tls_config(tls.clone()).map_err(|e| {
+                    Error::Config(format!(
+                        "TLS settings for {address}: {e} (a certificate or key that is not PEM?)"
+                    ))
+                })?;
             }
             Ok(endpoint.connect_lazy())
         };
@@ -199,6 +211,7 @@ impl Client {
     pub(crate) async fn retrying<T, F, Fut>(
         &self,
         doing: &'static str,
+        repeat: Repeat,
         mut call: F,
     ) -> Result<(T, u32), Error>
     where
@@ -211,7 +224,7 @@ impl Client {
                 Ok(value) => return Ok((value, attempt)),
                 Err(status) => Error::Status { doing, status },
             };
-            if !self.may_try_again(&err, attempt) {
+            if !self.may_try_again(&err, attempt, repeat) {
                 return Err(err);
             }
             attempt += 1;
@@ -222,7 +235,7 @@ impl Client {
     }
 
     /// One unary egress call, `call(egress, request)`, tried as
-    /// [`Retry`] says.
+    /// [`Retry`] says: one that changes nothing when repeated.
     pub(crate) async fn egress_call<Req, Resp, F, Fut>(
         &self,
         doing: &'static str,
@@ -234,9 +247,42 @@ impl Client {
         F: Fn(EgressServiceClient<Channel>, tonic::Request<Req>) -> Fut,
         Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
     {
-        let egress = EgressServiceClient::new(self.egress.clone());
+        self.egress_call_as(doing, Repeat::Safe, request, call)
+            .await
+    }
+
+    /// `egress_call` for a call that a repeat could change (an ack, a
+    /// purge): tried again only when it cannot have been done.
+    pub(crate) async fn egress_call_once<Req, Resp, F, Fut>(
+        &self,
+        doing: &'static str,
+        request: Req,
+        call: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(EgressServiceClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        self.egress_call_as(doing, Repeat::IfNotDone, request, call)
+            .await
+    }
+
+    async fn egress_call_as<Req, Resp, F, Fut>(
+        &self,
+        doing: &'static str,
+        repeat: Repeat,
+        request: Req,
+        call: F,
+    ) -> Result<Resp, Error>
+    where
+        Req: Clone,
+        F: Fn(EgressServiceClient<Channel>, tonic::Request<Req>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
+    {
+        let egress = self.egress_client();
         let call = &call;
-        self.retrying(doing, || {
+        self.retrying(doing, repeat, || {
             let (egress, request) = (egress.clone(), request.clone());
             async move {
                 let request = self.request(request).await?;
@@ -249,8 +295,18 @@ impl Client {
 
     /// Whether a call that failed with `err` after `attempts` tries is made
     /// again.
-    pub(crate) fn may_try_again(&self, err: &Error, attempts: u32) -> bool {
-        err.is_retryable() && attempts < self.retry.attempts
+    pub(crate) fn may_try_again(&self, err: &Error, attempts: u32, repeat: Repeat) -> bool {
+        let allowed = match repeat {
+            Repeat::Safe => true,
+            Repeat::IfNotDone => !err.outcome_unknown(),
+        };
+        allowed && err.is_retryable() && attempts < self.retry.attempts
+    }
+
+    /// A client of the egress that takes messages of any size: a payload
+    /// sent whole may be far above tonic's 4 MiB default.
+    pub(crate) fn egress_client(&self) -> EgressServiceClient<Channel> {
+        EgressServiceClient::new(self.egress.clone()).max_decoding_message_size(usize::MAX)
     }
 
     /// `message` as a request with this client's token and timeout.

@@ -2,20 +2,21 @@
 //! by itself when it breaks.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use mts_proto::pb::consume_request::Request as Frame;
-use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::{
     AckSequences, AckSequencesRequest, ConsumeRequest, ConsumeStart, ExtendLeaseRequest,
     ExtendSequences, FetchRequest, NackRequest, NackSequences, RejectRequest, RejectSequences,
 };
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
+use tonic::{Code, Streaming};
 
+use crate::client::Repeat;
 use crate::error::stream_may_reopen;
 use crate::{Client, Error, PayloadReader, Retry};
 
@@ -44,7 +45,7 @@ impl Client {
                 durable_name: durable.into(),
                 max_in_flight: 100,
                 omit_large_payloads: true,
-                report_not_held: false,
+                report_not_held: true,
             },
             reconnect: Retry {
                 attempts: u32::MAX,
@@ -73,9 +74,11 @@ impl Client {
             batch_size: i32::try_from(batch).unwrap_or(i32::MAX),
             omit_large_payloads: true,
         };
-        let egress = EgressServiceClient::new(self.egress.clone());
+        let egress = self.egress_client();
+        // A fetch that may have leased a batch is not repeated: that batch
+        // would wait out its leases while a second one is leased.
         let (mut messages, _) = self
-            .retrying("fetch", || {
+            .retrying("fetch", Repeat::IfNotDone, || {
                 let (mut egress, request) = (egress.clone(), request.clone());
                 async move {
                     let request = self.request(request).await?;
@@ -109,7 +112,7 @@ impl Client {
             durable_name: durable.to_owned(),
             sequences: sequences.to_vec(),
         };
-        self.egress_call("ack", request, |mut egress, request| async move {
+        self.egress_call_once("ack", request, |mut egress, request| async move {
             egress.ack(request).await
         })
         .await
@@ -138,7 +141,8 @@ impl ConsumerBuilder {
 
     /// How a broken stream is opened again: by default for ever, waiting
     /// 0.1 s doubling to 5 s between tries. The count starts again once a
-    /// stream opens.
+    /// message arrives. The first stream is opened as the client's calls
+    /// are tried ([`ClientBuilder::retry`](crate::ClientBuilder::retry)).
     pub fn reconnect(mut self, retry: Retry) -> Self {
         self.reconnect = retry;
         self
@@ -147,14 +151,19 @@ impl ConsumerBuilder {
     /// Opens the stream: a bad name or a token without the rights fails
     /// here.
     pub async fn start(self) -> Result<Consumer, Error> {
+        let first = self.client.retry;
         let mut consumer = Consumer {
             client: self.client,
             start: self.start,
             reconnect: self.reconnect,
             open: None,
             reconnects: 0,
+            breaks: 0,
+            not_applied: Arc::new(AtomicU64::new(0)),
         };
-        consumer.open = Some(consumer.open_stream().await?);
+        // The first stream is tried as the client's calls are: a service
+        // that is not there fails here rather than being waited for.
+        consumer.open = Some(consumer.open_stream(first).await?);
         Ok(consumer)
     }
 }
@@ -164,19 +173,32 @@ impl ConsumerBuilder {
 /// age, a network fault — is opened again by itself: the consumer's place
 /// is kept by the service, and what was delivered on the broken stream and
 /// not yet acked is delivered again. Flow control is the service's: at most
-/// `max_in_flight` messages are outstanding.
+/// `max_in_flight` messages are outstanding. Dropping it ends its stream as
+/// [`Consumer::close`] does, without waiting.
 pub struct Consumer {
     client: Client,
     start: ConsumeStart,
     reconnect: Retry,
     open: Option<Open>,
     reconnects: u64,
+    /// Breaks since the last message arrived.
+    breaks: u32,
+    /// Settlements the service reported it did not apply.
+    not_applied: Arc<AtomicU64>,
 }
 
 /// One open stream.
 struct Open {
     messages: Streaming<mts_proto::pb::Message>,
     link: Arc<Link>,
+}
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        // Deliveries may outlive the stream; their sender must not keep it
+        // open.
+        self.link.close();
+    }
 }
 
 /// How a delivery settles: on the stream it came on while that is open,
@@ -212,40 +234,68 @@ impl std::fmt::Debug for Consumer {
 
 impl Consumer {
     /// The next message. Waits for one; opens the stream again when it
-    /// broke. Fails only for what waiting cannot mend (the token lost its
-    /// rights) or once the
-    /// [`reconnect`](ConsumerBuilder::reconnect) tries run out.
+    /// broke (at once the first time, then waiting longer between breaks
+    /// that bring no message, as [`reconnect`](ConsumerBuilder::reconnect)
+    /// says). Fails for what waiting cannot mend — the token lost its
+    /// rights, a payload too large to send whole (`RESOURCE_EXHAUSTED`; see
+    /// [`omit_large_payloads`](ConsumerBuilder::omit_large_payloads)), a
+    /// payload lost — or once the tries run out.
     pub async fn next(&mut self) -> Result<Delivery, Error> {
         loop {
             let open = match &mut self.open {
                 Some(open) => open,
                 None => {
-                    let open = self.open_stream().await?;
+                    let open = self.open_stream(self.reconnect).await?;
                     self.reconnects += 1;
                     self.open.insert(open)
                 }
             };
             let status = match open.messages.message().await {
-                Ok(Some(message)) if message.not_held.is_some() => continue,
-                Ok(Some(message)) => return Ok(Delivery::new(message, Arc::clone(&open.link))),
+                Ok(Some(message)) => match message.not_held {
+                    Some(not_held) => {
+                        self.not_applied
+                            .fetch_add(not_held.sequences.len() as u64, Ordering::Relaxed);
+                        tracing::warn!(
+                            frame = %not_held.frame,
+                            sequences = ?not_held.sequences,
+                            "the service did not apply these: their leases had run out (extend them while working) and they will be delivered again"
+                        );
+                        continue;
+                    }
+                    None => {
+                        self.breaks = 0;
+                        return Ok(Delivery::new(message, Arc::clone(&open.link)));
+                    }
+                },
                 Ok(None) => tonic::Status::unavailable("the service ended the stream"),
                 Err(status) => status,
             };
-            open.link.close();
             self.open = None;
-            if !stream_may_reopen(&status) {
+            self.breaks += 1;
+            let refused = !stream_may_reopen(&status) || status.code() == Code::ResourceExhausted;
+            if refused || self.breaks >= self.reconnect.attempts {
                 return Err(Error::Status {
                     doing: "consume",
                     status,
                 });
             }
             tracing::info!(%status, subject = %self.start.subject, durable = %self.start.durable_name, "consume stream broke; opening it again");
+            if self.breaks > 1 {
+                tokio::time::sleep(self.reconnect.wait(self.breaks)).await;
+            }
         }
     }
 
     /// How often the stream was opened again after it broke.
     pub fn reconnects(&self) -> u64 {
         self.reconnects
+    }
+
+    /// How many acks, nacks, extensions and rejections sent on the stream
+    /// the service reported it did not apply, because the message's lease
+    /// had run out first: such a message is delivered again.
+    pub fn not_applied(&self) -> u64 {
+        self.not_applied.load(Ordering::Relaxed)
     }
 
     /// Ends the stream: the acks sent are applied, and what this consumer
@@ -260,22 +310,22 @@ impl Consumer {
         }
     }
 
-    /// Opens a stream, trying again as `reconnect` says.
-    async fn open_stream(&self) -> Result<Open, Error> {
+    /// Opens a stream, trying again as `retry` says.
+    async fn open_stream(&self, retry: Retry) -> Result<Open, Error> {
         let mut attempt = 1;
         loop {
             let status = match self.try_open().await? {
                 Ok(open) => return Ok(open),
                 Err(status) => status,
             };
-            if !stream_may_reopen(&status) || attempt >= self.reconnect.attempts {
+            if !stream_may_reopen(&status) || attempt >= retry.attempts {
                 return Err(Error::Status {
                     doing: "consume",
                     status,
                 });
             }
             attempt += 1;
-            let wait = self.reconnect.wait(attempt);
+            let wait = retry.wait(attempt);
             tracing::debug!(%status, attempt, ?wait, "cannot open the consume stream yet");
             tokio::time::sleep(wait).await;
         }
@@ -291,7 +341,7 @@ impl Consumer {
             .client
             .stream_request(ReceiverStream::new(outgoing))
             .await?;
-        let mut egress = EgressServiceClient::new(self.client.egress.clone());
+        let mut egress = self.client.egress_client();
         Ok(egress.consume(request).await.map(|messages| Open {
             messages: messages.into_inner(),
             link: Arc::new(Link {
@@ -303,14 +353,16 @@ impl Consumer {
     }
 }
 
-/// A message delivered to a [`Consumer`], to be settled once: acked when
-/// done, nacked to have it again, its lease extended while work goes on,
-/// or rejected for good. Unsettled, it is delivered again once its lease
-/// (the consumer's `ack_wait`) runs out.
+/// A message delivered to a [`Consumer`] (or by [`Client::fetch`]), to be
+/// settled once: acked when done, nacked to have it again, its lease
+/// extended while work goes on ([`Delivery::keep_leased`] does it
+/// periodically), or rejected for good. Unsettled, it is delivered again
+/// once its lease (the consumer's `ack_wait`) runs out.
 ///
 /// While the stream it came on is open, settling rides on that stream and
-/// returns once sent; the service applies it unless the lease ran out
-/// first. After the stream broke it is a call of its own, answered.
+/// returns once sent: the service applies it unless the lease ran out first,
+/// which [`Consumer::not_applied`] counts (and a warning says). After the
+/// stream ended it is a call of its own, answered.
 pub struct Delivery {
     /// The subject.
     pub subject: String,
@@ -332,7 +384,7 @@ pub struct Delivery {
     /// True when the payload was left out for its size: read it with
     /// [`Delivery::payload`] or [`Client::download`].
     pub payload_omitted: bool,
-    link: Arc<Link>,
+    settle: Settle,
 }
 
 impl std::fmt::Debug for Delivery {
@@ -347,6 +399,15 @@ impl std::fmt::Debug for Delivery {
     }
 }
 
+/// The longest lease extension the service grants.
+const MAX_EXTENSION: Duration = Duration::from_secs(12 * 3600);
+/// The longest reason a rejection may give, in bytes.
+const MAX_REJECT_REASON: usize = 1024;
+/// How long [`Delivery::keep_leased`] extends a lease each time, and how
+/// often: a lease always has two thirds of this left.
+const KEEP_FOR: Duration = Duration::from_secs(60);
+const KEEP_EVERY: Duration = Duration::from_secs(20);
+
 impl Delivery {
     fn new(message: mts_proto::pb::Message, link: Arc<Link>) -> Self {
         let timestamp = message.timestamp.and_then(|t| {
@@ -355,6 +416,11 @@ impl Delivery {
             SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
         });
         Self {
+            settle: Settle {
+                link,
+                subject: message.subject.clone(),
+                sequence: message.sequence,
+            },
             subject: message.subject,
             sequence: message.sequence,
             data: message.data,
@@ -364,7 +430,6 @@ impl Delivery {
             size: message.size,
             sha256: message.sha256,
             payload_omitted: message.payload_omitted,
-            link,
         }
     }
 
@@ -380,11 +445,88 @@ impl Delivery {
     /// A reader that downloads the payload from the service: for a message
     /// whose payload was left out.
     pub fn payload(&self) -> PayloadReader {
-        self.link.client.payload(&self.subject, self.sequence)
+        self.settle
+            .link
+            .client
+            .payload(&self.subject, self.sequence)
     }
 
     /// Done with it: it is never delivered again to this consumer.
     pub async fn ack(&self) -> Result<(), Error> {
+        self.settle.ack().await
+    }
+
+    /// Gives it back: it is delivered again after `delay` (at once for
+    /// zero).
+    pub async fn nack(&self, delay: Duration) -> Result<(), Error> {
+        self.settle.nack(delay).await
+    }
+
+    /// Still at it: its lease runs out `by` from now (the consumer's
+    /// `ack_wait` for zero; at most 12 hours), so it is not delivered
+    /// again meanwhile.
+    pub async fn extend(&self, by: Duration) -> Result<(), Error> {
+        if by > MAX_EXTENSION {
+            return Err(Error::Config(format!(
+                "a lease can be extended by at most 12 hours at a time, not {by:?}; extend again later"
+            )));
+        }
+        self.settle.extend(by).await
+    }
+
+    /// Keeps the lease from running out while the returned keeper lives:
+    /// at once and then every 20 s it is extended to 60 s from then. For
+    /// work of unknown length (a large download); drop the keeper, then
+    /// settle.
+    pub fn keep_leased(&self) -> LeaseKeeper {
+        let settle = self.settle.clone();
+        LeaseKeeper(tokio::spawn(async move {
+            loop {
+                if let Err(err) = settle.extend(KEEP_FOR).await {
+                    tracing::warn!(%err, sequence = settle.sequence, "could not extend the lease");
+                }
+                tokio::time::sleep(KEEP_EVERY).await;
+            }
+        }))
+    }
+
+    /// Gives it up for good: it goes to the consumer's dead-letter subject
+    /// with `reason` (in the header `mts-reject-reason`, at most 1,024
+    /// bytes), or is dropped when the consumer has none.
+    pub async fn reject(&self, reason: impl Into<String>) -> Result<(), Error> {
+        let reason = reason.into();
+        if reason.len() > MAX_REJECT_REASON {
+            return Err(Error::Config(format!(
+                "a rejection's reason is at most {MAX_REJECT_REASON} bytes, not {}",
+                reason.len()
+            )));
+        }
+        self.settle.reject(reason).await
+    }
+}
+
+/// Extends a delivery's lease periodically until dropped
+/// ([`Delivery::keep_leased`]).
+#[derive(Debug)]
+pub struct LeaseKeeper(tokio::task::JoinHandle<()>);
+
+impl Drop for LeaseKeeper {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+/// Settles one delivered message: on its stream while that is open, by a
+/// call of its own afterwards.
+#[derive(Clone)]
+struct Settle {
+    link: Arc<Link>,
+    subject: String,
+    sequence: u64,
+}
+
+impl Settle {
+    async fn ack(&self) -> Result<(), Error> {
         let frame = Frame::Ack(AckSequences {
             sequences: vec![self.sequence],
         });
@@ -398,9 +540,7 @@ impl Delivery {
             .map(drop)
     }
 
-    /// Gives it back: it is delivered again after `delay` (at once for
-    /// zero).
-    pub async fn nack(&self, delay: Duration) -> Result<(), Error> {
+    async fn nack(&self, delay: Duration) -> Result<(), Error> {
         let delay_ms = millis(delay);
         let frame = Frame::Nack(NackSequences {
             sequences: vec![self.sequence],
@@ -417,17 +557,14 @@ impl Delivery {
         };
         self.link
             .client
-            .egress_call("nack", request, |mut egress, request| async move {
+            .egress_call_once("nack", request, |mut egress, request| async move {
                 egress.nack(request).await
             })
             .await
             .map(drop)
     }
 
-    /// Still at it: its lease runs out `by` from now (the consumer's
-    /// `ack_wait` for zero; at most 12 hours), so it is not delivered
-    /// again meanwhile.
-    pub async fn extend(&self, by: Duration) -> Result<(), Error> {
+    async fn extend(&self, by: Duration) -> Result<(), Error> {
         let extend_ms = millis(by);
         let frame = Frame::Extend(ExtendSequences {
             sequences: vec![self.sequence],
@@ -451,11 +588,7 @@ impl Delivery {
             .map(drop)
     }
 
-    /// Gives it up for good: it goes to the consumer's dead-letter subject
-    /// with `reason` (in the header `mts-reject-reason`), or is dropped when
-    /// the consumer has none.
-    pub async fn reject(&self, reason: impl Into<String>) -> Result<(), Error> {
-        let reason = reason.into();
+    async fn reject(&self, reason: String) -> Result<(), Error> {
         let frame = Frame::Reject(RejectSequences {
             sequences: vec![self.sequence],
             reason: reason.clone(),
@@ -471,7 +604,7 @@ impl Delivery {
         };
         self.link
             .client
-            .egress_call("reject", request, |mut egress, request| async move {
+            .egress_call_once("reject", request, |mut egress, request| async move {
                 egress.reject(request).await
             })
             .await

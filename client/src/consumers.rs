@@ -55,7 +55,7 @@ impl Client {
     /// Deletes a consumer and its leases (`NOT_FOUND` when there is none).
     pub async fn delete_consumer(&self, subject: &str, durable: &str) -> Result<(), Error> {
         let request = consumer_request(subject, durable);
-        self.egress_call(
+        self.egress_call_once(
             "delete consumer",
             request,
             |mut egress, request| async move { egress.delete_consumer(request).await },

@@ -79,6 +79,17 @@ impl Error {
         }
     }
 
+    /// Whether the call may have been done although it failed: its
+    /// deadline passed, or its connection broke, after it was sent.
+    pub(crate) fn outcome_unknown(&self) -> bool {
+        match self {
+            Self::Status { status, .. } => {
+                status.code() == Code::DeadlineExceeded || broken_link(status)
+            }
+            _ => false,
+        }
+    }
+
     /// The gRPC status code, for an error the service answered with.
     pub fn code(&self) -> Option<Code> {
         match self {
@@ -112,6 +123,7 @@ pub(crate) fn stream_may_reopen(status: &tonic::Status) -> bool {
             | Code::FailedPrecondition
             | Code::OutOfRange
             | Code::Unimplemented
+            | Code::DataLoss
     )
 }
 

@@ -37,7 +37,7 @@ mod token;
 mod upload;
 
 pub use client::{Client, ClientBuilder, Retry};
-pub use consumer::{Consumer, ConsumerBuilder, Delivery};
+pub use consumer::{Consumer, ConsumerBuilder, Delivery, LeaseKeeper};
 pub use consumers::Seek;
 pub use error::Error;
 pub use payload::{Downloaded, PayloadReader};

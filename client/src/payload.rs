@@ -4,12 +4,12 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use mts_proto::pb::egress_service_client::EgressServiceClient;
 use mts_proto::pb::{FetchPayloadRequest, PayloadChunk};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tonic::Streaming;
 
+use crate::client::Repeat;
 use crate::error::stream_may_reopen;
 use crate::upload::Progress;
 use crate::{Client, Error};
@@ -173,7 +173,9 @@ impl PayloadReader {
                     self.offset += chunk.data.len() as u64;
                     return Ok(Some(chunk.data));
                 }
-                Ok(None) if self.total_size.is_none_or(|total| self.offset >= total) => {
+                // Every answer carries at least one chunk, with the size:
+                // an end before any is a stream that broke.
+                Ok(None) if self.total_size.is_some_and(|total| self.offset >= total) => {
                     self.finished = true;
                     self.chunks = None;
                     self.verify()?;
@@ -216,9 +218,9 @@ impl PayloadReader {
             sequence: self.sequence,
             offset: self.offset,
         };
-        let egress = EgressServiceClient::new(self.client.egress.clone());
+        let egress = self.client.egress_client();
         self.client
-            .retrying("download", || {
+            .retrying("download", Repeat::Safe, || {
                 let (mut egress, request) = (egress.clone(), request.clone());
                 async move {
                     let request = self.client.stream_request(request).await?;

@@ -6,6 +6,7 @@ use bytes::Bytes;
 use mts_proto::pb::ingress_service_client::IngressServiceClient;
 use mts_proto::pb::{PublishRequest, PublishResponse};
 
+use crate::client::Repeat;
 use crate::{Client, Error};
 
 /// A message to publish.
@@ -113,7 +114,7 @@ impl Client {
         let message_id = request.message_id.clone();
         let ingress = IngressServiceClient::new(self.ingress.clone());
         let (reply, attempts) = self
-            .retrying("publish", || {
+            .retrying("publish", Repeat::Safe, || {
                 let (mut ingress, request) = (ingress.clone(), request.clone());
                 async move {
                     let reply = ingress.publish(self.request(request).await?).await;

@@ -11,6 +11,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, oneshot};
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::client::Repeat;
 use crate::{Client, Error, Message, Published};
 
 /// A message sent and not yet answered.
@@ -217,7 +218,7 @@ fn failed(client: &Client, pending: Pending, status: tonic::Status, retry: &mut 
         doing: "publish",
         status,
     };
-    if client.may_try_again(&err, pending.attempts) {
+    if client.may_try_again(&err, pending.attempts, Repeat::Safe) {
         retry.push_back(pending);
     } else {
         pending.answer(Err(err));

@@ -90,12 +90,18 @@ impl Client {
         subject: &str,
         through: Option<u64>,
     ) -> Result<Purged, Error> {
+        if through == Some(0) {
+            // On the wire 0 means all: never what a caller giving 0 meant.
+            return Err(Error::Config(
+                "purging through sequence 0 would remove everything; give None to purge all".into(),
+            ));
+        }
         let request = PurgeSubjectRequest {
             subject: subject.to_owned(),
             through_sequence: through.unwrap_or(0),
         };
         let reply = self
-            .egress_call("purge", request, |mut egress, request| async move {
+            .egress_call_once("purge", request, |mut egress, request| async move {
                 egress.purge_subject(request).await
             })
             .await?;
@@ -111,7 +117,7 @@ impl Client {
         let request = SubjectRequest {
             subject: subject.to_owned(),
         };
-        self.egress_call(
+        self.egress_call_once(
             "delete subject",
             request,
             |mut egress, request| async move { egress.delete_subject(request).await },

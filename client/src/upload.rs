@@ -13,6 +13,7 @@ use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::client::Repeat;
 use crate::{Client, Error, Message, Published};
 
 /// Bytes per chunk sent.
@@ -85,7 +86,7 @@ impl Client {
                     status,
                 },
             };
-            if !self.may_try_again(&err, attempt) {
+            if !self.may_try_again(&err, attempt, Repeat::Safe) {
                 return Err(err);
             }
             attempt += 1;
@@ -144,16 +145,20 @@ impl Client {
             .await
             .map_err(Failed::Local)?;
         let mut ingress = IngressServiceClient::new(self.ingress.clone());
-        let call = ingress.publish_stream(request);
+        let mut call = Box::pin(ingress.publish_stream(request));
+        // Owns the stream's sender: the stream closes when it is done. A
+        // source that fails hands the sender back, so that the call is
+        // reset before the stream could close as if complete.
         let feed = async move {
             let mut hasher = Sha256::new();
             let mut done = 0;
             progress(Progress { done, total });
             loop {
-                let chunk = source.read_chunk().await?;
-                if chunk.is_empty() {
-                    break;
-                }
+                let chunk = match source.read_chunk().await {
+                    Ok(chunk) if chunk.is_empty() => break,
+                    Ok(chunk) => chunk,
+                    Err(err) => return Err((err, frames)),
+                };
                 hasher.update(&chunk);
                 done += chunk.len() as u64;
                 if frames.send(frame(Frame::Chunk(chunk))).await.is_err() {
@@ -168,13 +173,27 @@ impl Client {
             let _ = frames.send(frame(end)).await;
             Ok(())
         };
-        // A source that fails drops the stream without its end frame, which
-        // stores nothing; its own error is the one that counts.
-        let (reply, fed) = tokio::join!(call, feed);
-        fed.map_err(Failed::Local)?;
-        reply
-            .map(tonic::Response::into_inner)
-            .map_err(Failed::Status)
+        tokio::pin!(feed);
+        let fed = tokio::select! {
+            // Answered (or refused) before the source ended: stop reading.
+            reply = &mut call => {
+                return reply.map(tonic::Response::into_inner).map_err(Failed::Status);
+            }
+            fed = &mut feed => fed,
+        };
+        match fed {
+            Ok(()) => call
+                .await
+                .map(tonic::Response::into_inner)
+                .map_err(Failed::Status),
+            Err((err, frames)) => {
+                // Reset first: nothing is stored, even when the bytes sent
+                // were all the header announced.
+                drop(call);
+                drop(frames);
+                Err(Failed::Local(err))
+            }
+        }
     }
 }
 
@@ -206,13 +225,16 @@ enum Source<'a> {
 }
 
 impl Source<'_> {
-    /// The next chunk, full unless the source ends; empty at its end.
+    /// The next chunk: what one read gives, up to CHUNK bytes (a file fills
+    /// it; a slow reader's bytes go out as they come, so the service never
+    /// waits on a half-filled chunk); empty at its end.
     async fn read_chunk(&mut self) -> Result<Bytes, Error> {
         let mut buffer = vec![0u8; CHUNK];
         let mut filled = 0;
         while filled < CHUNK {
             let read = match self {
                 Self::File { file, .. } => file.read(&mut buffer[filled..]).await,
+                Self::Reader(_) if filled > 0 => break,
                 Self::Reader(reader) => reader.read(&mut buffer[filled..]).await,
             };
             let read = read.map_err(|source| Error::Io {

@@ -165,3 +165,73 @@ async fn a_consumer_goes_on_across_connections_closed_for_their_age() {
         "connections live at most about 2 s; 4.5 s went by"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_kept_lease_outlives_ack_wait_and_bad_settlements_are_refused_before_sending() {
+    let services = services(testing::config()).await;
+    let client = client_of(&services).await;
+    let subject = testing::unique_subject("client-keep");
+    let config = ConsumerConfig {
+        ack_wait_ms: Some(1000),
+        ..ConsumerConfig::default()
+    };
+    client.create_consumer(&subject, "d", config).await.unwrap();
+    publish(&client, &subject, "slow work").await;
+    let mut consumer = client.consumer(&subject, "d").start().await.unwrap();
+    let delivery = next(&mut consumer).await;
+
+    let kept = delivery.keep_leased();
+    let again = tokio::time::timeout(Duration::from_millis(2500), consumer.next()).await;
+    assert!(
+        again.is_err(),
+        "delivered again while its lease was kept: {again:?}"
+    );
+    let err = delivery
+        .extend(Duration::from_secs(13 * 3600))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, mts_client::Error::Config(_)), "{err}");
+    let err = delivery.reject("x".repeat(2000)).await.unwrap_err();
+    assert!(matches!(err, mts_client::Error::Config(_)), "{err}");
+    drop(kept);
+    delivery.ack().await.unwrap();
+
+    // The stream took nothing it would end on: it goes on.
+    publish(&client, &subject, "next").await;
+    assert_eq!(next(&mut consumer).await.sequence, 2);
+    assert_eq!((consumer.reconnects(), consumer.not_applied()), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_payload_too_large_to_send_whole_fails_the_consumer_instead_of_looping() {
+    let mut config = testing::config();
+    config.egress.max_delivered_payload_bytes = 2 * 1024 * 1024;
+    let services = services(config).await;
+    let client = client_of(&services).await;
+    let subject = testing::unique_subject("client-too-large");
+    durable(&client, &subject, "d").await;
+    let large = vec![1u8; 3 * 1024 * 1024];
+    client
+        .publish_stream(Message::new(&subject, ""), &large[..], None, |_| {})
+        .await
+        .unwrap();
+    let mut consumer = client
+        .consumer(&subject, "d")
+        .omit_large_payloads(false)
+        .start()
+        .await
+        .unwrap();
+    let err = tokio::time::timeout(Duration::from_secs(10), consumer.next())
+        .await
+        .expect("an answer, not a loop")
+        .unwrap_err();
+    assert_eq!(err.code(), Some(tonic::Code::ResourceExhausted), "{err}");
+    assert_eq!(
+        client
+            .last_sequence(&format!("{subject}.dlq"))
+            .await
+            .unwrap(),
+        0,
+        "not dead-lettered by a loop of deliveries"
+    );
+}

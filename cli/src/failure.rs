@@ -65,9 +65,6 @@ impl Failure {
 impl fmt::Display for Failure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Client(err @ Error::Digest { .. }) => {
-                write!(f, "{err}; nothing was saved or acknowledged")
-            }
             // Each error's text carries its cause once: no chain is added.
             Self::Client(err) => write!(f, "{err}"),
             Self::Usage(why) => write!(f, "{why}"),

@@ -49,10 +49,13 @@ impl Receiver {
     /// acknowledged.
     async fn take(&self, delivery: &Delivery) -> Result<bool, Failure> {
         let outcome = match &self.out {
-            Some(dir) => Outcome::Saved(self.save(delivery, dir).await?),
-            None if delivery.payload_omitted || delivery.data.len() > PRINT_LIMIT => {
-                Outcome::NotPrinted
+            Some(dir) => {
+                // A save may outlast the lease (a large download): it must
+                // not be delivered again meanwhile.
+                let _leased = delivery.keep_leased();
+                Outcome::Saved(self.save(delivery, dir).await?)
             }
+            None if !self.printable(delivery) => Outcome::NotPrinted,
             None => Outcome::Printed,
         };
         let (described, note) = match &outcome {
@@ -63,7 +66,7 @@ impl Receiver {
             Outcome::Printed => (json!("printed"), String::new()),
             Outcome::NotPrinted => (
                 json!("not printed"),
-                "(payload not printed and not acknowledged: use --out DIR to save it)".to_owned(),
+                "(payload not printed — large or not text — and not acknowledged: use --out DIR to save it)".to_owned(),
             ),
         };
         let printed = matches!(outcome, Outcome::Printed);
@@ -76,12 +79,21 @@ impl Receiver {
                     line = format!("{line} {note}");
                 }
                 if printed {
+                    // Only text is printed without --json.
                     line = format!("{line}\n{}", String::from_utf8_lossy(&delivery.data));
                 }
                 line
             },
         );
         Ok(outcome.done())
+    }
+
+    /// Whether the payload is printed whole: inline, small, and text (or
+    /// any bytes, base64 in JSON) — never raw bytes to a terminal.
+    fn printable(&self, delivery: &Delivery) -> bool {
+        !delivery.payload_omitted
+            && delivery.data.len() <= PRINT_LIMIT
+            && (self.json || std::str::from_utf8(&delivery.data).is_ok())
     }
 
     /// Writes the payload to a partial file of its own, checks its SHA-256,
@@ -140,7 +152,10 @@ impl Receiver {
             .start()
             .await?;
         let mut interrupted = pin!(tokio::signal::ctrl_c());
-        let (mut done, mut held) = (0u64, 0u32);
+        let mut done = 0u64;
+        // Not printed: held, leases kept alive, until mts exits and gives
+        // them back — not delivered again meanwhile, not dead-lettered.
+        let mut held = Vec::new();
         let outcome = loop {
             if count.is_some_and(|count| done >= count) {
                 break Ok(());
@@ -165,46 +180,57 @@ impl Receiver {
                     done += 1;
                 }
                 Ok(false) => {
-                    held += 1;
-                    if held == max_in_flight {
+                    held.push(delivery.keep_leased());
+                    if held.len() == max_in_flight as usize {
                         eprintln!(
-                            "mts: holding {held} messages not printed (--max-in-flight): no more arrive until mts exits and gives them back; use --out DIR to save them"
+                            "mts: holding {} messages not printed (--max-in-flight): no more arrive until mts exits and gives them back; use --out DIR to save them",
+                            held.len()
                         );
                     }
                 }
                 Err(failure) => break Err(failure),
             }
         };
+        drop(held);
         // Acks sent are applied; the rest is given back at once.
         consumer.close().await;
         outcome
     }
 
     /// Receives one batch: what is saved (or printed whole) is acknowledged
-    /// together; after a failure, the rest is given back unacknowledged.
+    /// together; the rest — not printed, failed to save, or after a failure
+    /// — is given back at once.
     pub async fn fetch(&self, subject: &str, batch: u32, ack: bool) -> Result<(), Failure> {
         let deliveries = self.client.fetch(subject, &self.durable, batch).await?;
         let mut done = Vec::new();
         let mut failure = None;
-        let mut rest = deliveries.iter();
-        for delivery in rest.by_ref() {
-            match self.take(delivery).await {
-                Ok(true) => done.push(delivery.sequence),
-                Ok(false) => {}
-                Err(err) => {
-                    failure = Some(err);
-                    break;
+        for delivery in &deliveries {
+            let taken = if failure.is_some() {
+                false
+            } else {
+                match self.take(delivery).await {
+                    Ok(taken) => taken,
+                    Err(err) => {
+                        failure = Some(err);
+                        false
+                    }
                 }
-            }
-        }
-        if failure.is_some() {
-            for delivery in rest {
+            };
+            if taken {
+                done.push(delivery.sequence);
+            } else if ack {
                 // Best effort: unsettled, it comes back after ack_wait anyway.
                 let _ = delivery.nack(std::time::Duration::ZERO).await;
             }
         }
         if ack && !done.is_empty() {
-            self.client.ack(subject, &self.durable, &done).await?;
+            let acked = self.client.ack(subject, &self.durable, &done).await;
+            if let (Err(err), Some(_)) = (&acked, &failure) {
+                // Both are news; the save's failure is the exit code's.
+                eprintln!("mts: {err}");
+            } else {
+                acked?;
+            }
         }
         failure.map_or(Ok(()), Err)
     }
@@ -224,7 +250,11 @@ pub async fn payload_get(
     if out == Path::new("-") {
         return payload_to_stdout(client, subject, sequence).await;
     }
-    let (dir, name) = if out.is_dir() {
+    let folder = out.is_dir() || out.as_os_str().to_string_lossy().ends_with('/');
+    let (dir, name) = if folder {
+        tokio::fs::create_dir_all(&out)
+            .await
+            .map_err(Failure::io(format!("making {}", out.display())))?;
         (out.clone(), sequence.to_string())
     } else {
         let name = out
@@ -288,8 +318,13 @@ async fn payload_to_stdout(client: &Client, subject: &str, sequence: u64) -> Res
 /// so that receivers sharing a folder never write the same file, while a
 /// later try of the same one resumes it.
 fn partial_path(dir: &Path, name: &str, subject: &str, sequence: u64, receiver: &str) -> PathBuf {
-    let tag = Sha256::digest(format!("{subject}\0{sequence}\0{receiver}"));
-    dir.join(format!(".{name}.{}.part", hex::encode(&tag[..6])))
+    let tag = Sha256::digest(format!("{subject}\0{sequence}\0{receiver}\0{name}"));
+    let tag = hex::encode(&tag[..6]);
+    // A long name would make the partial one too long for the file system.
+    if name.len() > 100 {
+        return dir.join(format!(".mts-{tag}.part"));
+    }
+    dir.join(format!(".{name}.{tag}.part"))
 }
 
 async fn write_synced(path: &Path, data: &[u8]) -> Result<(), Failure> {
@@ -301,10 +336,10 @@ async fn write_synced(path: &Path, data: &[u8]) -> Result<(), Failure> {
     file.sync_all().await.map_err(io("syncing"))
 }
 
-/// Gives the verified partial file its name in `dir`. A file of that name
-/// with the same bytes is this message saved before (a redelivery): kept.
-/// One with other bytes stays too, and this one is saved as
-/// `<stem>-<sequence>.<extension>`.
+/// Gives the verified partial file its name in `dir`, never replacing a
+/// file: one of that name with the same bytes is this message saved before
+/// (a redelivery) and is kept; with other bytes it stays, and this one is
+/// saved as `<stem>-<sequence>.<ext>` (then `<stem>-<sequence>-2.<ext>`, …).
 async fn place(
     dir: &Path,
     partial: &Path,
@@ -312,30 +347,53 @@ async fn place(
     sequence: u64,
     sha256: &str,
 ) -> Result<PathBuf, Failure> {
-    let mut path = dir.join(name);
-    if tokio::fs::try_exists(&path).await.unwrap_or(false) {
-        if file_sha256(&path).await.as_deref() == Some(sha256) {
-            let _ = tokio::fs::remove_file(partial).await;
-            return Ok(path);
+    let named = Path::new(name);
+    let stem = named
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .unwrap_or(name);
+    let extension = named.extension().and_then(|ext| ext.to_str());
+    for attempt in 0u32..10_000 {
+        let candidate = match (attempt, extension) {
+            (0, _) => name.to_owned(),
+            (1, Some(ext)) => format!("{stem}-{sequence}.{ext}"),
+            (1, None) => format!("{stem}-{sequence}"),
+            (n, Some(ext)) => format!("{stem}-{sequence}-{n}.{ext}"),
+            (n, None) => format!("{stem}-{sequence}-{n}"),
+        };
+        let path = dir.join(candidate);
+        // A hard link is made only where no file is: two receivers cannot
+        // both take a name, and nothing saved is ever replaced.
+        match tokio::fs::hard_link(partial, &path).await {
+            Ok(()) => {
+                let _ = tokio::fs::remove_file(partial).await;
+                // The new name is on disk too, not only the bytes.
+                if let Ok(folder) = tokio::fs::File::open(dir).await {
+                    let _ = folder.sync_all().await;
+                }
+                return Ok(path);
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => {
+                if file_sha256(&path).await.as_deref() == Some(sha256) {
+                    let _ = tokio::fs::remove_file(partial).await;
+                    return Ok(path);
+                }
+            }
+            Err(err) => {
+                return Err(Failure::Io {
+                    doing: format!("saving {}", path.display()),
+                    error: err,
+                });
+            }
         }
-        let named = Path::new(name);
-        let stem = named
-            .file_stem()
-            .and_then(|stem| stem.to_str())
-            .unwrap_or(name);
-        path = dir.join(match named.extension().and_then(|ext| ext.to_str()) {
-            Some(ext) => format!("{stem}-{sequence}.{ext}"),
-            None => format!("{stem}-{sequence}"),
-        });
     }
-    tokio::fs::rename(partial, &path)
-        .await
-        .map_err(Failure::io(format!("saving {}", path.display())))?;
-    // The new name is on disk too, not only the bytes.
-    if let Ok(folder) = tokio::fs::File::open(dir).await {
-        let _ = folder.sync_all().await;
-    }
-    Ok(path)
+    Err(Failure::Io {
+        doing: format!("saving {name} in {}", dir.display()),
+        error: std::io::Error::new(
+            std::io::ErrorKind::AlreadyExists,
+            "10,000 files of that name are there already",
+        ),
+    })
 }
 
 async fn file_sha256(path: &Path) -> Option<String> {

@@ -215,11 +215,15 @@ async fn files_go_in_and_come_out_verified_under_their_names() {
         "{listing}"
     );
     assert!(listing.contains("hello from stdin"), "{listing}");
-    let info = client.consumer_info(&subject, "readers").await.unwrap();
     assert_eq!(
-        (info.ack_floor, info.num_ack_pending),
-        (0, 1),
+        ack_floor(&client, &subject, "readers").await,
+        0,
         "the 20 MiB payload was neither printed nor acked"
+    );
+    let again = ok(&services, &["fetch", &subject, "readers", "--batch", "1"]).await;
+    assert!(
+        again.contains("sequence=1 ") && again.contains("delivery_count=2"),
+        "given back at once, not after its lease: {again}"
     );
 
     let lines = ok(
@@ -629,4 +633,29 @@ async fn an_interrupted_download_resumes() {
         "no partial file left"
     );
     std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn binary_payloads_are_not_printed_and_nothing_is_purged_by_mistake() {
+    let services = services().await;
+    let client = services.client().await;
+    let subject = testing::unique_subject("cli-binary");
+    let binary = [0xffu8, 0xfe, 0x1b, b'[', b'2', b'J', 0];
+    let published = run_with(&services.env(), &["pub", &subject, "-"], Some(&binary)).await;
+    assert!(published.status.success(), "{}", text(&published));
+
+    let listing = ok(&services, &["fetch", &subject, "d"]).await;
+    assert!(listing.contains("not printed"), "{listing}");
+    assert!(!listing.contains('\u{1b}'), "no raw bytes reach a terminal");
+    assert_eq!(ack_floor(&client, &subject, "d").await, 0);
+    // In JSON any bytes go, in base64: printed whole, so acked.
+    let json = ok(&services, &["--json", "fetch", &subject, "d"]).await;
+    let line: Value = serde_json::from_str(json.trim()).unwrap();
+    assert_eq!(line["data"]["base64"], "//4bWzJKAA==");
+    assert_eq!(line["outcome"], "printed");
+    assert_eq!(ack_floor(&client, &subject, "d").await, 1);
+
+    let zero = mts(&services, &["subject", "purge", &subject, "--through", "0"]).await;
+    assert_eq!(zero.status.code(), Some(2), "{}", text(&zero));
+    assert_eq!(client.subject_info(&subject).await.unwrap().messages, 1);
 }

@@ -53,6 +53,45 @@ impl Process {
         Self::start_with(name, service, grace_seconds, &[]).await
     }
 
+    /// `start_with`, its output kept in `log` and shown when it does not
+    /// become SERVING.
+    pub async fn start_logged(
+        name: &str,
+        service: &str,
+        grace_seconds: u64,
+        extra: &[(&str, &str)],
+        log: &std::path::Path,
+    ) -> Self {
+        let config = testing::config();
+        let port = testing::free_port();
+        let output = std::fs::File::create(log).unwrap();
+        let child = Command::new(binary(name))
+            .env("SERVER_HOST", "127.0.0.1")
+            .env("SERVER_PORT", port.to_string())
+            .env("METRICS_PORT", "0")
+            .env("SHUTDOWN_GRACE_SECONDS", grace_seconds.to_string())
+            .envs(dependency_env(&config))
+            .env("LOG_FORMAT", "console")
+            .envs(extra.iter().copied())
+            .stdout(output.try_clone().unwrap())
+            .stderr(output)
+            .spawn()
+            .unwrap();
+        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
+        let service = service.to_owned();
+        let waited = tokio::spawn(async move {
+            testing::wait_serving(addr, &service, Duration::from_secs(30)).await;
+        })
+        .await;
+        if waited.is_err() {
+            panic!(
+                "{name} did not become SERVING; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        Self { child, addr }
+    }
+
     /// Starts `name` with `extra` environment variables.
     pub async fn start_with(
         name: &str,

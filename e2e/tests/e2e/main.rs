@@ -5,6 +5,7 @@ mod auth;
 mod backup;
 mod bad_input;
 mod binaries;
+mod cloud_credentials;
 mod concurrency;
 mod drain;
 mod grpcurl;

@@ -122,7 +122,9 @@ pub struct ObjectStore {
     /// `host:port` (or URL) of the S3-compatible store.
     #[serde(rename = "minio_endpoint")]
     pub endpoint: String,
-    /// S3 access key.
+    /// S3 access key. Empty (the default), with the secret key empty too:
+    /// the standard AWS credential chain (environment, web identity / IRSA,
+    /// container and instance credentials).
     #[serde(rename = "minio_access_key_id")]
     pub access_key_id: String,
     /// S3 secret key.
@@ -177,6 +179,13 @@ pub struct Auth {
     pub jwt_public_key_file: String,
     /// Clock skew allowed on expiry, in seconds.
     pub jwt_leeway_seconds: u64,
+    /// A JSON Web Key Set to verify tokens by their `kid` (an identity
+    /// provider's `jwks_uri`); alongside or instead of the keys above.
+    pub jwt_jwks_url: String,
+    /// How often the key files and the key set are read again, so that a
+    /// rotated key applies without a restart (a token naming an unknown
+    /// `kid` also asks for a look, at most every 10 s).
+    pub jwt_keys_refresh_seconds: u64,
 }
 
 /// TLS on the gRPC port.
@@ -191,6 +200,10 @@ pub struct Tls {
     /// PEM CA bundle: when set, clients must present a certificate it signed (mTLS).
     #[serde(rename = "tls_client_ca_file")]
     pub client_ca_file: String,
+    /// How often the three files are read again; a change (cert-manager
+    /// renewing in place) applies to new connections without a restart.
+    #[serde(rename = "tls_reload_interval_ms")]
+    pub reload_interval_ms: u64,
 }
 
 /// Publishing (the ingress).
@@ -387,6 +400,17 @@ impl Config {
             env: key.to_uppercase(),
             reason,
         };
+        if self.object_store.access_key_id.is_empty()
+            != self.object_store.secret_access_key.is_empty()
+        {
+            return Err(invalid(
+                "minio_access_key_id",
+                "set both minio_access_key_id and minio_secret_access_key (static keys), or \
+                 neither (the AWS credential chain: web identity, container or instance \
+                 credentials)"
+                    .into(),
+            ));
+        }
         if self.tls.cert_file.is_empty() != self.tls.key_file.is_empty() {
             return Err(invalid(
                 "tls_cert_file",
@@ -528,8 +552,8 @@ impl Config {
             },
             object_store: ObjectStore {
                 endpoint: "127.0.0.1:9000".into(),
-                access_key_id: "minioadmin".into(),
-                secret_access_key: "minioadmin".into(),
+                access_key_id: "".into(),
+                secret_access_key: "".into(),
                 bucket_name: "minitoolstream".into(),
                 use_ssl: false,
                 region: "us-east-1".into(),
@@ -549,11 +573,14 @@ impl Config {
                 jwt_public_key: "".into(),
                 jwt_public_key_file: "".into(),
                 jwt_leeway_seconds: 30,
+                jwt_jwks_url: "".into(),
+                jwt_keys_refresh_seconds: 300,
             },
             tls: Tls {
                 cert_file: "".into(),
                 key_file: "".into(),
                 client_ca_file: "".into(),
+                reload_interval_ms: 10_000,
             },
             ingress: Ingress {
                 inline_threshold_bytes: 256 * 1024,
@@ -645,6 +672,20 @@ mod tests {
             .iter()
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect()
+    }
+
+    #[test]
+    fn s3_keys_come_both_or_not_at_all() {
+        let c = Config::defaults(50051);
+        assert!(
+            c.object_store.access_key_id.is_empty() && c.object_store.secret_access_key.is_empty(),
+            "no keys by default: the AWS credential chain"
+        );
+        let half = Config::load(50051, None, env(&[("MINIO_ACCESS_KEY_ID", "ak")]));
+        let err = half
+            .expect_err("an access key without its secret")
+            .to_string();
+        assert!(err.contains("minio_secret_access_key"), "{err}");
     }
 
     #[test]

@@ -1,9 +1,14 @@
 //! The S3 object store for payloads above the inline threshold. Any
 //! S3-compatible server works (MinIO in production, Garage in tests): path-style
-//! addressing, static credentials, the bucket created when missing.
+//! addressing, static credentials or the AWS credential chain, the bucket
+//! created when missing.
 
 use std::time::Duration;
 
+use aws_credential_types::provider::{
+    ProvideCredentials, SharedCredentialsProvider,
+    future::ProvideCredentials as ProvideCredentialsFuture,
+};
 use aws_sdk_s3::config::{
     BehaviorVersion, Credentials, Region, StalledStreamProtectionConfig, retry::RetryConfig,
     timeout::TimeoutConfig,
@@ -150,6 +155,47 @@ impl http_body::Body for StreamedBody {
     }
 }
 
+/// The standard AWS credential chain — environment, profile, web identity
+/// (IRSA: `AWS_WEB_IDENTITY_TOKEN_FILE`, `AWS_ROLE_ARN`), container and
+/// instance credentials — built on first use, since building it is async
+/// and the store is made in sync code. The S3 client caches what it gives
+/// and asks again before it expires.
+#[derive(Debug)]
+struct CredentialChain {
+    region: Region,
+    chain:
+        tokio::sync::OnceCell<aws_config::default_provider::credentials::DefaultCredentialsChain>,
+}
+
+impl CredentialChain {
+    fn new(region: Region) -> Self {
+        Self {
+            region,
+            chain: tokio::sync::OnceCell::new(),
+        }
+    }
+}
+
+impl ProvideCredentials for CredentialChain {
+    fn provide_credentials<'a>(&'a self) -> ProvideCredentialsFuture<'a>
+    where
+        Self: 'a,
+    {
+        ProvideCredentialsFuture::new(async move {
+            let chain = self
+                .chain
+                .get_or_init(|| async {
+                    aws_config::default_provider::credentials::DefaultCredentialsChain::builder()
+                        .region(self.region.clone())
+                        .build()
+                        .await
+                })
+                .await;
+            chain.provide_credentials().await
+        })
+    }
+}
+
 /// A handle on the payload bucket; cheap to clone.
 #[derive(Clone, Debug)]
 pub struct ObjectStore {
@@ -165,20 +211,25 @@ pub struct ObjectStore {
 impl ObjectStore {
     /// A client for the configured endpoint; makes no request.
     pub fn new(config: &Config) -> Self {
-        let credentials = Credentials::new(
-            config.object_store.access_key_id.clone(),
-            config.object_store.secret_access_key.clone(),
-            None,
-            None,
-            "minitoolstream-config",
-        );
+        let region = Region::new(config.object_store.region.clone());
+        let credentials = if config.object_store.access_key_id.is_empty() {
+            SharedCredentialsProvider::new(CredentialChain::new(region.clone()))
+        } else {
+            SharedCredentialsProvider::new(Credentials::new(
+                config.object_store.access_key_id.clone(),
+                config.object_store.secret_access_key.clone(),
+                None,
+                None,
+                "minitoolstream-config",
+            ))
+        };
         let timeouts = TimeoutConfig::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .operation_timeout(config.object_store.timeout())
             .build();
         let s3_config = aws_sdk_s3::Config::builder()
             .behavior_version(BehaviorVersion::latest())
-            .region(Region::new(config.object_store.region.clone()))
+            .region(region)
             .endpoint_url(config.object_store.url())
             .credentials_provider(credentials)
             .force_path_style(true)

@@ -656,3 +656,155 @@ async fn each_client_has_its_own_publish_rate() {
     assert_eq!(last, 7);
     system.stop().await;
 }
+
+/// An RSA key pair that openssl makes in `dir`: the private and the public
+/// key's PEM files.
+fn rsa_pair(dir: &std::path::Path, name: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let (private, public) = (
+        dir.join(format!("{name}.pem")),
+        dir.join(format!("{name}.pub")),
+    );
+    for args in [
+        vec![
+            "genpkey",
+            "-algorithm",
+            "RSA",
+            "-pkeyopt",
+            "rsa_keygen_bits:2048",
+            "-out",
+            private.to_str().unwrap(),
+        ],
+        vec![
+            "rsa",
+            "-in",
+            private.to_str().unwrap(),
+            "-pubout",
+            "-out",
+            public.to_str().unwrap(),
+        ],
+    ] {
+        let done = std::process::Command::new("openssl")
+            .args(&args)
+            .output()
+            .expect("openssl");
+        assert!(
+            done.status.success(),
+            "{}",
+            String::from_utf8_lossy(&done.stderr)
+        );
+    }
+    (private, public)
+}
+
+/// A token with `claims`, signed RS256 by the private key at `private`,
+/// naming key id `kid` when given.
+fn rs256(claims: &Value, private: &std::path::Path, kid: Option<&str>) -> String {
+    let mut header = Header::new(Algorithm::RS256);
+    header.kid = kid.map(str::to_owned);
+    let key = EncodingKey::from_rsa_pem(&std::fs::read(private).unwrap()).unwrap();
+    jsonwebtoken::encode(&header, claims, &key).unwrap()
+}
+
+/// The public half of `private` as a JWK with id `kid`.
+fn jwk(private: &std::path::Path, kid: &str) -> jsonwebtoken::jwk::Jwk {
+    let key = EncodingKey::from_rsa_pem(&std::fs::read(private).unwrap()).unwrap();
+    let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&key, Algorithm::RS256).unwrap();
+    jwk.common.key_id = Some(kid.to_owned());
+    jwk
+}
+
+/// Serves the key set `served` holds at the moment of each request.
+async fn jwks_server(served: std::sync::Arc<std::sync::Mutex<String>>) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!(
+        "http://{}/.well-known/jwks.json",
+        listener.local_addr().unwrap()
+    );
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            let body = served.lock().unwrap().clone();
+            tokio::spawn(async move {
+                let mut head = Vec::new();
+                let mut buffer = [0u8; 4096];
+                while !head.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match socket.read(&mut buffer).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => head.extend_from_slice(&buffer[..n]),
+                    }
+                }
+                let reply = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(reply.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn verification_keys_rotate_under_a_running_service() {
+    let dir = std::env::temp_dir().join(format!("mts-keys-{}", testing::unique_subject("r")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let [a, b, c, d] = ["a", "b", "c", "d"].map(|name| rsa_pair(&dir, name));
+    let set = |keys: Vec<jsonwebtoken::jwk::Jwk>| {
+        serde_json::to_string(&jsonwebtoken::jwk::JwkSet { keys }).unwrap()
+    };
+    let served = std::sync::Arc::new(std::sync::Mutex::new(set(vec![jwk(&a.0, "a")])));
+    let key_file = dir.join("file-key.pub");
+    std::fs::copy(&c.1, &key_file).unwrap();
+    let mut config = testing::config();
+    config.auth.enabled = true;
+    config.auth.jwt_issuer = ISSUER.into();
+    config.auth.jwt_jwks_url = jwks_server(std::sync::Arc::clone(&served)).await;
+    config.auth.jwt_public_key_file = key_file.to_str().unwrap().into();
+    config.auth.jwt_keys_refresh_seconds = 1;
+    let system = System::start(config).await;
+    let subject = testing::unique_subject("rotation");
+    let publish = claims(&["publish"], &["*"]);
+    let code = |token: String| {
+        let (system, subject) = (&system, subject.clone());
+        async move { call(system, Rpc::Publish, Some(&token), &subject).await }
+    };
+
+    assert_eq!(code(rs256(&publish, &a.0, Some("a"))).await, Code::Ok);
+    assert_eq!(
+        code(rs256(&publish, &c.0, None)).await,
+        Code::Ok,
+        "the file's key"
+    );
+    assert_eq!(
+        code(rs256(&publish, &b.0, Some("b"))).await,
+        Code::Unauthenticated,
+        "b is in no set yet"
+    );
+
+    // The identity provider rotates: b in, a out.
+    *served.lock().unwrap() = set(vec![jwk(&b.0, "b")]);
+    // And the mounted key file is replaced by d's.
+    std::fs::copy(&d.1, &key_file).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while code(rs256(&publish, &b.0, Some("b"))).await != Code::Ok
+        || code(rs256(&publish, &d.0, None)).await != Code::Ok
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the rotated keys were not taken within 20 s"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        code(rs256(&publish, &a.0, Some("a"))).await,
+        Code::Unauthenticated,
+        "a left the set"
+    );
+    assert_eq!(
+        code(rs256(&publish, &c.0, None)).await,
+        Code::Unauthenticated,
+        "c left the file"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+    system.stop().await;
+}

@@ -86,3 +86,58 @@ async fn tls_and_mutual_tls() {
     mutual.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn certificates_renewed_in_place_apply_without_a_restart() {
+    let (old, new) = (testing::pki("before"), testing::pki("after"));
+    let dir = std::env::temp_dir().join(format!("mts-tls-{}", testing::unique_subject("r")));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut config = testing::config();
+    config.tls.cert_file = write(&dir, "tls.crt", &old.server.0);
+    config.tls.key_file = write(&dir, "tls.key", &old.server.1);
+    config.tls.client_ca_file = write(&dir, "ca.crt", &old.ca);
+    config.tls.reload_interval_ms = 200;
+    let client_of = |pki: &testing::Pki| {
+        ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&pki.ca))
+            .identity(Identity::from_pem(&pki.client.0, &pki.client.1))
+            .domain_name("localhost")
+    };
+    let service =
+        Running::start_over(INGRESS, config, mts_ingress::run, Some(client_of(&old))).await;
+    assert!(
+        publish_over(service.addr, Some(client_of(&old)))
+            .await
+            .is_ok()
+    );
+    assert!(
+        publish_over(service.addr, Some(client_of(&new)))
+            .await
+            .is_err(),
+        "the new CA is not trusted yet, nor trusts the new client"
+    );
+
+    // As cert-manager renews a Secret mounted in a pod: files replaced in place.
+    write(&dir, "tls.key", &new.server.1);
+    write(&dir, "tls.crt", &new.server.0);
+    write(&dir, "ca.crt", &new.ca);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match publish_over(service.addr, Some(client_of(&new))).await {
+            Ok(_) => break,
+            Err(err) => assert!(
+                std::time::Instant::now() < deadline,
+                "the renewed certificate was not taken within 10 s: {err}"
+            ),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(
+        publish_over(service.addr, Some(client_of(&old)))
+            .await
+            .is_err(),
+        "the old client CA no longer admits anyone"
+    );
+    service.stop().await.unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+}

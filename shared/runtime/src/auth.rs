@@ -1,11 +1,15 @@
 //! Authentication and per-subject authorization. Callers present a JWT as
-//! `authorization: Bearer <token>`, signed with RS256 (public key PEM) or
-//! HS256 (shared secret); issuer and expiry are checked with a small leeway.
+//! `authorization: Bearer <token>`, signed with RS256 (public key PEM), HS256
+//! (shared secret) or any key of a JSON Web Key Set by its `kid`; issuer and
+//! expiry are checked with a small leeway. Keys are read again periodically,
+//! so a rotated key applies without a restart.
 //! The claims name the client, the subjects it may touch and what it may do.
 //! A bad or missing token is UNAUTHENTICATED; a good token without the
 //! permission or the subject is PERMISSION_DENIED.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::{Deserialize, Serialize};
@@ -162,75 +166,221 @@ enum Mode {
     Required,
 }
 
-/// Checks tokens against the configured key and issuer.
+/// Most keys taken from a key set: a set is a handful of keys, current and
+/// next; more is a misconfigured or hostile URL.
+const MAX_JWKS_KEYS: usize = 32;
+/// The shortest time between two looks asked for by unknown key ids.
+const MIN_UNKNOWN_KID_REFRESH: Duration = Duration::from_secs(10);
+/// The longest a key set download may take, and its largest size.
+const JWKS_TIMEOUT: Duration = Duration::from_secs(10);
+const JWKS_MAX_BYTES: usize = 1024 * 1024;
+
+/// A verification key and the one algorithm it verifies.
+#[derive(Clone)]
+struct Key {
+    key: DecodingKey,
+    algorithm: Algorithm,
+}
+
+/// The keys tokens are checked against now.
+#[derive(Clone, Default)]
+struct Keys {
+    /// From `jwt_secret` or `jwt_public_key` (a value or a file).
+    configured: Option<Key>,
+    /// From `jwt_jwks_url`, by key id.
+    jwks: HashMap<String, Key>,
+}
+
+/// Where the configured key comes from.
+#[derive(Clone)]
+enum Source {
+    Value(Vec<u8>),
+    File(String),
+}
+
+impl Source {
+    fn from(value: &str, file: &str, name: &str) -> Result<Option<Self>, ConfigError> {
+        match (value.is_empty(), file.is_empty()) {
+            (true, true) => Ok(None),
+            (false, true) => Ok(Some(Self::Value(value.as_bytes().to_vec()))),
+            (true, false) => Ok(Some(Self::File(file.to_owned()))),
+            (false, false) => Err(ConfigError(format!("set {name} or {name}_file, not both"))),
+        }
+    }
+
+    fn read(&self, name: &str) -> Result<Vec<u8>, ConfigError> {
+        match self {
+            Self::Value(value) => Ok(value.clone()),
+            Self::File(file) => {
+                std::fs::read(file).map_err(|e| ConfigError(format!("{name}_file {file}: {e}")))
+            }
+        }
+    }
+}
+
+/// Where every key comes from, to read them again.
+struct Sources {
+    secret: Option<Source>,
+    public: Option<Source>,
+    jwks_url: Option<hyper::Uri>,
+}
+
+impl Sources {
+    /// The configured key, read now.
+    fn configured(&self) -> Result<Option<Key>, ConfigError> {
+        if let Some(secret) = &self.secret {
+            let secret = secret.read("jwt_secret")?;
+            return Ok(Some(Key {
+                key: DecodingKey::from_secret(&secret),
+                algorithm: Algorithm::HS256,
+            }));
+        }
+        if let Some(public) = &self.public {
+            let pem = public.read("jwt_public_key")?;
+            let key = DecodingKey::from_rsa_pem(&pem).map_err(|e| {
+                ConfigError(format!("jwt_public_key: not an RSA public key PEM: {e}"))
+            })?;
+            return Ok(Some(Key {
+                key,
+                algorithm: Algorithm::RS256,
+            }));
+        }
+        Ok(None)
+    }
+}
+
+/// Checks tokens against the configured keys and issuer; the keys are read
+/// again as `jwt_keys_refresh_seconds` says ([`Authenticator::keep_fresh`]).
 pub struct Authenticator {
     mode: Mode,
-    key: Option<DecodingKey>,
-    validation: Validation,
+    sources: Sources,
+    keys: RwLock<Arc<Keys>>,
+    issuer: String,
+    leeway: u64,
+    refresh_every: Duration,
+    /// A token named a key id no key has: look again soon.
+    unknown_kid: tokio::sync::Notify,
 }
 
 impl Authenticator {
-    /// From `auth_enabled`, `require_auth` and the `jwt_*` keys.
+    /// From `auth_enabled`, `require_auth` and the `jwt_*` keys. A key file
+    /// is read here; the key set is downloaded by [`Authenticator::refresh`].
     pub fn from_config(config: &Config) -> Result<Self, ConfigError> {
         let mode = match (config.auth.enabled, config.auth.require_auth) {
             (false, _) => Mode::Off,
             (true, false) => Mode::Optional,
             (true, true) => Mode::Required,
         };
-        let read = |value: &str, file: &str, key: &str| -> Result<Option<Vec<u8>>, ConfigError> {
-            match (value.is_empty(), file.is_empty()) {
-                (true, true) => Ok(None),
-                (false, true) => Ok(Some(value.as_bytes().to_vec())),
-                (true, false) => std::fs::read(file)
-                    .map(Some)
-                    .map_err(|e| ConfigError(format!("{key}_file {file}: {e}"))),
-                (false, false) => Err(ConfigError(format!("set {key} or {key}_file, not both"))),
-            }
-        };
-        let secret = read(
-            &config.auth.jwt_secret,
-            &config.auth.jwt_secret_file,
-            "jwt_secret",
-        )?;
-        let public = read(
-            &config.auth.jwt_public_key,
-            &config.auth.jwt_public_key_file,
-            "jwt_public_key",
-        )?;
-        let (key, algorithm) = match (secret, public) {
-            (Some(secret), None) => (Some(DecodingKey::from_secret(&secret)), Algorithm::HS256),
-            (None, Some(pem)) => (
-                Some(DecodingKey::from_rsa_pem(&pem).map_err(|e| {
-                    ConfigError(format!("jwt_public_key: not an RSA public key PEM: {e}"))
-                })?),
-                Algorithm::RS256,
+        let jwks_url = match config.auth.jwt_jwks_url.as_str() {
+            "" => None,
+            url => Some(
+                url.parse::<hyper::Uri>()
+                    .map_err(|e| ConfigError(format!("jwt_jwks_url {url:?}: {e}")))?,
             ),
-            (None, None) => (None, Algorithm::HS256),
-            (Some(_), Some(_)) => {
-                return Err(ConfigError(
-                    "set jwt_secret (HS256) or jwt_public_key (RS256), not both".into(),
-                ));
-            }
         };
+        let sources = Sources {
+            secret: Source::from(
+                &config.auth.jwt_secret,
+                &config.auth.jwt_secret_file,
+                "jwt_secret",
+            )?,
+            public: Source::from(
+                &config.auth.jwt_public_key,
+                &config.auth.jwt_public_key_file,
+                "jwt_public_key",
+            )?,
+            jwks_url,
+        };
+        if sources.secret.is_some() && sources.public.is_some() {
+            return Err(ConfigError(
+                "set jwt_secret (HS256) or jwt_public_key (RS256), not both".into(),
+            ));
+        }
+        let configured = sources.configured()?;
         if !matches!(mode, Mode::Off) {
-            if key.is_none() {
+            if configured.is_none() && sources.jwks_url.is_none() {
                 return Err(ConfigError(
-                    "auth_enabled needs jwt_secret(_file) for HS256 or jwt_public_key(_file) for RS256".into(),
+                    "auth_enabled needs jwt_secret(_file) for HS256, jwt_public_key(_file) for RS256, or jwt_jwks_url".into(),
                 ));
             }
             if config.auth.jwt_issuer.is_empty() {
                 return Err(ConfigError("auth_enabled needs jwt_issuer".into()));
             }
         }
-        let mut validation = Validation::new(algorithm);
-        validation.set_issuer(&[config.auth.jwt_issuer.as_str()]);
-        validation.leeway = config.auth.jwt_leeway_seconds;
-        validation.set_required_spec_claims(&["exp", "iss"]);
         Ok(Self {
             mode,
-            key,
-            validation,
+            sources,
+            keys: RwLock::new(Arc::new(Keys {
+                configured,
+                jwks: HashMap::new(),
+            })),
+            issuer: config.auth.jwt_issuer.clone(),
+            leeway: config.auth.jwt_leeway_seconds,
+            refresh_every: Duration::from_secs(config.auth.jwt_keys_refresh_seconds.max(1)),
+            unknown_kid: tokio::sync::Notify::new(),
         })
+    }
+
+    /// Whether checking tokens is on.
+    pub fn enabled(&self) -> bool {
+        !matches!(self.mode, Mode::Off)
+    }
+
+    fn keys(&self) -> Arc<Keys> {
+        match self.keys.read() {
+            Ok(keys) => Arc::clone(&keys),
+            Err(poisoned) => Arc::clone(&poisoned.into_inner()),
+        }
+    }
+
+    /// Reads the key file and downloads the key set again. What cannot be
+    /// read keeps its previous keys (a failed download does not lock
+    /// everyone out); the error says what failed.
+    pub async fn refresh(&self) -> Result<(), ConfigError> {
+        let mut keys = Keys::clone(&self.keys());
+        let mut failed = Vec::new();
+        match self.sources.configured() {
+            Ok(configured) => keys.configured = configured,
+            Err(err) => failed.push(err.0),
+        }
+        if let Some(url) = &self.sources.jwks_url {
+            match download_jwks(url).await {
+                Ok(jwks) => keys.jwks = jwks,
+                Err(err) => failed.push(format!("jwt_jwks_url {url}: {err}")),
+            }
+        }
+        if let Ok(mut current) = self.keys.write() {
+            *current = Arc::new(keys);
+        }
+        match failed.is_empty() {
+            true => Ok(()),
+            false => Err(ConfigError(failed.join("; "))),
+        }
+    }
+
+    /// Refreshes the keys every `jwt_keys_refresh_seconds`, and soon after a
+    /// token names an unknown key id (at most every 10 s), for as long as
+    /// the process runs.
+    pub async fn keep_fresh(self: Arc<Self>) {
+        if !self.enabled() {
+            return;
+        }
+        let mut last = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(last + self.refresh_every) => {}
+                () = self.unknown_kid.notified() => {
+                    tokio::time::sleep_until(last + MIN_UNKNOWN_KID_REFRESH).await;
+                }
+            }
+            last = tokio::time::Instant::now();
+            match self.refresh().await {
+                Ok(()) => tracing::debug!("verification keys refreshed"),
+                Err(err) => {
+                    tracing::warn!(%err, "verification keys not refreshed; keeping the previous ones")
+                }
+            }
+        }
     }
 
     /// Who is calling, from the `authorization` metadata.
@@ -253,17 +403,114 @@ impl Authenticator {
             .ok_or_else(|| {
                 Error::Unauthenticated("the authorization metadata must be Bearer <JWT>".into())
             })?;
-        let key = self
-            .key
-            .as_ref()
-            .ok_or_else(|| Error::Unauthenticated("no key configured".into()))?;
-        let claims = jsonwebtoken::decode::<Claims>(token, key, &self.validation)
+        let header = jsonwebtoken::decode_header(token)
+            .map_err(|e| Error::Unauthenticated(format!("token refused: {e}")))?;
+        let keys = self.keys();
+        let key = match header.kid.as_deref() {
+            Some(kid) => match (keys.jwks.get(kid), &keys.configured) {
+                (Some(key), _) => key,
+                (None, Some(key)) => {
+                    if self.sources.jwks_url.is_some() {
+                        // Perhaps a key the set gained since the last look.
+                        self.unknown_kid.notify_one();
+                    }
+                    key
+                }
+                (None, None) => {
+                    self.unknown_kid.notify_one();
+                    return Err(Error::Unauthenticated(format!(
+                        "token refused: no verification key has id {kid:?} (keys are looked up again within seconds; a retry may pass)"
+                    )));
+                }
+            },
+            None => match (&keys.configured, keys.jwks.values().next(), keys.jwks.len()) {
+                (Some(key), _, _) | (None, Some(key), 1) => key,
+                _ => {
+                    return Err(Error::Unauthenticated(
+                        "token refused: it names no key id (kid), and the key set has none or several keys"
+                            .into(),
+                    ));
+                }
+            },
+        };
+        if header.alg != key.algorithm {
+            return Err(Error::Unauthenticated(format!(
+                "token refused: signed with {:?}, the key verifies {:?}",
+                header.alg, key.algorithm
+            )));
+        }
+        let mut validation = Validation::new(key.algorithm);
+        validation.set_issuer(&[self.issuer.as_str()]);
+        validation.leeway = self.leeway;
+        validation.set_required_spec_claims(&["exp", "iss"]);
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
             .map_err(|e| Error::Unauthenticated(format!("token refused: {e}")))?
             .claims;
         let unique: HashSet<&str> = claims.permissions.iter().map(String::as_str).collect();
         tracing::debug!(client = %claims.client_id, permissions = ?unique, "authenticated");
         Ok(Caller::Client(claims))
     }
+}
+
+/// Downloads a JSON Web Key Set: its keys with an id, at most
+/// `MAX_JWKS_KEYS`, each with the algorithm it names or its type implies.
+async fn download_jwks(url: &hyper::Uri) -> Result<HashMap<String, Key>, String> {
+    use http_body_util::BodyExt;
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| format!("no CA roots: {e}"))?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https);
+    let fetched = async {
+        let response = client.get(url.clone()).await.map_err(|e| e.to_string())?;
+        if !response.status().is_success() {
+            return Err(format!("answered {}", response.status()));
+        }
+        let body = http_body_util::Limited::new(response.into_body(), JWKS_MAX_BYTES)
+            .collect()
+            .await
+            .map_err(|e| format!("reading the key set: {e}"))?;
+        Ok(body.to_bytes())
+    };
+    let body = tokio::time::timeout(JWKS_TIMEOUT, fetched)
+        .await
+        .map_err(|_| format!("no answer within {JWKS_TIMEOUT:?}"))??;
+    let set: jsonwebtoken::jwk::JwkSet =
+        serde_json::from_slice(&body).map_err(|e| format!("not a JSON Web Key Set: {e}"))?;
+    let mut keys = HashMap::new();
+    for jwk in set.keys.iter().take(MAX_JWKS_KEYS) {
+        let Some(kid) = jwk.common.key_id.clone() else {
+            continue;
+        };
+        let algorithm = match jwk.common.key_algorithm {
+            Some(named) => match named.to_string().parse::<Algorithm>() {
+                Ok(algorithm) => algorithm,
+                Err(_) => continue,
+            },
+            None => match &jwk.algorithm {
+                jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
+                jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+                    jsonwebtoken::jwk::EllipticCurve::P384 => Algorithm::ES384,
+                    _ => Algorithm::ES256,
+                },
+                jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_) => Algorithm::EdDSA,
+                // A shared secret does not belong in a published key set,
+                // and kinds this version does not know are not guessed at.
+                _ => continue,
+            },
+        };
+        match DecodingKey::from_jwk(jwk) {
+            Ok(key) => {
+                keys.insert(kid, Key { key, algorithm });
+            }
+            Err(err) => tracing::warn!(%err, %kid, "a key of the key set is unusable"),
+        }
+    }
+    Ok(keys)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
 //! What both MiniToolStream services run on, one module per concern: the
 //! gRPC server (health, reflection, metrics, tracing) and its shutdown,
-//! telemetry, authentication, the validation of names and headers, and the
+//! TLS with certificates reloaded in place, telemetry, authentication, the
+//! validation of names and headers, and the
 //! gRPC status of each store failure.
 
 #![forbid(unsafe_code)]
@@ -13,4 +14,5 @@ pub mod server;
 pub mod shutdown;
 pub mod status;
 pub mod telemetry;
+pub mod tls;
 pub mod validate;

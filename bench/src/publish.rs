@@ -325,3 +325,30 @@ pub async fn s3(
     })
     .await
 }
+
+/// NATS JetStream's Object Store: each publish one `put` of `size` bytes into
+/// a fresh bucket (file storage, one replica), which the client cuts into
+/// chunk messages.
+pub async fn nats_object_store(
+    nats: &str,
+    size: usize,
+    workers: usize,
+    duration: Duration,
+) -> Result<Outcome, String> {
+    let crate::large_payloads::Peer::NatsObjectStore(store) =
+        crate::large_payloads::Peer::nats_object_store(nats).await?
+    else {
+        return Err("not an object store".into());
+    };
+    let data = Bytes::from(vec![7u8; size]);
+    let counter = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    Ok(closed_loop(vec![store; workers], duration, move |store| {
+        let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let data = data.clone();
+        async move {
+            let mut reader: &[u8] = &data;
+            succeeded(store.put(format!("o{n}").as_str(), &mut reader).await)
+        }
+    })
+    .await)
+}

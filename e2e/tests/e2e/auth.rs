@@ -761,9 +761,11 @@ async fn verification_keys_rotate_under_a_running_service() {
     config.auth.jwt_jwks_url = jwks_server(std::sync::Arc::clone(&served)).await;
     config.auth.jwt_public_key_file = key_file.to_str().unwrap().into();
     config.auth.jwt_keys_refresh_seconds = 1;
+    config.auth.jwt_audience = "minitoolstream, other".into();
     let system = System::start(config).await;
     let subject = testing::unique_subject("rotation");
-    let publish = claims(&["publish"], &["*"]);
+    let mut publish = claims(&["publish"], &["*"]);
+    publish["aud"] = json!("minitoolstream");
     let code = |token: String| {
         let (system, subject) = (&system, subject.clone());
         async move { call(system, Rpc::Publish, Some(&token), &subject).await }
@@ -779,6 +781,13 @@ async fn verification_keys_rotate_under_a_running_service() {
         code(rs256(&publish, &b.0, Some("b"))).await,
         Code::Unauthenticated,
         "b is in no set yet"
+    );
+    let mut elsewhere = publish.clone();
+    elsewhere["aud"] = json!("another-application");
+    assert_eq!(
+        code(rs256(&elsewhere, &a.0, Some("a"))).await,
+        Code::Unauthenticated,
+        "a token meant for another audience"
     );
 
     // The identity provider rotates: b in, a out.

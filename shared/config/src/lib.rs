@@ -180,8 +180,12 @@ pub struct Auth {
     /// Clock skew allowed on expiry, in seconds.
     pub jwt_leeway_seconds: u64,
     /// A JSON Web Key Set to verify tokens by their `kid` (an identity
-    /// provider's `jwks_uri`); alongside or instead of the keys above.
+    /// provider's `jwks_uri`, https); alongside or instead of the keys above.
     pub jwt_jwks_url: String,
+    /// The `aud` values accepted, comma-separated (identity providers put
+    /// the audience in their tokens); empty: tokens that carry `aud` are
+    /// refused.
+    pub jwt_audience: String,
     /// How often the key files and the key set are read again, so that a
     /// rotated key applies without a restart (a token naming an unknown
     /// `kid` also asks for a look, at most every 10 s).
@@ -574,6 +578,7 @@ impl Config {
                 jwt_public_key_file: "".into(),
                 jwt_leeway_seconds: 30,
                 jwt_jwks_url: "".into(),
+                jwt_audience: "".into(),
                 jwt_keys_refresh_seconds: 300,
             },
             tls: Tls {

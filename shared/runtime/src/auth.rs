@@ -169,6 +169,8 @@ enum Mode {
 /// Most keys taken from a key set: a set is a handful of keys, current and
 /// next; more is a misconfigured or hostile URL.
 const MAX_JWKS_KEYS: usize = 32;
+/// Failed refreshes in a row after which a downloaded key set is dropped.
+const JWKS_MAX_AGE_REFRESHES: u32 = 3;
 /// The shortest time between two looks asked for by unknown key ids.
 const MIN_UNKNOWN_KID_REFRESH: Duration = Duration::from_secs(10);
 /// The longest a key set download may take, and its largest size.
@@ -189,6 +191,8 @@ struct Keys {
     configured: Option<Key>,
     /// From `jwt_jwks_url`, by key id.
     jwks: HashMap<String, Key>,
+    /// When the key set was last downloaded.
+    jwks_fetched: Option<tokio::time::Instant>,
 }
 
 /// Where the configured key comes from.
@@ -230,6 +234,11 @@ impl Sources {
     fn configured(&self) -> Result<Option<Key>, ConfigError> {
         if let Some(secret) = &self.secret {
             let secret = secret.read("jwt_secret")?;
+            if secret.iter().all(u8::is_ascii_whitespace) {
+                // An empty HMAC key would verify tokens anyone can sign (a
+                // file caught between truncation and rewrite reads so).
+                return Err(ConfigError("jwt_secret is empty".into()));
+            }
             return Ok(Some(Key {
                 key: DecodingKey::from_secret(&secret),
                 algorithm: Algorithm::HS256,
@@ -256,6 +265,8 @@ pub struct Authenticator {
     sources: Sources,
     keys: RwLock<Arc<Keys>>,
     issuer: String,
+    /// The `aud` values accepted; empty: tokens carrying `aud` are refused.
+    audience: Vec<String>,
     leeway: u64,
     refresh_every: Duration,
     /// A token named a key id no key has: look again soon.
@@ -273,10 +284,7 @@ impl Authenticator {
         };
         let jwks_url = match config.auth.jwt_jwks_url.as_str() {
             "" => None,
-            url => Some(
-                url.parse::<hyper::Uri>()
-                    .map_err(|e| ConfigError(format!("jwt_jwks_url {url:?}: {e}")))?,
-            ),
+            url => Some(jwks_url(url)?),
         };
         let sources = Sources {
             secret: Source::from(
@@ -307,12 +315,22 @@ impl Authenticator {
                 return Err(ConfigError("auth_enabled needs jwt_issuer".into()));
             }
         }
+        let audience: Vec<String> = config
+            .auth
+            .jwt_audience
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(str::to_owned)
+            .collect();
         Ok(Self {
             mode,
             sources,
+            audience,
             keys: RwLock::new(Arc::new(Keys {
                 configured,
                 jwks: HashMap::new(),
+                jwks_fetched: None,
             })),
             issuer: config.auth.jwt_issuer.clone(),
             leeway: config.auth.jwt_leeway_seconds,
@@ -345,8 +363,25 @@ impl Authenticator {
         }
         if let Some(url) = &self.sources.jwks_url {
             match download_jwks(url).await {
-                Ok(jwks) => keys.jwks = jwks,
-                Err(err) => failed.push(format!("jwt_jwks_url {url}: {err}")),
+                Ok(jwks) => {
+                    keys.jwks = jwks;
+                    keys.jwks_fetched = Some(tokio::time::Instant::now());
+                }
+                Err(err) => {
+                    failed.push(format!("jwt_jwks_url {url}: {err}"));
+                    // Keys the provider may have withdrawn are not trusted
+                    // for ever because it cannot be reached.
+                    let stale = keys.jwks_fetched.is_some_and(|at| {
+                        at.elapsed() > self.refresh_every * JWKS_MAX_AGE_REFRESHES
+                    });
+                    if stale && !keys.jwks.is_empty() {
+                        tracing::error!(
+                            refreshes = JWKS_MAX_AGE_REFRESHES,
+                            "the key set could not be downloaded for this many refreshes: its keys are dropped"
+                        );
+                        keys.jwks.clear();
+                    }
+                }
             }
         }
         if let Ok(mut current) = self.keys.write() {
@@ -406,16 +441,12 @@ impl Authenticator {
         let header = jsonwebtoken::decode_header(token)
             .map_err(|e| Error::Unauthenticated(format!("token refused: {e}")))?;
         let keys = self.keys();
+        let jwks_on = self.sources.jwks_url.is_some();
         let key = match header.kid.as_deref() {
             Some(kid) => match (keys.jwks.get(kid), &keys.configured) {
-                (Some(key), _) => key,
-                (None, Some(key)) => {
-                    if self.sources.jwks_url.is_some() {
-                        // Perhaps a key the set gained since the last look.
-                        self.unknown_kid.notify_one();
-                    }
-                    key
-                }
+                // Many issuers name a kid for their only key: the configured
+                // key answers; a failure to verify asks for a look below.
+                (Some(key), _) | (None, Some(key)) => key,
                 (None, None) => {
                     self.unknown_kid.notify_one();
                     return Err(Error::Unauthenticated(format!(
@@ -426,6 +457,9 @@ impl Authenticator {
             None => match (&keys.configured, keys.jwks.values().next(), keys.jwks.len()) {
                 (Some(key), _, _) | (None, Some(key), 1) => key,
                 _ => {
+                    if jwks_on && keys.jwks.is_empty() {
+                        self.unknown_kid.notify_one();
+                    }
                     return Err(Error::Unauthenticated(
                         "token refused: it names no key id (kid), and the key set has none or several keys"
                             .into(),
@@ -441,14 +475,46 @@ impl Authenticator {
         }
         let mut validation = Validation::new(key.algorithm);
         validation.set_issuer(&[self.issuer.as_str()]);
+        if !self.audience.is_empty() {
+            validation.set_audience(&self.audience);
+        }
         validation.leeway = self.leeway;
         validation.set_required_spec_claims(&["exp", "iss"]);
         let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
-            .map_err(|e| Error::Unauthenticated(format!("token refused: {e}")))?
+            .map_err(|e| {
+                let unknown_kid = header
+                    .kid
+                    .as_deref()
+                    .is_some_and(|kid| !keys.jwks.contains_key(kid));
+                if jwks_on && unknown_kid {
+                    // Signed by a key the set may have gained since the last look.
+                    self.unknown_kid.notify_one();
+                }
+                Error::Unauthenticated(format!("token refused: {e}"))
+            })?
             .claims;
         let unique: HashSet<&str> = claims.permissions.iter().map(String::as_str).collect();
         tracing::debug!(client = %claims.client_id, permissions = ?unique, "authenticated");
         Ok(Caller::Client(claims))
+    }
+}
+
+/// `url` as the key set's address: https, or http to this machine only (a
+/// key set read in the clear from elsewhere could be anyone's).
+fn jwks_url(url: &str) -> Result<hyper::Uri, ConfigError> {
+    let uri = url
+        .parse::<hyper::Uri>()
+        .map_err(|e| ConfigError(format!("jwt_jwks_url {url:?}: {e}")))?;
+    let loopback = matches!(
+        uri.host(),
+        Some("localhost" | "127.0.0.1" | "[::1]" | "::1")
+    );
+    match uri.scheme_str() {
+        Some("https") => Ok(uri),
+        Some("http") if loopback => Ok(uri),
+        _ => Err(ConfigError(format!(
+            "jwt_jwks_url {url:?} must be an https:// URL (http:// only to this machine)"
+        ))),
     }
 }
 
@@ -486,10 +552,25 @@ async fn download_jwks(url: &hyper::Uri) -> Result<HashMap<String, Key>, String>
         let Some(kid) = jwk.common.key_id.clone() else {
             continue;
         };
+        // Only public signature keys: a shared secret published in a key
+        // set is no secret, and an encryption key verifies nothing.
+        let public = matches!(
+            jwk.algorithm,
+            jsonwebtoken::jwk::AlgorithmParameters::RSA(_)
+                | jsonwebtoken::jwk::AlgorithmParameters::EllipticCurve(_)
+                | jsonwebtoken::jwk::AlgorithmParameters::OctetKeyPair(_)
+        );
+        let encryption = matches!(
+            jwk.common.public_key_use,
+            Some(jsonwebtoken::jwk::PublicKeyUse::Encryption)
+        );
+        if !public || encryption {
+            continue;
+        }
         let algorithm = match jwk.common.key_algorithm {
             Some(named) => match named.to_string().parse::<Algorithm>() {
+                Ok(Algorithm::HS256 | Algorithm::HS384 | Algorithm::HS512) | Err(_) => continue,
                 Ok(algorithm) => algorithm,
-                Err(_) => continue,
             },
             None => match &jwk.algorithm {
                 jsonwebtoken::jwk::AlgorithmParameters::RSA(_) => Algorithm::RS256,
@@ -516,6 +597,15 @@ async fn download_jwks(url: &hyper::Uri) -> Result<HashMap<String, Key>, String>
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_sets_come_over_https_or_from_this_machine() {
+        assert!(jwks_url("https://idp.example/.well-known/jwks.json").is_ok());
+        assert!(jwks_url("http://127.0.0.1:8080/jwks.json").is_ok());
+        assert!(jwks_url("http://localhost/jwks.json").is_ok());
+        assert!(jwks_url("http://idp.example/jwks.json").is_err());
+        assert!(jwks_url("idp.example/jwks.json").is_err());
+    }
 
     #[test]
     fn subject_patterns() {

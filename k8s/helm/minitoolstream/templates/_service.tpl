@@ -170,6 +170,10 @@ spec:
             - name: JWT_JWKS_URL
               value: {{ $auth.jwksUrl | quote }}
             {{- end }}
+            {{- if $auth.audience }}
+            - name: JWT_AUDIENCE
+              value: {{ $auth.audience | quote }}
+            {{- end }}
             - name: JWT_KEYS_REFRESH_SECONDS
               value: {{ $auth.keysRefreshSeconds | quote }}
             {{- end }}

@@ -65,7 +65,20 @@ impl Process {
         let config = testing::config();
         let port = testing::free_port();
         let output = std::fs::File::create(log).unwrap();
-        let child = Command::new(binary(name))
+        let mut command = Command::new(binary(name));
+        // Nothing of this machine's own AWS identity reaches the chain.
+        for inherited in [
+            "AWS_ACCESS_KEY_ID",
+            "AWS_SECRET_ACCESS_KEY",
+            "AWS_SESSION_TOKEN",
+            "AWS_PROFILE",
+            "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI",
+            "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+            "AWS_CONTAINER_AUTHORIZATION_TOKEN",
+        ] {
+            command.env_remove(inherited);
+        }
+        let child = command
             .env("SERVER_HOST", "127.0.0.1")
             .env("SERVER_PORT", port.to_string())
             .env("METRICS_PORT", "0")

@@ -17,7 +17,12 @@ use crate::binaries::Process;
 
 /// Answers AssumeRoleWithWebIdentity with `access`/`secret` when the request
 /// carries `token`; counts the calls it answered so.
-async fn sts_stand_in(token: String, access: String, secret: String) -> (u16, Arc<AtomicUsize>) {
+async fn sts_stand_in(
+    token: String,
+    access: String,
+    secret: String,
+    lifetime: std::time::Duration,
+) -> (u16, Arc<AtomicUsize>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let answered = Arc::new(AtomicUsize::new(0));
@@ -56,13 +61,20 @@ async fn sts_stand_in(token: String, access: String, secret: String) -> (u16, Ar
                     && text.contains(&format!("WebIdentityToken={token}"))
                 {
                     counted.fetch_add(1, Ordering::SeqCst);
+                    let expires = prost_types::Timestamp {
+                        seconds: (std::time::SystemTime::now() + lifetime)
+                            .duration_since(std::time::UNIX_EPOCH)
+                            .unwrap()
+                            .as_secs() as i64,
+                        nanos: 0,
+                    };
                     (
                         "200 OK",
                         format!(
                             "<AssumeRoleWithWebIdentityResponse xmlns=\"https://sts.amazonaws.com/doc/2011-06-15/\">\
                          <AssumeRoleWithWebIdentityResult><Credentials>\
                          <AccessKeyId>{access}</AccessKeyId><SecretAccessKey>{secret}</SecretAccessKey>\
-                         <SessionToken>session-token</SessionToken><Expiration>2099-01-01T00:00:00Z</Expiration>\
+                         <SessionToken>session-token</SessionToken><Expiration>{expires}</Expiration>\
                          </Credentials><SubjectFromWebIdentityToken>system:serviceaccount:minitoolstream:ingress</SubjectFromWebIdentityToken>\
                          <AssumedRoleUser><Arn>arn:aws:sts::123456789012:assumed-role/mts/s</Arn><AssumedRoleId>AROA:s</AssumedRoleId></AssumedRoleUser>\
                          </AssumeRoleWithWebIdentityResult><ResponseMetadata><RequestId>1</RequestId></ResponseMetadata>\
@@ -94,6 +106,8 @@ async fn without_static_keys_web_identity_credentials_reach_the_object_store() {
         "a-projected-service-account-token".into(),
         config.object_store.access_key_id.clone(),
         config.object_store.secret_access_key.clone(),
+        // Short-lived, as STS's are: the client must trade the token again.
+        std::time::Duration::from_secs(20),
     )
     .await;
     let sts = format!("http://127.0.0.1:{sts_port}");
@@ -135,9 +149,25 @@ async fn without_static_keys_web_identity_credentials_reach_the_object_store() {
         !reply.object_name.is_empty(),
         "offloaded to the object store: {reply:?}"
     );
+    assert_eq!(
+        answered.load(Ordering::SeqCst),
+        1,
+        "the keys came from STS, for the token in the file, and are cached"
+    );
+    // Within the last 10 s of their life, credentials are fetched again.
+    tokio::time::sleep(std::time::Duration::from_secs(12)).await;
+    client
+        .publish(PublishRequest {
+            subject: testing::unique_subject("web-identity"),
+            data: vec![6u8; 600 * 1024].into(),
+            ..PublishRequest::default()
+        })
+        .await
+        .unwrap();
+    let calls = answered.load(Ordering::SeqCst);
     assert!(
-        answered.load(Ordering::SeqCst) >= 1,
-        "the keys came from STS, for the token in the file"
+        (2..=3).contains(&calls),
+        "refreshed before they expired, once: {calls} STS calls"
     );
     ingress.signal();
     let _ = ingress.exit(std::time::Duration::from_secs(20)).await;

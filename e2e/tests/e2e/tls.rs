@@ -138,6 +138,23 @@ async fn certificates_renewed_in_place_apply_without_a_restart() {
             .is_err(),
         "the old client CA no longer admits anyone"
     );
+    let anonymous = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&new.ca))
+        .domain_name("localhost");
+    assert!(
+        publish_over(service.addr, Some(anonymous)).await.is_err(),
+        "after the reload, clients must still present a certificate"
+    );
+    let old_identity = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&new.ca))
+        .identity(Identity::from_pem(&old.client.0, &old.client.1))
+        .domain_name("localhost");
+    assert!(
+        publish_over(service.addr, Some(old_identity))
+            .await
+            .is_err(),
+        "a certificate of the replaced client CA is refused"
+    );
     service.stop().await.unwrap();
     std::fs::remove_dir_all(&dir).unwrap();
 }

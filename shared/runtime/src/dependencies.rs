@@ -23,13 +23,15 @@ pub enum Error {
     },
     /// The object store could not be used.
     #[error(
-        "cannot use the object store at {endpoint}, bucket {bucket} (check MINIO_ENDPOINT, MINIO_ACCESS_KEY_ID, MINIO_SECRET_ACCESS_KEY, MINIO_BUCKET_NAME): {source}"
+        "cannot use the object store at {endpoint}, bucket {bucket} (check MINIO_ENDPOINT, {credentials}, MINIO_BUCKET_NAME): {source}"
     )]
     ObjectStore {
         /// Where we tried.
         endpoint: String,
         /// The bucket.
         bucket: String,
+        /// Where the credentials came from, to check.
+        credentials: &'static str,
         /// The last failure.
         source: object_store::Error,
     },
@@ -44,12 +46,23 @@ pub async fn connect(config: &Config) -> Result<(Store, ObjectStore), Error> {
             address: config.tarantool.address.clone(),
             source,
         })?;
+    let chain = config.object_store.access_key_id.is_empty();
+    if chain {
+        tracing::info!(
+            "no static S3 keys (MINIO_ACCESS_KEY_ID): credentials come from the AWS chain (environment, web identity, container, instance)"
+        );
+    }
     let object_store = ObjectStore::new(config);
     retry(deadline, "object store", || object_store.ensure_bucket())
         .await
         .map_err(|source| Error::ObjectStore {
             endpoint: config.object_store.url(),
             bucket: config.object_store.bucket_name.clone(),
+            credentials: if chain {
+                "MINIO_ACCESS_KEY_ID and MINIO_SECRET_ACCESS_KEY are empty, so the AWS credential chain was asked: AWS_WEB_IDENTITY_TOKEN_FILE and AWS_ROLE_ARN, container or instance credentials"
+            } else {
+                "MINIO_ACCESS_KEY_ID, MINIO_SECRET_ACCESS_KEY"
+            },
             source,
         })?;
     Ok((store, object_store))

@@ -163,3 +163,14 @@ impl Process {
         }
     }
 }
+
+impl Drop for Process {
+    /// A test that failed before the process's end must not leave it
+    /// running (holding ports and files) after the test binary exits.
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}

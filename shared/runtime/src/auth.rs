@@ -169,6 +169,20 @@ enum Mode {
 /// Most keys taken from a key set: a set is a handful of keys, current and
 /// next; more is a misconfigured or hostile URL.
 const MAX_JWKS_KEYS: usize = 32;
+/// Every algorithm a key may verify: HS256 (`jwt_secret`), RS256
+/// (`jwt_public_key`) and what a key set's public keys name.
+const VERIFIED_ALGORITHMS: [Algorithm; 10] = [
+    Algorithm::HS256,
+    Algorithm::RS256,
+    Algorithm::RS384,
+    Algorithm::RS512,
+    Algorithm::PS256,
+    Algorithm::PS384,
+    Algorithm::PS512,
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+];
 /// Failed refreshes in a row after which a downloaded key set is dropped.
 const JWKS_MAX_AGE_REFRESHES: u32 = 3;
 /// The shortest time between two looks asked for by unknown key ids.
@@ -227,6 +241,27 @@ struct Sources {
     secret: Option<Source>,
     public: Option<Source>,
     jwks_url: Option<hyper::Uri>,
+    /// Downloads the key set; made once, with the system's CA roots.
+    jwks_client: Option<JwksClient>,
+}
+
+type JwksClient = hyper_util::client::legacy::Client<
+    hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
+    http_body_util::Empty<bytes::Bytes>,
+>;
+
+/// The HTTP client that downloads key sets.
+fn jwks_client() -> Result<JwksClient, ConfigError> {
+    let https = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_native_roots()
+        .map_err(|e| ConfigError(format!("jwt_jwks_url: no CA roots: {e}")))?
+        .https_or_http()
+        .enable_http1()
+        .build();
+    Ok(
+        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+            .build(https),
+    )
 }
 
 impl Sources {
@@ -264,10 +299,9 @@ pub struct Authenticator {
     mode: Mode,
     sources: Sources,
     keys: RwLock<Arc<Keys>>,
-    issuer: String,
-    /// The `aud` values accepted; empty: tokens carrying `aud` are refused.
-    audience: Vec<String>,
-    leeway: u64,
+    /// The checks of every token (issuer, audience, expiry with leeway),
+    /// one per algorithm a key may verify: made once, not on every call.
+    validations: Vec<(Algorithm, Validation)>,
     refresh_every: Duration,
     /// A token named a key id no key has: look again soon.
     unknown_kid: tokio::sync::Notify,
@@ -297,6 +331,7 @@ impl Authenticator {
                 &config.auth.jwt_public_key_file,
                 "jwt_public_key",
             )?,
+            jwks_client: jwks_url.as_ref().map(|_| jwks_client()).transpose()?,
             jwks_url,
         };
         if sources.secret.is_some() && sources.public.is_some() {
@@ -323,17 +358,29 @@ impl Authenticator {
             .filter(|a| !a.is_empty())
             .map(str::to_owned)
             .collect();
+        let validations = VERIFIED_ALGORITHMS
+            .iter()
+            .map(|&algorithm| {
+                let mut validation = Validation::new(algorithm);
+                validation.set_issuer(&[config.auth.jwt_issuer.as_str()]);
+                // Without an audience configured, a token carrying one is refused.
+                if !audience.is_empty() {
+                    validation.set_audience(&audience);
+                }
+                validation.leeway = config.auth.jwt_leeway_seconds;
+                validation.set_required_spec_claims(&["exp", "iss"]);
+                (algorithm, validation)
+            })
+            .collect();
         Ok(Self {
             mode,
             sources,
-            audience,
+            validations,
             keys: RwLock::new(Arc::new(Keys {
                 configured,
                 jwks: HashMap::new(),
                 jwks_fetched: None,
             })),
-            issuer: config.auth.jwt_issuer.clone(),
-            leeway: config.auth.jwt_leeway_seconds,
             refresh_every: Duration::from_secs(config.auth.jwt_keys_refresh_seconds.max(1)),
             unknown_kid: tokio::sync::Notify::new(),
         })
@@ -361,8 +408,8 @@ impl Authenticator {
             Ok(configured) => keys.configured = configured,
             Err(err) => failed.push(err.0),
         }
-        if let Some(url) = &self.sources.jwks_url {
-            match download_jwks(url).await {
+        if let (Some(url), Some(client)) = (&self.sources.jwks_url, &self.sources.jwks_client) {
+            match download_jwks(client, url).await {
                 Ok(jwks) => {
                     keys.jwks = jwks;
                     keys.jwks_fetched = Some(tokio::time::Instant::now());
@@ -473,14 +520,17 @@ impl Authenticator {
                 header.alg, key.algorithm
             )));
         }
-        let mut validation = Validation::new(key.algorithm);
-        validation.set_issuer(&[self.issuer.as_str()]);
-        if !self.audience.is_empty() {
-            validation.set_audience(&self.audience);
-        }
-        validation.leeway = self.leeway;
-        validation.set_required_spec_claims(&["exp", "iss"]);
-        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, &validation)
+        let validation = self
+            .validations
+            .iter()
+            .find_map(|(algorithm, validation)| (*algorithm == key.algorithm).then_some(validation))
+            .ok_or_else(|| {
+                Error::Unauthenticated(format!(
+                    "token refused: {:?} is not verified",
+                    key.algorithm
+                ))
+            })?;
+        let claims = jsonwebtoken::decode::<Claims>(token, &key.key, validation)
             .map_err(|e| {
                 let unknown_kid = header
                     .kid
@@ -520,17 +570,11 @@ fn jwks_url(url: &str) -> Result<hyper::Uri, ConfigError> {
 
 /// Downloads a JSON Web Key Set: its keys with an id, at most
 /// `MAX_JWKS_KEYS`, each with the algorithm it names or its type implies.
-async fn download_jwks(url: &hyper::Uri) -> Result<HashMap<String, Key>, String> {
+async fn download_jwks(
+    client: &JwksClient,
+    url: &hyper::Uri,
+) -> Result<HashMap<String, Key>, String> {
     use http_body_util::BodyExt;
-    let https = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_native_roots()
-        .map_err(|e| format!("no CA roots: {e}"))?
-        .https_or_http()
-        .enable_http1()
-        .build();
-    let client: hyper_util::client::legacy::Client<_, http_body_util::Empty<bytes::Bytes>> =
-        hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
-            .build(https);
     let fetched = async {
         let response = client.get(url.clone()).await.map_err(|e| e.to_string())?;
         if !response.status().is_success() {

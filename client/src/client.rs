@@ -235,40 +235,8 @@ impl Client {
     }
 
     /// One unary egress call, `call(egress, request)`, tried as
-    /// [`Retry`] says: one that changes nothing when repeated.
+    /// [`Retry`] says and `repeat` allows.
     pub(crate) async fn egress_call<Req, Resp, F, Fut>(
-        &self,
-        doing: &'static str,
-        request: Req,
-        call: F,
-    ) -> Result<Resp, Error>
-    where
-        Req: Clone,
-        F: Fn(EgressServiceClient<Channel>, tonic::Request<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
-    {
-        self.egress_call_as(doing, Repeat::Safe, request, call)
-            .await
-    }
-
-    /// `egress_call` for a call that a repeat could change (an ack, a
-    /// purge): tried again only when it cannot have been done.
-    pub(crate) async fn egress_call_once<Req, Resp, F, Fut>(
-        &self,
-        doing: &'static str,
-        request: Req,
-        call: F,
-    ) -> Result<Resp, Error>
-    where
-        Req: Clone,
-        F: Fn(EgressServiceClient<Channel>, tonic::Request<Req>) -> Fut,
-        Fut: Future<Output = Result<tonic::Response<Resp>, tonic::Status>>,
-    {
-        self.egress_call_as(doing, Repeat::IfNotDone, request, call)
-            .await
-    }
-
-    async fn egress_call_as<Req, Resp, F, Fut>(
         &self,
         doing: &'static str,
         repeat: Repeat,

@@ -89,6 +89,7 @@ impl Client {
         let link = Arc::new(Link {
             frames: Mutex::new(None),
             client: self.clone(),
+            subject: subject.to_owned(),
             durable: durable.to_owned(),
         });
         let mut fetched = Vec::new();
@@ -112,9 +113,12 @@ impl Client {
             durable_name: durable.to_owned(),
             sequences: sequences.to_vec(),
         };
-        self.egress_call_once("ack", request, |mut egress, request| async move {
-            egress.ack(request).await
-        })
+        self.egress_call(
+            "ack",
+            Repeat::IfNotDone,
+            request,
+            |mut egress, request| async move { egress.ack(request).await },
+        )
         .await
         .map(|reply| reply.ack_floor)
     }
@@ -207,6 +211,8 @@ struct Link {
     /// The stream's outgoing frames; taken when it ends.
     frames: Mutex<Option<mpsc::Sender<ConsumeRequest>>>,
     client: Client,
+    /// The stream's (or batch's) subject and consumer.
+    subject: String,
     durable: String,
 }
 
@@ -347,6 +353,7 @@ impl Consumer {
             link: Arc::new(Link {
                 frames: Mutex::new(Some(frames)),
                 client: self.client.clone(),
+                subject: self.start.subject.clone(),
                 durable: self.start.durable_name.clone(),
             }),
         }))
@@ -410,15 +417,10 @@ const KEEP_EVERY: Duration = Duration::from_secs(20);
 
 impl Delivery {
     fn new(message: mts_proto::pb::Message, link: Arc<Link>) -> Self {
-        let timestamp = message.timestamp.and_then(|t| {
-            let nanos = u32::try_from(t.nanos).ok()?;
-            let secs = u64::try_from(t.seconds).ok()?;
-            SystemTime::UNIX_EPOCH.checked_add(Duration::new(secs, nanos))
-        });
+        let timestamp = message.timestamp.and_then(|t| SystemTime::try_from(t).ok());
         Self {
             settle: Settle {
                 link,
-                subject: message.subject.clone(),
                 sequence: message.sequence,
             },
             subject: message.subject,
@@ -521,7 +523,6 @@ impl Drop for LeaseKeeper {
 #[derive(Clone)]
 struct Settle {
     link: Arc<Link>,
-    subject: String,
     sequence: u64,
 }
 
@@ -535,7 +536,7 @@ impl Settle {
         }
         self.link
             .client
-            .ack(&self.subject, &self.link.durable, &[self.sequence])
+            .ack(&self.link.subject, &self.link.durable, &[self.sequence])
             .await
             .map(drop)
     }
@@ -550,16 +551,19 @@ impl Settle {
             return Ok(());
         }
         let request = NackRequest {
-            subject: self.subject.clone(),
+            subject: self.link.subject.clone(),
             durable_name: self.link.durable.clone(),
             sequences: vec![self.sequence],
             delay_ms,
         };
         self.link
             .client
-            .egress_call_once("nack", request, |mut egress, request| async move {
-                egress.nack(request).await
-            })
+            .egress_call(
+                "nack",
+                Repeat::IfNotDone,
+                request,
+                |mut egress, request| async move { egress.nack(request).await },
+            )
             .await
             .map(drop)
     }
@@ -574,16 +578,19 @@ impl Settle {
             return Ok(());
         }
         let request = ExtendLeaseRequest {
-            subject: self.subject.clone(),
+            subject: self.link.subject.clone(),
             durable_name: self.link.durable.clone(),
             sequences: vec![self.sequence],
             extend_ms,
         };
         self.link
             .client
-            .egress_call("extend", request, |mut egress, request| async move {
-                egress.extend_lease(request).await
-            })
+            .egress_call(
+                "extend",
+                Repeat::Safe,
+                request,
+                |mut egress, request| async move { egress.extend_lease(request).await },
+            )
             .await
             .map(drop)
     }
@@ -597,16 +604,19 @@ impl Settle {
             return Ok(());
         }
         let request = RejectRequest {
-            subject: self.subject.clone(),
+            subject: self.link.subject.clone(),
             durable_name: self.link.durable.clone(),
             sequences: vec![self.sequence],
             reason,
         };
         self.link
             .client
-            .egress_call_once("reject", request, |mut egress, request| async move {
-                egress.reject(request).await
-            })
+            .egress_call(
+                "reject",
+                Repeat::IfNotDone,
+                request,
+                |mut egress, request| async move { egress.reject(request).await },
+            )
             .await
             .map(drop)
     }

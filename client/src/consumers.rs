@@ -8,6 +8,7 @@ use mts_proto::pb::{
     ListConsumersRequest, SeekConsumerRequest,
 };
 
+use crate::client::Repeat;
 use crate::{Client, Error};
 
 /// Where [`Client::seek_consumer`] moves a consumer.
@@ -37,6 +38,7 @@ impl Client {
         };
         self.egress_call(
             "create consumer",
+            Repeat::Safe,
             request,
             |mut egress, request| async move { egress.create_or_update_consumer(request).await },
         )
@@ -46,17 +48,21 @@ impl Client {
     /// A consumer's settings and exact state (its lag among them).
     pub async fn consumer_info(&self, subject: &str, durable: &str) -> Result<ConsumerInfo, Error> {
         let request = consumer_request(subject, durable);
-        self.egress_call("consumer info", request, |mut egress, request| async move {
-            egress.get_consumer_info(request).await
-        })
+        self.egress_call(
+            "consumer info",
+            Repeat::Safe,
+            request,
+            |mut egress, request| async move { egress.get_consumer_info(request).await },
+        )
         .await
     }
 
     /// Deletes a consumer and its leases (`NOT_FOUND` when there is none).
     pub async fn delete_consumer(&self, subject: &str, durable: &str) -> Result<(), Error> {
         let request = consumer_request(subject, durable);
-        self.egress_call_once(
+        self.egress_call(
             "delete consumer",
+            Repeat::IfNotDone,
             request,
             |mut egress, request| async move { egress.delete_consumer(request).await },
         )
@@ -75,13 +81,12 @@ impl Client {
         let to = match to {
             Seek::Sequence(sequence) => To::Sequence(sequence),
             Seek::Time(time) => {
-                let since = time.duration_since(UNIX_EPOCH).map_err(|_| {
-                    Error::Config("a consumer cannot seek to a time before 1970".into())
-                })?;
-                To::Time(prost_types::Timestamp {
-                    seconds: i64::try_from(since.as_secs()).unwrap_or(i64::MAX),
-                    nanos: i32::try_from(since.subsec_nanos()).unwrap_or(0),
-                })
+                if time < UNIX_EPOCH {
+                    return Err(Error::Config(
+                        "a consumer cannot seek to a time before 1970".into(),
+                    ));
+                }
+                To::Time(time.into())
             }
         };
         let request = SeekConsumerRequest {
@@ -89,9 +94,12 @@ impl Client {
             durable_name: durable.to_owned(),
             to: Some(to),
         };
-        self.egress_call("seek consumer", request, |mut egress, request| async move {
-            egress.seek_consumer(request).await
-        })
+        self.egress_call(
+            "seek consumer",
+            Repeat::Safe,
+            request,
+            |mut egress, request| async move { egress.seek_consumer(request).await },
+        )
         .await
     }
 
@@ -109,6 +117,7 @@ impl Client {
             let page = self
                 .egress_call(
                     "list consumers",
+                    Repeat::Safe,
                     request,
                     |mut egress, request| async move { egress.list_consumers(request).await },
                 )

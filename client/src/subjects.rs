@@ -5,6 +5,7 @@ use mts_proto::pb::{
     SubjectInfo, SubjectLimits, SubjectRequest,
 };
 
+use crate::client::Repeat;
 use crate::{Client, Error};
 
 /// What [`Client::purge_subject`] removed.
@@ -24,9 +25,12 @@ impl Client {
         let request = GetLastSequenceRequest {
             subject: subject.to_owned(),
         };
-        self.egress_call("last sequence", request, |mut egress, request| async move {
-            egress.get_last_sequence(request).await
-        })
+        self.egress_call(
+            "last sequence",
+            Repeat::Safe,
+            request,
+            |mut egress, request| async move { egress.get_last_sequence(request).await },
+        )
         .await
         .map(|reply| reply.last_sequence)
     }
@@ -36,9 +40,12 @@ impl Client {
         let request = SubjectRequest {
             subject: subject.to_owned(),
         };
-        self.egress_call("subject info", request, |mut egress, request| async move {
-            egress.get_subject_info(request).await
-        })
+        self.egress_call(
+            "subject info",
+            Repeat::Safe,
+            request,
+            |mut egress, request| async move { egress.get_subject_info(request).await },
+        )
         .await
     }
 
@@ -54,9 +61,12 @@ impl Client {
                 page_token,
             };
             let page = self
-                .egress_call("list subjects", request, |mut egress, request| async move {
-                    egress.list_subjects(request).await
-                })
+                .egress_call(
+                    "list subjects",
+                    Repeat::Safe,
+                    request,
+                    |mut egress, request| async move { egress.list_subjects(request).await },
+                )
                 .await?;
             subjects.extend(page.subjects);
             if page.next_page_token.is_empty() {
@@ -76,9 +86,12 @@ impl Client {
             subject: subject.to_owned(),
             limits: Some(limits),
         };
-        self.egress_call("set limits", request, |mut egress, request| async move {
-            egress.set_subject_limits(request).await
-        })
+        self.egress_call(
+            "set limits",
+            Repeat::Safe,
+            request,
+            |mut egress, request| async move { egress.set_subject_limits(request).await },
+        )
         .await
     }
 
@@ -101,9 +114,12 @@ impl Client {
             through_sequence: through.unwrap_or(0),
         };
         let reply = self
-            .egress_call_once("purge", request, |mut egress, request| async move {
-                egress.purge_subject(request).await
-            })
+            .egress_call(
+                "purge",
+                Repeat::IfNotDone,
+                request,
+                |mut egress, request| async move { egress.purge_subject(request).await },
+            )
             .await?;
         Ok(Purged {
             purged: reply.purged,
@@ -117,8 +133,9 @@ impl Client {
         let request = SubjectRequest {
             subject: subject.to_owned(),
         };
-        self.egress_call_once(
+        self.egress_call(
             "delete subject",
+            Repeat::IfNotDone,
             request,
             |mut egress, request| async move { egress.delete_subject(request).await },
         )

@@ -526,35 +526,7 @@ async fn subject_wildcards_and_optional_auth() {
 async fn rs256_tokens_are_verified_with_the_public_key() {
     let dir = std::env::temp_dir().join(format!("mts-rs256-{}", testing::unique_subject("k")));
     std::fs::create_dir_all(&dir).unwrap();
-    let (private, public) = (dir.join("key.pem"), dir.join("pub.pem"));
-    let openssl = |args: &[&str]| {
-        let status = std::process::Command::new("openssl")
-            .args(args)
-            .output()
-            .expect("openssl");
-        assert!(
-            status.status.success(),
-            "{}",
-            String::from_utf8_lossy(&status.stderr)
-        );
-    };
-    openssl(&[
-        "genpkey",
-        "-algorithm",
-        "RSA",
-        "-pkeyopt",
-        "rsa_keygen_bits:2048",
-        "-out",
-        private.to_str().unwrap(),
-    ]);
-    openssl(&[
-        "rsa",
-        "-in",
-        private.to_str().unwrap(),
-        "-pubout",
-        "-out",
-        public.to_str().unwrap(),
-    ]);
+    let (private, public) = rsa_pair(&dir, "key");
     let mut config = testing::config();
     config.auth.enabled = true;
     config.auth.jwt_public_key_file = public.to_str().unwrap().into();

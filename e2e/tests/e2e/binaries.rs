@@ -62,9 +62,50 @@ impl Process {
         extra: &[(&str, &str)],
         log: &std::path::Path,
     ) -> Self {
+        let output = std::fs::File::create(log).unwrap();
+        let process = Self::spawn(
+            name,
+            grace_seconds,
+            extra,
+            output.try_clone().unwrap().into(),
+            output.into(),
+        );
+        let (addr, service) = (process.addr, service.to_owned());
+        let waited = tokio::spawn(async move {
+            testing::wait_serving(addr, &service, Duration::from_secs(30)).await;
+        })
+        .await;
+        if waited.is_err() {
+            panic!(
+                "{name} did not become SERVING; its log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        process
+    }
+
+    /// Starts `name` with `extra` environment variables.
+    pub async fn start_with(
+        name: &str,
+        service: &str,
+        grace_seconds: u64,
+        extra: &[(&str, &str)],
+    ) -> Self {
+        let process = Self::spawn(name, grace_seconds, extra, Stdio::null(), Stdio::null());
+        testing::wait_serving(process.addr, service, Duration::from_secs(30)).await;
+        process
+    }
+
+    /// Runs `name` on a free port against the test dependencies.
+    fn spawn(
+        name: &str,
+        grace_seconds: u64,
+        extra: &[(&str, &str)],
+        stdout: Stdio,
+        stderr: Stdio,
+    ) -> Self {
         let config = testing::config();
         let port = testing::free_port();
-        let output = std::fs::File::create(log).unwrap();
         let mut command = Command::new(binary(name));
         // Nothing of this machine's own AWS identity reaches the chain.
         for inherited in [
@@ -86,48 +127,11 @@ impl Process {
             .envs(dependency_env(&config))
             .env("LOG_FORMAT", "console")
             .envs(extra.iter().copied())
-            .stdout(output.try_clone().unwrap())
-            .stderr(output)
+            .stdout(stdout)
+            .stderr(stderr)
             .spawn()
             .unwrap();
         let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        let service = service.to_owned();
-        let waited = tokio::spawn(async move {
-            testing::wait_serving(addr, &service, Duration::from_secs(30)).await;
-        })
-        .await;
-        if waited.is_err() {
-            panic!(
-                "{name} did not become SERVING; its log:\n{}",
-                std::fs::read_to_string(log).unwrap_or_default()
-            );
-        }
-        Self { child, addr }
-    }
-
-    /// Starts `name` with `extra` environment variables.
-    pub async fn start_with(
-        name: &str,
-        service: &str,
-        grace_seconds: u64,
-        extra: &[(&str, &str)],
-    ) -> Self {
-        let config = testing::config();
-        let port = testing::free_port();
-        let child = Command::new(binary(name))
-            .env("SERVER_HOST", "127.0.0.1")
-            .env("SERVER_PORT", port.to_string())
-            .env("METRICS_PORT", "0")
-            .env("SHUTDOWN_GRACE_SECONDS", grace_seconds.to_string())
-            .envs(dependency_env(&config))
-            .env("LOG_FORMAT", "console")
-            .envs(extra.iter().copied())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let addr: SocketAddr = format!("127.0.0.1:{port}").parse().unwrap();
-        testing::wait_serving(addr, service, Duration::from_secs(30)).await;
         Self { child, addr }
     }
 

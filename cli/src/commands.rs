@@ -174,15 +174,13 @@ async fn consumer(client: &Client, command: ConsumerCommand, json: bool) -> Resu
     match command {
         ConsumerCommand::Ls { subject } => {
             let consumers = client.consumers(subject.as_deref()).await?;
-            if json {
-                let all: Vec<_> = consumers.iter().map(output::consumer).collect();
-                println!("{}", serde_json::Value::Array(all));
-            } else {
-                println!("{}", output::CONSUMER_HEADER);
-                for info in &consumers {
-                    println!("{}", output::consumer_row(info));
-                }
-            }
+            output::list(
+                json,
+                &consumers,
+                output::consumer,
+                output::CONSUMER_HEADER,
+                output::consumer_row,
+            );
         }
         ConsumerCommand::Info { subject, durable } => {
             let info = client.consumer_info(&subject, &durable).await?;
@@ -272,15 +270,13 @@ async fn subject(client: &Client, command: SubjectCommand, json: bool) -> Result
             let subjects = client
                 .subjects(prefix.as_deref().unwrap_or_default())
                 .await?;
-            if json {
-                let all: Vec<_> = subjects.iter().map(output::subject).collect();
-                println!("{}", serde_json::Value::Array(all));
-            } else {
-                println!("{}", output::SUBJECT_HEADER);
-                for info in &subjects {
-                    println!("{}", output::subject_row(info));
-                }
-            }
+            output::list(
+                json,
+                &subjects,
+                output::subject,
+                output::SUBJECT_HEADER,
+                output::subject_row,
+            );
         }
         SubjectCommand::Info { subject } => {
             let info = client.subject_info(&subject).await?;

@@ -16,6 +16,24 @@ pub fn emit(json: bool, value: Value, line: impl FnOnce() -> String) {
     }
 }
 
+/// Prints `items` as one JSON array, or as a table under `header`.
+pub fn list<T>(
+    json: bool,
+    items: &[T],
+    to_json: impl Fn(&T) -> Value,
+    header: &str,
+    row: impl Fn(&T) -> String,
+) {
+    if json {
+        println!("{}", Value::Array(items.iter().map(to_json).collect()));
+    } else {
+        println!("{header}");
+        for item in items {
+            println!("{}", row(item));
+        }
+    }
+}
+
 pub fn published(published: &Published) -> Value {
     json!({
         "sequence": published.sequence,
